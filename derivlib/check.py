@@ -1,0 +1,163 @@
+"""Verification machinery: JAX as an independent oracle, in the book's vec layout.
+
+Importing this module turns on float64 in JAX (``jax_enable_x64``): the checks
+compare at relative errors near 1e-12, which single precision cannot reach.
+
+Every check prints one verdict line that reads the same on every machine (it names
+the tolerance that was met, never the raw error) and raises AssertionError with
+both numbers when it fails.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+jax.config.update("jax_enable_x64", True)
+
+TOL = 1e-12
+
+# ----- Layout -----
+
+
+def to_vec_layout(J, out_shape, in_shape):
+    """Turn a Jacobian as JAX returns it, shape out_shape + in_shape, into the book's
+    (prod out_shape, prod in_shape) matrix between vec F and vec X (column-major).
+
+    One line does it: reading the whole array in column-major order and refilling
+    a 2-D array in column-major order keeps entry (i, j) of F's and X's multi-indices
+    at (vec index of i, vec index of j).
+    """
+    rows, cols = int(np.prod(out_shape)), int(np.prod(in_shape))
+    return np.asarray(J).reshape(rows, cols, order="F")
+
+
+def _jax_input(X):
+    return jnp.asarray(np.asarray(X, dtype=np.float64))
+
+
+def jax_jacobian(f, X):
+    """The Jacobian of vec f(X) with respect to vec X, by ``jax.jacobian``."""
+    X = _jax_input(X)
+    J = jax.jacobian(f)(X)
+    out_shape = jax.eval_shape(f, X).shape
+    return to_vec_layout(J, out_shape, X.shape)
+
+
+def jax_hessian(f, X):
+    """The Hessian of the scalar f with respect to vec X, by ``jax.hessian``."""
+    X = _jax_input(X)
+    return to_vec_layout(jax.hessian(f)(X), X.shape, X.shape)
+
+
+def jax_grad(f, X):
+    """The gradient of the scalar f at X, by ``jax.grad``, shaped like X."""
+    return np.asarray(jax.grad(f)(_jax_input(X)))
+
+
+def jvp(f):
+    """The first differential of the JAX function f as a function of (x, dx)."""
+    def df(x, dx):
+        return np.asarray(jax.jvp(f, (_jax_input(x),), (_jax_input(dx),))[1])
+    return df
+
+
+def second_differential(f):
+    """The second differential d^2 f = dx^T H(x) dx of a scalar JAX function f."""
+    def d2f(x, dx):
+        x, dx = _jax_input(x), _jax_input(dx)
+        directional = lambda y: jax.jvp(f, (y,), (dx,))[1]  # noqa: E731
+        return np.asarray(jax.jvp(directional, (x,), (dx,))[1])
+    return d2f
+
+
+# ----- Comparisons -----
+
+
+def relative_error(actual, expected):
+    """norm(actual - expected) / norm(expected); the absolute error if expected is zero."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    if actual.shape != expected.shape:
+        raise ValueError(f"cannot compare shape {actual.shape} with shape {expected.shape}")
+    scale = np.linalg.norm(expected)
+    diff = np.linalg.norm(actual - expected)
+    return float(diff / scale) if scale > 0 else float(diff)
+
+
+def _mismatch(name, oracle, actual, expected):
+    actual, expected = np.asarray(actual), np.asarray(expected)
+    if actual.shape != expected.shape:
+        return f"{name} has shape {actual.shape} but {oracle} gives {expected.shape}"
+    if not np.all(np.isfinite(actual)):
+        return f"{name} is not finite"
+    return None
+
+
+def check_close(name, actual, expected, oracle="jax.jacobian", tol=TOL):
+    """Print that `actual` matches the oracle's `expected` to `tol`, or raise."""
+    problem = _mismatch(name, oracle, actual, expected)
+    if problem:
+        raise AssertionError(problem)
+    err = relative_error(actual, expected)
+    if not err < tol:
+        raise AssertionError(
+            f"{name} does not match {oracle}: relative error {err:.3e} >= {tol:.0e}\n"
+            f"  {name}: {np.array2string(np.asarray(actual), precision=6, threshold=20)}\n"
+            f"  {oracle}: {np.array2string(np.asarray(expected), precision=6, threshold=20)}"
+        )
+    print(f"{name} matches {oracle}: relative error < {tol:.0e}")
+    return err
+
+
+def check_fails(name, compute, expected, oracle="jax.jacobian", tol=TOL):
+    """Show that a wrong formula fails the check, and how.
+
+    `compute` is a function of no arguments that evaluates the formula. The check
+    passes (and prints the reason) when it raises ValueError, returns the wrong shape,
+    or differs from `expected` by more than `tol`; it raises AssertionError when the
+    formula turns out to be right after all.
+    """
+    try:
+        actual = compute()
+    except ValueError as exc:
+        print(f"{name} fails: ValueError: {exc}")
+        return None
+    problem = _mismatch(name, oracle, actual, expected)
+    if problem:
+        print(f"{name} fails: {problem}")
+        return None
+    err = relative_error(actual, expected)
+    if err < tol:
+        raise AssertionError(f"{name} was expected to fail but matches {oracle} ({err:.3e})")
+    print(f"{name} fails: relative error {err:.2g} against {oracle}")
+    return err
+
+
+def check_steps(name, steps, points, tol=TOL):
+    """Check every '=' of a derivation at random points.
+
+    `steps` is a list of (label, fn) pairs, each fn(x, dx) one line of the derivation
+    (a differential, a function of the point x and the increment dx). Each line is
+    compared with the one before it at every (x, dx) in `points`; put an oracle such
+    as ``("jax.jvp", jvp(f))`` first to anchor the chain. Prints one line per '='.
+    """
+    points = list(points)
+    if len(steps) < 2:
+        raise ValueError(f"a derivation needs at least two lines to compare, got {len(steps)}")
+    if not points:
+        raise ValueError("check_steps needs at least one point (x, dx)")
+    print(f"{name}: {len(steps) - 1} steps at {len(points)} random points")
+    width = max(len(label) for label, _ in steps)
+    for (prev_label, prev), (label, fn) in zip(steps, steps[1:]):
+        worst = 0.0
+        for x, dx in points:
+            a, b = np.asarray(fn(x, dx)), np.asarray(prev(x, dx))
+            problem = _mismatch(label, prev_label, a, b)
+            if problem:
+                raise AssertionError(f"{name}: {problem}")
+            worst = max(worst, relative_error(a, b))
+        if not worst < tol:
+            raise AssertionError(
+                f"{name}: {label} != {prev_label}: relative error {worst:.3e} >= {tol:.0e}"
+            )
+        print(f"  {label:<{width}} = {prev_label:<{width}}  relative error < {tol:.0e}")
