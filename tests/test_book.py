@@ -30,3 +30,65 @@ def test_book_builds_without_warnings(built_book):
 def test_every_toc_page_is_built(built_book, page):
     _, _, html = built_book
     assert (html / f"{page}.html").exists(), f"{page}.html missing from the build"
+
+
+class _Links:
+    """Collect the ids and the hrefs of one HTML page."""
+
+    def __init__(self, text):
+        from html.parser import HTMLParser
+
+        self.ids, self.hrefs = set(), []
+        outer = self
+
+        class Parser(HTMLParser):
+            def handle_starttag(self, tag, attrs):
+                attrs = dict(attrs)
+                if attrs.get("id"):
+                    outer.ids.add(attrs["id"])
+                if attrs.get("name") and tag == "a":
+                    outer.ids.add(attrs["name"])
+                if tag == "a" and attrs.get("href"):
+                    outer.hrefs.append(attrs["href"])
+
+        Parser().feed(text)
+
+
+def internal_link_problems(html_dir):
+    """Every internal link of the built book: the page exists and so does its anchor."""
+    from urllib.parse import unquote, urlsplit
+
+    html_dir = pathlib.Path(html_dir)
+    pages = {p.resolve(): _Links(p.read_text(errors="replace")) for p in html_dir.rglob("*.html")
+             if "_static" not in p.parts}
+    problems = []
+    for page, links in pages.items():
+        for href in links.hrefs:
+            parts = urlsplit(href)
+            if parts.scheme or parts.netloc or href.startswith(("mailto:", "javascript:")):
+                continue
+            target = (page.parent / unquote(parts.path)).resolve() if parts.path else page
+            if target.is_dir():
+                target = target / "index.html"
+            if not target.exists():
+                problems.append(f"{page.relative_to(html_dir.resolve())}: {href} (no such file)")
+                continue
+            if parts.fragment and target.suffix == ".html":
+                ids = pages[target].ids if target in pages else set()
+                if unquote(parts.fragment) not in ids:
+                    problems.append(f"{page.relative_to(html_dir.resolve())}: {href} (no such anchor)")
+    return problems
+
+
+@pytest.mark.book
+def test_internal_links_and_equation_anchors_resolve(built_book):
+    _, _, html = built_book
+    problems = internal_link_problems(html)
+    assert not problems, "broken internal links:\n" + "\n".join(problems)
+
+
+def test_link_check_catches_a_missing_anchor(tmp_path):
+    (tmp_path / "a.html").write_text('<a id="eq-1"></a><a href="b.html#eq-2">x</a>')
+    (tmp_path / "b.html").write_text('<a id="eq-3"></a><a href="a.html#eq-1">y</a><a href="c.html">z</a>')
+    problems = internal_link_problems(tmp_path)
+    assert problems == ["a.html: b.html#eq-2 (no such anchor)", "b.html: c.html (no such file)"]
