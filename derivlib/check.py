@@ -146,7 +146,8 @@ def check_steps(name, steps, points, tol=TOL):
         raise ValueError(f"a derivation needs at least two lines to compare, got {len(steps)}")
     if not points:
         raise ValueError("check_steps needs at least one point (x, dx)")
-    print(f"{name}: {len(steps) - 1} steps at {len(points)} random points")
+    count = len(steps) - 1
+    print(f"{name}: {count} step{'s' if count > 1 else ''} at {len(points)} random point{'s' if len(points) > 1 else ''}")
     width = max(len(label) for label, _ in steps)
     for (prev_label, prev), (label, fn) in zip(steps, steps[1:]):
         worst = 0.0

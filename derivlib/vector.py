@@ -46,12 +46,13 @@ def sigmoid(x):
 def sigmoid_derivative(x):
     """sigma'(x) = sigma(x) (1 - sigma(x)), element-wise (derived before eq. 2.4).
 
-    Written as e / (1 + e)^2 with e = exp(-|x|): the same number, but without the
-    cancellation in 1 - sigma(x) when sigma(x) is close to one.
+    Evaluated as sigma(|x|) sigma(-|x|), using 1 - sigma(x) = sigma(-x): the same
+    number, but both factors come from e = exp(-|x|) without the cancellation in
+    1 - sigma(x) when sigma(x) is close to one.
     """
     x = require_no_nan(as_float_array(x, "x"), "x")
     e = np.exp(-np.abs(x))
-    return e / (1.0 + e) ** 2
+    return (1.0 / (1.0 + e)) * (e / (1.0 + e))
 
 
 def sigmoid_jacobian(x):

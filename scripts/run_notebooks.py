@@ -66,6 +66,20 @@ def prepare(nb):
     return nb
 
 
+def merge_streams(outputs):
+    """Join consecutive writes to the same stream: how the kernel chunks them depends
+    on timing, and the stored outputs must not."""
+    merged = []
+    for out in outputs:
+        prev = merged[-1] if merged else None
+        if (out.get("output_type") == "stream" and prev is not None
+                and prev.get("output_type") == "stream" and prev["name"] == out["name"]):
+            prev["text"] += out["text"]
+        else:
+            merged.append(out)
+    return merged
+
+
 def run(path):
     nb = prepare(nbformat.read(path, as_version=4))
     client = NotebookClient(
@@ -83,6 +97,7 @@ def run(path):
     for cell in nb.cells:
         cell.metadata.pop("execution", None)
         if cell.cell_type == "code":
+            cell.outputs = merge_streams(cell.outputs)
             for out in cell.outputs:
                 if out.get("output_type") == "stream" and out.get("name") == "stderr":
                     raise SystemExit(f"{path.name}: a cell wrote to stderr:\n{out['text']}")
