@@ -5,8 +5,21 @@ The verification machinery, which needs JAX, lives in ``derivlib.check`` and is 
 imported here: the library itself needs only NumPy.
 """
 
-from .differentials import identify
-from .matrix import unvec, vec
+from .differentials import identify, identify_hessian, loglog_slope, remainder
+from .matrix import (
+    blocks,
+    commutation_apply,
+    commutation_matrix,
+    commutation_permutation,
+    diag,
+    diag_inv,
+    hadamard,
+    khatri_rao,
+    kron,
+    tracy_singh,
+    unvec,
+    vec,
+)
 from .vector import (
     elementwise_jacobian,
     sigmoid,
@@ -18,14 +31,27 @@ from .vector import (
 )
 
 __all__ = [
+    "blocks",
+    "commutation_apply",
+    "commutation_matrix",
+    "commutation_permutation",
+    "diag",
+    "diag_inv",
     "elementwise_jacobian",
+    "hadamard",
     "identify",
+    "identify_hessian",
+    "khatri_rao",
+    "kron",
+    "loglog_slope",
+    "remainder",
     "sigmoid",
     "sigmoid_derivative",
     "sigmoid_jacobian",
     "softmax",
     "softmax_jacobian",
     "softmax_jacobian_blocks",
+    "tracy_singh",
     "unvec",
     "vec",
 ]
