@@ -1,7 +1,9 @@
 # Two commands do all the set-up on a fresh machine:
 #   make book   builds the HTML book into _build/html
-#   make test   runs derivlib's tests, every notebook under nbval, and the book build
-# Both create .venv on first use and install requirements.txt into it.
+#   make test   runs derivlib's tests, every notebook under nbval, the book build, and
+#               every page of the built book in headless Chromium
+# Both create .venv on first use and install requirements.txt into it; `make test` also
+# installs Debian's chromium (apt-get) and the npm packages of package.json (MathJax).
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
@@ -9,10 +11,15 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+CHROMIUM := /usr/bin/chromium
+NODE_MODULES := node_modules/.package-lock.json
+# Installs Debian packages, or says why it cannot.
+APT_INSTALL = command -v apt-get >/dev/null || { echo "make: the browser test needs Debian's $(1), and there is no apt-get here to install it" >&2; exit 1; }; \
+	apt-get update && apt-get install -y --no-install-recommends $(1)
 export JAX_PLATFORMS := cpu
 export PYTHONHASHSEED := 0
 
-.PHONY: book test notebooks benchmark clean
+.PHONY: book test browser-deps notebooks benchmark clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,8 +30,18 @@ $(STAMP): requirements.txt pyproject.toml
 book: $(STAMP)
 	$(BIN)/jupyter-book build . -W -n --keep-going --all
 
-test: $(STAMP)
+test: $(STAMP) browser-deps
 	$(BIN)/python -m pytest --nbval --nbval-current-env tests book
+
+# What tests/test_browser.py needs besides .venv: a browser, and MathJax to serve it.
+browser-deps: $(CHROMIUM) $(NODE_MODULES)
+
+$(CHROMIUM):
+	$(call APT_INSTALL,chromium)
+
+$(NODE_MODULES): package.json package-lock.json
+	command -v npm >/dev/null || { $(call APT_INSTALL,npm); }
+	npm ci --no-audit --no-fund
 
 notebooks: $(STAMP)
 	$(BIN)/python scripts/run_notebooks.py
