@@ -1,6 +1,8 @@
 """The book builds with warnings as errors, and every page of the table of contents exists."""
 
 import pathlib
+import posixpath
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -92,3 +94,30 @@ def test_link_check_catches_a_missing_anchor(tmp_path):
     (tmp_path / "b.html").write_text('<a id="eq-3"></a><a href="a.html#eq-1">y</a><a href="c.html">z</a>')
     problems = internal_link_problems(tmp_path)
     assert problems == ["a.html: b.html#eq-2 (no such anchor)", "b.html: c.html (no such file)"]
+
+
+NOTEBOOK_PAGES = [page for page in toc_files() if (ROOT / f"{page}.ipynb").exists()]
+
+
+@pytest.mark.book
+@pytest.mark.parametrize("page", NOTEBOOK_PAGES)
+def test_chapter_opens_in_binder_colab_and_thebe_and_downloads(built_book, page):
+    """The launch buttons open this notebook from the repository and branch of _config.yml."""
+    _, _, html = built_book
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    repository, launch = config["repository"], config["launch_buttons"]
+    github_repo, branch = urlsplit(repository["url"]).path.strip("/"), repository["branch"]
+    notebook = posixpath.join(repository["path_to_book"], f"{page}.ipynb")
+    interface = {"jupyterlab": "lab/tree", "classic": "tree"}[launch["notebook_interface"]]
+    text = (html / f"{page}.html").read_text()
+    hrefs = _Links(text).hrefs
+
+    # The URL schemes of BinderHub (/v2/gh/<owner>/<repo>/<ref>) and of Colab (/github/...).
+    assert f"{launch['binderhub_url']}/v2/gh/{github_repo}/{branch}?urlpath={interface}/{notebook}" in hrefs
+    assert f"{launch['colab_url']}/github/{github_repo}/blob/{branch}/{notebook}" in hrefs
+    # Live Code: the button, and Thebe's request for a Binder kernel of this repository.
+    assert 'onclick="initThebeSBT()"' in text
+    assert f'repo: "{github_repo}"' in text and f'ref: "{branch}"' in text
+    # The .ipynb download is the notebook the tests ran, outputs included.
+    assert posixpath.relpath(f"_sources/{page}.ipynb", posixpath.dirname(page)) in hrefs
+    assert (html / "_sources" / f"{page}.ipynb").read_bytes() == (ROOT / f"{page}.ipynb").read_bytes()
