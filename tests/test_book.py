@@ -79,7 +79,7 @@ def internal_link_problems(html_dir):
                 ids = pages[target].ids if target in pages else set()
                 if unquote(parts.fragment) not in ids:
                     problems.append(f"{page.relative_to(html_dir.resolve())}: {href} (no such anchor)")
-    return problems
+    return sorted(problems)
 
 
 @pytest.mark.book
