@@ -21,8 +21,9 @@ from test_book import toc_files
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHROMIUM = pathlib.Path("/usr/bin/chromium")
-# Without these, Chromium on a closed network keeps trying to reach Google's services.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+# Without the last three, Chromium on a closed network keeps trying to reach Google's
+# services; --disable-dev-shm-usage keeps it from running out of a container's /dev/shm.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 MATHJAX_DIR = ROOT / "node_modules" / "mathjax" / "es5"
 # The CDN folder that every page built by Jupyter Book 1 loads MathJax 3 from.
