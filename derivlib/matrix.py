@@ -201,6 +201,21 @@ def diag_inv(A):
     return np.diagonal(A).copy()
 
 
+# ----- A.3 The trace -----
+
+
+def trace(A):
+    """tr(A), the sum of the diagonal of the square matrix A (the identities of A.3).
+
+    ``np.trace`` also sums the diagonal of a non-square matrix, which hides a product
+    whose sizes are wrong; this raises ValueError instead.
+    """
+    A = as_float_array(A, "A", ndims=2)
+    if A.shape[0] != A.shape[1]:
+        raise ValueError(f"the trace needs a square matrix (d, d), got shape {A.shape}")
+    return float(np.trace(A))
+
+
 # ----- Input checks -----
 
 

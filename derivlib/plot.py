@@ -44,3 +44,30 @@ def matrix_pattern(ax, M, block=None, title=None, cmap="RdBu_r"):
     if title:
         ax.set_title(title)
     return image
+
+
+def partition_pattern(ax, M, row_sizes, col_sizes, title=None, cmap="RdBu_r"):
+    """Like `matrix_pattern`, with block boundaries after the given row and column
+    block sizes (a partitioned matrix, as in the Khatri-Rao product of Appendix A).
+    Returns the image."""
+    image = matrix_pattern(ax, M, block=None, title=title, cmap=cmap)
+    for r in np.cumsum(row_sizes)[:-1]:
+        ax.axhline(r - 0.5, color="0.3", lw=0.8)
+    for c in np.cumsum(col_sizes)[:-1]:
+        ax.axvline(c - 0.5, color="0.3", lw=0.8)
+    return image
+
+
+def permutation_pattern(ax, P, title=None):
+    """Show a permutation (or any 0/1) matrix as black dots on white, with a light
+    grid every entry. Returns the image."""
+    P = np.asarray(P, dtype=np.float64)
+    image = ax.imshow(P, cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_xticks(np.arange(-0.5, P.shape[1], 1), minor=True)
+    ax.set_yticks(np.arange(-0.5, P.shape[0], 1), minor=True)
+    ax.grid(which="minor", color="0.85", lw=0.5)
+    ax.grid(which="major", visible=False)
+    ax.tick_params(which="both", length=0, labelbottom=False, labelleft=False)
+    if title:
+        ax.set_title(title)
+    return image
