@@ -6,6 +6,23 @@ imported here: the library itself needs only NumPy.
 """
 
 from .differentials import identify, identify_hessian, loglog_slope, remainder
+from .losses import (
+    ConvergenceError,
+    FitHistory,
+    SeparableDataError,
+    cross_entropy,
+    cross_entropy_grad,
+    entropy,
+    fit_logistic,
+    fit_multinomial,
+    kl_divergence,
+    logistic_grad,
+    logistic_hessian,
+    logistic_loss,
+    multinomial_grad,
+    multinomial_hessian,
+    multinomial_loss,
+)
 from .matrix import (
     blocks,
     commutation_apply,
@@ -32,19 +49,34 @@ from .vector import (
 )
 
 __all__ = [
+    "ConvergenceError",
+    "FitHistory",
+    "SeparableDataError",
     "blocks",
     "commutation_apply",
     "commutation_matrix",
     "commutation_permutation",
+    "cross_entropy",
+    "cross_entropy_grad",
     "diag",
     "diag_inv",
     "elementwise_jacobian",
+    "entropy",
+    "fit_logistic",
+    "fit_multinomial",
     "hadamard",
     "identify",
     "identify_hessian",
     "khatri_rao",
+    "kl_divergence",
     "kron",
+    "logistic_grad",
+    "logistic_hessian",
+    "logistic_loss",
     "loglog_slope",
+    "multinomial_grad",
+    "multinomial_hessian",
+    "multinomial_loss",
     "remainder",
     "sigmoid",
     "sigmoid_derivative",
