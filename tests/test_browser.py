@@ -180,7 +180,9 @@ def browser_problems(browser, url):
 
     page.on("pageerror", on_script_error)
     try:
-        page.goto(url, wait_until="load")
+        response = page.goto(url, wait_until="load")
+        if not response.ok:
+            return [f"page does not load (HTTP {response.status})"]
         problems = page.evaluate(FIND_PROBLEMS, MATHJAX_TIMEOUT_MS)
     finally:
         page.close()
@@ -244,6 +246,7 @@ def test_checker_reports_every_kind_of_problem(browser, tmp_path):
     (tmp_path / "fine.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"/>')
     with serve(tmp_path) as url:
         problems = browser_problems(browser, f"{url}broken.html")
+        assert browser_problems(browser, f"{url}missing.html") == ["page does not load (HTTP 404)"]
     assert problems == [
         r"undefined macro \undefinedmacro in: \undefinedmacro x",
         r'TeX error "Double exponent: use braces to clarify" in: x^2^3',
