@@ -265,11 +265,26 @@ def test_checker_reports_every_kind_of_problem(browser, tmp_path):
 CHAPTERS = [page for page in toc_files() if (ROOT / f"{page}.ipynb").exists()]
 
 # What a narrow screen in dark mode shows: the theme, any horizontal scrolling of the
-# whole page, and for each figure whether it stands on an opaque, light background
-# (its own corner pixels, or the background the theme paints behind it).
+# whole page and the elements that cause it (outside any box that scrolls or clips on
+# its own, or stays fixed on the screen), and for each figure whether it stands on an opaque, light background (its
+# own corner pixels, or the background the theme paints behind it).
 LAYOUT = r"""
 async () => {
   if (window.MathJax && MathJax.startup) await MathJax.startup.promise;
+  const width = document.documentElement.clientWidth;
+  const contained = (element) => {
+    for (let box = element; box && box !== document.body; box = box.parentElement) {
+      const style = getComputedStyle(box);
+      if (style.position === "fixed" || (box !== element && style.overflowX !== "visible")) return true;
+    }
+    return false;
+  };
+  const stickingOut = () => {
+    const out = [...document.body.querySelectorAll("*")].filter(
+      (element) => element.getBoundingClientRect().right > width + 0.5 && !contained(element));
+    return out.filter((element) => !out.includes(element.parentElement)).map(
+      (element) => `<${element.localName}> "${element.textContent.replace(/\s+/g, " ").trim().slice(0, 60)}"`);
+  };
   const opaqueCorners = (image) => {
     const canvas = document.createElement("canvas");
     [canvas.width, canvas.height] = [image.naturalWidth, image.naturalHeight];
@@ -284,7 +299,8 @@ async () => {
   };
   return {
     theme: document.documentElement.dataset.theme,
-    overflow: document.documentElement.scrollWidth - document.documentElement.clientWidth,
+    overflow: document.documentElement.scrollWidth - width,
+    stickingOut: document.documentElement.scrollWidth > width ? stickingOut() : [],
     figures: [...document.querySelectorAll("article img")].map((image) => ({
       src: image.getAttribute("src"), legible: opaqueCorners(image) || lightBackground(image),
     })),
@@ -307,7 +323,8 @@ def test_chapter_reads_on_a_narrow_screen_in_dark_mode(browser, site, chapter, t
     finally:
         page.close()
     assert layout["theme"] == "dark"
-    assert layout["overflow"] <= 0, f"the page scrolls sideways by {layout['overflow']} px at 400 px wide"
+    assert layout["overflow"] <= 0, (
+        f"the page scrolls sideways by {layout['overflow']} px at 400 px wide, because of: {layout['stickingOut']}")
     illegible = [figure["src"] for figure in layout["figures"] if not figure["legible"]]
     assert not illegible, f"figures on a transparent or dark background in dark mode: {illegible}"
 
