@@ -16,6 +16,7 @@ import threading
 from urllib.parse import urlsplit
 
 import pytest
+from playwright.sync_api import sync_playwright
 from sphinx.ext.mathjax import MATHJAX_URL
 from test_book import toc_files
 
@@ -159,7 +160,7 @@ def open_page(browser, url, **page_options):
         if request_url.startswith(origin):
             request_route.continue_()
         elif request_url.startswith(MATHJAX_CDN):
-            request_route.fulfill(path=MATHJAX_DIR / urlsplit(request_url).path.removeprefix(urlsplit(MATHJAX_CDN).path))
+            request_route.fulfill(path=MATHJAX_DIR / urlsplit(request_url.removeprefix(MATHJAX_CDN)).path)
         else:
             refused.append(request_url)
             request_route.abort()
@@ -192,8 +193,6 @@ def browser_problems(browser, url):
 @pytest.fixture(scope="session")
 def browser():
     """Debian's Chromium, headless, driven by Playwright."""
-    from playwright.sync_api import sync_playwright
-
     for needed in [CHROMIUM, MATHJAX_DIR]:
         if not needed.exists():
             pytest.fail(f"{needed} is missing: `make test` installs it")
