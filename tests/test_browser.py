@@ -296,8 +296,14 @@ async () => {
     const [r, g, b, a = 1] = getComputedStyle(image).backgroundColor.match(/[\d.]+/g).map(Number);
     return a === 1 && (0.2126 * r + 0.7152 * g + 0.0722 * b) / 255 > 0.7;
   };
+  // A display wider than the screen must scroll into view, not be cut off on the left.
+  const clipped = window.MathJax && MathJax.startup ? [...MathJax.startup.document.math].filter(
+    (item) => item.display && item.typesetRoot &&
+      item.typesetRoot.getBoundingClientRect().left < item.typesetRoot.parentElement.getBoundingClientRect().left - 1,
+  ).map((item) => item.math.replace(/\s+/g, " ").trim().slice(0, 60)) : [];
   return {
     theme: document.documentElement.dataset.theme,
+    clipped,
     overflow: document.documentElement.scrollWidth - width,
     stickingOut: document.documentElement.scrollWidth > width ? stickingOut() : [],
     figures: [...document.querySelectorAll("article img")].map((image) => ({
@@ -310,7 +316,8 @@ async () => {
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
 def test_chapter_reads_on_a_narrow_screen_in_dark_mode(browser, site, chapter, tmp_path):
-    """A phone-wide screen in dark mode: no sideways scrolling, and legible figures.
+    """A phone-wide screen in dark mode: no sideways scrolling of the page, wide equations
+    that scroll instead of being cut off, and legible figures.
 
     The screenshot stays in pytest's temporary directory, under pytest-current/.
     """
@@ -322,6 +329,7 @@ def test_chapter_reads_on_a_narrow_screen_in_dark_mode(browser, site, chapter, t
     finally:
         page.close()
     assert layout["theme"] == "dark"
+    assert not layout["clipped"], f"equations cut off on the left at 400 px wide: {layout['clipped']}"
     assert layout["overflow"] <= 0, (
         f"the page scrolls sideways by {layout['overflow']} px at 400 px wide, because of: {layout['stickingOut']}")
     illegible = [figure["src"] for figure in layout["figures"] if not figure["legible"]]
