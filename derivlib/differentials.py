@@ -45,8 +45,8 @@ def _require_linear(differential, X, J):
     if np.linalg.norm(got - want) > 1e-8 * scale:
         raise ValueError(
             "the differential is not linear in its increment: on a random dX it gives "
-            f"{np.linalg.norm(got):.6g} in norm where the linear map it defines on the "
-            f"unit increments gives {np.linalg.norm(want):.6g}"
+            f"{np.linalg.norm(got):.3g} in norm where the linear map it defines on the "
+            f"unit increments gives {np.linalg.norm(want):.3g}"
         )
 
 
@@ -132,6 +132,6 @@ def _require_quadratic(q, H, N):
         if abs(got - want) > 1e-8 * scale:
             raise ValueError(
                 "the second differential is not a quadratic form in its increment: on a "
-                f"random dX it gives {got:.6g} where the quadratic form it defines on the "
-                f"unit increments gives {want:.6g}"
+                f"random dX it gives {got:.3g} where the quadratic form it defines on the "
+                f"unit increments gives {want:.3g}"
             )
