@@ -300,7 +300,8 @@ def _newton(model, params, n, tol, max_iter, what):
             return params, history
         if model.separated(z):
             raise SeparableDataError(
-                f"{what}: the data are separable (the iterate after {it} Newton steps puts "
+                f"{what}: the data are separable (the iterate after {it} Newton "
+                f"step{'' if it == 1 else 's'} puts "
                 f"every one of the {n} observations strictly on the side of its label), so "
                 "with l2 = 0 the loss has no minimum: it decreases towards 0 while the norm "
                 "of the parameters grows without bound. Use l2 > 0 (for example l2=1.0)."
