@@ -434,9 +434,10 @@ def _one_minus(Pi, E):
     over b != a of pi_b: a prefix sum plus a suffix sum of positive terms, accurate even
     when pi_a rounds to 1.
     """
-    before = np.cumsum(E, axis=0) - E
-    after = np.cumsum(E[::-1], axis=0)[::-1] - E
-    return np.abs(before + after) / E.sum(axis=0, keepdims=True)
+    zero = np.zeros_like(E[:1])
+    before = np.concatenate([zero, np.cumsum(E[:-1], axis=0)])  # sum over b < a
+    after = np.concatenate([np.cumsum(E[:0:-1], axis=0)[::-1], zero])  # sum over b > a
+    return (before + after) / E.sum(axis=0, keepdims=True)
 
 
 def _multinomial_residual(Z, Y):
