@@ -121,3 +121,31 @@ def test_chapter_opens_in_binder_colab_and_thebe_and_downloads(built_book, page)
     # The .ipynb download is the notebook the tests ran, outputs included.
     assert posixpath.relpath(f"_sources/{page}.ipynb", posixpath.dirname(page)) in hrefs
     assert (html / "_sources" / f"{page}.ipynb").read_bytes() == (ROOT / f"{page}.ipynb").read_bytes()
+
+
+# Every numbered equation of the note. (3.10) and (3.15) are empty lines in the note,
+# and (3.16)-(3.20) are printed wrongly; the book shows their corrected forms as
+# (3.16')-(3.20').
+NOTE_EQUATIONS = ([f"2.{i}" for i in range(1, 14)] + [f"3.{i}" for i in range(1, 21)]
+                  + [f"A.{i}" for i in range(1, 12)] + [f"B.{i}" for i in range(1, 6)])
+EMPTY_IN_THE_NOTE = {"3.10", "3.15"}
+CORRECTED_WITH_A_PRIME = {f"3.{i}" for i in range(16, 21)}
+
+
+def equation_anchor(number):
+    """The id of the anchor before equation `number` ((A.9) -> eq-a-9)."""
+    return "eq-" + number.lower().replace(".", "-")
+
+
+@pytest.mark.book
+@pytest.mark.parametrize("number", NOTE_EQUATIONS)
+def test_every_equation_of_the_note_is_under_its_number(built_book, number):
+    _, _, html = built_book
+    pages = {p: p.read_text(errors="replace") for p in pathlib.Path(html, "book").glob("*.html")}
+    anchor = f'id="{equation_anchor(number)}"'
+    holders = [p for p, text in pages.items() if anchor in text]
+    assert len(holders) == 1, f"({number}) has {len(holders)} anchors {anchor} in the book"
+    if number in EMPTY_IN_THE_NOTE:
+        return
+    tag = f"\\tag{{{number}'}}" if number in CORRECTED_WITH_A_PRIME else f"\\tag{{{number}}}"
+    assert tag in pages[holders[0]], f"{holders[0].name} has the anchor of ({number}) but no {tag}"
