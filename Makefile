@@ -15,7 +15,7 @@ CHROMIUM := /usr/bin/chromium
 NODE_MODULES := node_modules/.package-lock.json
 # Installs Debian packages, or says why it cannot.
 APT_INSTALL = command -v apt-get >/dev/null || { echo "make: the browser test needs Debian's $(1), and there is no apt-get here to install it" >&2; exit 1; }; \
-	apt-get update && apt-get install -y --no-install-recommends $(1)
+	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(1)
 export JAX_PLATFORMS := cpu
 export PYTHONHASHSEED := 0
 
