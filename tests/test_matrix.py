@@ -194,12 +194,19 @@ def test_column_khatri_rao_matches_scipy(m, p, n, seed):
         close(KR[:, j], np.kron(E[:, j], F[:, j]))
 
 
-@given(st.data(), seeds)
-def test_partitioned_khatri_rao_is_the_kronecker_product_of_matching_blocks(data, seed):
+def partitioned_pair(data, seed):
+    """E and F with the same grid of blocks and blocks of independent sizes:
+    E, F and their partitions (m, n) and (p, q)."""
     n_rows, n_cols = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))
     m, n = data.draw(sizes(n_rows)), data.draw(sizes(n_cols))
     p, q = data.draw(sizes(n_rows)), data.draw(sizes(n_cols))
     E, F = randn(seed, sum(m), sum(n)), randn(seed + 1, sum(p), sum(q))
+    return E, F, (m, n), (p, q)
+
+
+@given(st.data(), seeds)
+def test_partitioned_khatri_rao_is_the_kronecker_product_of_matching_blocks(data, seed):
+    E, F, (m, n), (p, q) = partitioned_pair(data, seed)
     KR = khatri_rao(E, F, (m, n), (p, q))
     # the order stated under A.1.5
     assert KR.shape == (sum(mi * pi for mi, pi in zip(m, p)), sum(nj * qj for nj, qj in zip(n, q)))
@@ -279,16 +286,14 @@ def test_tracy_singh_without_partitions_is_kron(m, n, p, q, seed):
 
 @given(st.data(), seeds)
 def test_khatri_rao_blocks_sit_inside_tracy_singh(data, seed):
-    n_rows, n_cols = data.draw(st.integers(1, 3)), data.draw(st.integers(1, 3))
-    m, n = data.draw(sizes(n_rows)), data.draw(sizes(n_cols))
-    p, q = data.draw(sizes(n_rows)), data.draw(sizes(n_cols))
-    E, F = randn(seed, sum(m), sum(n)), randn(seed + 1, sum(p), sum(q))
+    E, F, (m, n), (p, q) = partitioned_pair(data, seed)
     TS = blocks(
         tracy_singh(E, F, (m, n), (p, q)),
         [mi * pk for mi in m for pk in p],
         [nj * ql for nj in n for ql in q],
     )
     KR = blocks(khatri_rao(E, F, (m, n), (p, q)), [a * b for a, b in zip(m, p)], [a * b for a, b in zip(n, q)])
+    n_rows, n_cols = len(m), len(n)
     for i in range(n_rows):
         for j in range(n_cols):
             close(KR[i][j], TS[i * n_rows + i][j * n_cols + j])
