@@ -162,3 +162,95 @@ def check_steps(name, steps, points, tol=TOL):
                 f"{name}: {label} != {prev_label}: relative error {worst:.3e} >= {tol:.0e}"
             )
         print(f"  {label:<{width}} = {prev_label:<{width}}  relative error < {tol:.0e}")
+
+
+# ----- Backward rules (Part II) -----
+
+
+def _as_tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def jax_vjp(f, primals, G):
+    """The gradients of <G, f(*primals)> with respect to each primal, by ``jax.vjp``.
+
+    `primals` is a tuple of arrays; returns a tuple of NumPy arrays shaped like them.
+    """
+    primals = tuple(_jax_input(p) for p in _as_tuple(primals))
+    _, pullback = jax.vjp(f, *primals)
+    return tuple(np.asarray(g) for g in pullback(_jax_input(G)))
+
+
+def inner(A, B):
+    """<A, B> = tr(A^T B) = vec(A)^T vec(B): the sum of the products of the entries."""
+    A, B = np.asarray(A, dtype=np.float64), np.asarray(B, dtype=np.float64)
+    if A.shape != B.shape:
+        raise ValueError(f"<A, B> needs equal shapes, got {A.shape} and {B.shape}")
+    return float(np.sum(A * B))
+
+
+def dot_product_gap(jvp, vjp, primals, tangents, W):
+    """Relative gap between <W, J V> and <J^T W, V> at one point.
+
+    `jvp(*primals, *tangents)` is J V, shaped like the output; `vjp(*primals, W)` is
+    J^T W, one array or a tuple of arrays shaped like the primals. Both sides are sums
+    of products, so the gap is measured against the sum of their absolute values:
+    rounding is then the only thing that can make it exceed a few ulps.
+    """
+    primals, tangents = _as_tuple(primals), _as_tuple(tangents)
+    JV = np.asarray(jvp(*primals, *tangents), dtype=np.float64)
+    JtW = _as_tuple(vjp(*primals, W))
+    if len(JtW) != len(tangents):
+        raise ValueError(f"the VJP returned {len(JtW)} gradients for {len(tangents)} inputs")
+    W = np.asarray(W, dtype=np.float64)
+    if JV.shape != W.shape:
+        raise ValueError(f"the JVP has shape {JV.shape} but the cotangent W has shape {W.shape}")
+    left = float(np.sum(W * JV))
+    right = sum(inner(g, v) for g, v in zip(JtW, tangents))
+    scale = float(np.sum(np.abs(W * JV))) + sum(
+        float(np.sum(np.abs(np.asarray(g) * np.asarray(v)))) for g, v in zip(JtW, tangents))
+    return abs(left - right) / scale if scale > 0 else abs(left - right)
+
+
+def check_dot_product(name, jvp, vjp, points, tol=TOL):
+    """The dot-product test <W, J V> = <J^T W, V> between a JVP and a VJP.
+
+    `points` is a list of (primals, tangents, W) triples. J comes from `jvp` and J^T
+    from `vjp`, so the test checks that the two rules are transposes of each other
+    without forming J; it catches a transposed factor that a symmetric test input
+    hides. Prints one verdict line or raises AssertionError with the worst gap.
+    """
+    points = list(points)
+    if not points:
+        raise ValueError("check_dot_product needs at least one point (primals, tangents, W)")
+    worst = max(dot_product_gap(jvp, vjp, p, t, W) for p, t, W in points)
+    if not worst < tol:
+        raise AssertionError(f"{name} fails the dot-product test: relative gap {worst:.3e} >= {tol:.0e}")
+    print(f"{name} passes the dot-product test <W, J V> = <J^T W, V> at {len(points)} "
+          f"point{'s' if len(points) > 1 else ''}: relative gap < {tol:.0e}")
+    return worst
+
+
+def check_vjp(name, vjp, f, primals, W, tol=TOL):
+    """Compare the VJP `vjp(*primals, W)` with ``jax.vjp`` of the JAX function `f`.
+
+    Prints one verdict line (every gradient within `tol`) or raises AssertionError
+    naming the gradient that differs.
+    """
+    primals = _as_tuple(primals)
+    ours = _as_tuple(vjp(*primals, W))
+    theirs = jax_vjp(f, primals, W)
+    if len(ours) != len(theirs):
+        raise AssertionError(f"{name} returned {len(ours)} gradients, jax.vjp {len(theirs)}")
+    worst = 0.0
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        label = f"{name} (gradient {i + 1} of {len(ours)})" if len(ours) > 1 else name
+        problem = _mismatch(label, "jax.vjp", a, b)
+        if problem:
+            raise AssertionError(problem)
+        err = relative_error(a, b)
+        if not err < tol:
+            raise AssertionError(f"{label} does not match jax.vjp: relative error {err:.3e} >= {tol:.0e}")
+        worst = max(worst, err)
+    print(f"{name} matches jax.vjp: relative error < {tol:.0e}")
+    return worst

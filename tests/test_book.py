@@ -12,11 +12,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def toc_files():
     toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
-    files, stack = [toc["root"]], list(toc.get("chapters", []))
+    files, stack = [toc["root"]], list(toc.get("chapters", [])) + list(toc.get("parts", []))
     while stack:
         entry = stack.pop(0)
-        files.append(entry["file"])
-        stack.extend(entry.get("sections", []))
+        if "file" in entry:
+            files.append(entry["file"])
+        stack.extend(entry.get("sections", []) + entry.get("chapters", []))
     return files
 
 
