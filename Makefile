@@ -18,6 +18,16 @@ APT_INSTALL = command -v apt-get >/dev/null || { echo "make: the browser test ne
 	apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(1)
 export JAX_PLATFORMS := cpu
 export PYTHONHASHSEED := 0
+# JAX keeps what it compiles in .cache/jax, so a warm run skips most compilation (the
+# tests compile many small shapes). The cache is keyed by JAX's version and the
+# compiled program, so a stale entry is never used; `make clean` empties it.
+export JAX_COMPILATION_CACHE_DIR := $(CURDIR)/.cache/jax
+export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS := 0
+export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES := 0
+# Test processes, one per core (pytest-xdist). `--dist loadfile` runs each file in one
+# process: all cells of a notebook share one kernel, in order. (pytest 9 derives node ids
+# in a way that xdist's `loadgroup` cannot extend, so finer groups are not available.)
+WORKERS ?= auto
 
 .PHONY: book test browser-deps notebooks benchmark clean
 
@@ -31,7 +41,7 @@ book: $(STAMP)
 	$(BIN)/jupyter-book build . -W -n --keep-going --all
 
 test: $(STAMP) browser-deps
-	$(BIN)/python -m pytest --nbval --nbval-current-env tests book
+	$(BIN)/python -m pytest -n $(WORKERS) --dist loadfile --nbval --nbval-current-env tests book
 
 # What tests/test_browser.py needs besides .venv: a browser, and MathJax to serve it.
 browser-deps: $(CHROMIUM) $(NODE_MODULES)
@@ -50,4 +60,4 @@ benchmark: $(STAMP)
 	for script in benchmarks/*.py; do $(BIN)/python "$$script"; done
 
 clean:
-	rm -rf _build
+	rm -rf _build .cache
