@@ -9,6 +9,8 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("PYTHONHASHSEED", "0")
 
+import fcntl  # noqa: E402
+import json  # noqa: E402
 import pathlib  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
@@ -33,13 +35,29 @@ def rng():
 
 
 @pytest.fixture(scope="session")
-def built_book(tmp_path_factory):
-    """Build the whole book once per test session, with warnings as errors.
+def built_book(tmp_path_factory, worker_id):
+    """Build the whole book once per test run, with warnings as errors.
 
-    Yields (returncode, output, html_dir). The build runs from a copy of the sources
-    so that the working tree's _build/ is left alone.
+    Returns (returncode, output, html_dir). The build runs from a copy of the sources
+    so that the working tree's _build/ is left alone. Under pytest-xdist the workers
+    share one build: the first to ask builds it in the run's common temporary folder
+    while holding a lock, and the others wait for it and read its result.
     """
-    src = tmp_path_factory.mktemp("book-src")
+    if worker_id == "master":
+        return _build_book(tmp_path_factory.mktemp("book-src"))
+    shared = tmp_path_factory.getbasetemp().parent
+    with open(shared / "book-build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result = shared / "book-build.json"
+        if not result.exists():
+            returncode, output, html = _build_book(shared / "book-src")
+            result.write_text(json.dumps([returncode, output, str(html)]))
+        returncode, output, html = json.loads(result.read_text())
+    return returncode, output, pathlib.Path(html)
+
+
+def _build_book(src):
+    src.mkdir(parents=True, exist_ok=True)
     for name in ["_config.yml", "_toc.yml", "book"]:
         path = ROOT / name
         if path.is_dir():
