@@ -40,16 +40,19 @@ def kernel_matrix(K):
 # ----- Convolution as a matrix product -----
 
 
+
 def conv_output_size(size, k, stride, padding):
     """(size + 2 padding - k) // stride + 1, the output length of eq. 5.1."""
     return (size + 2 * padding - k) // stride + 1
 
 
 def im2col(X, kh, kw, stride=1, padding=0):
-    """The patch matrices phi(x)^T of eq. 5.2 for a batch, shape (N, C kh kw, H'W').
+    """The patch matrix phi(X) of eq. 5.2 for a batch, shape (N H'W', C kh kw).
 
-    Row (c, u, v) of image n's block holds pixel (u, v) of channel c of every patch; the
-    column p = i W' + j is the patch of output pixel (i, j). Zero padding is explicit.
+    Row (n, i, j) is the patch of output pixel (i, j) of image n (images stacked, pixels
+    row by row); column (c, u, v) holds pixel (u, v) of channel c of the patch. Zero
+    padding is explicit. The array is the transpose of a contiguous (C kh kw, N H'W')
+    array, the layout in which the backward products are single matrix products.
     """
     X = _images(X, "X")
     stride, padding = _geometry(X.shape, kh, kw, stride, padding)
@@ -57,54 +60,52 @@ def im2col(X, kh, kw, stride=1, padding=0):
     Xp = np.pad(X, ((0, 0), (0, 0), (padding, padding), (padding, padding))) if padding else X
     win = sliding_window_view(Xp, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride]
     Ho, Wo = win.shape[2:4]
-    return win.transpose(0, 1, 4, 5, 2, 3).reshape(N, C * kh * kw, Ho * Wo)
+    return win.transpose(1, 4, 5, 0, 2, 3).reshape(C * kh * kw, N * Ho * Wo).T
 
 
 def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
-    """The adjoint of im2col, eq. 5.6: scatter patches back to images, overlaps adding.
-
-    cols has im2col's shape (N, C kh kw, H'W'); returns an array of shape x_shape (NCHW).
-    """
+    """The adjoint of im2col, eq. 5.6: scatter patch entries back to their pixels, the
+    overlaps adding. cols has im2col's shape (N H'W', C kh kw); returns x_shape (NCHW)."""
     N, C, H, W = _shape4(x_shape)
     stride, padding = _geometry((N, C, H, W), kh, kw, stride, padding)
     Ho, Wo = conv_output_size(H, kh, stride, padding), conv_output_size(W, kw, stride, padding)
-    cols = as_float_array(cols, "cols", 3)
-    if cols.shape != (N, C * kh * kw, Ho * Wo):
-        raise ValueError(f"cols must have shape {(N, C * kh * kw, Ho * Wo)} for images {x_shape}, "
+    cols = as_float_array(cols, "cols", 2)
+    if cols.shape != (N * Ho * Wo, C * kh * kw):
+        raise ValueError(f"cols must have shape {(N * Ho * Wo, C * kh * kw)} for images {x_shape}, "
                          f"got {cols.shape}")
-    d = cols.reshape(N, C, kh, kw, Ho, Wo)
-    Xp = np.zeros((N, C, H + 2 * padding, W + 2 * padding))
+    d = cols.T.reshape(C, kh, kw, N, Ho, Wo)
+    Xp = np.zeros((C, N, H + 2 * padding, W + 2 * padding))
     for u in range(kh):
         for v in range(kw):
-            Xp[:, :, u:u + stride * (Ho - 1) + 1:stride, v:v + stride * (Wo - 1) + 1:stride] += d[:, :, u, v]
-    return Xp[:, :, padding:padding + H, padding:padding + W]
+            Xp[:, :, u:u + stride * (Ho - 1) + 1:stride, v:v + stride * (Wo - 1) + 1:stride] += d[:, u, v]
+    return Xp[:, :, padding:padding + H, padding:padding + W].transpose(1, 0, 2, 3).copy()
 
 
 def im2col_matrix(x_shape, kh, kw, stride=1, padding=0):
     """The 0/1 selection matrix H of eq. 5.3, vec phi(x) = H vec x, for one image.
 
     x_shape is (C, H, W); H has shape (H'W' C kh kw, C H W) and is dense (for small
-    images: it has one 1 per row at most, and a zero row where a patch covers padding).
+    images): at most one 1 per row, and a zero row where a patch entry is padding.
     """
     C, H, W = _shape3(x_shape)
     n = C * H * W
-    # im2col of the identity: the image whose channel-pixel q is e_q, for every q at once
-    basis = np.eye(n).reshape(n, C, H, W)
-    cols = im2col(basis, kh, kw, stride, padding)        # (n, C kh kw, P): phi(e_q)^T
-    P, ckk = cols.shape[2], cols.shape[1]
-    # column q of H is vec phi(e_q) = phi(e_q)^T read row by row (column-major vec of phi)
-    return cols.reshape(n, ckk * P).T.copy() if P and ckk else np.zeros((0, n))
+    # im2col of every basis image e_q at once: phi(e_q) is block q of the rows
+    phis = im2col(np.eye(n).reshape(n, C, H, W), kh, kw, stride, padding)
+    P = phis.shape[0] // n
+    # column q of H is vec phi(e_q), the (P, C kh kw) block read column by column
+    return phis.reshape(n, P, -1).transpose(0, 2, 1).reshape(n, -1).T.copy()
 
 
 def conv2d(X, K, stride=1, padding=0):
     """Cross-correlation (no kernel flip) with zero padding, eq. 5.1 and 5.2.
 
-    X (N, C, H, W), K (O, C, kh, kw) -> Y (N, O, H', W'); Y_n = phi(x_n) F in matrix form.
+    X (N, C, H, W), K (O, C, kh, kw) -> Y (N, O, H', W'); per image, Y_n = phi(x_n) F.
     """
     X, K = _conv_pair(X, K)
-    cols = im2col(X, K.shape[2], K.shape[3], stride, padding)
+    phi = im2col(X, K.shape[2], K.shape[3], stride, padding)
     Ho, Wo = _out_hw(X, K, stride, padding)
-    return np.matmul(K.reshape(K.shape[0], -1), cols).reshape(X.shape[0], K.shape[0], Ho, Wo)
+    YT = kernel_matrix(K).T @ phi.T                                 # (O, N H'W'): (phi F)^T
+    return YT.reshape(K.shape[0], X.shape[0], Ho, Wo).transpose(1, 0, 2, 3).copy()
 
 
 def conv2d_jvp(X, K, dX, dK, stride=1, padding=0):
@@ -117,19 +118,20 @@ def conv2d_jvp(X, K, dX, dK, stride=1, padding=0):
 def conv2d_vjp(X, K, G, stride=1, padding=0):
     """The backward rules of eq. 5.5 and 5.6: (Xbar, Kbar) for the cotangent G (N, O, H', W').
 
-    Kbar: F bar = sum_n phi(x_n)^T G_n.  Xbar: vec xbar_n = H^T vec(G_n F^T), i.e. col2im.
+    Kbar: F bar = phi(X)^T G (images stacked).  Xbar: vec xbar = H^T vec(G F^T), i.e.
+    col2im of G F^T. Two matrix products over the whole batch.
     """
     X, K = _conv_pair(X, K)
     N, O = X.shape[0], K.shape[0]
     Ho, Wo = _out_hw(X, K, stride, padding)
     G = _cotangent(G, (N, O, Ho, Wo))
     kh, kw = K.shape[2:]
-    Gm = G.reshape(N, O, Ho * Wo)                                  # G_n^T, one block per image
-    cols = im2col(X, kh, kw, stride, padding)                      # phi(x_n)^T
-    Kbar = np.einsum("nop,nkp->ok", Gm, cols, optimize=True)      # (sum_n phi^T G_n)^T
-    dcols = np.matmul(K.reshape(O, -1).T, Gm)                      # (G_n F^T)^T
-    Xbar = col2im(dcols, X.shape, kh, kw, stride, padding)
-    return Xbar, Kbar.reshape(K.shape)
+    GT = G.transpose(1, 0, 2, 3).reshape(O, -1)                    # G^T, (O, N H'W')
+    phi = im2col(X, kh, kw, stride, padding)                       # (N H'W', C kh kw)
+    F = kernel_matrix(K)                                           # (C kh kw, O)
+    Fbar = (GT @ phi).T                                            # eq. 5.5: phi^T G
+    Xbar = col2im((F @ GT).T, X.shape, kh, kw, stride, padding)    # eq. 5.6: H^T vec(G F^T)
+    return Xbar, Fbar.T.reshape(K.shape)
 
 
 # ----- ReLU -----

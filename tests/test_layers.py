@@ -119,7 +119,7 @@ def test_conv_is_a_matrix_product_through_h(cfg, rng):
     N, C, H, W, O, k, s, p = cfg
     x, K = draw(rng, (C, H, W), (O, C, k, k))
     Hm = L.im2col_matrix(x.shape, k, k, s, p)
-    phi = L.im2col(x[None], k, k, s, p)[0].T
+    phi = L.im2col(x[None], k, k, s, p)
     close(Hm @ x.ravel(), phi.ravel(order="F"))
     assert set(np.unique(Hm)) <= {0.0, 1.0} and np.all(Hm.sum(axis=1) <= 1)
     y = L.conv2d(x[None], K, s, p)[0]
