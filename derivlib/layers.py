@@ -145,13 +145,13 @@ def relu(x):
 def relu_jvp(x, dx):
     """d relu = diag(x > 0) dx (eq. 5.7): the derivative at 0 is taken to be 0, as in JAX."""
     x = _array(x, "x")
-    return (x > 0) * _like(dx, x, "dx")
+    return np.where(x > 0, _like(dx, x, "dx"), 0.0)
 
 
 def relu_vjp(x, G):
     """xbar = diag(x > 0) G: the mask is its own transpose."""
     x = _array(x, "x")
-    return (x > 0) * _cotangent(G, x.shape)
+    return np.where(x > 0, _cotangent(G, x.shape), 0.0)
 
 
 # ----- Pooling -----

@@ -96,6 +96,7 @@ CONV = [(2, 3, 7, 5, 4, 3, 2, 1), (1, 1, 6, 6, 2, 2, 1, 0), (3, 2, 5, 8, 3, 3, 1
         (2, 2, 9, 7, 1, 3, 3, 0), (2, 1, 8, 8, 3, 5, 2, 2)]
 
 
+@settings(max_examples=40)
 @given(st.sampled_from(CONV), seeds)
 def test_conv2d_forward_vjp_and_dot_product(cfg, seed):
     N, C, H, W, O, k, s, p = cfg
@@ -128,6 +129,7 @@ def test_conv_is_a_matrix_product_through_h(cfg, rng):
     close(L.image_matrix(y), phi @ F)
 
 
+@settings(max_examples=30)
 @given(st.sampled_from(CONV), seeds)
 def test_col2im_is_the_adjoint_of_im2col(cfg, seed):
     N, C, H, W, O, k, s, p = cfg
@@ -270,7 +272,7 @@ def test_norm_extremes_and_errors():
 ATT = [(5, 4, 3, 2), (1, 3, 2, 4), (6, 2, 1, 3)]   # (n, m, d, e)
 
 
-@settings(max_examples=40)
+@settings(max_examples=30)
 @given(st.sampled_from(ATT), st.sampled_from(["none", "random", "causal", "dead rows"]), seeds)
 def test_attention_vjp_and_masks(shape, kind, seed):
     n, m, d, e = shape
