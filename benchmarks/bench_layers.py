@@ -2,7 +2,7 @@
 
 usage: JAX_PLATFORMS=cpu python benchmarks/bench_layers.py [--repeats N] [--all-threads]
 
-derivlib.conv2d_vjp (im2col, one matrix product per rule, col2im) against
+derivlib.conv2d_vjp (at stride 1, eq. 5.20: nine products with shifted slices) against
 jax.jit(lambda X, K, G: jax.vjp(lax.conv_general_dilated, X, K)[1](G)), both in float64,
 both returning (Xbar, Kbar) from (X, K, G). JAX is timed after compilation. Both run
 side by side in this one process and the best of several repeats is kept. A ratio
@@ -15,8 +15,8 @@ that on a shared machine neither waits for a helper thread that has been desched
 1. N = 32 images, C = 16 channels, 32 x 32, 32 filters of 3 x 3, stride 1, padding 1.
 2. The digits size: N = 64, C = 1, 8 x 8, 16 filters of 3 x 3, stride 1, padding 1.
 
-Then the time of derivlib's backward pass split into its parts, and the memory of the
-patch matrix phi(X) against the input.
+Then the im2col form of the same rules (eq. 5.5-5.6 as written) for comparison, and the
+memory of the patch matrix phi(X) against the input.
 """
 
 import argparse
@@ -35,7 +35,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
-from derivlib.layers import col2im, conv2d_vjp, im2col  # noqa: E402
+from derivlib.layers import _conv2d_vjp_im2col, conv2d_vjp, im2col  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
@@ -83,20 +83,24 @@ def bench(label, x_shape, filters, repeats):
     t_ours, t_peer, ours, theirs = best_times(lambda: conv2d_vjp(X, K, G, padding=1), run_peer, repeats)
     err = max(np.linalg.norm(a - np.asarray(b)) / np.linalg.norm(b) for a, b in zip(ours, theirs))
 
-    # where derivlib's time goes: the steps of conv2d_vjp, each timed alone
-    O = filters
-    GT = G.transpose(1, 0, 2, 3).reshape(O, -1)
-    phi = im2col(X, 3, 3, 1, 1)
-    F = K.reshape(O, -1).T
-    dphi = (F @ GT).T
+    # where derivlib's time goes: eq. 5.20 (stride 1) against eq. 5.5-5.6 as written
+    # (im2col), and the part of eq. 5.20 that only lays out the strips
+    N, C, H, W = x_shape
+
+    def strips():
+        Xs = np.zeros((C, N, H + 2, W + 2))
+        Xs[:, :, 1:-1, 1:-1] = X.transpose(1, 0, 2, 3)
+        Gs = np.zeros((filters, N, H + 2, W + 2))
+        Gs[:, :, :H, :W] = G.transpose(1, 0, 2, 3)
+        return Xs, Gs
+
     parts = {
-        "G^T": best_of(lambda: G.transpose(1, 0, 2, 3).reshape(O, -1), repeats),
-        "im2col": best_of(lambda: im2col(X, 3, 3, 1, 1), repeats),
-        "phi^T G": best_of(lambda: GT @ phi, repeats),
-        "G F^T": best_of(lambda: F @ GT, repeats),
-        "col2im": best_of(lambda: col2im(dphi, X.shape, 3, 3, 1, 1), repeats),
+        "im2col form (5.5)-(5.6)": best_of(lambda: _conv2d_vjp_im2col(X, K, G, 1, 1), repeats),
+        "of which im2col": best_of(lambda: im2col(X, 3, 3, 1, 1), repeats),
+        "strips of (5.20)": best_of(strips, repeats),
     }
-    return label, t_ours, t_peer, err, parts, phi.nbytes, X.nbytes
+    phi_bytes = N * H * W * C * 9 * 8
+    return label, t_ours, t_peer, err, parts, phi_bytes, X.nbytes
 
 
 def main():
@@ -114,11 +118,10 @@ def main():
     for label, t_ours, t_peer, err, _, _, _ in rows:
         print(f"{label:<32} {t_ours * 1e3:>8.2f}ms {t_peer * 1e3:>15.2f}ms {t_peer / t_ours:>5.2f}x  "
               f"relative diff = {err:.1e}{'' if err < 1e-12 else '  (TOO LARGE)'}")
-    print("\nwhere derivlib's time goes (each step timed alone, ms):")
+    print("\nwhere derivlib's time goes (each timed alone, ms; conv2d_vjp uses eq. 5.20 at stride 1):")
     for label, t_ours, _, _, parts, _, _ in rows:
-        print(f"  {label:<32} " + "  ".join(f"{k} {v * 1e3:.2f}" for k, v in parts.items())
-              + f"  (sum {sum(parts.values()) * 1e3:.2f}, whole {t_ours * 1e3:.2f})")
-    print("\nmemory of the patch matrix phi(X) against the input X:")
+        print(f"  {label:<32} conv2d_vjp {t_ours * 1e3:.2f}  " + "  ".join(f"{k} {v * 1e3:.2f}" for k, v in parts.items()))
+    print("\nmemory of the patch matrix phi(X) of the im2col form against the input X (eq. 5.20 forms none):")
     for label, _, _, _, _, cols_bytes, x_bytes in rows:
         print(f"  {label:<32} phi(X) {cols_bytes / 2**20:7.2f} MiB, X {x_bytes / 2**20:6.2f} MiB: "
               f"{cols_bytes / x_bytes:.1f} x (kh kw = 9, less at the zero-padded border)")

@@ -119,19 +119,55 @@ def conv2d_vjp(X, K, G, stride=1, padding=0):
     """The backward rules of eq. 5.5 and 5.6: (Xbar, Kbar) for the cotangent G (N, O, H', W').
 
     Kbar: F bar = phi(X)^T G (images stacked).  Xbar: vec xbar = H^T vec(G F^T), i.e.
-    col2im of G F^T. Two matrix products over the whole batch.
+    col2im of G F^T. With stride 1 the same sums are taken one kernel offset at a time,
+    without forming phi(X) (eq. 5.20).
     """
     X, K = _conv_pair(X, K)
     N, O = X.shape[0], K.shape[0]
     Ho, Wo = _out_hw(X, K, stride, padding)
     G = _cotangent(G, (N, O, Ho, Wo))
     kh, kw = K.shape[2:]
+    if stride == 1:
+        return _conv2d_vjp_shifts(X, K, G, padding)
+    return _conv2d_vjp_im2col(X, K, G, stride, padding)
+
+
+def _conv2d_vjp_im2col(X, K, G, stride, padding):
+    """Eq. 5.5 and 5.6 as written: one product with phi(X), and col2im of G F^T."""
+    O, kh, kw = K.shape[0], K.shape[2], K.shape[3]
     GT = G.transpose(1, 0, 2, 3).reshape(O, -1)                    # G^T, (O, N H'W')
     phi = im2col(X, kh, kw, stride, padding)                       # (N H'W', C kh kw)
     F = kernel_matrix(K)                                           # (C kh kw, O)
     Fbar = (GT @ phi).T                                            # eq. 5.5: phi^T G
     Xbar = col2im((F @ GT).T, X.shape, kh, kw, stride, padding)    # eq. 5.6: H^T vec(G F^T)
     return Xbar, Fbar.T.reshape(K.shape)
+
+
+def _conv2d_vjp_shifts(X, K, G, padding):
+    """Eq. 5.20, stride 1: the padded images of the batch laid end to end, one row per
+    channel (a strip); the patch entries of kernel offset (u, v) are then the strip
+    shifted by u W_p + v, a slice, and G sits at the top-left H' x W' of each padded frame
+    (zeros elsewhere). Both rules become k_h k_w products with slices: no copies."""
+    N, C, H, W = X.shape
+    O, _, kh, kw = K.shape
+    Hp, Wp = H + 2 * padding, W + 2 * padding
+    Ho, Wo, frame = Hp - kh + 1, Wp - kw + 1, Hp * Wp
+    T = N * frame - (kh - 1) * Wp - (kw - 1)                       # strip positions with a whole patch
+    Xs = np.zeros((C, N, Hp, Wp))
+    Xs[:, :, padding:padding + H, padding:padding + W] = X.transpose(1, 0, 2, 3)
+    Xs = Xs.reshape(C, N * frame)
+    Gs = np.zeros((O, N, Hp, Wp))
+    Gs[:, :, :Ho, :Wo] = G.transpose(1, 0, 2, 3)
+    Gs = Gs.reshape(O, N * frame)[:, :T]
+    Kbar, Xbar_s, block = np.empty(K.shape), np.zeros((C, N * frame)), np.empty((C, T))
+    for u in range(kh):
+        for v in range(kw):
+            shift = u * Wp + v
+            Kbar[:, :, u, v] = Gs @ Xs[:, shift:shift + T].T       # rows (., u, v) of phi^T G
+            np.matmul(K[:, :, u, v].T, Gs, out=block)              # columns (., u, v) of G F^T ...
+            Xbar_s[:, shift:shift + T] += block                    # ... added back where they came from
+    Xbar = Xbar_s.reshape(C, N, Hp, Wp)[:, :, padding:padding + H, padding:padding + W]
+    return Xbar.transpose(1, 0, 2, 3).copy(), Kbar
 
 
 # ----- ReLU -----
