@@ -124,7 +124,7 @@ def main():
     print("\nmemory of the patch matrix phi(X) of the im2col form against the input X (eq. 5.20 forms none):")
     for label, _, _, _, _, cols_bytes, x_bytes in rows:
         print(f"  {label:<32} phi(X) {cols_bytes / 2**20:7.2f} MiB, X {x_bytes / 2**20:6.2f} MiB: "
-              f"{cols_bytes / x_bytes:.1f} x (kh kw = 9, less at the zero-padded border)")
+              f"{cols_bytes / x_bytes:.1f} x (kh kw entries per output pixel, padding zeros included)")
     print()
 
 
