@@ -1,0 +1,587 @@
+"""Chapter 5: the layers of a vision network, with backward rules read off differentials.
+
+Images are NCHW arrays (batch, channels, height, width) and kernels OIHW (output
+channels, input channels, height, width), JAX's default for
+``lax.conv_general_dilated``. The derivations use matrices instead: one image
+``x`` of shape (C, H, W) is the pixels-by-channels matrix ``image_matrix(x)`` of
+shape (HW, C), pixels numbered row by row, and the column-major vec of that matrix
+is ``x.ravel()``. That is the one place where the two layouts meet.
+
+As in Chapter 4, ``<name>_jvp(*primals, *tangents)`` is the differential and
+``<name>_vjp(*primals, G)`` its adjoint (a tuple with several inputs), both in the
+shapes of the forward function. Options such as ``stride`` come after, by keyword.
+"""
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from ._validate import as_float_array, require_finite
+from .backprop import matmul_vjp
+from .vector import softmax
+
+# ----- Layout: NCHW images and the matrices of the derivations -----
+
+
+def image_matrix(x):
+    """The (HW, C) pixels-by-channels matrix of one image x of shape (C, H, W).
+
+    Its column-major vec is x.ravel(): vec of the matrix = the NCHW image read in order.
+    """
+    x = _array(x, "x", 3)
+    return x.reshape(x.shape[0], -1).T
+
+
+def kernel_matrix(K):
+    """The (C kh kw, O) filter matrix F of eq. 5.2 from OIHW kernels K."""
+    K = _array(K, "K", 4)
+    return K.reshape(K.shape[0], -1).T
+
+
+# ----- Convolution as a matrix product -----
+
+
+
+def conv_output_size(size, k, stride, padding):
+    """(size + 2 padding - k) // stride + 1, the output length of eq. 5.1."""
+    return (size + 2 * padding - k) // stride + 1
+
+
+def im2col(X, kh, kw, stride=1, padding=0):
+    """The patch matrix phi(X) of eq. 5.2 for a batch, shape (N H'W', C kh kw).
+
+    Row (n, i, j) is the patch of output pixel (i, j) of image n (images stacked, pixels
+    row by row); column (c, u, v) holds pixel (u, v) of channel c of the patch. Zero
+    padding is explicit. The array is the transpose of a contiguous (C kh kw, N H'W')
+    array, the layout in which the backward products are single matrix products.
+    """
+    X = _images(X, "X")
+    stride, padding = _geometry(X.shape, kh, kw, stride, padding)
+    N, C = X.shape[:2]
+    Xp = np.pad(X, ((0, 0), (0, 0), (padding, padding), (padding, padding))) if padding else X
+    win = sliding_window_view(Xp, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride]
+    Ho, Wo = win.shape[2:4]
+    return win.transpose(1, 4, 5, 0, 2, 3).reshape(C * kh * kw, N * Ho * Wo).T
+
+
+def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
+    """The adjoint of im2col, eq. 5.6: scatter patch entries back to their pixels, the
+    overlaps adding. cols has im2col's shape (N H'W', C kh kw); returns x_shape (NCHW)."""
+    N, C, H, W = _shape4(x_shape)
+    stride, padding = _geometry((N, C, H, W), kh, kw, stride, padding)
+    Ho, Wo = conv_output_size(H, kh, stride, padding), conv_output_size(W, kw, stride, padding)
+    cols = as_float_array(cols, "cols", 2)
+    if cols.shape != (N * Ho * Wo, C * kh * kw):
+        raise ValueError(f"cols must have shape {(N * Ho * Wo, C * kh * kw)} for images {x_shape}, "
+                         f"got {cols.shape}")
+    d = cols.T.reshape(C, kh, kw, N, Ho, Wo)
+    Xp = np.zeros((C, N, H + 2 * padding, W + 2 * padding))
+    for u in range(kh):
+        for v in range(kw):
+            Xp[:, :, u:u + stride * (Ho - 1) + 1:stride, v:v + stride * (Wo - 1) + 1:stride] += d[:, u, v]
+    return Xp[:, :, padding:padding + H, padding:padding + W].transpose(1, 0, 2, 3).copy()
+
+
+def im2col_matrix(x_shape, kh, kw, stride=1, padding=0):
+    """The 0/1 selection matrix H of eq. 5.3, vec phi(x) = H vec x, for one image.
+
+    x_shape is (C, H, W); H has shape (H'W' C kh kw, C H W) and is dense (for small
+    images): at most one 1 per row, and a zero row where a patch entry is padding.
+    """
+    C, H, W = _shape3(x_shape)
+    n = C * H * W
+    # im2col of every basis image e_q at once: phi(e_q) is block q of the rows
+    phis = im2col(np.eye(n).reshape(n, C, H, W), kh, kw, stride, padding)
+    P = phis.shape[0] // n
+    # column q of H is vec phi(e_q), the (P, C kh kw) block read column by column
+    return phis.reshape(n, P, -1).transpose(0, 2, 1).reshape(n, -1).T.copy()
+
+
+def conv2d(X, K, stride=1, padding=0):
+    """Cross-correlation (no kernel flip) with zero padding, eq. 5.1 and 5.2.
+
+    X (N, C, H, W), K (O, C, kh, kw) -> Y (N, O, H', W'); per image, Y_n = phi(x_n) F.
+    """
+    X, K = _conv_pair(X, K)
+    phi = im2col(X, K.shape[2], K.shape[3], stride, padding)
+    Ho, Wo = _out_hw(X, K, stride, padding)
+    YT = kernel_matrix(K).T @ phi.T                                 # (O, N H'W'): (phi F)^T
+    return YT.reshape(K.shape[0], X.shape[0], Ho, Wo).transpose(1, 0, 2, 3).copy()
+
+
+def conv2d_jvp(X, K, dX, dK, stride=1, padding=0):
+    """dY = conv(dX, K) + conv(X, dK): the layer is bilinear (eq. 5.4)."""
+    X, K = _conv_pair(X, K)
+    dX, dK = _like(dX, X, "dX"), _like(dK, K, "dK")
+    return conv2d(dX, K, stride, padding) + conv2d(X, dK, stride, padding)
+
+
+def conv2d_vjp(X, K, G, stride=1, padding=0):
+    """The backward rules of eq. 5.5 and 5.6: (Xbar, Kbar) for the cotangent G (N, O, H', W').
+
+    Kbar: F bar = phi(X)^T G (images stacked).  Xbar: vec xbar = H^T vec(G F^T), i.e.
+    col2im of G F^T. With stride 1 the same sums are taken one kernel offset at a time,
+    without forming phi(X) (eq. 5.20).
+    """
+    X, K = _conv_pair(X, K)
+    N, O = X.shape[0], K.shape[0]
+    Ho, Wo = _out_hw(X, K, stride, padding)
+    G = _cotangent(G, (N, O, Ho, Wo))
+    kh, kw = K.shape[2:]
+    if stride == 1:
+        return _conv2d_vjp_shifts(X, K, G, padding)
+    return _conv2d_vjp_im2col(X, K, G, stride, padding)
+
+
+def _conv2d_vjp_im2col(X, K, G, stride, padding):
+    """Eq. 5.5 and 5.6 as written: one product with phi(X), and col2im of G F^T."""
+    O, kh, kw = K.shape[0], K.shape[2], K.shape[3]
+    GT = G.transpose(1, 0, 2, 3).reshape(O, -1)                    # G^T, (O, N H'W')
+    phi = im2col(X, kh, kw, stride, padding)                       # (N H'W', C kh kw)
+    F = kernel_matrix(K)                                           # (C kh kw, O)
+    Fbar = (GT @ phi).T                                            # eq. 5.5: phi^T G
+    Xbar = col2im((F @ GT).T, X.shape, kh, kw, stride, padding)    # eq. 5.6: H^T vec(G F^T)
+    return Xbar, Fbar.T.reshape(K.shape)
+
+
+def _conv2d_vjp_shifts(X, K, G, padding):
+    """Eq. 5.20, stride 1: the padded images of the batch laid end to end, one row per
+    channel (a strip); the patch entries of kernel offset (u, v) are then the strip
+    shifted by u W_p + v, a slice, and G sits at the top-left H' x W' of each padded frame
+    (zeros elsewhere). Both rules become k_h k_w products with slices: no copies."""
+    N, C, H, W = X.shape
+    O, _, kh, kw = K.shape
+    Hp, Wp = H + 2 * padding, W + 2 * padding
+    Ho, Wo, frame = Hp - kh + 1, Wp - kw + 1, Hp * Wp
+    T = N * frame - (kh - 1) * Wp - (kw - 1)                       # strip positions with a whole patch
+    Xs = np.zeros((C, N, Hp, Wp))
+    Xs[:, :, padding:padding + H, padding:padding + W] = X.transpose(1, 0, 2, 3)
+    Xs = Xs.reshape(C, N * frame)
+    Gs = np.zeros((O, N, Hp, Wp))
+    Gs[:, :, :Ho, :Wo] = G.transpose(1, 0, 2, 3)
+    Gs = Gs.reshape(O, N * frame)[:, :T]
+    Kbar, Xbar_s, block = np.empty(K.shape), np.zeros((C, N * frame)), np.empty((C, T))
+    for u in range(kh):
+        for v in range(kw):
+            shift = u * Wp + v
+            Kbar[:, :, u, v] = Gs @ Xs[:, shift:shift + T].T       # rows (., u, v) of phi^T G
+            np.matmul(K[:, :, u, v].T, Gs, out=block)              # columns (., u, v) of G F^T ...
+            Xbar_s[:, shift:shift + T] += block                    # ... added back where they came from
+    Xbar = Xbar_s.reshape(C, N, Hp, Wp)[:, :, padding:padding + H, padding:padding + W]
+    return Xbar.transpose(1, 0, 2, 3).copy(), Kbar
+
+
+# ----- ReLU -----
+
+
+def relu(x):
+    """max(x, 0), element-wise (eq. 5.7)."""
+    return np.maximum(_array(x, "x"), 0.0)
+
+
+def relu_jvp(x, dx):
+    """d relu = diag(x > 0) dx (eq. 5.7): the derivative at 0 is taken to be 0, as in JAX."""
+    x = _array(x, "x")
+    return np.where(x > 0, _like(dx, x, "dx"), 0.0)
+
+
+def relu_vjp(x, G):
+    """xbar = diag(x > 0) G: the mask is its own transpose."""
+    x = _array(x, "x")
+    return np.where(x > 0, _cotangent(G, x.shape), 0.0)
+
+
+# ----- Pooling -----
+
+
+def max_pool(X, size=2, stride=None):
+    """The largest entry of each size x size window (eq. 5.8), X (N, C, H, W), no padding."""
+    X = _images(X, "X")
+    stride = _pool_geometry(X.shape, size, stride)
+    return _windows(X, size, stride).max(axis=(-2, -1))
+
+
+def max_pool_argmax(X, size=2, stride=None):
+    """The window offset u size + v of the selected entry of every window, (N, C, H', W').
+
+    Ties go to the first maximum in row-major order inside the window, as in JAX's
+    reduce_window and its derivatives.
+    """
+    X = _images(X, "X")
+    stride = _pool_geometry(X.shape, size, stride)
+    win = _windows(X, size, stride)
+    return win.reshape(win.shape[:4] + (size * size,)).argmax(axis=-1)
+
+
+def max_pool_matrix(x, size=2, stride=None):
+    """The 0/1 selection matrix S(x) of eq. 5.8 for one image x (C, H, W):
+    vec y = S(x) vec x, shape (C H'W', C H W)."""
+    x = _array(x, "x", 3)
+    arg = max_pool_argmax(x[None], size, stride)[0]
+    stride = size if stride is None else stride
+    C, Ho, Wo = arg.shape
+    c, i, j = np.indices(arg.shape)
+    rows = np.arange(arg.size)
+    cols = (c * x.shape[1] + i * stride + arg // size) * x.shape[2] + j * stride + arg % size
+    S = np.zeros((arg.size, x.size))
+    S[rows, cols.ravel()] = 1.0
+    return S
+
+
+def max_pool_jvp(X, dX, size=2, stride=None):
+    """dy = S(x) dx (eq. 5.8): the increment at the selected entry of each window."""
+    X = _images(X, "X")
+    dX = _like(dX, X, "dX")
+    stride = _pool_geometry(X.shape, size, stride)
+    arg = max_pool_argmax(X, size, stride)
+    win = _windows(dX, size, stride).reshape(arg.shape + (size * size,))
+    return np.take_along_axis(win, arg[..., None], axis=-1)[..., 0]
+
+
+def max_pool_vjp(X, G, size=2, stride=None):
+    """xbar = S(x)^T G (eq. 5.9): each window's cotangent goes to its selected entry,
+    adding where overlapping windows select the same entry."""
+    X = _images(X, "X")
+    stride = _pool_geometry(X.shape, size, stride)
+    arg = max_pool_argmax(X, size, stride)
+    G = _cotangent(G, arg.shape)
+    Ho, Wo = arg.shape[2:]
+    Xbar = np.zeros_like(X)
+    for u in range(size):
+        for v in range(size):
+            Xbar[:, :, u:u + stride * (Ho - 1) + 1:stride, v:v + stride * (Wo - 1) + 1:stride] += \
+                G * (arg == u * size + v)
+    return Xbar
+
+
+def avg_pool(X, size=2, stride=None):
+    """The mean of each size x size window (eq. 5.10), X (N, C, H, W), no padding."""
+    X = _images(X, "X")
+    stride = _pool_geometry(X.shape, size, stride)
+    return _windows(X, size, stride).mean(axis=(-2, -1))
+
+
+def avg_pool_jvp(X, dX, size=2, stride=None):
+    """Average pooling is linear: dy = avg_pool(dx)."""
+    X = _images(X, "X")
+    return avg_pool(_like(dX, X, "dX"), size, stride)
+
+
+def avg_pool_vjp(X, G, size=2, stride=None):
+    """xbar = A^T G (eq. 5.10): each window spreads G / size^2 over its entries."""
+    X = _images(X, "X")
+    stride = _pool_geometry(X.shape, size, stride)
+    Ho, Wo = conv_output_size(X.shape[2], size, stride, 0), conv_output_size(X.shape[3], size, stride, 0)
+    G = _cotangent(G, X.shape[:2] + (Ho, Wo)) / size**2
+    Xbar = np.zeros_like(X)
+    for u in range(size):
+        for v in range(size):
+            Xbar[:, :, u:u + stride * (Ho - 1) + 1:stride, v:v + stride * (Wo - 1) + 1:stride] += G
+    return Xbar
+
+
+# ----- Batch and layer normalisation (training mode) -----
+
+
+def batch_norm(X, gamma, beta, eps=1e-5):
+    """Eq. 5.11-5.13: each row (feature) of X (d, n) normalised over the n observations
+    (columns) with the biased variance and eps inside the square root, then scaled by
+    gamma (d,) and shifted by beta (d,). For images, X is (C, N H W)."""
+    X, gamma, beta, eps = _norm_args(X, gamma, beta, eps)
+    Xhat, _ = _normalise(X, eps, axis=1)
+    return gamma[:, None] * Xhat + beta[:, None]
+
+
+def batch_norm_jvp(X, gamma, beta, dX, dgamma, dbeta, eps=1e-5):
+    """Eq. 5.14: dY = dgamma Xhat + diag(gamma) diag(s)^-1 (dX C - diag((Xhat o dX) 1 / n) Xhat) + dbeta 1^T."""
+    return _norm_jvp(X, gamma, beta, dX, dgamma, dbeta, eps, axis=1)
+
+
+def batch_norm_vjp(X, gamma, beta, G, eps=1e-5):
+    """The compact backward rule, eq. 5.15: (Xbar, gammabar, betabar) with
+    Xbar = diag(s)^-1 (Ghat C - diag((Ghat o Xhat) 1 / n) Xhat), Ghat = diag(gamma) G."""
+    return _norm_vjp(X, gamma, beta, G, eps, axis=1)
+
+
+def layer_norm(X, gamma, beta, eps=1e-5):
+    """Eq. 5.16: each column (observation) of X (d, n) normalised over its d features,
+    then scaled by gamma (d,) and shifted by beta (d,)."""
+    X, gamma, beta, eps = _norm_args(X, gamma, beta, eps)
+    Xhat, _ = _normalise(X, eps, axis=0)
+    return gamma[:, None] * Xhat + beta[:, None]
+
+
+def layer_norm_jvp(X, gamma, beta, dX, dgamma, dbeta, eps=1e-5):
+    """Eq. 5.14 on the transpose: the normalisation runs down the columns."""
+    return _norm_jvp(X, gamma, beta, dX, dgamma, dbeta, eps, axis=0)
+
+
+def layer_norm_vjp(X, gamma, beta, G, eps=1e-5):
+    """Eq. 5.15 on the transpose, eq. 5.16: (Xbar, gammabar, betabar)."""
+    return _norm_vjp(X, gamma, beta, G, eps, axis=0)
+
+
+def _normalise(X, eps, axis):
+    Xc = X - X.mean(axis=axis, keepdims=True)
+    s = np.sqrt((Xc * Xc).mean(axis=axis, keepdims=True) + eps)
+    if np.any(s == 0):
+        raise ValueError("X has a constant " + ("row" if axis == 1 else "column")
+                         + " and eps = 0: its standard deviation is 0; use eps > 0")
+    return Xc / s, s
+
+
+def _norm_jvp(X, gamma, beta, dX, dgamma, dbeta, eps, axis):
+    X, gamma, beta, eps = _norm_args(X, gamma, beta, eps)
+    dX, dgamma, dbeta = _like(dX, X, "dX"), _like(dgamma, gamma, "dgamma"), _like(dbeta, beta, "dbeta")
+    Xhat, s = _normalise(X, eps, axis)
+    dXc = dX - dX.mean(axis=axis, keepdims=True)
+    dXhat = (dXc - Xhat * (Xhat * dXc).mean(axis=axis, keepdims=True)) / s
+    return dgamma[:, None] * Xhat + gamma[:, None] * dXhat + dbeta[:, None]
+
+
+def _norm_vjp(X, gamma, beta, G, eps, axis):
+    X, gamma, beta, eps = _norm_args(X, gamma, beta, eps)
+    G = _cotangent(G, X.shape)
+    Xhat, s = _normalise(X, eps, axis)
+    Ghat = gamma[:, None] * G
+    Xbar = (Ghat - Ghat.mean(axis=axis, keepdims=True)
+            - Xhat * (Ghat * Xhat).mean(axis=axis, keepdims=True)) / s
+    return Xbar, (G * Xhat).sum(axis=1), G.sum(axis=1)
+
+
+# ----- Attention -----
+
+
+def attention(Q, K, V, mask=None):
+    """O = P V with P = softmax_rows(Q K^T / sqrt(d)), eq. 5.17.
+
+    Q (n, d) queries, K (m, d) keys, V (m, e) values, as rows. mask (n, m) boolean, True
+    where query i may attend to key j; masked scores count as -inf. A fully masked row
+    attends to nothing: its row of P, and of O, is zero (never NaN).
+    """
+    P, _ = _attention_probs(Q, K, V, mask)
+    return P @ np.asarray(V, dtype=np.float64)
+
+
+def attention_probs(Q, K, mask=None):
+    """P = softmax_rows(Q K^T / sqrt(d)) with the mask convention of ``attention``, (n, m)."""
+    Q = _array(Q, "Q", 2)
+    return _attention_probs(Q, K, np.zeros((_array(K, "K", 2).shape[0], 1)), mask)[0]
+
+
+def attention_jvp(Q, K, V, dQ, dK, dV, mask=None):
+    """Eq. 5.18: dO = dP V + P dV, dP = P o (dS - (P o dS) 1 1^T), dS = (dQ K^T + Q dK^T) / sqrt(d)."""
+    P, (Q, K, V) = _attention_probs(Q, K, V, mask)
+    dQ, dK, dV = _like(dQ, Q, "dQ"), _like(dK, K, "dK"), _like(dV, V, "dV")
+    dS = (dQ @ K.T + Q @ dK.T) / np.sqrt(Q.shape[1])
+    dP = P * (dS - (P * dS).sum(axis=1, keepdims=True))
+    return dP @ V + P @ dV
+
+
+def attention_vjp(Q, K, V, G, mask=None):
+    """Eq. 5.19: (Qbar, Kbar, Vbar) = (Sbar K / sqrt(d), Sbar^T Q / sqrt(d), P^T G), with
+    Pbar = G V^T and Sbar = P o (Pbar - (P o Pbar) 1 1^T). Masked entries, and fully
+    masked rows, get a zero gradient."""
+    P, (Q, K, V) = _attention_probs(Q, K, V, mask)
+    G = _cotangent(G, (Q.shape[0], V.shape[1]))
+    Pbar = G @ V.T
+    Sbar = P * (Pbar - (P * Pbar).sum(axis=1, keepdims=True))
+    r = np.sqrt(Q.shape[1])
+    return Sbar @ K / r, Sbar.T @ Q / r, P.T @ G
+
+
+def _attention_probs(Q, K, V, mask):
+    Q = require_finite(_array(Q, "Q", 2), "Q")
+    K = require_finite(_array(K, "K", 2), "K")
+    V = require_finite(_array(V, "V", 2), "V")
+    if K.shape[1] != Q.shape[1]:
+        raise ValueError(f"Q K^T needs K with Q's {Q.shape[1]} columns, got Q {Q.shape} and K {K.shape}")
+    if V.shape[0] != K.shape[0]:
+        raise ValueError(f"P V needs V with K's {K.shape[0]} rows, got K {K.shape} and V {V.shape}")
+    S = Q @ K.T / np.sqrt(Q.shape[1])
+    if mask is None:
+        return softmax(S.T).T, (Q, K, V)
+    mask = np.asarray(mask)
+    if mask.dtype != bool or mask.shape != S.shape:
+        raise ValueError(f"mask must be a boolean array of shape {S.shape}, got {mask.dtype} {mask.shape}")
+    alive = mask.any(axis=1, keepdims=True)
+    shift = np.where(alive, np.where(mask, S, -np.inf).max(axis=1, keepdims=True), 0.0)
+    E = np.where(mask, np.exp(np.where(mask, S - shift, 0.0)), 0.0)
+    Z = E.sum(axis=1, keepdims=True)
+    return E / np.where(alive, Z, 1.0), (Q, K, V)
+
+
+# ----- A small convolutional network -----
+
+
+def cnn_init(rng, filters=16, classes=10, size=8, kernel=3, pool=2):
+    """Parameters (K, b, W, c) of conv (padding kernel // 2) -> ReLU -> max pool ->
+    linear for one-channel size x size images: K (filters, 1, kernel, kernel), b
+    (filters,), W (classes, filters (size / pool)^2), c (classes,). He-scaled normal K and W."""
+    features = filters * (size // pool) ** 2
+    K = rng.standard_normal((filters, 1, kernel, kernel)) * np.sqrt(2.0 / kernel**2)
+    W = rng.standard_normal((classes, features)) * np.sqrt(1.0 / features)
+    return K, np.zeros(filters), W, np.zeros(classes)
+
+
+def cnn_forward(params, X):
+    """The activations of every layer for images X (N, 1, H, W), as a dict: 'A' conv
+    plus bias, 'R' ReLU, 'M' max pool, 'h' features (F, N) (observations as columns),
+    'Z' logits (classes, N)."""
+    K, b, W, c = params
+    A = conv2d(X, K, padding=K.shape[2] // 2) + b[None, :, None, None]
+    R = relu(A)
+    M = max_pool(R, 2)
+    h = M.reshape(M.shape[0], -1).T
+    return {"A": A, "R": R, "M": M, "h": h, "Z": W @ h + c[:, None]}
+
+
+def cnn_loss(params, X, labels):
+    """The mean cross entropy of softmax(Z) against integer labels (N,), eq. 3.15c / N."""
+    Z = cnn_forward(params, X)["Z"]
+    return _mean_cross_entropy(Z, labels)
+
+
+def cnn_grad(params, X, labels):
+    """(loss, gradients (Kbar, bbar, Wbar, cbar), cotangents of every layer's output) by
+    the chain of backward rules: softmax cross entropy, linear, reshape, max pool, ReLU,
+    bias, convolution."""
+    K, b, W, c = params
+    act = cnn_forward(params, X)
+    Z, N = act["Z"], X.shape[0]
+    Zbar = (softmax(Z) - _one_hot(labels, Z.shape[0])) / N      # eq. 3.20b, per observation
+    Wbar, hbar = matmul_vjp(W, act["h"], Zbar)
+    Mbar = hbar.T.reshape(act["M"].shape)
+    Rbar = max_pool_vjp(act["R"], Mbar, 2)
+    Abar = relu_vjp(act["A"], Rbar)
+    _, Kbar = conv2d_vjp(X, K, Abar, padding=K.shape[2] // 2)
+    grads = (Kbar, Abar.sum(axis=(0, 2, 3)), Wbar, Zbar.sum(axis=1))
+    cotangents = {"Z": Zbar, "h": hbar, "M": Mbar, "R": Rbar, "A": Abar}
+    return _mean_cross_entropy(Z, labels), grads, cotangents
+
+
+def cnn_fit(params, X, labels, epochs=10, batch=32, lr=0.05, momentum=0.9, seed=0):
+    """Minibatch SGD with heavy-ball momentum on cnn_grad. Returns the parameters and
+    the mean training loss of each epoch (over its minibatches)."""
+    rng = np.random.default_rng(seed)
+    params = [np.array(p, dtype=np.float64) for p in params]
+    velocity = [np.zeros_like(p) for p in params]
+    history = []
+    for _ in range(epochs):
+        order, losses = rng.permutation(X.shape[0]), []
+        for start in range(0, X.shape[0], batch):
+            idx = order[start:start + batch]
+            loss, grads, _ = cnn_grad(params, X[idx], labels[idx])
+            for p, v, g in zip(params, velocity, grads):
+                v *= momentum
+                v -= lr * g
+                p += v
+            losses.append(loss)
+        history.append(float(np.mean(losses)))
+    return tuple(params), history
+
+
+def cnn_predict(params, X):
+    """The predicted class of each image, (N,)."""
+    return cnn_forward(params, X)["Z"].argmax(axis=0)
+
+
+def _one_hot(labels, k):
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.size == 0 or labels.min() < 0 or labels.max() >= k:
+        raise ValueError(f"labels must be a non-empty 1-D array of integers in [0, {k}), got shape {labels.shape}")
+    return np.eye(k)[:, labels]
+
+
+def _mean_cross_entropy(Z, labels):
+    Zs = Z - Z.max(axis=0, keepdims=True)
+    logp = Zs - np.log(np.exp(Zs).sum(axis=0, keepdims=True))
+    return float(-np.sum(_one_hot(labels, Z.shape[0]) * logp) / Z.shape[1])
+
+
+# ----- Input checks -----
+
+
+def _array(x, name, ndims=None):
+    return as_float_array(x, name, ndims)
+
+
+def _images(X, name):
+    return require_finite(as_float_array(X, name, 4), name)
+
+
+def _like(dx, x, name):
+    dx = as_float_array(dx, name)
+    if dx.shape != x.shape:
+        raise ValueError(f"{name} must have the primal's shape {x.shape}, got {dx.shape}")
+    return dx
+
+
+def _cotangent(G, shape):
+    G = as_float_array(G, "G")
+    if G.shape != tuple(shape):
+        raise ValueError(f"the cotangent G must have the output's shape {tuple(shape)}, got {G.shape}")
+    return G
+
+
+def _shape4(shape):
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 4 or min(shape) < 1:
+        raise ValueError(f"x_shape must be (N, C, H, W) with positive entries, got {shape}")
+    return shape
+
+
+def _shape3(shape):
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"x_shape must be (C, H, W) with positive entries, got {shape}")
+    return shape
+
+
+def _geometry(x_shape, kh, kw, stride, padding):
+    if int(stride) != stride or stride < 1:
+        raise ValueError(f"stride must be a positive integer, got {stride}")
+    if int(padding) != padding or padding < 0:
+        raise ValueError(f"padding must be a non-negative integer, got {padding}")
+    H, W = x_shape[2] + 2 * padding, x_shape[3] + 2 * padding
+    if kh < 1 or kw < 1 or kh > H or kw > W:
+        raise ValueError(f"a {kh} x {kw} kernel does not fit images of shape {tuple(x_shape)} "
+                         f"with padding {padding}")
+    return int(stride), int(padding)
+
+
+def _conv_pair(X, K):
+    X, K = _images(X, "X"), require_finite(as_float_array(K, "K", 4), "K")
+    if K.shape[1] != X.shape[1]:
+        raise ValueError(f"K must have X's {X.shape[1]} input channels in axis 1 (OIHW), "
+                         f"got X {X.shape} and K {K.shape}")
+    return X, K
+
+
+def _out_hw(X, K, stride, padding):
+    stride, padding = _geometry(X.shape, K.shape[2], K.shape[3], stride, padding)
+    return (conv_output_size(X.shape[2], K.shape[2], stride, padding),
+            conv_output_size(X.shape[3], K.shape[3], stride, padding))
+
+
+def _pool_geometry(x_shape, size, stride):
+    if int(size) != size or size < 1:
+        raise ValueError(f"size must be a positive integer, got {size}")
+    stride = size if stride is None else stride
+    stride, _ = _geometry(x_shape, int(size), int(size), stride, 0)
+    return stride
+
+
+def _windows(X, size, stride):
+    return sliding_window_view(X, (size, size), axis=(2, 3))[:, :, ::stride, ::stride]
+
+
+def _norm_args(X, gamma, beta, eps):
+    X = require_finite(as_float_array(X, "X", 2), "X")
+    gamma = require_finite(as_float_array(gamma, "gamma", 1), "gamma")
+    beta = require_finite(as_float_array(beta, "beta", 1), "beta")
+    for name, v in (("gamma", gamma), ("beta", beta)):
+        if v.shape != (X.shape[0],):
+            raise ValueError(f"{name} must have shape {(X.shape[0],)} (one per row of X {X.shape}), got {v.shape}")
+    if not (np.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be finite and non-negative, got {eps}")
+    return X, gamma, beta, float(eps)

@@ -1,0 +1,344 @@
+"""Chapter 5 (derivlib.layers) against JAX.
+
+The oracles are a few lines of JAX (lax.conv_general_dilated, lax.reduce_window,
+jax.nn.softmax) that never call derivlib's derivative code; each is jitted once per
+shape, and the property tests draw shapes from small fixed sets so that JAX compiles a
+handful of times only.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax import lax
+
+from derivlib import layers as L
+from derivlib.check import dot_product_gap, relative_error
+from derivlib.matrix import kron
+
+TOL = 1e-11
+seeds = st.integers(0, 2**32 - 1)
+
+
+def close(a, b, tol=TOL):
+    assert np.all(np.isfinite(a)), "not finite"
+    err = relative_error(a, b)
+    assert err < tol, f"relative error {err:.3e}"
+
+
+def draw(rng, *shapes):
+    return tuple(rng.standard_normal(s) for s in shapes)
+
+
+# ----- Oracles (jitted once per configuration) -----
+
+
+@functools.lru_cache(maxsize=None)
+def jax_conv(stride, padding):
+    """(Y, (Xbar, Kbar)) of the convolution, one compiled function per configuration."""
+    f = lambda X, K: lax.conv_general_dilated(X, K, (stride, stride), [(padding, padding)] * 2)  # noqa: E731
+
+    def both(X, K, G):
+        Y, pullback = jax.vjp(f, X, K)
+        return Y, pullback(G)
+    return jax.jit(both)
+
+
+@functools.lru_cache(maxsize=None)
+def jax_pool(kind, size, stride):
+    """(Y, Xbar, dY) of max or average pooling (VALID windows) in one compiled function."""
+    if kind == "max":
+        f = lambda X: lax.reduce_window(X, -jnp.inf, lax.max, (1, 1, size, size), (1, 1, stride, stride), "VALID")  # noqa: E731
+    else:
+        f = lambda X: lax.reduce_window(X, 0.0, lax.add, (1, 1, size, size), (1, 1, stride, stride), "VALID") / size**2  # noqa: E731
+
+    def all_three(X, G, dX):
+        Y, pullback = jax.vjp(f, X)
+        return Y, pullback(G)[0], jax.jvp(f, (X,), (dX,))[1]
+    return jax.jit(all_three)
+
+
+def jax_norm(X, gamma, beta, eps, axis):
+    mu = X.mean(axis=axis, keepdims=True)
+    var = ((X - mu) ** 2).mean(axis=axis, keepdims=True)
+    return gamma[:, None] * (X - mu) / jnp.sqrt(var + eps) + beta[:, None]
+
+
+@functools.lru_cache(maxsize=None)
+def jax_norm_vjp(axis):
+    """(Y, (Xbar, gammabar, betabar)) of batch norm (axis 1) or layer norm (axis 0)."""
+    def both(X, g, b, G, eps):
+        Y, pullback = jax.vjp(lambda X, g, b: jax_norm(X, g, b, eps, axis), X, g, b)
+        return Y, pullback(G)
+    return jax.jit(both)
+
+
+def jax_attention(Q, K, V, mask):
+    S = Q @ K.T / jnp.sqrt(Q.shape[1])
+    return jax.nn.softmax(S, axis=1, where=mask) @ V
+
+
+@jax.jit
+def jax_attention_vjp(Q, K, V, mask, G):
+    """(O, (Qbar, Kbar, Vbar)); jax.nn.softmax gives a fully masked row zeros."""
+    O, pullback = jax.vjp(lambda Q, K, V: jax_attention(Q, K, V, mask), Q, K, V)
+    return O, pullback(G)
+
+
+# ----- Convolution -----
+
+# (N, C, H, W, O, k, stride, padding): strides 1-3, paddings 0-2, 1-3 channels, non-square
+CONV = [(2, 3, 7, 5, 4, 3, 2, 1), (1, 1, 6, 6, 2, 2, 1, 0), (3, 2, 5, 8, 3, 3, 1, 2),
+        (2, 2, 9, 7, 1, 3, 3, 0), (2, 1, 8, 8, 3, 5, 2, 2)]
+
+
+@settings(max_examples=40)
+@given(st.sampled_from(CONV), seeds)
+def test_conv2d_forward_vjp_and_dot_product(cfg, seed):
+    N, C, H, W, O, k, s, p = cfg
+    rng = np.random.default_rng(seed)
+    X, K = draw(rng, (N, C, H, W), (O, C, k, k))
+    Y = L.conv2d(X, K, stride=s, padding=p)
+    (G,) = draw(rng, Y.shape)
+    Yj, (Xj, Kj) = jax_conv(s, p)(X, K, G)
+    close(Y, np.asarray(Yj))
+    Xbar, Kbar = L.conv2d_vjp(X, K, G, stride=s, padding=p)
+    close(Xbar, np.asarray(Xj))
+    close(Kbar, np.asarray(Kj))
+    gap = dot_product_gap(lambda X, K, dX, dK: L.conv2d_jvp(X, K, dX, dK, s, p),
+                          lambda X, K, G: L.conv2d_vjp(X, K, G, s, p), (X, K), draw(rng, X.shape, K.shape), G)
+    assert gap < 1e-12
+
+
+@pytest.mark.parametrize("cfg", CONV[:4])
+def test_conv_is_a_matrix_product_through_h(cfg, rng):
+    """vec phi(x) = H vec x, and vec y = (F^T kron I) H vec x, eq. 5.3 (A.5)."""
+    N, C, H, W, O, k, s, p = cfg
+    x, K = draw(rng, (C, H, W), (O, C, k, k))
+    Hm = L.im2col_matrix(x.shape, k, k, s, p)
+    phi = L.im2col(x[None], k, k, s, p)
+    close(Hm @ x.ravel(), phi.ravel(order="F"))
+    assert set(np.unique(Hm)) <= {0.0, 1.0} and np.all(Hm.sum(axis=1) <= 1)
+    y = L.conv2d(x[None], K, s, p)[0]
+    F = L.kernel_matrix(K)
+    close(kron(F.T, np.eye(phi.shape[0])) @ Hm @ x.ravel(), y.ravel())
+    close(L.image_matrix(y), phi @ F)
+
+
+@settings(max_examples=30)
+@given(st.sampled_from(CONV), seeds)
+def test_col2im_is_the_adjoint_of_im2col(cfg, seed):
+    N, C, H, W, O, k, s, p = cfg
+    rng = np.random.default_rng(seed)
+    (X,) = draw(rng, (N, C, H, W))
+    cols = L.im2col(X, k, k, s, p)
+    (D,) = draw(rng, cols.shape)
+    left, right = np.sum(D * cols), np.sum(L.col2im(D, X.shape, k, k, s, p) * X)
+    assert abs(left - right) < 1e-12 * (np.sum(np.abs(D * cols)) + 1)
+
+
+def test_conv_errors_name_the_argument():
+    X, K = np.zeros((2, 3, 5, 5)), np.zeros((4, 2, 3, 3))
+    with pytest.raises(ValueError, match=r"K must have X's 3 input channels.*\(4, 2, 3, 3\)"):
+        L.conv2d(X, K)
+    with pytest.raises(ValueError, match=r"X must be 4-D, got shape \(5, 5\)"):
+        L.conv2d(np.zeros((5, 5)), K)
+    with pytest.raises(ValueError, match=r"cotangent G must have the output's shape \(2, 4, 3, 3\), got \(2, 4, 5, 5\)"):
+        L.conv2d_vjp(X, np.zeros((4, 3, 3, 3)), np.zeros((2, 4, 5, 5)))
+    with pytest.raises(ValueError, match="stride must be a positive integer, got 0"):
+        L.conv2d(X, np.zeros((4, 3, 3, 3)), stride=0)
+    with pytest.raises(ValueError, match=r"a 7 x 7 kernel does not fit images of shape \(2, 3, 5, 5\)"):
+        L.conv2d(X, np.zeros((4, 3, 7, 7)))
+    with pytest.raises(ValueError, match="X must be finite, got nan"):
+        L.conv2d(np.full((1, 3, 5, 5), np.nan), np.zeros((4, 3, 3, 3)))
+
+
+# ----- ReLU and pooling -----
+
+
+def test_relu_derivative_at_zero_is_zero_as_in_jax():
+    x = np.array([-1.0, 0.0, 0.0, 2.0])
+    G = np.array([1.0, 1.0, -3.0, 1.0])
+    expected = np.asarray(jax.vjp(jax.nn.relu, jnp.asarray(x))[1](jnp.asarray(G))[0])
+    np.testing.assert_array_equal(L.relu_vjp(x, G), expected)
+    np.testing.assert_array_equal(L.relu_jvp(x, G), np.asarray(jax.jvp(jax.nn.relu, (x,), (G,))[1]))
+    np.testing.assert_array_equal(L.relu_vjp(x, G), [0.0, 0.0, 0.0, 1.0])
+
+
+POOL = [(2, 2), (3, 1), (3, 2), (2, 3)]   # (size, stride): tiling, overlapping, gaps
+
+
+@settings(max_examples=30)
+@given(st.sampled_from(POOL), st.booleans(), seeds)
+def test_max_pool_with_ties_matches_jax(pool, ties, seed):
+    """With ties (small integers), the first maximum in row-major window order gets it all."""
+    size, stride = pool
+    rng = np.random.default_rng(seed)
+    shape = (2, 3, 7, 6)
+    X = rng.integers(0, 3, shape).astype(float) if ties else rng.standard_normal(shape)
+    Y = L.max_pool(X, size, stride)
+    G, dX = draw(rng, Y.shape, X.shape)
+    Yj, Xbar, dY = jax_pool("max", size, stride)(X, G, dX)
+    np.testing.assert_array_equal(Y, np.asarray(Yj))
+    close(L.max_pool_vjp(X, G, size, stride), np.asarray(Xbar))
+    close(L.max_pool_jvp(X, dX, size, stride), np.asarray(dY))
+    assert dot_product_gap(lambda X, dX: L.max_pool_jvp(X, dX, size, stride),
+                           lambda X, G: L.max_pool_vjp(X, G, size, stride), (X,), (dX,), G) < 1e-12
+    S = L.max_pool_matrix(X[0], size, stride)
+    np.testing.assert_array_equal(S @ X[0].ravel(), Y[0].ravel())
+    assert np.all(S.sum(axis=1) == 1)
+
+
+def test_max_pool_tie_goes_to_the_first_entry():
+    X = np.ones((1, 1, 2, 2))
+    np.testing.assert_array_equal(L.max_pool_vjp(X, np.ones((1, 1, 1, 1)))[0, 0], [[1, 0], [0, 0]])
+
+
+@settings(max_examples=20)
+@given(st.sampled_from(POOL), seeds)
+def test_avg_pool_matches_jax(pool, seed):
+    size, stride = pool
+    rng = np.random.default_rng(seed)
+    (X,) = draw(rng, (2, 3, 7, 6))
+    Y = L.avg_pool(X, size, stride)
+    G, dX = draw(rng, Y.shape, X.shape)
+    Yj, Xbar, _ = jax_pool("avg", size, stride)(X, G, dX)
+    close(Y, np.asarray(Yj))
+    close(L.avg_pool_vjp(X, G, size, stride), np.asarray(Xbar))
+    assert dot_product_gap(lambda X, dX: L.avg_pool_jvp(X, dX, size, stride),
+                           lambda X, G: L.avg_pool_vjp(X, G, size, stride), (X,), (dX,), G) < 1e-12
+
+
+def test_pool_errors_name_the_argument():
+    with pytest.raises(ValueError, match="size must be a positive integer, got 0"):
+        L.max_pool(np.zeros((1, 1, 4, 4)), 0)
+    with pytest.raises(ValueError, match=r"cotangent G must have the output's shape \(1, 1, 2, 2\), got \(1, 1, 4, 4\)"):
+        L.max_pool_vjp(np.zeros((1, 1, 4, 4)), np.zeros((1, 1, 4, 4)))
+    with pytest.raises(ValueError, match=r"dX must have the primal's shape"):
+        L.avg_pool_jvp(np.zeros((1, 1, 4, 4)), np.zeros((1, 1, 4)))
+
+
+# ----- Batch and layer normalisation -----
+
+NORM_SHAPES = [(1, 5), (4, 1), (6, 9)]
+
+
+@pytest.mark.parametrize("name, axis", [("batch_norm", 1), ("layer_norm", 0)])
+@settings(max_examples=30)
+@given(shape=st.sampled_from(NORM_SHAPES), eps=st.sampled_from([1e-5, 0.1, 1.0]), seed=seeds)
+def test_norm_vjp_and_dot_product(name, axis, shape, eps, seed):
+    fwd, jvp, vjp = (getattr(L, name + suffix) for suffix in ("", "_jvp", "_vjp"))
+    rng = np.random.default_rng(seed)
+    X, gamma, beta, G = draw(rng, shape, shape[:1], shape[:1], shape)
+    Yj, theirs = jax_norm_vjp(axis)(X, gamma, beta, G, eps)
+    close(fwd(X, gamma, beta, eps), np.asarray(Yj))
+    ours = vjp(X, gamma, beta, G, eps=eps)
+    scale = np.linalg.norm(theirs[1]) + np.linalg.norm(theirs[2])
+    for a, b in zip(ours, theirs):   # Xbar is exactly 0 when a row (column) has one entry
+        assert np.linalg.norm(a - np.asarray(b)) < TOL * (np.linalg.norm(b) + scale)
+    tangents = draw(rng, shape, shape[:1], shape[:1])
+    gap = dot_product_gap(lambda *a: jvp(*a, eps=eps), lambda *a: vjp(*a, eps=eps), (X, gamma, beta), tangents, G)
+    assert gap < 1e-12
+
+
+def test_batch_norm_wrong_form_fails(rng):
+    """Treating the mean and variance as constants gives diag(gamma / s) G: wrong."""
+    X, gamma, beta, G = draw(rng, (3, 6), (3,), (3,), (3, 6))
+    s = np.sqrt(X.var(axis=1, keepdims=True) + 1e-5)
+    Xbar_jax = np.asarray(jax_norm_vjp(1)(X, gamma, beta, G, 1e-5)[1][0])
+    assert relative_error(gamma[:, None] * G / s, Xbar_jax) > 0.1
+    close(L.batch_norm_vjp(X, gamma, beta, G)[0], Xbar_jax)
+
+
+def test_norm_extremes_and_errors():
+    X = np.ones((2, 4))
+    Y = L.batch_norm(X, np.ones(2), np.array([3.0, -1.0]))   # constant rows: y = beta, finite
+    np.testing.assert_array_equal(Y, [[3.0] * 4, [-1.0] * 4])
+    assert np.all(np.isfinite(L.batch_norm_vjp(X, np.ones(2), np.zeros(2), np.ones((2, 4)))[0]))
+    with pytest.raises(ValueError, match="constant row and eps = 0"):
+        L.batch_norm(X, np.ones(2), np.zeros(2), eps=0.0)
+    with pytest.raises(ValueError, match=r"gamma must have shape \(2,\) \(one per row of X \(2, 4\)\), got \(4,\)"):
+        L.layer_norm(X, np.ones(4), np.zeros(2))
+    with pytest.raises(ValueError, match="eps must be finite and non-negative, got -1"):
+        L.batch_norm(X, np.ones(2), np.zeros(2), eps=-1)
+
+
+# ----- Attention -----
+
+ATT = [(5, 4, 3, 2), (1, 3, 2, 4), (6, 2, 1, 3)]   # (n, m, d, e)
+
+
+@settings(max_examples=30)
+@given(st.sampled_from(ATT), st.sampled_from(["none", "random", "causal", "dead rows"]), seeds)
+def test_attention_vjp_and_masks(shape, kind, seed):
+    n, m, d, e = shape
+    rng = np.random.default_rng(seed)
+    Q, K, V, G = draw(rng, (n, d), (m, d), (m, e), (n, e))
+    mask = {"none": np.ones((n, m), bool), "random": rng.random((n, m)) < 0.6,
+            "causal": np.tri(n, m, dtype=bool), "dead rows": rng.random((n, m)) < 0.5}[kind]
+    if kind == "dead rows":
+        mask[rng.integers(n)] = False       # at least one fully masked row
+    arg = None if kind == "none" else mask
+    O = L.attention(Q, K, V, arg)
+    Oj, theirs = jax_attention_vjp(Q, K, V, mask, G)
+    close(O, np.asarray(Oj))
+    ours = L.attention_vjp(Q, K, V, G, arg)
+    for a, b in zip(ours, theirs):
+        assert np.all(np.isfinite(a))
+        assert np.linalg.norm(a - np.asarray(b)) < TOL * (np.linalg.norm(b) + 1)
+    dead = ~mask.any(axis=1)
+    assert np.all(O[dead] == 0) and np.all(ours[0][dead] == 0)
+    tangents = draw(rng, Q.shape, K.shape, V.shape)
+    gap = dot_product_gap(lambda *a: L.attention_jvp(*a, mask=arg), lambda *a: L.attention_vjp(*a, mask=arg),
+                          (Q, K, V), tangents, G)
+    assert gap < 1e-12
+
+
+def test_attention_extremes_and_errors(rng):
+    Q, K, V = draw(rng, (3, 2), (4, 2), (4, 2))
+    O = L.attention(1e6 * Q, K, V)                 # saturated softmax: finite, a selection
+    assert np.all(np.isfinite(O))
+    assert np.all(L.attention(Q, K, V, np.zeros((3, 4), bool)) == 0)
+    with pytest.raises(ValueError, match=r"mask must be a boolean array of shape \(3, 4\), got int64 \(3, 4\)"):
+        L.attention(Q, K, V, np.ones((3, 4), int))
+    with pytest.raises(ValueError, match=r"K with Q's 2 columns, got Q \(3, 2\) and K \(4, 3\)"):
+        L.attention(Q, np.zeros((4, 3)), V)
+    with pytest.raises(ValueError, match=r"V with K's 4 rows, got K \(4, 2\) and V \(3, 2\)"):
+        L.attention(Q, K, np.zeros((3, 2)))
+
+
+# ----- The convolutional network -----
+
+
+def jax_cnn(params, X, labels, eps):
+    """An independent JAX model; eps adds a zero perturbation to every layer's output, so
+    that the gradient with respect to eps is that layer's cotangent."""
+    K, b, W, c = params
+    A = lax.conv_general_dilated(X, K, (1, 1), [(1, 1), (1, 1)]) + b[None, :, None, None] + eps["A"]
+    R = jax.nn.relu(A) + eps["R"]
+    M = lax.reduce_window(R, -jnp.inf, lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID") + eps["M"]
+    h = M.reshape(M.shape[0], -1).T + eps["h"]
+    Z = W @ h + c[:, None] + eps["Z"]
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(Z, axis=0), labels[None], axis=0))
+
+
+def test_cnn_gradient_matches_jax_at_every_layer(rng):
+    params = L.cnn_init(rng, filters=4)
+    X = rng.random((6, 1, 8, 8))
+    labels = rng.integers(0, 10, 6)
+    loss, grads, cot = L.cnn_grad(params, X, labels)
+    act = L.cnn_forward(params, X)
+    eps = {k: jnp.zeros(act[k].shape) for k in cot}
+    value, (gp, ge) = jax.jit(jax.value_and_grad(jax_cnn, argnums=(0, 3)))(params, X, labels, eps)
+    assert abs(loss - float(value)) < 1e-12
+    for a, b in zip(grads, gp):
+        close(a, np.asarray(b))
+    for k in cot:
+        close(cot[k], np.asarray(ge[k]))
+    assert L.cnn_loss(params, X, labels) == loss
+    with pytest.raises(ValueError, match=r"labels must be a non-empty 1-D array of integers in \[0, 10\)"):
+        L.cnn_grad(params, X, labels + 5)
