@@ -98,7 +98,7 @@ def _project_jacobian(P, K):
     D[:, 1, 1] = inv_z
     D[:, 0, 2] = -P[0] * inv_z**2
     D[:, 1, 2] = -P[1] * inv_z**2
-    return np.einsum("ab,nbc->nac", K[:2, :2], D)
+    return K[:2, :2] @ D
 
 
 # ----- Rotations -----
@@ -391,6 +391,10 @@ class BundleProblem:
                              f"got {poses.shape} and {X.shape}")
         return np.concatenate([poses.ravel(), X.ravel(order="F")])
 
+    def free_mask(self):
+        """The mask of the parameters that move, (6m + 3n,): problem.free, then all points."""
+        return np.concatenate([self.free, np.ones(3 * self.n, dtype=bool)])
+
     def unpack(self, x):
         """(poses (m, 6), X (3, n)) from the parameter vector x."""
         x = as_float_array(x, "x", ndims=1)
@@ -404,7 +408,7 @@ def _camera_frame(problem, poses, X):
     R = np.stack([rodrigues(w) for w in poses[:, :3]])
     Jr = np.stack([right_jacobian(w) for w in poses[:, :3]])
     Xo = X[:, problem.point]
-    p = np.einsum("nab,bn->an", R[problem.cam], Xo) + poses[problem.cam, 3:].T
+    p = (R[problem.cam] @ Xo.T[:, :, None])[:, :, 0].T + poses[problem.cam, 3:].T
     return R, Jr, Xo, p
 
 
@@ -428,20 +432,28 @@ def ba_jacobian_blocks(problem, x):
     R, Jr, Xo, p = _camera_frame(problem, poses, X)
     _in_front(p, "the camera-frame points R X + t")
     Jpi = _project_jacobian(p, problem.K)                                          # (N, 2, 3)
-    Jw = -np.einsum("nab,nbc,ncd->nad", R[problem.cam], _hat_many(Xo), Jr[problem.cam])
+    Rk = R[problem.cam]
+    Jw = -(Rk @ _hat_many(Xo)) @ Jr[problem.cam]
     A = np.concatenate([Jpi @ Jw, Jpi], axis=2)
-    B = Jpi @ R[problem.cam]
+    B = Jpi @ Rk
     return A, B
 
 
-def ba_jacobian(problem, x):
-    """The (2N, 6m + 3n) Jacobian of ba_residual as a scipy.sparse CSR matrix (columns of
-    fixed parameters included, as zeros are not: they are simply present)."""
+def ba_jacobian(problem, x, free_only=False):
+    """The (2N, 6m + 3n) Jacobian of ba_residual as a scipy.sparse CSR matrix, built
+    from the blocks A_k, B_k (eq. 6.18). With free_only=True the columns of the fixed
+    pose parameters are left out: (2N, number of free parameters)."""
     from scipy.sparse import csr_matrix
     A, B = ba_jacobian_blocks(problem, x)
-    rows, cols, vals = ba_sparsity_pattern(problem, coordinates=True)
-    return csr_matrix((np.concatenate([A, B], axis=2).ravel(), (rows, cols)),
-                      shape=(2 * problem.cam.size, 6 * problem.m + 3 * problem.n))
+    rows, cols, _ = ba_sparsity_pattern(problem, coordinates=True)
+    vals = np.concatenate([A, B], axis=2).ravel()
+    width = 6 * problem.m + 3 * problem.n
+    if free_only:
+        keep = problem.free_mask()
+        new_index = np.cumsum(keep) - 1
+        sel = keep[cols]
+        rows, cols, vals, width = rows[sel], new_index[cols[sel]], vals[sel], int(keep.sum())
+    return csr_matrix((vals, (rows, cols)), shape=(2 * problem.cam.size, width))
 
 
 def ba_sparsity_pattern(problem, coordinates=False):
@@ -453,7 +465,7 @@ def ba_sparsity_pattern(problem, coordinates=False):
     cam_cols = 6 * problem.cam[:, None] + np.arange(6)
     pt_cols = 6 * problem.m + 3 * problem.point[:, None] + np.arange(3)
     cols = np.tile(np.concatenate([cam_cols, pt_cols], axis=1), (1, 2))           # (N, 18)
-    rows, cols = rows.ravel(), cols.ravel()
+    rows, cols = rows.ravel(), cols.ravel()   # (N, 2, 9) blocks [A_k | B_k], row-major
     if coordinates:
         return rows, cols, None
     from scipy.sparse import csr_matrix
@@ -461,25 +473,30 @@ def ba_sparsity_pattern(problem, coordinates=False):
                       shape=(2 * N, 6 * problem.m + 3 * problem.n))
 
 
+def _sum_by(index, size, values):
+    """Sum the rows of values (N, ...) that share index (N,) into (size, ...), by one
+    sparse matrix product (much faster than np.add.at)."""
+    from scipy.sparse import csr_matrix
+    N = index.size
+    M = csr_matrix((np.ones(N), (index, np.arange(N))), shape=(size, N))
+    return (M @ values.reshape(N, -1)).reshape((size,) + values.shape[1:])
+
+
 def ba_normal_equations(problem, A, B, r):
     """The blocks of J^T J and J^T r (eq. 6.19): U (6m, 6m) block-diagonal, W (6m, 3n),
     V (n, 3, 3) the diagonal blocks, and the gradients g_c (6m,), g_p (3n,)."""
     m, n, cam, point = problem.m, problem.n, problem.cam, problem.point
-    rk = r.reshape(-1, 2)
-    Ublocks = np.zeros((m, 6, 6))
-    np.add.at(Ublocks, cam, np.einsum("kai,kaj->kij", A, A))
-    V = np.zeros((n, 3, 3))
-    np.add.at(V, point, np.einsum("kai,kaj->kij", B, B))
+    rk = r.reshape(-1, 1, 2)
+    At, Bt = A.transpose(0, 2, 1), B.transpose(0, 2, 1)
+    Ublocks = _sum_by(cam, m, At @ A)
+    V = _sum_by(point, n, Bt @ B)
     W = np.zeros((m, 6, n, 3))
-    W[cam, :, point, :] = np.einsum("kai,kaj->kij", A, B)
-    gc = np.zeros((m, 6))
-    np.add.at(gc, cam, np.einsum("kai,ka->ki", A, rk))
-    gp = np.zeros((n, 3))
-    np.add.at(gp, point, np.einsum("kai,ka->ki", B, rk))
-    U = np.zeros((6 * m, 6 * m))
-    for j in range(m):
-        U[6 * j:6 * j + 6, 6 * j:6 * j + 6] = Ublocks[j]
-    return U, W.reshape(6 * m, 3 * n), V, gc.ravel(), gp.ravel()
+    W[cam, :, point, :] = At @ B
+    gc = _sum_by(cam, m, (rk @ A)[:, 0])
+    gp = _sum_by(point, n, (rk @ B)[:, 0])
+    U = np.zeros((m, 6, m, 6))
+    U[np.arange(m), :, np.arange(m), :] = Ublocks
+    return U.reshape(6 * m, 6 * m), W.reshape(6 * m, 3 * n), V, gc.ravel(), gp.ravel()
 
 
 def schur_solve(U, W, V, gc, gp, free):
@@ -488,14 +505,16 @@ def schur_solve(U, W, V, gc, gp, free):
     Pose parameters outside `free` are held at zero. Returns (dc (6m,), dp (3n,))."""
     n = V.shape[0]
     Vinv = np.linalg.inv(V)                                              # (n, 3, 3)
-    Wn = W.reshape(-1, n, 3).transpose(1, 0, 2)                          # (n, 6m, 3)
-    Y = (Wn @ Vinv.transpose(0, 2, 1)).transpose(1, 0, 2).reshape(W.shape)   # W V^-1
+    W3 = W.reshape(-1, n, 3)
+    # Y = W V^-1, block column by block column, as nine broadcast products over (6m, n)
+    Y = np.stack([sum(W3[:, :, b] * Vinv[:, b, c] for b in range(3)) for c in range(3)], axis=2)
+    Y = Y.reshape(W.shape)
     S = U - Y @ W.T
     rhs = -(gc - Y @ gp)
     dc = np.zeros_like(gc)
     f = np.flatnonzero(free)
     dc[f] = np.linalg.solve(S[np.ix_(f, f)], rhs[f])
-    dp = -np.einsum("nij,nj->ni", Vinv, (gp + W.T @ dc).reshape(n, 3)).ravel()
+    dp = -(Vinv @ (gp + W.T @ dc).reshape(n, 3, 1)).ravel()
     return dc, dp
 
 
@@ -530,8 +549,7 @@ def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-3):
                 E_new = np.inf
             hist.n_residual += 1
             # the predicted decrease E - ||r + J delta||^2 = -(2 delta^T g + ||J delta||^2)
-            Jd = np.einsum("kai,ki->ka", A, dc.reshape(-1, 6)[problem.cam]) + \
-                np.einsum("kai,ki->ka", B, dp.reshape(-1, 3)[problem.point])
+            Jd = (A @ dc.reshape(-1, 6, 1)[problem.cam] + B @ dp.reshape(-1, 3, 1)[problem.point])
             predicted = -(2 * (dc @ gc + dp @ gp) + float(np.sum(Jd * Jd)))
             rho = (E - E_new) / predicted if predicted > 0 else -1.0
             lam, nu = _lm_update(lam, nu, rho)
