@@ -445,15 +445,18 @@ def ba_jacobian(problem, x, free_only=False):
     pose parameters are left out: (2N, number of free parameters)."""
     from scipy.sparse import csr_matrix
     A, B = ba_jacobian_blocks(problem, x)
-    rows, cols, _ = ba_sparsity_pattern(problem, coordinates=True)
-    vals = np.concatenate([A, B], axis=2).ravel()
+    _, cols, _ = ba_sparsity_pattern(problem, coordinates=True)
+    vals = np.concatenate([A, B], axis=2).ravel()        # 9 entries per row, in row order
+    rows = 2 * problem.cam.size
     width = 6 * problem.m + 3 * problem.n
+    counts = np.full(rows, 9)
     if free_only:
         keep = problem.free_mask()
-        new_index = np.cumsum(keep) - 1
         sel = keep[cols]
-        rows, cols, vals, width = rows[sel], new_index[cols[sel]], vals[sel], int(keep.sum())
-    return csr_matrix((vals, (rows, cols)), shape=(2 * problem.cam.size, width))
+        cols, vals = (np.cumsum(keep) - 1)[cols[sel]], vals[sel]
+        counts, width = sel.reshape(rows, 9).sum(axis=1), int(keep.sum())
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    return csr_matrix((vals, cols, indptr), shape=(rows, width))
 
 
 def ba_sparsity_pattern(problem, coordinates=False):
@@ -473,13 +476,18 @@ def ba_sparsity_pattern(problem, coordinates=False):
                       shape=(2 * N, 6 * problem.m + 3 * problem.n))
 
 
-def _sum_by(index, size, values):
-    """Sum the rows of values (N, ...) that share index (N,) into (size, ...), by one
-    sparse matrix product (much faster than np.add.at)."""
-    from scipy.sparse import csr_matrix
-    N = index.size
-    M = csr_matrix((np.ones(N), (index, np.arange(N))), shape=(size, N))
-    return (M @ values.reshape(N, -1)).reshape((size,) + values.shape[1:])
+def _sum_by(problem, by, values):
+    """Sum the rows of values (N, ...) of the observations of each camera (by="cam") or
+    each point (by="point"), by one product with a sparse 0/1 matrix built once per
+    problem (much faster than np.add.at)."""
+    cache = problem.__dict__.setdefault("_indicators", {})
+    if by not in cache:
+        from scipy.sparse import csr_matrix
+        index = getattr(problem, by)
+        size = problem.m if by == "cam" else problem.n
+        cache[by] = csr_matrix((np.ones(index.size), (index, np.arange(index.size))), shape=(size, index.size))
+    M = cache[by]
+    return (M @ values.reshape(values.shape[0], -1)).reshape((M.shape[0],) + values.shape[1:])
 
 
 def ba_normal_equations(problem, A, B, r):
@@ -488,12 +496,12 @@ def ba_normal_equations(problem, A, B, r):
     m, n, cam, point = problem.m, problem.n, problem.cam, problem.point
     rk = r.reshape(-1, 1, 2)
     At, Bt = A.transpose(0, 2, 1), B.transpose(0, 2, 1)
-    Ublocks = _sum_by(cam, m, At @ A)
-    V = _sum_by(point, n, Bt @ B)
+    Ublocks = _sum_by(problem, "cam", At @ A)
+    V = _sum_by(problem, "point", Bt @ B)
     W = np.zeros((m, 6, n, 3))
     W[cam, :, point, :] = At @ B
-    gc = _sum_by(cam, m, (rk @ A)[:, 0])
-    gp = _sum_by(point, n, (rk @ B)[:, 0])
+    gc = _sum_by(problem, "cam", (rk @ A)[:, 0])
+    gp = _sum_by(problem, "point", (rk @ B)[:, 0])
     U = np.zeros((m, 6, m, 6))
     U[np.arange(m), :, np.arange(m), :] = Ublocks
     return U.reshape(6 * m, 6 * m), W.reshape(6 * m, 3 * n), V, gc.ravel(), gp.ravel()

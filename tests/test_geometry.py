@@ -240,6 +240,7 @@ def test_ba_jacobian_matches_jax(small_scene):
     J_jax = np.asarray(jax.jit(jax.jacobian(residual))(jnp.asarray(x)))
     J = dl.ba_jacobian(pr, x).toarray()
     assert check.relative_error(J, J_jax) < 1e-12
+    assert np.array_equal(dl.ba_jacobian(pr, x, free_only=True).toarray(), J[:, pr.free_mask()])
     pattern = dl.ba_sparsity_pattern(pr).toarray()
     assert np.all(J_jax[pattern == 0] == 0) and pattern.sum() == 18 * pr.cam.size
 
