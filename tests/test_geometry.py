@@ -310,3 +310,13 @@ def test_bundle_adjustment_without_noise_recovers_the_truth():
     x_hat, hist = dl.bundle_adjust(scene.problem, scene.x0)
     assert hist.cost[-1] < 1e-20
     assert np.max(np.abs(x_hat - scene.problem.pack(scene.poses, scene.X))) < 1e-10
+
+
+@given(log_t=st.floats(-12.0, np.log10(3.1)), near_pi=st.booleans(), seed=st.integers(0, 2**16))
+def test_rotate_jacobian_over_angles(log_t, near_pi, seed):
+    """Any angle from 1e-12 to 3.1, or within 1e-3 of pi, against jax.jacobian."""
+    rng = np.random.default_rng(seed)
+    t = np.pi + (10.0 ** (log_t / 4) - 1.0) * 1e-3 if near_pi else 10.0 ** log_t
+    w, P = random_w(rng, t), rng.standard_normal(3)
+    J_jax = np.asarray(rot_jac_jax(jnp.asarray(w), jnp.asarray(P)))
+    assert check.relative_error(dl.rotate_jacobian(w, P), J_jax) < 1e-12
