@@ -440,7 +440,7 @@ def ba_jacobian_blocks(problem, x):
 
 
 def ba_jacobian(problem, x, free_only=False):
-    """The (2N, 6m + 3n) Jacobian of ba_residual as a scipy.sparse CSR matrix, built
+    """The (2N, 6m + 3n) Jacobian of ba_residual as a scipy.sparse CSR matrix (needs scipy), built
     from the blocks A_k, B_k (eq. 6.18). With free_only=True the columns of the fixed
     pose parameters are left out: (2N, number of free parameters)."""
     from scipy.sparse import csr_matrix
@@ -461,7 +461,7 @@ def ba_jacobian(problem, x, free_only=False):
 
 def ba_sparsity_pattern(problem, coordinates=False):
     """Where the Jacobian can be non-zero: row 2k, 2k + 1 (observation k) meets the six
-    columns of its camera and the three of its point. Returns a scipy.sparse 0/1 matrix,
+    columns of its camera and the three of its point. Returns a scipy.sparse 0/1 matrix (needs scipy),
     or with coordinates=True the (rows, cols, None) in the order of the blocks [A_k | B_k]."""
     N = problem.cam.size
     rows = np.repeat(2 * np.arange(N)[:, None] + np.arange(2)[None, :], 9, axis=1)   # (N, 18)
@@ -478,16 +478,24 @@ def ba_sparsity_pattern(problem, coordinates=False):
 
 def _sum_by(problem, by, values):
     """Sum the rows of values (N, ...) of the observations of each camera (by="cam") or
-    each point (by="point"), by one product with a sparse 0/1 matrix built once per
-    problem (much faster than np.add.at)."""
+    each point (by="point"): one product with a sparse 0/1 matrix built once per problem
+    (much faster than np.add.at, which is the fallback without scipy)."""
+    index = getattr(problem, by)
+    size = problem.m if by == "cam" else problem.n
     cache = problem.__dict__.setdefault("_indicators", {})
     if by not in cache:
-        from scipy.sparse import csr_matrix
-        index = getattr(problem, by)
-        size = problem.m if by == "cam" else problem.n
-        cache[by] = csr_matrix((np.ones(index.size), (index, np.arange(index.size))), shape=(size, index.size))
+        try:
+            from scipy.sparse import csr_matrix
+        except ImportError:                      # scipy is optional for derivlib
+            cache[by] = None
+        else:
+            cache[by] = csr_matrix((np.ones(index.size), (index, np.arange(index.size))), shape=(size, index.size))
     M = cache[by]
-    return (M @ values.reshape(values.shape[0], -1)).reshape((M.shape[0],) + values.shape[1:])
+    if M is None:
+        out = np.zeros((size,) + values.shape[1:])
+        np.add.at(out, index, values)
+        return out
+    return (M @ values.reshape(values.shape[0], -1)).reshape((size,) + values.shape[1:])
 
 
 def ba_normal_equations(problem, A, B, r):

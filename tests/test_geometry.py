@@ -320,3 +320,15 @@ def test_rotate_jacobian_over_angles(log_t, near_pi, seed):
     w, P = random_w(rng, t), rng.standard_normal(3)
     J_jax = np.asarray(rot_jac_jax(jnp.asarray(w), jnp.asarray(P)))
     assert check.relative_error(dl.rotate_jacobian(w, P), J_jax) < 1e-12
+
+
+def test_normal_equations_without_scipy_sparse(small_scene):
+    """The np.add.at fallback (scipy is optional for derivlib) gives the same blocks."""
+    pr, x = small_scene.problem, small_scene.x0
+    A, B = dl.ba_jacobian_blocks(pr, x)
+    r = dl.ba_residual(pr, x)
+    fast = dl.ba_normal_equations(pr, A, B, r)
+    plain = dl.make_scene(m=3, n=12, noise=1.0, seed=4).problem
+    plain.__dict__["_indicators"] = {"cam": None, "point": None}
+    for a, b in zip(fast, dl.ba_normal_equations(plain, A, B, r)):
+        assert np.allclose(a, b, rtol=1e-14, atol=1e-12)
