@@ -102,7 +102,16 @@ def softmax_jvp(X, dX):
     `derivlib.softmax` (the columns of a matrix with m > 1). O(mn), no Jacobian.
     """
     X = _logits(X, "X")
-    return _softmax_vjp_from_output(softmax(X), _tangent(dX, X.shape, "dX"), softmax_axis(X.shape))
+    axis = softmax_axis(X.shape)
+    return _softmax_vjp_from_output(_softmax(X, axis), _tangent(dX, X.shape, "dX"), axis)
+
+
+def _softmax(X, axis):
+    """The softmax along `axis` of a checked X, in two temporary arrays."""
+    S = X - X.max(axis=axis, keepdims=True)
+    np.exp(S, out=S)
+    S /= S.sum(axis=axis, keepdims=True)
+    return S
 
 
 def softmax_vjp(X, G):
@@ -113,13 +122,16 @@ def softmax_vjp(X, G):
     O(mn) operations and memory: the (mn, mn) Jacobian is never formed.
     """
     X = _logits(X, "X")
-    return _softmax_vjp_from_output(softmax(X), _cotangent(G, X.shape), softmax_axis(X.shape))
+    G = _cotangent(G, X.shape)
+    axis = softmax_axis(X.shape)
+    return _softmax_vjp_from_output(_softmax(X, axis), G, axis)
 
 
 def _softmax_vjp_from_output(S, G, axis=0):
-    """S o (G - 1 1^T (S o G)) along `axis`, from the softmax values S."""
+    """S o (G - 1 1^T (S o G)) along `axis`, from the softmax values S (overwritten)."""
     SG = S * G
-    return SG - S * SG.sum(axis=axis, keepdims=True)
+    S *= SG.sum(axis=axis, keepdims=True)
+    return np.subtract(SG, S, out=SG)
 
 
 def log_softmax(X):
@@ -298,11 +310,17 @@ def trace_vjp(A, g):
 def frobenius_norm(A):
     """||A||_F = sqrt(<A, A>), for an array of any shape (eq. 4.17).
 
-    Computed by ``np.linalg.norm``, which scales the entries first: no overflow for
-    entries near the largest float.
+    The entries are divided by the largest |a_ij| before squaring and the factor is
+    put back after the square root, so entries near the largest float do not overflow.
     """
-    A = _finite(A, "A")
-    return float(np.linalg.norm(A.ravel()))
+    return _frobenius_norm(_finite(A, "A"))
+
+
+def _frobenius_norm(A):
+    scale = float(np.max(np.abs(A)))
+    if scale == 0.0:
+        return 0.0
+    return scale * float(np.sqrt(np.sum((A / scale) ** 2)))
 
 
 def frobenius_norm_jvp(A, dA):
@@ -319,7 +337,7 @@ def frobenius_norm_vjp(A, g):
 
 def _nonzero_norm(A):
     A = _finite(A, "A")
-    norm = float(np.linalg.norm(A.ravel()))
+    norm = _frobenius_norm(A)
     if norm == 0.0:
         raise ValueError(f"the Frobenius norm is not differentiable at A = 0 (A of shape {A.shape} is all zeros)")
     return A, norm
@@ -397,35 +415,52 @@ def mlp_loss(params, X, Y):
     X = _mlp_inputs(params, X)
     Y = _mlp_targets(params, X, Y)
     Z = _mlp_forward(params, X)[1]
-    return float(-np.sum(Y * _log_softmax(Z)) / X.shape[1])
+    return float(-np.sum(Y * _log_softmax(Z, 0)) / X.shape[1])
 
 
-def mlp_loss_and_grad(params, X, Y):
+def mlp_loss_and_grad(params, X, Y, check_finite=True):
     """Eq. 4.20: the loss of eq. 4.19 and its gradient with respect to every parameter,
     by the backward pass: the rules of eqs. 4.6, 4.8, 4.11 and 4.18 applied from the
-    loss back to W1. Returns (L, grads), grads a dict shaped like `params`."""
-    params = _mlp_params(params)
-    X = _mlp_inputs(params, X)
-    Y = _mlp_targets(params, X, Y)
+    loss back to W1. Returns (L, grads), grads a dict shaped like `params`.
+
+    Shapes are always checked. ``check_finite=False`` skips the scan of every array
+    for NaN and infinity (as in SciPy's linear algebra), for a training loop that has
+    checked its data once: a non-finite input then gives non-finite results.
+    """
+    params = _mlp_params(params, check_finite)
+    X = _mlp_inputs(params, X, "X", check_finite)
+    Y = _mlp_targets(params, X, Y, "Y", check_finite)
     return _mlp_loss_and_grad(params, X, Y)
 
 
 def _mlp_forward(params, X):
-    H = np.tanh(params["W1"] @ X + params["b1"][:, None])  # H = tanh[W1 X + b1 1^T]
-    Z = params["W2"] @ H + params["b2"][:, None]  # Z = W2 H + b2 1^T
+    A = params["W1"] @ X
+    A += params["b1"][:, None]  # A = W1 X + b1 1^T
+    H = np.tanh(A, out=A)  # H = tanh[A]; A itself is not needed again
+    Z = params["W2"] @ H
+    Z += params["b2"][:, None]  # Z = W2 H + b2 1^T
     return H, Z
 
 
 def _mlp_loss_and_grad(params, X, Y):
+    """Eqs. 4.19 and 4.20 on checked inputs. The loss and the softmax share one
+    exponential: with Z shifted by its column maxima, E = exp[Z], s = 1^T E,
+    log softmax(Z) = Z - 1 log[s]^T and Pi = E diag(s)^-1."""
     n = X.shape[1]
     H, Z = _mlp_forward(params, X)
-    logS = _log_softmax(Z)
-    loss = float(-np.sum(Y * logS) / n)
-    Zbar = (np.exp(logS) * Y.sum(axis=0) - Y) / n  # eq. 4.11 with g = 1/n
-    Hbar = params["W2"].T @ Zbar  # eq. 4.6, B-gradient of W2 H
-    Abar = _tanh_vjp_from_output(H, Hbar)  # eq. 4.8
+    Z -= Z.max(axis=0)
+    E = np.exp(Z)
+    sums = E.sum(axis=0)
+    y_sums = Y.sum(axis=0)  # 1^T Y: ones for one-hot labels
+    loss = float((y_sums @ np.log(sums) - np.vdot(Y, Z)) / n)  # -<Y, log softmax(Z)> / n
+    E *= y_sums / (n * sums)
+    Zbar = np.subtract(E, Y / n, out=E)  # eq. 4.11 with g = 1/n: (Pi o 1 1^T Y - Y) / n
+    Hbar = params["W2"].T @ Zbar  # eq. 4.6, the gradient of W2 H with respect to H
+    Abar = np.multiply(H, H)
+    np.subtract(1.0, Abar, out=Abar)
+    Abar *= Hbar  # eq. 4.8: Hbar o (1 - H o H)
     grads = {
-        "W2": Zbar @ H.T,  # eq. 4.6, A-gradient of W2 H
+        "W2": Zbar @ H.T,  # eq. 4.6, with respect to W2
         "b2": Zbar.sum(axis=1),  # eq. 4.18
         "W1": Abar @ X.T,  # eq. 4.6
         "b1": Abar.sum(axis=1),  # eq. 4.18
@@ -462,27 +497,29 @@ def fit_mlp(X, Y, n_hidden=64, epochs=30, batch_size=8, learning_rate=0.05, seed
         Y_test = _mlp_targets(params, X_test, Y_test, "Y_test")
     history = {"train_loss": [], "test_loss": []} if have_test else {"train_loss": []}
     n = X.shape[1]
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
         order = rng.permutation(n)
-        for start in range(0, n, batch_size):
-            batch = order[start:start + batch_size]
-            _, grads = _mlp_loss_and_grad(params, X[:, batch], Y[:, batch])
-            for name in MLP_PARAMETERS:
-                params[name] = params[name] - learning_rate * grads[name]
-        history["train_loss"].append(_mlp_loss_and_grad(params, X, Y)[0])
+        with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below
+            for start in range(0, n, batch_size):
+                batch = order[start:start + batch_size]
+                _, grads = _mlp_loss_and_grad(params, X[:, batch], Y[:, batch])
+                for name in MLP_PARAMETERS:
+                    params[name] = params[name] - learning_rate * grads[name]
+            loss = _mlp_loss_and_grad(params, X, Y)[0]
+        if not (np.isfinite(loss) and all(np.all(np.isfinite(v)) for v in params.values())):
+            raise ValueError(f"training diverged in epoch {epoch} (the loss or a parameter is not "
+                             f"finite): learning_rate {learning_rate} is too large")
+        history["train_loss"].append(loss)
         if have_test:
             history["test_loss"].append(_mlp_loss_and_grad(params, X_test, Y_test)[0])
-        if not np.isfinite(history["train_loss"][-1]):
-            raise ValueError(f"training diverged (loss {history['train_loss'][-1]}): "
-                             f"learning_rate {learning_rate} is too large")
     return params, history
 
 
-def _mlp_params(params):
+def _mlp_params(params, check_finite=True):
     if not isinstance(params, dict) or set(params) != set(MLP_PARAMETERS):
         got = sorted(params) if isinstance(params, dict) else type(params).__name__
         raise ValueError(f"params must be a dict with keys {list(MLP_PARAMETERS)}, got {got}")
-    p = {name: _finite(params[name], name, 1 if name[0] == "b" else 2) for name in MLP_PARAMETERS}
+    p = {name: _checked(params[name], name, 1 if name[0] == "b" else 2, check_finite) for name in MLP_PARAMETERS}
     h, o = p["W1"].shape[0], p["W2"].shape[0]
     expected = {"b1": (h,), "W2": (o, h), "b2": (o,)}
     for name, shape in expected.items():
@@ -493,15 +530,15 @@ def _mlp_params(params):
     return p
 
 
-def _mlp_inputs(params, X, name="X"):
-    X = _finite(X, name, 2)
+def _mlp_inputs(params, X, name="X", check_finite=True):
+    X = _checked(X, name, 2, check_finite)
     if X.shape[0] != params["W1"].shape[1]:
         raise ValueError(f"{name} must have {params['W1'].shape[1]} rows (the columns of W1), got shape {X.shape}")
     return X
 
 
-def _mlp_targets(params, X, Y, name="Y"):
-    Y = _finite(Y, name, 2)
+def _mlp_targets(params, X, Y, name="Y", check_finite=True):
+    Y = _checked(Y, name, 2, check_finite)
     expected = (params["W2"].shape[0], X.shape[1])
     if Y.shape != expected:
         raise ValueError(f"{name} must have shape {expected} (outputs, observations), got {Y.shape}")
@@ -513,6 +550,10 @@ def _mlp_targets(params, X, Y, name="Y"):
 
 def _finite(x, name, ndims=None):
     return require_finite(as_float_array(x, name, ndims), name)
+
+
+def _checked(x, name, ndims, check_finite):
+    return _finite(x, name, ndims) if check_finite else as_float_array(x, name, ndims)
 
 
 def _matmul_pair(A, B):
