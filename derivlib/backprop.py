@@ -2,55 +2,239 @@
 
 Every rule comes in a pair: ``<name>_jvp(*primals, *tangents)`` is the differential
 dY = L(dX) (the forward rule) and ``<name>_vjp(*primals, G)`` its adjoint L*(G), the
-gradient with respect to the inputs of the scalar <G, Y>. Both take and return arrays
-in the shapes of the forward function (never vec layout), so they drop into a
-training loop; with several inputs the VJP returns a tuple, one gradient per input.
+gradient with respect to the inputs of the scalar <G, Y> (eq. 4.2). Both take and
+return arrays in the shapes of the forward function (never vec layout), so they drop
+into a training loop; with several inputs the VJP returns a tuple, one gradient per
+input. A scalar output has a scalar cotangent, written ``g``.
+
+The public rules check their arguments and raise ValueError naming the argument, the
+expected and the received shape. The multilayer perceptron at the end checks its
+inputs once and then calls the rules' unchecked cores (the functions with a leading
+underscore), which compute exactly the same thing.
 """
 
 import numpy as np
 
 from ._validate import as_float_array, require_finite
+from .vector import softmax, softmax_axis
 
 # ----- Matrix product -----
 
 
 def matmul_jvp(A, B, dA, dB):
-    """d(AB) = dA B + A dB (eq. 4.x)."""
+    """Eq. 4.6: d(AB) = dA B + A dB, for A (m, k), B (k, p); shape (m, p)."""
     A, B = _matmul_pair(A, B)
+    dA, dB = _tangent(dA, A.shape, "dA"), _tangent(dB, B.shape, "dB")
     return dA @ B + A @ dB
 
 
 def matmul_vjp(A, B, G):
-    """The adjoint of d(AB): (Abar, Bbar) = (G B^T, A^T G), for C = AB of shape (m, p)."""
+    """Eq. 4.6: the adjoint of d(AB), (Abar, Bbar) = (G B^T, A^T G), for C = AB of
+    shape (m, p); Abar is (m, k) like A and Bbar (k, p) like B."""
     A, B = _matmul_pair(A, B)
     G = _cotangent(G, (A.shape[0], B.shape[1]))
     return G @ B.T, A.T @ G
+
+
+# ----- Hadamard product -----
+
+
+def hadamard_jvp(A, B, dA, dB):
+    """Eq. 4.7: d(A o B) = dA o B + A o dB, for A and B of one shape."""
+    A, B = _same_shape_pair(A, B)
+    return _tangent(dA, A.shape, "dA") * B + A * _tangent(dB, B.shape, "dB")
+
+
+def hadamard_vjp(A, B, G):
+    """Eq. 4.7: (Abar, Bbar) = (G o B, G o A), each of the shape of A and B."""
+    A, B = _same_shape_pair(A, B)
+    G = _cotangent(G, A.shape)
+    return G * B, G * A
+
+
+# ----- Element-wise functions -----
+
+
+def elementwise_jvp(fprime, X, dX):
+    """Eq. 4.8: d f[X] = f'[X] o dX, for a scalar function f applied entry by entry.
+
+    `fprime` is f', applied element-wise to X (any shape); the result has X's shape.
+    """
+    X = _finite(X, "X")
+    return _fprime(fprime, X) * _tangent(dX, X.shape, "dX")
+
+
+def elementwise_vjp(fprime, X, G):
+    """Eq. 4.8: Xbar = G o f'[X], of the shape of X (the map is its own adjoint)."""
+    X = _finite(X, "X")
+    return _cotangent(G, X.shape) * _fprime(fprime, X)
+
+
+def tanh(X):
+    """tanh[X], element-wise (the MLP's activation, eq. 4.19)."""
+    return np.tanh(_finite(X, "X"))
+
+
+def tanh_jvp(X, dX):
+    """Eq. 4.8 with tanh' = 1 - tanh^2: d tanh[X] = (1 - Y o Y) o dX, Y = tanh[X]."""
+    X = _finite(X, "X")
+    return _tanh_vjp_from_output(np.tanh(X), _tangent(dX, X.shape, "dX"))
+
+
+def tanh_vjp(X, G):
+    """Eq. 4.8 with tanh' = 1 - tanh^2: Xbar = G o (1 - Y o Y), Y = tanh[X]."""
+    X = _finite(X, "X")
+    return _tanh_vjp_from_output(np.tanh(X), _cotangent(G, X.shape))
+
+
+def _tanh_vjp_from_output(Y, G):
+    """G o (1 - Y o Y): the rule reads the forward output Y = tanh[X] only."""
+    return G * (1.0 - Y * Y)
+
+
+# ----- Softmax, log-softmax and the fused cross entropy -----
+
+
+def softmax_jvp(X, dX):
+    """Eq. 4.9: dS = S o (dX - 1 1^T (S o dX)), S = softmax(X), column by column.
+
+    X is a vector (m,) or a matrix (m, n); the softmax acts along the axis of
+    `derivlib.softmax` (the columns of a matrix with m > 1). O(mn), no Jacobian.
+    """
+    X = _logits(X, "X")
+    axis = softmax_axis(X.shape)
+    return _softmax_vjp_from_output(_softmax(X, axis), _tangent(dX, X.shape, "dX"), axis)
+
+
+def _softmax(X, axis):
+    """The softmax along `axis` of a checked X, in two temporary arrays."""
+    S = X - X.max(axis=axis, keepdims=True)
+    np.exp(S, out=S)
+    S /= S.sum(axis=axis, keepdims=True)
+    return S
+
+
+def softmax_vjp(X, G):
+    """Eq. 4.9: Xbar = S o (G - 1 1^T (S o G)), S = softmax(X), shape of X.
+
+    Column i is (diag(s_i) - s_i s_i^T) g_i, the transposed Jacobian block of column i
+    applied to g_i; the blocks are symmetric, so this is also the JVP's formula. Costs
+    O(mn) operations and memory: the (mn, mn) Jacobian is never formed.
+    """
+    X = _logits(X, "X")
+    G = _cotangent(G, X.shape)
+    axis = softmax_axis(X.shape)
+    return _softmax_vjp_from_output(_softmax(X, axis), G, axis)
+
+
+def _softmax_vjp_from_output(S, G, axis=0):
+    """S o (G - 1 1^T (S o G)) along `axis`, from the softmax values S (overwritten)."""
+    SG = S * G
+    S *= SG.sum(axis=axis, keepdims=True)
+    return np.subtract(SG, S, out=SG)
+
+
+def log_softmax(X):
+    """log softmax(X) = X - 1 log(1^T exp[X]) along the softmax axis, without overflow."""
+    X = _logits(X, "X")
+    return _log_softmax(X, softmax_axis(X.shape))
+
+
+def _log_softmax(X, axis=0):
+    shifted = X - X.max(axis=axis, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+
+def log_softmax_jvp(X, dX):
+    """Eq. 4.10: d log softmax(X) = dX - 1 1^T (S o dX), column by column."""
+    X = _logits(X, "X")
+    axis = softmax_axis(X.shape)
+    dX = _tangent(dX, X.shape, "dX")
+    return dX - (softmax(X) * dX).sum(axis=axis, keepdims=True)
+
+
+def log_softmax_vjp(X, G):
+    """Eq. 4.10: Xbar = G - S o (1 1^T G), S = softmax(X), shape of X."""
+    X = _logits(X, "X")
+    axis = softmax_axis(X.shape)
+    G = _cotangent(G, X.shape)
+    return G - softmax(X) * G.sum(axis=axis, keepdims=True)
+
+
+def softmax_cross_entropy(Z, Y):
+    """Eq. 4.11: l(Z, Y) = -1^T (Y o log softmax(Z)) 1, the summed cross entropy of the
+    targets Y (columns one-hot, or any non-negative weights) with the softmax of the
+    logits Z, both (k, n). Evaluated from log-softmax: no log 0, no overflow."""
+    Z, Y = _logits_and_targets(Z, Y)
+    return float(-np.sum(Y * _log_softmax(Z, softmax_axis(Z.shape))))
+
+
+def softmax_cross_entropy_jvp(Z, Y, dZ, dY):
+    """Eq. 4.11: dl = <S o (1 1^T Y) - Y, dZ> - <log softmax(Z), dY>, a scalar."""
+    Z, Y = _logits_and_targets(Z, Y)
+    dZ, dY = _tangent(dZ, Z.shape, "dZ"), _tangent(dY, Y.shape, "dY")
+    axis = softmax_axis(Z.shape)
+    Zbar = softmax(Z) * Y.sum(axis=axis, keepdims=True) - Y
+    return float(np.sum(Zbar * dZ) - np.sum(_log_softmax(Z, axis) * dY))
+
+
+def softmax_cross_entropy_vjp(Z, Y, g):
+    """Eq. 4.11: (Zbar, Ybar) = (g (S o (1 1^T Y) - Y), -g log softmax(Z)), S = softmax(Z).
+
+    For one-hot columns (1^T y_i = 1) Zbar is g (Pi - Y), the fused gradient of
+    Chapter 3 (eq. 3.20b): the division by Pi in the cross entropy's own gradient
+    cancels against the softmax Jacobian, so no small probability is ever divided by.
+    """
+    Z, Y = _logits_and_targets(Z, Y)
+    g = _scalar_cotangent(g)
+    axis = softmax_axis(Z.shape)
+    Zbar = softmax(Z) * Y.sum(axis=axis, keepdims=True) - Y
+    return g * Zbar, -g * _log_softmax(Z, axis)
+
+
+# ----- Transposition -----
+
+
+def transpose_jvp(A, dA):
+    """Eq. 4.12: d(A^T) = (dA)^T, shape (n, m) for A (m, n)."""
+    A = _finite(A, "A", 2)
+    return _tangent(dA, A.shape, "dA").T
+
+
+def transpose_vjp(A, G):
+    """Eq. 4.12: Abar = G^T, shape (m, n) for the cotangent G (n, m) of A^T."""
+    A = _finite(A, "A", 2)
+    return _cotangent(G, A.T.shape).T
 
 
 # ----- Inverse, log-determinant and linear solve -----
 
 
 def inverse(A):
-    """C = A^-1 for a square, invertible A."""
+    """C = A^-1 for a square, invertible A (eq. 4.13)."""
     A = _square(A, "A")
-    return np.linalg.inv(A)
+    try:
+        return np.linalg.inv(A)
+    except np.linalg.LinAlgError as exc:
+        raise ValueError(f"A^-1 needs an invertible A, got a singular matrix of shape {A.shape}") from exc
 
 
 def inverse_jvp(A, dA):
-    """d(A^-1) = -A^-1 dA A^-1."""
+    """Eq. 4.13: d(A^-1) = -A^-1 dA A^-1, shape of A."""
     C = inverse(A)
-    return -C @ dA @ C
+    return -C @ _tangent(dA, C.shape, "dA") @ C
 
 
 def inverse_vjp(A, G):
-    """The gradient of <G, A^-1> with respect to A: Abar = -C^T G C^T, C = A^-1."""
+    """Eq. 4.13: the gradient of <G, A^-1> with respect to A, Abar = -C^T G C^T,
+    C = A^-1; G and Abar have the shape (d, d) of A."""
     C = inverse(A)
     G = _cotangent(G, C.shape)
     return -C.T @ G @ C.T
 
 
 def logdet(A):
-    """log |det A| for a square, invertible A (the sign is not differentiated)."""
+    """log |det A| for a square, invertible A (eq. 4.14; the sign is not differentiated)."""
     A = _square(A, "A")
     sign, value = np.linalg.slogdet(A)
     if sign == 0:
@@ -59,71 +243,389 @@ def logdet(A):
 
 
 def logdet_jvp(A, dA):
-    """d log|det A| = tr(A^-1 dA)."""
+    """Eq. 4.14: d log|det A| = tr(A^-1 dA), a scalar."""
     A = _square(A, "A")
-    return float(np.trace(np.linalg.solve(A, dA)))
+    dA = _tangent(dA, A.shape, "dA")
+    return float(np.trace(_solve(A, dA)))
 
 
 def logdet_vjp(A, g):
-    """The gradient of g log|det A| with respect to A: g A^-T (g a scalar cotangent)."""
+    """Eq. 4.14: the gradient of g log|det A| with respect to A, g A^-T (g a scalar
+    cotangent); shape (d, d) of A."""
     A = _square(A, "A")
-    g = np.asarray(g, dtype=np.float64)
-    if g.shape != ():
-        raise ValueError(f"the cotangent of log det must be a scalar, got shape {g.shape}")
-    return float(g) * inverse(A).T
+    g = _scalar_cotangent(g)
+    return g * inverse(A).T
 
 
 def solve(A, B):
-    """C = A^-1 B, by a linear solve (never forming A^-1)."""
+    """C = A^-1 B, by a linear solve (never forming A^-1); eq. 4.15.
+
+    A is (d, d); B is (d, p) or a vector (d,), and C has the shape of B.
+    """
     A = _square(A, "A")
     B = _rhs(A, B)
-    return np.linalg.solve(A, B)
+    return _solve(A, B)
 
 
 def solve_jvp(A, B, dA, dB):
-    """dC = A^-1 (dB - dA C), C = A^-1 B: one solve with A."""
+    """Eq. 4.15: dC = A^-1 (dB - dA C), C = A^-1 B: one solve with A."""
     C = solve(A, B)
-    return np.linalg.solve(A, dB - dA @ C)
+    dA, dB = _tangent(dA, A.shape, "dA"), _tangent(dB, C.shape, "dB")
+    return _solve(A, dB - dA @ C)
 
 
 def solve_vjp(A, B, G):
-    """The adjoint of dC = A^-1 (dB - dA C): Bbar = A^-T G (one solve with A^T) and
-    Abar = -Bbar C^T."""
+    """Eq. 4.15: the adjoint of dC = A^-1 (dB - dA C): Bbar = A^-T G (one solve with
+    A^T) and Abar = -Bbar C^T; Abar is (d, d), Bbar has the shape of B."""
     C = solve(A, B)
     G = _cotangent(G, C.shape)
-    Bbar = np.linalg.solve(A.T, G)
+    Bbar = _solve(np.asarray(A, dtype=np.float64).T, G)
     Cm = C if C.ndim == 2 else C[:, None]
     Bm = Bbar if Bbar.ndim == 2 else Bbar[:, None]
     return -Bm @ Cm.T, Bbar
 
 
+def _solve(A, B):
+    try:
+        return np.linalg.solve(A, B)
+    except np.linalg.LinAlgError as exc:
+        raise ValueError(f"A^-1 B needs an invertible A, got a singular matrix of shape {A.shape}") from exc
+
+
+# ----- Trace and Frobenius norm -----
+
+
+def trace_jvp(A, dA):
+    """Eq. 4.16: d tr(A) = tr(dA) = <I, dA>, a scalar, for a square A."""
+    A = _square(A, "A")
+    return float(np.trace(_tangent(dA, A.shape, "dA")))
+
+
+def trace_vjp(A, g):
+    """Eq. 4.16: Abar = g I, shape (d, d) of A."""
+    A = _square(A, "A")
+    return _scalar_cotangent(g) * np.eye(A.shape[0])
+
+
+def frobenius_norm(A):
+    """||A||_F = sqrt(<A, A>), for an array of any shape (eq. 4.17).
+
+    The entries are divided by the largest |a_ij| before squaring and the factor is
+    put back after the square root, so entries near the largest float do not overflow.
+    """
+    return _frobenius_norm(_finite(A, "A"))
+
+
+def _frobenius_norm(A):
+    scale = float(np.max(np.abs(A)))
+    if scale == 0.0:
+        return 0.0
+    return scale * float(np.sqrt(np.sum((A / scale) ** 2)))
+
+
+def frobenius_norm_jvp(A, dA):
+    """Eq. 4.17: d||A||_F = <A, dA> / ||A||_F, a scalar; A must not be zero."""
+    A, norm = _nonzero_norm(A)
+    return float(np.sum((A / norm) * _tangent(dA, A.shape, "dA")))
+
+
+def frobenius_norm_vjp(A, g):
+    """Eq. 4.17: Abar = g A / ||A||_F, shape of A; A must not be zero."""
+    A, norm = _nonzero_norm(A)
+    return _scalar_cotangent(g) * (A / norm)
+
+
+def _nonzero_norm(A):
+    A = _finite(A, "A")
+    norm = _frobenius_norm(A)
+    if norm == 0.0:
+        raise ValueError(f"the Frobenius norm is not differentiable at A = 0 (A of shape {A.shape} is all zeros)")
+    return A, norm
+
+
+# ----- Broadcast bias -----
+
+
+def add_bias(X, b):
+    """X + b 1^T: the bias b (m,) added to every column of X (m, n) (eq. 4.18)."""
+    X, b = _bias_pair(X, b)
+    return X + b[:, None]
+
+
+def add_bias_jvp(X, b, dX, db):
+    """Eq. 4.18: d(X + b 1^T) = dX + db 1^T, shape (m, n)."""
+    X, b = _bias_pair(X, b)
+    return _tangent(dX, X.shape, "dX") + _tangent(db, b.shape, "db")[:, None]
+
+
+def add_bias_vjp(X, b, G):
+    """Eq. 4.18: (Xbar, bbar) = (G, G 1): the bias collects the sum over the columns,
+    bbar of shape (m,)."""
+    X, b = _bias_pair(X, b)
+    G = _cotangent(G, X.shape)
+    return G, G.sum(axis=1)
+
+
+# ----- A multilayer perceptron -----
+
+MLP_PARAMETERS = ("W1", "b1", "W2", "b2")
+
+
+def mlp_init(n_in, n_hidden, n_out, rng):
+    """Parameters of the MLP of eq. 4.19, as a dict: W1 (n_hidden, n_in), b1 (n_hidden,),
+    W2 (n_out, n_hidden), b2 (n_out,).
+
+    Weights are drawn uniformly from +-sqrt(6 / (fan_in + fan_out)) (Glorot and Bengio's
+    rule, as scikit-learn's MLPClassifier does for tanh), biases likewise; `rng` is a
+    ``numpy.random.Generator``, so a fixed seed gives fixed parameters.
+    """
+    sizes = {"n_in": n_in, "n_hidden": n_hidden, "n_out": n_out}
+    for name, value in sizes.items():
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    bound1 = np.sqrt(6.0 / (n_in + n_hidden))
+    bound2 = np.sqrt(6.0 / (n_hidden + n_out))
+    return {
+        "W1": rng.uniform(-bound1, bound1, (n_hidden, n_in)),
+        "b1": rng.uniform(-bound1, bound1, n_hidden),
+        "W2": rng.uniform(-bound2, bound2, (n_out, n_hidden)),
+        "b2": rng.uniform(-bound2, bound2, n_out),
+    }
+
+
+def mlp_forward(params, X):
+    """Eq. 4.19: the logits Z = W2 tanh[W1 X + b1 1^T] + b2 1^T, shape (n_out, n), for
+    observations as the columns of X (n_in, n)."""
+    params = _mlp_params(params)
+    X = _mlp_inputs(params, X)
+    return _mlp_forward(params, X)[1]
+
+
+def mlp_predict(params, X):
+    """The predicted class of every column of X: the row of the largest logit, shape (n,)."""
+    return np.argmax(mlp_forward(params, X), axis=0)
+
+
+def mlp_loss(params, X, Y):
+    """Eq. 4.19: the mean cross entropy L = l(Z, Y) / n of the logits Z = mlp_forward(params, X)
+    with the targets Y (n_out, n)."""
+    params = _mlp_params(params)
+    X = _mlp_inputs(params, X)
+    Y = _mlp_targets(params, X, Y)
+    Z = _mlp_forward(params, X)[1]
+    return float(-np.sum(Y * _log_softmax(Z, 0)) / X.shape[1])
+
+
+def mlp_loss_and_grad(params, X, Y, check_finite=True):
+    """Eq. 4.20: the loss of eq. 4.19 and its gradient with respect to every parameter,
+    by the backward pass: the rules of eqs. 4.6, 4.8, 4.11 and 4.18 applied from the
+    loss back to W1. Returns (L, grads), grads a dict shaped like `params`.
+
+    Shapes are always checked. ``check_finite=False`` skips the scan of every array
+    for NaN and infinity (as in SciPy's linear algebra), for a training loop that has
+    checked its data once: a non-finite input then gives non-finite results.
+    """
+    params = _mlp_params(params, check_finite)
+    X = _mlp_inputs(params, X, "X", check_finite)
+    Y = _mlp_targets(params, X, Y, "Y", check_finite)
+    return _mlp_loss_and_grad(params, X, Y)
+
+
+def _mlp_forward(params, X):
+    A = params["W1"] @ X
+    A += params["b1"][:, None]  # A = W1 X + b1 1^T
+    H = np.tanh(A, out=A)  # H = tanh[A]; A itself is not needed again
+    Z = params["W2"] @ H
+    Z += params["b2"][:, None]  # Z = W2 H + b2 1^T
+    return H, Z
+
+
+def _mlp_loss_and_grad(params, X, Y):
+    """Eqs. 4.19 and 4.20 on checked inputs. The loss and the softmax share one
+    exponential: with Z shifted by its column maxima, E = exp[Z], s = 1^T E,
+    log softmax(Z) = Z - 1 log[s]^T and Pi = E diag(s)^-1."""
+    n = X.shape[1]
+    H, Z = _mlp_forward(params, X)
+    Z -= Z.max(axis=0)
+    E = np.exp(Z)
+    sums = E.sum(axis=0)
+    y_sums = Y.sum(axis=0)  # 1^T Y: ones for one-hot labels
+    loss = float((y_sums @ np.log(sums) - np.vdot(Y, Z)) / n)  # -<Y, log softmax(Z)> / n
+    E *= y_sums / (n * sums)
+    Zbar = np.subtract(E, Y / n, out=E)  # eq. 4.11 with g = 1/n: (Pi o 1 1^T Y - Y) / n
+    Hbar = params["W2"].T @ Zbar  # eq. 4.6, the gradient of W2 H with respect to H
+    Abar = np.multiply(H, H)
+    np.subtract(1.0, Abar, out=Abar)
+    Abar *= Hbar  # eq. 4.8: Hbar o (1 - H o H)
+    grads = {
+        "W2": Zbar @ H.T,  # eq. 4.6, with respect to W2
+        "b2": Zbar.sum(axis=1),  # eq. 4.18
+        "W1": Abar @ X.T,  # eq. 4.6
+        "b1": Abar.sum(axis=1),  # eq. 4.18
+    }
+    return loss, grads
+
+
+def fit_mlp(X, Y, n_hidden=64, epochs=30, batch_size=8, learning_rate=0.05, seed=0,
+            X_test=None, Y_test=None):
+    """Train the MLP of eq. 4.19 by mini-batch gradient descent with the backward pass
+    of eq. 4.20.
+
+    X (n_in, n) holds the observations as columns and Y (n_out, n) their one-hot labels.
+    Every epoch visits the columns in an order drawn from ``default_rng(seed)``, in
+    batches of `batch_size`, and steps every parameter by -learning_rate times its
+    gradient. Returns (params, history); history is a dict of per-epoch lists:
+    'train_loss' (eq. 4.19 on all of X after the epoch) and, when a test set is
+    given, 'test_loss'. The same arguments give the same result on every run.
+    """
+    X = _finite(X, "X", 2)
+    Y = _finite(Y, "Y", 2)
+    if Y.shape[1] != X.shape[1]:
+        raise ValueError(f"Y must have one column per observation, X has {X.shape[1]} and Y has shape {Y.shape}")
+    for name, value in {"epochs": epochs, "batch_size": batch_size}.items():
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if not np.isfinite(learning_rate) or learning_rate <= 0:
+        raise ValueError(f"learning_rate must be positive and finite, got {learning_rate!r}")
+    rng = np.random.default_rng(seed)
+    params = mlp_init(X.shape[0], n_hidden, Y.shape[0], rng)
+    have_test = X_test is not None
+    if have_test:
+        X_test = _mlp_inputs(params, X_test, "X_test")
+        Y_test = _mlp_targets(params, X_test, Y_test, "Y_test")
+    history = {"train_loss": [], "test_loss": []} if have_test else {"train_loss": []}
+    n = X.shape[1]
+    for epoch in range(1, epochs + 1):
+        order = rng.permutation(n)
+        with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below
+            for start in range(0, n, batch_size):
+                batch = order[start:start + batch_size]
+                _, grads = _mlp_loss_and_grad(params, X[:, batch], Y[:, batch])
+                for name in MLP_PARAMETERS:
+                    params[name] = params[name] - learning_rate * grads[name]
+            loss = _mlp_loss_and_grad(params, X, Y)[0]
+        if not (np.isfinite(loss) and all(np.all(np.isfinite(v)) for v in params.values())):
+            raise ValueError(f"training diverged in epoch {epoch} (the loss or a parameter is not "
+                             f"finite): learning_rate {learning_rate} is too large")
+        history["train_loss"].append(loss)
+        if have_test:
+            history["test_loss"].append(_mlp_loss_and_grad(params, X_test, Y_test)[0])
+    return params, history
+
+
+def _mlp_params(params, check_finite=True):
+    if not isinstance(params, dict) or set(params) != set(MLP_PARAMETERS):
+        got = sorted(params) if isinstance(params, dict) else type(params).__name__
+        raise ValueError(f"params must be a dict with keys {list(MLP_PARAMETERS)}, got {got}")
+    p = {name: _checked(params[name], name, 1 if name[0] == "b" else 2, check_finite) for name in MLP_PARAMETERS}
+    h, o = p["W1"].shape[0], p["W2"].shape[0]
+    expected = {"b1": (h,), "W2": (o, h), "b2": (o,)}
+    for name, shape in expected.items():
+        if name == "W2" and p[name].shape[1] != h:
+            raise ValueError(f"W2 must have {h} columns (the rows of W1), got shape {p[name].shape}")
+        if name != "W2" and p[name].shape != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {p[name].shape}")
+    return p
+
+
+def _mlp_inputs(params, X, name="X", check_finite=True):
+    X = _checked(X, name, 2, check_finite)
+    if X.shape[0] != params["W1"].shape[1]:
+        raise ValueError(f"{name} must have {params['W1'].shape[1]} rows (the columns of W1), got shape {X.shape}")
+    return X
+
+
+def _mlp_targets(params, X, Y, name="Y", check_finite=True):
+    Y = _checked(Y, name, 2, check_finite)
+    expected = (params["W2"].shape[0], X.shape[1])
+    if Y.shape != expected:
+        raise ValueError(f"{name} must have shape {expected} (outputs, observations), got {Y.shape}")
+    return Y
+
+
 # ----- Input checks -----
 
 
+def _finite(x, name, ndims=None):
+    return require_finite(as_float_array(x, name, ndims), name)
+
+
+def _checked(x, name, ndims, check_finite):
+    return _finite(x, name, ndims) if check_finite else as_float_array(x, name, ndims)
+
+
 def _matmul_pair(A, B):
-    A = require_finite(as_float_array(A, "A", 2), "A")
-    B = require_finite(as_float_array(B, "B", 2), "B")
+    A, B = _finite(A, "A", 2), _finite(B, "B", 2)
     if A.shape[1] != B.shape[0]:
         raise ValueError(f"AB needs A's columns to match B's rows, got A {A.shape} and B {B.shape}")
     return A, B
 
 
+def _same_shape_pair(A, B):
+    A, B = _finite(A, "A"), _finite(B, "B")
+    if A.shape != B.shape:
+        raise ValueError(f"A o B needs B to have A's shape {A.shape}, got B {B.shape}")
+    return A, B
+
+
+def _fprime(fprime, X):
+    d = np.asarray(fprime(X), dtype=np.float64)
+    if d.shape != X.shape:
+        raise ValueError(f"fprime must act element-wise: X has shape {X.shape} but fprime(X) has shape {d.shape}")
+    return d
+
+
+def _logits(X, name):
+    return _finite(X, name, (1, 2))
+
+
+def _logits_and_targets(Z, Y):
+    Z = _logits(Z, "Z")
+    Y = _finite(Y, "Y", (1, 2))
+    if Y.shape != Z.shape:
+        raise ValueError(f"the targets Y must have the shape {Z.shape} of the logits Z, got {Y.shape}")
+    return Z, Y
+
+
+def _bias_pair(X, b):
+    X, b = _finite(X, "X", 2), _finite(b, "b", 1)
+    if b.shape[0] != X.shape[0]:
+        raise ValueError(f"X + b 1^T needs b of shape ({X.shape[0]},) for X {X.shape}, got b {b.shape}")
+    return X, b
+
+
 def _square(A, name):
-    A = require_finite(as_float_array(A, name, 2), name)
+    A = _finite(A, name, 2)
     if A.shape[0] != A.shape[1]:
         raise ValueError(f"{name} must be square, got shape {A.shape}")
     return A
 
 
 def _rhs(A, B):
-    B = require_finite(as_float_array(B, "B", (1, 2)), "B")
+    B = _finite(B, "B", (1, 2))
     if B.shape[0] != A.shape[0]:
         raise ValueError(f"A^-1 B needs B to have {A.shape[0]} rows, got B {B.shape}")
     return B
 
 
+def _tangent(dX, shape, name):
+    dX = _finite(dX, name)
+    if dX.shape != tuple(shape):
+        raise ValueError(f"the tangent {name} must have the input's shape {tuple(shape)}, got {dX.shape}")
+    return dX
+
+
 def _cotangent(G, shape):
-    G = as_float_array(G, "G")
+    G = _finite(G, "G")
     if G.shape != tuple(shape):
         raise ValueError(f"the cotangent G must have the output's shape {tuple(shape)}, got {G.shape}")
     return G
+
+
+def _scalar_cotangent(g):
+    g = _finite(g, "g")
+    if g.shape != ():
+        raise ValueError(f"the cotangent g of a scalar output must be a scalar, got shape {g.shape}")
+    return float(g)

@@ -254,3 +254,23 @@ def check_vjp(name, vjp, f, primals, W, tol=TOL):
         worst = max(worst, err)
     print(f"{name} matches jax.vjp: relative error < {tol:.0e}")
     return worst
+
+
+# ----- Chapter 4: a wrong rule failing the dot-product test -----
+
+
+def check_dot_product_fails(name, jvp, vjp, points, tol=TOL):
+    """Show that a pair of rules that are not transposes of each other fails the
+    dot-product test, and by how much.
+
+    The arguments are those of `check_dot_product`. Prints the worst relative gap when
+    it is at least `tol`; raises AssertionError when the pair passes after all.
+    """
+    points = list(points)
+    if not points:
+        raise ValueError("check_dot_product_fails needs at least one point (primals, tangents, W)")
+    worst = max(dot_product_gap(jvp, vjp, p, t, W) for p, t, W in points)
+    if worst < tol:
+        raise AssertionError(f"{name} was expected to fail the dot-product test but passes (gap {worst:.3e})")
+    print(f"{name} fails the dot-product test: relative gap {worst:.2g}")
+    return worst

@@ -1,0 +1,172 @@
+"""Chapter 4 benchmark: derivlib's backward rules against JAX and against Jacobians.
+
+usage: JAX_PLATFORMS=cpu python benchmarks/bench_backprop.py [--repeats N]
+
+Each pair runs side by side in this one process, on the same data, and the best of
+several repeats is kept (the machine may be busy; the ratios are what matter). A ratio
+above 1 means derivlib is faster. Everything is float64.
+
+1. The softmax VJP (eq. 4.9) at m = n = 1000 (softmax of each column), against
+   jax.jit of jax.vjp of jax.nn.softmax(X, axis=0), timed after compilation. Both
+   compute the softmax from X and then pull G back.
+2. The same VJP against forming the n Jacobian blocks diag(s_i) - s_i s_i^T
+   (derivlib.softmax_jacobian_blocks, corrected eq. 2.13) and multiplying each by its
+   column of G, in chunks of 10 columns (10 blocks, 80 MB, at a time; all 1000 blocks
+   would take 8 GB). It takes seconds, so it runs once.
+3. One gradient evaluation of the MLP of eq. 4.19 (digits, 64 -> 64 tanh -> 10
+   softmax, batch of 256 training images): derivlib's loss and backward pass
+   (eq. 4.20, mlp_loss_and_grad) against jax.jit(jax.grad(loss)) of the same loss
+   written in jax.numpy, timed after compilation. Twice: with derivlib's default
+   checks of every input for NaN and infinity, and with check_finite=False, which is
+   how fit_mlp calls it inside its training loop after checking the data once.
+
+The last lines print the log-log slopes of wall time against the size m of a vector
+softmax, for forming the Jacobian and multiplying and for the VJP (the chapter's figure
+counts operations instead, which is machine-independent).
+"""
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
+from sklearn.model_selection import train_test_split  # noqa: E402
+
+import derivlib as dl  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+
+def best_times(ours, peer, repeats):
+    """The fastest of `repeats` runs of each (seconds) and their last results.
+
+    The two are interleaved, ours then peer in every round, so that a burst of other
+    work on the machine slows both rather than one of them.
+    """
+    best, results = [np.inf, np.inf], [None, None]
+    for _ in range(repeats):
+        for i, fn in enumerate((ours, peer)):
+            start = time.perf_counter()
+            results[i] = fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best[0], best[1], results[0], results[1]
+
+
+def best_time(fn, repeats):
+    best = np.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def relative_error(a, b):
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+
+
+def softmax_problem(m=1000, n=1000, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((m, n)) * 3, rng.standard_normal((m, n))
+
+
+def bench_softmax_jax(repeats):
+    X, G = softmax_problem()
+    pullback = jax.jit(lambda X, G: jax.vjp(lambda Y: jax.nn.softmax(Y, axis=0), X)[1](G)[0])
+    Xj, Gj = jnp.asarray(X), jnp.asarray(G)
+    pullback(Xj, Gj).block_until_ready()  # compile
+    t_ours, t_peer, ours, theirs = best_times(lambda: dl.softmax_vjp(X, G),
+                                              lambda: pullback(Xj, Gj).block_until_ready(), repeats)
+    err = relative_error(ours, theirs)
+    return ("softmax_vjp m=n=1000", "jax.jit(jax.vjp)", t_ours, t_peer, f"relative diff = {err:.1e}", err < 1e-12)
+
+
+def jacobian_blocks_then_multiply(X, G, chunk=10):
+    """J^T G column by column, from the formed (m, m) Jacobian blocks."""
+    out = np.empty_like(G)
+    for start in range(0, X.shape[1], chunk):
+        cols = slice(start, start + chunk)
+        blocks = dl.softmax_jacobian_blocks(X[:, cols])  # (chunk, m, m)
+        out[:, cols] = np.matmul(blocks.transpose(0, 2, 1), G[:, cols].T[:, :, None])[:, :, 0].T
+    return out
+
+
+def bench_softmax_blocks(repeats):
+    X, G = softmax_problem()
+    t_ours, t_peer, ours, theirs = best_times(lambda: dl.softmax_vjp(X, G),
+                                              lambda: jacobian_blocks_then_multiply(X, G),
+                                              1)
+    err = relative_error(ours, theirs)
+    return ("softmax_vjp m=n=1000", "Jacobian blocks, then J^T G", t_ours, t_peer,
+            f"relative diff = {err:.1e}", err < 1e-12)
+
+
+def mlp_loss_jax(P, X, Y):
+    H = jnp.tanh(P["W1"] @ X + P["b1"][:, None])
+    Z = P["W2"] @ H + P["b2"][:, None]
+    return -jnp.sum(Y * jax.nn.log_softmax(Z, axis=0)) / X.shape[1]
+
+
+def bench_mlp_step(repeats, check_finite):
+    D, digit = load_digits(return_X_y=True)
+    D_train, _, digit_train, _ = train_test_split(D / 16.0, digit, test_size=0.25, random_state=0, stratify=digit)
+    X = np.ascontiguousarray(D_train[:256].T)
+    Y = np.eye(10)[:, digit_train[:256]]
+    params = dl.mlp_init(64, 64, 10, np.random.default_rng(0))
+    grad_jax = jax.jit(jax.grad(mlp_loss_jax))
+    Pj, Xj, Yj = {k: jnp.asarray(v) for k, v in params.items()}, jnp.asarray(X), jnp.asarray(Y)
+    jax.block_until_ready(grad_jax(Pj, Xj, Yj))  # compile
+    t_ours, t_peer, (_, ours), theirs = best_times(lambda: dl.mlp_loss_and_grad(params, X, Y, check_finite=check_finite),
+                                                   lambda: jax.block_until_ready(grad_jax(Pj, Xj, Yj)),
+                                                   repeats * 30)
+    err = max(relative_error(ours[k], theirs[k]) for k in dl.backprop.MLP_PARAMETERS)
+    task = "MLP gradient, batch 256" + ("" if check_finite else ", unchecked")
+    return (task, "jax.jit(jax.grad(loss))", t_ours, t_peer, f"max relative diff = {err:.1e}", err < 1e-12)
+
+
+def wall_time_slopes(repeats):
+    """Log-log slopes of wall time against the size m of a vector softmax: forming the
+    Jacobian and multiplying for m = 256 ... 4096 (the Jacobian of m = 4096 is 134 MB),
+    the VJP for m = 2^14 ... 2^20 (below that, its time is mostly fixed overhead)."""
+    rng = np.random.default_rng(1)
+    sizes_jacobian, sizes_vjp = 2 ** np.arange(8, 13), 2 ** np.arange(14, 21, 2)
+    jacobian, vjp = [], []
+    for m in sizes_jacobian:
+        x, g = rng.standard_normal(m), rng.standard_normal(m)
+        jacobian.append(best_time(lambda: dl.softmax_jacobian(x).T @ g, repeats))
+    for m in sizes_vjp:
+        x, g = rng.standard_normal(m), rng.standard_normal(m)
+        vjp.append(best_time(lambda: dl.softmax_vjp(x, g), repeats * 3))
+    return (sizes_jacobian, dl.loglog_slope(sizes_jacobian, np.array(jacobian)),
+            sizes_vjp, dl.loglog_slope(sizes_vjp, np.array(vjp)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    args = parser.parse_args()
+    rows = [bench_softmax_jax(args.repeats), bench_softmax_blocks(args.repeats),
+            bench_mlp_step(args.repeats, check_finite=True), bench_mlp_step(args.repeats, check_finite=False)]
+    print(f"best of {args.repeats} repeats (Jacobian blocks: 1 run; MLP: {30 * args.repeats}); "
+          "ratio = peer time / derivlib time (> 1: derivlib faster)\n")
+    header = f"{'task':<32} {'peer':<28} {'derivlib':>10} {'peer':>10} {'ratio':>7}  agreement"
+    print(header)
+    print("-" * len(header))
+    for task, peer, t_ours, t_peer, agreement, ok in rows:
+        print(f"{task:<32} {peer:<28} {t_ours * 1e3:>8.2f}ms {t_peer * 1e3:>8.2f}ms {t_peer / t_ours:>6.2f}x  "
+              f"{agreement}{'' if ok else '  (TOO LARGE)'}")
+    print()
+    for task, peer, t_ours, t_peer, *_ in rows:
+        print(f"ratio {task} vs {peer}: {t_peer / t_ours:.2f}x")
+    sizes_j, slope_j, sizes_v, slope_v = wall_time_slopes(args.repeats)
+    print(f"\nwall-time log-log slopes for a vector softmax of size m: form J then J^T g {slope_j:.1f} "
+          f"(m = {sizes_j[0]} ... {sizes_j[-1]}), softmax_vjp {slope_v:.1f} (m = {sizes_v[0]} ... {sizes_v[-1]})")
+
+
+if __name__ == "__main__":
+    main()
