@@ -102,7 +102,7 @@ def bench(n, kind, repeats):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
     rows = [bench(n, kind, args.repeats) for n in (64, 256)
             for kind in ("generic", "near-degenerate", "repeated")]
