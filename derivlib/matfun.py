@@ -138,13 +138,17 @@ def eigvecsh_vjp(S, G):
 
 
 def _log_dd(a, b):
-    """(log a - log b) / (a - b), accurate for every a, b > 0 (eq. 7.15)."""
+    """(log a - log b) / (a - b), accurate for every a, b > 0 (eq. 7.15): with
+    x = (a - b) / (a + b), log a - log b = 2 atanh(x), used where |x| < 1/2; elsewhere
+    a / b > 3 and the plain difference of logarithms does not cancel."""
     d = a - b
     x = d / (a + b)
-    near = np.abs(x) < 0.5  # log a - log b = 2 atanh(x) without cancellation
-    safe = np.where(d == 0, 1.0, d)
-    far = (np.log(a) - np.log(b)) / safe
-    return np.where(d == 0, 1.0 / a, np.where(near, 2.0 * np.arctanh(np.where(near, x, 0.0)) / safe, far))
+    L = np.log(a) - np.log(b)
+    np.copyto(L, 2.0 * np.arctanh(np.clip(x, -0.5, 0.5)), where=np.abs(x) < 0.5)
+    tie = d == 0
+    np.divide(L, d, out=L, where=~tie)
+    np.copyto(L, np.broadcast_to(1.0 / a, L.shape), where=tie)
+    return L
 
 
 def _sqrt_dd(a, b):
@@ -171,6 +175,10 @@ def loewner_matrix(lam, f):
         raise ValueError(f"f must be one of {sorted(_FUNCTIONS)}, got {f!r}")
     if not np.all(lam > 0):
         raise ValueError(f"lam must be positive, got min {float(np.min(lam)):.3g}")
+    return _loewner(lam, f)
+
+
+def _loewner(lam, f):
     return _FUNCTIONS[f][1](lam[:, None], lam[None, :])
 
 
@@ -185,14 +193,14 @@ def spd_function_jvp(S, dS, f):
     """dF = Q (L o Q^T dS Q) Q^T (eq. 7.12), finite when eigenvalues repeat."""
     lam, Q = _spd_eigh(S, f)
     dS = _tangent(dS, Q.shape, "dS")
-    return Q @ (loewner_matrix(lam, f) * (Q.T @ sym(dS) @ Q)) @ Q.T
+    return Q @ (_loewner(lam, f) * (Q.T @ (0.5 * (dS + dS.T)) @ Q)) @ Q.T
 
 
 def spd_function_vjp(S, G, f):
     """The gradient of <G, f(S)>: Q (L o Q^T sym(G) Q) Q^T (eq. 7.14); (n, n)."""
     lam, Q = _spd_eigh(S, f)
     G = _cotangent(G, Q.shape)
-    return Q @ (loewner_matrix(lam, f) * (Q.T @ sym(G) @ Q)) @ Q.T
+    return Q @ (_loewner(lam, f) * (Q.T @ (0.5 * (G + G.T)) @ Q)) @ Q.T
 
 
 def logm_spd(S):
@@ -244,9 +252,23 @@ def _spd_eigh(S, f):
     if f not in _FUNCTIONS:
         raise ValueError(f"f must be one of {sorted(_FUNCTIONS)}, got {f!r}")
     S = _symmetric(S, "S")
-    lam, Q = np.linalg.eigh(S)
+    lam, Q = _eigh(S)
     if not lam[0] > 0:
         raise ValueError(f"S must be positive definite, got smallest eigenvalue {lam[0]:.3g}")
+    return lam, Q
+
+
+def _eigh(S):
+    """LAPACK's divide-and-conquer dsyevd, called directly through SciPy when it is
+    installed (as jax.numpy does on the CPU), else through NumPy (the same routine,
+    with more checks around it)."""
+    try:
+        from scipy.linalg.lapack import dsyevd
+    except ImportError:
+        return np.linalg.eigh(S)
+    lam, Q, info = dsyevd(S, compute_v=1, lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"dsyevd did not converge (info = {info}) for shape {S.shape}")
     return lam, Q
 
 

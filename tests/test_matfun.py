@@ -6,6 +6,8 @@ passes the dot-product test against its own forward rule. Eigenvector signs are 
 the same way on both sides (the entry of largest magnitude of each column positive).
 """
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -311,6 +313,18 @@ def test_spd_bad_cotangent_and_name():
         matfun.sqrtm_spd_jvp(np.eye(2), np.ones(2))
     with pytest.raises(ValueError, match="f must be one of"):
         spd_function(np.eye(2), "exp")
+
+
+@pytest.mark.parametrize("with_scipy", [True, False])
+def test_spd_eigh_with_and_without_scipy(monkeypatch, rng, with_scipy):
+    if not with_scipy:
+        monkeypatch.setitem(sys.modules, "scipy.linalg.lapack", None)  # import fails: NumPy path
+    S = random_spd(rng, 4)
+    lam, Q = matfun._eigh(S)
+    np.testing.assert_allclose(lam, np.linalg.eigvalsh(S), rtol=1e-13)
+    np.testing.assert_allclose((Q * lam) @ Q.T, S, rtol=1e-13, atol=1e-13 * np.abs(S).max())
+    G = symmetric(rng, 4)
+    assert_close(matfun.logm_spd_vjp(S, G), np.asarray(JAX_SPD_VJP["log"](S, G)))
 
 
 def test_extreme_spectra_are_finite():
