@@ -359,15 +359,19 @@ def _point_sets(A, B):
 
 
 def _symmetric(S, name):
-    S = require_finite(as_float_array(S, name, 2), name)
+    """sym(S), after checking that S is square, finite and symmetric to 1e-10 relative."""
+    S = as_float_array(S, name, 2)
     if S.shape[0] != S.shape[1]:
         raise ValueError(f"{name} must be square, got shape {S.shape}")
-    scale = max(float(np.max(np.abs(S))), np.finfo(float).tiny)
-    asym = float(np.max(np.abs(S - S.T)))
-    if asym > 1e-10 * scale:
+    scale = float(np.max(np.abs(S)))
+    if not np.isfinite(scale):  # a NaN or an infinity somewhere: say which
+        require_finite(S, name)
+    D = S - S.T
+    asym = float(np.max(np.abs(D)))
+    if asym > 1e-10 * max(scale, np.finfo(float).tiny):
         raise ValueError(f"{name} must be symmetric, got max |{name} - {name}^T| = {asym:.3g} "
                          f"for shape {S.shape}")
-    return 0.5 * (S + S.T)
+    return S - 0.5 * D
 
 
 def _spd(S, name):
