@@ -274,3 +274,44 @@ def check_dot_product_fails(name, jvp, vjp, points, tol=TOL):
         raise AssertionError(f"{name} was expected to fail the dot-product test but passes (gap {worst:.3e})")
     print(f"{name} fails the dot-product test: relative gap {worst:.2g}")
     return worst
+
+
+# ----- Matrix functions (Chapter 7) -----
+
+
+def divided_differences_reference(lam, f, digits=40):
+    """L_ij = (f(lam_i) - f(lam_j)) / (lam_i - lam_j), L_ii = f'(lam_i), in `digits`-digit
+    decimal arithmetic from the exact binary values of lam, rounded to float64 at the end.
+
+    `f` is "log", "sqrt" or "invsqrt". An independent high-precision reference for the
+    Loewner matrix: no cancellation survives 40 digits at the gaps float64 can represent.
+    """
+    from decimal import Decimal, localcontext
+
+    lam = np.asarray(lam, dtype=np.float64)
+    n = lam.size
+    L = np.empty((n, n))
+    with localcontext() as ctx:
+        ctx.prec = digits
+        x = [Decimal(float(v)) for v in lam]
+        value = {"log": lambda t: t.ln(), "sqrt": lambda t: t.sqrt(),
+                 "invsqrt": lambda t: 1 / t.sqrt()}[f]
+        slope = {"log": lambda t: 1 / t, "sqrt": lambda t: 1 / (2 * t.sqrt()),
+                 "invsqrt": lambda t: -1 / (2 * t * t.sqrt())}[f]
+        fx = [value(t) for t in x]
+        for i in range(n):
+            for j in range(i, n):
+                if x[i] == x[j]:
+                    L[i, j] = L[j, i] = float(slope(x[i]))
+                else:
+                    L[i, j] = L[j, i] = float((fx[i] - fx[j]) / (x[i] - x[j]))
+    return L
+
+
+def spd_function_vjp_reference(Q, lam, G, f):
+    """The gradient of <G, f(S)> at S = Q diag(lam) Q^T for a known orthogonal Q and a
+    known spectrum lam: Q (L o Q^T sym(G) Q) Q^T with L from
+    `divided_differences_reference` (the eigendecomposition is never computed)."""
+    Q, G = np.asarray(Q, dtype=np.float64), np.asarray(G, dtype=np.float64)
+    L = divided_differences_reference(lam, f)
+    return Q @ (L * (Q.T @ (0.5 * (G + G.T)) @ Q)) @ Q.T

@@ -1,0 +1,397 @@
+"""Chapter 7: matrix functions and structured layers.
+
+The Gaussian negative log-likelihood (built on the inverse, log-determinant and solve
+rules of ``derivlib.backprop``), the symmetric eigendecomposition, functions of SPD
+matrices (logarithm, square root, inverse square root) with the Daleckii-Krein backward
+rule, the singular values and the polar factor behind orthogonal Procrustes.
+
+As in ``derivlib.backprop``, every rule is a pair ``<name>_jvp(*primals, *tangents)``
+and ``<name>_vjp(*primals, G)`` in the shapes of the forward function. A function of a
+symmetric matrix S is read as the function of sym(S) = (S + S^T) / 2 on all square
+matrices (eq. 7.6), which is what ``jnp.linalg.eigh`` does; its gradient is symmetric.
+"""
+
+import numpy as np
+
+from ._validate import as_float_array, require_finite
+from .backprop import logdet, logdet_vjp, solve, solve_vjp
+
+# ----- Gaussian negative log-likelihood -----
+
+
+def gaussian_nll(X, mu, Sigma):
+    """The negative log-likelihood of the columns of X under N(mu, Sigma) (eq. 7.3).
+
+    X (d, n) holds n observations as columns, mu (d,), Sigma (d, d) symmetric positive
+    definite; returns a float.
+    """
+    X, mu, Sigma = _gaussian_args(X, mu, Sigma)
+    d, n = X.shape
+    R = X - mu[:, None]
+    return float(0.5 * np.sum(R * solve(Sigma, R)) + 0.5 * n * logdet(Sigma)
+                 + 0.5 * n * d * np.log(2 * np.pi))
+
+
+def gaussian_nll_grad(X, mu, Sigma):
+    """The gradients (mu_bar (d,), Sigma_bar (d, d)) of gaussian_nll (eq. 7.5):
+    mu_bar = -Sigma^-1 R 1 and Sigma_bar = (n Sigma^-1 - Sigma^-1 R R^T Sigma^-1) / 2,
+    with R = X - mu 1^T, read off Chapter 4's rules for solve and log det."""
+    X, mu, Sigma = _gaussian_args(X, mu, Sigma)
+    n = X.shape[1]
+    R = X - mu[:, None]
+    # (1/2) <R, Sigma^-1 R>: the solve rule with cotangent R / 2, plus the direct R term.
+    Sigma_bar_quad, R_bar_solve = solve_vjp(Sigma, R, 0.5 * R)
+    R_bar = R_bar_solve + 0.5 * solve(Sigma, R)
+    Sigma_bar = Sigma_bar_quad + logdet_vjp(Sigma, 0.5 * n)
+    return -R_bar.sum(axis=1), 0.5 * (Sigma_bar + Sigma_bar.T)
+
+
+def _gaussian_args(X, mu, Sigma):
+    X = require_finite(as_float_array(X, "X", 2), "X")
+    mu = require_finite(as_float_array(mu, "mu", 1), "mu")
+    d = X.shape[0]
+    if mu.shape != (d,):
+        raise ValueError(f"mu must have shape ({d},) to match X {X.shape}, got {mu.shape}")
+    Sigma = _spd(Sigma, "Sigma")
+    if Sigma.shape != (d, d):
+        raise ValueError(f"Sigma must have shape ({d}, {d}) to match X {X.shape}, got {Sigma.shape}")
+    return X, mu, Sigma
+
+
+# ----- Gradients with respect to a symmetric matrix -----
+
+
+def sym(A):
+    """sym(A) = (A + A^T) / 2, the orthogonal projection onto symmetric matrices (eq. 7.6)."""
+    A = as_float_array(A, "A", 2)
+    if A.shape[0] != A.shape[1]:
+        raise ValueError(f"A must be square, got shape {A.shape}")
+    return 0.5 * (A + A.T)
+
+
+# ----- Symmetric eigendecomposition -----
+
+
+def eigh(S):
+    """S = Q diag(lam) Q^T (eq. 7.7) for a symmetric S (n, n): lam (n,) ascending and
+    Q (n, n) orthogonal, each column's entry of largest magnitude made positive, so
+    that the sign of each eigenvector is a function of S."""
+    S = _symmetric(S, "S")
+    lam, Q = np.linalg.eigh(S)
+    return lam, Q * _column_signs(Q)
+
+
+def _column_signs(Q):
+    rows = np.argmax(np.abs(Q), axis=0)
+    return np.where(Q[rows, np.arange(Q.shape[1])] < 0, -1.0, 1.0)
+
+
+def eigvalsh_jvp(S, dS):
+    """d lam_i = q_i^T dS q_i (eq. 7.8): the (n,) differential of the eigenvalues."""
+    lam, Q = eigh(S)
+    dS = _tangent(dS, Q.shape, "dS")
+    return np.einsum("ji,jk,ki->i", Q, sym(dS), Q)
+
+
+def eigvalsh_vjp(S, g):
+    """The gradient of <g, lam(S)>: Q diag(g) Q^T (eq. 7.10), g of shape (n,)."""
+    lam, Q = eigh(S)
+    g = _cotangent(g, lam.shape)
+    return (Q * g) @ Q.T
+
+
+def _gap_matrix(lam, what):
+    """F_ij = 1 / (lam_j - lam_i) off the diagonal, 0 on it (eq. 7.9)."""
+    diff = lam[None, :] - lam[:, None]
+    off = ~np.eye(lam.size, dtype=bool)
+    scale = max(float(np.max(np.abs(lam))), np.finfo(float).tiny)
+    gap = float(np.min(np.abs(diff[off]))) if lam.size > 1 else np.inf
+    if gap <= 1e3 * np.finfo(float).eps * scale:
+        raise ValueError(
+            f"{what} needs distinct eigenvalues: the eigenvectors of a repeated eigenvalue "
+            f"are not differentiable; got an eigengap of {gap:.3g} at |lam|max = {scale:.3g}")
+    F = np.zeros_like(diff)
+    F[off] = 1.0 / diff[off]
+    return F
+
+
+def eigvecsh_jvp(S, dS):
+    """dQ = Q (F o Q^T dS Q), F_ij = 1 / (lam_j - lam_i) (eq. 7.9); (n, n).
+
+    Raises ValueError when two eigenvalues are equal to working precision.
+    """
+    lam, Q = eigh(S)
+    dS = _tangent(dS, Q.shape, "dS")
+    F = _gap_matrix(lam, "eigvecsh_jvp")
+    return Q @ (F * (Q.T @ sym(dS) @ Q))
+
+
+def eigvecsh_vjp(S, G):
+    """The gradient of <G, Q(S)>: sym(Q (F o Q^T G) Q^T) (eq. 7.10); G (n, n)."""
+    lam, Q = eigh(S)
+    G = _cotangent(G, Q.shape)
+    F = _gap_matrix(lam, "eigvecsh_vjp")
+    return sym(Q @ (F * (Q.T @ G)) @ Q.T)
+
+
+# ----- Functions of SPD matrices: the Daleckii-Krein rule -----
+
+
+def _log_dd(a, b):
+    """(log a - log b) / (a - b), accurate for every a, b > 0 (eq. 7.15): with
+    x = (a - b) / (a + b), log a - log b = 2 atanh(x), used where |x| < 1/2; elsewhere
+    a / b > 3 and the plain difference of logarithms does not cancel."""
+    d = a - b
+    x = d / (a + b)
+    L = np.log(a) - np.log(b)
+    np.copyto(L, 2.0 * np.arctanh(np.clip(x, -0.5, 0.5)), where=np.abs(x) < 0.5)
+    tie = d == 0
+    np.divide(L, d, out=L, where=~tie)
+    np.copyto(L, np.broadcast_to(1.0 / a, L.shape), where=tie)
+    return L
+
+
+def _sqrt_dd(a, b):
+    return 1.0 / (np.sqrt(a) + np.sqrt(b))
+
+
+def _invsqrt_dd(a, b):
+    ra, rb = np.sqrt(a), np.sqrt(b)
+    return -1.0 / (ra * rb * (ra + rb))
+
+
+_FUNCTIONS = {
+    "log": (np.log, _log_dd),
+    "sqrt": (np.sqrt, _sqrt_dd),
+    "invsqrt": (lambda x: 1.0 / np.sqrt(x), _invsqrt_dd),
+}
+
+
+def loewner_matrix(lam, f):
+    """L_ij = (f(lam_i) - f(lam_j)) / (lam_i - lam_j), L_ii = f'(lam_i) (eq. 7.13),
+    for f one of "log", "sqrt", "invsqrt", in a form exact at ties (eq. 7.15)."""
+    lam = as_float_array(lam, "lam", 1)
+    if f not in _FUNCTIONS:
+        raise ValueError(f"f must be one of {sorted(_FUNCTIONS)}, got {f!r}")
+    if not np.all(lam > 0):
+        raise ValueError(f"lam must be positive, got min {float(np.min(lam)):.3g}")
+    return _loewner(lam, f)
+
+
+def _loewner(lam, f):
+    return _FUNCTIONS[f][1](lam[:, None], lam[None, :])
+
+
+def spd_function(S, f):
+    """f(S) = Q f(Lambda) Q^T (eq. 7.11) for an SPD S (n, n), f one of "log", "sqrt",
+    "invsqrt"."""
+    lam, Q = _spd_eigh(S, f)
+    return (Q * _FUNCTIONS[f][0](lam)) @ Q.T
+
+
+def spd_function_jvp(S, dS, f):
+    """dF = Q (L o Q^T dS Q) Q^T (eq. 7.12), finite when eigenvalues repeat."""
+    lam, Q = _spd_eigh(S, f)
+    dS = _tangent(dS, Q.shape, "dS")
+    return Q @ (_loewner(lam, f) * (Q.T @ (0.5 * (dS + dS.T)) @ Q)) @ Q.T
+
+
+def spd_function_vjp(S, G, f):
+    """The gradient of <G, f(S)>: Q (L o Q^T sym(G) Q) Q^T (eq. 7.14); (n, n)."""
+    lam, Q = _spd_eigh(S, f)
+    G = _cotangent(G, Q.shape)
+    return Q @ (_loewner(lam, f) * (Q.T @ (0.5 * (G + G.T)) @ Q)) @ Q.T
+
+
+def logm_spd(S):
+    """log S for SPD S (eq. 7.11)."""
+    return spd_function(S, "log")
+
+
+def logm_spd_jvp(S, dS):
+    """d log S (eq. 7.12)."""
+    return spd_function_jvp(S, dS, "log")
+
+
+def logm_spd_vjp(S, G):
+    """The gradient of <G, log S> (eq. 7.14)."""
+    return spd_function_vjp(S, G, "log")
+
+
+def sqrtm_spd(S):
+    """S^(1/2) for SPD S (eq. 7.11)."""
+    return spd_function(S, "sqrt")
+
+
+def sqrtm_spd_jvp(S, dS):
+    """d S^(1/2) (eq. 7.12)."""
+    return spd_function_jvp(S, dS, "sqrt")
+
+
+def sqrtm_spd_vjp(S, G):
+    """The gradient of <G, S^(1/2)> (eq. 7.14)."""
+    return spd_function_vjp(S, G, "sqrt")
+
+
+def invsqrtm_spd(S):
+    """S^(-1/2) for SPD S (eq. 7.11): the whitening matrix."""
+    return spd_function(S, "invsqrt")
+
+
+def invsqrtm_spd_jvp(S, dS):
+    """d S^(-1/2) (eq. 7.12)."""
+    return spd_function_jvp(S, dS, "invsqrt")
+
+
+def invsqrtm_spd_vjp(S, G):
+    """The gradient of <G, S^(-1/2)> (eq. 7.14)."""
+    return spd_function_vjp(S, G, "invsqrt")
+
+
+def _spd_eigh(S, f):
+    if f not in _FUNCTIONS:
+        raise ValueError(f"f must be one of {sorted(_FUNCTIONS)}, got {f!r}")
+    S = _symmetric(S, "S")
+    lam, Q = _eigh(S)
+    if not lam[0] > 0:
+        raise ValueError(f"S must be positive definite, got smallest eigenvalue {lam[0]:.3g}")
+    return lam, Q
+
+
+def _eigh(S):
+    """LAPACK's divide-and-conquer dsyevd, called directly through SciPy when it is
+    installed (as jax.numpy does on the CPU), else through NumPy (the same routine,
+    with more checks around it)."""
+    try:
+        from scipy.linalg.lapack import dsyevd
+    except ImportError:
+        return np.linalg.eigh(S)
+    lam, Q, info = dsyevd(S, compute_v=1, lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"dsyevd did not converge (info = {info}) for shape {S.shape}")
+    return lam, Q
+
+
+# ----- Singular values, the polar factor and orthogonal Procrustes -----
+
+
+def svdvals_jvp(M, dM):
+    """d sigma_i = u_i^T dM v_i (eq. 7.16) for M (m, n); returns (min(m, n),)."""
+    M = require_finite(as_float_array(M, "M", 2), "M")
+    dM = _tangent(dM, M.shape, "dM")
+    U, s, Vt = np.linalg.svd(M, full_matrices=False)
+    return np.einsum("ji,jk,ik->i", U, dM, Vt)
+
+
+def svdvals_vjp(M, g):
+    """The gradient of <g, sigma(M)>: U diag(g) V^T (eq. 7.16)."""
+    M = require_finite(as_float_array(M, "M", 2), "M")
+    U, s, Vt = np.linalg.svd(M, full_matrices=False)
+    g = _cotangent(g, s.shape)
+    return (U * g) @ Vt
+
+
+def polar(M):
+    """The orthogonal polar factor R = U V^T of a square, invertible M = U Sigma V^T
+    (eq. 7.17): the orthogonal matrix nearest to M."""
+    U, s, Vt = _polar_svd(M)
+    return U @ Vt
+
+
+def polar_jvp(M, dM):
+    """dR = U (C o (K - K^T)) V^T, K = U^T dM V, C_ij = 1 / (sigma_i + sigma_j) (eq. 7.18)."""
+    U, s, Vt = _polar_svd(M)
+    dM = _tangent(dM, U.shape, "dM")
+    K = U.T @ dM @ Vt.T
+    return U @ ((K - K.T) / (s[:, None] + s[None, :])) @ Vt
+
+
+def polar_vjp(M, G):
+    """The gradient of <G, polar(M)>: U (C o (H - H^T)) V^T, H = U^T G V (eq. 7.19)."""
+    U, s, Vt = _polar_svd(M)
+    G = _cotangent(G, U.shape)
+    H = U.T @ G @ Vt.T
+    return U @ ((H - H.T) / (s[:, None] + s[None, :])) @ Vt
+
+
+def _polar_svd(M):
+    M = require_finite(as_float_array(M, "M", 2), "M")
+    if M.shape[0] != M.shape[1]:
+        raise ValueError(f"M must be square, got shape {M.shape}")
+    U, s, Vt = np.linalg.svd(M)
+    if not s[-1] > 1e3 * np.finfo(float).eps * s[0]:
+        raise ValueError(f"the polar factor needs an invertible M, got singular values "
+                         f"from {s[0]:.3g} down to {s[-1]:.3g}")
+    return U, s, Vt
+
+
+def procrustes(A, B):
+    """The rotation-or-reflection R minimising ||R A - B||_F over orthogonal R
+    (eq. 7.20): R = polar(B A^T), for point sets A, B of shape (d, n) as columns."""
+    A, B = _point_sets(A, B)
+    return polar(B @ A.T)
+
+
+def procrustes_jvp(A, B, dA, dB):
+    """dR = polar_jvp(B A^T, dB A^T + B dA^T) (eq. 7.21)."""
+    A, B = _point_sets(A, B)
+    dA, dB = _tangent(dA, A.shape, "dA"), _tangent(dB, B.shape, "dB")
+    return polar_jvp(B @ A.T, dB @ A.T + B @ dA.T)
+
+
+def procrustes_vjp(A, B, G):
+    """The gradients (A_bar, B_bar) of <G, procrustes(A, B)> (eq. 7.21):
+    M_bar = polar_vjp(B A^T, G), A_bar = M_bar^T B, B_bar = M_bar A."""
+    A, B = _point_sets(A, B)
+    M_bar = polar_vjp(B @ A.T, G)
+    return M_bar.T @ B, M_bar @ A
+
+
+def _point_sets(A, B):
+    A = require_finite(as_float_array(A, "A", 2), "A")
+    B = require_finite(as_float_array(B, "B", 2), "B")
+    if A.shape != B.shape:
+        raise ValueError(f"A and B must have the same shape (d, n), got A {A.shape} and B {B.shape}")
+    return A, B
+
+
+# ----- Input checks -----
+
+
+def _symmetric(S, name):
+    """sym(S), after checking that S is square, finite and symmetric to 1e-10 relative."""
+    S = as_float_array(S, name, 2)
+    if S.shape[0] != S.shape[1]:
+        raise ValueError(f"{name} must be square, got shape {S.shape}")
+    scale = float(np.max(np.abs(S)))
+    if not np.isfinite(scale):  # a NaN or an infinity somewhere: say which
+        require_finite(S, name)
+    D = S - S.T
+    asym = float(np.max(np.abs(D)))
+    if asym > 1e-10 * max(scale, np.finfo(float).tiny):
+        raise ValueError(f"{name} must be symmetric, got max |{name} - {name}^T| = {asym:.3g} "
+                         f"for shape {S.shape}")
+    return S - 0.5 * D
+
+
+def _spd(S, name):
+    S = _symmetric(S, name)
+    lam_min = float(np.linalg.eigvalsh(S)[0])
+    if not lam_min > 0:
+        raise ValueError(f"{name} must be positive definite, got smallest eigenvalue "
+                         f"{lam_min:.3g} for shape {S.shape}")
+    return S
+
+
+def _tangent(dX, shape, name):
+    dX = require_finite(as_float_array(dX, name), name)
+    if dX.shape != tuple(shape):
+        raise ValueError(f"the tangent {name} must have shape {tuple(shape)}, got {dX.shape}")
+    return dX
+
+
+def _cotangent(G, shape):
+    G = require_finite(as_float_array(G, "G"), "G")
+    if G.shape != tuple(shape):
+        raise ValueError(f"the cotangent G must have the output's shape {tuple(shape)}, got {G.shape}")
+    return G

@@ -1,0 +1,410 @@
+"""Chapter 7 (derivlib.matfun) against jax.vjp, scipy and a high-precision reference.
+
+The oracles are a few lines of jax.numpy through jnp.linalg.eigh, jnp.linalg.svd and
+jnp.linalg.solve; they never call derivlib's derivative code. Every backward rule also
+passes the dot-product test against its own forward rule. Eigenvector signs are fixed
+the same way on both sides (the entry of largest magnitude of each column positive).
+"""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import multivariate_normal
+
+from derivlib import matfun
+from derivlib.check import (
+    check_dot_product,
+    divided_differences_reference,
+    jax_vjp,
+    relative_error,
+    spd_function_vjp_reference,
+)
+from derivlib.matfun import (
+    eigh,
+    eigvalsh_jvp,
+    eigvalsh_vjp,
+    eigvecsh_jvp,
+    eigvecsh_vjp,
+    gaussian_nll,
+    gaussian_nll_grad,
+    loewner_matrix,
+    polar,
+    polar_jvp,
+    polar_vjp,
+    procrustes,
+    procrustes_jvp,
+    procrustes_vjp,
+    spd_function,
+    spd_function_jvp,
+    spd_function_vjp,
+    svdvals_jvp,
+    svdvals_vjp,
+)
+
+TOL = 1e-10
+FUNCTIONS = {"log": jnp.log, "sqrt": jnp.sqrt, "invsqrt": lambda x: 1 / jnp.sqrt(x)}
+seeds = st.integers(0, 2**32 - 1)
+sizes = st.sampled_from([1, 2, 3, 5])  # a small fixed set: JAX compiles once per shape
+
+# ----- Oracles -----
+
+
+def jax_spd_function(name):
+    def f(S):
+        lam, Q = jnp.linalg.eigh(S)
+        return (Q * FUNCTIONS[name](lam)) @ Q.T
+    return f
+
+
+JAX_SPD_VJP = {name: jax.jit(lambda S, G, f=jax_spd_function(name): jax.vjp(f, S)[1](G)[0])
+               for name in FUNCTIONS}
+# All three values and gradients in one compiled call per shape, for the property test.
+JAX_SPD_ALL = jax.jit(lambda S, G: {name: (jax_spd_function(name)(S), jax.vjp(jax_spd_function(name), S)[1](G)[0])
+                                     for name in FUNCTIONS})
+
+
+def jax_eigvals(S):
+    return jnp.linalg.eigh(S)[0]
+
+
+def jax_svdvals(M):
+    return jnp.linalg.svd(M, compute_uv=False)
+
+
+def jax_eigvecs(S):
+    lam, Q = jnp.linalg.eigh(S)
+    rows = jnp.argmax(jnp.abs(Q), axis=0)
+    return Q * jnp.where(Q[rows, jnp.arange(Q.shape[1])] < 0, -1.0, 1.0)
+
+
+def jax_polar(M):
+    U, _, Vt = jnp.linalg.svd(M)
+    return U @ Vt
+
+
+def jax_nll(X, mu, Sigma):
+    R = X - mu[:, None]
+    return 0.5 * jnp.sum(R * jnp.linalg.solve(Sigma, R)) + 0.5 * X.shape[1] * jnp.linalg.slogdet(Sigma)[1]
+
+
+def jitted_vjp(f):
+    """jax.vjp of f, compiled once per shape (the property tests reuse a few shapes)."""
+    pullback = jax.jit(lambda primals, G: jax.vjp(f, *primals)[1](G))
+    return lambda primals, G: tuple(np.asarray(g) for g in pullback(tuple(primals), G))
+
+
+JAX_NLL_GRAD = jax.jit(jax.grad(jax_nll, argnums=(1, 2)))
+VJP = {f.__name__: jitted_vjp(f) for f in (jax_eigvals, jax_eigvecs, jax_svdvals, jax_polar)}
+VJP["procrustes"] = jitted_vjp(lambda A, B: jax_polar(B @ A.T))
+
+
+def random_orthogonal(rng, n):
+    Q, R = np.linalg.qr(rng.standard_normal((n, n)))
+    return Q * np.sign(np.diag(R))
+
+
+def spd_with_spectrum(rng, lam):
+    Q = random_orthogonal(rng, len(lam))
+    S = (Q * lam) @ Q.T
+    return 0.5 * (S + S.T), Q
+
+
+def random_spd(rng, n):
+    A = rng.standard_normal((n, n))
+    return A @ A.T + n * np.eye(n)
+
+
+def symmetric(rng, n):
+    A = rng.standard_normal((n, n))
+    return A + A.T
+
+
+def assert_close(actual, expected, tol=TOL):
+    assert np.all(np.isfinite(actual))
+    err = relative_error(actual, expected)
+    assert err < tol, f"relative error {err:.3e}: ours {actual}, oracle {expected}"
+
+
+def assert_adjoint(jvp, vjp, primals, tangents, W):
+    check_dot_product("rule", jvp, vjp, [(primals, tangents, W)])
+
+
+# ----- Gaussian negative log-likelihood -----
+
+
+@settings(max_examples=30)
+@given(seeds, st.sampled_from([1, 3]), st.sampled_from([1, 4]))
+def test_gaussian_nll_matches_scipy_and_jax(seed, d, n):
+    rng = np.random.default_rng(seed)
+    X, mu, Sigma = rng.standard_normal((d, n)), rng.standard_normal(d), random_spd(rng, d)
+    expected = -np.sum(multivariate_normal.logpdf(np.atleast_2d(X.T), mu, Sigma))
+    assert gaussian_nll(X, mu, Sigma) == pytest.approx(expected, rel=1e-12, abs=1e-12)
+    mu_bar, Sigma_bar = gaussian_nll_grad(X, mu, Sigma)
+    jmu, jSigma = JAX_NLL_GRAD(X, mu, Sigma)
+    assert_close(mu_bar, np.asarray(jmu))
+    assert_close(Sigma_bar, np.asarray(jSigma))
+    np.testing.assert_array_equal(Sigma_bar, Sigma_bar.T)
+
+
+def test_gaussian_gradient_is_zero_at_the_mle(rng):
+    X = rng.standard_normal((3, 50))
+    mu = X.mean(axis=1)
+    R = X - mu[:, None]
+    mu_bar, Sigma_bar = gaussian_nll_grad(X, mu, R @ R.T / 50)
+    assert np.max(np.abs(mu_bar)) < 1e-12 and np.max(np.abs(Sigma_bar)) < 1e-12
+
+
+def test_double_counting_symmetric_gradient_fails(rng):
+    X, mu, Sigma = rng.standard_normal((3, 4)), rng.standard_normal(3), random_spd(rng, 3)
+    _, G = gaussian_nll_grad(X, mu, Sigma)
+    dS = symmetric(rng, 3)
+    exact = np.sum(np.asarray(JAX_NLL_GRAD(X, mu, Sigma)[1]) * dS)  # the derivative along dS
+    assert np.sum(G * dS) == pytest.approx(float(exact), rel=1e-12)
+    wrong = G + G.T - np.diag(np.diag(G))
+    assert abs(np.sum(wrong * dS) - float(exact)) > 1e-3 * abs(float(exact))
+
+
+@pytest.mark.parametrize("args, message", [
+    (((3, 4), (2,), (3, 3)), r"mu must have shape \(3,\).*got \(2,\)"),
+    (((3, 4), (3,), (2, 2)), r"Sigma must have shape \(3, 3\).*got \(2, 2\)"),
+    (((3,), (3,), (3, 3)), r"X must be 2-D, got shape \(3,\)"),
+])
+def test_gaussian_bad_shapes(args, message):
+    X, mu, Sigma = (np.ones(s) for s in args)
+    Sigma = np.eye(Sigma.shape[0]) if Sigma.ndim == 2 else Sigma
+    with pytest.raises(ValueError, match=message):
+        gaussian_nll(X, mu, Sigma)
+
+
+def test_gaussian_needs_spd_sigma():
+    with pytest.raises(ValueError, match="Sigma must be positive definite, got smallest eigenvalue -1"):
+        gaussian_nll_grad(np.ones((2, 3)), np.zeros(2), np.diag([1.0, -1.0]))
+    with pytest.raises(ValueError, match=r"Sigma must be symmetric.*shape \(2, 2\)"):
+        gaussian_nll(np.ones((2, 3)), np.zeros(2), np.array([[1.0, 0.5], [0.0, 1.0]]))
+
+
+# ----- Symmetric eigendecomposition -----
+
+
+@settings(max_examples=30)
+@given(seeds, sizes)
+def test_eigh_rules_match_jax(seed, n):
+    rng = np.random.default_rng(seed)
+    S, dS, G, g = symmetric(rng, n), rng.standard_normal((n, n)), rng.standard_normal((n, n)), rng.standard_normal(n)
+    lam, Q = eigh(S)
+    np.testing.assert_allclose((Q * lam) @ Q.T, S, atol=1e-12 * np.max(np.abs(S)))
+    assert_close(eigvalsh_vjp(S, g), VJP["jax_eigvals"]((S,), g)[0])
+    assert_adjoint(eigvalsh_jvp, eigvalsh_vjp, (S,), (dS,), g)
+    gap = np.min(np.diff(lam)) if n > 1 else np.inf
+    if n > 1 and gap > 1e-3:  # well separated: the eigenvector rule is well conditioned
+        assert_close(eigvecsh_vjp(S, G), VJP["jax_eigvecs"]((S,), G)[0], tol=1e-8)
+        assert_adjoint(eigvecsh_jvp, eigvecsh_vjp, (S,), (dS,), G)
+
+
+def test_eigenvector_sign_convention(rng):
+    S = symmetric(rng, 4)
+    _, Q = eigh(S)
+    _, Q_neg = eigh(S.copy())
+    np.testing.assert_array_equal(Q, Q_neg)
+    rows = np.argmax(np.abs(Q), axis=0)
+    assert np.all(Q[rows, np.arange(4)] > 0)
+
+
+def test_eigenvectors_of_a_repeated_eigenvalue_raise():
+    with pytest.raises(ValueError, match="eigvecsh_jvp needs distinct eigenvalues.*eigengap of 0"):
+        eigvecsh_jvp(np.diag([1.0, 2.0, 1.0]), np.eye(3))
+    with pytest.raises(ValueError, match="eigvecsh_vjp needs distinct eigenvalues"):
+        eigvecsh_vjp(np.eye(2), np.eye(2))
+
+
+def test_eigenvalue_rules_at_a_repeated_eigenvalue_are_finite():
+    # lam is not differentiable at a tie, but g -> Q diag(g) Q^T is the gradient of any
+    # symmetric function of the eigenvalues, e.g. the trace (g = 1 gives I).
+    np.testing.assert_allclose(eigvalsh_vjp(np.eye(3), np.ones(3)), np.eye(3), atol=1e-15)
+
+
+# ----- Functions of SPD matrices -----
+
+
+@settings(max_examples=30)
+@given(seed=seeds, n=sizes)
+def test_spd_functions_match_jax(seed, n):
+    rng = np.random.default_rng(seed)
+    lam = np.sort(rng.uniform(0.5, 4.0, n)) + np.arange(n) * 0.1  # gaps >= 0.1
+    S, _ = spd_with_spectrum(rng, lam)
+    G, dS = rng.standard_normal((n, n)), rng.standard_normal((n, n))
+    oracle = JAX_SPD_ALL(S, G)
+    for name in FUNCTIONS:
+        value, grad = (np.asarray(a) for a in oracle[name])
+        assert_close(spd_function(S, name), value, 1e-12)
+        assert_close(spd_function_vjp(S, G, name), grad)
+        assert_adjoint(lambda S, dS: spd_function_jvp(S, dS, name),
+                       lambda S, W: spd_function_vjp(S, W, name), (S,), (dS,), G)
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+@given(seed=seeds, n=st.sampled_from([2, 3, 5]),
+       log_gap=st.sampled_from([-1.0, -4.0, -8.0, -12.0, -14.0, -np.inf]))
+def test_repeated_and_nearly_repeated_eigenvalues(name, seed, n, log_gap):
+    """Never NaN, and accurate against the decimal reference at every gap, ties included."""
+    rng = np.random.default_rng(seed)
+    gap = 10.0**log_gap
+    lam = np.concatenate([2.0 + gap * np.arange(min(n, 3)), np.linspace(3.0, 6.0, n - min(n, 3))])
+    S, Q = spd_with_spectrum(rng, lam)
+    G = rng.standard_normal((n, n))
+    ours = spd_function_vjp(S, G, name)
+    assert np.all(np.isfinite(ours))
+    assert_close(ours, spd_function_vjp_reference(Q, lam, G, name), 1e-12)
+    assert_adjoint(lambda S, dS: spd_function_jvp(S, dS, name),
+                   lambda S, W: spd_function_vjp(S, W, name), (S,), (rng.standard_normal((n, n)),), G)
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_exact_ties_where_jax_gives_nan(name):
+    S = np.diag([3.0, 3.0, 5.0])  # eigh returns the diagonal exactly: an exact tie
+    G = np.arange(9.0).reshape(3, 3)
+    assert not np.all(np.isfinite(np.asarray(JAX_SPD_VJP[name](S, G))))
+    ours = spd_function_vjp(S, G, name)
+    assert_close(ours, spd_function_vjp_reference(np.eye(3), np.diag(S), G, name), 1e-14)
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+@given(seed=seeds, n=st.sampled_from([2, 4]))
+def test_loewner_matrix_against_decimal_reference(name, seed, n):
+    rng = np.random.default_rng(seed)
+    lam = rng.uniform(0.01, 100.0, n)
+    lam = np.concatenate([lam, lam + np.array([0.0, 1e-13] * (n // 2)), np.nextafter(lam, 200.0)])
+    L = loewner_matrix(lam, name)
+    assert_close(L, divided_differences_reference(lam, name), 1e-13)
+    np.testing.assert_array_equal(L, L.T)
+
+
+def test_identity_and_scalar_matrices():
+    S = 4.0 * np.eye(3)
+    G = np.arange(9.0).reshape(3, 3)
+    np.testing.assert_allclose(matfun.logm_spd_vjp(S, G), 0.25 * 0.5 * (G + G.T), rtol=1e-15)
+    np.testing.assert_allclose(matfun.sqrtm_spd_vjp(S, G), 0.25 * 0.5 * (G + G.T), rtol=1e-15)
+    np.testing.assert_allclose(matfun.invsqrtm_spd_vjp(S, G), -(1 / 16) * 0.5 * (G + G.T), rtol=1e-15)
+    np.testing.assert_allclose(matfun.sqrtm_spd(S), 2 * np.eye(3), rtol=1e-15)
+    assert matfun.logm_spd(np.array([[np.e]]))[0, 0] == pytest.approx(1.0, rel=1e-15)
+
+
+@pytest.mark.parametrize("S, message", [
+    (np.diag([1.0, 0.0]), "S must be positive definite, got smallest eigenvalue 0"),
+    (np.diag([1.0, -2.0]), "S must be positive definite, got smallest eigenvalue -2"),
+    (np.array([[1.0, 2.0], [0.0, 1.0]]), r"S must be symmetric, got max \|S - S\^T\| = 2 for shape \(2, 2\)"),
+    (np.ones((2, 3)), r"S must be square, got shape \(2, 3\)"),
+    (np.array([[1.0, np.nan], [np.nan, 1.0]]), "S must be finite, got nan"),
+])
+def test_spd_bad_input(S, message):
+    with pytest.raises(ValueError, match=message):
+        matfun.logm_spd_vjp(S, np.eye(2))
+
+
+def test_spd_bad_cotangent_and_name():
+    with pytest.raises(ValueError, match=r"the cotangent G must have the output's shape \(2, 2\), got \(3, 3\)"):
+        matfun.sqrtm_spd_vjp(np.eye(2), np.eye(3))
+    with pytest.raises(ValueError, match=r"the tangent dS must have shape \(2, 2\), got \(2,\)"):
+        matfun.sqrtm_spd_jvp(np.eye(2), np.ones(2))
+    with pytest.raises(ValueError, match="f must be one of"):
+        spd_function(np.eye(2), "exp")
+
+
+@pytest.mark.parametrize("with_scipy", [True, False])
+def test_spd_eigh_with_and_without_scipy(monkeypatch, rng, with_scipy):
+    if not with_scipy:
+        monkeypatch.setitem(sys.modules, "scipy.linalg.lapack", None)  # import fails: NumPy path
+    S = random_spd(rng, 4)
+    lam, Q = matfun._eigh(S)
+    np.testing.assert_allclose(lam, np.linalg.eigvalsh(S), rtol=1e-13)
+    np.testing.assert_allclose((Q * lam) @ Q.T, S, rtol=1e-13, atol=1e-13 * np.abs(S).max())
+    G = symmetric(rng, 4)
+    assert_close(matfun.logm_spd_vjp(S, G), np.asarray(JAX_SPD_VJP["log"](S, G)))
+
+
+def test_extreme_spectra_are_finite():
+    S = np.diag([1e-150, 1e150])
+    for name in FUNCTIONS:
+        assert np.all(np.isfinite(spd_function_vjp(S, np.ones((2, 2)), name)))
+
+
+# ----- Singular values, polar factor, Procrustes -----
+
+
+@settings(max_examples=20)
+@given(seeds, st.sampled_from([(1, 3), (3, 1), (3, 5), (4, 4)]))
+def test_svdvals_rules(seed, shape):
+    m, n = shape
+    rng = np.random.default_rng(seed)
+    M, dM, g = rng.standard_normal((m, n)), rng.standard_normal((m, n)), rng.standard_normal(min(m, n))
+    s = np.linalg.svd(M, compute_uv=False)
+    if min(m, n) > 1 and np.min(np.abs(np.diff(s))) < 1e-3:
+        return  # singular vectors of a near tie: jax.vjp itself is ill-conditioned there
+    assert_close(svdvals_vjp(M, g), VJP["jax_svdvals"]((M,), g)[0], 1e-9)
+    assert_adjoint(svdvals_jvp, svdvals_vjp, (M,), (dM,), g)
+
+
+@settings(max_examples=30)
+@given(seeds, sizes)
+def test_polar_rules(seed, n):
+    rng = np.random.default_rng(seed)
+    M, dM, G = rng.standard_normal((n, n)), rng.standard_normal((n, n)), rng.standard_normal((n, n))
+    if np.linalg.svd(M, compute_uv=False)[-1] < 1e-2:
+        M = M + 2 * np.eye(n)
+    R = polar(M)
+    np.testing.assert_allclose(R.T @ R, np.eye(n), atol=1e-13)
+    assert_close(polar_vjp(M, G), VJP["jax_polar"]((M,), G)[0], 1e-8)
+    assert_adjoint(polar_jvp, polar_vjp, (M,), (dM,), G)
+
+
+def test_polar_at_repeated_singular_values_is_finite(rng):
+    """M = I and M = 2 Q have all singular values equal: JAX's SVD rule gives NaN,
+    the 1 / (sigma_i + sigma_j) rule does not."""
+    G = rng.standard_normal((3, 3))
+    for M in (np.eye(3), 2 * random_orthogonal(rng, 3)):
+        ours = polar_vjp(M, G)
+        assert np.all(np.isfinite(ours))
+        # closed form at M = s Q: polar'(M)^T[G] = (Q G^T Q)... check via central differences
+        eps = 1e-6
+        dM = rng.standard_normal((3, 3))
+        fd = (polar(M + eps * dM) - polar(M - eps * dM)) / (2 * eps)
+        assert np.sum(ours * dM) == pytest.approx(np.sum(G * fd), rel=1e-7, abs=1e-9)
+    assert not np.all(np.isfinite(jax_vjp(jax_polar, (np.eye(3),), G)[0]))
+
+
+@settings(max_examples=30)
+@given(seeds, st.sampled_from([(2, 3), (3, 6)]))
+def test_procrustes_rules(seed, shape):
+    d, n = shape
+    rng = np.random.default_rng(seed)
+    A, B = rng.standard_normal((d, n)), rng.standard_normal((d, n))
+    if np.linalg.svd(B @ A.T, compute_uv=False)[-1] < 1e-2:
+        return
+    G, dA, dB = rng.standard_normal((d, d)), rng.standard_normal((d, n)), rng.standard_normal((d, n))
+    ours = procrustes_vjp(A, B, G)
+    theirs = VJP["procrustes"]((A, B), G)
+    assert_close(ours[0], theirs[0], 1e-8)
+    assert_close(ours[1], theirs[1], 1e-8)
+    assert_adjoint(procrustes_jvp, procrustes_vjp, (A, B), (dA, dB), G)
+
+
+def test_procrustes_recovers_a_rotation(rng):
+    A = rng.standard_normal((3, 10))
+    R_true = random_orthogonal(rng, 3)
+    np.testing.assert_allclose(procrustes(A, R_true @ A), R_true, atol=1e-12)
+
+
+def test_polar_and_procrustes_bad_input():
+    with pytest.raises(ValueError, match=r"M must be square, got shape \(2, 3\)"):
+        polar(np.ones((2, 3)))
+    with pytest.raises(ValueError, match="the polar factor needs an invertible M"):
+        polar_vjp(np.diag([1.0, 0.0]), np.eye(2))
+    with pytest.raises(ValueError, match=r"A and B must have the same shape.*A \(2, 3\) and B \(3, 3\)"):
+        procrustes(np.ones((2, 3)), np.ones((3, 3)))
+    with pytest.raises(ValueError, match=r"the tangent dB must have shape \(2, 3\), got \(3, 2\)"):
+        procrustes_jvp(np.eye(2, 3), np.eye(2, 3), np.eye(2, 3), np.eye(3, 2))
