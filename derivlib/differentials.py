@@ -79,10 +79,16 @@ def loglog_slope(x, y):
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1 or x.size < 2:
         raise ValueError(
-            f"loglog_slope needs two 1-D arrays of one length >= 2, got {x.shape} and {y.shape}"
+            "loglog_slope needs x and y, two 1-D arrays of one length >= 2, got x of shape "
+            f"{x.shape} and y of shape {y.shape}"
         )
-    if np.any(x <= 0) or np.any(y <= 0):
-        raise ValueError("loglog_slope needs positive numbers on both axes")
+    for name, values in (("x", x), ("y", y)):
+        if np.any(values <= 0):
+            i = int(np.flatnonzero(values <= 0)[0])
+            raise ValueError(
+                f"loglog_slope needs positive numbers on both axes, got {name}[{i}] = "
+                f"{values[i]} in {name} of shape {values.shape}"
+            )
     return float(np.polyfit(np.log10(x), np.log10(y), 1)[0])
 
 

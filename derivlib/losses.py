@@ -1,7 +1,8 @@
 """Chapter 3: loss functions (cross entropy, binary and multinomial logistic regression).
 
 Conventions of the note: observations are the columns of X, shape (d, n); labels are
-y in {0, 1}^n (binary) or the one-hot columns of Y, shape (k, n) (multinomial); the
+y in {0, 1}^n (binary) or the columns of Y, shape (k, n), one probability vector per
+observation: one-hot, or soft labels such as label smoothing (multinomial); the
 parameters are theta, shape (d,), or Theta, shape (d, k). Gradients have the shape of
 the parameter. The multinomial Hessian is taken with respect to vec Theta (column-major),
 shape (dk, dk).
@@ -86,20 +87,35 @@ def _check_binary_labels(y):
     return y
 
 
-def _check_one_hot(Y):
-    Y = as_float_array(Y, "Y", ndims=2)
-    binary = (Y == 0) | (Y == 1)
-    if not np.all(binary):
-        a, i = (int(v[0]) for v in np.nonzero(~binary))
-        raise ValueError(f"Y must be one-hot (entries 0 or 1), got Y[{a}, {i}] = {Y[a, i]}")
-    sums = Y.sum(axis=0)
-    if np.any(sums != 1):
-        i = int(np.flatnonzero(sums != 1)[0])
+def _check_label_columns(Y, tol=1e-9):
+    """Y, shape (k, n): each column a probability vector over the k classes.
+
+    One-hot columns are the common case; soft labels (label smoothing, averaged
+    annotations) are accepted too, since the derivation of the gradient (3.19') only
+    uses that each column sums to one. Entries must be >= 0 and each column must sum
+    to one within `tol` * k.
+    """
+    Y = require_finite(as_float_array(Y, "Y", ndims=2), "Y")
+    k, n = Y.shape
+    if np.any(Y < 0):
+        a, i = (int(v[0]) for v in np.nonzero(Y < 0))
         raise ValueError(
-            f"Y must be one-hot, shape (k, n) with a single 1 in each column: "
-            f"column {i} has {int(sums[i])} ones"
+            f"Y must hold one probability vector per column (entries >= 0), Y has shape "
+            f"(k, n) = {Y.shape}: got Y[{a}, {i}] = {Y[a, i]}"
+        )
+    sums = Y.sum(axis=0)
+    bad = np.abs(sums - 1.0) > tol * max(1, k)
+    if np.any(bad):
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"Y must hold one probability vector per column (one-hot, or soft labels "
+            f"summing to one), Y has shape (k, n) = {Y.shape}: column {i} sums to {sums[i]:.12g}"
         )
     return Y
+
+
+def _is_one_hot(Y):
+    return bool(np.all((Y == 0) | (Y == 1)))
 
 
 def _check_logistic(theta, X, y):
@@ -115,7 +131,7 @@ def _check_logistic(theta, X, y):
 
 
 def _check_multinomial(Theta, X, Y):
-    Y = _check_one_hot(Y)
+    Y = _check_label_columns(Y)
     k, n = Y.shape
     X = _check_data(X, n, "Y")
     Theta = require_finite(as_float_array(Theta, "Theta", ndims=2), "Theta")
@@ -409,19 +425,23 @@ def _multinomial_objective(Z, Y, Theta, l2):
 
 
 def multinomial_loss(Theta, X, Y, l2=0.0):
-    """Section 3.3, in trace form (eq. 3.16' of the book): with Pi = sigma(Theta^T X),
+    """Section 3.3, in trace form (eq. 3.15c of the book): with Pi = sigma(Theta^T X),
     L(Theta) = -sum_i y_i^T log sigma(Theta^T x_i) = -tr(Y^T log[Pi]).
 
-    Theta (d, k), X (d, n), Y (k, n) one-hot. log[Pi] is computed by log-sum-exp, so
-    the loss is finite for any finite logits. Adds (l2 / 2) ||Theta||_F^2.
+    Theta (d, k), X (d, n), Y (k, n) with one probability vector per column (one-hot,
+    or soft labels). log[Pi] is computed by log-sum-exp, so the loss is finite for any
+    finite logits. Adds (l2 / 2) ||Theta||_F^2.
     """
     Theta, X, Y = _check_multinomial(Theta, X, Y)
     return _multinomial_objective(Theta.T @ X, Y, Theta, _check_l2(l2))
 
 
 def multinomial_grad(Theta, X, Y, l2=0.0):
-    """dL = tr((Pi - Y)^T Theta^T... ) = tr(X (Pi - Y)^T ... ): the gradient is
-    X (Pi - Y)^T, shape (d, k), like Theta (eq. 3.20' of the book). Adds l2 * Theta.
+    """Eq. 3.20b of the book: dL = tr((X (Pi - Y)^T)^T dTheta) (eq. 3.20a), so the
+    gradient is X (Pi - Y)^T, shape (d, k), like Theta. Adds l2 * Theta.
+
+    Y (k, n) may hold soft labels: the simplification in eq. 3.19' needs only that each
+    column of Y sums to one.
     """
     Theta, X, Y = _check_multinomial(Theta, X, Y)
     return X @ _multinomial_residual(Theta.T @ X, Y).T + _check_l2(l2) * Theta
@@ -441,11 +461,11 @@ def _one_minus(Pi, E):
 
 
 def _multinomial_residual(Z, Y):
-    """Pi - Y, with the entries of the true classes, pi_a - 1, computed as minus the
-    sum of the other probabilities (accurate when pi_a rounds to one)."""
+    """Pi - Y, with the entries where y_ai = 1, pi_a - 1, computed as minus the sum of
+    the other probabilities (accurate when pi_a rounds to one)."""
     E = np.exp(Z - Z.max(axis=0, keepdims=True))
     Pi = E / E.sum(axis=0, keepdims=True)
-    return np.where(Y > 0, -_one_minus(Pi, E), Pi)
+    return np.where(Y == 1, -_one_minus(Pi, E), Pi - Y)
 
 
 def _multinomial_hessian(X, Z, l2):
@@ -473,13 +493,14 @@ def _multinomial_hessian(X, Z, l2):
 
 
 def multinomial_hessian(Theta, X, Y, l2=0.0):
-    """The Hessian with respect to vec Theta (column-major), shape (dk, dk) (eq. 3.24'):
+    """The Hessian with respect to vec Theta (column-major), shape (dk, dk) (eq. 3.20f):
 
         d^2 L = dvec(Theta)^T [sum_i (diag(pi_i) - pi_i pi_i^T) kron x_i x_i^T] dvec(Theta)
 
     Block (a, b) is X diag(pi_a o (delta_ab - pi_b)) X^T. With all k columns free the
     model is over-parametrised (adding a vector to every column of Theta changes
     nothing), so this matrix is singular; l2 > 0 adds l2 * I and makes it definite.
+    It does not depend on Y (for one-hot or soft labels alike).
     """
     Theta, X, Y = _check_multinomial(Theta, X, Y)
     return _multinomial_hessian(X, Theta.T @ X, _check_l2(l2))
@@ -493,6 +514,7 @@ class _Multinomial:
         self.X, self.Y, self.l2 = X, Y, l2
         self.d, self.k = X.shape[0], Y.shape[0]
         self.label = np.argmax(Y, axis=0)
+        self.one_hot = _is_one_hot(Y)
         self.free = self.d * self.k if l2 > 0 else self.d * (self.k - 1)
 
     def logits(self, Theta):
@@ -514,7 +536,7 @@ class _Multinomial:
         return full.reshape((self.d, self.k), order="F")
 
     def separated(self, Z):
-        if self.l2 > 0:
+        if self.l2 > 0 or not self.one_hot:
             return False
         true = Z[self.label, np.arange(Z.shape[1])]
         others = np.where(self.Y > 0, -np.inf, Z).max(axis=0)
@@ -525,13 +547,15 @@ def fit_multinomial(X, Y, l2=0.0, tol=1e-10, max_iter=100, return_history=False)
     """Newton's method for section 3.3 with the derived gradient X (Pi - Y)^T and the
     Kronecker-structured Hessian, Cholesky-factorised, with a backtracking line search.
 
-    X (d, n), Y (k, n) one-hot. Starts at Theta = 0 and stops when max |grad L| <= tol * n.
-    Returns Theta, shape (d, k), or (Theta, FitHistory) with return_history=True. With
-    l2 > 0 the minimiser is unique (and its rows sum to zero). With l2 = 0 the last
-    column is fixed at zero during the fit and Theta is then centred so each row sums
-    to zero (the minimum-norm representative); separable data raise SeparableDataError.
+    X (d, n), Y (k, n) with one probability vector per column (one-hot, or soft labels).
+    Starts at Theta = 0 and stops when max |grad L| <= tol * n. Returns Theta, shape
+    (d, k), or (Theta, FitHistory) with return_history=True. With l2 > 0 the minimiser
+    is unique (and its rows sum to zero). With l2 = 0 the last column is fixed at zero
+    during the fit (the Hessian is singular with all k columns free) and Theta is then
+    centred so each row sums to zero (the minimum-norm representative); one-hot labels
+    that the data separate raise SeparableDataError.
     """
-    Y = _check_one_hot(Y)
+    Y = _check_label_columns(Y)
     X = _check_data(X, Y.shape[1], "Y")
     l2 = _check_l2(l2)
     tol, max_iter = _check_fit_options(tol, max_iter)

@@ -38,9 +38,12 @@ def unvec(v, shape):
 
 def hadamard(A, B):
     """The Hadamard product A o B: (A o B)_ij = A_ij B_ij, for A and B of one shape."""
-    A, B = np.asarray(A, dtype=np.float64), np.asarray(B, dtype=np.float64)
+    A, B = as_float_array(A, "A"), as_float_array(B, "B")
     if A.shape != B.shape:
-        raise ValueError(f"the Hadamard product needs equal shapes, got {A.shape} and {B.shape}")
+        raise ValueError(
+            f"the Hadamard product needs A and B of one shape, got A of shape {A.shape} "
+            f"and B of shape {B.shape}"
+        )
     return A * B
 
 
@@ -182,8 +185,8 @@ def diag(x):
         x = x.reshape(-1)
     if x.ndim != 1:
         raise ValueError(
-            f"diag takes a vector, got shape {x.shape} (for a matrix X, diag(vec(X)) "
-            "is probably meant)"
+            f"diag takes a vector x, got x of shape {x.shape} (for a matrix X, "
+            "diag(vec(X)) is probably meant)"
         )
     return np.diag(x)
 
@@ -197,7 +200,7 @@ def diag_inv(A):
     """
     A = as_float_array(A, "A", ndims=2)
     if A.shape[0] != A.shape[1]:
-        raise ValueError(f"diag_inv takes a square matrix (d, d), got shape {A.shape}")
+        raise ValueError(f"diag_inv takes a square matrix A (d, d), got A of shape {A.shape}")
     return np.diagonal(A).copy()
 
 
@@ -212,7 +215,7 @@ def trace(A):
     """
     A = as_float_array(A, "A", ndims=2)
     if A.shape[0] != A.shape[1]:
-        raise ValueError(f"the trace needs a square matrix (d, d), got shape {A.shape}")
+        raise ValueError(f"the trace needs a square matrix A (d, d), got A of shape {A.shape}")
     return float(np.trace(A))
 
 

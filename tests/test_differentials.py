@@ -194,10 +194,14 @@ def test_loglog_slope_of_a_power_law(k, c):
 
 
 def test_loglog_slope_rejects_bad_input():
-    with pytest.raises(ValueError, match="positive"):
+    with pytest.raises(ValueError, match=r"positive.*got y\[1\] = 0.0 in y of shape \(2,\)$"):
         loglog_slope(np.array([1.0, 2.0]), np.array([1.0, 0.0]))
-    with pytest.raises(ValueError, match="1-D arrays"):
+    with pytest.raises(ValueError, match=r"positive.*got x\[0\] = -1.0 in x of shape \(2,\)$"):
+        loglog_slope(np.array([-1.0, 2.0]), np.array([1.0, 1.0]))
+    with pytest.raises(ValueError, match=r"1-D arrays.*got x of shape \(1,\) and y of shape \(1,\)$"):
         loglog_slope(np.array([1.0]), np.array([1.0]))
+    with pytest.raises(ValueError, match=r"got x of shape \(3,\) and y of shape \(2,\)$"):
+        loglog_slope(np.ones(3), np.ones(2))
 
 
 def test_vec_layout_of_identify_agrees_with_jvp(rng):

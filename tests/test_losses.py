@@ -287,9 +287,13 @@ def test_multinomial_large_logits_are_finite():
         ((4, 3), (4, 2), np.eye(3)[:, [0, 1, 2]], r"Y has 3 observations but X has shape \(4, 2\)"),
         ((4, 2), (4, 3), np.eye(3)[:, [0, 1, 2]], r"Theta must have shape \(d, k\) = \(4, 3\).*got \(4, 2\)"),
         ((3, 3), (4, 3), np.eye(3)[:, [0, 1, 2]], r"\(d, k\) = \(4, 3\).*got \(3, 3\)"),
-        ((4, 3), (4, 3), np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1.0]]), "column 0 has 2 ones"),
-        ((4, 3), (4, 3), np.array([[1, 0, 0], [0, 0, 0], [0, 0, 1.0]]), "column 1 has 0 ones"),
-        ((4, 3), (4, 3), np.array([[0.5, 0, 0], [0.5, 1, 0], [0, 0, 1.0]]), r"Y\[0, 0\] = 0.5"),
+        ((4, 3), (4, 3), np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1.0]]),
+         r"^Y must hold one probability vector per column.*Y has shape \(k, n\) = \(3, 3\): column 0 sums to 2$"),
+        ((4, 3), (4, 3), np.array([[1, 0, 0], [0, 0, 0], [0, 0, 1.0]]), r"\(k, n\) = \(3, 3\): column 1 sums to 0$"),
+        ((4, 3), (4, 3), np.array([[0.5, 0, 0], [0.4, 1, 0], [0, 0, 1.0]]), r"\(3, 3\): column 0 sums to 0.9$"),
+        ((4, 3), (4, 3), np.array([[1.5, 0, 0], [-0.5, 1, 0], [0, 0, 1.0]]),
+         r"^Y must hold one probability vector per column \(entries >= 0\), Y has shape \(k, n\) = \(3, 3\): got Y\[1, 0\] = -0.5$"),
+        ((4, 3), (4, 3), np.array([[np.nan, 0, 0], [0, 1, 0], [0, 0, 1.0]]), "^Y must be finite"),
         ((4, 3), (4, 3), np.array([0, 1, 2.0]), r"Y must be 2-D, got shape \(3,\)"),
     ],
 )
@@ -297,6 +301,69 @@ def test_multinomial_large_logits_are_finite():
 def test_multinomial_bad_input(fn, Theta_shape, X_shape, Y, message):
     with pytest.raises(ValueError, match=message):
         fn(np.zeros(Theta_shape), np.ones(X_shape), Y)
+
+
+# ----- Soft labels: each column of Y a probability vector -----
+
+
+def soft_labels(seed, k, n, kind):
+    rng = np.random.default_rng(seed)
+    if kind == "dirichlet":  # arbitrary probability vectors, some entries exactly 1 or 0
+        Y = rng.dirichlet(np.ones(k), n).T
+        Y[:, :1] = np.eye(k)[:, :1]
+        return Y
+    eps = 0.1  # label smoothing: (1 - eps) one-hot + eps / k
+    return (1 - eps) * np.eye(k)[:, rng.integers(0, k, n)] + eps / k
+
+
+@given(seeds, dims, dims, st.sampled_from([2, 4]), l2s, st.sampled_from(["dirichlet", "smoothing"]))
+def test_multinomial_soft_labels_match_jax(seed, d, n, k, l2, kind):
+    Theta, X, _ = multinomial_problem(seed, d, n, k)
+    Y = soft_labels(seed, k, n, kind)
+    value, grad, hess = (np.asarray(a) for a in jax_multinomial_all(Theta, X, Y, l2))
+    assert multinomial_loss(Theta, X, Y, l2) == pytest.approx(float(value), rel=1e-12, abs=1e-12)
+    check_close("multinomial_grad, soft labels", multinomial_grad(Theta, X, Y, l2), grad, "jax.grad", TOL)
+    check_close("multinomial_hessian, soft labels", multinomial_hessian(Theta, X, Y, l2),
+                to_vec_layout(hess, (d, k), (d, k)), "jax.hessian", TOL)
+
+
+def test_soft_label_gradient_keeps_precision_at_large_logits():
+    # a one-hot column next to a smoothed one, with logits of 1e3: the residual of the
+    # one-hot column is computed without cancellation, the smoothed one as Pi - Y
+    X = np.array([[1.0, 1.0]])
+    Y = np.array([[1.0, 0.9], [0.0, 0.1]])
+    Theta = np.array([[1e3, 0.0]])
+    check_close("grad at 1e3", multinomial_grad(Theta, X, Y), jax_grad(jax_multinomial(X, Y, 0.0), Theta),
+                "jax.grad", TOL)
+
+
+def test_fit_multinomial_soft_labels_match_weighted_sklearn(rng):
+    # -sum_i sum_a y_ai log pi_ai is the loss of k weighted copies of each observation,
+    # copy a with label a and weight y_ai: scikit-learn fits that with sample_weight
+    from sklearn.linear_model import LogisticRegression
+
+    d, n, k, l2 = 3, 60, 3, 0.5
+    X = rng.standard_normal((d, n))
+    Y = soft_labels(5, k, n, "dirichlet")
+    Theta = fit_multinomial(X, Y, l2=l2)
+    assert np.max(np.abs(multinomial_grad(Theta, X, Y, l2))) < 1e-9 * n
+    model = LogisticRegression(C=1.0 / l2, fit_intercept=False, solver="newton-cholesky", tol=1e-12, max_iter=200)
+    model.fit(np.tile(X.T, (k, 1)), np.repeat(np.arange(k), n), sample_weight=Y.reshape(-1))
+    assert np.max(np.abs(Theta - model.coef_.T)) < 1e-7
+
+
+def test_fit_multinomial_soft_labels_without_l2():
+    # smoothed labels give every class positive weight: the loss has a minimum with
+    # l2 = 0 even where the one-hot labels are separable
+    rng = np.random.default_rng(3)
+    X, y = separable(rng)
+    Y = np.stack([1 - y, y])
+    with pytest.raises(SeparableDataError):
+        fit_multinomial(X, Y)
+    Y_smooth = 0.9 * Y + 0.05
+    Theta = fit_multinomial(X, Y_smooth)
+    assert np.allclose(Theta.sum(axis=1), 0, atol=1e-12)
+    assert np.max(np.abs(multinomial_grad(Theta, X, Y_smooth))) < 1e-8
 
 
 # ----- Fits against scikit-learn (rows there, columns here) -----

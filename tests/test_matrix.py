@@ -116,8 +116,21 @@ def test_hadamard_is_elementwise(m, n, seed):
 
 
 def test_hadamard_rejects_unequal_shapes():
-    with pytest.raises(ValueError, match=r"\(2, 3\) and \(3, 2\)"):
+    with pytest.raises(ValueError, match=r"A of shape \(2, 3\) and B of shape \(3, 2\)"):
         hadamard(np.ones((2, 3)), np.ones((3, 2)))
+
+
+@pytest.mark.parametrize("which", ["A", "B"])
+def test_hadamard_converts_and_names_each_argument(which):
+    # each argument goes through the same float conversion, and a bad one is named
+    good, bad = np.ones((2, 2)), [["a", "b"], ["c", "d"]]
+    args = (bad, good) if which == "A" else (good, bad)
+    with pytest.raises(ValueError, match=rf"^{which} must be a real array"):
+        hadamard(*args)
+    # numeric strings convert to float; left unconverted, "2" * 2.0 is a TypeError
+    ints, strings = np.array([1, 2]), ["1.5", "2"]
+    out = hadamard(strings, ints) if which == "A" else hadamard(ints, strings)
+    assert out.dtype == np.float64 and np.array_equal(out, [1.5, 4.0])
 
 
 # ----- A.1.3 Kronecker product -----
@@ -319,7 +332,7 @@ def test_diag_lays_a_vector_on_the_diagonal(d, seed):
 
 
 def test_diag_rejects_a_matrix():
-    with pytest.raises(ValueError, match=r"takes a vector, got shape \(2, 3\)"):
+    with pytest.raises(ValueError, match=r"takes a vector x, got x of shape \(2, 3\)"):
         diag(np.ones((2, 3)))
 
 
@@ -341,7 +354,7 @@ def test_diag_of_diag_inv_recovers_a_matrix_only_when_it_is_diagonal(d, seed):
 def test_diag_inv_rejects_non_square_matrices(m, n):
     if m == n:
         return
-    with pytest.raises(ValueError, match=rf"square matrix \(d, d\), got shape \({m}, {n}\)"):
+    with pytest.raises(ValueError, match=rf"square matrix A \(d, d\), got A of shape \({m}, {n}\)"):
         diag_inv(np.ones((m, n)))
     with pytest.raises(ValueError, match="must be 2-D"):
         diag_inv(np.ones(m))
@@ -444,7 +457,7 @@ def test_trace_cycle_as_printed_needs_a_square_product(m, n, o, p, seed):
     rng = np.random.default_rng(seed)
     X, Y, Z = rng.standard_normal((m, n)), rng.standard_normal((n, o)), rng.standard_normal((o, p))
     if p != m:
-        with pytest.raises(ValueError, match=rf"square matrix \(d, d\), got shape \({m}, {p}\)"):
+        with pytest.raises(ValueError, match=rf"square matrix A \(d, d\), got A of shape \({m}, {p}\)"):
             trace(X @ Y @ Z)
 
 

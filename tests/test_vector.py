@@ -151,13 +151,14 @@ def test_block_counts_follow_the_softmax_axis(shape):
 @pytest.mark.parametrize(
     "fn, arg, message",
     [
-        (dl.softmax, np.zeros((2, 2, 2)), r"x must be 1-D or 2-D, got shape \(2, 2, 2\)"),
-        (dl.softmax, np.array(1.0), r"x must be 1-D or 2-D, got shape \(\)"),
+        (dl.softmax, np.zeros((2, 2, 2)), r"^x must be 1-D or 2-D, got shape \(2, 2, 2\)$"),
+        (dl.softmax, np.array(1.0), r"^x must be 1-D or 2-D, got shape \(\)$"),
         (dl.softmax, np.array([1.0, np.nan]), "x must be finite, got nan"),
         (dl.softmax, np.array([1.0, np.inf]), "x must be finite, got inf"),
         (dl.softmax, np.zeros((0, 3)), r"x must not be empty, got shape \(0, 3\)"),
-        (dl.softmax_jacobian, np.zeros((2, 2, 2)), r"x must be 1-D or 2-D"),
+        (dl.softmax_jacobian, np.zeros((2, 2, 2)), r"^x must be 1-D or 2-D, got shape \(2, 2, 2\)$"),
         (dl.softmax_jacobian_blocks, np.array([np.nan]), "X must be finite"),
+        (dl.softmax_jacobian_blocks, np.zeros((2, 2, 2)), r"^X must be 1-D or 2-D, got shape \(2, 2, 2\)$"),
         (dl.sigmoid, np.array([0.0, np.nan]), "x must not contain NaN"),
         (dl.sigmoid_jacobian, "abc", "x must be a real array, got str"),
     ],
