@@ -2,16 +2,22 @@
 that nbval compares against.
 
 usage: python scripts/run_notebooks.py [NOTEBOOK ...]   (default: every notebook in _toc.yml)
+       python scripts/run_notebooks.py --bibliography   (only book/bibliography.md)
 
 Running it twice leaves no diff: cells are executed top to bottom in a fresh kernel,
 timing metadata is not recorded, and machine-specific notebook metadata (the Python
 version) is dropped. The first cell of each notebook, which installs derivlib when the
 chapter is opened in Colab, is rewritten from the repository settings in _config.yml,
 so that a fork only has to change the URL there.
+
+It also writes book/bibliography.md from book/references.bib, as plain Markdown, so that
+the references read the same in the book, the PDF and JupyterLab (which shows a MyST
+`{bibliography}` directive as raw text).
 """
 
 import os
 import pathlib
+import re
 import sys
 
 import nbformat
@@ -66,6 +72,67 @@ def prepare(nb):
     return nb
 
 
+BIBLIOGRAPHY_HEAD = """# Bibliography
+
+The references of the note, which supplied much of its material.
+
+<!-- Written by scripts/run_notebooks.py from references.bib: add an entry there, then
+run `python scripts/run_notebooks.py --bibliography`. -->
+
+"""
+
+
+def _bib_text(text):
+    """BibTeX field text as Markdown: no protective braces, `--` as an en dash."""
+    return re.sub(r"[{}]", "", text).replace("--", "\u2013").replace("\\&", "&").strip()
+
+
+def bibliography_entry(key, entry):
+    """One reference as a Markdown list item, with an anchor named by its key."""
+
+    fields = entry.fields
+    names = [" ".join(person.first_names + person.middle_names + person.prelast_names + person.last_names)
+             for person in entry.persons.get("author", [])]
+    authors = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    year = f" ({fields['year']})" if "year" in fields else ""
+    title = _bib_text(fields["title"])
+    book_like = entry.type in {"book", "manual"}
+    parts = [f"{_bib_text(authors)}{year}.", f"*{title}*." if book_like else f"{title}."]
+    if "journal" in fields:
+        venue = f"*{_bib_text(fields['journal'])}*"
+        if "volume" in fields:
+            venue += f", {fields['volume']}" + (f"({fields['number']})" if "number" in fields else "")
+        if "pages" in fields:
+            venue += f", {_bib_text(fields['pages'])}"
+        parts.append(venue + ".")
+    for name in ["series", "publisher", "institution", "note"]:
+        if name in fields:
+            parts.append(_bib_text(fields[name]) + ".")
+    url = re.search(r"\\url\{([^}]*)\}", fields.get("howpublished", "")) or re.search(r"(\S+)", fields.get("url", ""))
+    if url:
+        parts.append(f"<{url.group(1)}>")
+    return f'- <a id="{key}"></a>' + " ".join(parts)
+
+
+def bibliography_markdown():
+    """book/bibliography.md as written from book/references.bib, sorted by author and year."""
+    from pybtex.database import parse_file
+
+    entries = parse_file(ROOT / "book" / "references.bib").entries
+    order = sorted(entries, key=lambda key: (
+        entries[key].persons["author"][0].last_names[-1].lower() if entries[key].persons.get("author") else "",
+        entries[key].fields.get("year", ""), key))
+    return BIBLIOGRAPHY_HEAD + "\n".join(bibliography_entry(key, entries[key]) for key in order) + "\n"
+
+
+def write_bibliography():
+    path = ROOT / "book" / "bibliography.md"
+    text = bibliography_markdown()
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+        print(f"wrote {path.relative_to(ROOT)}")
+
+
 def merge_streams(outputs):
     """Join consecutive writes to the same stream: how the kernel chunks them depends
     on timing, and the stored outputs must not."""
@@ -108,6 +175,9 @@ def run(path):
 def main(argv):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("PYTHONHASHSEED", "0")
+    write_bibliography()
+    if argv == ["--bibliography"]:
+        return
     paths = [pathlib.Path(a).resolve() for a in argv] or toc_notebooks()
     for path in paths:
         run(path)
