@@ -4,6 +4,8 @@
 #               every page of the built book in headless Chromium
 #   make pdf    builds the whole book as one PDF, _build/latex/differentials.pdf
 #   make test-pdf  builds it and tests its text (tests/test_pdf.py)
+#   make test-lab  opens every chapter in JupyterLab, in headless Chromium
+#               (tests/test_jupyterlab.py)
 # Both create .venv on first use and install requirements.txt into it; `make test` also
 # installs Debian's chromium (apt-get) and the npm packages of package.json (MathJax);
 # `make pdf` installs Debian's TeX Live (xelatex, latexmk), fonts and pdftotext.
@@ -22,7 +24,7 @@ APT_INSTALL = command -v apt-get >/dev/null || { echo "make: the browser test ne
 export JAX_PLATFORMS := cpu
 export PYTHONHASHSEED := 0
 
-.PHONY: book test browser-deps notebooks benchmark clean pdf pdf-deps test-pdf
+.PHONY: book test browser-deps notebooks benchmark clean pdf pdf-deps test-pdf test-lab
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,6 +61,10 @@ pdf: $(STAMP) pdf-deps
 
 test-pdf: pdf
 	$(BIN)/python -m pytest -m pdf tests/test_pdf.py
+
+# JupyterLab (pinned in requirements.txt, as Binder installs it) on 127.0.0.1.
+test-lab: $(STAMP) $(CHROMIUM)
+	$(BIN)/python -m pytest -m jupyterlab tests/test_jupyterlab.py
 
 # xelatex with the packages Sphinx and Jupyter Book load (bbm.sty is in fonts-extra,
 # pzdr.tfm in fonts-recommended), Sphinx's default fonts (FreeFont), and pdftotext.
