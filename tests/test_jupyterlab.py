@@ -9,8 +9,13 @@ fresh kernel writes). Links to an equation land on it, within a chapter and from
 another one; the bibliography reads as a list of references.
 
 The browser tests carry the marker `jupyterlab` and run with `make test-lab`, not in
-`make test`: opening every chapter in JupyterLab takes about a minute. The checks of the
+`make test`: opening every chapter in JupyterLab takes a few minutes. The checks of the
 notebooks' metadata at the top of this file are quick and run in `make test` too.
+
+Two things do not work yet and are strict expected failures, so that the day they work
+the test says so: a link to another chapter's equation opens that chapter at its top
+(JupyterLab resolves `other.ipynb#cell-id=...` when it opens a notebook, as the last
+test shows, but not an anchor), and the errata's headings need explicit anchors.
 """
 
 import contextlib
@@ -501,3 +506,25 @@ def test_errata_links_land_on_their_heading(lab_browser, lab, fragment):
     finally:
         page.close()
     assert landed(where, "errata.md"), where
+
+
+@pytest.mark.jupyterlab
+def test_a_cell_id_link_to_another_chapter_lands_on_its_cell(lab_browser, lab):
+    """The form JupyterLab does resolve when it opens a notebook: `#cell-id=...`, looked
+    up in the notebook's model rather than among the cells already rendered."""
+    root, base, token = lab
+    cell_id = next(cell["id"] for cell in notebook("02_vector_functions")["cells"]
+                   if 'id="eq-2-4"' in "".join(cell["source"]))
+    nb = notebook("03_loss_functions")
+    (root / "cell_id_link.ipynb").write_text(json.dumps({**nb, "cells": nb["cells"][:2] + [
+        {"cell_type": "markdown", "id": "cell-id-link", "metadata": {},
+         "source": [f"By [(2.4)](02_vector_functions.ipynb#cell-id={cell_id})."]}]}))
+    page, _ = open_in_lab(lab_browser, base, token, "cell_id_link.ipynb")
+    try:
+        wait_until_shown(page)
+        follow_link(page, "cell_id_link.ipynb", f"02_vector_functions.ipynb#cell-id={cell_id}")
+        page.wait_for_timeout(2000)
+        where = page.evaluate(TARGET, "eq-2-4")
+    finally:
+        page.close()
+    assert landed(where, "02_vector_functions.ipynb"), where
