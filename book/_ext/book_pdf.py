@@ -52,6 +52,17 @@ def latex_display(text):
     return "\\begin{equation*}\n\\begin{split}" + body + "\\end{split}\\tag{" + tags[0] + "}\n\\end{equation*}"
 
 
+def ids_of_document(node, cache):
+    """The ids of the document (one chapter of the LaTeX builder's single tree) that holds `node`."""
+    from sphinx import addnodes
+
+    while node.parent is not None and not isinstance(node, addnodes.start_of_file):
+        node = node.parent
+    if id(node) not in cache:
+        cache[id(node)] = {i for element in node.findall(nodes.Element) for i in element.get("ids", [])}
+    return cache[id(node)]
+
+
 class LatexBook(SphinxPostTransform):
     """Rewrite tagged displays, HTML anchors and solution summaries for LaTeX."""
 
@@ -66,12 +77,16 @@ class LatexBook(SphinxPostTransform):
             if latex is not None:
                 node["nowrap"] = True
                 node.children = [nodes.Text(latex)]
+        cache = {}
         for node in list(self.document.findall(nodes.raw)):
             if "html" not in node.get("format", "").split():
                 continue
             text = node.astext()
             if ANCHORS.match(text):
-                node.replace_self([nodes.target("", "", ids=[i]) for i in ANCHOR_ID.findall(text)])
+                # An anchor named like the heading after it (`<a id="chapter-2"></a>`
+                # before `## Chapter 2`, for JupyterLab) adds no second label.
+                taken = ids_of_document(node, cache)
+                node.replace_self([nodes.target("", "", ids=[i]) for i in ANCHOR_ID.findall(text) if i not in taken])
             elif text.strip() == "</a>":
                 node.parent.remove(node)
             elif SUMMARY.search(text):
