@@ -44,8 +44,13 @@ def pdf_text(pdf):
 
 
 def tagged_numbers(text):
-    """The equation numbers set as tags: alone on a line, or far right of an equation."""
-    return set(re.findall(r"(?:^|\S {4,}|^ *)\(([0-9A-Z]+\.[0-9a-z]+'?)\) *$", text, flags=re.MULTILINE))
+    """The equation numbers set as tags: at the end of a line that reaches the right
+    margin (near the longest lines' end), alone or far from the equation before them. A
+    number that ends a line of a table, or of prose, short of the margin is a reference."""
+    lines = [line.rstrip() for line in text.splitlines()]
+    margin = 0.8 * max(map(len, lines), default=0)
+    tag = re.compile(r"(?:^ *|\S {4,})\(([0-9A-Z]+\.[0-9a-z]+'?)\)$")
+    return {m.group(1) for line in lines if len(line) >= margin and (m := tag.search(line))}
 
 
 def titles():
@@ -125,11 +130,13 @@ def test_nothing_is_unresolved(text):
 
 
 def test_the_checks_fail_on_a_broken_pdf():
-    """The checks above catch a missing tag, a number that is only referenced, a
-    missing title, a `??`, an undefined reference and a missing glyph."""
-    text = ("   d sigma = J dx                    (2.4)\n"
-            "Line (2.4) is used in (2.5)\n"
-            "           (3.16')\n"
+    """The checks above catch a missing tag, a number that is only referenced (in
+    prose or in a table), a missing title, a `??`, an undefined reference and a missing
+    glyph."""
+    text = ("   d sigma = J dx                                  (2.4)\n"
+            "Line (2.4) is used in the softmax, and the sigmoid is (2.5)\n"
+            "                                                 (3.16')\n"
+            "| trace | (A.11)\n"
             "the softmax (2.10) of the logits, by\n"
             "2. Vector functions\n"
             "see equation ??\n")
