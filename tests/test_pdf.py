@@ -5,8 +5,9 @@ number in running text is only a reference to it); every tagged equation of ever
 chapter is; every part and chapter title appears; and nothing is left unresolved:
 no `??`, no undefined reference and no missing glyph in the LaTeX log.
 
-`make test-pdf` builds the PDF and runs this file; `make test` leaves it out (marker
-`pdf`), since the LaTeX run takes a minute.
+`make test-pdf` builds the PDF and runs this file; `make test` leaves its PDF tests out
+(marker `pdf`), since the LaTeX run takes a minute, and runs only the last test: every
+page of the HTML book links to the PDF.
 """
 
 import json
@@ -25,7 +26,6 @@ PDF = LATEX / "differentials.pdf"
 LOG = LATEX / "differentials.log"
 TAG = re.compile(r"\\tag\{([^{}]*)\}")
 
-pytestmark = pytest.mark.pdf
 
 
 def book_sources():
@@ -106,6 +106,7 @@ def text():
     return pdf_text(PDF)
 
 
+@pytest.mark.pdf
 @pytest.mark.parametrize("number", NOTE_EQUATIONS)
 def test_every_equation_of_the_note_is_under_its_number(text, number):
     if number in EMPTY_IN_THE_NOTE:
@@ -114,21 +115,25 @@ def test_every_equation_of_the_note_is_under_its_number(text, number):
     assert shown in tagged_numbers(text), f"no equation tagged ({shown}) in the PDF"
 
 
+@pytest.mark.pdf
 def test_every_tagged_equation_of_the_book_is_numbered_in_the_pdf(text):
     missing = sorted(notebook_tags() - tagged_numbers(text))
     assert not missing, f"equations tagged in the notebooks but not in the PDF: {missing}"
 
 
+@pytest.mark.pdf
 def test_every_part_and_chapter_title_is_in_the_pdf(text):
     missing = missing_titles(text, titles())
     assert not missing, f"titles missing from the PDF: {missing}"
 
 
+@pytest.mark.pdf
 def test_nothing_is_unresolved(text):
     problems = unresolved(text, LOG.read_text(errors="replace"))
     assert not problems, "\n".join(problems)
 
 
+@pytest.mark.pdf
 def test_the_checks_fail_on_a_broken_pdf():
     """The checks above catch a missing tag, a number that is only referenced (in
     prose or in a table), a missing title, a `??`, an undefined reference and a missing
@@ -149,3 +154,15 @@ def test_the_checks_fail_on_a_broken_pdf():
         "LaTeX Warning: Hyper reference `book/02_vector_functions:eq-2-99' on page 3 undefined on input line 7.",
         "Missing character: There is no \u2299 in font FreeSerif!",
     ]
+
+
+@pytest.mark.book
+@pytest.mark.parametrize("page", toc_files())
+def test_every_page_links_to_the_pdf(built_book, page):
+    """The download menu of every page offers the whole book as a PDF, at the site's root
+    where the publish workflow puts it (book/_ext/book_pdf.py)."""
+    _, _, html = built_book
+    text = (html / f"{page}.html").read_text()
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    owner, name = config["repository"]["url"].rstrip("/").split("/")[-2:]
+    assert f'<a href="https://{owner}.github.io/{name}/{PDF.name}"' in text and "Book .pdf" in text
