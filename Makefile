@@ -2,8 +2,13 @@
 #   make book   builds the HTML book into _build/html
 #   make test   runs derivlib's tests, every notebook under nbval, the book build, and
 #               every page of the built book in headless Chromium
+#   make pdf    builds the whole book as one PDF, _build/latex/differentials.pdf
+#   make test-pdf  builds it and tests its text (tests/test_pdf.py)
+#   make test-lab  opens every chapter in JupyterLab, in headless Chromium
+#               (tests/test_jupyterlab.py)
 # Both create .venv on first use and install requirements.txt into it; `make test` also
-# installs Debian's chromium (apt-get) and the npm packages of package.json (MathJax).
+# installs Debian's chromium (apt-get) and the npm packages of package.json (MathJax);
+# `make pdf` installs Debian's TeX Live (xelatex, latexmk), fonts and pdftotext.
 
 SHELL := /bin/bash
 .SHELLFLAGS := -eo pipefail -c
@@ -29,7 +34,7 @@ export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES := 0
 # in a way that xdist's `loadgroup` cannot extend, so finer groups are not available.)
 WORKERS ?= auto
 
-.PHONY: book test browser-deps notebooks benchmark clean
+.PHONY: book test browser-deps notebooks benchmark clean pdf pdf-deps test-pdf test-lab
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,7 +46,7 @@ book: $(STAMP)
 	$(BIN)/jupyter-book build . -W -n --keep-going --all
 
 test: $(STAMP) browser-deps
-	$(BIN)/python -m pytest -n $(WORKERS) --dist loadfile --nbval --nbval-current-env tests book
+	$(BIN)/python -m pytest -n $(WORKERS) --dist loadfile -m "not pdf and not jupyterlab" --nbval --nbval-current-env tests book
 
 # What tests/test_browser.py needs besides .venv: a browser, and MathJax to serve it.
 browser-deps: $(CHROMIUM) $(NODE_MODULES)
@@ -52,6 +57,32 @@ $(CHROMIUM):
 $(NODE_MODULES): package.json package-lock.json
 	command -v npm >/dev/null || { $(call APT_INSTALL,npm); }
 	npm ci --no-audit --no-fund
+
+# The PDF: Sphinx's LaTeX builder, xelatex through latexmk. The LaTeX folder is rebuilt
+# from scratch: latexmk would otherwise take a stale run for an up-to-date one.
+PDF := _build/latex/differentials.pdf
+TEX_PACKAGES := texlive-xetex texlive-latex-extra texlive-fonts-recommended texlive-fonts-extra \
+	latexmk fonts-freefont-otf poppler-utils
+
+pdf: $(STAMP) pdf-deps
+	rm -rf _build/latex
+	$(BIN)/jupyter-book build . --builder pdflatex --all -W -n --keep-going
+	test -s $(PDF)
+
+test-pdf: pdf
+	$(BIN)/python -m pytest -m pdf tests/test_pdf.py
+
+# JupyterLab (pinned in requirements.txt, as Binder installs it) on 127.0.0.1.
+test-lab: $(STAMP) $(CHROMIUM)
+	$(BIN)/python -m pytest -m jupyterlab tests/test_jupyterlab.py
+
+# xelatex with the packages Sphinx and Jupyter Book load (bbm.sty is in fonts-extra,
+# pzdr.tfm in fonts-recommended), Sphinx's default fonts (FreeFont), and pdftotext.
+pdf-deps:
+	@command -v xelatex >/dev/null && command -v latexmk >/dev/null && command -v pdftotext >/dev/null \
+		&& kpsewhich bbm.sty pzdr.tfm fncychap.sty >/dev/null && test -n "$$(fc-list FreeSerif)" \
+		|| { command -v apt-get >/dev/null || { echo "make: the PDF needs Debian's $(TEX_PACKAGES), and there is no apt-get here to install them" >&2; exit 1; }; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(TEX_PACKAGES); }
 
 notebooks: $(STAMP)
 	$(BIN)/python scripts/run_notebooks.py
