@@ -129,7 +129,8 @@ def prepare(nb, metadata=None):
 
 BIBLIOGRAPHY_HEAD = """# Bibliography
 
-The references of the note, which supplied much of its material.
+The references of the note, which supplied much of its material, and those that the
+chapters of Part II cite.
 
 <!-- Written by scripts/run_notebooks.py from references.bib: add an entry there, then
 run `python scripts/run_notebooks.py --bibliography`. -->
