@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._validate import as_float_array, require_finite
-from .vector import sigmoid, sigmoid_derivative
+from .vector import _softmax_complement, sigmoid, sigmoid_derivative
 
 # ----- Errors and the fit record -----
 
@@ -454,10 +454,7 @@ def _one_minus(Pi, E):
     over b != a of pi_b: a prefix sum plus a suffix sum of positive terms, accurate even
     when pi_a rounds to 1.
     """
-    zero = np.zeros_like(E[:1])
-    before = np.concatenate([zero, np.cumsum(E[:-1], axis=0)])  # sum over b < a
-    after = np.concatenate([np.cumsum(E[:0:-1], axis=0)[::-1], zero])  # sum over b > a
-    return (before + after) / E.sum(axis=0, keepdims=True)
+    return _softmax_complement(E, axis=0) / E.sum(axis=0, keepdims=True)
 
 
 def _multinomial_residual(Z, Y):

@@ -94,8 +94,26 @@ def softmax(x):
 
 
 def _vector_softmax_jacobian(s):
-    """Eq. (2.10) from the softmax values s: diag(s) - s s^T."""
-    return np.diag(s) - np.outer(s, s)
+    """Eq. (2.10) from the softmax values s: diag(s) - s s^T, with its diagonal
+    s_a (1 - s_a) formed from the accurate complement (see `_softmax_complement`)."""
+    J = -np.outer(s, s)
+    J[np.diag_indices_from(J)] = s * _softmax_complement(s, axis=0)
+    return J
+
+
+def _softmax_complement(S, axis):
+    """1 - s_a for softmax values S along `axis`, as the sum of the other entries.
+
+    Where s_a rounds to nearly 1, 1 - s_a computed by subtraction keeps only the few
+    digits of s_a below its last place, and the diagonal s_a (1 - s_a) of the Jacobian
+    loses its relative accuracy. The sum over b != a of s_b, a prefix sum plus a suffix
+    sum of positive terms, keeps it.
+    """
+    S = np.moveaxis(S, axis, 0)
+    zero = np.zeros_like(S[:1])
+    before = np.concatenate([zero, np.cumsum(S[:-1], axis=0)])  # sum over b < a
+    after = np.concatenate([np.cumsum(S[:0:-1], axis=0)[::-1], zero])  # sum over b > a
+    return np.moveaxis(before + after, 0, axis)
 
 
 def softmax_jacobian_blocks(X):
@@ -113,7 +131,10 @@ def softmax_jacobian_blocks(X):
     else:
         columns = S.T
     k = columns.shape[1]
-    return columns[:, :, None] * np.eye(k) - columns[:, :, None] * columns[:, None, :]
+    blocks = -columns[:, :, None] * columns[:, None, :]
+    diagonal = np.arange(k)
+    blocks[:, diagonal, diagonal] = columns * _softmax_complement(columns, axis=1)
+    return blocks
 
 
 def softmax_jacobian(x):

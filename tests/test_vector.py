@@ -1,6 +1,7 @@
 """derivlib.vector (Chapter 2) against JAX, over shapes and values."""
 
 import warnings
+from decimal import Decimal, localcontext
 
 import jax
 import jax.numpy as jnp
@@ -15,9 +16,11 @@ from derivlib import check
 from derivlib.vector import softmax_axis
 
 RTOL = 1e-11
-# Entries of these Jacobians lie in [-1, 1], and forming 1 - s for s near one costs
-# about one unit in the last place, in JAX as in derivlib. Where the Jacobian itself is
-# tiny (saturated inputs), that absolute error is all that can be asked for.
+# Entries of these Jacobians lie in [-1, 1], and an oracle that forms 1 - s for s near
+# one loses about one unit in the last place of 1 (derivlib sums the other entries
+# instead). Where the Jacobian itself is tiny (saturated inputs), that absolute error is
+# all that can be asked of the comparison; test_softmax_jacobian_is_accurate_when_saturated
+# holds derivlib to a relative error.
 ATOL = 4e-16
 
 
@@ -108,6 +111,21 @@ def test_softmax_of_a_row_acts_along_the_row(n):
 @given(st.one_of(vectors(), matrices()))
 def test_softmax_jacobian_matches_jax_in_vec_layout(x):
     assert_close(dl.softmax_jacobian(x), check.jax_jacobian(jax_softmax, x))
+
+
+def test_softmax_jacobian_is_accurate_when_saturated():
+    # s_1 = 1 - 5e^-17.5 / (1 + 5e^-17.5) rounds to within a few ulps of one; the
+    # diagonal entry s_1 (1 - s_1), about 1.26e-7, from a 50-digit decimal computation.
+    x = np.array([0.0] + [-17.5] * 5)
+    with localcontext() as ctx:
+        ctx.prec = 50
+        e = [Decimal(float(v)).exp() for v in x]
+        s1 = e[0] / sum(e)
+        exact = float(s1 * (1 - s1))
+    J = dl.softmax_jacobian(x)
+    B = dl.softmax_jacobian_blocks(np.column_stack([x, x]))
+    for entry in [J[0, 0], B[0][0, 0], B[1][0, 0]]:
+        assert abs(entry - exact) <= 4 * np.finfo(np.float64).eps * exact, (entry, exact)
 
 
 @given(matrices(max_side=5))
