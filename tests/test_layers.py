@@ -96,7 +96,7 @@ CONV = [(2, 3, 7, 5, 4, 3, 2, 1), (1, 1, 6, 6, 2, 2, 1, 0), (3, 2, 5, 8, 3, 3, 1
         (2, 2, 9, 7, 1, 3, 3, 0), (2, 1, 8, 8, 3, 5, 2, 2), (2, 2, 6, 7, 3, 3, 1, 1)]
 
 
-@settings(max_examples=40)
+@settings(max_examples=30)
 @given(st.sampled_from(CONV), seeds)
 def test_conv2d_forward_vjp_and_dot_product(cfg, seed):
     N, C, H, W, O, k, s, p = cfg
@@ -149,8 +149,8 @@ def test_col2im_is_the_adjoint_of_im2col(cfg, seed):
 
 
 def test_conv2d_vjp_takes_eq_5_20_at_stride_1_and_can_skip_xbar(rng, monkeypatch):
-    X, K = draw(rng, (2, 3, 6, 6), (4, 3, 3, 3))
-    (G,) = draw(rng, (2, 4, 6, 6))
+    X, K = draw(rng, (2, 2, 6, 7), (3, 2, 3, 3))             # a shape of CONV: compiled once
+    (G,) = draw(rng, (2, 3, 6, 7))
     Yj, (Xj, Kj) = jax_conv(1, 1)(X, K, G)
     calls, original = [], L._conv2d_vjp_shifts
     monkeypatch.setattr(L, "_conv2d_vjp_shifts", lambda *a: calls.append(a) or original(*a))
