@@ -18,7 +18,7 @@ that on a shared machine neither waits for a helper thread that has been desched
 
 Beside them, the im2col form of the same rules (eq. 5.5-5.6 as written), which
 conv2d_vjp uses at stride 2 and above; sizes 2 and 3 show why conv2d_vjp does not switch
-to it for small stride-1 inputs (at 2 the two forms are close, at 3 eq. 5.20 is well
+to it for small stride-1 inputs (at 2 the two forms are close, at 3 eq. 5.20 is
 ahead). Then the memory of the patch matrix phi(X) against the input.
 """
 
