@@ -14,9 +14,12 @@ that on a shared machine neither waits for a helper thread that has been desched
 
 1. N = 32 images, C = 16 channels, 32 x 32, 32 filters of 3 x 3, stride 1, padding 1.
 2. The digits size: N = 64, C = 1, 8 x 8, 16 filters of 3 x 3, stride 1, padding 1.
+3. As 2 with C = 4 channels: as small, but several channels.
 
-Then the im2col form of the same rules (eq. 5.5-5.6 as written) for comparison, and the
-memory of the patch matrix phi(X) against the input.
+Beside them, the im2col form of the same rules (eq. 5.5-5.6 as written), which
+conv2d_vjp uses at stride 2 and above; sizes 2 and 3 show why conv2d_vjp does not switch
+to it for small stride-1 inputs (at 2 the two forms are close, at 3 eq. 5.20 is
+ahead). Then the memory of the patch matrix phi(X) against the input.
 """
 
 import argparse
@@ -40,7 +43,8 @@ from derivlib.layers import _conv2d_vjp_im2col, conv2d_vjp, im2col  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 SIZES = [("N=32 C=16 32x32 O=32 3x3", (32, 16, 32, 32), 32),
-         ("N=64 C=1 8x8 O=16 3x3 (digits)", (64, 1, 8, 8), 16)]
+         ("N=64 C=1 8x8 O=16 3x3 (digits)", (64, 1, 8, 8), 16),
+         ("N=64 C=4 8x8 O=16 3x3", (64, 4, 8, 8), 16)]
 
 
 def best_times(ours, peer, repeats):
@@ -97,6 +101,7 @@ def bench(label, x_shape, filters, repeats):
     parts = {
         "im2col form (5.5)-(5.6)": best_of(lambda: _conv2d_vjp_im2col(X, K, G, 1, 1), repeats),
         "of which im2col": best_of(lambda: im2col(X, 3, 3, 1, 1), repeats),
+        "conv2d_vjp Kbar only (input_grad=False)": best_of(lambda: conv2d_vjp(X, K, G, padding=1, input_grad=False), repeats),
         "strips of (5.20)": best_of(strips, repeats),
     }
     phi_bytes = N * H * W * C * 9 * 8

@@ -15,7 +15,7 @@ shapes of the forward function. Options such as ``stride`` come after, by keywor
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ._validate import as_float_array, require_finite
+from ._validate import as_float_array, require_finite, require_no_nan
 from .backprop import matmul_vjp
 from .vector import softmax
 
@@ -55,7 +55,7 @@ def im2col(X, kh, kw, stride=1, padding=0):
     array, the layout in which the backward products are single matrix products.
     """
     X = _images(X, "X")
-    stride, padding = _geometry(X.shape, kh, kw, stride, padding)
+    kh, kw, stride, padding = _geometry(X.shape, kh, kw, stride, padding)
     N, C = X.shape[:2]
     Xp = np.pad(X, ((0, 0), (0, 0), (padding, padding), (padding, padding))) if padding else X
     win = sliding_window_view(Xp, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride]
@@ -67,7 +67,7 @@ def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
     """The adjoint of im2col, eq. 5.6: scatter patch entries back to their pixels, the
     overlaps adding. cols has im2col's shape (N H'W', C kh kw); returns x_shape (NCHW)."""
     N, C, H, W = _shape4(x_shape)
-    stride, padding = _geometry((N, C, H, W), kh, kw, stride, padding)
+    kh, kw, stride, padding = _geometry((N, C, H, W), kh, kw, stride, padding)
     Ho, Wo = conv_output_size(H, kh, stride, padding), conv_output_size(W, kw, stride, padding)
     cols = as_float_array(cols, "cols", 2)
     if cols.shape != (N * Ho * Wo, C * kh * kw):
@@ -82,9 +82,9 @@ def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
 
 
 def im2col_matrix(x_shape, kh, kw, stride=1, padding=0):
-    """The 0/1 selection matrix H of eq. 5.3, vec phi(x) = H vec x, for one image.
+    """The 0/1 selection matrix Phi of eq. 5.3, vec phi(x) = Phi vec x, for one image.
 
-    x_shape is (C, H, W); H has shape (H'W' C kh kw, C H W) and is dense (for small
+    x_shape is (C, H, W); Phi has shape (H'W' C kh kw, C H W) and is dense (for small
     images): at most one 1 per row, and a zero row where a patch entry is padding.
     """
     C, H, W = _shape3(x_shape)
@@ -92,7 +92,7 @@ def im2col_matrix(x_shape, kh, kw, stride=1, padding=0):
     # im2col of every basis image e_q at once: phi(e_q) is block q of the rows
     phis = im2col(np.eye(n).reshape(n, C, H, W), kh, kw, stride, padding)
     P = phis.shape[0] // n
-    # column q of H is vec phi(e_q), the (P, C kh kw) block read column by column
+    # column q of Phi is vec phi(e_q), the (P, C kh kw) block read column by column
     return phis.reshape(n, P, -1).transpose(0, 2, 1).reshape(n, -1).T.copy()
 
 
@@ -115,35 +115,37 @@ def conv2d_jvp(X, K, dX, dK, stride=1, padding=0):
     return conv2d(dX, K, stride, padding) + conv2d(X, dK, stride, padding)
 
 
-def conv2d_vjp(X, K, G, stride=1, padding=0):
+def conv2d_vjp(X, K, G, stride=1, padding=0, input_grad=True):
     """The backward rules of eq. 5.5 and 5.6: (Xbar, Kbar) for the cotangent G (N, O, H', W').
 
-    Kbar: F bar = phi(X)^T G (images stacked).  Xbar: vec xbar = H^T vec(G F^T), i.e.
+    Kbar: F bar = phi(X)^T G (images stacked).  Xbar: vec xbar = Phi^T vec(G F^T), i.e.
     col2im of G F^T. With stride 1 the same sums are taken one kernel offset at a time,
-    without forming phi(X) (eq. 5.20).
+    without forming phi(X) (eq. 5.20). With input_grad=False, Xbar is not computed and
+    None is returned in its place (for a first layer, whose input is data).
     """
     X, K = _conv_pair(X, K)
     N, O = X.shape[0], K.shape[0]
     Ho, Wo = _out_hw(X, K, stride, padding)
     G = _cotangent(G, (N, O, Ho, Wo))
-    kh, kw = K.shape[2:]
     if stride == 1:
-        return _conv2d_vjp_shifts(X, K, G, padding)
-    return _conv2d_vjp_im2col(X, K, G, stride, padding)
+        return _conv2d_vjp_shifts(X, K, G, padding, input_grad)
+    return _conv2d_vjp_im2col(X, K, G, stride, padding, input_grad)
 
 
-def _conv2d_vjp_im2col(X, K, G, stride, padding):
+def _conv2d_vjp_im2col(X, K, G, stride, padding, input_grad=True):
     """Eq. 5.5 and 5.6 as written: one product with phi(X), and col2im of G F^T."""
     O, kh, kw = K.shape[0], K.shape[2], K.shape[3]
     GT = G.transpose(1, 0, 2, 3).reshape(O, -1)                    # G^T, (O, N H'W')
     phi = im2col(X, kh, kw, stride, padding)                       # (N H'W', C kh kw)
     F = kernel_matrix(K)                                           # (C kh kw, O)
     Fbar = (GT @ phi).T                                            # eq. 5.5: phi^T G
-    Xbar = col2im((F @ GT).T, X.shape, kh, kw, stride, padding)    # eq. 5.6: H^T vec(G F^T)
+    if not input_grad:
+        return None, Fbar.T.reshape(K.shape)
+    Xbar = col2im((F @ GT).T, X.shape, kh, kw, stride, padding)    # eq. 5.6: Phi^T vec(G F^T)
     return Xbar, Fbar.T.reshape(K.shape)
 
 
-def _conv2d_vjp_shifts(X, K, G, padding):
+def _conv2d_vjp_shifts(X, K, G, padding, input_grad=True):
     """Eq. 5.20, stride 1: the padded images of the batch laid end to end, one row per
     channel (a strip); the patch entries of kernel offset (u, v) are then the strip
     shifted by u W_p + v, a slice, and G sits at the top-left H' x W' of each padded frame
@@ -164,8 +166,11 @@ def _conv2d_vjp_shifts(X, K, G, padding):
         for v in range(kw):
             shift = u * Wp + v
             Kbar[:, :, u, v] = Gs @ Xs[:, shift:shift + T].T       # rows (., u, v) of phi^T G
-            np.matmul(K[:, :, u, v].T, Gs, out=block)              # columns (., u, v) of G F^T ...
-            Xbar_s[:, shift:shift + T] += block                    # ... added back where they came from
+            if input_grad:
+                np.matmul(K[:, :, u, v].T, Gs, out=block)          # columns (., u, v) of G F^T ...
+                Xbar_s[:, shift:shift + T] += block                # ... added back where they came from
+    if not input_grad:
+        return None, Kbar
     Xbar = Xbar_s.reshape(C, N, Hp, Wp)[:, :, padding:padding + H, padding:padding + W]
     return Xbar.transpose(1, 0, 2, 3).copy(), Kbar
 
@@ -174,19 +179,19 @@ def _conv2d_vjp_shifts(X, K, G, padding):
 
 
 def relu(x):
-    """max(x, 0), element-wise (eq. 5.7)."""
-    return np.maximum(_array(x, "x"), 0.0)
+    """max(x, 0), element-wise (eq. 5.7). Infinities are allowed, NaN raises."""
+    return np.maximum(_relu_input(x), 0.0)
 
 
 def relu_jvp(x, dx):
     """d relu = diag(x > 0) dx (eq. 5.7): the derivative at 0 is taken to be 0, as in JAX."""
-    x = _array(x, "x")
+    x = _relu_input(x)
     return np.where(x > 0, _like(dx, x, "dx"), 0.0)
 
 
 def relu_vjp(x, G):
     """xbar = diag(x > 0) G: the mask is its own transpose."""
-    x = _array(x, "x")
+    x = _relu_input(x)
     return np.where(x > 0, _cotangent(G, x.shape), 0.0)
 
 
@@ -196,7 +201,7 @@ def relu_vjp(x, G):
 def max_pool(X, size=2, stride=None):
     """The largest entry of each size x size window (eq. 5.8), X (N, C, H, W), no padding."""
     X = _images(X, "X")
-    stride = _pool_geometry(X.shape, size, stride)
+    size, stride = _pool_geometry(X.shape, size, stride)
     return _windows(X, size, stride).max(axis=(-2, -1))
 
 
@@ -207,7 +212,7 @@ def max_pool_argmax(X, size=2, stride=None):
     reduce_window and its derivatives.
     """
     X = _images(X, "X")
-    stride = _pool_geometry(X.shape, size, stride)
+    size, stride = _pool_geometry(X.shape, size, stride)
     win = _windows(X, size, stride)
     return win.reshape(win.shape[:4] + (size * size,)).argmax(axis=-1)
 
@@ -217,7 +222,7 @@ def max_pool_matrix(x, size=2, stride=None):
     vec y = S(x) vec x, shape (C H'W', C H W)."""
     x = _array(x, "x", 3)
     arg = max_pool_argmax(x[None], size, stride)[0]
-    stride = size if stride is None else stride
+    size, stride = _pool_geometry(x[None].shape, size, stride)
     C, Ho, Wo = arg.shape
     c, i, j = np.indices(arg.shape)
     rows = np.arange(arg.size)
@@ -231,7 +236,7 @@ def max_pool_jvp(X, dX, size=2, stride=None):
     """dy = S(x) dx (eq. 5.8): the increment at the selected entry of each window."""
     X = _images(X, "X")
     dX = _like(dX, X, "dX")
-    stride = _pool_geometry(X.shape, size, stride)
+    size, stride = _pool_geometry(X.shape, size, stride)
     arg = max_pool_argmax(X, size, stride)
     win = _windows(dX, size, stride).reshape(arg.shape + (size * size,))
     return np.take_along_axis(win, arg[..., None], axis=-1)[..., 0]
@@ -241,7 +246,7 @@ def max_pool_vjp(X, G, size=2, stride=None):
     """xbar = S(x)^T G (eq. 5.9): each window's cotangent goes to its selected entry,
     adding where overlapping windows select the same entry."""
     X = _images(X, "X")
-    stride = _pool_geometry(X.shape, size, stride)
+    size, stride = _pool_geometry(X.shape, size, stride)
     arg = max_pool_argmax(X, size, stride)
     G = _cotangent(G, arg.shape)
     Ho, Wo = arg.shape[2:]
@@ -256,7 +261,7 @@ def max_pool_vjp(X, G, size=2, stride=None):
 def avg_pool(X, size=2, stride=None):
     """The mean of each size x size window (eq. 5.10), X (N, C, H, W), no padding."""
     X = _images(X, "X")
-    stride = _pool_geometry(X.shape, size, stride)
+    size, stride = _pool_geometry(X.shape, size, stride)
     return _windows(X, size, stride).mean(axis=(-2, -1))
 
 
@@ -269,7 +274,7 @@ def avg_pool_jvp(X, dX, size=2, stride=None):
 def avg_pool_vjp(X, G, size=2, stride=None):
     """xbar = A^T G (eq. 5.10): each window spreads G / size^2 over its entries."""
     X = _images(X, "X")
-    stride = _pool_geometry(X.shape, size, stride)
+    size, stride = _pool_geometry(X.shape, size, stride)
     Ho, Wo = conv_output_size(X.shape[2], size, stride, 0), conv_output_size(X.shape[3], size, stride, 0)
     G = _cotangent(G, X.shape[:2] + (Ho, Wo)) / size**2
     Xbar = np.zeros_like(X)
@@ -321,12 +326,25 @@ def layer_norm_vjp(X, gamma, beta, G, eps=1e-5):
 
 
 def _normalise(X, eps, axis):
-    Xc = X - X.mean(axis=axis, keepdims=True)
-    s = np.sqrt((Xc * Xc).mean(axis=axis, keepdims=True) + eps)
+    """(Xhat, s) of eq. 5.11-5.12 along `axis`, without overflow or silent rounding noise.
+
+    Each row (column) is first divided by its largest magnitude m, so that its mean and
+    variance cannot overflow (rows like [1e200, -1e200, 0]), and a constant row becomes
+    exactly constant (x / x = 1), its centred values exactly 0. Then s = sqrt(v + eps) =
+    hypot(m sqrt(v_scaled), sqrt(eps)), and Xhat = Xc_scaled / (s / m).
+    """
+    line = "row" if axis == 1 else "column"
+    if eps == 0 and np.any(X.max(axis=axis) == X.min(axis=axis)):     # constant, tested exactly
+        raise ValueError(f"X has a constant {line} and eps = 0: its standard deviation is 0; use eps > 0")
+    m = np.abs(X).max(axis=axis, keepdims=True)
+    m = np.where(m > 0, m, 1.0)
+    Xc = X / m
+    Xc = Xc - Xc.mean(axis=axis, keepdims=True)
+    s = np.hypot(m * np.sqrt((Xc * Xc).mean(axis=axis, keepdims=True)), np.sqrt(eps))
     if np.any(s == 0):
-        raise ValueError("X has a constant " + ("row" if axis == 1 else "column")
-                         + " and eps = 0: its standard deviation is 0; use eps > 0")
-    return Xc / s, s
+        raise ValueError(f"X has a {line} whose standard deviation underflows to 0 and eps = 0; use eps > 0")
+    with np.errstate(over="ignore"):       # s / m = inf only where Xhat is 0 to double precision
+        return Xc / (s / m), s
 
 
 def _norm_jvp(X, gamma, beta, dX, dgamma, dbeta, eps, axis):
@@ -334,7 +352,7 @@ def _norm_jvp(X, gamma, beta, dX, dgamma, dbeta, eps, axis):
     dX, dgamma, dbeta = _like(dX, X, "dX"), _like(dgamma, gamma, "dgamma"), _like(dbeta, beta, "dbeta")
     Xhat, s = _normalise(X, eps, axis)
     dXc = dX - dX.mean(axis=axis, keepdims=True)
-    dXhat = (dXc - Xhat * (Xhat * dXc).mean(axis=axis, keepdims=True)) / s
+    dXhat = _finite_over_s(dXc - Xhat * (Xhat * dXc).mean(axis=axis, keepdims=True), s, "dY")
     return dgamma[:, None] * Xhat + gamma[:, None] * dXhat + dbeta[:, None]
 
 
@@ -343,9 +361,18 @@ def _norm_vjp(X, gamma, beta, G, eps, axis):
     G = _cotangent(G, X.shape)
     Xhat, s = _normalise(X, eps, axis)
     Ghat = gamma[:, None] * G
-    Xbar = (Ghat - Ghat.mean(axis=axis, keepdims=True)
-            - Xhat * (Ghat * Xhat).mean(axis=axis, keepdims=True)) / s
+    Xbar = _finite_over_s(Ghat - Ghat.mean(axis=axis, keepdims=True)
+                          - Xhat * (Ghat * Xhat).mean(axis=axis, keepdims=True), s, "Xbar")
     return Xbar, (G * Xhat).sum(axis=1), G.sum(axis=1)
+
+
+def _finite_over_s(A, s, name):
+    """A / s, or a ValueError if a standard deviation s so small (eps = 0) overflows it."""
+    with np.errstate(over="ignore"):
+        out = A / s
+    if not np.all(np.isfinite(out)):
+        raise ValueError(f"{name} overflows: X has a standard deviation of {s.min():.3g}; use eps > 0")
+    return out
 
 
 # ----- Attention -----
@@ -397,9 +424,13 @@ def _attention_probs(Q, K, V, mask):
         raise ValueError(f"Q K^T needs K with Q's {Q.shape[1]} columns, got Q {Q.shape} and K {K.shape}")
     if V.shape[0] != K.shape[0]:
         raise ValueError(f"P V needs V with K's {K.shape[0]} rows, got K {K.shape} and V {V.shape}")
-    S = Q @ K.T / np.sqrt(Q.shape[1])
+    with np.errstate(over="ignore"):
+        S = Q @ K.T / np.sqrt(Q.shape[1])
+    if not np.all(np.isfinite(S)):
+        raise ValueError(f"the scores S = Q K^T / sqrt(d) must be finite, got {S[~np.isfinite(S)].ravel()[0]} "
+                         f"(Q and K too large: max |Q| = {np.abs(Q).max():.3g}, max |K| = {np.abs(K).max():.3g})")
     if mask is None:
-        return softmax(S.T).T, (Q, K, V)
+        mask = np.ones(S.shape, dtype=bool)   # the row-wise softmax, also when m = 1
     mask = np.asarray(mask)
     if mask.dtype != bool or mask.shape != S.shape:
         raise ValueError(f"mask must be a boolean array of shape {S.shape}, got {mask.dtype} {mask.shape}")
@@ -453,7 +484,7 @@ def cnn_grad(params, X, labels):
     Mbar = hbar.T.reshape(act["M"].shape)
     Rbar = max_pool_vjp(act["R"], Mbar, 2)
     Abar = relu_vjp(act["A"], Rbar)
-    _, Kbar = conv2d_vjp(X, K, Abar, padding=K.shape[2] // 2)
+    _, Kbar = conv2d_vjp(X, K, Abar, padding=K.shape[2] // 2, input_grad=False)   # images are data
     grads = (Kbar, Abar.sum(axis=(0, 2, 3)), Wbar, Zbar.sum(axis=1))
     cotangents = {"Z": Zbar, "h": hbar, "M": Mbar, "R": Rbar, "A": Abar}
     return _mean_cross_entropy(Z, labels), grads, cotangents
@@ -505,6 +536,10 @@ def _array(x, name, ndims=None):
     return as_float_array(x, name, ndims)
 
 
+def _relu_input(x):
+    return require_no_nan(as_float_array(x, "x"), "x")
+
+
 def _images(X, name):
     return require_finite(as_float_array(X, name, 4), name)
 
@@ -537,16 +572,27 @@ def _shape3(shape):
     return shape
 
 
+def _integer(value, name, least):
+    """value as an int, if it is an integer (2 or 2.0) of at least `least`; else ValueError."""
+    try:
+        ok = not isinstance(value, bool) and int(value) == value and value >= least
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        kind = "a positive integer" if least == 1 else "a non-negative integer"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+    return int(value)
+
+
 def _geometry(x_shape, kh, kw, stride, padding):
-    if int(stride) != stride or stride < 1:
-        raise ValueError(f"stride must be a positive integer, got {stride}")
-    if int(padding) != padding or padding < 0:
-        raise ValueError(f"padding must be a non-negative integer, got {padding}")
+    """(kh, kw, stride, padding) as ints, checked, and the kernel checked to fit."""
+    kh, kw = _integer(kh, "kh", 1), _integer(kw, "kw", 1)
+    stride, padding = _integer(stride, "stride", 1), _integer(padding, "padding", 0)
     H, W = x_shape[2] + 2 * padding, x_shape[3] + 2 * padding
-    if kh < 1 or kw < 1 or kh > H or kw > W:
+    if kh > H or kw > W:
         raise ValueError(f"a {kh} x {kw} kernel does not fit images of shape {tuple(x_shape)} "
                          f"with padding {padding}")
-    return int(stride), int(padding)
+    return kh, kw, stride, padding
 
 
 def _conv_pair(X, K):
@@ -558,17 +604,17 @@ def _conv_pair(X, K):
 
 
 def _out_hw(X, K, stride, padding):
-    stride, padding = _geometry(X.shape, K.shape[2], K.shape[3], stride, padding)
+    _, _, stride, padding = _geometry(X.shape, K.shape[2], K.shape[3], stride, padding)
     return (conv_output_size(X.shape[2], K.shape[2], stride, padding),
             conv_output_size(X.shape[3], K.shape[3], stride, padding))
 
 
 def _pool_geometry(x_shape, size, stride):
-    if int(size) != size or size < 1:
-        raise ValueError(f"size must be a positive integer, got {size}")
+    """(size, stride) as ints, checked; stride None means size."""
+    size = _integer(size, "size", 1)
     stride = size if stride is None else stride
-    stride, _ = _geometry(x_shape, int(size), int(size), stride, 0)
-    return stride
+    size, _, stride, _ = _geometry(x_shape, size, size, stride, 0)
+    return size, stride
 
 
 def _windows(X, size, stride):
