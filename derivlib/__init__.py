@@ -7,6 +7,7 @@ imported here: the library itself needs only NumPy.
 
 from .differentials import identify, identify_hessian, loglog_slope, remainder
 from .geometry import (
+    BehindCameraError,
     BundleProblem,
     LeastSquaresHistory,
     Scene,
@@ -16,6 +17,8 @@ from .geometry import (
     ba_residual,
     ba_sparsity_pattern,
     bundle_adjust,
+    gauge_directions,
+    gauge_is_fixed,
     hat,
     in_front,
     left_jacobian,
@@ -76,6 +79,7 @@ from .vector import (
 )
 
 __all__ = [
+    "BehindCameraError",
     "BundleProblem",
     "LeastSquaresHistory",
     "Scene",
@@ -85,6 +89,8 @@ __all__ = [
     "ba_residual",
     "ba_sparsity_pattern",
     "bundle_adjust",
+    "gauge_directions",
+    "gauge_is_fixed",
     "hat",
     "in_front",
     "left_jacobian",
