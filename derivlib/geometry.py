@@ -476,20 +476,29 @@ class BundleProblem:
         return x[:6 * self.m].reshape(self.m, 6), x[6 * self.m:].reshape(3, self.n, order="F")
 
 
+def _rotation_and_jacobian(w):
+    """R(w) and J_r(w) from one evaluation of the coefficients (w already validated)."""
+    a, b, c = rotation_coefficients(np.linalg.norm(w))
+    W = _hat(w)
+    WW = W @ W
+    return np.eye(3) + a * W + b * WW, np.eye(3) - b * W + c * WW
+
+
 def _camera_frame(problem, poses, X):
-    """Rotations (m, 3, 3), right Jacobians (m, 3, 3), and p = R X + t per observation (3, N)."""
-    R = np.stack([rodrigues(w) for w in poses[:, :3]])
-    Jr = np.stack([right_jacobian(w) for w in poses[:, :3]])
+    """Rotations (m, 3, 3), right Jacobians (m, 3, 3), the rotations of the observations
+    R_k (N, 3, 3), the observed points (3, N) and p = R X + t per observation (3, N)."""
+    R, Jr = (np.stack(M) for M in zip(*[_rotation_and_jacobian(w) for w in poses[:, :3]]))
+    Rk = R[problem.cam]
     Xo = X[:, problem.point]
-    p = (R[problem.cam] @ Xo.T[:, :, None])[:, :, 0].T + poses[problem.cam, 3:].T
-    return R, Jr, Xo, p
+    p = np.einsum("kab,bk->ak", Rk, Xo) + poses[problem.cam, 3:].T
+    return R, Jr, Rk, Xo, p
 
 
 def ba_residual(problem, x):
     """The reprojection residuals of all N observations, (2N,), in the order of the
     observations, x and y of each together (eq. 6.18)."""
     poses, X = problem.unpack(x)
-    _, _, _, p = _camera_frame(problem, poses, X)
+    *_, p = _camera_frame(problem, poses, X)
     _in_front(p, "the camera-frame points R X + t")
     return (_project(p, problem.K) - problem.u).ravel(order="F")
 
@@ -502,13 +511,12 @@ def ba_jacobian_blocks(problem, x):
     """The non-zero blocks of the bundle-adjustment Jacobian (eq. 6.18): for observation
     k of point i by camera j, A_k = dr_k / dxi_j (N, 2, 6) and B_k = dr_k / dX_i (N, 2, 3)."""
     poses, X = problem.unpack(x)
-    R, Jr, Xo, p = _camera_frame(problem, poses, X)
+    R, Jr, Rk, Xo, p = _camera_frame(problem, poses, X)
     _in_front(p, "the camera-frame points R X + t")
     Jpi = _project_jacobian(p, problem.K)                                          # (N, 2, 3)
-    Rk = R[problem.cam]
-    Jw = -(Rk @ _hat_many(Xo)) @ Jr[problem.cam]
-    A = np.concatenate([Jpi @ Jw, Jpi], axis=2)
     B = Jpi @ Rk
+    # J_pi (-R [X]x J_r) = -(B [X]x) J_r, and each row b of B gives b^T [X]x = (b x X)^T
+    A = np.concatenate([-np.cross(B, Xo.T[:, None, :]) @ Jr[problem.cam], Jpi], axis=2)
     return A, B
 
 
@@ -575,14 +583,14 @@ def ba_normal_equations(problem, A, B, r):
     """The blocks of J^T J and J^T r (eq. 6.19): U (6m, 6m) block-diagonal, W (6m, 3n),
     V (n, 3, 3) the diagonal blocks, and the gradients g_c (6m,), g_p (3n,)."""
     m, n, cam, point = problem.m, problem.n, problem.cam, problem.point
-    rk = r.reshape(-1, 1, 2)
-    At, Bt = A.transpose(0, 2, 1), B.transpose(0, 2, 1)
+    r2 = r.reshape(-1, 2)
+    At = A.transpose(0, 2, 1)
     Ublocks = _sum_by(problem, "cam", At @ A)
-    V = _sum_by(problem, "point", Bt @ B)
+    V = _sum_by(problem, "point", np.einsum("kia,kib->kab", B, B))
     W = np.zeros((m, 6, n, 3))
     W[cam, :, point, :] = At @ B
-    gc = _sum_by(problem, "cam", (rk @ A)[:, 0])
-    gp = _sum_by(problem, "point", (rk @ B)[:, 0])
+    gc = _sum_by(problem, "cam", np.einsum("ki,kij->kj", r2, A))
+    gp = _sum_by(problem, "point", np.einsum("ki,kij->kj", r2, B))
     U = np.zeros((m, 6, m, 6))
     U[np.arange(m), :, np.arange(m), :] = Ublocks
     return U.reshape(6 * m, 6 * m), W.reshape(6 * m, 3 * n), V, gc.ravel(), gp.ravel()
@@ -594,10 +602,8 @@ def schur_solve(U, W, V, gc, gp, free):
     Pose parameters outside `free` are held at zero. Returns (dc (6m,), dp (3n,))."""
     n = V.shape[0]
     Vinv = np.linalg.inv(V)                                              # (n, 3, 3)
-    W3 = W.reshape(-1, n, 3)
-    # Y = W V^-1, block column by block column, as nine broadcast products over (6m, n)
-    Y = np.stack([sum(W3[:, :, b] * Vinv[:, b, c] for b in range(3)) for c in range(3)], axis=2)
-    Y = Y.reshape(W.shape)
+    # Y = W V^-1, block column by block column: n products of (6m, 3) by (3, 3)
+    Y = (W.reshape(-1, n, 3).transpose(1, 0, 2) @ Vinv).transpose(1, 0, 2).reshape(W.shape)
     S = U - Y @ W.T
     rhs = -(gc - Y @ gp)
     dc = np.zeros_like(gc)
@@ -634,6 +640,14 @@ def gauge_is_fixed(problem, x, rtol=1e-8):
         return False
     s = np.linalg.svd(Gf, compute_uv=False)
     return bool(s[-1] > rtol * s[0])
+
+
+def _predicted_decrease(U, W, V, gc, gp, dc, dp):
+    """E - ||r + J delta||^2 = -(2 delta^T g + delta^T J^T J delta) for delta = (dc, dp),
+    from the blocks of J^T J = [[U, W], [W^T, blockdiag V]] (eq. 6.19), without J."""
+    dp3 = dp.reshape(-1, 3)
+    dHd = dc @ U @ dc + 2 * dc @ (W @ dp) + np.einsum("ni,nij,nj->", dp3, V, dp3)
+    return -(2 * (dc @ gc + dp @ gp) + float(dHd))
 
 
 def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-3, check_gauge=True):
@@ -680,9 +694,7 @@ def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-3, check_gauge=T
             except BehindCameraError:
                 E_new = np.inf
             hist.n_residual += 1
-            # the predicted decrease E - ||r + J delta||^2 = -(2 delta^T g + ||J delta||^2)
-            Jd = (A @ dc.reshape(-1, 6, 1)[problem.cam] + B @ dp.reshape(-1, 3, 1)[problem.point])
-            predicted = -(2 * (dc @ gc + dp @ gp) + float(np.sum(Jd * Jd)))
+            predicted = _predicted_decrease(U, W, V, gc, gp, dc, dp)
             rho = (E - E_new) / predicted if predicted > 0 else -1.0
             if rho > 0:
                 lam, nu = _lm_update(lam, nu, rho)

@@ -320,6 +320,18 @@ def test_schur_complement_solves_the_normal_equations(small_scene, rng):
     assert np.all(dc[~pr.free] == 0)
 
 
+def test_predicted_decrease_from_the_blocks(small_scene, rng):
+    """bundle_adjust's model decrease from U, W, V equals ||r||^2 - ||r + J delta||^2."""
+    pr, x = small_scene.problem, small_scene.x0
+    A, B = dl.ba_jacobian_blocks(pr, x)
+    r = dl.ba_residual(pr, x)
+    U, W, V, gc, gp = dl.ba_normal_equations(pr, A, B, r)
+    dc, dp = rng.standard_normal(gc.size), rng.standard_normal(gp.size)
+    r_lin = r + dl.ba_jacobian(pr, x) @ np.concatenate([dc, dp])
+    expected = r @ r - r_lin @ r_lin
+    assert abs(dl.geometry._predicted_decrease(U, W, V, gc, gp, dc, dp) - expected) <= 1e-10 * abs(r_lin @ r_lin)
+
+
 def test_gauge_freedom_has_seven_dimensions(small_scene):
     pr = small_scene.problem
     J = dl.ba_jacobian(pr, pr.pack(small_scene.poses, small_scene.X)).toarray()
