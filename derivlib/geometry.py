@@ -584,9 +584,10 @@ def ba_normal_equations(problem, A, B, r):
     V (n, 3, 3) the diagonal blocks, and the gradients g_c (6m,), g_p (3n,)."""
     m, n, cam, point = problem.m, problem.n, problem.cam, problem.point
     r2 = r.reshape(-1, 2)
-    At = A.transpose(0, 2, 1)
+    # contiguous transposes: A^T @ A on a transposed view of A itself is several times slower
+    At, Bt = np.ascontiguousarray(A.transpose(0, 2, 1)), np.ascontiguousarray(B.transpose(0, 2, 1))
     Ublocks = _sum_by(problem, "cam", At @ A)
-    V = _sum_by(problem, "point", np.einsum("kia,kib->kab", B, B))
+    V = _sum_by(problem, "point", Bt @ B)
     W = np.zeros((m, 6, n, 3))
     W[cam, :, point, :] = At @ B
     gc = _sum_by(problem, "cam", np.einsum("ki,kij->kj", r2, A))
