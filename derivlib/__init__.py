@@ -51,6 +51,7 @@ from .backprop import (
 )
 from .differentials import identify, identify_hessian, loglog_slope, remainder
 from .geometry import (
+    BehindCameraError,
     BundleProblem,
     LeastSquaresHistory,
     Scene,
@@ -60,6 +61,8 @@ from .geometry import (
     ba_residual,
     ba_sparsity_pattern,
     bundle_adjust,
+    gauge_directions,
+    gauge_is_fixed,
     hat,
     in_front,
     left_jacobian,
@@ -178,6 +181,7 @@ from .vector import (
 )
 
 __all__ = [
+    "BehindCameraError",
     "BundleProblem",
     "ConvergenceError",
     "FitHistory",
@@ -229,6 +233,8 @@ __all__ = [
     "frobenius_norm",
     "frobenius_norm_jvp",
     "frobenius_norm_vjp",
+    "gauge_directions",
+    "gauge_is_fixed",
     "gaussian_nll",
     "gaussian_nll_grad",
     "hadamard",

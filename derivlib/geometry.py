@@ -23,6 +23,12 @@ from .losses import ConvergenceError
 # ----- Pinhole projection -----
 
 
+class BehindCameraError(ValueError):
+    """A point has no image: its depth p_z is <= 0 (behind the camera or on its plane), or
+    so close to 0 that its image overflows. The solvers catch this error, and only this
+    one, to reject a step; any other error of a residual propagates."""
+
+
 def _points(P, name="P"):
     """P as a (3, n) float array (a single point (3,) becomes (3, 1)); flag for 1-D."""
     P = as_float_array(P, name, ndims=(1, 2))
@@ -51,9 +57,21 @@ def _in_front(P, name):
     bad = np.flatnonzero(~(P[2] > 0))
     if bad.size:
         i = bad[0]
-        raise ValueError(f"{name} has {bad.size} point(s) with depth p_z <= 0 (behind the camera or on "
+        raise BehindCameraError(f"{name} has {bad.size} point(s) with depth p_z <= 0 (behind the camera or on "
                          f"its plane), first at column {i} with p_z = {P[2, i]:.6g}; their projection "
                          f"does not exist (select points with in_front({name}))")
+
+
+def _finite_image(values, P, name):
+    """Raise unless every image (or Jacobian) is finite: a depth p_z > 0 so small that
+    p_x / p_z overflows (p_z = 1e-320, say) leaves the image undefined in floating point."""
+    per_point = values if values.ndim == 2 else values.reshape(P.shape[1], -1).T    # (., n)
+    bad = np.flatnonzero(~np.isfinite(per_point).all(axis=0))
+    if bad.size:
+        i = bad[0]
+        raise BehindCameraError(f"{name} has {bad.size} point(s) whose image overflows (depth p_z too close "
+                                f"to 0 for its p_x, p_y), first at column {i} with p_z = {P[2, i]:.6g}")
+    return values
 
 
 def in_front(P):
@@ -66,13 +84,14 @@ def project(P, K):
     """The pinhole projection (eq. 6.1): u = K_2 [p_x / p_z, p_y / p_z, 1]^T, where K_2 is
     the top two rows of the camera matrix K. P (3, n) -> (2, n); P (3,) -> (2,).
 
-    Raises ValueError if a point has p_z <= 0, never returns NaN or infinity.
+    Raises BehindCameraError (a ValueError) if a point has p_z <= 0, or p_z > 0 so small
+    that its image overflows (as at p_z = 1e-320); the image returned is always finite.
     """
     P, single = _points(P)
     K = _intrinsics(K)
     _in_front(P, "P")
-    q = P[:2] / P[2]
-    u = K[:2, :2] @ q + K[:2, 2:3]
+    with np.errstate(over="ignore", invalid="ignore"):
+        u = _finite_image(K[:2, :2] @ (P[:2] / P[2]) + K[:2, 2:3], P, "P")
     return u[:, 0] if single else u
 
 
@@ -81,12 +100,14 @@ def project_jacobian(P, K):
     (1 / p_z) K_22 [[1, 0, -p_x / p_z], [0, 1, -p_y / p_z]], where K_22 = K[:2, :2].
 
     P (3, n) -> (n, 2, 3), the n diagonal blocks of the (2n, 3n) Jacobian of vec u with
-    respect to vec P; P (3,) -> (2, 3).
+    respect to vec P; P (3,) -> (2, 3). Raises BehindCameraError as `project` does (the
+    Jacobian, with its 1 / p_z^2, overflows sooner than the image: it is always finite).
     """
     P, single = _points(P)
     K = _intrinsics(K)
     _in_front(P, "P")
-    J = _project_jacobian(P, K)
+    with np.errstate(over="ignore", invalid="ignore"):
+        J = _finite_image(_project_jacobian(P, K), P, "P")
     return J[0] if single else J
 
 
@@ -138,13 +159,19 @@ SMALL_ANGLE = 1e-2
 
 def rotation_coefficients(t):
     """(sin t / t, (1 - cos t) / t^2, (t - sin t) / t^3) for an angle t >= 0, accurately.
+    Raises ValueError unless t is finite and >= 0.
 
     The closed forms cancel catastrophically as t -> 0 (and are 0 / 0 at t = 0): below
     SMALL_ANGLE we use their Taylor series, and above it (1 - cos t) is computed as
     2 sin^2(t / 2), which does not cancel. (t - sin t) / t^3 still loses about
     log10(1 / t^2) digits there, but it multiplies [w]x^2, of size t^2, so J_r does not.
     """
-    t = float(t)
+    try:
+        t = float(t)
+    except (TypeError, ValueError):
+        raise ValueError(f"t must be a real angle t >= 0, got {t!r}") from None
+    if not (np.isfinite(t) and t >= 0):
+        raise ValueError(f"t must be a finite angle t >= 0 (the norm of a rotation vector), got {t!r}")
     if t < SMALL_ANGLE:
         t2 = t * t
         a = 1.0 - t2 / 6.0 * (1.0 - t2 / 20.0 * (1.0 - t2 / 42.0))
@@ -271,14 +298,38 @@ def _finished(E, E_new, delta, x, tol, abs_gain=False):
     return gain <= tol * E or np.linalg.norm(delta) <= tol * (np.linalg.norm(x) + tol)
 
 
+# Levenberg-Marquardt gives up when the damping passes this without any step lowering E.
+MAX_DAMPING = 1e16
+
+
+def _stationary(E, predicted, delta, x, tol):
+    """At the first trial of an iteration, a rejected step that the model says cannot gain
+    more than tol * E, or that is shorter than tol * |x|: x is a minimum to the tolerance
+    (the cost only failed to fall through rounding)."""
+    return predicted <= tol * E or np.linalg.norm(delta) <= tol * (np.linalg.norm(x) + tol)
+
+
+def _stuck(E, lam, what):
+    return ConvergenceError(f"{what} is stuck: no step lowered the cost E = {E:.6g}, even with the damping "
+                            f"raised to {lam:.3g} (a Jacobian that is not the residual's, or a residual "
+                            f"that has no finite value near x)")
+
+
 def solve_least_squares(residual, jacobian, x0, method="lm", tol=1e-12, max_iter=100, lam0=1e-3):
     """Minimise E(x) = ||r(x)||^2 by Gauss-Newton or Levenberg-Marquardt (eqs. 6.16, 6.17).
 
     Gauss-Newton solves J^T J delta = -J^T r and always steps; Levenberg-Marquardt solves
     (J^T J + lam diag(J^T J)) delta = -J^T r and steps only if E falls, raising lam
     otherwise. Both stop when an accepted step lowers E by at most tol * E or is shorter
-    than tol * |x|. Returns (x, LeastSquaresHistory); raises ConvergenceError after
-    max_iter iterations.
+    than tol * |x|; LM also stops, at x, when the first step it tries in an iteration is
+    rejected although the model predicts a gain of at most tol * E (or the step is that
+    short). Returns (x, LeastSquaresHistory) with converged = True.
+
+    A step that puts a point behind the camera (BehindCameraError from the residual) is
+    rejected like a step that raises E; any other exception of the residual propagates.
+    Raises ConvergenceError after max_iter iterations, when LM's damping passes
+    MAX_DAMPING with no step accepted (stuck), and when a Gauss-Newton step puts a point
+    behind the camera.
     """
     if method not in ("gn", "lm"):
         raise ValueError(f"method must be 'gn' or 'lm', got {method!r}")
@@ -294,12 +345,13 @@ def solve_least_squares(residual, jacobian, x0, method="lm", tol=1e-12, max_iter
         hist.n_jacobian += 1
         hist.damping.append(lam)
         g, H = J.T @ r, J.T @ J
+        first, stationary = True, False
         while True:
             delta = np.linalg.solve(H + lam * np.diag(np.diag(H)), -g)
             try:
                 r_new = residual(x + delta)
                 E_new = float(r_new @ r_new)
-            except ValueError:      # the step put a point behind the camera
+            except BehindCameraError:
                 if method == "gn":
                     raise ConvergenceError("a Gauss-Newton step put a point behind the camera; "
                                            "try method='lm'") from None
@@ -309,11 +361,18 @@ def solve_least_squares(residual, jacobian, x0, method="lm", tol=1e-12, max_iter
                 break
             predicted = -float(delta @ (2 * g + H @ delta))   # E - ||r + J delta||^2
             rho = (E - E_new) / predicted if predicted > 0 else -1.0
-            lam, nu = _lm_update(lam, nu, rho)
-            if rho > 0 or lam > 1e16:
+            if rho > 0:
+                lam, nu = _lm_update(lam, nu, rho)
                 break
-        done = _finished(E, E_new, delta, x, tol, abs_gain=method == "gn") or lam > 1e16
-        if E_new <= E or method == "gn":
+            if first and np.isfinite(E_new) and _stationary(E, predicted, delta, x, tol):
+                stationary = True
+                break
+            first = False
+            lam, nu = _lm_update(lam, nu, rho)
+            if lam > MAX_DAMPING:
+                raise _stuck(E, lam, "Levenberg-Marquardt")
+        done = stationary or _finished(E, E_new, delta, x, tol, abs_gain=method == "gn")
+        if not stationary and (E_new <= E or method == "gn"):
             x, r, E = x + delta, r_new, E_new
         hist.n_iter += 1
         hist.cost.append(E)
@@ -358,10 +417,15 @@ class BundleProblem:
 
     @classmethod
     def create(cls, K, cam, point, u, m, n, fixed=None):
-        """Validate and build. `fixed` is the list of pose parameter indices (into the 6m)
-        held at their initial value; the default fixes the gauge as in the chapter:
-        the first camera's six parameters and the first translation coordinate of the
-        second camera (eq. 6.21)."""
+        """Validate and build. `fixed` is the list of pose parameter indices (into the 6m,
+        each in 0..6m - 1) held at their initial value; the default fixes the gauge as in
+        the chapter: the first camera's six parameters and the first translation
+        coordinate of the second camera (eq. 6.21). Holding camera 0 fixes the rotation
+        and the shift of the scene but not a scaling about camera 0's centre c_0, which
+        changes t_1 by (sigma - 1) R_1 (c_0 - c_1): t_x of camera 1 pins the scale only if
+        R_1 (c_0 - c_1) has a non-zero x component. Under forward motion (camera 1 moving
+        along its own optical axis) it does not, and J stays rank-deficient;
+        `bundle_adjust` checks this at its start (gauge_is_fixed)."""
         K = _intrinsics(K)
         cam = np.asarray(cam)
         point = np.asarray(point)
@@ -378,8 +442,17 @@ class BundleProblem:
         u = _observations(u, cam.size)
         if fixed is None:
             fixed = list(range(6)) + ([9] if m > 1 else [])
+        fixed_arr = np.asarray(fixed)
+        if fixed_arr.size == 0:
+            fixed_arr = fixed_arr.astype(np.intp)
+        if fixed_arr.ndim != 1 or not np.issubdtype(fixed_arr.dtype, np.integer):
+            raise ValueError(f"fixed must be a 1-D list of integer pose parameter indices, got "
+                             f"{fixed_arr.dtype} of shape {fixed_arr.shape}")
+        if fixed_arr.size and (fixed_arr.min() < 0 or fixed_arr.max() >= 6 * m):
+            raise ValueError(f"fixed must index the pose parameters 0..{6 * m - 1} (6 per camera, m = {m}), "
+                             f"got values in [{fixed_arr.min()}, {fixed_arr.max()}]")
         free = np.ones(6 * m, dtype=bool)
-        free[np.asarray(fixed, dtype=int)] = False
+        free[fixed_arr] = False
         return cls(K, cam.astype(np.intp), point.astype(np.intp), u, m, n, free)
 
     def pack(self, poses, X):
@@ -403,20 +476,29 @@ class BundleProblem:
         return x[:6 * self.m].reshape(self.m, 6), x[6 * self.m:].reshape(3, self.n, order="F")
 
 
+def _rotation_and_jacobian(w):
+    """R(w) and J_r(w) from one evaluation of the coefficients (w already validated)."""
+    a, b, c = rotation_coefficients(np.linalg.norm(w))
+    W = _hat(w)
+    WW = W @ W
+    return np.eye(3) + a * W + b * WW, np.eye(3) - b * W + c * WW
+
+
 def _camera_frame(problem, poses, X):
-    """Rotations (m, 3, 3), right Jacobians (m, 3, 3), and p = R X + t per observation (3, N)."""
-    R = np.stack([rodrigues(w) for w in poses[:, :3]])
-    Jr = np.stack([right_jacobian(w) for w in poses[:, :3]])
+    """Rotations (m, 3, 3), right Jacobians (m, 3, 3), the rotations of the observations
+    R_k (N, 3, 3), the observed points (3, N) and p = R X + t per observation (3, N)."""
+    R, Jr = (np.stack(M) for M in zip(*[_rotation_and_jacobian(w) for w in poses[:, :3]]))
+    Rk = R[problem.cam]
     Xo = X[:, problem.point]
-    p = (R[problem.cam] @ Xo.T[:, :, None])[:, :, 0].T + poses[problem.cam, 3:].T
-    return R, Jr, Xo, p
+    p = np.einsum("kab,bk->ak", Rk, Xo) + poses[problem.cam, 3:].T
+    return R, Jr, Rk, Xo, p
 
 
 def ba_residual(problem, x):
     """The reprojection residuals of all N observations, (2N,), in the order of the
     observations, x and y of each together (eq. 6.18)."""
     poses, X = problem.unpack(x)
-    _, _, _, p = _camera_frame(problem, poses, X)
+    *_, p = _camera_frame(problem, poses, X)
     _in_front(p, "the camera-frame points R X + t")
     return (_project(p, problem.K) - problem.u).ravel(order="F")
 
@@ -429,13 +511,12 @@ def ba_jacobian_blocks(problem, x):
     """The non-zero blocks of the bundle-adjustment Jacobian (eq. 6.18): for observation
     k of point i by camera j, A_k = dr_k / dxi_j (N, 2, 6) and B_k = dr_k / dX_i (N, 2, 3)."""
     poses, X = problem.unpack(x)
-    R, Jr, Xo, p = _camera_frame(problem, poses, X)
+    R, Jr, Rk, Xo, p = _camera_frame(problem, poses, X)
     _in_front(p, "the camera-frame points R X + t")
     Jpi = _project_jacobian(p, problem.K)                                          # (N, 2, 3)
-    Rk = R[problem.cam]
-    Jw = -(Rk @ _hat_many(Xo)) @ Jr[problem.cam]
-    A = np.concatenate([Jpi @ Jw, Jpi], axis=2)
     B = Jpi @ Rk
+    # J_pi (-R [X]x J_r) = -(B [X]x) J_r, and each row b of B gives b^T [X]x = (b x X)^T
+    A = np.concatenate([-np.cross(B, Xo.T[:, None, :]) @ Jr[problem.cam], Jpi], axis=2)
     return A, B
 
 
@@ -502,14 +583,15 @@ def ba_normal_equations(problem, A, B, r):
     """The blocks of J^T J and J^T r (eq. 6.19): U (6m, 6m) block-diagonal, W (6m, 3n),
     V (n, 3, 3) the diagonal blocks, and the gradients g_c (6m,), g_p (3n,)."""
     m, n, cam, point = problem.m, problem.n, problem.cam, problem.point
-    rk = r.reshape(-1, 1, 2)
-    At, Bt = A.transpose(0, 2, 1), B.transpose(0, 2, 1)
+    r2 = r.reshape(-1, 2)
+    # contiguous transposes: A^T @ A on a transposed view of A itself is several times slower
+    At, Bt = np.ascontiguousarray(A.transpose(0, 2, 1)), np.ascontiguousarray(B.transpose(0, 2, 1))
     Ublocks = _sum_by(problem, "cam", At @ A)
     V = _sum_by(problem, "point", Bt @ B)
     W = np.zeros((m, 6, n, 3))
     W[cam, :, point, :] = At @ B
-    gc = _sum_by(problem, "cam", (rk @ A)[:, 0])
-    gp = _sum_by(problem, "point", (rk @ B)[:, 0])
+    gc = _sum_by(problem, "cam", np.einsum("ki,kij->kj", r2, A))
+    gp = _sum_by(problem, "point", np.einsum("ki,kij->kj", r2, B))
     U = np.zeros((m, 6, m, 6))
     U[np.arange(m), :, np.arange(m), :] = Ublocks
     return U.reshape(6 * m, 6 * m), W.reshape(6 * m, 3 * n), V, gc.ravel(), gp.ravel()
@@ -521,10 +603,8 @@ def schur_solve(U, W, V, gc, gp, free):
     Pose parameters outside `free` are held at zero. Returns (dc (6m,), dp (3n,))."""
     n = V.shape[0]
     Vinv = np.linalg.inv(V)                                              # (n, 3, 3)
-    W3 = W.reshape(-1, n, 3)
-    # Y = W V^-1, block column by block column, as nine broadcast products over (6m, n)
-    Y = np.stack([sum(W3[:, :, b] * Vinv[:, b, c] for b in range(3)) for c in range(3)], axis=2)
-    Y = Y.reshape(W.shape)
+    # Y = W V^-1, block column by block column: n products of (6m, 3) by (3, 3)
+    Y = (W.reshape(-1, n, 3).transpose(1, 0, 2) @ Vinv).transpose(1, 0, 2).reshape(W.shape)
     S = U - Y @ W.T
     rhs = -(gc - Y @ gp)
     dc = np.zeros_like(gc)
@@ -534,15 +614,64 @@ def schur_solve(U, W, V, gc, gp, free):
     return dc, dp
 
 
-def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-3):
+def gauge_directions(problem, x):
+    """The 7 directions of the similarity gauge (eq. 6.21) at x: G (6m + 3n, 7), whose
+    columns are dx for an infinitesimal rotation omega (3), shift b (3) and scale s (1)
+    of the scene; J G = 0. For camera j, R_j Q^T = R_j exp(-[omega]x) gives
+    J_r(w_j) dw_j = -omega, and dt_j = s t_j - R_j b; each point moves by
+    dX_i = omega x X_i + b + s X_i."""
+    poses, X = problem.unpack(x)
+    G = np.zeros((problem.m, 6, 7))
+    for j, (w, t) in enumerate(zip(poses[:, :3], poses[:, 3:])):
+        G[j, :3, :3] = -np.linalg.inv(right_jacobian(w))
+        G[j, 3:, 3:6] = -rodrigues(w)
+        G[j, 3:, 6] = t
+    Gp = np.concatenate([-_hat_many(X), np.broadcast_to(np.eye(3), (problem.n, 3, 3)), X.T[:, :, None]], axis=2)
+    return np.concatenate([G.reshape(6 * problem.m, 7), Gp.reshape(3 * problem.n, 7)])
+
+
+def gauge_is_fixed(problem, x, rtol=1e-8):
+    """True if holding the fixed pose parameters removes all 7 gauge directions at x: the
+    rows of gauge_directions(problem, x) at the fixed parameters have rank 7 (each column
+    scaled to unit norm, smallest singular value above rtol times the largest)."""
+    G = gauge_directions(problem, x)[:6 * problem.m]
+    G = G / np.linalg.norm(G, axis=0)
+    Gf = G[~problem.free]
+    if Gf.shape[0] < 7:
+        return False
+    s = np.linalg.svd(Gf, compute_uv=False)
+    return bool(s[-1] > rtol * s[0])
+
+
+def _predicted_decrease(U, W, V, gc, gp, dc, dp):
+    """E - ||r + J delta||^2 = -(2 delta^T g + delta^T J^T J delta) for delta = (dc, dp),
+    from the blocks of J^T J = [[U, W], [W^T, blockdiag V]] (eq. 6.19), without J."""
+    dp3 = dp.reshape(-1, 3)
+    dHd = dc @ U @ dc + 2 * dc @ (W @ dp) + np.einsum("ni,nij,nj->", dp3, V, dp3)
+    return -(2 * (dc @ gc + dp @ gp) + float(dHd))
+
+
+def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-3, check_gauge=True):
     """Levenberg-Marquardt for bundle adjustment with the Schur complement (eqs. 6.18-6.21).
 
     Damps the normal equations by lam diag(J^T J), eliminates the points, and holds the
-    pose parameters outside problem.free at their values in x0 (the gauge). Stops as
-    `solve_least_squares` does. Returns (x, LeastSquaresHistory).
+    pose parameters outside problem.free at their values in x0 (the gauge). Stops, and
+    raises ConvergenceError, as `solve_least_squares` does. With check_gauge (the
+    default) it first raises ValueError if the fixed parameters leave a gauge direction
+    free at x0 (gauge_is_fixed), as the default `fixed` does when camera 1's centre is
+    straight ahead of or behind camera 0 as seen from camera 1 (forward motion); pass
+    check_gauge=False to run without a fixed gauge on purpose. Returns
+    (x, LeastSquaresHistory).
     """
     x = as_float_array(x0, "x0", ndims=1).copy()
     problem.unpack(x)
+    if check_gauge and not gauge_is_fixed(problem, x):
+        raise ValueError(f"the fixed pose parameters (fixed = {np.flatnonzero(~problem.free).tolist()}) do not "
+                         f"fix the gauge at x0: some rotation, shift or scale of the scene (eq. 6.21) leaves "
+                         f"them and every residual unchanged, so J^T J is singular. With the default fixed, "
+                         f"the baseline c_0 - c_1 seen from camera 1, R_1 (c_0 - c_1), needs a non-zero x "
+                         f"component; hold another coordinate of camera 1 (BundleProblem.create(fixed=...)), "
+                         f"or pass check_gauge=False")
     hist = LeastSquaresHistory(n_residual=1)
     r = ba_residual(problem, x)
     E = float(r @ r)
@@ -555,25 +684,31 @@ def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-3):
         U, W, V, gc, gp = ba_normal_equations(problem, A, B, r)
         gc = gc * problem.free
         dU, dV = np.diag(U).copy(), np.einsum("nii->ni", V).copy()
+        first, stationary = True, False
         while True:
             dc, dp = schur_solve(U + lam * np.diag(dU), W, V + lam * dV[:, :, None] * np.eye(3),
                                  gc, gp, problem.free)
+            delta = np.concatenate([dc, dp])
             try:
-                r_new = ba_residual(problem, x + np.concatenate([dc, dp]))
+                r_new = ba_residual(problem, x + delta)
                 E_new = float(r_new @ r_new)
-            except ValueError:      # the step put a point behind a camera
+            except BehindCameraError:
                 E_new = np.inf
             hist.n_residual += 1
-            # the predicted decrease E - ||r + J delta||^2 = -(2 delta^T g + ||J delta||^2)
-            Jd = (A @ dc.reshape(-1, 6, 1)[problem.cam] + B @ dp.reshape(-1, 3, 1)[problem.point])
-            predicted = -(2 * (dc @ gc + dp @ gp) + float(np.sum(Jd * Jd)))
+            predicted = _predicted_decrease(U, W, V, gc, gp, dc, dp)
             rho = (E - E_new) / predicted if predicted > 0 else -1.0
-            lam, nu = _lm_update(lam, nu, rho)
-            if rho > 0 or lam > 1e16:
+            if rho > 0:
+                lam, nu = _lm_update(lam, nu, rho)
                 break
-        delta = np.concatenate([dc, dp])
-        done = _finished(E, E_new, delta, x, tol) or lam > 1e16
-        if E_new <= E:
+            if first and np.isfinite(E_new) and _stationary(E, predicted, delta, x, tol):
+                stationary = True
+                break
+            first = False
+            lam, nu = _lm_update(lam, nu, rho)
+            if lam > MAX_DAMPING:
+                raise _stuck(E, lam, "bundle adjustment")
+        done = stationary or _finished(E, E_new, delta, x, tol)
+        if not stationary:
             x, r, E = x + delta, r_new, E_new
         hist.n_iter += 1
         hist.cost.append(E)

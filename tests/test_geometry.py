@@ -97,6 +97,19 @@ def test_points_behind_the_camera_raise(z):
     assert np.all(np.isfinite(dl.project(P[:, dl.in_front(P)], K)))
 
 
+@pytest.mark.parametrize("z", [1e-320, 1e-160])
+def test_points_whose_image_overflows_raise(z):
+    """p_z > 0 so small that p_x / p_z (or the Jacobian's p_x / p_z^2) overflows: an explicit
+    BehindCameraError, never a NaN (1e-160 overflows only the Jacobian)."""
+    P = np.array([[0.1, 1.0], [0.2, 1.0], [1.0, z]])
+    fns = (dl.project, dl.project_jacobian) if z < 1e-300 else (dl.project_jacobian,)
+    for fn in fns:
+        with pytest.raises(dl.BehindCameraError, match=r"P has 1 point\(s\) whose image overflows.*column 1"):
+            fn(P, K)
+    if z > 1e-300:
+        assert np.all(np.isfinite(dl.project(P, K)))
+
+
 def test_nan_points_raise():
     with pytest.raises(ValueError, match="P must be finite"):
         dl.project(np.array([0.0, np.nan, 1.0]), K)
@@ -145,6 +158,12 @@ def test_taylor_branch_joins_the_closed_form():
     # [w]x^2, of size t^2, so its contribution to J_r is accurate to a few eps.
     assert np.allclose(below[2], above[2], rtol=1e-11, atol=0)
     assert dl.rotation_coefficients(0.0) == (1.0, 0.5, 1.0 / 6.0)
+
+
+@pytest.mark.parametrize("t", [-5.0, -1e-300, np.nan, np.inf, "angle"])
+def test_rotation_coefficients_reject_bad_angles(t):
+    with pytest.raises(ValueError, match=r"t must be a (finite|real) angle t >= 0.*got"):
+        dl.rotation_coefficients(t)
 
 
 def test_rotate_jacobian_many_points(rng):
@@ -213,6 +232,43 @@ def test_least_squares_errors(rng):
                                lambda x: dl.reprojection_jacobian(x, X, K), xi + 0.1, max_iter=1)
 
 
+def test_a_stuck_levenberg_marquardt_raises(rng):
+    """No step can lower E (a wrong Jacobian; a residual that is infinite, or whose points
+    are all behind the camera, away from x0): ConvergenceError, never converged = True."""
+    X, u, xi = pnp_problem(rng, noise=0.5)
+    x0 = xi + 0.05
+    r = lambda x: dl.reprojection_residual(x, X, K, u)
+    J = lambda x: dl.reprojection_jacobian(x, X, K)
+
+    def infinite_away(x):
+        return r(x) if np.array_equal(x, x0) else np.full(2 * X.shape[1], np.inf)
+
+    def behind_away(x):
+        if np.array_equal(x, x0):
+            return r(x)
+        raise dl.BehindCameraError("every step puts a point behind the camera")
+
+    for residual, jacobian in [(r, lambda x: -J(x)), (infinite_away, J), (behind_away, J)]:
+        with pytest.raises(dl.ConvergenceError, match="Levenberg-Marquardt is stuck"):
+            dl.solve_least_squares(residual, jacobian, x0)
+
+
+def test_only_behind_the_camera_is_caught(rng):
+    """A ValueError of the user's residual propagates; it is not taken for a rejected step."""
+    X, u, xi = pnp_problem(rng)
+    calls = []
+
+    def residual(x):
+        calls.append(1)
+        if len(calls) > 1:
+            raise ValueError("a bug in the residual")
+        return dl.reprojection_residual(x, X, K, u)
+
+    with pytest.raises(ValueError, match="a bug in the residual"):
+        dl.solve_least_squares(residual, lambda x: dl.reprojection_jacobian(x, X, K), xi + 0.05)
+    assert len(calls) == 2
+
+
 # ----- Bundle adjustment -----
 
 
@@ -264,6 +320,18 @@ def test_schur_complement_solves_the_normal_equations(small_scene, rng):
     assert np.all(dc[~pr.free] == 0)
 
 
+def test_predicted_decrease_from_the_blocks(small_scene, rng):
+    """bundle_adjust's model decrease from U, W, V equals ||r||^2 - ||r + J delta||^2."""
+    pr, x = small_scene.problem, small_scene.x0
+    A, B = dl.ba_jacobian_blocks(pr, x)
+    r = dl.ba_residual(pr, x)
+    U, W, V, gc, gp = dl.ba_normal_equations(pr, A, B, r)
+    dc, dp = rng.standard_normal(gc.size), rng.standard_normal(gp.size)
+    r_lin = r + dl.ba_jacobian(pr, x) @ np.concatenate([dc, dp])
+    expected = r @ r - r_lin @ r_lin
+    assert abs(dl.geometry._predicted_decrease(U, W, V, gc, gp, dc, dp) - expected) <= 1e-10 * abs(r_lin @ r_lin)
+
+
 def test_gauge_freedom_has_seven_dimensions(small_scene):
     pr = small_scene.problem
     J = dl.ba_jacobian(pr, pr.pack(small_scene.poses, small_scene.X)).toarray()
@@ -303,6 +371,52 @@ def test_bundle_problem_errors():
     pr = dl.BundleProblem.create(K, np.array([0, 1]), np.array([1, 1]), np.zeros((2, 2)), 2, 2)
     with pytest.raises(ValueError, match=r"x must have shape \(18,\), got shape \(5,\)"):
         dl.ba_residual(pr, np.zeros(5))
+
+
+def test_a_stuck_bundle_adjustment_raises(small_scene, monkeypatch):
+    """With the Jacobian's sign flipped no step lowers E: ConvergenceError, not converged."""
+    blocks = dl.geometry.ba_jacobian_blocks
+    monkeypatch.setattr(dl.geometry, "ba_jacobian_blocks", lambda pr, x: tuple(-M for M in blocks(pr, x)))
+    with pytest.raises(dl.ConvergenceError, match="bundle adjustment is stuck"):
+        dl.bundle_adjust(small_scene.problem, small_scene.x0)
+
+
+def test_fixed_indices_are_validated():
+    args = (K, np.array([0, 1]), np.array([1, 1]), np.zeros((2, 2)), 2, 2)
+    for fixed in ([100], [-1], [12]):
+        with pytest.raises(ValueError, match=r"fixed must index the pose parameters 0..11 .*got values in"):
+            dl.BundleProblem.create(*args, fixed=fixed)
+    for fixed in ([1.5], [[0, 1]]):
+        with pytest.raises(ValueError, match=r"fixed must be a 1-D list of integer"):
+            dl.BundleProblem.create(*args, fixed=fixed)
+    assert dl.BundleProblem.create(*args, fixed=[11]).free.tolist() == [True] * 11 + [False]
+
+
+def test_the_gauge_check(small_scene):
+    """The default gauge fixes all 7 directions, and the 7 directions of
+    gauge_directions are the null space of J; under forward motion (camera 1 straight
+    ahead of camera 0) t_x of camera 1 no longer pins the scale, and bundle_adjust says so."""
+    pr, x = small_scene.problem, small_scene.x0
+    assert dl.gauge_is_fixed(pr, x)
+    G = dl.gauge_directions(pr, x)
+    assert G.shape == (6 * pr.m + 3 * pr.n, 7) and np.linalg.matrix_rank(G) == 7
+    poses, X = pr.unpack(x)
+    J = dl.ba_jacobian(pr, x).toarray()
+    assert np.linalg.norm(J @ G) < 1e-9 * np.linalg.norm(J) * np.linalg.norm(G)
+    free = dl.BundleProblem.create(pr.K, pr.cam, pr.point, pr.u, pr.m, pr.n, fixed=[])
+    assert not dl.gauge_is_fixed(free, x)
+    forward = poses.copy()
+    R0 = dl.rodrigues(poses[0, :3])
+    forward[1, :3] = poses[0, :3]
+    forward[1, 3:] = poses[0, 3:] - [0.0, 0.0, 1.0]          # camera 1's centre: c_0 + R0^T e_z
+    x_fwd = pr.pack(forward, X)
+    centre = lambda xi: -dl.rodrigues(xi[:3]).T @ xi[3:]
+    assert abs((R0 @ (centre(forward[0]) - centre(forward[1])))[0]) < 1e-15     # no x component
+    assert not dl.gauge_is_fixed(pr, x_fwd)
+    with pytest.raises(ValueError, match=r"fixed = \[0, 1, 2, 3, 4, 5, 9\]\) do not fix the gauge"):
+        dl.bundle_adjust(pr, x_fwd)
+    s = np.linalg.svd(dl.ba_jacobian(pr, x_fwd, free_only=True).toarray(), compute_uv=False)
+    assert s[-1] < 1e-12 * s[0]
 
 
 def test_bundle_adjustment_without_noise_recovers_the_truth():
