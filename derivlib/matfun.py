@@ -101,7 +101,7 @@ def eigvalsh_jvp(S, dS):
     individual lam_i are not differentiable and q_i^T dS q_i depends on the basis."""
     lam, Q = eigh(S)
     dS = _tangent(dS, Q.shape, "dS")
-    for group in _tied_groups(lam, "eigvalsh_jvp"):
+    for group in _tied_groups(lam):
         raise ValueError(f"eigvalsh_jvp needs distinct eigenvalues: lam is not differentiable "
                          f"where eigenvalues repeat; got lam[{group[0]}:{group[-1] + 1}] equal "
                          f"to {lam[group[0]]:.6g}")
@@ -120,7 +120,7 @@ def eigvalsh_vjp(S, g):
     return (Q * g) @ Q.T
 
 
-def _tied_groups(vals, what):
+def _tied_groups(vals):
     """Index arrays of the runs of sorted vals that agree to 1e3 eps max|vals|."""
     scale = max(float(np.max(np.abs(vals))), np.finfo(float).tiny) if vals.size else 1.0
     close = np.abs(np.diff(vals)) <= 1e3 * np.finfo(float).eps * scale
@@ -135,7 +135,7 @@ def _tied_groups(vals, what):
 
 def _require_constant_on_ties(vals, g, what, noun, symbol):
     g_scale = float(np.max(np.abs(g))) if g.size else 0.0
-    for group in _tied_groups(vals, what):
+    for group in _tied_groups(vals):
         spread = float(np.ptp(g[group]))
         if spread > 1e-10 * g_scale:
             raise ValueError(
@@ -362,11 +362,12 @@ def _require_differentiable_sigma(s, g, what):
     zero = s <= tol
     if np.any(zero & (g != 0)):
         i = int(np.argmax(zero & (g != 0)))
+        unless = f" or g[{i}] = 0" if what.endswith("vjp") else ""
         raise ValueError(f"{what}: sigma[{i}] = {s[i]:.3g} is zero to working precision (sigma_max = "
                          f"{s[0]:.3g}), where sigma_i is not differentiable (a kink, as |x| at 0); "
-                         f"eq. 7.16 needs nonzero singular values" + (f" or g[{i}] = 0" if what.endswith("vjp") else ""))
+                         f"eq. 7.16 needs nonzero singular values{unless}")
     if what.endswith("jvp"):
-        for group in _tied_groups(s, what):
+        for group in _tied_groups(s):
             raise ValueError(f"{what}: sigma[{group[0]}:{group[-1] + 1}] are repeated singular values "
                              f"({s[group[0]]:.6g}), where sigma is not differentiable; eq. 7.16 needs "
                              f"distinct singular values")
