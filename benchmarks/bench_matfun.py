@@ -17,8 +17,10 @@ to build S and L from 40-digit decimal divided differences
 (`derivlib.check.spd_function_vjp_reference`). The best of several interleaved repeats
 is kept; a ratio above 1 means derivlib is faster.
 
-Both eigendecompositions run in OpenBLAS's LAPACK (NumPy's for derivlib, SciPy's for
-jaxlib's CPU kernels), so the script sets OPENBLAS_NUM_THREADS=1 unless it is set: on a
+Both eigendecompositions are LAPACK's dsyevd from the OpenBLAS that SciPy ships: derivlib
+calls scipy.linalg.lapack.dsyevd directly (NumPy's eigh only if SciPy is missing), and
+jaxlib's CPU kernels take their LAPACK from SciPy too. So the script sets
+OPENBLAS_NUM_THREADS=1 unless it is set: on a
 machine shared with other work, OpenBLAS threads that spin while waiting for a core make
 a 64 x 64 eigh take a hundred times longer at random, and the table then measures the
 machine's load rather than the two rules.

@@ -6,9 +6,12 @@ matrices (logarithm, square root, inverse square root) with the Daleckii-Krein b
 rule, the singular values and the polar factor behind orthogonal Procrustes.
 
 As in ``derivlib.backprop``, every rule is a pair ``<name>_jvp(*primals, *tangents)``
-and ``<name>_vjp(*primals, G)`` in the shapes of the forward function. A function of a
-symmetric matrix S is read as the function of sym(S) = (S + S^T) / 2 on all square
-matrices (eq. 7.6), which is what ``jnp.linalg.eigh`` does; its gradient is symmetric.
+and ``<name>_vjp(*primals, G)`` in the shapes of the forward function, except
+``gaussian_nll_grad``, which returns the gradient of a scalar directly. A function of a
+symmetric matrix S accepts only S symmetric to 1e-10 (relative; ValueError otherwise);
+tangents and cotangents may be any square matrices and are symmetrized, so each rule is
+the derivative of S -> f(sym(S)), sym(S) = (S + S^T) / 2 (eq. 7.6), which is also what
+``jnp.linalg.eigh`` differentiates, and every gradient with respect to S is symmetric.
 """
 
 import numpy as np
@@ -74,8 +77,13 @@ def sym(A):
 
 def eigh(S):
     """S = Q diag(lam) Q^T (eq. 7.7) for a symmetric S (n, n): lam (n,) ascending and
-    Q (n, n) orthogonal, each column's entry of largest magnitude made positive, so
-    that the sign of each eigenvector is a function of S."""
+    Q (n, n) orthogonal, each column's entry of largest magnitude made positive (the
+    first such entry, if several have that magnitude).
+
+    The convention is locally constant, so eq. 7.9 is its derivative, except where a
+    column's two largest |entries| tie: there the sign, and so Q, jumps, and which side
+    of the jump S lands on depends on the last bits LAPACK returns (S = [[2, 1], [1, 2]]
+    is such a point)."""
     S = _symmetric(S, "S")
     lam, Q = np.linalg.eigh(S)
     return lam, Q * _column_signs(Q)
@@ -87,17 +95,53 @@ def _column_signs(Q):
 
 
 def eigvalsh_jvp(S, dS):
-    """d lam_i = q_i^T dS q_i (eq. 7.8): the (n,) differential of the eigenvalues."""
+    """d lam_i = q_i^T dS q_i (eq. 7.8): the (n,) differential of the eigenvalues.
+
+    Raises ValueError at a repeated eigenvalue (to 1e3 eps max|lam|), where the
+    individual lam_i are not differentiable and q_i^T dS q_i depends on the basis."""
     lam, Q = eigh(S)
     dS = _tangent(dS, Q.shape, "dS")
+    for group in _tied_groups(lam):
+        raise ValueError(f"eigvalsh_jvp needs distinct eigenvalues: lam is not differentiable "
+                         f"where eigenvalues repeat; got lam[{group[0]}:{group[-1] + 1}] equal "
+                         f"to {lam[group[0]]:.6g}")
     return np.einsum("ji,jk,ki->i", Q, sym(dS), Q)
 
 
 def eigvalsh_vjp(S, g):
-    """The gradient of <g, lam(S)>: Q diag(g) Q^T (eq. 7.10), g of shape (n,)."""
+    """The gradient of <g, lam(S)>: Q diag(g) Q^T (eq. 7.10), g of shape (n,).
+
+    At a repeated eigenvalue (to 1e3 eps max|lam|) <g, lam> is differentiable only if g
+    is constant on the tied group (then Q diag(g) Q^T does not depend on the basis of
+    the eigenspace); otherwise this raises ValueError."""
     lam, Q = eigh(S)
     g = _cotangent(g, lam.shape)
+    _require_constant_on_ties(lam, g, "eigvalsh_vjp", "eigenvalues", "lam")
     return (Q * g) @ Q.T
+
+
+def _tied_groups(vals):
+    """Index arrays of the runs of sorted vals that agree to 1e3 eps max|vals|."""
+    scale = max(float(np.max(np.abs(vals))), np.finfo(float).tiny) if vals.size else 1.0
+    close = np.abs(np.diff(vals)) <= 1e3 * np.finfo(float).eps * scale
+    groups, start = [], 0
+    for i in range(1, vals.size + 1):
+        if i == vals.size or not close[i - 1]:
+            if i - start > 1:
+                groups.append(np.arange(start, i))
+            start = i
+    return groups
+
+
+def _require_constant_on_ties(vals, g, what, noun, symbol):
+    g_scale = float(np.max(np.abs(g))) if g.size else 0.0
+    for group in _tied_groups(vals):
+        spread = float(np.ptp(g[group]))
+        if spread > 1e-10 * g_scale:
+            raise ValueError(
+                f"{what}: {symbol}[{group[0]}:{group[-1] + 1}] are repeated {noun} "
+                f"({vals[group[0]]:.6g}); <g, {symbol}> is differentiable there only if g is "
+                f"constant on them, got g[{group[0]}:{group[-1] + 1}] spread over {spread:.3g}")
 
 
 def _gap_matrix(lam, what):
@@ -140,10 +184,19 @@ def eigvecsh_vjp(S, G):
 def _log_dd(a, b):
     """(log a - log b) / (a - b), accurate for every a, b > 0 (eq. 7.15): with
     x = (a - b) / (a + b), log a - log b = 2 atanh(x), used where |x| < 1/2; elsewhere
-    a / b > 3 and the plain difference of logarithms does not cancel."""
+    a / b > 3 or < 1/3 and +-log(max(a, b) / min(a, b)) does not cancel (log a - log b
+    would, when both logarithms are large: at a = 1e100, b = 3.7e100 it keeps only 14
+    digits). Where that ratio overflows, |log a - log b| > 700 and the plain difference
+    loses nothing."""
     d = a - b
-    x = d / (a + b)
-    L = np.log(a) - np.log(b)
+    with np.errstate(over="ignore", under="ignore", divide="ignore"):
+        s = a + b
+        x = np.where(np.isfinite(s), d / s, (0.5 * d) / (0.5 * a + 0.5 * b))
+        r = np.maximum(a, b) / np.minimum(a, b)  # >= 1, the same for (a, b) and (b, a)
+    ratio_ok = np.isfinite(r)
+    L = np.sign(d) * np.log(np.where(ratio_ok, r, 1.0))
+    if not ratio_ok.all():
+        np.copyto(L, np.log(a) - np.log(b), where=~ratio_ok)
     np.copyto(L, 2.0 * np.arctanh(np.clip(x, -0.5, 0.5)), where=np.abs(x) < 0.5)
     tie = d == 0
     np.divide(L, d, out=L, where=~tie)
@@ -173,6 +226,9 @@ def loewner_matrix(lam, f):
     lam = as_float_array(lam, "lam", 1)
     if f not in _FUNCTIONS:
         raise ValueError(f"f must be one of {sorted(_FUNCTIONS)}, got {f!r}")
+    if not np.all(np.isfinite(lam)):
+        bad = float(lam[~np.isfinite(lam)][0])
+        raise ValueError(f"lam must be finite, got {bad} in lam of shape {lam.shape}")
     if not np.all(lam > 0):
         raise ValueError(f"lam must be positive, got min {float(np.min(lam)):.3g}")
     return _loewner(lam, f)
@@ -276,19 +332,47 @@ def _eigh(S):
 
 
 def svdvals_jvp(M, dM):
-    """d sigma_i = u_i^T dM v_i (eq. 7.16) for M (m, n); returns (min(m, n),)."""
+    """d sigma_i = u_i^T dM v_i (eq. 7.16) for M (m, n); returns (min(m, n),).
+
+    Raises ValueError where eq. 7.16 does not hold: at a repeated or a zero singular
+    value (to 1e3 eps sigma_max), where sigma is not differentiable."""
     M = require_finite(as_float_array(M, "M", 2), "M")
     dM = _tangent(dM, M.shape, "dM")
     U, s, Vt = np.linalg.svd(M, full_matrices=False)
+    _require_differentiable_sigma(s, np.ones_like(s), "svdvals_jvp")
     return np.einsum("ji,jk,ik->i", U, dM, Vt)
 
 
 def svdvals_vjp(M, g):
-    """The gradient of <g, sigma(M)>: U diag(g) V^T (eq. 7.16)."""
+    """The gradient of <g, sigma(M)>: U diag(g) V^T (eq. 7.16).
+
+    Where singular values repeat (to 1e3 eps sigma_max), <g, sigma> is differentiable
+    only if g is constant on the tied group, and at a zero singular value only if g is
+    zero there; then U diag(g) V^T does not depend on the singular vectors the SVD
+    picks, and is returned (g = 1 at M = 2 Q gives Q). Otherwise: ValueError."""
     M = require_finite(as_float_array(M, "M", 2), "M")
     U, s, Vt = np.linalg.svd(M, full_matrices=False)
     g = _cotangent(g, s.shape)
+    _require_differentiable_sigma(s, g, "svdvals_vjp")
     return (U * g) @ Vt
+
+
+def _require_differentiable_sigma(s, g, what):
+    tol = 1e3 * np.finfo(float).eps * float(s[0]) if s.size else 0.0
+    zero = s <= tol
+    if np.any(zero & (g != 0)):
+        i = int(np.argmax(zero & (g != 0)))
+        unless = f" or g[{i}] = 0" if what.endswith("vjp") else ""
+        raise ValueError(f"{what}: sigma[{i}] = {s[i]:.3g} is zero to working precision (sigma_max = "
+                         f"{s[0]:.3g}), where sigma_i is not differentiable (a kink, as |x| at 0); "
+                         f"eq. 7.16 needs nonzero singular values{unless}")
+    if what.endswith("jvp"):
+        for group in _tied_groups(s):
+            raise ValueError(f"{what}: sigma[{group[0]}:{group[-1] + 1}] are repeated singular values "
+                             f"({s[group[0]]:.6g}), where sigma is not differentiable; eq. 7.16 needs "
+                             f"distinct singular values")
+    else:
+        _require_constant_on_ties(s, g, what, "singular values", "sigma")
 
 
 def polar(M):
@@ -301,25 +385,29 @@ def polar(M):
 def polar_jvp(M, dM):
     """dR = U (C o (K - K^T)) V^T, K = U^T dM V, C_ij = 1 / (sigma_i + sigma_j) (eq. 7.18)."""
     U, s, Vt = _polar_svd(M)
-    dM = _tangent(dM, U.shape, "dM")
-    K = U.T @ dM @ Vt.T
-    return U @ ((K - K.T) / (s[:, None] + s[None, :])) @ Vt
+    return _polar_rule(U, s, Vt, _tangent(dM, U.shape, "dM"))
 
 
 def polar_vjp(M, G):
     """The gradient of <G, polar(M)>: U (C o (H - H^T)) V^T, H = U^T G V (eq. 7.19)."""
     U, s, Vt = _polar_svd(M)
-    G = _cotangent(G, U.shape)
-    H = U.T @ G @ Vt.T
-    return U @ ((H - H.T) / (s[:, None] + s[None, :])) @ Vt
+    return _polar_rule(U, s, Vt, _cotangent(G, U.shape))
 
 
-def _polar_svd(M):
+def _polar_rule(U, s, Vt, X):
+    """U (C o (K - K^T)) V^T with K = U^T X V: eq. 7.18 for X = dM, eq. 7.19 for X = G."""
+    K = U.T @ X @ Vt.T
+    return U @ ((K - K.T) / (s[:, None] + s[None, :])) @ Vt
+
+
+def _polar_svd(M, what="M"):
     M = require_finite(as_float_array(M, "M", 2), "M")
     if M.shape[0] != M.shape[1]:
         raise ValueError(f"M must be square, got shape {M.shape}")
     U, s, Vt = np.linalg.svd(M)
     if not s[-1] > 1e3 * np.finfo(float).eps * s[0]:
+        if what != "M":
+            raise ValueError(what.format(top=s[0], bottom=s[-1]))
         raise ValueError(f"the polar factor needs an invertible M, got singular values "
                          f"from {s[0]:.3g} down to {s[-1]:.3g}")
     return U, s, Vt
@@ -329,21 +417,25 @@ def procrustes(A, B):
     """The rotation-or-reflection R minimising ||R A - B||_F over orthogonal R
     (eq. 7.20): R = polar(B A^T), for point sets A, B of shape (d, n) as columns."""
     A, B = _point_sets(A, B)
-    return polar(B @ A.T)
+    U, s, Vt = _polar_svd(B @ A.T, _degenerate_points(A))
+    return U @ Vt
 
 
 def procrustes_jvp(A, B, dA, dB):
-    """dR = polar_jvp(B A^T, dB A^T + B dA^T) (eq. 7.21)."""
+    """dR = polar_jvp(B A^T, dM) with dM = dB A^T + B dA^T: eq. 7.18 through the
+    Procrustes layer R(A, B) = polar(B A^T) of eq. 7.20."""
     A, B = _point_sets(A, B)
     dA, dB = _tangent(dA, A.shape, "dA"), _tangent(dB, B.shape, "dB")
-    return polar_jvp(B @ A.T, dB @ A.T + B @ dA.T)
+    U, s, Vt = _polar_svd(B @ A.T, _degenerate_points(A))
+    return _polar_rule(U, s, Vt, dB @ A.T + B @ dA.T)
 
 
 def procrustes_vjp(A, B, G):
     """The gradients (A_bar, B_bar) of <G, procrustes(A, B)> (eq. 7.21):
     M_bar = polar_vjp(B A^T, G), A_bar = M_bar^T B, B_bar = M_bar A."""
     A, B = _point_sets(A, B)
-    M_bar = polar_vjp(B @ A.T, G)
+    U, s, Vt = _polar_svd(B @ A.T, _degenerate_points(A))
+    M_bar = _polar_rule(U, s, Vt, _cotangent(G, U.shape))
     return M_bar.T @ B, M_bar @ A
 
 
@@ -353,6 +445,14 @@ def _point_sets(A, B):
     if A.shape != B.shape:
         raise ValueError(f"A and B must have the same shape (d, n), got A {A.shape} and B {B.shape}")
     return A, B
+
+
+def _degenerate_points(A):
+    d, n = A.shape
+    few = f"; with n = {n} points in d = {d} dimensions it always is" if n < d else ""
+    return ("procrustes needs point sets A and B (d, n) whose cross-covariance B A^T (d, d) is "
+            "invertible, so that the best rotation is unique; got B A^T with singular values "
+            "from {top:.3g} down to {bottom:.3g} (as when A or B spans fewer than d dimensions)" + few)
 
 
 # ----- Input checks -----

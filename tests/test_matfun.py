@@ -226,6 +226,23 @@ def test_eigenvalue_rules_at_a_repeated_eigenvalue_are_finite():
     # lam is not differentiable at a tie, but g -> Q diag(g) Q^T is the gradient of any
     # symmetric function of the eigenvalues, e.g. the trace (g = 1 gives I).
     np.testing.assert_allclose(eigvalsh_vjp(np.eye(3), np.ones(3)), np.eye(3), atol=1e-15)
+    S = np.diag([2.0, 5.0, 2.0])  # log det: g = 1 / lam is constant on the tie, gradient S^-1
+    np.testing.assert_allclose(eigvalsh_vjp(S, 1 / eigh(S)[0]), np.linalg.inv(S), rtol=1e-15)
+
+
+def test_eigenvalue_rules_refuse_a_tie_where_there_is_no_derivative(rng):
+    Q = random_orthogonal(rng, 3)
+    S = (Q * np.array([1.0, 1.0, 4.0])) @ Q.T
+    S = 0.5 * (S + S.T)
+    with pytest.raises(ValueError, match=r"eigvalsh_vjp: lam\[0:2\] are repeated eigenvalues \(1\); <g, lam> is "
+                                         r"differentiable there only if g is constant on them, got g\[0:2\] spread over 1"):
+        eigvalsh_vjp(S, np.array([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match=r"eigvalsh_jvp needs distinct eigenvalues.*lam\[0:2\] equal to 1"):
+        eigvalsh_jvp(S, symmetric(rng, 3))
+    # constant on the tie: the basis inside the eigenspace does not matter
+    g = np.array([0.5, 0.5, 3.0])
+    P = Q[:, :2] @ Q[:, :2].T
+    np.testing.assert_allclose(eigvalsh_vjp(S, g), 0.5 * P + 3.0 * (np.eye(3) - P), atol=1e-13)
 
 
 # ----- Functions of SPD matrices -----
@@ -282,6 +299,28 @@ def test_loewner_matrix_against_decimal_reference(name, seed, n):
     L = loewner_matrix(lam, name)
     assert_close(L, divided_differences_reference(lam, name), 1e-13)
     np.testing.assert_array_equal(L, L.T)
+
+
+@pytest.mark.parametrize("a, b", [(1e100, 3.7e100), (3.7e-100, 1e-100), (1e300, 1e-300), (1.7e308, 1.6e308),
+                                  (2e200, 5e200), (7.0, 1e-5)])
+def test_log_divided_difference_at_large_and_small_scales(a, b):
+    """Far from 1 both logarithms are large and log a - log b cancels; log(a / b) does not."""
+    lam = np.array([a, b])
+    L = loewner_matrix(lam, "log")
+    R = divided_differences_reference(lam, "log")
+    np.testing.assert_allclose(L, R, rtol=4e-16, atol=0)
+    np.testing.assert_array_equal(L, L.T)
+
+
+@pytest.mark.parametrize("lam, message", [
+    (np.array([np.inf, 1.0]), r"lam must be finite, got inf in lam of shape \(2,\)"),
+    (np.array([1.0, np.nan]), r"lam must be finite, got nan in lam of shape \(2,\)"),
+    (np.array([1.0, 0.0]), "lam must be positive, got min 0"),
+])
+def test_loewner_matrix_bad_spectrum(lam, message):
+    for name in FUNCTIONS:
+        with pytest.raises(ValueError, match=message):
+            loewner_matrix(lam, name)
 
 
 def test_identity_and_scalar_matrices():
@@ -349,6 +388,28 @@ def test_svdvals_rules(seed, shape):
     assert_adjoint(svdvals_jvp, svdvals_vjp, (M,), (dM,), g)
 
 
+def test_svdvals_at_repeated_and_zero_singular_values(rng):
+    """(7.16) holds where the singular values are distinct and nonzero; elsewhere
+    <g, sigma> has a gradient only for g constant on a tie and zero at a zero sigma."""
+    Q = random_orthogonal(rng, 3)
+    np.testing.assert_allclose(svdvals_vjp(2 * Q, np.ones(3)), Q, atol=1e-14)  # nuclear norm at 2 Q
+    with pytest.raises(ValueError, match=r"svdvals_vjp: sigma\[0:3\] are repeated singular values \(2\); "
+                                         r"<g, sigma> is differentiable there only if g is constant"):
+        svdvals_vjp(2 * Q, np.array([1.0, 2.0, 3.0]))
+    with pytest.raises(ValueError, match=r"svdvals_jvp: sigma\[0:3\] are repeated singular values"):
+        svdvals_jvp(2 * Q, rng.standard_normal((3, 3)))
+    M = np.diag([3.0, 1.0, 0.0]) @ Q
+    with pytest.raises(ValueError, match=r"svdvals_vjp: sigma\[2\] = 0 is zero to working precision.*or g\[2\] = 0"):
+        svdvals_vjp(M, np.ones(3))
+    with pytest.raises(ValueError, match=r"svdvals_jvp: sigma\[2\] = 0 is zero"):
+        svdvals_jvp(M, rng.standard_normal((3, 3)))
+    g = np.array([1.0, -2.0, 0.0])  # zero on the zero singular value: differentiable
+    dM = rng.standard_normal((3, 3))
+    h = 1e-6
+    fd = (np.linalg.svd(M + h * dM, compute_uv=False) - np.linalg.svd(M - h * dM, compute_uv=False)) @ g / (2 * h)
+    assert np.sum(svdvals_vjp(M, g) * dM) == pytest.approx(fd, rel=1e-7)
+
+
 @settings(max_examples=30)
 @given(seeds, sizes)
 def test_polar_rules(seed, n):
@@ -408,3 +469,18 @@ def test_polar_and_procrustes_bad_input():
         procrustes(np.ones((2, 3)), np.ones((3, 3)))
     with pytest.raises(ValueError, match=r"the tangent dB must have shape \(2, 3\), got \(3, 2\)"):
         procrustes_jvp(np.eye(2, 3), np.eye(2, 3), np.eye(2, 3), np.eye(3, 2))
+
+
+@pytest.mark.parametrize("A, B, few", [
+    (np.eye(3, 2), np.eye(3, 2), True),                                   # 2 points in 3 dimensions
+    (np.outer([1.0, 2.0, 3.0], np.ones(5)) + 0.0, np.arange(15.0).reshape(3, 5), False),  # A on a line
+])
+def test_procrustes_names_its_own_arguments_when_degenerate(A, B, few):
+    """The error names A and B (what the caller passed), not the internal M = B A^T."""
+    for call in (lambda: procrustes(A, B), lambda: procrustes_vjp(A, B, np.eye(3)),
+                 lambda: procrustes_jvp(A, B, A, B)):
+        with pytest.raises(ValueError, match=r"procrustes needs point sets A and B \(d, n\) whose cross-covariance "
+                                             r"B A\^T \(d, d\) is invertible") as info:
+            call()
+        assert "invertible M" not in str(info.value)
+        assert ("with n = 2 points in d = 3 dimensions it always is" in str(info.value)) == few
