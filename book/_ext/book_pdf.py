@@ -52,15 +52,35 @@ def latex_display(text):
     return "\\begin{equation*}\n\\begin{split}" + body + "\\end{split}\\tag{" + tags[0] + "}\n\\end{equation*}"
 
 
-def ids_of_document(node, cache):
-    """The ids of the document (one chapter of the LaTeX builder's single tree) that holds `node`."""
-    from sphinx import addnodes
+def document_of(node):
+    """The document (one chapter) that holds `node` in the LaTeX builder's single tree.
 
-    while node.parent is not None and not isinstance(node, addnodes.start_of_file):
+    Sphinx inlines each chapter under a start_of_file node by handing it the chapter's
+    children, whose `parent` still points to the chapter's own document node: climbing
+    the parents therefore ends there, at a node whose `source` names the chapter.
+    """
+    while node.parent is not None:
         node = node.parent
-    if id(node) not in cache:
-        cache[id(node)] = {i for element in node.findall(nodes.Element) for i in element.get("ids", [])}
-    return cache[id(node)]
+    return node
+
+
+def ids_of_document(node, cache):
+    """The ids of the document that holds `node`."""
+    top = document_of(node)
+    if id(top) not in cache:
+        cache[id(top)] = {i for element in top.findall(nodes.Element) for i in element.get("ids", [])}
+    return cache[id(top)]
+
+
+def latex_label(docname, anchor):
+    """A raw LaTeX label `docname:anchor`, the name MyST's links to the anchor refer to.
+
+    A raw label rather than a docutils target: Sphinx's LaTeX writer drops a target that
+    comes right before a section (it expects the section to carry the label), and the
+    root page, laid out as front matter, labels none of its sections.
+    """
+    name = f"{docname}:{anchor}"
+    return nodes.raw("", "\\phantomsection\\label{\\detokenize{" + name + "}}", format="latex")
 
 
 class LatexBook(SphinxPostTransform):
@@ -86,7 +106,12 @@ class LatexBook(SphinxPostTransform):
                 # An anchor named like the heading after it (`<a id="chapter-2"></a>`
                 # before `## Chapter 2`, for JupyterLab) adds no second label.
                 taken = ids_of_document(node, cache)
-                node.replace_self([nodes.target("", "", ids=[i]) for i in ANCHOR_ID.findall(text) if i not in taken])
+                docname = self.env.path2doc(document_of(node)["source"])
+                # The root page's sections carry no labels in the PDF, so there every
+                # anchor gets one.
+                root = docname == self.config.root_doc
+                node.replace_self([latex_label(docname, i) for i in ANCHOR_ID.findall(text)
+                                   if root or i not in taken])
             elif text.strip() == "</a>":
                 node.parent.remove(node)
             elif SUMMARY.search(text):
