@@ -579,13 +579,20 @@ def _mlp_targets(params, X, Y, name="Y", check_finite=True):
 
 
 def _finite(x, name, ndims=None):
-    """`x` as a float64 array, checked for NaN and infinity. Any NaN or infinity makes
-    the sum non-finite, so a finite sum (one pass, no temporary) proves the array
-    finite; only a non-finite sum (or one that overflowed) needs the entry-wise scan."""
+    """`x` as a float64 array, checked for NaN and infinity. A small array is scanned
+    entry by entry (``isfinite``); a large one is summed, since any NaN or infinity
+    makes the sum non-finite, so a finite sum (one pass, no temporary) proves the
+    array finite, and only a non-finite sum (or one that overflowed) needs the scan."""
     arr = as_float_array(x, name, ndims)
-    with np.errstate(over="ignore", invalid="ignore"):
-        total = np.add.reduce(arr, axis=None)
-    return arr if np.isfinite(total) else require_finite(arr, name)
+    if arr.size < _LARGE:
+        finite = np.isfinite(arr).all()
+    else:
+        with np.errstate(over="ignore", invalid="ignore"):
+            finite = np.isfinite(np.add.reduce(arr, axis=None))
+    return arr if finite else require_finite(arr, name)
+
+
+_LARGE = 1 << 16  # entries; below this, entering np.errstate costs more than the scan saves
 
 
 def _checked(x, name, ndims, check_finite):
