@@ -23,19 +23,35 @@ above 1 means derivlib is faster. Everything is float64.
 The last lines print the log-log slopes of wall time against the size m of a vector
 softmax, for forming the Jacobian and multiplying and for the VJP (the chapter's figure
 counts operations instead, which is machine-independent).
+
+Both sides run on one thread by default (NumPy's BLAS through threadpoolctl, XLA's CPU
+backend through XLA_FLAGS), so that neither gains from, or pays for, threads on small
+matrices; --threads 0 leaves both at their defaults.
+
+With --seeds, it also repeats the chapter's comparison of test accuracy on the digits,
+derivlib's fit_mlp against scikit-learn's MLPClassifier, for seeds 0 to 4 (the chapter
+runs seeds 0 to 2); that takes a few seconds per seed.
 """
 
 import argparse
+import contextlib
 import os
+import sys
 import time
+import warnings
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "--threads" not in sys.argv or sys.argv[sys.argv.index("--threads") + 1] != "0":  # before jax is imported
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.model_selection import train_test_split  # noqa: E402
+from sklearn.neural_network import MLPClassifier  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 import derivlib as dl  # noqa: E402
 
@@ -146,13 +162,46 @@ def wall_time_slopes(repeats):
             sizes_vjp, dl.loglog_slope(sizes_vjp, np.array(vjp)))
 
 
+def seed_spread(seeds=range(5)):
+    """Test accuracy of the chapter's two MLPs on the digits split, seed by seed."""
+    D, digit = load_digits(return_X_y=True)
+    D_train, D_test, digit_train, digit_test = train_test_split(D / 16.0, digit, test_size=0.25, random_state=0,
+                                                                stratify=digit)
+    X, Y, X_test = D_train.T, np.eye(10)[:, digit_train], D_test.T
+    print("\ntest accuracy on the digits (450 test images; one image = 0.22 points)")
+    print(f"{'seed':>4} {'derivlib':>9} {'scikit-learn':>13} {'difference':>11}")
+    diffs = []
+    for seed in seeds:
+        mlp, _ = dl.fit_mlp(X, Y, n_hidden=64, epochs=30, batch_size=8, learning_rate=0.05, seed=seed)
+        ours = 100 * np.mean(dl.mlp_predict(mlp, X_test) == digit_test)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sk = MLPClassifier(hidden_layer_sizes=(64,), activation="tanh", max_iter=1000, random_state=seed)
+            theirs = 100 * sk.fit(D_train, digit_train).score(D_test, digit_test)
+        diffs.append(ours - theirs)
+        print(f"{seed:>4} {ours:>8.1f}% {theirs:>12.1f}% {ours - theirs:>+10.1f}")
+    print(f"mean difference {np.mean(diffs):+.2f} points, range {min(diffs):+.1f} to {max(diffs):+.1f}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="BLAS and XLA threads: 1 (default) for both, 0 for each library's default")
+    parser.add_argument("--seeds", action="store_true", help="also compare test accuracy over seeds 0 to 4")
     args = parser.parse_args()
+    limit = threadpool_limits(1, user_api="blas") if args.threads == 1 else contextlib.nullcontext()
+    with limit:
+        run(args)
+    if args.seeds:
+        seed_spread()
+
+
+def run(args):
     rows = [bench_softmax_jax(args.repeats), bench_softmax_blocks(args.repeats),
             bench_mlp_step(args.repeats, check_finite=True), bench_mlp_step(args.repeats, check_finite=False)]
-    print(f"best of {args.repeats} repeats (Jacobian blocks: 1 run; MLP: {30 * args.repeats}); "
+    threads = "one thread each" if args.threads == 1 else "default threads"
+    print(f"best of {args.repeats} repeats (Jacobian blocks: 1 run; MLP: {30 * args.repeats}), {threads}; "
           "ratio = peer time / derivlib time (> 1: derivlib faster)\n")
     header = f"{'task':<32} {'peer':<28} {'derivlib':>10} {'peer':>10} {'ratio':>7}  agreement"
     print(header)

@@ -217,8 +217,10 @@ def check_dot_product(name, jvp, vjp, points, tol=TOL):
 
     `points` is a list of (primals, tangents, W) triples. J comes from `jvp` and J^T
     from `vjp`, so the test checks that the two rules are transposes of each other
-    without forming J; it catches a transposed factor that a symmetric test input
-    hides. Prints one verdict line or raises AssertionError with the worst gap.
+    without forming J. Like any check, it only sees what the test points show: a
+    missing transpose that vanishes at a symmetric input passes there, so draw general
+    (non-symmetric) points. Prints one verdict line or raises AssertionError with the
+    worst gap.
     """
     points = list(points)
     if not points:

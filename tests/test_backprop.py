@@ -149,6 +149,29 @@ def test_softmax_of_a_vector(rng):
     assert_matches_oracle("log_softmax, vector", bp.log_softmax_vjp(x, g), oracle("log_softmax", (x,), g))
 
 
+def test_softmax_rules_of_a_single_row_act_along_the_row(rng):
+    """As derivlib.softmax (eq. 2.5): a (1, n) matrix is one softmax along its row."""
+    X, G = rng.standard_normal((1, 2)), rng.standard_normal((1, 2))  # X.T is (2, 1), a shape of SIZES
+    for name, vjp in [("softmax", bp.softmax_vjp), ("log_softmax", bp.log_softmax_vjp)]:
+        ours = vjp(X, G)
+        assert relative_error(ours, oracle(name, (X.T,), G.T)[0].T) < TOL  # the column-wise rule on X^T
+        assert relative_error(ours[0], vjp(X[0], G[0])) < TOL
+    Y = np.array([[0.0, 1.0]])
+    assert bp.softmax_cross_entropy(X, Y) == pytest.approx(bp.softmax_cross_entropy(X.T, Y.T), rel=1e-15)
+    assert bp.softmax_cross_entropy(X, Y) > 0  # column by column, each 1 x 1 softmax would give 0
+
+
+def test_a_symmetric_point_hides_a_missing_transpose_from_the_dot_product_test(rng):
+    """-C G C instead of -C^T G C^T: passes at a symmetric A, fails at a general one."""
+    wrong = lambda A, G: -np.linalg.inv(A) @ G @ np.linalg.inv(A)  # noqa: E731
+    S = rng.standard_normal((4, 4))
+    S = S + S.T + 8 * np.eye(4)
+    sym = [((S,), (rng.standard_normal((4, 4)),), rng.standard_normal((4, 4))) for _ in range(3)]
+    assert max(dot_product_gap(bp.inverse_jvp, wrong, *p) for p in sym) < TOL
+    gen = [((draw(rng, (4, 4)),), (rng.standard_normal((4, 4)),), rng.standard_normal((4, 4))) for _ in range(3)]
+    assert max(dot_product_gap(bp.inverse_jvp, wrong, *p) for p in gen) > 1e-3
+
+
 # ----- Planted mistakes fail both checks -----
 
 PLANTED = {  # name: (rule, wrong VJP), at the sizes (a, b, c) = (4, 2, 3) of SIZES
@@ -263,6 +286,11 @@ def test_logdet_of_a_negative_determinant(rng):
     (lambda: bp.frobenius_norm_vjp(np.zeros((2, 3)), 1.0), r"not differentiable at A = 0 \(A of shape \(2, 3\)"),
     (lambda: bp.add_bias_vjp(np.ones((3, 4)), np.ones(4), np.ones((3, 4))), r"b of shape \(3,\) for X \(3, 4\), got b \(4,\)"),
     (lambda: bp.add_bias(np.ones((3, 4)), np.ones((3, 1))), r"b must be 1-D, got shape \(3, 1\)"),
+    (lambda: bp.elementwise_vjp(None, np.ones((2, 3)), np.ones((2, 3))), r"fprime must be a function .*\(2, 3\), got NoneType"),
+    (lambda: bp.elementwise_jvp(3.0, np.ones((2, 3)), np.ones((2, 3))), r"fprime must be a function .* got float"),
+    (lambda: bp.softmax_cross_entropy_vjp(np.array([[1e308, 0.0], [-1e308, 1.0]]), np.eye(2), 1.0),
+     r"Z of shape \(2, 2\) has logits too far apart"),
+    (lambda: bp.softmax_cross_entropy(np.array([[1e308, 0.0], [-1e308, 1.0]]), np.eye(2)), r"Z of shape \(2, 2\) has logits too far apart"),
 ])
 def test_errors_name_the_argument_and_shape(call, message):
     with pytest.raises(ValueError, match=message):
@@ -347,7 +375,11 @@ def test_fit_mlp_reports_divergence():
     (lambda P, X, Y: bp.mlp_loss_and_grad(P, X, Y[:, :5]), r"Y must have shape \(3, 8\) .* got \(3, 5\)"),
     (lambda P, X, Y: bp.fit_mlp(X, Y[:, :5]), r"Y must have one column per observation, X has 8 and Y has shape \(3, 5\)"),
     (lambda P, X, Y: bp.fit_mlp(X, Y, batch_size=0), r"batch_size must be a positive integer, got 0"),
-    (lambda P, X, Y: bp.fit_mlp(X, Y, learning_rate=-1.0), r"learning_rate must be positive"),
+    (lambda P, X, Y: bp.fit_mlp(X, Y, learning_rate=-1.0), r"learning_rate must be a positive, finite number, got -1.0"),
+    (lambda P, X, Y: bp.fit_mlp(X, Y, learning_rate="a"), r"learning_rate must be a positive, finite number, got 'a'"),
+    (lambda P, X, Y: bp.fit_mlp(X, Y, learning_rate=None), r"learning_rate must be a positive, finite number, got None"),
+    (lambda P, X, Y: bp.fit_mlp(X, Y, seed=-1), r"seed must be a non-negative integer, got -1"),
+    (lambda P, X, Y: bp.fit_mlp(X, Y, seed=1.5), r"seed must be a non-negative integer, got 1.5"),
     (lambda P, X, Y: bp.fit_mlp(X, Y, X_test=X[:4], Y_test=Y), r"X_test must have 6 rows"),
     (lambda P, X, Y: bp.mlp_init(6, 0, 3, np.random.default_rng(0)), r"n_hidden must be a positive integer, got 0"),
     (lambda P, X, Y: bp.mlp_init(6, 5, 3, 0), r"rng must be a numpy.random.Generator, got int"),
