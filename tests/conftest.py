@@ -35,6 +35,22 @@ def rng():
 
 
 @pytest.fixture(scope="session")
+def browser():
+    """Headless Chromium, one per test process, for every browser test file."""
+    from test_browser import launch_browser
+
+    yield from launch_browser()
+
+
+@pytest.fixture(scope="session")
+def site(built_book):
+    """The built book served on 127.0.0.1, one server per test process: its base URL."""
+    from test_browser import serve_book
+
+    yield from serve_book(built_book)
+
+
+@pytest.fixture(scope="session")
 def built_book(tmp_path_factory, worker_id):
     """Build the whole book once per test run, with warnings as errors.
 

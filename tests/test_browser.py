@@ -190,9 +190,9 @@ def browser_problems(browser, url):
     return problems + errors + [f"outside request refused: {request}" for request in refused]
 
 
-@pytest.fixture(scope="session")
-def browser():
-    """Debian's Chromium, headless, driven by Playwright."""
+def launch_browser():
+    """Debian's Chromium, headless, driven by Playwright (the `browser` fixture of
+    tests/conftest.py: one per process, shared by every browser test file)."""
     for needed in [CHROMIUM, MATHJAX_DIR]:
         if not needed.exists():
             pytest.fail(f"{needed} is missing: `make test` installs it")
@@ -202,9 +202,8 @@ def browser():
         chromium.close()
 
 
-@pytest.fixture(scope="session")
-def site(built_book):
-    """The built book, served on 127.0.0.1: its base URL."""
+def serve_book(built_book):
+    """The built book, served on 127.0.0.1: its base URL (the `site` fixture)."""
     _, _, html = built_book
     with serve(html) as url:
         yield url

@@ -1,13 +1,13 @@
 """The built book on a phone and with Live Code, in headless Chromium.
 
-Split from tests/test_browser.py (whose browser, server and page helpers it uses) so
-that pytest-xdist, which runs each file in one process, can open these pages while the
-other file opens the desktop ones.
+Split from tests/test_browser.py (whose page helpers it uses; the `browser` and `site`
+fixtures are in tests/conftest.py) so that pytest-xdist, which runs each file in one
+process, can open these pages while the other file opens the desktop ones.
 """
 
 import pytest
 from test_book import toc_files
-from test_browser import DESKTOP, ROOT, browser, open_page, site  # noqa: F401 (fixtures)
+from test_browser import DESKTOP, ROOT, open_page
 
 pytestmark = pytest.mark.browser
 
