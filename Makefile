@@ -88,7 +88,7 @@ notebooks: $(STAMP)
 	$(BIN)/python scripts/run_notebooks.py
 
 benchmark: $(STAMP)
-	for script in benchmarks/*.py; do $(BIN)/python "$$script"; done
+	for script in benchmarks/bench_*.py; do $(BIN)/python "$$script"; done
 
 clean:
 	rm -rf _build .cache

@@ -37,7 +37,6 @@ import argparse
 import contextlib
 import os
 import sys
-import time
 import warnings
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -54,32 +53,13 @@ from sklearn.neural_network import MLPClassifier  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
 import derivlib as dl  # noqa: E402
+from timing import best_of, best_times  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
 
-def best_times(ours, peer, repeats):
-    """The fastest of `repeats` runs of each (seconds) and their last results.
-
-    The two are interleaved, ours then peer in every round, so that a burst of other
-    work on the machine slows both rather than one of them.
-    """
-    best, results = [np.inf, np.inf], [None, None]
-    for _ in range(repeats):
-        for i, fn in enumerate((ours, peer)):
-            start = time.perf_counter()
-            results[i] = fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best[0], best[1], results[0], results[1]
 
 
-def best_time(fn, repeats):
-    best = np.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def relative_error(a, b):
@@ -154,10 +134,10 @@ def wall_time_slopes(repeats):
     jacobian, vjp = [], []
     for m in sizes_jacobian:
         x, g = rng.standard_normal(m), rng.standard_normal(m)
-        jacobian.append(best_time(lambda: dl.softmax_jacobian(x).T @ g, repeats))
+        jacobian.append(best_of(lambda: dl.softmax_jacobian(x).T @ g, repeats))
     for m in sizes_vjp:
         x, g = rng.standard_normal(m), rng.standard_normal(m)
-        vjp.append(best_time(lambda: dl.softmax_vjp(x, g), repeats * 3))
+        vjp.append(best_of(lambda: dl.softmax_vjp(x, g), repeats * 3))
     return (sizes_jacobian, dl.loglog_slope(sizes_jacobian, np.array(jacobian)),
             sizes_vjp, dl.loglog_slope(sizes_vjp, np.array(vjp)))
 

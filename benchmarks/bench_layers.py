@@ -25,7 +25,6 @@ ahead). Then the memory of the patch matrix phi(X) against the input.
 import argparse
 import os
 import sys
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ONE_THREAD = "--all-threads" not in sys.argv
@@ -39,6 +38,7 @@ import numpy as np  # noqa: E402
 from jax import lax  # noqa: E402
 
 from derivlib.layers import _conv2d_vjp_im2col, conv2d_vjp, im2col  # noqa: E402
+from timing import best_of, best_times  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
@@ -47,24 +47,8 @@ SIZES = [("N=32 C=16 32x32 O=32 3x3", (32, 16, 32, 32), 32),
          ("N=64 C=4 8x8 O=16 3x3", (64, 4, 8, 8), 16)]
 
 
-def best_times(ours, peer, repeats):
-    """The fastest of `repeats` runs of each (seconds) and their last results, interleaved."""
-    best, results = [np.inf, np.inf], [None, None]
-    for _ in range(repeats):
-        for i, fn in enumerate((ours, peer)):
-            start = time.perf_counter()
-            results[i] = fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best[0], best[1], results[0], results[1]
 
 
-def best_of(fn, repeats):
-    best = np.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def jax_conv_vjp():

@@ -19,7 +19,6 @@ above 1 means derivlib is faster.
 
 import argparse
 import os
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -30,25 +29,13 @@ from sklearn.datasets import load_digits  # noqa: E402
 from sklearn.linear_model import LogisticRegression  # noqa: E402
 
 from derivlib import fit_logistic, fit_multinomial, logistic_hessian  # noqa: E402
+from timing import best_times  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
 TOL = 1e-10
 
 
-def best_times(ours, peer, repeats):
-    """The fastest of `repeats` runs of each (seconds) and their last results.
-
-    The two are interleaved, ours then peer in every round, so that a burst of other
-    work on the machine slows both rather than one of them.
-    """
-    best, results = [np.inf, np.inf], [None, None]
-    for _ in range(repeats):
-        for i, fn in enumerate((ours, peer)):
-            start = time.perf_counter()
-            results[i] = fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best[0], best[1], results[0], results[1]
 
 
 def sklearn_newton(X_rows, labels, l2):

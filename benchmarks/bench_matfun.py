@@ -28,7 +28,6 @@ machine's load rather than the two rules.
 
 import argparse
 import os
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
@@ -39,20 +38,11 @@ import numpy as np  # noqa: E402
 
 from derivlib import logm_spd_vjp  # noqa: E402
 from derivlib.check import relative_error, spd_function_vjp_reference  # noqa: E402
+from timing import best_times  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
 
-def best_times(ours, peer, repeats):
-    """The fastest of `repeats` runs of each (seconds) and their last results, interleaved
-    so that a burst of other work on the machine slows both rather than one."""
-    best, results = [np.inf, np.inf], [None, None]
-    for _ in range(repeats):
-        for i, fn in enumerate((ours, peer)):
-            start = time.perf_counter()
-            results[i] = fn()
-            best[i] = min(best[i], time.perf_counter() - start)
-    return best[0], best[1], results[0], results[1]
 
 
 def log_through_eigh(S):
