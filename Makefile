@@ -33,6 +33,10 @@ export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES := 0
 # process: all cells of a notebook share one kernel, in order. (pytest 9 derives node ids
 # in a way that xdist's `loadgroup` cannot extend, so finer groups are not available.)
 WORKERS ?= auto
+# Workers take files in the order given: the longest first, so that the last files to
+# run are short ones and both workers finish together (pytest drops the repeats).
+SLOWEST_FIRST := tests/test_browser.py tests/test_browser_narrow.py book/04_reverse_mode.ipynb \
+	book/03_loss_functions.ipynb
 
 .PHONY: book test browser-deps notebooks benchmark clean pdf pdf-deps test-pdf test-lab
 
@@ -46,7 +50,7 @@ book: $(STAMP)
 	$(BIN)/jupyter-book build . -W -n --keep-going --all
 
 test: $(STAMP) browser-deps
-	$(BIN)/python -m pytest -n $(WORKERS) --dist loadfile -m "not pdf and not jupyterlab" --nbval --nbval-current-env tests book
+	$(BIN)/python -m pytest -n $(WORKERS) --dist loadfile -m "not pdf and not jupyterlab" --nbval --nbval-current-env $(SLOWEST_FIRST) tests book
 
 # What tests/test_browser.py needs besides .venv: a browser, and MathJax to serve it.
 browser-deps: $(CHROMIUM) $(NODE_MODULES)
