@@ -6,6 +6,7 @@
 #   make test-pdf  builds it and tests its text (tests/test_pdf.py)
 #   make test-lab  opens every chapter in JupyterLab, in headless Chromium
 #               (tests/test_jupyterlab.py)
+#   make lab    opens the chapters in JupyterLab, set up as Binder sets it up
 # Both create .venv on first use and install requirements.txt into it; `make test` also
 # installs Debian's chromium (apt-get) and the npm packages of package.json (MathJax);
 # `make pdf` installs Debian's TeX Live (xelatex, latexmk), fonts and pdftotext.
@@ -40,12 +41,13 @@ WORKERS ?= auto
 SLOWEST_FIRST := tests/test_browser.py tests/test_browser_narrow.py book/04_reverse_mode.ipynb \
 	book/03_loss_functions.ipynb
 
-.PHONY: book test browser-deps notebooks benchmark clean pdf pdf-deps test-pdf test-lab
+.PHONY: book test browser-deps notebooks benchmark clean pdf pdf-deps test-pdf test-lab lab
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml scripts/lab_settings.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python scripts/lab_settings.py
 	touch $(STAMP)
 
 book: $(STAMP)
@@ -81,6 +83,10 @@ test-pdf: pdf
 # JupyterLab (pinned in requirements.txt, as Binder installs it) on 127.0.0.1.
 test-lab: $(STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -m jupyterlab tests/test_jupyterlab.py
+
+# The chapters in JupyterLab, with the settings Binder uses (scripts/lab_settings.py).
+lab: $(STAMP)
+	$(BIN)/jupyter lab book
 
 # xelatex with the packages Sphinx and Jupyter Book load (bbm.sty is in fonts-extra,
 # pzdr.tfm in fonts-recommended), Sphinx's default fonts (FreeFont), and pdftotext.

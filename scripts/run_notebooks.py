@@ -98,6 +98,8 @@ def prepare(nb, metadata=None):
       Colab (`cellView`), which ignore the tag.
     - A figure's caption (its `mystnb` metadata) is repeated in a Markdown cell under
       it, tagged remove-cell, since only the book shows that metadata.
+    - A Markdown cell that begins with an anchor takes the anchor's name as its id
+      (`cell_id`).
     """
     cells = [c for c in nb.cells if not {COLAB_TAG, CAPTION_TAG} & set(c.get("metadata", {}).get("tags", []))]
     nb.cells = [colab_cell()]
@@ -123,8 +125,21 @@ def prepare(nb, metadata=None):
     nb.metadata = kernel_metadata() if metadata is None else metadata
     nb.nbformat, nb.nbformat_minor = 4, 5
     for i, cell in enumerate(nb.cells):
-        cell["id"] = f"cell-{i}"
+        cell["id"] = cell_id(cell, i)
     return nb
+
+
+LEADING_ANCHOR = re.compile(r'<a id="([A-Za-z0-9_-]{1,64})"></a>')
+
+
+def cell_id(cell, i):
+    """The id of the i-th cell: a Markdown cell that begins with an anchor is named after
+    it, so that another chapter can link to it as `chapter.ipynb#cell-id=eq-2-4`, the one
+    form of link JupyterLab follows into a notebook it has not drawn yet; the book reads
+    the same link as `#eq-2-4`. Every other cell is `cell-<i>`."""
+    source = cell.source if isinstance(cell.source, str) else "".join(cell.source)
+    match = LEADING_ANCHOR.match(source) if cell.cell_type == "markdown" else None
+    return match.group(1) if match else f"cell-{i}"
 
 
 BIBLIOGRAPHY_HEAD = """# Bibliography
