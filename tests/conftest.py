@@ -51,7 +51,7 @@ def site(built_book):
 
 
 @pytest.fixture(scope="session")
-def built_book(tmp_path_factory, worker_id):
+def built_book(tmp_path_factory, request):
     """Build the whole book once per test run, with warnings as errors.
 
     Returns (returncode, output, html_dir). The build runs from a copy of the sources
@@ -59,7 +59,8 @@ def built_book(tmp_path_factory, worker_id):
     share one build: the first to ask builds it in the run's common temporary folder
     while holding a lock, and the others wait for it and read its result.
     """
-    if worker_id == "master":
+    # Without pytest-xdist (`-p no:xdist`) there is no worker_id, and no one to share with.
+    if not hasattr(request.config, "workerinput"):
         return _build_book(tmp_path_factory.mktemp("book-src"))
     shared = tmp_path_factory.getbasetemp().parent
     with open(shared / "book-build.lock", "w") as lock:
