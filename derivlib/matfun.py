@@ -224,8 +224,7 @@ def loewner_matrix(lam, f):
     """L_ij = (f(lam_i) - f(lam_j)) / (lam_i - lam_j), L_ii = f'(lam_i) (eq. 7.13),
     for f one of "log", "sqrt", "invsqrt", in a form exact at ties (eq. 7.15)."""
     lam = as_float_array(lam, "lam", 1)
-    if f not in _FUNCTIONS:
-        raise ValueError(f"f must be one of {sorted(_FUNCTIONS)}, got {f!r}")
+    _require_function(f)
     if not np.all(np.isfinite(lam)):
         bad = float(lam[~np.isfinite(lam)][0])
         raise ValueError(f"lam must be finite, got {bad} in lam of shape {lam.shape}")
@@ -248,15 +247,19 @@ def spd_function(S, f):
 def spd_function_jvp(S, dS, f):
     """dF = Q (L o Q^T dS Q) Q^T (eq. 7.12), finite when eigenvalues repeat."""
     lam, Q = _spd_eigh(S, f)
-    dS = _tangent(dS, Q.shape, "dS")
-    return Q @ (_loewner(lam, f) * (Q.T @ (0.5 * (dS + dS.T)) @ Q)) @ Q.T
+    return _daleckii_krein(lam, Q, f, _tangent(dS, Q.shape, "dS"))
 
 
 def spd_function_vjp(S, G, f):
     """The gradient of <G, f(S)>: Q (L o Q^T sym(G) Q) Q^T (eq. 7.14); (n, n)."""
     lam, Q = _spd_eigh(S, f)
-    G = _cotangent(G, Q.shape)
-    return Q @ (_loewner(lam, f) * (Q.T @ (0.5 * (G + G.T)) @ Q)) @ Q.T
+    return _daleckii_krein(lam, Q, f, _cotangent(G, Q.shape))
+
+
+def _daleckii_krein(lam, Q, f, X):
+    """Q (L o Q^T sym(X) Q) Q^T: eq. 7.12 for X = dS, eq. 7.14 for X = G (L is
+    symmetric, so the map is self-adjoint and the two rules are the same map)."""
+    return Q @ (_loewner(lam, f) * (Q.T @ (0.5 * (X + X.T)) @ Q)) @ Q.T
 
 
 def logm_spd(S):
@@ -304,9 +307,13 @@ def invsqrtm_spd_vjp(S, G):
     return spd_function_vjp(S, G, "invsqrt")
 
 
-def _spd_eigh(S, f):
+def _require_function(f):
     if f not in _FUNCTIONS:
         raise ValueError(f"f must be one of {sorted(_FUNCTIONS)}, got {f!r}")
+
+
+def _spd_eigh(S, f):
+    _require_function(f)
     S = _symmetric(S, "S")
     lam, Q = _eigh(S)
     if not lam[0] > 0:
