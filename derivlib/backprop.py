@@ -24,7 +24,7 @@ import numpy as np
 
 from ._validate import as_array_of_shape, as_finite_array, as_float_array
 from ._validate import as_cotangent as _cotangent
-from .vector import softmax, softmax_axis
+from .vector import _log_softmax, softmax, softmax_axis
 
 # ----- Matrix product -----
 
@@ -157,11 +157,6 @@ def log_softmax(X):
     """log softmax(X) = X - 1 log(1^T exp[X]) along the softmax axis, without overflow."""
     X = _logits(X, "X")
     return _log_softmax(X, softmax_axis(X.shape))
-
-
-def _log_softmax(X, axis=0):
-    shifted = X - X.max(axis=axis, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
 
 
 def log_softmax_jvp(X, dX):

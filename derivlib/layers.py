@@ -17,7 +17,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from ._validate import as_array_of_shape, as_cotangent, as_finite_array, as_float_array, require_no_nan
 from .backprop import matmul_vjp
-from .vector import softmax
+from .vector import _log_softmax, softmax
 
 # ----- Layout: NCHW images and the matrices of the derivations -----
 
@@ -524,9 +524,7 @@ def _one_hot(labels, k):
 
 
 def _mean_cross_entropy(Z, labels):
-    Zs = Z - Z.max(axis=0, keepdims=True)
-    logp = Zs - np.log(np.exp(Zs).sum(axis=0, keepdims=True))
-    return float(-np.sum(_one_hot(labels, Z.shape[0]) * logp) / Z.shape[1])
+    return float(-np.sum(_one_hot(labels, Z.shape[0]) * _log_softmax(Z)) / Z.shape[1])
 
 
 # ----- Input checks -----

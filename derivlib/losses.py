@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ._validate import as_float_array, require_finite
-from .vector import _softmax_complement, sigmoid, sigmoid_derivative
+from .vector import _log_softmax, _softmax_complement, sigmoid, sigmoid_derivative
 
 # ----- Errors and the fit record -----
 
@@ -411,12 +411,6 @@ def fit_logistic(X, y, l2=0.0, tol=1e-10, max_iter=100, return_history=False):
 
 
 # ----- 3.3 Multinomial logistic regression -----
-
-
-def _log_softmax(Z):
-    """log sigma(Z), column by column, by the log-sum-exp trick (finite for finite Z)."""
-    m = Z.max(axis=0, keepdims=True)
-    return Z - m - np.log(np.sum(np.exp(Z - m), axis=0, keepdims=True))
 
 
 def _multinomial_objective(Z, Y, Theta, l2):
