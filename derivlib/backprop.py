@@ -22,8 +22,9 @@ against jax.grad and against the chain of public rules in the tests.
 
 import numpy as np
 
-from ._validate import as_float_array, require_finite
-from .vector import softmax, softmax_axis
+from ._validate import as_array_of_shape, as_finite_array, as_float_array
+from ._validate import as_cotangent as _cotangent
+from .vector import _log_softmax, softmax, softmax_axis
 
 # ----- Matrix product -----
 
@@ -67,24 +68,24 @@ def elementwise_jvp(fprime, X, dX):
 
     `fprime` is f', applied element-wise to X (any shape); the result has X's shape.
     """
-    X = _finite(X, "X")
+    X = as_finite_array(X, "X")
     return _fprime(fprime, X) * _tangent(dX, X.shape, "dX")
 
 
 def elementwise_vjp(fprime, X, G):
     """Eq. 4.8: Xbar = G o f'[X], of the shape of X (the map is its own adjoint)."""
-    X = _finite(X, "X")
+    X = as_finite_array(X, "X")
     return _cotangent(G, X.shape) * _fprime(fprime, X)
 
 
 def tanh(X):
     """tanh[X], element-wise (the MLP's activation, eq. 4.19)."""
-    return np.tanh(_finite(X, "X"))
+    return np.tanh(as_finite_array(X, "X"))
 
 
 def tanh_jvp(X, dX):
     """Eq. 4.8 with tanh' = 1 - tanh^2: d tanh[X] = (1 - Y o Y) o dX, Y = tanh[X]."""
-    X = _finite(X, "X")
+    X = as_finite_array(X, "X")
     return _tanh_vjp_from_output(np.tanh(X), _tangent(dX, X.shape, "dX"))
 
 
@@ -93,7 +94,7 @@ def tanh_vjp(X, G):
 
     Standalone, the rule takes X and recomputes Y; a backward pass that stored Y (as
     the MLP's does) needs only G o (1 - Y o Y)."""
-    X = _finite(X, "X")
+    X = as_finite_array(X, "X")
     return _tanh_vjp_from_output(np.tanh(X), _cotangent(G, X.shape))
 
 
@@ -158,11 +159,6 @@ def log_softmax(X):
     return _log_softmax(X, softmax_axis(X.shape))
 
 
-def _log_softmax(X, axis=0):
-    shifted = X - X.max(axis=axis, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
-
-
 def log_softmax_jvp(X, dX):
     """Eq. 4.10: d log softmax(X) = dX - 1 1^T (S o dX), column by column."""
     X = _logits(X, "X")
@@ -219,13 +215,13 @@ def softmax_cross_entropy_vjp(Z, Y, g):
 
 def transpose_jvp(A, dA):
     """Eq. 4.12: d(A^T) = (dA)^T, shape (n, m) for A (m, n)."""
-    A = _finite(A, "A", 2)
+    A = as_finite_array(A, "A", 2)
     return _tangent(dA, A.shape, "dA").T
 
 
 def transpose_vjp(A, G):
     """Eq. 4.12: Abar = G^T, shape (m, n) for the cotangent G (n, m) of A^T."""
-    A = _finite(A, "A", 2)
+    A = as_finite_array(A, "A", 2)
     return _cotangent(G, A.T.shape).T
 
 
@@ -335,7 +331,7 @@ def frobenius_norm(A):
     The entries are divided by the largest |a_ij| before squaring and the factor is
     put back after the square root, so entries near the largest float do not overflow.
     """
-    return _frobenius_norm(_finite(A, "A"))
+    return _frobenius_norm(as_finite_array(A, "A"))
 
 
 def _frobenius_norm(A):
@@ -358,7 +354,7 @@ def frobenius_norm_vjp(A, g):
 
 
 def _nonzero_norm(A):
-    A = _finite(A, "A")
+    A = as_finite_array(A, "A")
     norm = _frobenius_norm(A)
     if norm == 0.0:
         raise ValueError(f"the Frobenius norm is not differentiable at A = 0 (A of shape {A.shape} is all zeros)")
@@ -506,8 +502,8 @@ def fit_mlp(X, Y, n_hidden=64, epochs=30, batch_size=8, learning_rate=0.05, seed
     'train_loss' (eq. 4.19 on all of X after the epoch) and, when a test set is
     given, 'test_loss'. The same arguments give the same result on every run.
     """
-    X = _finite(X, "X", 2)
-    Y = _finite(Y, "Y", 2)
+    X = as_finite_array(X, "X", 2)
+    Y = as_finite_array(Y, "Y", 2)
     if Y.shape[1] != X.shape[1]:
         raise ValueError(f"Y must have one column per observation, X has {X.shape[1]} and Y has shape {Y.shape}")
     for name, value in {"epochs": epochs, "batch_size": batch_size}.items():
@@ -578,36 +574,19 @@ def _mlp_targets(params, X, Y, name="Y", check_finite=True):
 # ----- Input checks -----
 
 
-def _finite(x, name, ndims=None):
-    """`x` as a float64 array, checked for NaN and infinity. A small array is scanned
-    entry by entry (``isfinite``); a large one is summed, since any NaN or infinity
-    makes the sum non-finite, so a finite sum (one pass, no temporary) proves the
-    array finite, and only a non-finite sum (or one that overflowed) needs the scan."""
-    arr = as_float_array(x, name, ndims)
-    if arr.size < _LARGE:
-        finite = np.isfinite(arr).all()
-    else:
-        with np.errstate(over="ignore", invalid="ignore"):
-            finite = np.isfinite(np.add.reduce(arr, axis=None))
-    return arr if finite else require_finite(arr, name)
-
-
-_LARGE = 1 << 16  # entries; below this, entering np.errstate costs more than the scan saves
-
-
 def _checked(x, name, ndims, check_finite):
-    return _finite(x, name, ndims) if check_finite else as_float_array(x, name, ndims)
+    return as_finite_array(x, name, ndims) if check_finite else as_float_array(x, name, ndims)
 
 
 def _matmul_pair(A, B):
-    A, B = _finite(A, "A", 2), _finite(B, "B", 2)
+    A, B = as_finite_array(A, "A", 2), as_finite_array(B, "B", 2)
     if A.shape[1] != B.shape[0]:
         raise ValueError(f"AB needs A's columns to match B's rows, got A {A.shape} and B {B.shape}")
     return A, B
 
 
 def _same_shape_pair(A, B):
-    A, B = _finite(A, "A"), _finite(B, "B")
+    A, B = as_finite_array(A, "A"), as_finite_array(B, "B")
     if A.shape != B.shape:
         raise ValueError(f"A o B needs B to have A's shape {A.shape}, got B {B.shape}")
     return A, B
@@ -623,7 +602,7 @@ def _fprime(fprime, X):
 
 
 def _logits(X, name):
-    return _finite(X, name, (1, 2))
+    return as_finite_array(X, name, (1, 2))
 
 
 def _finite_log_softmax(Z, axis, name="Z"):
@@ -639,49 +618,39 @@ def _finite_log_softmax(Z, axis, name="Z"):
 
 def _logits_and_targets(Z, Y):
     Z = _logits(Z, "Z")
-    Y = _finite(Y, "Y", (1, 2))
+    Y = as_finite_array(Y, "Y", (1, 2))
     if Y.shape != Z.shape:
         raise ValueError(f"the targets Y must have the shape {Z.shape} of the logits Z, got {Y.shape}")
     return Z, Y
 
 
 def _bias_pair(X, b):
-    X, b = _finite(X, "X", 2), _finite(b, "b", 1)
+    X, b = as_finite_array(X, "X", 2), as_finite_array(b, "b", 1)
     if b.shape[0] != X.shape[0]:
         raise ValueError(f"X + b 1^T needs b of shape ({X.shape[0]},) for X {X.shape}, got b {b.shape}")
     return X, b
 
 
 def _square(A, name):
-    A = _finite(A, name, 2)
+    A = as_finite_array(A, name, 2)
     if A.shape[0] != A.shape[1]:
         raise ValueError(f"{name} must be square, got shape {A.shape}")
     return A
 
 
 def _rhs(A, B):
-    B = _finite(B, "B", (1, 2))
+    B = as_finite_array(B, "B", (1, 2))
     if B.shape[0] != A.shape[0]:
         raise ValueError(f"A^-1 B needs B to have {A.shape[0]} rows, got B {B.shape}")
     return B
 
 
 def _tangent(dX, shape, name):
-    dX = _finite(dX, name)
-    if dX.shape != tuple(shape):
-        raise ValueError(f"the tangent {name} must have the input's shape {tuple(shape)}, got {dX.shape}")
-    return dX
-
-
-def _cotangent(G, shape):
-    G = _finite(G, "G")
-    if G.shape != tuple(shape):
-        raise ValueError(f"the cotangent G must have the output's shape {tuple(shape)}, got {G.shape}")
-    return G
+    return as_array_of_shape(dX, name, shape, "the tangent {name} must have the input's shape")
 
 
 def _scalar_cotangent(g):
-    g = _finite(g, "g")
+    g = as_finite_array(g, "g")
     if g.shape != ():
         raise ValueError(f"the cotangent g of a scalar output must be a scalar, got shape {g.shape}")
     return float(g)

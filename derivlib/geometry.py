@@ -315,6 +315,36 @@ def _stuck(E, lam, what):
                             f"that has no finite value near x)")
 
 
+def _lm_steps(residual, trial, x, E, lam, nu, tol, hist, what):
+    """One Levenberg-Marquardt iteration at x, of cost E: try the step of trial(lam),
+    which returns (delta, E - ||r + J delta||^2 predicted by the linear model), and raise
+    the damping until a step lowers E (gain ratio rho > 0). A step that puts a point
+    behind the camera counts as raising E. Counts each residual evaluation in hist.
+    Returns (delta, r_new, E_new, lam, nu, stationary): stationary when the first step
+    tried is rejected but the model says x is already a minimum to tol (_stationary), and
+    then delta must not be taken. Raises ConvergenceError (stuck) when lam passes
+    MAX_DAMPING."""
+    first = True
+    while True:
+        delta, predicted = trial(lam)
+        try:
+            r_new = residual(x + delta)
+            E_new = float(r_new @ r_new)
+        except BehindCameraError:
+            E_new = np.inf
+        hist.n_residual += 1
+        rho = (E - E_new) / predicted if predicted > 0 else -1.0
+        if rho > 0:
+            lam, nu = _lm_update(lam, nu, rho)
+            return delta, r_new, E_new, lam, nu, False
+        if first and np.isfinite(E_new) and _stationary(E, predicted, delta, x, tol):
+            return delta, r_new, E_new, lam, nu, True
+        first = False
+        lam, nu = _lm_update(lam, nu, rho)
+        if lam > MAX_DAMPING:
+            raise _stuck(E, lam, what)
+
+
 def solve_least_squares(residual, jacobian, x0, method="lm", tol=1e-12, max_iter=100, lam0=1e-3):
     """Minimise E(x) = ||r(x)||^2 by Gauss-Newton or Levenberg-Marquardt (eqs. 6.16, 6.17).
 
@@ -345,32 +375,26 @@ def solve_least_squares(residual, jacobian, x0, method="lm", tol=1e-12, max_iter
         hist.n_jacobian += 1
         hist.damping.append(lam)
         g, H = J.T @ r, J.T @ J
-        first, stationary = True, False
-        while True:
-            delta = np.linalg.solve(H + lam * np.diag(np.diag(H)), -g)
+
+        def step(lam):
+            return np.linalg.solve(H + lam * np.diag(np.diag(H)), -g)
+
+        def trial(lam):
+            delta = step(lam)
+            return delta, -float(delta @ (2 * g + H @ delta))   # E - ||r + J delta||^2
+
+        if method == "gn":
+            delta, stationary = step(lam), False
             try:
                 r_new = residual(x + delta)
                 E_new = float(r_new @ r_new)
             except BehindCameraError:
-                if method == "gn":
-                    raise ConvergenceError("a Gauss-Newton step put a point behind the camera; "
-                                           "try method='lm'") from None
-                E_new = np.inf
+                raise ConvergenceError("a Gauss-Newton step put a point behind the camera; "
+                                       "try method='lm'") from None
             hist.n_residual += 1
-            if method == "gn":
-                break
-            predicted = -float(delta @ (2 * g + H @ delta))   # E - ||r + J delta||^2
-            rho = (E - E_new) / predicted if predicted > 0 else -1.0
-            if rho > 0:
-                lam, nu = _lm_update(lam, nu, rho)
-                break
-            if first and np.isfinite(E_new) and _stationary(E, predicted, delta, x, tol):
-                stationary = True
-                break
-            first = False
-            lam, nu = _lm_update(lam, nu, rho)
-            if lam > MAX_DAMPING:
-                raise _stuck(E, lam, "Levenberg-Marquardt")
+        else:
+            delta, r_new, E_new, lam, nu, stationary = _lm_steps(
+                residual, trial, x, E, lam, nu, tol, hist, "Levenberg-Marquardt")
         done = stationary or _finished(E, E_new, delta, x, tol, abs_gain=method == "gn")
         if not stationary and (E_new <= E or method == "gn"):
             x, r, E = x + delta, r_new, E_new
@@ -684,29 +708,14 @@ def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-3, check_gauge=T
         U, W, V, gc, gp = ba_normal_equations(problem, A, B, r)
         gc = gc * problem.free
         dU, dV = np.diag(U).copy(), np.einsum("nii->ni", V).copy()
-        first, stationary = True, False
-        while True:
+
+        def trial(lam):
             dc, dp = schur_solve(U + lam * np.diag(dU), W, V + lam * dV[:, :, None] * np.eye(3),
                                  gc, gp, problem.free)
-            delta = np.concatenate([dc, dp])
-            try:
-                r_new = ba_residual(problem, x + delta)
-                E_new = float(r_new @ r_new)
-            except BehindCameraError:
-                E_new = np.inf
-            hist.n_residual += 1
-            predicted = _predicted_decrease(U, W, V, gc, gp, dc, dp)
-            rho = (E - E_new) / predicted if predicted > 0 else -1.0
-            if rho > 0:
-                lam, nu = _lm_update(lam, nu, rho)
-                break
-            if first and np.isfinite(E_new) and _stationary(E, predicted, delta, x, tol):
-                stationary = True
-                break
-            first = False
-            lam, nu = _lm_update(lam, nu, rho)
-            if lam > MAX_DAMPING:
-                raise _stuck(E, lam, "bundle adjustment")
+            return np.concatenate([dc, dp]), _predicted_decrease(U, W, V, gc, gp, dc, dp)
+
+        delta, r_new, E_new, lam, nu, stationary = _lm_steps(
+            lambda y: ba_residual(problem, y), trial, x, E, lam, nu, tol, hist, "bundle adjustment")
         done = stationary or _finished(E, E_new, delta, x, tol)
         if not stationary:
             x, r, E = x + delta, r_new, E_new

@@ -15,9 +15,9 @@ shapes of the forward function. Options such as ``stride`` come after, by keywor
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ._validate import as_float_array, require_finite, require_no_nan
+from ._validate import as_array_of_shape, as_cotangent, as_finite_array, as_float_array, require_no_nan
 from .backprop import matmul_vjp
-from .vector import softmax
+from .vector import _log_softmax, softmax
 
 # ----- Layout: NCHW images and the matrices of the derivations -----
 
@@ -27,13 +27,13 @@ def image_matrix(x):
 
     Its column-major vec is x.ravel(): vec of the matrix = the NCHW image read in order.
     """
-    x = _array(x, "x", 3)
+    x = as_float_array(x, "x", 3)
     return x.reshape(x.shape[0], -1).T
 
 
 def kernel_matrix(K):
     """The (C kh kw, O) filter matrix F of eq. 5.2 from OIHW kernels K."""
-    K = _array(K, "K", 4)
+    K = as_float_array(K, "K", 4)
     return K.reshape(K.shape[0], -1).T
 
 
@@ -220,7 +220,7 @@ def max_pool_argmax(X, size=2, stride=None):
 def max_pool_matrix(x, size=2, stride=None):
     """The 0/1 selection matrix S(x) of eq. 5.8 for one image x (C, H, W):
     vec y = S(x) vec x, shape (C H'W', C H W)."""
-    x = _array(x, "x", 3)
+    x = as_float_array(x, "x", 3)
     arg = max_pool_argmax(x[None], size, stride)[0]
     size, stride = _pool_geometry(x[None].shape, size, stride)
     C, Ho, Wo = arg.shape
@@ -391,8 +391,8 @@ def attention(Q, K, V, mask=None):
 
 def attention_probs(Q, K, mask=None):
     """P = softmax_rows(Q K^T / sqrt(d)) with the mask convention of ``attention``, (n, m)."""
-    Q = _array(Q, "Q", 2)
-    return _attention_probs(Q, K, np.zeros((_array(K, "K", 2).shape[0], 1)), mask)[0]
+    Q = as_float_array(Q, "Q", 2)
+    return _attention_probs(Q, K, np.zeros((as_float_array(K, "K", 2).shape[0], 1)), mask)[0]
 
 
 def attention_jvp(Q, K, V, dQ, dK, dV, mask=None):
@@ -417,9 +417,9 @@ def attention_vjp(Q, K, V, G, mask=None):
 
 
 def _attention_probs(Q, K, V, mask):
-    Q = require_finite(_array(Q, "Q", 2), "Q")
-    K = require_finite(_array(K, "K", 2), "K")
-    V = require_finite(_array(V, "V", 2), "V")
+    Q = as_finite_array(Q, "Q", 2)
+    K = as_finite_array(K, "K", 2)
+    V = as_finite_array(V, "V", 2)
     if K.shape[1] != Q.shape[1]:
         raise ValueError(f"Q K^T needs K with Q's {Q.shape[1]} columns, got Q {Q.shape} and K {K.shape}")
     if V.shape[0] != K.shape[0]:
@@ -524,16 +524,10 @@ def _one_hot(labels, k):
 
 
 def _mean_cross_entropy(Z, labels):
-    Zs = Z - Z.max(axis=0, keepdims=True)
-    logp = Zs - np.log(np.exp(Zs).sum(axis=0, keepdims=True))
-    return float(-np.sum(_one_hot(labels, Z.shape[0]) * logp) / Z.shape[1])
+    return float(-np.sum(_one_hot(labels, Z.shape[0]) * _log_softmax(Z)) / Z.shape[1])
 
 
 # ----- Input checks -----
-
-
-def _array(x, name, ndims=None):
-    return as_float_array(x, name, ndims)
 
 
 def _relu_input(x):
@@ -541,21 +535,15 @@ def _relu_input(x):
 
 
 def _images(X, name):
-    return require_finite(as_float_array(X, name, 4), name)
+    return as_finite_array(X, name, 4)
 
 
 def _like(dx, x, name):
-    dx = as_float_array(dx, name)
-    if dx.shape != x.shape:
-        raise ValueError(f"{name} must have the primal's shape {x.shape}, got {dx.shape}")
-    return dx
+    return as_array_of_shape(dx, name, x.shape, "{name} must have the primal's shape", finite=False)
 
 
 def _cotangent(G, shape):
-    G = as_float_array(G, "G")
-    if G.shape != tuple(shape):
-        raise ValueError(f"the cotangent G must have the output's shape {tuple(shape)}, got {G.shape}")
-    return G
+    return as_cotangent(G, shape, finite=False)
 
 
 def _shape4(shape):
@@ -596,7 +584,7 @@ def _geometry(x_shape, kh, kw, stride, padding):
 
 
 def _conv_pair(X, K):
-    X, K = _images(X, "X"), require_finite(as_float_array(K, "K", 4), "K")
+    X, K = _images(X, "X"), as_finite_array(K, "K", 4)
     if K.shape[1] != X.shape[1]:
         raise ValueError(f"K must have X's {X.shape[1]} input channels in axis 1 (OIHW), "
                          f"got X {X.shape} and K {K.shape}")
@@ -622,9 +610,9 @@ def _windows(X, size, stride):
 
 
 def _norm_args(X, gamma, beta, eps):
-    X = require_finite(as_float_array(X, "X", 2), "X")
-    gamma = require_finite(as_float_array(gamma, "gamma", 1), "gamma")
-    beta = require_finite(as_float_array(beta, "beta", 1), "beta")
+    X = as_finite_array(X, "X", 2)
+    gamma = as_finite_array(gamma, "gamma", 1)
+    beta = as_finite_array(beta, "beta", 1)
     for name, v in (("gamma", gamma), ("beta", beta)):
         if v.shape != (X.shape[0],):
             raise ValueError(f"{name} must have shape {(X.shape[0],)} (one per row of X {X.shape}), got {v.shape}")

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._validate import as_float_array, require_finite
-from .vector import _softmax_complement, sigmoid, sigmoid_derivative
+from ._validate import as_finite_array, as_float_array
+from .vector import _log_softmax, _softmax_complement, sigmoid, sigmoid_derivative
 
 # ----- Errors and the fit record -----
 
@@ -69,7 +69,7 @@ def _check_l2(l2):
 
 
 def _check_data(X, n_labels, label_name):
-    X = require_finite(as_float_array(X, "X", ndims=2), "X")
+    X = as_finite_array(X, "X", ndims=2)
     if X.shape[1] != n_labels:
         raise ValueError(
             f"X must have one column per observation: {label_name} has {n_labels} "
@@ -95,7 +95,7 @@ def _check_label_columns(Y, tol=1e-9):
     uses that each column sums to one. Entries must be >= 0 and each column must sum
     to one within `tol` * k.
     """
-    Y = require_finite(as_float_array(Y, "Y", ndims=2), "Y")
+    Y = as_finite_array(Y, "Y", ndims=2)
     k, n = Y.shape
     if np.any(Y < 0):
         a, i = (int(v[0]) for v in np.nonzero(Y < 0))
@@ -121,7 +121,7 @@ def _is_one_hot(Y):
 def _check_logistic(theta, X, y):
     y = _check_binary_labels(y)
     X = _check_data(X, y.size, "y")
-    theta = require_finite(as_float_array(theta, "theta", ndims=1), "theta")
+    theta = as_finite_array(theta, "theta", ndims=1)
     if theta.size != X.shape[0]:
         raise ValueError(
             f"theta must have one entry per row of X: X has shape {X.shape} "
@@ -134,7 +134,7 @@ def _check_multinomial(Theta, X, Y):
     Y = _check_label_columns(Y)
     k, n = Y.shape
     X = _check_data(X, n, "Y")
-    Theta = require_finite(as_float_array(Theta, "Theta", ndims=2), "Theta")
+    Theta = as_finite_array(Theta, "Theta", ndims=2)
     if Theta.shape != (X.shape[0], k):
         raise ValueError(
             f"Theta must have shape (d, k) = ({X.shape[0]}, {k}) for X of shape "
@@ -144,7 +144,7 @@ def _check_multinomial(Theta, X, Y):
 
 
 def _check_distribution(p, name, tol=1e-9):
-    p = require_finite(as_float_array(p, name, ndims=1), name)
+    p = as_finite_array(p, name, ndims=1)
     if np.any(p < 0):
         i = int(np.flatnonzero(p < 0)[0])
         raise ValueError(f"{name} must be a probability vector (entries >= 0), got {name}[{i}] = {p[i]}")
@@ -411,12 +411,6 @@ def fit_logistic(X, y, l2=0.0, tol=1e-10, max_iter=100, return_history=False):
 
 
 # ----- 3.3 Multinomial logistic regression -----
-
-
-def _log_softmax(Z):
-    """log sigma(Z), column by column, by the log-sum-exp trick (finite for finite Z)."""
-    m = Z.max(axis=0, keepdims=True)
-    return Z - m - np.log(np.sum(np.exp(Z - m), axis=0, keepdims=True))
 
 
 def _multinomial_objective(Z, Y, Theta, l2):

@@ -16,7 +16,8 @@ the derivative of S -> f(sym(S)), sym(S) = (S + S^T) / 2 (eq. 7.6), which is als
 
 import numpy as np
 
-from ._validate import as_float_array, require_finite
+from ._validate import as_array_of_shape, as_finite_array, as_float_array, require_finite
+from ._validate import as_cotangent as _cotangent
 from .backprop import logdet, logdet_vjp, solve, solve_vjp
 
 # ----- Gaussian negative log-likelihood -----
@@ -50,8 +51,8 @@ def gaussian_nll_grad(X, mu, Sigma):
 
 
 def _gaussian_args(X, mu, Sigma):
-    X = require_finite(as_float_array(X, "X", 2), "X")
-    mu = require_finite(as_float_array(mu, "mu", 1), "mu")
+    X = as_finite_array(X, "X", 2)
+    mu = as_finite_array(mu, "mu", 1)
     d = X.shape[0]
     if mu.shape != (d,):
         raise ValueError(f"mu must have shape ({d},) to match X {X.shape}, got {mu.shape}")
@@ -224,8 +225,7 @@ def loewner_matrix(lam, f):
     """L_ij = (f(lam_i) - f(lam_j)) / (lam_i - lam_j), L_ii = f'(lam_i) (eq. 7.13),
     for f one of "log", "sqrt", "invsqrt", in a form exact at ties (eq. 7.15)."""
     lam = as_float_array(lam, "lam", 1)
-    if f not in _FUNCTIONS:
-        raise ValueError(f"f must be one of {sorted(_FUNCTIONS)}, got {f!r}")
+    _require_function(f)
     if not np.all(np.isfinite(lam)):
         bad = float(lam[~np.isfinite(lam)][0])
         raise ValueError(f"lam must be finite, got {bad} in lam of shape {lam.shape}")
@@ -248,15 +248,19 @@ def spd_function(S, f):
 def spd_function_jvp(S, dS, f):
     """dF = Q (L o Q^T dS Q) Q^T (eq. 7.12), finite when eigenvalues repeat."""
     lam, Q = _spd_eigh(S, f)
-    dS = _tangent(dS, Q.shape, "dS")
-    return Q @ (_loewner(lam, f) * (Q.T @ (0.5 * (dS + dS.T)) @ Q)) @ Q.T
+    return _daleckii_krein(lam, Q, f, _tangent(dS, Q.shape, "dS"))
 
 
 def spd_function_vjp(S, G, f):
     """The gradient of <G, f(S)>: Q (L o Q^T sym(G) Q) Q^T (eq. 7.14); (n, n)."""
     lam, Q = _spd_eigh(S, f)
-    G = _cotangent(G, Q.shape)
-    return Q @ (_loewner(lam, f) * (Q.T @ (0.5 * (G + G.T)) @ Q)) @ Q.T
+    return _daleckii_krein(lam, Q, f, _cotangent(G, Q.shape))
+
+
+def _daleckii_krein(lam, Q, f, X):
+    """Q (L o Q^T sym(X) Q) Q^T: eq. 7.12 for X = dS, eq. 7.14 for X = G (L is
+    symmetric, so the map is self-adjoint and the two rules are the same map)."""
+    return Q @ (_loewner(lam, f) * (Q.T @ (0.5 * (X + X.T)) @ Q)) @ Q.T
 
 
 def logm_spd(S):
@@ -304,9 +308,13 @@ def invsqrtm_spd_vjp(S, G):
     return spd_function_vjp(S, G, "invsqrt")
 
 
-def _spd_eigh(S, f):
+def _require_function(f):
     if f not in _FUNCTIONS:
         raise ValueError(f"f must be one of {sorted(_FUNCTIONS)}, got {f!r}")
+
+
+def _spd_eigh(S, f):
+    _require_function(f)
     S = _symmetric(S, "S")
     lam, Q = _eigh(S)
     if not lam[0] > 0:
@@ -336,7 +344,7 @@ def svdvals_jvp(M, dM):
 
     Raises ValueError where eq. 7.16 does not hold: at a repeated or a zero singular
     value (to 1e3 eps sigma_max), where sigma is not differentiable."""
-    M = require_finite(as_float_array(M, "M", 2), "M")
+    M = as_finite_array(M, "M", 2)
     dM = _tangent(dM, M.shape, "dM")
     U, s, Vt = np.linalg.svd(M, full_matrices=False)
     _require_differentiable_sigma(s, np.ones_like(s), "svdvals_jvp")
@@ -350,7 +358,7 @@ def svdvals_vjp(M, g):
     only if g is constant on the tied group, and at a zero singular value only if g is
     zero there; then U diag(g) V^T does not depend on the singular vectors the SVD
     picks, and is returned (g = 1 at M = 2 Q gives Q). Otherwise: ValueError."""
-    M = require_finite(as_float_array(M, "M", 2), "M")
+    M = as_finite_array(M, "M", 2)
     U, s, Vt = np.linalg.svd(M, full_matrices=False)
     g = _cotangent(g, s.shape)
     _require_differentiable_sigma(s, g, "svdvals_vjp")
@@ -401,7 +409,7 @@ def _polar_rule(U, s, Vt, X):
 
 
 def _polar_svd(M, what="M"):
-    M = require_finite(as_float_array(M, "M", 2), "M")
+    M = as_finite_array(M, "M", 2)
     if M.shape[0] != M.shape[1]:
         raise ValueError(f"M must be square, got shape {M.shape}")
     U, s, Vt = np.linalg.svd(M)
@@ -440,8 +448,8 @@ def procrustes_vjp(A, B, G):
 
 
 def _point_sets(A, B):
-    A = require_finite(as_float_array(A, "A", 2), "A")
-    B = require_finite(as_float_array(B, "B", 2), "B")
+    A = as_finite_array(A, "A", 2)
+    B = as_finite_array(B, "B", 2)
     if A.shape != B.shape:
         raise ValueError(f"A and B must have the same shape (d, n), got A {A.shape} and B {B.shape}")
     return A, B
@@ -484,14 +492,4 @@ def _spd(S, name):
 
 
 def _tangent(dX, shape, name):
-    dX = require_finite(as_float_array(dX, name), name)
-    if dX.shape != tuple(shape):
-        raise ValueError(f"the tangent {name} must have shape {tuple(shape)}, got {dX.shape}")
-    return dX
-
-
-def _cotangent(G, shape):
-    G = require_finite(as_float_array(G, "G"), "G")
-    if G.shape != tuple(shape):
-        raise ValueError(f"the cotangent G must have the output's shape {tuple(shape)}, got {G.shape}")
-    return G
+    return as_array_of_shape(dX, name, shape, "the tangent {name} must have shape")

@@ -93,6 +93,13 @@ def softmax(x):
     return z / z.sum(axis=axis, keepdims=True)
 
 
+def _log_softmax(X, axis=0):
+    """log softmax(X) along `axis` of a checked X, by the log-sum-exp trick (finite for
+    finite X whose entries along `axis` are less than the largest float apart)."""
+    shifted = X - X.max(axis=axis, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=axis, keepdims=True))
+
+
 def _vector_softmax_jacobian(s):
     """Eq. (2.10) from the softmax values s: diag(s) - s s^T, with its diagonal
     s_a (1 - s_a) formed from the accurate complement (see `_softmax_complement`)."""

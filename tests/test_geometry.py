@@ -381,6 +381,32 @@ def test_a_stuck_bundle_adjustment_raises(small_scene, monkeypatch):
         dl.bundle_adjust(small_scene.problem, small_scene.x0)
 
 
+def test_evaluation_counts_and_a_restart_at_the_minimum(small_scene, rng):
+    """The history counts every residual and Jacobian evaluation; restarted at its own
+    minimum, bundle adjustment rejects its first step as stationary and stops without
+    moving, after one Jacobian and one trial residual."""
+    X, u, xi = pnp_problem(rng, noise=0.5)
+    calls = {"r": 0, "J": 0}
+
+    def residual(x):
+        calls["r"] += 1
+        return dl.reprojection_residual(x, X, K, u)
+
+    def jacobian(x):
+        calls["J"] += 1
+        return dl.reprojection_jacobian(x, X, K)
+
+    for method in ("gn", "lm"):
+        calls.update(r=0, J=0)
+        _, hist = dl.solve_least_squares(residual, jacobian, xi + 0.05, method=method)
+        assert (hist.n_residual, hist.n_jacobian) == (calls["r"], calls["J"])
+    pr = small_scene.problem
+    x_hat, _ = dl.bundle_adjust(pr, small_scene.x0)
+    x_again, hist = dl.bundle_adjust(pr, x_hat)
+    assert hist.converged and np.array_equal(x_again, x_hat) and hist.cost[-1] == hist.cost[0]
+    assert (hist.n_iter, hist.n_jacobian, hist.n_residual) == (1, 1, 2)
+
+
 def test_fixed_indices_are_validated():
     args = (K, np.array([0, 1]), np.array([1, 1]), np.zeros((2, 2)), 2, 2)
     for fixed in ([100], [-1], [12]):
