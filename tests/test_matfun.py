@@ -501,7 +501,8 @@ def jax_covariance_pool(F, W, eps):
 
 
 POOL_EPS = 0.05
-POOL_VJP = jitted_vjp(lambda F, W: jax_covariance_pool(F, W, POOL_EPS))
+POOL_ALL = jax.jit(lambda F, W, G: (jax_covariance_pool(F, W, POOL_EPS),  # value and vjp, one compile per shape
+                                     *jax.vjp(lambda F, W: jax_covariance_pool(F, W, POOL_EPS), F, W)[1](G)))
 POOL_SHAPES = [((4, 9), 2), ((2, 5, 12), 3), ((3, 3, 6), 1)]  # (F's shape, k): a batch, one image, k = 1
 
 
@@ -514,11 +515,11 @@ def test_covariance_pool_matches_jax(seed, case):
     dF, dW = rng.standard_normal(shape), rng.standard_normal(W.shape)
     G = rng.standard_normal(shape[:-2] + (k, k))
     F_bar, W_bar = covariance_pool_vjp(F, W, POOL_EPS, G)
-    jF, jW = POOL_VJP((F, W), G)
+    jL, jF, jW = (np.asarray(a) for a in POOL_ALL(F, W, G))
     assert F_bar.shape == F.shape and W_bar.shape == W.shape
     assert_close(F_bar, jF)
     assert_close(W_bar, jW)
-    assert_close(covariance_pool(F, W, POOL_EPS), np.asarray(jax_covariance_pool(F, W, POOL_EPS)))
+    assert_close(covariance_pool(F, W, POOL_EPS), jL)
     assert_adjoint(lambda F, W, dF, dW: covariance_pool_jvp(F, W, POOL_EPS, dF, dW),
                    lambda F, W, G: covariance_pool_vjp(F, W, POOL_EPS, G), (F, W), (dF, dW), G)
 
