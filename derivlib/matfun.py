@@ -14,6 +14,8 @@ the derivative of S -> f(sym(S)), sym(S) = (S + S^T) / 2 (eq. 7.6), which is als
 ``jnp.linalg.eigh`` differentiates, and every gradient with respect to S is symmetric.
 """
 
+import numbers
+
 import numpy as np
 
 from ._validate import as_float_array, require_finite
@@ -508,7 +510,11 @@ def covariance_pool(F, W, eps):
     projection and eps > 0 a float; returns L (k, k) (or (N, k, k)), symmetric. eps must
     be positive: with p <= k pixels, or features that are collinear over the image, the
     projected covariance is singular and its logarithm has an eigenvalue of -inf; eps
-    bounds the eigenvalues of C below by eps."""
+    bounds the eigenvalues of C below by eps. It must also stand above the rounding
+    error of the covariance: the zero eigenvalues of M M^T / p come out of floating
+    point at about 1e-16 times its trace, of either sign, so an eps below
+    EPS_FLOOR = 1e-8 times that trace is refused (its logarithm would keep fewer than
+    about eight correct digits)."""
     F, W, eps, batched = _pool_args(F, W, eps)
     L = np.stack([logm_spd(C) for C in _pooled_covariance(F, W, eps)[1]])
     return L if batched else L[0]
@@ -549,10 +555,26 @@ def _centre(X):
     return X - X.mean(axis=-1, keepdims=True)
 
 
+# eps must be at least this multiple of tr(M M^T / p), image by image (covariance_pool).
+EPS_FLOOR = 1e-8
+
+
 def _pooled_covariance(F, W, eps):
     """M = W F J (N, k, p) and C = M M^T / p + eps I (N, k, k), symmetric to the bit."""
-    M = W @ _centre(F)
-    C = M @ M.transpose(0, 2, 1) / F.shape[2]
+    with np.errstate(over="ignore", invalid="ignore"):
+        M = W @ _centre(F)
+        C = M @ M.transpose(0, 2, 1) / F.shape[2]
+    scale = np.trace(C, axis1=1, axis2=2)
+    if not np.all(np.isfinite(C)):
+        raise ValueError(f"F and W are too large: the projected covariance of image "
+                         f"{int(np.argmin(np.isfinite(scale)))} overflows; scale the features down")
+    too_small = np.flatnonzero(eps < EPS_FLOOR * scale)
+    if too_small.size:
+        i = too_small[0]
+        raise ValueError(f"eps = {eps:.3g} is below {EPS_FLOOR:g} times the trace {scale[i]:.3g} of the "
+                         f"projected covariance of image {i}: its zero eigenvalues are known only to "
+                         f"about 1e-16 times that trace, so log(eps) would keep fewer than eight correct "
+                         f"digits; raise eps to at least {EPS_FLOOR * scale[i]:.3g} or scale the features")
     C = 0.5 * (C + C.transpose(0, 2, 1)) + eps * np.eye(W.shape[0])
     return M, C
 
@@ -565,10 +587,9 @@ def _pool_args(F, W, eps):
     if W.shape[1] != d:
         raise ValueError(f"W must have shape (k, {d}) to match F {F.shape} (d = {d} features), "
                          f"got {W.shape}")
-    try:
-        eps = float(eps)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"eps must be a positive float, got {eps!r}") from exc
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real):
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    eps = float(eps)
     if not (np.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a positive finite float, got {eps!r}: a covariance of "
                          f"p pixels has rank at most p - 1 and may be singular, and the "

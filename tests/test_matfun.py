@@ -503,7 +503,7 @@ def jax_covariance_pool(F, W, eps):
 POOL_EPS = 0.05
 POOL_ALL = jax.jit(lambda F, W, G: (jax_covariance_pool(F, W, POOL_EPS),  # value and vjp, one compile per shape
                                      *jax.vjp(lambda F, W: jax_covariance_pool(F, W, POOL_EPS), F, W)[1](G)))
-POOL_SHAPES = [((4, 9), 2), ((2, 5, 12), 3), ((3, 3, 6), 1)]  # (F's shape, k): a batch, one image, k = 1
+POOL_SHAPES = [((4, 9), 2), ((2, 5, 12), 3), ((3, 3, 6), 1)]  # (F's shape, k): one image, a batch, k = 1
 
 
 @settings(max_examples=20)
@@ -556,6 +556,38 @@ def test_covariance_pool_refuses_eps_not_positive(rng, eps):
     for call in (lambda: covariance_pool(F, W, eps), lambda: covariance_pool_vjp(F, W, eps, np.eye(2))):
         with pytest.raises(ValueError, match=r"eps must be a positive finite float, got .*an eigenvalue of -inf"):
             call()
+
+
+@pytest.mark.parametrize("eps", [True, "0.1", None, [0.1]])
+def test_covariance_pool_refuses_eps_that_is_not_a_number(rng, eps):
+    F, W = rng.standard_normal((3, 8)), rng.standard_normal((2, 3))
+    with pytest.raises(ValueError, match=r"eps must be a positive float, got "):
+        covariance_pool(F, W, eps)
+
+
+def test_covariance_pool_refuses_eps_below_the_rounding_error(rng):
+    """p = 3, k = 4: two eigenvalues of M M^T / p are zero, computed at about 1e-16 times
+    its trace, of either sign. An eps near that level would give log(eps) with few or no
+    correct digits: refused, naming the image and the smallest eps accepted. At the
+    floor, log(eps) keeps about eight digits."""
+    F, W = rng.standard_normal((2, 5, 3)), rng.standard_normal((4, 5))
+    F[1] *= 1e3
+    trace = np.trace((lambda M: M @ M.T / 3)(W @ (F[1] - F[1].mean(axis=1, keepdims=True))))
+    with pytest.raises(ValueError, match=r"eps = 1e-16 is below 1e-08 times the trace .* of image 0"):
+        covariance_pool(F, W, 1e-16)
+    with pytest.raises(ValueError, match=r"eps = 0.0001 is below 1e-08 times the trace .* of image 1: .*"
+                                         r"raise eps to at least"):
+        covariance_pool(F, W, 1e-4)
+    eps = 1.01e-8 * trace
+    L = covariance_pool(F[1], W, eps)
+    np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(L))[:2], np.log(eps), rtol=0, atol=1e-7)
+
+
+def test_covariance_pool_names_an_overflow():
+    F, W = np.full((3, 8), 1e200), np.ones((2, 3))
+    F[0, 0] = -1e200
+    with pytest.raises(ValueError, match=r"F and W are too large: the projected covariance of image 0 overflows"):
+        covariance_pool(F, W, 0.1)
 
 
 @pytest.mark.parametrize("F, W, G, message", [
