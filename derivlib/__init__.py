@@ -125,6 +125,9 @@ from .losses import (
     multinomial_loss,
 )
 from .matfun import (
+    covariance_pool,
+    covariance_pool_jvp,
+    covariance_pool_vjp,
     eigh,
     eigvalsh_jvp,
     eigvalsh_vjp,
@@ -214,6 +217,9 @@ __all__ = [
     "conv2d",
     "conv2d_jvp",
     "conv2d_vjp",
+    "covariance_pool",
+    "covariance_pool_jvp",
+    "covariance_pool_vjp",
     "cross_entropy",
     "cross_entropy_grad",
     "diag",

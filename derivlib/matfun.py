@@ -14,6 +14,8 @@ the derivative of S -> f(sym(S)), sym(S) = (S + S^T) / 2 (eq. 7.6), which is als
 ``jnp.linalg.eigh`` differentiates, and every gradient with respect to S is symmetric.
 """
 
+import numbers
+
 import numpy as np
 
 from ._validate import as_array_of_shape, as_finite_array, as_float_array, require_finite
@@ -493,3 +495,101 @@ def _spd(S, name):
 
 def _tangent(dX, shape, name):
     return as_array_of_shape(dX, name, shape, "the tangent {name} must have shape")
+
+
+# ----- Covariance pooling -----
+
+
+def covariance_pool(F, W, eps):
+    """The log-covariance descriptor L = log C of local features (eqs. 7.22, 7.24):
+    C = W F J F^T W^T / p + eps I (eq. 7.22), J = I - 1 1^T / p the centring matrix.
+
+    F (d, p) holds d features at each of p pixels (or a batch (N, d, p)), W (k, d) is the
+    projection and eps > 0 a float; returns L (k, k) (or (N, k, k)), symmetric. eps must
+    be positive: with p <= k pixels, or features that are collinear over the image, the
+    projected covariance is singular and its logarithm has an eigenvalue of -inf; eps
+    bounds the eigenvalues of C below by eps. It must also stand above the rounding
+    error of the covariance: the zero eigenvalues of M M^T / p come out of floating
+    point at about 1e-16 times its trace, of either sign, so an eps below
+    EPS_FLOOR = 1e-8 times that trace is refused (its logarithm would keep fewer than
+    about eight correct digits)."""
+    F, W, eps, batched = _pool_args(F, W, eps)
+    L = np.stack([logm_spd(C) for C in _pooled_covariance(F, W, eps)[1]])
+    return L if batched else L[0]
+
+
+def covariance_pool_jvp(F, W, eps, dF, dW):
+    """dL = Q (L o Q^T dC Q) Q^T (eq. 7.12) with dC = (dM M^T + M dM^T) / p and
+    dM = dW F J + W dF J (eq. 7.23); shapes as covariance_pool."""
+    F, W, eps, batched = _pool_args(F, W, eps)
+    dF = _tangent(dF, F.shape if batched else F.shape[1:], "dF").reshape(F.shape)
+    dW = _tangent(dW, W.shape, "dW")
+    M, C = _pooled_covariance(F, W, eps)
+    p = F.shape[2]
+    dM = dW @ _centre(F) + W @ _centre(dF)
+    dC = (dM @ M.transpose(0, 2, 1) + M @ dM.transpose(0, 2, 1)) / p
+    dL = np.stack([logm_spd_jvp(Ci, dCi) for Ci, dCi in zip(C, dC)])
+    return dL if batched else dL[0]
+
+
+def covariance_pool_vjp(F, W, eps, G):
+    """The gradients (F_bar, W_bar) of <G, covariance_pool(F, W, eps)> (eq. 7.26):
+    C_bar = logm_spd_vjp(C, G) (eq. 7.14), M_bar = 2 C_bar M / p, F_bar = W^T M_bar J
+    and W_bar = M_bar J F^T, summed over a batch. G has the output's shape, (k, k) or
+    (N, k, k); F_bar has F's shape, W_bar W's."""
+    F, W, eps, batched = _pool_args(F, W, eps)
+    k, p = W.shape[0], F.shape[2]
+    G = _cotangent(G, (F.shape[0], k, k) if batched else (k, k)).reshape(F.shape[0], k, k)
+    M, C = _pooled_covariance(F, W, eps)
+    C_bar = np.stack([logm_spd_vjp(Ci, Gi) for Ci, Gi in zip(C, G)])  # symmetric
+    M_bar = (2.0 / p) * C_bar @ M
+    F_bar = _centre(W.T @ M_bar)
+    W_bar = np.einsum("nkp,ndp->kd", M_bar, _centre(F))
+    return (F_bar if batched else F_bar[0]), W_bar
+
+
+def _centre(X):
+    """X J: each row of each (., p) matrix minus its mean (the centring of eq. 7.22)."""
+    return X - X.mean(axis=-1, keepdims=True)
+
+
+# eps must be at least this multiple of tr(M M^T / p), image by image (covariance_pool).
+EPS_FLOOR = 1e-8
+
+
+def _pooled_covariance(F, W, eps):
+    """M = W F J (N, k, p) and C = M M^T / p + eps I (N, k, k), symmetric to the bit."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        M = W @ _centre(F)
+        C = M @ M.transpose(0, 2, 1) / F.shape[2]
+    scale = np.trace(C, axis1=1, axis2=2)
+    if not np.all(np.isfinite(C)):
+        raise ValueError(f"F and W are too large: the projected covariance of image "
+                         f"{int(np.argmin(np.isfinite(scale)))} overflows; scale the features down")
+    too_small = np.flatnonzero(eps < EPS_FLOOR * scale)
+    if too_small.size:
+        i = too_small[0]
+        raise ValueError(f"eps = {eps:.3g} is below {EPS_FLOOR:g} times the trace {scale[i]:.3g} of the "
+                         f"projected covariance of image {i}: its zero eigenvalues are known only to "
+                         f"about 1e-16 times that trace, so log(eps) would keep fewer than eight correct "
+                         f"digits; raise eps to at least {EPS_FLOOR * scale[i]:.3g} or scale the features")
+    C = 0.5 * (C + C.transpose(0, 2, 1)) + eps * np.eye(W.shape[0])
+    return M, C
+
+
+def _pool_args(F, W, eps):
+    F = require_finite(as_float_array(F, "F", (2, 3)), "F")
+    W = require_finite(as_float_array(W, "W", 2), "W")
+    batched = F.ndim == 3
+    d = F.shape[-2]
+    if W.shape[1] != d:
+        raise ValueError(f"W must have shape (k, {d}) to match F {F.shape} (d = {d} features), "
+                         f"got {W.shape}")
+    if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real):
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    eps = float(eps)
+    if not (np.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a positive finite float, got {eps!r}: a covariance of "
+                         f"p pixels has rank at most p - 1 and may be singular, and the "
+                         f"logarithm of a singular matrix has an eigenvalue of -inf")
+    return (F if batched else F[None]), W, eps, batched

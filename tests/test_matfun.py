@@ -25,6 +25,9 @@ from derivlib.check import (
     spd_function_vjp_reference,
 )
 from derivlib.matfun import (
+    covariance_pool,
+    covariance_pool_jvp,
+    covariance_pool_vjp,
     eigh,
     eigvalsh_jvp,
     eigvalsh_vjp,
@@ -484,3 +487,121 @@ def test_procrustes_names_its_own_arguments_when_degenerate(A, B, few):
             call()
         assert "invertible M" not in str(info.value)
         assert ("with n = 2 points in d = 3 dimensions it always is" in str(info.value)) == few
+
+
+# ----- Covariance pooling -----
+
+
+def jax_covariance_pool(F, W, eps):
+    """eq. 7.22 and log C through jnp.linalg.eigh, for one image (d, p) or a batch (N, d, p)."""
+    M = W @ (F - F.mean(axis=-1, keepdims=True))
+    C = M @ jnp.swapaxes(M, -1, -2) / F.shape[-1] + eps * jnp.eye(W.shape[0])
+    lam, Q = jnp.linalg.eigh(C)
+    return (Q * jnp.log(lam)[..., None, :]) @ jnp.swapaxes(Q, -1, -2)
+
+
+POOL_EPS = 0.05
+POOL_ALL = jax.jit(lambda F, W, G: (jax_covariance_pool(F, W, POOL_EPS),  # value and vjp, one compile per shape
+                                     *jax.vjp(lambda F, W: jax_covariance_pool(F, W, POOL_EPS), F, W)[1](G)))
+POOL_SHAPES = [((4, 9), 2), ((2, 5, 12), 3), ((3, 3, 6), 1)]  # (F's shape, k): one image, a batch, k = 1
+
+
+@settings(max_examples=20)
+@given(seeds, st.sampled_from(POOL_SHAPES))
+def test_covariance_pool_matches_jax(seed, case):
+    shape, k = case
+    rng = np.random.default_rng(seed)
+    F, W = rng.standard_normal(shape), rng.standard_normal((k, shape[-2]))
+    dF, dW = rng.standard_normal(shape), rng.standard_normal(W.shape)
+    G = rng.standard_normal(shape[:-2] + (k, k))
+    F_bar, W_bar = covariance_pool_vjp(F, W, POOL_EPS, G)
+    jL, jF, jW = (np.asarray(a) for a in POOL_ALL(F, W, G))
+    assert F_bar.shape == F.shape and W_bar.shape == W.shape
+    assert_close(F_bar, jF)
+    assert_close(W_bar, jW)
+    assert_close(covariance_pool(F, W, POOL_EPS), jL)
+    assert_adjoint(lambda F, W, dF, dW: covariance_pool_jvp(F, W, POOL_EPS, dF, dW),
+                   lambda F, W, G: covariance_pool_vjp(F, W, POOL_EPS, G), (F, W), (dF, dW), G)
+
+
+def test_covariance_pool_batch_is_a_stack_of_images(rng):
+    F, W, G = rng.standard_normal((3, 4, 10)), rng.standard_normal((2, 4)), rng.standard_normal((3, 2, 2))
+    F_bar, W_bar = covariance_pool_vjp(F, W, 0.1, G)
+    singles = [covariance_pool_vjp(F[i], W, 0.1, G[i]) for i in range(3)]
+    np.testing.assert_allclose(F_bar, np.stack([s[0] for s in singles]), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(W_bar, sum(s[1] for s in singles), rtol=1e-13, atol=1e-15)
+
+
+def test_covariance_pool_rank_deficient_input_is_finite(rng):
+    """p = 3 pixels, k = 4: C - eps I has rank 2, and C's two smallest eigenvalues are
+    both eps, a repeated eigenvalue where the Daleckii-Krein rule stays exact."""
+    F, W, G = rng.standard_normal((5, 3)), rng.standard_normal((4, 5)), rng.standard_normal((4, 4))
+    eps = 1e-3
+    L = covariance_pool(F, W, eps)
+    assert np.all(np.isfinite(L))
+    np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(L))[:2], np.log(eps), rtol=1e-10)
+    F_bar, W_bar = covariance_pool_vjp(F, W, eps, G)
+    assert np.all(np.isfinite(F_bar)) and np.all(np.isfinite(W_bar))
+    h, dF, dW = 1e-6, rng.standard_normal(F.shape), rng.standard_normal(W.shape)
+    central = np.sum(G * (covariance_pool(F + h * dF, W + h * dW, eps)
+                          - covariance_pool(F - h * dF, W - h * dW, eps))) / (2 * h)
+    assert np.sum(F_bar * dF) + np.sum(W_bar * dW) == pytest.approx(central, rel=1e-6)
+    constant = np.ones((5, 8))  # no variation at all: C = eps I, L = log(eps) I
+    np.testing.assert_allclose(covariance_pool(constant, W, eps), np.log(eps) * np.eye(4), rtol=1e-12)
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-3, np.inf, np.nan])
+def test_covariance_pool_refuses_eps_not_positive(rng, eps):
+    F, W = rng.standard_normal((3, 8)), rng.standard_normal((2, 3))
+    for call in (lambda: covariance_pool(F, W, eps), lambda: covariance_pool_vjp(F, W, eps, np.eye(2))):
+        with pytest.raises(ValueError, match=r"eps must be a positive finite float, got .*an eigenvalue of -inf"):
+            call()
+
+
+@pytest.mark.parametrize("eps", [True, "0.1", None, [0.1]])
+def test_covariance_pool_refuses_eps_that_is_not_a_number(rng, eps):
+    F, W = rng.standard_normal((3, 8)), rng.standard_normal((2, 3))
+    with pytest.raises(ValueError, match=r"eps must be a positive float, got "):
+        covariance_pool(F, W, eps)
+
+
+def test_covariance_pool_refuses_eps_below_the_rounding_error(rng):
+    """p = 3, k = 4: two eigenvalues of M M^T / p are zero, computed at about 1e-16 times
+    its trace, of either sign. An eps near that level would give log(eps) with few or no
+    correct digits: refused, naming the image and the smallest eps accepted. At the
+    floor, log(eps) keeps about eight digits."""
+    F, W = rng.standard_normal((2, 5, 3)), rng.standard_normal((4, 5))
+    F[1] *= 1e3
+    trace = np.trace((lambda M: M @ M.T / 3)(W @ (F[1] - F[1].mean(axis=1, keepdims=True))))
+    with pytest.raises(ValueError, match=r"eps = 1e-16 is below 1e-08 times the trace .* of image 0"):
+        covariance_pool(F, W, 1e-16)
+    with pytest.raises(ValueError, match=r"eps = 0.0001 is below 1e-08 times the trace .* of image 1: .*"
+                                         r"raise eps to at least"):
+        covariance_pool(F, W, 1e-4)
+    eps = 1.01e-8 * trace
+    L = covariance_pool(F[1], W, eps)
+    np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(L))[:2], np.log(eps), rtol=0, atol=1e-7)
+
+
+def test_covariance_pool_names_an_overflow():
+    F, W = np.full((3, 8), 1e200), np.ones((2, 3))
+    F[0, 0] = -1e200
+    with pytest.raises(ValueError, match=r"F and W are too large: the projected covariance of image 0 overflows"):
+        covariance_pool(F, W, 0.1)
+
+
+@pytest.mark.parametrize("F, W, G, message", [
+    ((3, 8), (2, 4), (2, 2), r"W must have shape \(k, 3\) to match F \(3, 8\) \(d = 3 features\), got \(2, 4\)"),
+    ((2, 3, 8), (2, 4), (2, 2, 2), r"W must have shape \(k, 3\) to match F \(2, 3, 8\)"),
+    ((8,), (2, 8), (2, 2), r"F must be 2-D or 3-D, got shape \(8,\)"),
+    ((3, 8), (2, 3), (3, 3), r"the cotangent G must have the output's shape \(2, 2\), got \(3, 3\)"),
+    ((4, 3, 8), (2, 3), (2, 2), r"the cotangent G must have the output's shape \(4, 2, 2\), got \(2, 2\)"),
+])
+def test_covariance_pool_bad_shapes(F, W, G, message):
+    with pytest.raises(ValueError, match=message):
+        covariance_pool_vjp(np.ones(F), np.ones(W), 0.1, np.zeros(G))
+
+
+def test_covariance_pool_bad_tangent():
+    with pytest.raises(ValueError, match=r"the tangent dW must have shape \(2, 3\), got \(3, 2\)"):
+        covariance_pool_jvp(np.ones((3, 8)), np.ones((2, 3)), 0.1, np.ones((3, 8)), np.ones((3, 2)))
