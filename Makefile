@@ -37,8 +37,10 @@ WORKERS ?= auto
 # Each worker's BLAS runs on one thread: with one worker per core, BLAS threads of their
 # own only wait for each other (Chapter 4's scikit-learn fits took 16 s instead of 5).
 # Workers take files in the order given: the longest first, so that the last files to
-# run are short ones and both workers finish together (pytest drops the repeats).
-SLOWEST_FIRST := tests/test_browser.py tests/test_browser_narrow.py book/04_reverse_mode.ipynb \
+# run are short ones and both workers finish together (pytest drops the repeats). The
+# two browser files are not the first two: both wait for the one build of the book, and
+# a second worker that starts with a notebook is not idle while the first builds it.
+SLOWEST_FIRST := tests/test_browser.py book/04_reverse_mode.ipynb tests/test_browser_narrow.py \
 	book/03_loss_functions.ipynb
 
 .PHONY: book test browser-deps notebooks benchmark clean pdf pdf-deps test-pdf test-lab lab
