@@ -237,7 +237,8 @@ def loewner_matrix(lam, f):
 
 
 def _loewner(lam, f):
-    return _FUNCTIONS[f][1](lam[:, None], lam[None, :])
+    """The Loewner matrix of each spectrum in lam (n,) or a stack (N, n)."""
+    return _FUNCTIONS[f][1](lam[..., :, None], lam[..., None, :])
 
 
 def spd_function(S, f):
@@ -261,8 +262,10 @@ def spd_function_vjp(S, G, f):
 
 def _daleckii_krein(lam, Q, f, X):
     """Q (L o Q^T sym(X) Q) Q^T: eq. 7.12 for X = dS, eq. 7.14 for X = G (L is
-    symmetric, so the map is self-adjoint and the two rules are the same map)."""
-    return Q @ (_loewner(lam, f) * (Q.T @ (0.5 * (X + X.T)) @ Q)) @ Q.T
+    symmetric, so the map is self-adjoint and the two rules are the same map). For one
+    matrix, or a stack of them: lam (N, n), Q and X (N, n, n)."""
+    Qt = np.swapaxes(Q, -1, -2)
+    return Q @ (_loewner(lam, f) * (Qt @ (0.5 * (X + np.swapaxes(X, -1, -2))) @ Q)) @ Qt
 
 
 def logm_spd(S):
@@ -514,7 +517,8 @@ def covariance_pool(F, W, eps):
     EPS_FLOOR = 1e-8 times that trace is refused (its logarithm would keep fewer than
     about eight correct digits)."""
     F, W, eps, batched = _pool_args(F, W, eps)
-    L = np.stack([logm_spd(C) for C in _pooled_covariance(F, W, eps)[1]])
+    lam, Q = _pooled_eigh(_pooled_covariance(F, W, eps)[1])
+    L = (Q * np.log(lam)[:, None, :]) @ Q.transpose(0, 2, 1)  # eq. 7.11 for each image
     return L if batched else L[0]
 
 
@@ -528,24 +532,37 @@ def covariance_pool_jvp(F, W, eps, dF, dW):
     p = F.shape[2]
     dM = dW @ _centre(F) + W @ _centre(dF)
     dC = (dM @ M.transpose(0, 2, 1) + M @ dM.transpose(0, 2, 1)) / p
-    dL = np.stack([logm_spd_jvp(Ci, dCi) for Ci, dCi in zip(C, dC)])
+    dL = _daleckii_krein(*_pooled_eigh(C), "log", dC)  # eq. 7.12 for each image
     return dL if batched else dL[0]
 
 
 def covariance_pool_vjp(F, W, eps, G):
     """The gradients (F_bar, W_bar) of <G, covariance_pool(F, W, eps)> (eq. 7.26):
-    C_bar = logm_spd_vjp(C, G) (eq. 7.14), M_bar = 2 C_bar M / p, F_bar = W^T M_bar J
-    and W_bar = M_bar J F^T, summed over a batch. G has the output's shape, (k, k) or
+    C_bar = logm_spd_vjp(C, G) (eq. 7.14, for all N images at once), M_bar = 2 C_bar M / p,
+    F_bar = W^T M_bar J and W_bar = M_bar J F^T, summed over a batch. G has the output's shape, (k, k) or
     (N, k, k); F_bar has F's shape, W_bar W's."""
     F, W, eps, batched = _pool_args(F, W, eps)
     k, p = W.shape[0], F.shape[2]
     G = _cotangent(G, (F.shape[0], k, k) if batched else (k, k)).reshape(F.shape[0], k, k)
     M, C = _pooled_covariance(F, W, eps)
-    C_bar = np.stack([logm_spd_vjp(Ci, Gi) for Ci, Gi in zip(C, G)])  # symmetric
+    C_bar = _daleckii_krein(*_pooled_eigh(C), "log", G)  # eq. 7.14 for each image; symmetric
     M_bar = (2.0 / p) * C_bar @ M
     F_bar = _centre(W.T @ M_bar)
     W_bar = np.einsum("nkp,ndp->kd", M_bar, _centre(F))
     return (F_bar if batched else F_bar[0]), W_bar
+
+
+def _pooled_eigh(C):
+    """The eigenvalues and eigenvectors of each C of a stack (N, k, k), all in one call to
+    LAPACK's dsyevd (NumPy's eigh). C's eigenvalues are at least eps, which
+    _pooled_covariance holds above the rounding error of the rest, so none comes out
+    non-positive; if one did, say so rather than take its logarithm."""
+    lam, Q = np.linalg.eigh(C)
+    if not np.all(lam[:, 0] > 0):
+        i = int(np.argmin(lam[:, 0]))
+        raise ValueError(f"the pooled covariance of image {i} has eigenvalue {lam[i, 0]:.3g}: "
+                         "raise eps")
+    return lam, Q
 
 
 def _centre(X):
