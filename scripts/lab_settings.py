@@ -9,8 +9,9 @@ the chapters in JupyterLab (tests/test_jupyterlab.py) checks that it is in effec
 - Windowing: by default JupyterLab 4 lays out the cells it has not shown yet at an
   estimated height. A link to an equation further down a chapter then scrolls to where the
   equation would be by that estimate, and lands a few lines past it once the cells above
-  take their real heights (80 px at (3.9a) of Chapter 3). "defer" draws every cell, in the
-  background once the first screen is shown, so a link lands on its equation.
+  take their real heights (80 px past (3.9a) of Chapter 3, the equation just above the
+  view). "defer" draws every cell, in the background once the first screen is shown, so
+  that once the chapter has finished drawing, a link lands on its equation.
 
 A setting a reader changes in JupyterLab's Settings Editor still wins over these.
 """

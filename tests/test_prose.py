@@ -83,7 +83,8 @@ def anchor_problems(pages, cells):
     problems = []
     for name, text in sorted(pages.items()):
         for match in LINK.finditer(text):
-            target, anchor = (match.group(1), match.group(2)) if match.group(2) else match.group(3, 4)
+            raw = not match.group(2)
+            target, anchor = match.group(3, 4) if raw else match.group(1, 2)
             if target.startswith(("http://", "https://")):
                 continue
             target = target or name
@@ -94,6 +95,9 @@ def anchor_problems(pages, cells):
             elif anchor.startswith(CELL_ID) and not into_notebook:
                 problems.append(f"{link}: a cell id is only followed into another notebook; "
                                 f"link to #{anchor[len(CELL_ID):]}")
+            elif into_notebook and raw:
+                problems.append(f"{link}: write a Markdown link into another notebook; the book does not "
+                                "rewrite a raw HTML href")
             elif into_notebook and not anchor.startswith(CELL_ID):
                 problems.append(f"{link}: JupyterLab opens another notebook at its top for an anchor; "
                                 f"link to {target}#{CELL_ID}{anchor}, the cell that begins with it")
@@ -101,7 +105,8 @@ def anchor_problems(pages, cells):
                 cell = anchor[len(CELL_ID):]
                 if not cells.get(target, {}).get(cell, "").startswith(f'<a id="{cell}"></a>'):
                     problems.append(f'{link}: no Markdown cell "{cell}" that begins with <a id="{cell}"></a> '
-                                    "(start a cell with the anchor, then run scripts/run_notebooks.py)")
+                                    "(start a cell with the anchor, or name the first anchor of the line it "
+                                    "opens with another, then run scripts/run_notebooks.py)")
             elif anchor not in ids[target]:
                 problems.append(f"{link}: no explicit anchor with that id")
     return problems
@@ -164,7 +169,8 @@ def test_anchor_check_asks_for_a_cell_id_into_another_notebook():
     pages = {
         "02.ipynb": '<a id="eq-2-4"></a>\n\n$$x \\tag{2.4}$$\n\n(see <a id="eq-2-5"></a>)',
         "03.ipynb": "[(2.4)](02.ipynb#cell-id=eq-2-4), [(2.4)](02.ipynb#eq-2-4), [(2.5)](02.ipynb#cell-id=eq-2-5), "
-                    '<a id="eq-3-1"></a> [(3.1)](#cell-id=eq-3-1), [(3.1)](#eq-3-1), [x](errata.md#cell-id=x)',
+                    '<a id="eq-3-1"></a> [(3.1)](#cell-id=eq-3-1), [(3.1)](#eq-3-1), [x](errata.md#cell-id=x), '
+                    '<a href="02.ipynb#cell-id=eq-2-4">(2.4)</a>',
         "errata.md": '<a id="x"></a>',
     }
     cells = {"02.ipynb": {"eq-2-4": '<a id="eq-2-4"></a>\n\n$$x \\tag{2.4}$$', "cell-3": '(see <a id="eq-2-5"></a>)'},
@@ -173,7 +179,10 @@ def test_anchor_check_asks_for_a_cell_id_into_another_notebook():
         "03.ipynb: link to 02.ipynb#eq-2-4: JupyterLab opens another notebook at its top for an anchor; "
         "link to 02.ipynb#cell-id=eq-2-4, the cell that begins with it",
         '03.ipynb: link to 02.ipynb#cell-id=eq-2-5: no Markdown cell "eq-2-5" that begins with <a id="eq-2-5"></a> '
-        "(start a cell with the anchor, then run scripts/run_notebooks.py)",
+        "(start a cell with the anchor, or name the first anchor of the line it opens with another, "
+        "then run scripts/run_notebooks.py)",
         "03.ipynb: link to 03.ipynb#cell-id=eq-3-1: a cell id is only followed into another notebook; link to #eq-3-1",
         "03.ipynb: link to errata.md#cell-id=x: a cell id is only followed into another notebook; link to #x",
+        "03.ipynb: link to 02.ipynb#cell-id=eq-2-4: write a Markdown link into another notebook; the book does "
+        "not rewrite a raw HTML href",
     ]
