@@ -190,10 +190,12 @@ def browser_problems(browser, url):
     return problems + errors + [f"outside request refused: {request}" for request in refused]
 
 
-def launch_browser():
+def launch_browser(needs=(CHROMIUM, MATHJAX_DIR)):
     """Debian's Chromium, headless, driven by Playwright (the `browser` fixture of
-    tests/conftest.py: one per process, shared by every browser test file)."""
-    for needed in [CHROMIUM, MATHJAX_DIR]:
+    tests/conftest.py: one per process, shared by every browser test file). `needs`
+    lists what must exist first: the book's pages also need MathJax from node_modules,
+    JupyterLab (tests/test_jupyterlab.py) only the browser."""
+    for needed in needs:
         if not needed.exists():
             pytest.fail(f"{needed} is missing: `make test` installs it")
     with sync_playwright() as playwright:

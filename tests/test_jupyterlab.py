@@ -35,15 +35,13 @@ import urllib.request
 
 import pytest
 from test_book import toc_files
+from test_browser import CHROMIUM, launch_browser
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))
 import lab_settings  # noqa: E402
 import run_notebooks  # noqa: E402
 
-CHROMIUM = pathlib.Path("/usr/bin/chromium")
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 CHAPTERS = [page.split("/")[-1] for page in toc_files() if (ROOT / f"{page}.ipynb").exists()]
 TIMEOUT_S = 60
 SETTLE_S = 15
@@ -175,15 +173,8 @@ def lab(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lab_browser():
-    """Debian's Chromium, headless, driven by Playwright."""
-    from playwright.sync_api import sync_playwright
-
-    if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: `make test` installs it")
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        yield chromium
-        chromium.close()
+    """Debian's Chromium, headless, driven by Playwright, as the browser test runs it."""
+    yield from launch_browser(needs=(CHROMIUM,))
 
 
 # Runs in JupyterLab once a notebook is open: waits until every cell is attached and
@@ -366,28 +357,19 @@ def test_jupyterlab_runs_with_the_books_settings(lab_browser, lab):
 
 
 @pytest.mark.jupyterlab
-def test_a_link_to_an_equation_of_the_same_chapter_lands_on_it(lab_browser, lab):
+@pytest.mark.parametrize("href, anchor, tab", [
+    ("#eq-3-9a", "eq-3-9a", "03_loss_functions.ipynb"),  # within Chapter 3
+    ("02_vector_functions.ipynb#cell-id=eq-2-4", "eq-2-4", "02_vector_functions.ipynb"),  # into Chapter 2
+], ids=["same chapter", "another chapter"])
+def test_a_link_from_chapter_3_to_an_equation_lands_on_it(lab_browser, lab, href, anchor, tab):
     _, base, token = lab
     page, _ = open_in_lab(lab_browser, base, token, "03_loss_functions.ipynb")
     try:
         wait_until_shown(page)
-        where = follow_link(page, "03_loss_functions.ipynb", "#eq-3-9a")
+        where = follow_link(page, "03_loss_functions.ipynb", href, anchor=anchor)
     finally:
         page.close()
-    assert landed(where, "03_loss_functions.ipynb"), where
-
-
-@pytest.mark.jupyterlab
-def test_a_link_to_an_equation_of_another_chapter_lands_on_it(lab_browser, lab):
-    _, base, token = lab
-    page, _ = open_in_lab(lab_browser, base, token, "03_loss_functions.ipynb")
-    try:
-        wait_until_shown(page)
-        where = follow_link(page, "03_loss_functions.ipynb", "02_vector_functions.ipynb#cell-id=eq-2-4",
-                            anchor="eq-2-4")
-    finally:
-        page.close()
-    assert landed(where, "02_vector_functions.ipynb"), where
+    assert landed(where, tab), where
 
 
 SHALLOW = 10  # Markdown cells
