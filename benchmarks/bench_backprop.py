@@ -40,9 +40,13 @@ import sys
 import warnings
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-if "--threads" not in sys.argv or sys.argv[sys.argv.index("--threads") + 1] != "0":  # before jax is imported
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+if (
+    "--threads" not in sys.argv or sys.argv[sys.argv.index("--threads") + 1] != "0"
+):  # before jax is imported
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    ).strip()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -58,12 +62,10 @@ from timing import best_of, best_times  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 
-
-
-
-
 def relative_error(a, b):
-    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+    return float(
+        np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b))
+    )
 
 
 def softmax_problem(m=1000, n=1000, seed=0):
@@ -73,13 +75,25 @@ def softmax_problem(m=1000, n=1000, seed=0):
 
 def bench_softmax_jax(repeats):
     X, G = softmax_problem()
-    pullback = jax.jit(lambda X, G: jax.vjp(lambda Y: jax.nn.softmax(Y, axis=0), X)[1](G)[0])
+    pullback = jax.jit(
+        lambda X, G: jax.vjp(lambda Y: jax.nn.softmax(Y, axis=0), X)[1](G)[0]
+    )
     Xj, Gj = jnp.asarray(X), jnp.asarray(G)
     pullback(Xj, Gj).block_until_ready()  # compile
-    t_ours, t_peer, ours, theirs = best_times(lambda: dl.softmax_vjp(X, G),
-                                              lambda: pullback(Xj, Gj).block_until_ready(), repeats)
+    t_ours, t_peer, ours, theirs = best_times(
+        lambda: dl.softmax_vjp(X, G),
+        lambda: pullback(Xj, Gj).block_until_ready(),
+        repeats,
+    )
     err = relative_error(ours, theirs)
-    return ("softmax_vjp m=n=1000", "jax.jit(jax.vjp)", t_ours, t_peer, f"relative diff = {err:.1e}", err < 1e-12)
+    return (
+        "softmax_vjp m=n=1000",
+        "jax.jit(jax.vjp)",
+        t_ours,
+        t_peer,
+        f"relative diff = {err:.1e}",
+        err < 1e-12,
+    )
 
 
 def jacobian_blocks_then_multiply(X, G, chunk=10):
@@ -88,18 +102,26 @@ def jacobian_blocks_then_multiply(X, G, chunk=10):
     for start in range(0, X.shape[1], chunk):
         cols = slice(start, start + chunk)
         blocks = dl.softmax_jacobian_blocks(X[:, cols])  # (chunk, m, m)
-        out[:, cols] = np.matmul(blocks.transpose(0, 2, 1), G[:, cols].T[:, :, None])[:, :, 0].T
+        out[:, cols] = np.matmul(blocks.transpose(0, 2, 1), G[:, cols].T[:, :, None])[
+            :, :, 0
+        ].T
     return out
 
 
 def bench_softmax_blocks(repeats):
     X, G = softmax_problem()
-    t_ours, t_peer, ours, theirs = best_times(lambda: dl.softmax_vjp(X, G),
-                                              lambda: jacobian_blocks_then_multiply(X, G),
-                                              1)
+    t_ours, t_peer, ours, theirs = best_times(
+        lambda: dl.softmax_vjp(X, G), lambda: jacobian_blocks_then_multiply(X, G), 1
+    )
     err = relative_error(ours, theirs)
-    return ("softmax_vjp m=n=1000", "Jacobian blocks, then J^T G", t_ours, t_peer,
-            f"relative diff = {err:.1e}", err < 1e-12)
+    return (
+        "softmax_vjp m=n=1000",
+        "Jacobian blocks, then J^T G",
+        t_ours,
+        t_peer,
+        f"relative diff = {err:.1e}",
+        err < 1e-12,
+    )
 
 
 def mlp_loss_jax(P, X, Y):
@@ -110,19 +132,34 @@ def mlp_loss_jax(P, X, Y):
 
 def bench_mlp_step(repeats, check_finite):
     D, digit = load_digits(return_X_y=True)
-    D_train, _, digit_train, _ = train_test_split(D / 16.0, digit, test_size=0.25, random_state=0, stratify=digit)
+    D_train, _, digit_train, _ = train_test_split(
+        D / 16.0, digit, test_size=0.25, random_state=0, stratify=digit
+    )
     X = np.ascontiguousarray(D_train[:256].T)
     Y = np.eye(10)[:, digit_train[:256]]
     params = dl.mlp_init(64, 64, 10, np.random.default_rng(0))
     grad_jax = jax.jit(jax.grad(mlp_loss_jax))
-    Pj, Xj, Yj = {k: jnp.asarray(v) for k, v in params.items()}, jnp.asarray(X), jnp.asarray(Y)
+    Pj, Xj, Yj = (
+        {k: jnp.asarray(v) for k, v in params.items()},
+        jnp.asarray(X),
+        jnp.asarray(Y),
+    )
     jax.block_until_ready(grad_jax(Pj, Xj, Yj))  # compile
-    t_ours, t_peer, (_, ours), theirs = best_times(lambda: dl.mlp_loss_and_grad(params, X, Y, check_finite=check_finite),
-                                                   lambda: jax.block_until_ready(grad_jax(Pj, Xj, Yj)),
-                                                   repeats * 30)
+    t_ours, t_peer, (_, ours), theirs = best_times(
+        lambda: dl.mlp_loss_and_grad(params, X, Y, check_finite=check_finite),
+        lambda: jax.block_until_ready(grad_jax(Pj, Xj, Yj)),
+        repeats * 30,
+    )
     err = max(relative_error(ours[k], theirs[k]) for k in dl.backprop.MLP_PARAMETERS)
     task = "MLP gradient, batch 256" + ("" if check_finite else ", unchecked")
-    return (task, "jax.jit(jax.grad(loss))", t_ours, t_peer, f"max relative diff = {err:.1e}", err < 1e-12)
+    return (
+        task,
+        "jax.jit(jax.grad(loss))",
+        t_ours,
+        t_peer,
+        f"max relative diff = {err:.1e}",
+        err < 1e-12,
+    )
 
 
 def wall_time_slopes(repeats):
@@ -138,39 +175,65 @@ def wall_time_slopes(repeats):
     for m in sizes_vjp:
         x, g = rng.standard_normal(m), rng.standard_normal(m)
         vjp.append(best_of(lambda: dl.softmax_vjp(x, g), repeats * 3))
-    return (sizes_jacobian, dl.loglog_slope(sizes_jacobian, np.array(jacobian)),
-            sizes_vjp, dl.loglog_slope(sizes_vjp, np.array(vjp)))
+    return (
+        sizes_jacobian,
+        dl.loglog_slope(sizes_jacobian, np.array(jacobian)),
+        sizes_vjp,
+        dl.loglog_slope(sizes_vjp, np.array(vjp)),
+    )
 
 
 def seed_spread(seeds=range(5)):
     """Test accuracy of the chapter's two MLPs on the digits split, seed by seed."""
     D, digit = load_digits(return_X_y=True)
-    D_train, D_test, digit_train, digit_test = train_test_split(D / 16.0, digit, test_size=0.25, random_state=0,
-                                                                stratify=digit)
+    D_train, D_test, digit_train, digit_test = train_test_split(
+        D / 16.0, digit, test_size=0.25, random_state=0, stratify=digit
+    )
     X, Y, X_test = D_train.T, np.eye(10)[:, digit_train], D_test.T
     print("\ntest accuracy on the digits (450 test images; one image = 0.22 points)")
     print(f"{'seed':>4} {'derivlib':>9} {'scikit-learn':>13} {'difference':>11}")
     diffs = []
     for seed in seeds:
-        mlp, _ = dl.fit_mlp(X, Y, n_hidden=64, epochs=30, batch_size=8, learning_rate=0.05, seed=seed)
+        mlp, _ = dl.fit_mlp(
+            X, Y, n_hidden=64, epochs=30, batch_size=8, learning_rate=0.05, seed=seed
+        )
         ours = 100 * np.mean(dl.mlp_predict(mlp, X_test) == digit_test)
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            sk = MLPClassifier(hidden_layer_sizes=(64,), activation="tanh", max_iter=1000, random_state=seed)
+            sk = MLPClassifier(
+                hidden_layer_sizes=(64,),
+                activation="tanh",
+                max_iter=1000,
+                random_state=seed,
+            )
             theirs = 100 * sk.fit(D_train, digit_train).score(D_test, digit_test)
         diffs.append(ours - theirs)
         print(f"{seed:>4} {ours:>8.1f}% {theirs:>12.1f}% {ours - theirs:>+10.1f}")
-    print(f"mean difference {np.mean(diffs):+.2f} points, range {min(diffs):+.1f} to {max(diffs):+.1f}")
+    print(
+        f"mean difference {np.mean(diffs):+.2f} points, range {min(diffs):+.1f} to {max(diffs):+.1f}"
+    )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="BLAS and XLA threads: 1 (default) for both, 0 for each library's default")
-    parser.add_argument("--seeds", action="store_true", help="also compare test accuracy over seeds 0 to 4")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="BLAS and XLA threads: 1 (default) for both, 0 for each library's default",
+    )
+    parser.add_argument(
+        "--seeds",
+        action="store_true",
+        help="also compare test accuracy over seeds 0 to 4",
+    )
     args = parser.parse_args()
-    limit = threadpool_limits(1, user_api="blas") if args.threads == 1 else contextlib.nullcontext()
+    limit = (
+        threadpool_limits(1, user_api="blas")
+        if args.threads == 1
+        else contextlib.nullcontext()
+    )
     with limit:
         run(args)
     if args.seeds:
@@ -178,23 +241,33 @@ def main():
 
 
 def run(args):
-    rows = [bench_softmax_jax(args.repeats), bench_softmax_blocks(args.repeats),
-            bench_mlp_step(args.repeats, check_finite=True), bench_mlp_step(args.repeats, check_finite=False)]
+    rows = [
+        bench_softmax_jax(args.repeats),
+        bench_softmax_blocks(args.repeats),
+        bench_mlp_step(args.repeats, check_finite=True),
+        bench_mlp_step(args.repeats, check_finite=False),
+    ]
     threads = "one thread each" if args.threads == 1 else "default threads"
-    print(f"best of {args.repeats} repeats (Jacobian blocks: 1 run; MLP: {30 * args.repeats}), {threads}; "
-          "ratio = peer time / derivlib time (> 1: derivlib faster)\n")
+    print(
+        f"best of {args.repeats} repeats (Jacobian blocks: 1 run; MLP: {30 * args.repeats}), {threads}; "
+        "ratio = peer time / derivlib time (> 1: derivlib faster)\n"
+    )
     header = f"{'task':<32} {'peer':<28} {'derivlib':>10} {'peer':>10} {'ratio':>7}  agreement"
     print(header)
     print("-" * len(header))
     for task, peer, t_ours, t_peer, agreement, ok in rows:
-        print(f"{task:<32} {peer:<28} {t_ours * 1e3:>8.2f}ms {t_peer * 1e3:>8.2f}ms {t_peer / t_ours:>6.2f}x  "
-              f"{agreement}{'' if ok else '  (TOO LARGE)'}")
+        print(
+            f"{task:<32} {peer:<28} {t_ours * 1e3:>8.2f}ms {t_peer * 1e3:>8.2f}ms {t_peer / t_ours:>6.2f}x  "
+            f"{agreement}{'' if ok else '  (TOO LARGE)'}"
+        )
     print()
     for task, peer, t_ours, t_peer, *_ in rows:
         print(f"ratio {task} vs {peer}: {t_peer / t_ours:.2f}x")
     sizes_j, slope_j, sizes_v, slope_v = wall_time_slopes(args.repeats)
-    print(f"\nwall-time log-log slopes for a vector softmax of size m: form J then J^T g {slope_j:.1f} "
-          f"(m = {sizes_j[0]} ... {sizes_j[-1]}), softmax_vjp {slope_v:.1f} (m = {sizes_v[0]} ... {sizes_v[-1]})")
+    print(
+        f"\nwall-time log-log slopes for a vector softmax of size m: form J then J^T g {slope_j:.1f} "
+        f"(m = {sizes_j[0]} ... {sizes_j[-1]}), softmax_vjp {slope_v:.1f} (m = {sizes_v[0]} ... {sizes_v[-1]})"
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,13 @@ for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 from scipy.optimize import least_squares  # noqa: E402
 
-from derivlib import ba_jacobian, ba_residual, ba_sparsity_pattern, bundle_adjust, make_scene  # noqa: E402
+from derivlib import (
+    ba_jacobian,
+    ba_residual,
+    ba_sparsity_pattern,
+    bundle_adjust,
+    make_scene,
+)  # noqa: E402
 
 RTOL = 1e-8
 
@@ -58,15 +64,24 @@ def scipy_to_cost(problem, x0, E_ref, analytic):
         if 2 * intermediate_result.cost <= E_ref * (1 + RTOL):
             raise StopIteration
 
-    kwargs = dict(method="trf", x_scale="jac", ftol=1e-15, xtol=1e-15, gtol=1e-15,
-                  max_nfev=100_000, callback=stop)
+    kwargs = dict(
+        method="trf",
+        x_scale="jac",
+        ftol=1e-15,
+        xtol=1e-15,
+        gtol=1e-15,
+        max_nfev=100_000,
+        callback=stop,
+    )
     if analytic:
         kwargs["jac"] = lambda z: ba_jacobian(problem, full(z), free_only=True)
     else:
         kwargs["jac"] = "2-point"
         kwargs["jac_sparsity"] = ba_sparsity_pattern(problem)[:, keep]
     res = least_squares(residual, x0[keep], **kwargs)
-    res.calls = calls[0]      # every residual evaluation, those of finite differences included
+    res.calls = calls[
+        0
+    ]  # every residual evaluation, those of finite differences included
     return res
 
 
@@ -75,10 +90,16 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--cameras", type=int, default=10)
     parser.add_argument("--points", type=int, default=500)
-    parser.add_argument("--perturbation", type=float, default=1.0,
-                        help="scale of the start's error (1: 0.02 rad, 0.1 and 0.05 in translation and points)")
+    parser.add_argument(
+        "--perturbation",
+        type=float,
+        default=1.0,
+        help="scale of the start's error (1: 0.02 rad, 0.1 and 0.05 in translation and points)",
+    )
     args = parser.parse_args()
-    scene = make_scene(m=args.cameras, n=args.points, noise=1.0, seed=0, perturbation=args.perturbation)
+    scene = make_scene(
+        m=args.cameras, n=args.points, noise=1.0, seed=0, perturbation=args.perturbation
+    )
     problem, x0 = scene.problem, scene.x0
 
     runs = {
@@ -88,8 +109,12 @@ def main():
     }
     x_ours, hist = runs["derivlib LM + Schur"]()
     E_ref = hist.cost[-1]
-    runs["scipy trf, 2-point + sparsity"] = lambda: scipy_to_cost(problem, x0, E_ref, analytic=False)
-    runs["scipy trf, derivlib's jacobian"] = lambda: scipy_to_cost(problem, x0, E_ref, analytic=True)
+    runs["scipy trf, 2-point + sparsity"] = lambda: scipy_to_cost(
+        problem, x0, E_ref, analytic=False
+    )
+    runs["scipy trf, derivlib's jacobian"] = lambda: scipy_to_cost(
+        problem, x0, E_ref, analytic=True
+    )
 
     best, results = {k: np.inf for k in runs}, {}
     for _ in range(args.repeats):
@@ -99,14 +124,20 @@ def main():
             best[name] = min(best[name], time.perf_counter() - start)
 
     N = problem.cam.size
-    print(f"bundle adjustment: m = {problem.m} cameras, n = {problem.n} points, {N} observations "
-          f"({2 * N} residuals, {int(problem.free_mask().sum())} free parameters), noise 1 pixel, "
-          f"start perturbation x{args.perturbation:g}")
-    print(f"reference: derivlib's final cost E* = ||r||^2 = {E_ref:.10g}; scipy stops within "
-          f"{RTOL:.0e} relative of it (its cost is E / 2)")
+    print(
+        f"bundle adjustment: m = {problem.m} cameras, n = {problem.n} points, {N} observations "
+        f"({2 * N} residuals, {int(problem.free_mask().sum())} free parameters), noise 1 pixel, "
+        f"start perturbation x{args.perturbation:g}"
+    )
+    print(
+        f"reference: derivlib's final cost E* = ||r||^2 = {E_ref:.10g}; scipy stops within "
+        f"{RTOL:.0e} relative of it (its cost is E / 2)"
+    )
     print(f"best of {args.repeats} repeats; ratio = solver time / derivlib time\n")
-    header = (f"{'solver':<32} {'time':>9} {'ratio':>7} {'residual evals':>15} {'jacobian evals':>15}"
-              f"  final cost E")
+    header = (
+        f"{'solver':<32} {'time':>9} {'ratio':>7} {'residual evals':>15} {'jacobian evals':>15}"
+        f"  final cost E"
+    )
     print(header)
     print("-" * len(header))
     t_ours = best["derivlib LM + Schur"]
@@ -115,12 +146,22 @@ def main():
             nfev, njev, E = hist.n_residual, hist.n_jacobian, hist.cost[-1]
         else:
             res = results[name]
-            nfev, njev, E = res.calls, res.njev if res.njev is not None else 0, 2 * res.cost
+            nfev, njev, E = (
+                res.calls,
+                res.njev if res.njev is not None else 0,
+                2 * res.cost,
+            )
             if not (abs(E - E_ref) <= RTOL * E_ref or E < E_ref):
-                raise AssertionError(f"{name} stopped at cost {E:.12g}, not within {RTOL} of {E_ref:.12g}")
-        print(f"{name:<32} {best[name]:>8.3f}s {best[name] / t_ours:>6.1f}x {nfev:>15d} {njev:>15d}  {E:.10g}")
-    print("\nresidual evals count every call of the residual, finite differences included "
-          "(scipy's own nfev leaves those out); jacobian evals are iterations' Jacobians.")
+                raise AssertionError(
+                    f"{name} stopped at cost {E:.12g}, not within {RTOL} of {E_ref:.12g}"
+                )
+        print(
+            f"{name:<32} {best[name]:>8.3f}s {best[name] / t_ours:>6.1f}x {nfev:>15d} {njev:>15d}  {E:.10g}"
+        )
+    print(
+        "\nresidual evals count every call of the residual, finite differences included "
+        "(scipy's own nfev leaves those out); jacobian evals are iterations' Jacobians."
+    )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ONE_THREAD = "--all-threads" not in sys.argv
 if ONE_THREAD:  # must be set before NumPy and JAX load their thread pools
     os.environ["OPENBLAS_NUM_THREADS"] = "1"
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+    os.environ["XLA_FLAGS"] = (
+        os.environ.get("XLA_FLAGS", "")
+        + " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+    ).strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -42,13 +44,11 @@ from timing import best_of, best_times  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
-SIZES = [("N=32 C=16 32x32 O=32 3x3", (32, 16, 32, 32), 32),
-         ("N=64 C=1 8x8 O=16 3x3 (digits)", (64, 1, 8, 8), 16),
-         ("N=64 C=4 8x8 O=16 3x3", (64, 4, 8, 8), 16)]
-
-
-
-
+SIZES = [
+    ("N=32 C=16 32x32 O=32 3x3", (32, 16, 32, 32), 32),
+    ("N=64 C=1 8x8 O=16 3x3 (digits)", (64, 1, 8, 8), 16),
+    ("N=64 C=4 8x8 O=16 3x3", (64, 4, 8, 8), 16),
+]
 
 
 def jax_conv_vjp():
@@ -68,8 +68,13 @@ def bench(label, x_shape, filters, repeats):
     def run_peer():
         return jax.block_until_ready(peer(Xj, Kj, Gj))
 
-    t_ours, t_peer, ours, theirs = best_times(lambda: conv2d_vjp(X, K, G, padding=1), run_peer, repeats)
-    err = max(np.linalg.norm(a - np.asarray(b)) / np.linalg.norm(b) for a, b in zip(ours, theirs))
+    t_ours, t_peer, ours, theirs = best_times(
+        lambda: conv2d_vjp(X, K, G, padding=1), run_peer, repeats
+    )
+    err = max(
+        np.linalg.norm(a - np.asarray(b)) / np.linalg.norm(b)
+        for a, b in zip(ours, theirs)
+    )
 
     # where derivlib's time goes: eq. 5.20 (stride 1) against eq. 5.5-5.6 as written
     # (im2col), and the part of eq. 5.20 that only lays out the strips
@@ -83,9 +88,13 @@ def bench(label, x_shape, filters, repeats):
         return Xs, Gs
 
     parts = {
-        "im2col form (5.5)-(5.6)": best_of(lambda: _conv2d_vjp_im2col(X, K, G, 1, 1), repeats),
+        "im2col form (5.5)-(5.6)": best_of(
+            lambda: _conv2d_vjp_im2col(X, K, G, 1, 1), repeats
+        ),
         "of which im2col": best_of(lambda: im2col(X, 3, 3, 1, 1), repeats),
-        "conv2d_vjp Kbar only (input_grad=False)": best_of(lambda: conv2d_vjp(X, K, G, padding=1, input_grad=False), repeats),
+        "conv2d_vjp Kbar only (input_grad=False)": best_of(
+            lambda: conv2d_vjp(X, K, G, padding=1, input_grad=False), repeats
+        ),
         "strips of (5.20)": best_of(strips, repeats),
     }
     phi_bytes = N * H * W * C * 9 * 8
@@ -95,25 +104,42 @@ def bench(label, x_shape, filters, repeats):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--all-threads", action="store_true", help="let NumPy and JAX use every core")
+    parser.add_argument(
+        "--all-threads", action="store_true", help="let NumPy and JAX use every core"
+    )
     args = parser.parse_args()
-    rows = [bench(label, shape, filters, args.repeats) for label, shape, filters in SIZES]
-    print(f"conv2d_vjp (Xbar and Kbar), float64, {'one thread each' if ONE_THREAD else 'all threads'}, "
-          f"best of {args.repeats} repeats; "
-          "ratio = peer time / derivlib time (> 1: derivlib faster)\n")
+    rows = [
+        bench(label, shape, filters, args.repeats) for label, shape, filters in SIZES
+    ]
+    print(
+        f"conv2d_vjp (Xbar and Kbar), float64, {'one thread each' if ONE_THREAD else 'all threads'}, "
+        f"best of {args.repeats} repeats; "
+        "ratio = peer time / derivlib time (> 1: derivlib faster)\n"
+    )
     header = f"{'size':<32} {'derivlib':>10} {'jax.jit(jax.vjp)':>17} {'ratio':>6}  agreement"
     print(header)
     print("-" * len(header))
     for label, t_ours, t_peer, err, _, _, _ in rows:
-        print(f"{label:<32} {t_ours * 1e3:>8.2f}ms {t_peer * 1e3:>15.2f}ms {t_peer / t_ours:>5.2f}x  "
-              f"relative diff = {err:.1e}{'' if err < 1e-12 else '  (TOO LARGE)'}")
-    print("\nwhere derivlib's time goes (each timed alone, ms; conv2d_vjp uses eq. 5.20 at stride 1):")
+        print(
+            f"{label:<32} {t_ours * 1e3:>8.2f}ms {t_peer * 1e3:>15.2f}ms {t_peer / t_ours:>5.2f}x  "
+            f"relative diff = {err:.1e}{'' if err < 1e-12 else '  (TOO LARGE)'}"
+        )
+    print(
+        "\nwhere derivlib's time goes (each timed alone, ms; conv2d_vjp uses eq. 5.20 at stride 1):"
+    )
     for label, t_ours, _, _, parts, _, _ in rows:
-        print(f"  {label:<32} conv2d_vjp {t_ours * 1e3:.2f}  " + "  ".join(f"{k} {v * 1e3:.2f}" for k, v in parts.items()))
-    print("\nmemory of the patch matrix phi(X) of the im2col form against the input X (eq. 5.20 forms none):")
+        print(
+            f"  {label:<32} conv2d_vjp {t_ours * 1e3:.2f}  "
+            + "  ".join(f"{k} {v * 1e3:.2f}" for k, v in parts.items())
+        )
+    print(
+        "\nmemory of the patch matrix phi(X) of the im2col form against the input X (eq. 5.20 forms none):"
+    )
     for label, _, _, _, _, cols_bytes, x_bytes in rows:
-        print(f"  {label:<32} phi(X) {cols_bytes / 2**20:7.2f} MiB, X {x_bytes / 2**20:6.2f} MiB: "
-              f"{cols_bytes / x_bytes:.1f} x (kh kw entries per output pixel, padding zeros included)")
+        print(
+            f"  {label:<32} phi(X) {cols_bytes / 2**20:7.2f} MiB, X {x_bytes / 2**20:6.2f} MiB: "
+            f"{cols_bytes / x_bytes:.1f} x (kh kw entries per output pixel, padding zeros included)"
+        )
     print()
 
 

@@ -36,11 +36,10 @@ jax.config.update("jax_enable_x64", True)
 TOL = 1e-10
 
 
-
-
 def sklearn_newton(X_rows, labels, l2):
-    model = LogisticRegression(C=1.0 / l2, fit_intercept=False, solver="newton-cholesky",
-                               tol=TOL, max_iter=100)
+    model = LogisticRegression(
+        C=1.0 / l2, fit_intercept=False, solver="newton-cholesky", tol=TOL, max_iter=100
+    )
     return model.fit(X_rows, labels).coef_
 
 
@@ -55,22 +54,40 @@ def synthetic_binary(d=100, n=100_000, seed=0):
 def bench_logistic(repeats):
     X, y = synthetic_binary()
     X_rows = np.ascontiguousarray(X.T)  # scikit-learn's layout, made outside the timing
-    t_ours, t_peer, theta, coef = best_times(lambda: fit_logistic(X, y, l2=1.0, tol=TOL),
-                                             lambda: sklearn_newton(X_rows, y, 1.0), repeats)
+    t_ours, t_peer, theta, coef = best_times(
+        lambda: fit_logistic(X, y, l2=1.0, tol=TOL),
+        lambda: sklearn_newton(X_rows, y, 1.0),
+        repeats,
+    )
     diff = np.max(np.abs(theta - coef.ravel()))
-    return ("fit_logistic d=100 n=100000 l2=1", "sklearn newton-cholesky", t_ours, t_peer,
-            f"max |theta diff| = {diff:.1e}", diff < 1e-8)
+    return (
+        "fit_logistic d=100 n=100000 l2=1",
+        "sklearn newton-cholesky",
+        t_ours,
+        t_peer,
+        f"max |theta diff| = {diff:.1e}",
+        diff < 1e-8,
+    )
 
 
 def bench_multinomial(repeats):
     X_rows, labels = load_digits(return_X_y=True)
     X_rows = X_rows / 16.0
     X, Y = np.ascontiguousarray(X_rows.T), np.eye(10)[:, labels]
-    t_ours, t_peer, Theta, coef = best_times(lambda: fit_multinomial(X, Y, l2=1.0, tol=TOL),
-                                             lambda: sklearn_newton(X_rows, labels, 1.0), repeats)
+    t_ours, t_peer, Theta, coef = best_times(
+        lambda: fit_multinomial(X, Y, l2=1.0, tol=TOL),
+        lambda: sklearn_newton(X_rows, labels, 1.0),
+        repeats,
+    )
     diff = np.max(np.abs(Theta - coef.T))
-    return ("fit_multinomial digits k=10 l2=1", "sklearn newton-cholesky", t_ours, t_peer,
-            f"max |Theta diff| = {diff:.1e}", diff < 1e-6)
+    return (
+        "fit_multinomial digits k=10 l2=1",
+        "sklearn newton-cholesky",
+        t_ours,
+        t_peer,
+        f"max |Theta diff| = {diff:.1e}",
+        diff < 1e-6,
+    )
 
 
 def bench_hessian(repeats):
@@ -85,25 +102,43 @@ def bench_hessian(repeats):
     jax_hess = jax.jit(jax.hessian(loss))
     tj = jnp.asarray(theta)
     jax_hess(tj).block_until_ready()  # compile
-    t_ours, t_peer, H, H_jax = best_times(lambda: logistic_hessian(theta, X, y),
-                                          lambda: jax_hess(tj).block_until_ready(), repeats)
+    t_ours, t_peer, H, H_jax = best_times(
+        lambda: logistic_hessian(theta, X, y),
+        lambda: jax_hess(tj).block_until_ready(),
+        repeats,
+    )
     err = np.linalg.norm(H - np.asarray(H_jax)) / np.linalg.norm(H_jax)
-    return ("logistic_hessian d=100 n=100000", "jax.jit(jax.hessian)", t_ours, t_peer,
-            f"relative diff = {err:.1e}", err < 1e-10)
+    return (
+        "logistic_hessian d=100 n=100000",
+        "jax.jit(jax.hessian)",
+        t_ours,
+        t_peer,
+        f"relative diff = {err:.1e}",
+        err < 1e-10,
+    )
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
-    rows = [bench(args.repeats) for bench in (bench_logistic, bench_multinomial, bench_hessian)]
-    print(f"best of {args.repeats} repeats; ratio = peer time / derivlib time (> 1: derivlib faster)\n")
-    header = f"{'task':<34} {'peer':<24} {'derivlib':>9} {'peer':>9} {'ratio':>6}  agreement"
+    rows = [
+        bench(args.repeats)
+        for bench in (bench_logistic, bench_multinomial, bench_hessian)
+    ]
+    print(
+        f"best of {args.repeats} repeats; ratio = peer time / derivlib time (> 1: derivlib faster)\n"
+    )
+    header = (
+        f"{'task':<34} {'peer':<24} {'derivlib':>9} {'peer':>9} {'ratio':>6}  agreement"
+    )
     print(header)
     print("-" * len(header))
     for task, peer, t_ours, t_peer, agreement, ok in rows:
-        print(f"{task:<34} {peer:<24} {t_ours:>8.3f}s {t_peer:>8.3f}s {t_peer / t_ours:>5.2f}x  "
-              f"{agreement}{'' if ok else '  (TOO LARGE)'}")
+        print(
+            f"{task:<34} {peer:<24} {t_ours:>8.3f}s {t_peer:>8.3f}s {t_peer / t_ours:>5.2f}x  "
+            f"{agreement}{'' if ok else '  (TOO LARGE)'}"
+        )
     print()
     for task, peer, t_ours, t_peer, *_ in rows:
         print(f"ratio {task} vs {peer}: {t_peer / t_ours:.2f}x")

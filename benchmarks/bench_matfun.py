@@ -51,8 +51,6 @@ from timing import best_times  # noqa: E402
 jax.config.update("jax_enable_x64", True)
 
 
-
-
 def log_through_eigh(S):
     lam, Q = jnp.linalg.eigh(S)
     return (Q * jnp.log(lam)) @ Q.T
@@ -94,10 +92,17 @@ def bench(n, kind, repeats):
     S, G, Q, lam = problem(n, kind)
     Sj, Gj = jnp.asarray(S), jnp.asarray(G)
     jax_vjp(Sj, Gj).block_until_ready()  # compile
-    t_ours, t_peer, ours, theirs = best_times(lambda: logm_spd_vjp(S, G),
-                                              lambda: jax_vjp(Sj, Gj).block_until_ready(), repeats)
+    t_ours, t_peer, ours, theirs = best_times(
+        lambda: logm_spd_vjp(S, G), lambda: jax_vjp(Sj, Gj).block_until_ready(), repeats
+    )
     reference = spd_function_vjp_reference(Q, lam, G, "log")
-    return (f"n={n} {kind}", t_ours, t_peer, describe(ours, reference), describe(np.asarray(theirs), reference))
+    return (
+        f"n={n} {kind}",
+        t_ours,
+        t_peer,
+        describe(ours, reference),
+        describe(np.asarray(theirs), reference),
+    )
 
 
 def pool_through_eigh(F, W, eps):
@@ -108,16 +113,25 @@ def pool_through_eigh(F, W, eps):
 
 
 POOL_EPS = 1e-3
-pool_vjp = jax.jit(lambda F, W, G: jax.vjp(lambda F, W: pool_through_eigh(F, W, POOL_EPS), F, W)[1](G))
+pool_vjp = jax.jit(
+    lambda F, W, G: jax.vjp(lambda F, W: pool_through_eigh(F, W, POOL_EPS), F, W)[1](G)
+)
 
 
 def bench_pool(N, d, p, k, repeats, seed=0):
     rng = np.random.default_rng(seed)
-    F, W, G = rng.standard_normal((N, d, p)), rng.standard_normal((k, d)), rng.standard_normal((N, k, k))
+    F, W, G = (
+        rng.standard_normal((N, d, p)),
+        rng.standard_normal((k, d)),
+        rng.standard_normal((N, k, k)),
+    )
     Fj, Wj, Gj = map(jnp.asarray, (F, W, G))
     jax.block_until_ready(pool_vjp(Fj, Wj, Gj))  # compile
-    t_ours, t_peer, ours, theirs = best_times(lambda: covariance_pool_vjp(F, W, POOL_EPS, G),
-                                              lambda: jax.block_until_ready(pool_vjp(Fj, Wj, Gj)), repeats)
+    t_ours, t_peer, ours, theirs = best_times(
+        lambda: covariance_pool_vjp(F, W, POOL_EPS, G),
+        lambda: jax.block_until_ready(pool_vjp(Fj, Wj, Gj)),
+        repeats,
+    )
     difference = max(relative_error(a, np.asarray(b)) for a, b in zip(ours, theirs))
     return f"N={N} d={d} p={p} k={k}", t_ours, t_peer, difference
 
@@ -126,25 +140,41 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=15)
     args = parser.parse_args()
-    rows = [bench(n, kind, args.repeats) for n in (64, 256)
-            for kind in ("generic", "near-degenerate", "repeated")]
-    print("gradient of <G, log S>: derivlib logm_spd_vjp vs jax.jit(jax.vjp) through jnp.linalg.eigh")
-    print(f"best of {args.repeats} repeats; ratio = jax time / derivlib time (> 1: derivlib faster); "
-          f"errors relative to the 40-digit reference\n")
+    rows = [
+        bench(n, kind, args.repeats)
+        for n in (64, 256)
+        for kind in ("generic", "near-degenerate", "repeated")
+    ]
+    print(
+        "gradient of <G, log S>: derivlib logm_spd_vjp vs jax.jit(jax.vjp) through jnp.linalg.eigh"
+    )
+    print(
+        f"best of {args.repeats} repeats; ratio = jax time / derivlib time (> 1: derivlib faster); "
+        f"errors relative to the 40-digit reference\n"
+    )
     header = f"{'task':<22} {'derivlib':>9} {'jax':>9} {'ratio':>6}  {'derivlib error':>14}  {'jax error':>10}"
     print(header)
     print("-" * len(header))
     for task, t_ours, t_peer, (e_ours, ok_ours), (e_peer, _) in rows:
-        print(f"{task:<22} {t_ours * 1e3:>7.2f}ms {t_peer * 1e3:>7.2f}ms {t_peer / t_ours:>5.2f}x  "
-              f"{e_ours:>14}  {e_peer:>10}{'' if ok_ours else '  (derivlib error TOO LARGE)'}")
-    pools = [bench_pool(64, 8, 64, 4, args.repeats), bench_pool(32, 32, 196, 16, args.repeats)]
-    print("\ncovariance pooling, gradients (F_bar, W_bar) of a batch: derivlib covariance_pool_vjp vs "
-          "jax.jit(jax.vjp) through jnp.linalg.eigh\n")
+        print(
+            f"{task:<22} {t_ours * 1e3:>7.2f}ms {t_peer * 1e3:>7.2f}ms {t_peer / t_ours:>5.2f}x  "
+            f"{e_ours:>14}  {e_peer:>10}{'' if ok_ours else '  (derivlib error TOO LARGE)'}"
+        )
+    pools = [
+        bench_pool(64, 8, 64, 4, args.repeats),
+        bench_pool(32, 32, 196, 16, args.repeats),
+    ]
+    print(
+        "\ncovariance pooling, gradients (F_bar, W_bar) of a batch: derivlib covariance_pool_vjp vs "
+        "jax.jit(jax.vjp) through jnp.linalg.eigh\n"
+    )
     header = f"{'task':<24} {'derivlib':>9} {'jax':>9} {'ratio':>6}  {'difference':>10}"
     print(header)
     print("-" * len(header))
     for task, t_ours, t_peer, difference in pools:
-        print(f"{task:<24} {t_ours * 1e3:>7.2f}ms {t_peer * 1e3:>7.2f}ms {t_peer / t_ours:>5.2f}x  {difference:>10.1e}")
+        print(
+            f"{task:<24} {t_ours * 1e3:>7.2f}ms {t_peer * 1e3:>7.2f}ms {t_peer / t_ours:>5.2f}x  {difference:>10.1e}"
+        )
 
 
 if __name__ == "__main__":

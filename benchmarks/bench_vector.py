@@ -64,7 +64,9 @@ def main():
     t_dense, _ = best_time(lambda: dl.softmax_jacobian(X), max(2, args.repeats // 2))
 
     J = check.to_vec_layout(J, (m, n), (m, n))
-    jax_blocks = np.stack([J[i * m:(i + 1) * m, i * m:(i + 1) * m] for i in range(n)])
+    jax_blocks = np.stack(
+        [J[i * m : (i + 1) * m, i * m : (i + 1) * m] for i in range(n)]
+    )
     err = check.relative_error(blocks, jax_blocks)
     assert err < 1e-12, f"blocks disagree with jax.jacobian: relative error {err:.2e}"
     del J, jax_blocks
@@ -73,10 +75,12 @@ def main():
     mem_dense = numpy_peak_bytes(lambda: dl.softmax_jacobian(X))
     jax_bytes = (m * n) ** 2 * 8
 
-    mib = 2.0 ** 20
+    mib = 2.0**20
     print(f"column-wise softmax Jacobian, m = {m}, n = {n} ({m * n} x {m * n} dense)")
     print(f"blocks agree with jax.jacobian: relative error {err:.1e}")
-    print(f"{'method':<42}{'time (ms)':>12}{'memory (MiB)':>15}{'slower than blocks':>21}")
+    print(
+        f"{'method':<42}{'time (ms)':>12}{'memory (MiB)':>15}{'slower than blocks':>21}"
+    )
     rows = [
         ("derivlib.softmax_jacobian_blocks", t_blocks, mem_blocks / mib),
         ("jax.jacobian (no jit)", t_jax, jax_bytes / mib),
@@ -85,7 +89,9 @@ def main():
     ]
     for name, t, mem in rows:
         print(f"{name:<42}{t * 1e3:>12.2f}{mem:>15.1f}{t / t_blocks:>20.0f}x")
-    print("memory: traced NumPy peak for derivlib; for JAX the size of its (mn, mn) result")
+    print(
+        "memory: traced NumPy peak for derivlib; for JAX the size of its (mn, mn) result"
+    )
 
 
 if __name__ == "__main__":

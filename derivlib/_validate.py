@@ -8,7 +8,9 @@ def as_float_array(x, name, ndims=None):
     try:
         arr = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be a real array, got {type(x).__name__}") from exc
+        raise ValueError(
+            f"{name} must be a real array, got {type(x).__name__}"
+        ) from exc
     if ndims is not None:
         allowed = (ndims,) if isinstance(ndims, int) else tuple(ndims)
         if arr.ndim not in allowed:
@@ -35,10 +37,11 @@ def require_no_nan(arr, name):
 
 
 def as_finite_array(x, name, ndims=None):
-    """`x` as a float64 array (as `as_float_array`), checked for NaN and infinity. A small
-    array is scanned entry by entry (``isfinite``); a large one is summed, since any NaN or
-    infinity makes the sum non-finite, so a finite sum (one pass, no temporary) proves the
-    array finite, and only a non-finite sum (or one that overflowed) needs the scan."""
+    """`x` as a float64 array (as `as_float_array`), checked for NaN and infinity. A
+    small array is scanned entry by entry (``isfinite``); a large one is summed,
+    since any NaN or infinity makes the sum non-finite, so a finite sum (one pass, no
+    temporary) proves the array finite, and only a non-finite sum (or one that
+    overflowed) needs the scan."""
     arr = as_float_array(x, name, ndims)
     if arr.size < _LARGE:
         finite = np.isfinite(arr).all()
@@ -48,19 +51,26 @@ def as_finite_array(x, name, ndims=None):
     return arr if finite else require_finite(arr, name)
 
 
-_LARGE = 1 << 16  # entries; below this, entering np.errstate costs more than the scan saves
+_LARGE = (
+    1 << 16
+)  # entries; below this, entering np.errstate costs more than the scan saves
 
 
 def as_array_of_shape(x, name, shape, expected, finite=True):
-    """`x` as a float64 array (finite unless finite=False) of exactly `shape`; otherwise a
-    ValueError "<expected> <shape>, got <its shape>", where `expected` names the argument
-    and whose shape it must have, and may refer to the argument as {name}."""
+    """`x` as a float64 array (finite unless finite=False) of exactly `shape`;
+    otherwise a ValueError "<expected> <shape>, got <its shape>", where `expected`
+    names the argument and whose shape it must have, and may refer to the argument as
+    {name}."""
     arr = as_finite_array(x, name) if finite else as_float_array(x, name)
     if arr.shape != tuple(shape):
-        raise ValueError(f"{expected.format(name=name)} {tuple(shape)}, got {arr.shape}")
+        raise ValueError(
+            f"{expected.format(name=name)} {tuple(shape)}, got {arr.shape}"
+        )
     return arr
 
 
 def as_cotangent(G, shape, finite=True):
     """The cotangent G of an output of shape `shape` (see `as_array_of_shape`)."""
-    return as_array_of_shape(G, "G", shape, "the cotangent G must have the output's shape", finite)
+    return as_array_of_shape(
+        G, "G", shape, "the cotangent G must have the output's shape", finite
+    )

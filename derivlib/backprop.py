@@ -114,7 +114,9 @@ def softmax_jvp(X, dX):
     """
     X = _logits(X, "X")
     axis = softmax_axis(X.shape)
-    return _softmax_vjp_from_output(_softmax(X, axis), _tangent(dX, X.shape, "dX"), axis)
+    return _softmax_vjp_from_output(
+        _softmax(X, axis), _tangent(dX, X.shape, "dX"), axis
+    )
 
 
 def _softmax(X, axis):
@@ -154,7 +156,8 @@ def _softmax_vjp_from_output(S, G, axis=0):
 
 
 def log_softmax(X):
-    """log softmax(X) = X - 1 log(1^T exp[X]) along the softmax axis, without overflow."""
+    """log softmax(X) = X - 1 log(1^T exp[X]) along the softmax axis, without
+    overflow."""
     X = _logits(X, "X")
     return _log_softmax(X, softmax_axis(X.shape))
 
@@ -196,12 +199,12 @@ def softmax_cross_entropy_jvp(Z, Y, dZ, dY):
 
 
 def softmax_cross_entropy_vjp(Z, Y, g):
-    """Eq. 4.11: (Zbar, Ybar) = (g (S o (1 1^T Y) - Y), -g log softmax(Z)), S = softmax(Z).
+    """Eq. 4.11: (Zbar, Ybar) = (g (S o (1 1^T Y) - Y), -g log softmax(Z)), S =
+    softmax(Z).
 
     For one-hot columns (1^T y_i = 1) Zbar is g (Pi - Y), the fused gradient of
     Chapter 3 (eq. 3.20b): the division by Pi in the cross entropy's own gradient
-    cancels against the softmax Jacobian, so no small probability is ever divided by.
-    """
+    cancels against the softmax Jacobian, so no small probability is ever divided by."""
     Z, Y = _logits_and_targets(Z, Y)
     g = _scalar_cotangent(g)
     axis = softmax_axis(Z.shape)
@@ -234,7 +237,9 @@ def inverse(A):
     try:
         return np.linalg.inv(A)
     except np.linalg.LinAlgError as exc:
-        raise ValueError(f"A^-1 needs an invertible A, got a singular matrix of shape {A.shape}") from exc
+        raise ValueError(
+            f"A^-1 needs an invertible A, got a singular matrix of shape {A.shape}"
+        ) from exc
 
 
 def inverse_jvp(A, dA):
@@ -252,11 +257,14 @@ def inverse_vjp(A, G):
 
 
 def logdet(A):
-    """log |det A| for a square, invertible A (eq. 4.14; the sign is not differentiated)."""
+    """log |det A| for a square, invertible A (eq. 4.14; the sign is not
+    differentiated)."""
     A = _square(A, "A")
     sign, value = np.linalg.slogdet(A)
     if sign == 0:
-        raise ValueError(f"log det needs an invertible A, got a singular matrix of shape {A.shape}")
+        raise ValueError(
+            f"log det needs an invertible A, got a singular matrix of shape {A.shape}"
+        )
     return float(value)
 
 
@@ -307,7 +315,9 @@ def _solve(A, B):
     try:
         return np.linalg.solve(A, B)
     except np.linalg.LinAlgError as exc:
-        raise ValueError(f"A^-1 B needs an invertible A, got a singular matrix of shape {A.shape}") from exc
+        raise ValueError(
+            f"A^-1 B needs an invertible A, got a singular matrix of shape {A.shape}"
+        ) from exc
 
 
 # ----- Trace and Frobenius norm -----
@@ -357,7 +367,10 @@ def _nonzero_norm(A):
     A = as_finite_array(A, "A")
     norm = _frobenius_norm(A)
     if norm == 0.0:
-        raise ValueError(f"the Frobenius norm is not differentiable at A = 0 (A of shape {A.shape} is all zeros)")
+        raise ValueError(
+            f"the Frobenius norm is not differentiable at A = 0 (A of shape {A.shape} "
+            f"is all zeros)"
+        )
     return A, norm
 
 
@@ -390,19 +403,24 @@ MLP_PARAMETERS = ("W1", "b1", "W2", "b2")
 
 
 def mlp_init(n_in, n_hidden, n_out, rng):
-    """Parameters of the MLP of eq. 4.19, as a dict: W1 (n_hidden, n_in), b1 (n_hidden,),
-    W2 (n_out, n_hidden), b2 (n_out,).
+    """Parameters of the MLP of eq. 4.19, as a dict: W1 (n_hidden, n_in), b1
+    (n_hidden,), W2 (n_out, n_hidden), b2 (n_out,).
 
-    Weights are drawn uniformly from +-sqrt(6 / (fan_in + fan_out)) (Glorot and Bengio's
-    rule, as scikit-learn's MLPClassifier does for tanh), biases likewise; `rng` is a
-    ``numpy.random.Generator``, so a fixed seed gives fixed parameters.
-    """
+    Weights are drawn uniformly from +-sqrt(6 / (fan_in + fan_out)) (Glorot and
+    Bengio's rule, as scikit-learn's MLPClassifier does for tanh), biases likewise;
+    `rng` is a ``numpy.random.Generator``, so a fixed seed gives fixed parameters."""
     sizes = {"n_in": n_in, "n_hidden": n_hidden, "n_out": n_out}
     for name, value in sizes.items():
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        if (
+            not isinstance(value, (int, np.integer))
+            or isinstance(value, bool)
+            or value < 1
+        ):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     if not isinstance(rng, np.random.Generator):
-        raise ValueError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+        raise ValueError(
+            f"rng must be a numpy.random.Generator, got {type(rng).__name__}"
+        )
     bound1 = np.sqrt(6.0 / (n_in + n_hidden))
     bound2 = np.sqrt(6.0 / (n_hidden + n_out))
     return {
@@ -422,13 +440,14 @@ def mlp_forward(params, X):
 
 
 def mlp_predict(params, X):
-    """The predicted class of every column of X: the row of the largest logit, shape (n,)."""
+    """The predicted class of every column of X: the row of the largest logit, shape
+    (n,)."""
     return np.argmax(mlp_forward(params, X), axis=0)
 
 
 def mlp_loss(params, X, Y):
-    """Eq. 4.19: the mean cross entropy L = l(Z, Y) / n of the logits Z = mlp_forward(params, X)
-    with the targets Y (n_out, n)."""
+    """Eq. 4.19: the mean cross entropy L = l(Z, Y) / n of the logits Z =
+    mlp_forward(params, X) with the targets Y (n_out, n)."""
     params = _mlp_params(params)
     X = _mlp_inputs(params, X)
     Y = _mlp_targets(params, X, Y)
@@ -474,14 +493,19 @@ def _mlp_loss_and_grad(params, X, Y):
     ones = np.ones(Z.shape[0])
     sums = ones @ E
     y_sums = ones @ Y  # 1^T Y: ones for one-hot labels
-    loss = float((y_sums @ np.log(sums) - np.vdot(Y, Z)) / n)  # -<Y, log softmax(Z)> / n
+    loss = float(
+        (y_sums @ np.log(sums) - np.vdot(Y, Z)) / n
+    )  # -<Y, log softmax(Z)> / n
     sums *= n
     np.divide(y_sums, sums, out=sums)
     E *= sums
     E -= np.multiply(Y, 1.0 / n, out=Z)  # Z is not needed again
     Zbar = E  # eq. 4.11 with g = 1/n: (Pi o 1 1^T Y - Y) / n
     Abar = W2.T @ Zbar  # eq. 4.6: Hbar, the gradient of W2 H with respect to H
-    grads = {"W2": Zbar @ H.T, "b2": Zbar.sum(axis=1)}  # eqs. 4.6 and 4.18, second layer
+    grads = {
+        "W2": Zbar @ H.T,
+        "b2": Zbar.sum(axis=1),
+    }  # eqs. 4.6 and 4.18, second layer
     np.multiply(H, H, out=H)
     np.subtract(1.0, H, out=H)
     Abar *= H  # eq. 4.8: Hbar o (1 - H o H); H is not needed again
@@ -490,8 +514,17 @@ def _mlp_loss_and_grad(params, X, Y):
     return loss, grads
 
 
-def fit_mlp(X, Y, n_hidden=64, epochs=30, batch_size=8, learning_rate=0.05, seed=0,
-            X_test=None, Y_test=None):
+def fit_mlp(
+    X,
+    Y,
+    n_hidden=64,
+    epochs=30,
+    batch_size=8,
+    learning_rate=0.05,
+    seed=0,
+    X_test=None,
+    Y_test=None,
+):
     """Train the MLP of eq. 4.19 by mini-batch gradient descent with the backward pass
     of eq. 4.20.
 
@@ -505,13 +538,26 @@ def fit_mlp(X, Y, n_hidden=64, epochs=30, batch_size=8, learning_rate=0.05, seed
     X = as_finite_array(X, "X", 2)
     Y = as_finite_array(Y, "Y", 2)
     if Y.shape[1] != X.shape[1]:
-        raise ValueError(f"Y must have one column per observation, X has {X.shape[1]} and Y has shape {Y.shape}")
+        raise ValueError(
+            f"Y must have one column per observation, X has {X.shape[1]} and Y has "
+            f"shape {Y.shape}"
+        )
     for name, value in {"epochs": epochs, "batch_size": batch_size}.items():
-        if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        if (
+            not isinstance(value, (int, np.integer))
+            or isinstance(value, bool)
+            or value < 1
+        ):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if (not isinstance(learning_rate, (int, float, np.integer, np.floating)) or isinstance(learning_rate, bool)
-            or not np.isfinite(learning_rate) or learning_rate <= 0):
-        raise ValueError(f"learning_rate must be a positive, finite number, got {learning_rate!r}")
+    if (
+        not isinstance(learning_rate, (int, float, np.integer, np.floating))
+        or isinstance(learning_rate, bool)
+        or not np.isfinite(learning_rate)
+        or learning_rate <= 0
+    ):
+        raise ValueError(
+            f"learning_rate must be a positive, finite number, got {learning_rate!r}"
+        )
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     rng = np.random.default_rng(seed)
@@ -524,17 +570,25 @@ def fit_mlp(X, Y, n_hidden=64, epochs=30, batch_size=8, learning_rate=0.05, seed
     n = X.shape[1]
     for epoch in range(1, epochs + 1):
         order = rng.permutation(n)
-        with np.errstate(over="ignore", invalid="ignore"):  # divergence is reported below
+        with np.errstate(
+            over="ignore", invalid="ignore"
+        ):  # divergence is reported below
             for start in range(0, n, batch_size):
-                batch = order[start:start + batch_size]
+                batch = order[start : start + batch_size]
                 _, grads = _mlp_loss_and_grad(params, X[:, batch], Y[:, batch])
-                for name in MLP_PARAMETERS:  # the parameters are fit_mlp's own arrays: update in place
+                for name in (
+                    MLP_PARAMETERS
+                ):  # the parameters are fit_mlp's own arrays: update in place
                     grads[name] *= learning_rate
                     params[name] -= grads[name]
             loss = _mlp_loss_and_grad(params, X, Y)[0]
-        if not (np.isfinite(loss) and all(np.all(np.isfinite(v)) for v in params.values())):
-            raise ValueError(f"training diverged in epoch {epoch} (the loss or a parameter is not "
-                             f"finite): learning_rate {learning_rate} is too large")
+        if not (
+            np.isfinite(loss) and all(np.all(np.isfinite(v)) for v in params.values())
+        ):
+            raise ValueError(
+                f"training diverged in epoch {epoch} (the loss or a parameter is not "
+                f"finite): learning_rate {learning_rate} is too large"
+            )
         history["train_loss"].append(loss)
         if have_test:
             history["test_loss"].append(_mlp_loss_and_grad(params, X_test, Y_test)[0])
@@ -544,13 +598,20 @@ def fit_mlp(X, Y, n_hidden=64, epochs=30, batch_size=8, learning_rate=0.05, seed
 def _mlp_params(params, check_finite=True):
     if not isinstance(params, dict) or set(params) != set(MLP_PARAMETERS):
         got = sorted(params) if isinstance(params, dict) else type(params).__name__
-        raise ValueError(f"params must be a dict with keys {list(MLP_PARAMETERS)}, got {got}")
-    p = {name: _checked(params[name], name, 1 if name[0] == "b" else 2, check_finite) for name in MLP_PARAMETERS}
+        raise ValueError(
+            f"params must be a dict with keys {list(MLP_PARAMETERS)}, got {got}"
+        )
+    p = {
+        name: _checked(params[name], name, 1 if name[0] == "b" else 2, check_finite)
+        for name in MLP_PARAMETERS
+    }
     h, o = p["W1"].shape[0], p["W2"].shape[0]
     expected = {"b1": (h,), "W2": (o, h), "b2": (o,)}
     for name, shape in expected.items():
         if name == "W2" and p[name].shape[1] != h:
-            raise ValueError(f"W2 must have {h} columns (the rows of W1), got shape {p[name].shape}")
+            raise ValueError(
+                f"W2 must have {h} columns (the rows of W1), got shape {p[name].shape}"
+            )
         if name != "W2" and p[name].shape != shape:
             raise ValueError(f"{name} must have shape {shape}, got {p[name].shape}")
     return p
@@ -559,7 +620,10 @@ def _mlp_params(params, check_finite=True):
 def _mlp_inputs(params, X, name="X", check_finite=True):
     X = _checked(X, name, 2, check_finite)
     if X.shape[0] != params["W1"].shape[1]:
-        raise ValueError(f"{name} must have {params['W1'].shape[1]} rows (the columns of W1), got shape {X.shape}")
+        raise ValueError(
+            f"{name} must have {params['W1'].shape[1]} rows (the columns of W1), got "
+            f"shape {X.shape}"
+        )
     return X
 
 
@@ -567,7 +631,9 @@ def _mlp_targets(params, X, Y, name="Y", check_finite=True):
     Y = _checked(Y, name, 2, check_finite)
     expected = (params["W2"].shape[0], X.shape[1])
     if Y.shape != expected:
-        raise ValueError(f"{name} must have shape {expected} (outputs, observations), got {Y.shape}")
+        raise ValueError(
+            f"{name} must have shape {expected} (outputs, observations), got {Y.shape}"
+        )
     return Y
 
 
@@ -575,13 +641,19 @@ def _mlp_targets(params, X, Y, name="Y", check_finite=True):
 
 
 def _checked(x, name, ndims, check_finite):
-    return as_finite_array(x, name, ndims) if check_finite else as_float_array(x, name, ndims)
+    return (
+        as_finite_array(x, name, ndims)
+        if check_finite
+        else as_float_array(x, name, ndims)
+    )
 
 
 def _matmul_pair(A, B):
     A, B = as_finite_array(A, "A", 2), as_finite_array(B, "B", 2)
     if A.shape[1] != B.shape[0]:
-        raise ValueError(f"AB needs A's columns to match B's rows, got A {A.shape} and B {B.shape}")
+        raise ValueError(
+            f"AB needs A's columns to match B's rows, got A {A.shape} and B {B.shape}"
+        )
     return A, B
 
 
@@ -594,10 +666,16 @@ def _same_shape_pair(A, B):
 
 def _fprime(fprime, X):
     if not callable(fprime):
-        raise ValueError(f"fprime must be a function applied element-wise to X {X.shape}, got {type(fprime).__name__}")
+        raise ValueError(
+            f"fprime must be a function applied element-wise to X {X.shape}, got "
+            f"{type(fprime).__name__}"
+        )
     d = np.asarray(fprime(X), dtype=np.float64)
     if d.shape != X.shape:
-        raise ValueError(f"fprime must act element-wise: X has shape {X.shape} but fprime(X) has shape {d.shape}")
+        raise ValueError(
+            f"fprime must act element-wise: X has shape {X.shape} but fprime(X) has "
+            f"shape {d.shape}"
+        )
     return d
 
 
@@ -611,8 +689,11 @@ def _finite_log_softmax(Z, axis, name="Z"):
     with np.errstate(over="ignore", invalid="ignore"):
         out = _log_softmax(Z, axis)
     if not np.all(np.isfinite(out)):
-        raise ValueError(f"{name} of shape {Z.shape} has logits too far apart for float64: the log-softmax "
-                         f"overflows (the largest minus the smallest logit of a column must be finite)")
+        raise ValueError(
+            f"{name} of shape {Z.shape} has logits too far apart for float64: the "
+            f"log-softmax overflows (the largest minus the smallest logit of a column "
+            f"must be finite)"
+        )
     return out
 
 
@@ -620,14 +701,20 @@ def _logits_and_targets(Z, Y):
     Z = _logits(Z, "Z")
     Y = as_finite_array(Y, "Y", (1, 2))
     if Y.shape != Z.shape:
-        raise ValueError(f"the targets Y must have the shape {Z.shape} of the logits Z, got {Y.shape}")
+        raise ValueError(
+            f"the targets Y must have the shape {Z.shape} of the logits Z, got "
+            f"{Y.shape}"
+        )
     return Z, Y
 
 
 def _bias_pair(X, b):
     X, b = as_finite_array(X, "X", 2), as_finite_array(b, "b", 1)
     if b.shape[0] != X.shape[0]:
-        raise ValueError(f"X + b 1^T needs b of shape ({X.shape[0]},) for X {X.shape}, got b {b.shape}")
+        raise ValueError(
+            f"X + b 1^T needs b of shape ({X.shape[0]},) for X {X.shape}, got b "
+            f"{b.shape}"
+        )
     return X, b
 
 
@@ -646,11 +733,15 @@ def _rhs(A, B):
 
 
 def _tangent(dX, shape, name):
-    return as_array_of_shape(dX, name, shape, "the tangent {name} must have the input's shape")
+    return as_array_of_shape(
+        dX, name, shape, "the tangent {name} must have the input's shape"
+    )
 
 
 def _scalar_cotangent(g):
     g = as_finite_array(g, "g")
     if g.shape != ():
-        raise ValueError(f"the cotangent g of a scalar output must be a scalar, got shape {g.shape}")
+        raise ValueError(
+            f"the cotangent g of a scalar output must be a scalar, got shape {g.shape}"
+        )
     return float(g)

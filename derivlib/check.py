@@ -56,17 +56,21 @@ def jax_grad(f, X):
 
 def jvp(f):
     """The first differential of the JAX function f as a function of (x, dx)."""
+
     def df(x, dx):
         return np.asarray(jax.jvp(f, (_jax_input(x),), (_jax_input(dx),))[1])
+
     return df
 
 
 def second_differential(f):
     """The second differential d^2 f = dx^T H(x) dx of a scalar JAX function f."""
+
     def d2f(x, dx):
         x, dx = _jax_input(x), _jax_input(dx)
         directional = lambda y: jax.jvp(f, (y,), (dx,))[1]  # noqa: E731
         return np.asarray(jax.jvp(directional, (x,), (dx,))[1])
+
     return d2f
 
 
@@ -74,11 +78,14 @@ def second_differential(f):
 
 
 def relative_error(actual, expected):
-    """norm(actual - expected) / norm(expected); the absolute error if expected is zero."""
+    """norm(actual - expected) / norm(expected); the absolute error if expected is
+    zero."""
     actual = np.asarray(actual, dtype=np.float64)
     expected = np.asarray(expected, dtype=np.float64)
     if actual.shape != expected.shape:
-        raise ValueError(f"cannot compare shape {actual.shape} with shape {expected.shape}")
+        raise ValueError(
+            f"cannot compare shape {actual.shape} with shape {expected.shape}"
+        )
     scale = np.linalg.norm(expected)
     diff = np.linalg.norm(actual - expected)
     return float(diff / scale) if scale > 0 else float(diff)
@@ -101,9 +108,10 @@ def check_close(name, actual, expected, oracle="jax.jacobian", tol=TOL):
     err = relative_error(actual, expected)
     if not err < tol:
         raise AssertionError(
-            f"{name} does not match {oracle}: relative error {err:.3e} >= {tol:.0e}\n"
-            f"  {name}: {np.array2string(np.asarray(actual), precision=6, threshold=20)}\n"
-            f"  {oracle}: {np.array2string(np.asarray(expected), precision=6, threshold=20)}"
+            f"{name} does not match {oracle}: relative error {err:.3e} >= {tol:.0e}\n  "
+            f"{name}: {np.array2string(np.asarray(actual), precision=6, threshold=20)}"
+            f"\n  {oracle}: "
+            f"{np.array2string(np.asarray(expected), precision=6, threshold=20)}"
         )
     print(f"{name} matches {oracle}: relative error < {tol:.0e}")
     return err
@@ -128,7 +136,9 @@ def check_fails(name, compute, expected, oracle="jax.jacobian", tol=TOL):
         return None
     err = relative_error(actual, expected)
     if err < tol:
-        raise AssertionError(f"{name} was expected to fail but matches {oracle} ({err:.3e})")
+        raise AssertionError(
+            f"{name} was expected to fail but matches {oracle} ({err:.3e})"
+        )
     print(f"{name} fails: relative error {err:.2g} against {oracle}")
     return err
 
@@ -143,11 +153,16 @@ def check_steps(name, steps, points, tol=TOL):
     """
     points = list(points)
     if len(steps) < 2:
-        raise ValueError(f"a derivation needs at least two lines to compare, got {len(steps)}")
+        raise ValueError(
+            f"a derivation needs at least two lines to compare, got {len(steps)}"
+        )
     if not points:
         raise ValueError("check_steps needs at least one point (x, dx)")
     count = len(steps) - 1
-    print(f"{name}: {count} step{'s' if count > 1 else ''} at {len(points)} random point{'s' if len(points) > 1 else ''}")
+    print(
+        f"{name}: {count} step{'s' if count > 1 else ''} at {len(points)} random "
+        f"point{'s' if len(points) > 1 else ''}"
+    )
     width = max(len(label) for label, _ in steps)
     for (prev_label, prev), (label, fn) in zip(steps, steps[1:]):
         worst = 0.0
@@ -159,7 +174,8 @@ def check_steps(name, steps, points, tol=TOL):
             worst = max(worst, relative_error(a, b))
         if not worst < tol:
             raise AssertionError(
-                f"{name}: {label} != {prev_label}: relative error {worst:.3e} >= {tol:.0e}"
+                f"{name}: {label} != {prev_label}: relative error {worst:.3e} >= "
+                f"{tol:.0e}"
             )
         print(f"  {label:<{width}} = {prev_label:<{width}}  relative error < {tol:.0e}")
 
@@ -201,14 +217,20 @@ def dot_product_gap(jvp, vjp, primals, tangents, W):
     JV = np.asarray(jvp(*primals, *tangents), dtype=np.float64)
     JtW = _as_tuple(vjp(*primals, W))
     if len(JtW) != len(tangents):
-        raise ValueError(f"the VJP returned {len(JtW)} gradients for {len(tangents)} inputs")
+        raise ValueError(
+            f"the VJP returned {len(JtW)} gradients for {len(tangents)} inputs"
+        )
     W = np.asarray(W, dtype=np.float64)
     if JV.shape != W.shape:
-        raise ValueError(f"the JVP has shape {JV.shape} but the cotangent W has shape {W.shape}")
+        raise ValueError(
+            f"the JVP has shape {JV.shape} but the cotangent W has shape {W.shape}"
+        )
     left = float(np.sum(W * JV))
     right = sum(inner(g, v) for g, v in zip(JtW, tangents))
     scale = float(np.sum(np.abs(W * JV))) + sum(
-        float(np.sum(np.abs(np.asarray(g) * np.asarray(v)))) for g, v in zip(JtW, tangents))
+        float(np.sum(np.abs(np.asarray(g) * np.asarray(v))))
+        for g, v in zip(JtW, tangents)
+    )
     return abs(left - right) / scale if scale > 0 else abs(left - right)
 
 
@@ -224,12 +246,18 @@ def check_dot_product(name, jvp, vjp, points, tol=TOL):
     """
     points = list(points)
     if not points:
-        raise ValueError("check_dot_product needs at least one point (primals, tangents, W)")
+        raise ValueError(
+            "check_dot_product needs at least one point (primals, tangents, W)"
+        )
     worst = max(dot_product_gap(jvp, vjp, p, t, W) for p, t, W in points)
     if not worst < tol:
-        raise AssertionError(f"{name} fails the dot-product test: relative gap {worst:.3e} >= {tol:.0e}")
-    print(f"{name} passes the dot-product test <W, J V> = <J^T W, V> at {len(points)} "
-          f"point{'s' if len(points) > 1 else ''}: relative gap < {tol:.0e}")
+        raise AssertionError(
+            f"{name} fails the dot-product test: relative gap {worst:.3e} >= {tol:.0e}"
+        )
+    print(
+        f"{name} passes the dot-product test <W, J V> = <J^T W, V> at {len(points)} "
+        f"point{'s' if len(points) > 1 else ''}: relative gap < {tol:.0e}"
+    )
     return worst
 
 
@@ -243,7 +271,9 @@ def check_vjp(name, vjp, f, primals, W, tol=TOL):
     ours = _as_tuple(vjp(*primals, W))
     theirs = jax_vjp(f, primals, W)
     if len(ours) != len(theirs):
-        raise AssertionError(f"{name} returned {len(ours)} gradients, jax.vjp {len(theirs)}")
+        raise AssertionError(
+            f"{name} returned {len(ours)} gradients, jax.vjp {len(theirs)}"
+        )
     worst = 0.0
     for i, (a, b) in enumerate(zip(ours, theirs)):
         label = f"{name} (gradient {i + 1} of {len(ours)})" if len(ours) > 1 else name
@@ -252,7 +282,9 @@ def check_vjp(name, vjp, f, primals, W, tol=TOL):
             raise AssertionError(problem)
         err = relative_error(a, b)
         if not err < tol:
-            raise AssertionError(f"{label} does not match jax.vjp: relative error {err:.3e} >= {tol:.0e}")
+            raise AssertionError(
+                f"{label} does not match jax.vjp: relative error {err:.3e} >= {tol:.0e}"
+            )
         worst = max(worst, err)
     print(f"{name} matches jax.vjp: relative error < {tol:.0e}")
     return worst
@@ -270,10 +302,15 @@ def check_dot_product_fails(name, jvp, vjp, points, tol=TOL):
     """
     points = list(points)
     if not points:
-        raise ValueError("check_dot_product_fails needs at least one point (primals, tangents, W)")
+        raise ValueError(
+            "check_dot_product_fails needs at least one point (primals, tangents, W)"
+        )
     worst = max(dot_product_gap(jvp, vjp, p, t, W) for p, t, W in points)
     if worst < tol:
-        raise AssertionError(f"{name} was expected to fail the dot-product test but passes (gap {worst:.3e})")
+        raise AssertionError(
+            f"{name} was expected to fail the dot-product test but passes (gap "
+            f"{worst:.3e})"
+        )
     print(f"{name} fails the dot-product test: relative gap {worst:.2g}")
     return worst
 
@@ -282,12 +319,13 @@ def check_dot_product_fails(name, jvp, vjp, points, tol=TOL):
 
 
 def divided_differences_reference(lam, f, digits=40):
-    """L_ij = (f(lam_i) - f(lam_j)) / (lam_i - lam_j), L_ii = f'(lam_i), in `digits`-digit
-    decimal arithmetic from the exact binary values of lam, rounded to float64 at the end.
+    """L_ij = (f(lam_i) - f(lam_j)) / (lam_i - lam_j), L_ii = f'(lam_i), in
+    `digits`-digit decimal arithmetic from the exact binary values of lam, rounded to
+    float64 at the end.
 
-    `f` is "log", "sqrt" or "invsqrt". An independent high-precision reference for the
-    Loewner matrix: no cancellation survives 40 digits at the gaps float64 can represent.
-    """
+    `f` is "log", "sqrt" or "invsqrt". An independent high-precision reference for
+    the Loewner matrix: no cancellation survives 40 digits at the gaps float64 can
+    represent."""
     from decimal import Decimal, localcontext
 
     lam = np.asarray(lam, dtype=np.float64)
@@ -296,10 +334,16 @@ def divided_differences_reference(lam, f, digits=40):
     with localcontext() as ctx:
         ctx.prec = digits
         x = [Decimal(float(v)) for v in lam]
-        value = {"log": lambda t: t.ln(), "sqrt": lambda t: t.sqrt(),
-                 "invsqrt": lambda t: 1 / t.sqrt()}[f]
-        slope = {"log": lambda t: 1 / t, "sqrt": lambda t: 1 / (2 * t.sqrt()),
-                 "invsqrt": lambda t: -1 / (2 * t * t.sqrt())}[f]
+        value = {
+            "log": lambda t: t.ln(),
+            "sqrt": lambda t: t.sqrt(),
+            "invsqrt": lambda t: 1 / t.sqrt(),
+        }[f]
+        slope = {
+            "log": lambda t: 1 / t,
+            "sqrt": lambda t: 1 / (2 * t.sqrt()),
+            "invsqrt": lambda t: -1 / (2 * t * t.sqrt()),
+        }[f]
         fx = [value(t) for t in x]
         for i in range(n):
             for j in range(i, n):

@@ -64,7 +64,9 @@ def remainder(f, differential, p, h):
     p = np.asarray(p, dtype=np.float64)
     h = np.asarray(h, dtype=np.float64)
     if h.shape != p.shape:
-        raise ValueError(f"the increment h must have the shape of p, {p.shape}, got {h.shape}")
+        raise ValueError(
+            f"the increment h must have the shape of p, {p.shape}, got {h.shape}"
+        )
     f_p = np.asarray(f(p), dtype=np.float64)
     df = np.asarray(differential(h), dtype=np.float64)
     if df.shape != f_p.shape:
@@ -75,12 +77,13 @@ def remainder(f, differential, p, h):
 
 
 def loglog_slope(x, y):
-    """The least-squares slope of log10(y) against log10(x): the exponent k in y ~ x^k."""
+    """The least-squares slope of log10(y) against log10(x): the exponent k in y ~
+    x^k."""
     x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1 or x.size < 2:
         raise ValueError(
-            "loglog_slope needs x and y, two 1-D arrays of one length >= 2, got x of shape "
-            f"{x.shape} and y of shape {y.shape}"
+            f"loglog_slope needs x and y, two 1-D arrays of one length >= 2, got x of "
+            f"shape {x.shape} and y of shape {y.shape}"
         )
     for name, values in (("x", x), ("y", y)):
         if np.any(values <= 0):
@@ -107,14 +110,17 @@ def identify_hessian(second_differential, X):
     """
     X = np.asarray(X, dtype=np.float64)
     if X.size == 0:
-        raise ValueError(f"identify_hessian needs a non-empty point X, got shape {X.shape}")
+        raise ValueError(
+            f"identify_hessian needs a non-empty point X, got shape {X.shape}"
+        )
     N = X.size
 
     def q(v):
         value = np.asarray(second_differential(unvec(v, X.shape)), dtype=np.float64)
         if value.size != 1:
             raise ValueError(
-                f"the second differential must be a scalar, got an array of shape {value.shape}"
+                f"the second differential must be a scalar, got an array of shape "
+                f"{value.shape}"
             )
         return float(value.reshape(()))
 
@@ -134,10 +140,12 @@ def _require_quadratic(q, H, N):
     for _ in range(2):
         v = rng.standard_normal(N)
         got, want = q(v), float(v @ H @ v)
-        scale = max(abs(want), abs(got), float(v @ v) * float(np.linalg.norm(H)), 1e-300)
+        scale = max(
+            abs(want), abs(got), float(v @ v) * float(np.linalg.norm(H)), 1e-300
+        )
         if abs(got - want) > 1e-8 * scale:
             raise ValueError(
-                "the second differential is not a quadratic form in its increment: on a "
-                f"random dX it gives {got:.3g} where the quadratic form it defines on the "
-                f"unit increments gives {want:.3g}"
+                f"the second differential is not a quadratic form in its increment: on "
+                f"a random dX it gives {got:.3g} where the quadratic form it defines "
+                f"on the unit increments gives {want:.3g}"
             )

@@ -24,9 +24,9 @@ from .losses import ConvergenceError
 
 
 class BehindCameraError(ValueError):
-    """A point has no image: its depth p_z is <= 0 (behind the camera or on its plane), or
-    so close to 0 that its image overflows. The solvers catch this error, and only this
-    one, to reject a step; any other error of a residual propagates."""
+    """A point has no image: its depth p_z is <= 0 (behind the camera or on its
+    plane), or so close to 0 that its image overflows. The solvers catch this error,
+    and only this one, to reject a step; any other error of a residual propagates."""
 
 
 def _points(P, name="P"):
@@ -36,7 +36,10 @@ def _points(P, name="P"):
     if single:
         P = P[:, None]
     if P.shape[0] != 3:
-        raise ValueError(f"{name} must have shape (3,) or (3, n) (points are columns), got shape {P.shape}")
+        raise ValueError(
+            f"{name} must have shape (3,) or (3, n) (points are columns), got shape "
+            f"{P.shape}"
+        )
     require_finite(P, name)
     return P, single
 
@@ -47,30 +50,41 @@ def _intrinsics(K):
         raise ValueError(f"K must be a 3 x 3 camera matrix, got shape {K.shape}")
     require_finite(K, "K")
     if not (K[2, 0] == 0 and K[2, 1] == 0 and K[2, 2] == 1 and K[1, 0] == 0):
-        raise ValueError(f"K must be upper triangular with K[2, 2] = 1, got last row {K[2].tolist()} "
-                         f"and K[1, 0] = {K[1, 0]}")
+        raise ValueError(
+            f"K must be upper triangular with K[2, 2] = 1, got last row "
+            f"{K[2].tolist()} and K[1, 0] = {K[1, 0]}"
+        )
     return K
 
 
 def _in_front(P, name):
-    """Raise unless every depth p_z is positive (a point behind the camera has no image)."""
+    """Raise unless every depth p_z is positive (a point behind the camera has no
+    image)."""
     bad = np.flatnonzero(~(P[2] > 0))
     if bad.size:
         i = bad[0]
-        raise BehindCameraError(f"{name} has {bad.size} point(s) with depth p_z <= 0 (behind the camera or on "
-                         f"its plane), first at column {i} with p_z = {P[2, i]:.6g}; their projection "
-                         f"does not exist (select points with in_front({name}))")
+        raise BehindCameraError(
+            f"{name} has {bad.size} point(s) with depth p_z <= 0 (behind the camera or "
+            f"on its plane), first at column {i} with p_z = {P[2, i]:.6g}; their "
+            f"projection does not exist (select points with in_front({name}))"
+        )
 
 
 def _finite_image(values, P, name):
-    """Raise unless every image (or Jacobian) is finite: a depth p_z > 0 so small that
-    p_x / p_z overflows (p_z = 1e-320, say) leaves the image undefined in floating point."""
-    per_point = values if values.ndim == 2 else values.reshape(P.shape[1], -1).T    # (., n)
+    """Raise unless every image (or Jacobian) is finite: a depth p_z > 0 so small
+    that p_x / p_z overflows (p_z = 1e-320, say) leaves the image undefined in
+    floating point."""
+    per_point = (
+        values if values.ndim == 2 else values.reshape(P.shape[1], -1).T
+    )  # (., n)
     bad = np.flatnonzero(~np.isfinite(per_point).all(axis=0))
     if bad.size:
         i = bad[0]
-        raise BehindCameraError(f"{name} has {bad.size} point(s) whose image overflows (depth p_z too close "
-                                f"to 0 for its p_x, p_y), first at column {i} with p_z = {P[2, i]:.6g}")
+        raise BehindCameraError(
+            f"{name} has {bad.size} point(s) whose image overflows (depth p_z too "
+            f"close to 0 for its p_x, p_y), first at column {i} with p_z = "
+            f"{P[2, i]:.6g}"
+        )
     return values
 
 
@@ -81,12 +95,13 @@ def in_front(P):
 
 
 def project(P, K):
-    """The pinhole projection (eq. 6.1): u = K_2 [p_x / p_z, p_y / p_z, 1]^T, where K_2 is
-    the top two rows of the camera matrix K. P (3, n) -> (2, n); P (3,) -> (2,).
+    """The pinhole projection (eq. 6.1): u = K_2 [p_x / p_z, p_y / p_z, 1]^T, where
+    K_2 is the top two rows of the camera matrix K. P (3, n) -> (2, n); P (3,) ->
+    (2,).
 
-    Raises BehindCameraError (a ValueError) if a point has p_z <= 0, or p_z > 0 so small
-    that its image overflows (as at p_z = 1e-320); the image returned is always finite.
-    """
+    Raises BehindCameraError (a ValueError) if a point has p_z <= 0, or p_z > 0 so
+    small that its image overflows (as at p_z = 1e-320); the image returned is always
+    finite."""
     P, single = _points(P)
     K = _intrinsics(K)
     _in_front(P, "P")
@@ -128,7 +143,9 @@ def _project_jacobian(P, K):
 def _rotation_vector(w, name="w"):
     w = as_float_array(w, name, ndims=1)
     if w.shape != (3,):
-        raise ValueError(f"{name} must be a rotation vector of shape (3,), got shape {w.shape}")
+        raise ValueError(
+            f"{name} must be a rotation vector of shape (3,), got shape {w.shape}"
+        )
     return require_finite(w, name)
 
 
@@ -158,20 +175,23 @@ SMALL_ANGLE = 1e-2
 
 
 def rotation_coefficients(t):
-    """(sin t / t, (1 - cos t) / t^2, (t - sin t) / t^3) for an angle t >= 0, accurately.
-    Raises ValueError unless t is finite and >= 0.
+    """(sin t / t, (1 - cos t) / t^2, (t - sin t) / t^3) for an angle t >= 0,
+    accurately. Raises ValueError unless t is finite and >= 0.
 
-    The closed forms cancel catastrophically as t -> 0 (and are 0 / 0 at t = 0): below
-    SMALL_ANGLE we use their Taylor series, and above it (1 - cos t) is computed as
-    2 sin^2(t / 2), which does not cancel. (t - sin t) / t^3 still loses about
-    log10(1 / t^2) digits there, but it multiplies [w]x^2, of size t^2, so J_r does not.
-    """
+    The closed forms cancel catastrophically as t -> 0 (and are 0 / 0 at t = 0):
+    below SMALL_ANGLE we use their Taylor series, and above it (1 - cos t) is
+    computed as 2 sin^2(t / 2), which does not cancel. (t - sin t) / t^3 still loses
+    about log10(1 / t^2) digits there, but it multiplies [w]x^2, of size t^2, so J_r
+    does not."""
     try:
         t = float(t)
     except (TypeError, ValueError):
         raise ValueError(f"t must be a real angle t >= 0, got {t!r}") from None
     if not (np.isfinite(t) and t >= 0):
-        raise ValueError(f"t must be a finite angle t >= 0 (the norm of a rotation vector), got {t!r}")
+        raise ValueError(
+            f"t must be a finite angle t >= 0 (the norm of a rotation vector), got "
+            f"{t!r}"
+        )
     if t < SMALL_ANGLE:
         t2 = t * t
         a = 1.0 - t2 / 6.0 * (1.0 - t2 / 20.0 * (1.0 - t2 / 42.0))
@@ -183,10 +203,10 @@ def rotation_coefficients(t):
 
 
 def rodrigues(w):
-    """R(w) = exp([w]x) = I + (sin t / t) [w]x + ((1 - cos t) / t^2) [w]x^2, t = |w| (eq. 6.5).
+    """R(w) = exp([w]x) = I + (sin t / t) [w]x + ((1 - cos t) / t^2) [w]x^2, t = |w|
+    (eq. 6.5).
 
-    w (3,) -> R (3, 3), a rotation matrix; exact at w = 0 and accurate near it.
-    """
+    w (3,) -> R (3, 3), a rotation matrix; exact at w = 0 and accurate near it."""
     w = _rotation_vector(w)
     a, b, _ = rotation_coefficients(np.linalg.norm(w))
     W = _hat(w)
@@ -194,8 +214,8 @@ def rodrigues(w):
 
 
 def right_jacobian(w):
-    """J_r(w) = I - ((1 - cos t) / t^2) [w]x + ((t - sin t) / t^3) [w]x^2 (eq. 6.10), with
-    R(w)^T dR = [J_r(w) dw]x (eq. 6.9). w (3,) -> (3, 3)."""
+    """J_r(w) = I - ((1 - cos t) / t^2) [w]x + ((t - sin t) / t^3) [w]x^2 (eq. 6.10),
+    with R(w)^T dR = [J_r(w) dw]x (eq. 6.9). w (3,) -> (3, 3)."""
     w = _rotation_vector(w)
     _, b, c = rotation_coefficients(np.linalg.norm(w))
     W = _hat(w)
@@ -203,7 +223,8 @@ def right_jacobian(w):
 
 
 def left_jacobian(w):
-    """J_l(w) = J_r(-w) = R(w) J_r(w) (eq. 6.12), with dR R(w)^T = [J_l(w) dw]x. (3,) -> (3, 3)."""
+    """J_l(w) = J_r(-w) = R(w) J_r(w) (eq. 6.12), with dR R(w)^T = [J_l(w) dw]x. (3,)
+    -> (3, 3)."""
     return right_jacobian(-_rotation_vector(w))
 
 
@@ -222,12 +243,16 @@ def rotate_jacobian(w, P):
 def _pose(xi, name="xi"):
     xi = as_float_array(xi, name, ndims=1)
     if xi.shape != (6,):
-        raise ValueError(f"{name} must be a pose (w, t) of shape (6,), rotation first, got shape {xi.shape}")
+        raise ValueError(
+            f"{name} must be a pose (w, t) of shape (6,), rotation first, got shape "
+            f"{xi.shape}"
+        )
     return require_finite(xi, name)
 
 
 def transform(xi, X):
-    """p = R(w) X + t for the pose xi = (w, t): world points X (3, n) to the camera frame."""
+    """p = R(w) X + t for the pose xi = (w, t): world points X (3, n) to the camera
+    frame."""
     xi = _pose(xi)
     X, single = _points(X, "X")
     p = rodrigues(xi[:3]) @ X + xi[3:, None]
@@ -258,23 +283,28 @@ def reprojection_jacobian(xi, X, K):
     R = rodrigues(w)
     p = R @ X + t[:, None]
     _in_front(p, "R(w) X + t")
-    Jpi = _project_jacobian(p, K)                                           # (n, 2, 3)
-    Jw = -np.einsum("ab,nbc,cd->nad", R, _hat_many(X), right_jacobian(w))   # (n, 3, 3)
-    J = np.concatenate([Jpi @ Jw, Jpi], axis=2)                             # (n, 2, 6)
+    Jpi = _project_jacobian(p, K)  # (n, 2, 3)
+    Jw = -np.einsum("ab,nbc,cd->nad", R, _hat_many(X), right_jacobian(w))  # (n, 3, 3)
+    J = np.concatenate([Jpi @ Jw, Jpi], axis=2)  # (n, 2, 6)
     return J.reshape(-1, 6)
 
 
 def _observations(u, n, name="u"):
     u = as_float_array(u, name, ndims=2)
     if u.shape != (2, n):
-        raise ValueError(f"{name} must have shape (2, {n}) (one image point per column), got shape {u.shape}")
+        raise ValueError(
+            f"{name} must have shape (2, {n}) (one image point per column), got shape "
+            f"{u.shape}"
+        )
     return require_finite(u, name)
 
 
 @dataclass
 class LeastSquaresHistory:
-    """What a solver did: the cost E = ||r||^2 at the start and after each iteration, the
-    damping lam of each iteration (0 for Gauss-Newton), and the evaluation counts."""
+    """What a solver did: the cost E = ||r||^2 at the start and after each iteration,
+    the damping lam of each iteration (0 for Gauss-Newton), and the evaluation
+    counts."""
+
     cost: list = field(default_factory=list)
     damping: list = field(default_factory=list)
     iterates: list = field(default_factory=list)
@@ -292,8 +322,9 @@ def _lm_update(lam, nu, rho):
 
 
 def _finished(E, E_new, delta, x, tol, abs_gain=False):
-    """The stopping rule: the cost changed by at most tol * E, or the step is below tol * |x|.
-    (An accepted Levenberg-Marquardt step always lowers E; a Gauss-Newton step may not.)"""
+    """The stopping rule: the cost changed by at most tol * E, or the step is below
+    tol * |x|. (An accepted Levenberg-Marquardt step always lowers E; a Gauss-Newton
+    step may not.)"""
     gain = abs(E - E_new) if abs_gain else E - E_new
     return gain <= tol * E or np.linalg.norm(delta) <= tol * (np.linalg.norm(x) + tol)
 
@@ -303,27 +334,31 @@ MAX_DAMPING = 1e16
 
 
 def _stationary(E, predicted, delta, x, tol):
-    """At the first trial of an iteration, a rejected step that the model says cannot gain
-    more than tol * E, or that is shorter than tol * |x|: x is a minimum to the tolerance
-    (the cost only failed to fall through rounding)."""
-    return predicted <= tol * E or np.linalg.norm(delta) <= tol * (np.linalg.norm(x) + tol)
+    """At the first trial of an iteration, a rejected step that the model says cannot
+    gain more than tol * E, or that is shorter than tol * |x|: x is a minimum to the
+    tolerance (the cost only failed to fall through rounding)."""
+    return predicted <= tol * E or np.linalg.norm(delta) <= tol * (
+        np.linalg.norm(x) + tol
+    )
 
 
 def _stuck(E, lam, what):
-    return ConvergenceError(f"{what} is stuck: no step lowered the cost E = {E:.6g}, even with the damping "
-                            f"raised to {lam:.3g} (a Jacobian that is not the residual's, or a residual "
-                            f"that has no finite value near x)")
+    return ConvergenceError(
+        f"{what} is stuck: no step lowered the cost E = {E:.6g}, even with the damping "
+        f"raised to {lam:.3g} (a Jacobian that is not the residual's, or a residual "
+        f"that has no finite value near x)"
+    )
 
 
 def _lm_steps(residual, trial, x, E, lam, nu, tol, hist, what):
     """One Levenberg-Marquardt iteration at x, of cost E: try the step of trial(lam),
-    which returns (delta, E - ||r + J delta||^2 predicted by the linear model), and raise
-    the damping until a step lowers E (gain ratio rho > 0). A step that puts a point
-    behind the camera counts as raising E. Counts each residual evaluation in hist.
-    Returns (delta, r_new, E_new, lam, nu, stationary): stationary when the first step
-    tried is rejected but the model says x is already a minimum to tol (_stationary), and
-    then delta must not be taken. Raises ConvergenceError (stuck) when lam passes
-    MAX_DAMPING."""
+    which returns (delta, E - ||r + J delta||^2 predicted by the linear model), and
+    raise the damping until a step lowers E (gain ratio rho > 0). A step that puts a
+    point behind the camera counts as raising E. Counts each residual evaluation in
+    hist. Returns (delta, r_new, E_new, lam, nu, stationary): stationary when the
+    first step tried is rejected but the model says x is already a minimum to tol
+    (_stationary), and then delta must not be taken. Raises ConvergenceError (stuck)
+    when lam passes MAX_DAMPING."""
     first = True
     while True:
         delta, predicted = trial(lam)
@@ -345,22 +380,25 @@ def _lm_steps(residual, trial, x, E, lam, nu, tol, hist, what):
             raise _stuck(E, lam, what)
 
 
-def solve_least_squares(residual, jacobian, x0, method="lm", tol=1e-12, max_iter=100, lam0=1e-3):
-    """Minimise E(x) = ||r(x)||^2 by Gauss-Newton or Levenberg-Marquardt (eqs. 6.16, 6.17).
+def solve_least_squares(
+    residual, jacobian, x0, method="lm", tol=1e-12, max_iter=100, lam0=1e-3
+):
+    """Minimise E(x) = ||r(x)||^2 by Gauss-Newton or Levenberg-Marquardt (eqs. 6.16,
+    6.17).
 
-    Gauss-Newton solves J^T J delta = -J^T r and always steps; Levenberg-Marquardt solves
-    (J^T J + lam diag(J^T J)) delta = -J^T r and steps only if E falls, raising lam
-    otherwise. Both stop when an accepted step lowers E by at most tol * E or is shorter
-    than tol * |x|; LM also stops, at x, when the first step it tries in an iteration is
-    rejected although the model predicts a gain of at most tol * E (or the step is that
-    short). Returns (x, LeastSquaresHistory) with converged = True.
+    Gauss-Newton solves J^T J delta = -J^T r and always steps; Levenberg-Marquardt
+    solves (J^T J + lam diag(J^T J)) delta = -J^T r and steps only if E falls,
+    raising lam otherwise. Both stop when an accepted step lowers E by at most tol *
+    E or is shorter than tol * |x|; LM also stops, at x, when the first step it tries
+    in an iteration is rejected although the model predicts a gain of at most tol * E
+    (or the step is that short). Returns (x, LeastSquaresHistory) with converged =
+    True.
 
-    A step that puts a point behind the camera (BehindCameraError from the residual) is
-    rejected like a step that raises E; any other exception of the residual propagates.
-    Raises ConvergenceError after max_iter iterations, when LM's damping passes
-    MAX_DAMPING with no step accepted (stuck), and when a Gauss-Newton step puts a point
-    behind the camera.
-    """
+    A step that puts a point behind the camera (BehindCameraError from the residual)
+    is rejected like a step that raises E; any other exception of the residual
+    propagates. Raises ConvergenceError after max_iter iterations, when LM's damping
+    passes MAX_DAMPING with no step accepted (stuck), and when a Gauss-Newton step
+    puts a point behind the camera."""
     if method not in ("gn", "lm"):
         raise ValueError(f"method must be 'gn' or 'lm', got {method!r}")
     x = np.array(x0, dtype=np.float64)
@@ -381,7 +419,7 @@ def solve_least_squares(residual, jacobian, x0, method="lm", tol=1e-12, max_iter
 
         def trial(lam):
             delta = step(lam)
-            return delta, -float(delta @ (2 * g + H @ delta))   # E - ||r + J delta||^2
+            return delta, -float(delta @ (2 * g + H @ delta))  # E - ||r + J delta||^2
 
         if method == "gn":
             delta, stationary = step(lam), False
@@ -389,12 +427,14 @@ def solve_least_squares(residual, jacobian, x0, method="lm", tol=1e-12, max_iter
                 r_new = residual(x + delta)
                 E_new = float(r_new @ r_new)
             except BehindCameraError:
-                raise ConvergenceError("a Gauss-Newton step put a point behind the camera; "
-                                       "try method='lm'") from None
+                raise ConvergenceError(
+                    "a Gauss-Newton step put a point behind the camera; try method='lm'"
+                ) from None
             hist.n_residual += 1
         else:
             delta, r_new, E_new, lam, nu, stationary = _lm_steps(
-                residual, trial, x, E, lam, nu, tol, hist, "Levenberg-Marquardt")
+                residual, trial, x, E, lam, nu, tol, hist, "Levenberg-Marquardt"
+            )
         done = stationary or _finished(E, E_new, delta, x, tol, abs_gain=method == "gn")
         if not stationary and (E_new <= E or method == "gn"):
             x, r, E = x + delta, r_new, E_new
@@ -404,19 +444,28 @@ def solve_least_squares(residual, jacobian, x0, method="lm", tol=1e-12, max_iter
         if done:
             hist.converged = True
             return x, hist
-    raise ConvergenceError(f"{method} did not converge in {max_iter} iterations (cost {E:.6g})")
+    raise ConvergenceError(
+        f"{method} did not converge in {max_iter} iterations (cost {E:.6g})"
+    )
 
 
 def solve_pnp(X, u, K, xi0, method="lm", tol=1e-12, max_iter=100):
-    """The pose xi = (w, t) minimising the squared reprojection error of the known world
-    points X (3, n) observed at u (2, n) (perspective-n-point), from the start xi0 (6,),
-    by Gauss-Newton ('gn') or Levenberg-Marquardt ('lm'). Returns (xi, LeastSquaresHistory)."""
+    """The pose xi = (w, t) minimising the squared reprojection error of the known
+    world points X (3, n) observed at u (2, n) (perspective-n-point), from the start
+    xi0 (6,), by Gauss-Newton ('gn') or Levenberg-Marquardt ('lm'). Returns (xi,
+    LeastSquaresHistory)."""
     X, _ = _points(X, "X")
     K = _intrinsics(K)
     u = _observations(u, X.shape[1])
     xi0 = _pose(xi0, "xi0")
-    return solve_least_squares(lambda xi: reprojection_residual(xi, X, K, u),
-                         lambda xi: reprojection_jacobian(xi, X, K), xi0, method, tol, max_iter)
+    return solve_least_squares(
+        lambda xi: reprojection_residual(xi, X, K, u),
+        lambda xi: reprojection_jacobian(xi, X, K),
+        xi0,
+        method,
+        tol,
+        max_iter,
+    )
 
 
 # ----- Bundle adjustment -----
@@ -431,6 +480,7 @@ class BundleProblem:
     poses (6 each, (w, t)) then the points (3 each, column-major vec of X (3, n)).
     `free` (6m,) marks the pose parameters that move; the points all move.
     """
+
     K: np.ndarray
     cam: np.ndarray
     point: np.ndarray
@@ -441,26 +491,41 @@ class BundleProblem:
 
     @classmethod
     def create(cls, K, cam, point, u, m, n, fixed=None):
-        """Validate and build. `fixed` is the list of pose parameter indices (into the 6m,
-        each in 0..6m - 1) held at their initial value; the default fixes the gauge as in
-        the chapter: the first camera's six parameters and the first translation
-        coordinate of the second camera (eq. 6.21). Holding camera 0 fixes the rotation
-        and the shift of the scene but not a scaling about camera 0's centre c_0, which
-        changes t_1 by (sigma - 1) R_1 (c_0 - c_1): t_x of camera 1 pins the scale only if
-        R_1 (c_0 - c_1) has a non-zero x component. Under forward motion (camera 1 moving
-        along its own optical axis) it does not, and J stays rank-deficient;
-        `bundle_adjust` checks this at its start (gauge_is_fixed)."""
+        """Validate and build. `fixed` is the list of pose parameter indices (into
+        the 6m, each in 0..6m - 1) held at their initial value; the default fixes the
+        gauge as in the chapter: the first camera's six parameters and the first
+        translation coordinate of the second camera (eq. 6.21). Holding camera 0
+        fixes the rotation and the shift of the scene but not a scaling about camera
+        0's centre c_0, which changes t_1 by (sigma - 1) R_1 (c_0 - c_1): t_x of
+        camera 1 pins the scale only if R_1 (c_0 - c_1) has a non-zero x component.
+        Under forward motion (camera 1 moving along its own optical axis) it does
+        not, and J stays rank-deficient; `bundle_adjust` checks this at its start
+        (gauge_is_fixed)."""
         K = _intrinsics(K)
         cam = np.asarray(cam)
         point = np.asarray(point)
         if cam.ndim != 1 or point.shape != cam.shape:
-            raise ValueError(f"cam and point must be 1-D of equal length, got shapes {cam.shape} and {point.shape}")
-        if not (np.issubdtype(cam.dtype, np.integer) and np.issubdtype(point.dtype, np.integer)):
-            raise ValueError(f"cam and point must hold integers, got {cam.dtype} and {point.dtype}")
+            raise ValueError(
+                f"cam and point must be 1-D of equal length, got shapes {cam.shape} "
+                f"and {point.shape}"
+            )
+        if not (
+            np.issubdtype(cam.dtype, np.integer)
+            and np.issubdtype(point.dtype, np.integer)
+        ):
+            raise ValueError(
+                f"cam and point must hold integers, got {cam.dtype} and {point.dtype}"
+            )
         if cam.size == 0 or cam.min() < 0 or cam.max() >= m:
-            raise ValueError(f"cam must index cameras 0..{m - 1}, got values in [{cam.min()}, {cam.max()}]")
+            raise ValueError(
+                f"cam must index cameras 0..{m - 1}, got values in [{cam.min()}, "
+                f"{cam.max()}]"
+            )
         if point.min() < 0 or point.max() >= n:
-            raise ValueError(f"point must index points 0..{n - 1}, got values in [{point.min()}, {point.max()}]")
+            raise ValueError(
+                f"point must index points 0..{n - 1}, got values in [{point.min()}, "
+                f"{point.max()}]"
+            )
         if np.unique(cam * n + point).size != cam.size:
             raise ValueError("each (camera, point) pair may be observed at most once")
         u = _observations(u, cam.size)
@@ -470,11 +535,15 @@ class BundleProblem:
         if fixed_arr.size == 0:
             fixed_arr = fixed_arr.astype(np.intp)
         if fixed_arr.ndim != 1 or not np.issubdtype(fixed_arr.dtype, np.integer):
-            raise ValueError(f"fixed must be a 1-D list of integer pose parameter indices, got "
-                             f"{fixed_arr.dtype} of shape {fixed_arr.shape}")
+            raise ValueError(
+                f"fixed must be a 1-D list of integer pose parameter indices, got "
+                f"{fixed_arr.dtype} of shape {fixed_arr.shape}"
+            )
         if fixed_arr.size and (fixed_arr.min() < 0 or fixed_arr.max() >= 6 * m):
-            raise ValueError(f"fixed must index the pose parameters 0..{6 * m - 1} (6 per camera, m = {m}), "
-                             f"got values in [{fixed_arr.min()}, {fixed_arr.max()}]")
+            raise ValueError(
+                f"fixed must index the pose parameters 0..{6 * m - 1} (6 per camera, m "
+                f"= {m}), got values in [{fixed_arr.min()}, {fixed_arr.max()}]"
+            )
         free = np.ones(6 * m, dtype=bool)
         free[fixed_arr] = False
         return cls(K, cam.astype(np.intp), point.astype(np.intp), u, m, n, free)
@@ -484,20 +553,27 @@ class BundleProblem:
         poses = as_float_array(poses, "poses", ndims=2)
         X, _ = _points(X, "X")
         if poses.shape != (self.m, 6) or X.shape != (3, self.n):
-            raise ValueError(f"poses and X must have shapes ({self.m}, 6) and (3, {self.n}), "
-                             f"got {poses.shape} and {X.shape}")
+            raise ValueError(
+                f"poses and X must have shapes ({self.m}, 6) and (3, {self.n}), "
+                f"got {poses.shape} and {X.shape}"
+            )
         return np.concatenate([poses.ravel(), X.ravel(order="F")])
 
     def free_mask(self):
-        """The mask of the parameters that move, (6m + 3n,): problem.free, then all points."""
+        """The mask of the parameters that move, (6m + 3n,): problem.free, then all
+        points."""
         return np.concatenate([self.free, np.ones(3 * self.n, dtype=bool)])
 
     def unpack(self, x):
         """(poses (m, 6), X (3, n)) from the parameter vector x."""
         x = as_float_array(x, "x", ndims=1)
         if x.shape != (6 * self.m + 3 * self.n,):
-            raise ValueError(f"x must have shape ({6 * self.m + 3 * self.n},), got shape {x.shape}")
-        return x[:6 * self.m].reshape(self.m, 6), x[6 * self.m:].reshape(3, self.n, order="F")
+            raise ValueError(
+                f"x must have shape ({6 * self.m + 3 * self.n},), got shape {x.shape}"
+            )
+        return x[: 6 * self.m].reshape(self.m, 6), x[6 * self.m :].reshape(
+            3, self.n, order="F"
+        )
 
 
 def _rotation_and_jacobian(w):
@@ -511,7 +587,9 @@ def _rotation_and_jacobian(w):
 def _camera_frame(problem, poses, X):
     """Rotations (m, 3, 3), right Jacobians (m, 3, 3), the rotations of the observations
     R_k (N, 3, 3), the observed points (3, N) and p = R X + t per observation (3, N)."""
-    R, Jr = (np.stack(M) for M in zip(*[_rotation_and_jacobian(w) for w in poses[:, :3]]))
+    R, Jr = (
+        np.stack(M) for M in zip(*[_rotation_and_jacobian(w) for w in poses[:, :3]])
+    )
     Rk = R[problem.cam]
     Xo = X[:, problem.point]
     p = np.einsum("kab,bk->ak", Rk, Xo) + poses[problem.cam, 3:].T
@@ -532,12 +610,13 @@ def _project(p, K):
 
 
 def ba_jacobian_blocks(problem, x):
-    """The non-zero blocks of the bundle-adjustment Jacobian (eq. 6.18): for observation
-    k of point i by camera j, A_k = dr_k / dxi_j (N, 2, 6) and B_k = dr_k / dX_i (N, 2, 3)."""
+    """The non-zero blocks of the bundle-adjustment Jacobian (eq. 6.18): for
+    observation k of point i by camera j, A_k = dr_k / dxi_j (N, 2, 6) and B_k = dr_k
+    / dX_i (N, 2, 3)."""
     poses, X = problem.unpack(x)
     R, Jr, Rk, Xo, p = _camera_frame(problem, poses, X)
     _in_front(p, "the camera-frame points R X + t")
-    Jpi = _project_jacobian(p, problem.K)                                          # (N, 2, 3)
+    Jpi = _project_jacobian(p, problem.K)  # (N, 2, 3)
     B = Jpi @ Rk
     # J_pi (-R [X]x J_r) = -(B [X]x) J_r, and each row b of B gives b^T [X]x = (b x X)^T
     A = np.concatenate([-np.cross(B, Xo.T[:, None, :]) @ Jr[problem.cam], Jpi], axis=2)
@@ -545,13 +624,15 @@ def ba_jacobian_blocks(problem, x):
 
 
 def ba_jacobian(problem, x, free_only=False):
-    """The (2N, 6m + 3n) Jacobian of ba_residual as a scipy.sparse CSR matrix (needs scipy), built
-    from the blocks A_k, B_k (eq. 6.18). With free_only=True the columns of the fixed
-    pose parameters are left out: (2N, number of free parameters)."""
+    """The (2N, 6m + 3n) Jacobian of ba_residual as a scipy.sparse CSR matrix (needs
+    scipy), built from the blocks A_k, B_k (eq. 6.18). With free_only=True the
+    columns of the fixed pose parameters are left out: (2N, number of free
+    parameters)."""
     from scipy.sparse import csr_matrix
+
     A, B = ba_jacobian_blocks(problem, x)
     _, cols, _ = ba_sparsity_pattern(problem, coordinates=True)
-    vals = np.concatenate([A, B], axis=2).ravel()        # 9 entries per row, in row order
+    vals = np.concatenate([A, B], axis=2).ravel()  # 9 entries per row, in row order
     rows = 2 * problem.cam.size
     width = 6 * problem.m + 3 * problem.n
     counts = np.full(rows, 9)
@@ -565,20 +646,25 @@ def ba_jacobian(problem, x, free_only=False):
 
 
 def ba_sparsity_pattern(problem, coordinates=False):
-    """Where the Jacobian can be non-zero: row 2k, 2k + 1 (observation k) meets the six
-    columns of its camera and the three of its point. Returns a scipy.sparse 0/1 matrix (needs scipy),
-    or with coordinates=True the (rows, cols, None) in the order of the blocks [A_k | B_k]."""
+    """Where the Jacobian can be non-zero: row 2k, 2k + 1 (observation k) meets the
+    six columns of its camera and the three of its point. Returns a scipy.sparse 0/1
+    matrix (needs scipy), or with coordinates=True the (rows, cols, None) in the
+    order of the blocks [A_k | B_k]."""
     N = problem.cam.size
-    rows = np.repeat(2 * np.arange(N)[:, None] + np.arange(2)[None, :], 9, axis=1)   # (N, 18)
+    rows = np.repeat(
+        2 * np.arange(N)[:, None] + np.arange(2)[None, :], 9, axis=1
+    )  # (N, 18)
     cam_cols = 6 * problem.cam[:, None] + np.arange(6)
     pt_cols = 6 * problem.m + 3 * problem.point[:, None] + np.arange(3)
-    cols = np.tile(np.concatenate([cam_cols, pt_cols], axis=1), (1, 2))           # (N, 18)
-    rows, cols = rows.ravel(), cols.ravel()   # (N, 2, 9) blocks [A_k | B_k], row-major
+    cols = np.tile(np.concatenate([cam_cols, pt_cols], axis=1), (1, 2))  # (N, 18)
+    rows, cols = rows.ravel(), cols.ravel()  # (N, 2, 9) blocks [A_k | B_k], row-major
     if coordinates:
         return rows, cols, None
     from scipy.sparse import csr_matrix
-    return csr_matrix((np.ones(rows.size), (rows, cols)),
-                      shape=(2 * N, 6 * problem.m + 3 * problem.n))
+
+    return csr_matrix(
+        (np.ones(rows.size), (rows, cols)), shape=(2 * N, 6 * problem.m + 3 * problem.n)
+    )
 
 
 def _sum_by(problem, by, values):
@@ -591,10 +677,13 @@ def _sum_by(problem, by, values):
     if by not in cache:
         try:
             from scipy.sparse import csr_matrix
-        except ImportError:                      # scipy is optional for derivlib
+        except ImportError:  # scipy is optional for derivlib
             cache[by] = None
         else:
-            cache[by] = csr_matrix((np.ones(index.size), (index, np.arange(index.size))), shape=(size, index.size))
+            cache[by] = csr_matrix(
+                (np.ones(index.size), (index, np.arange(index.size))),
+                shape=(size, index.size),
+            )
     M = cache[by]
     if M is None:
         out = np.zeros((size,) + values.shape[1:])
@@ -608,8 +697,12 @@ def ba_normal_equations(problem, A, B, r):
     V (n, 3, 3) the diagonal blocks, and the gradients g_c (6m,), g_p (3n,)."""
     m, n, cam, point = problem.m, problem.n, problem.cam, problem.point
     r2 = r.reshape(-1, 2)
-    # contiguous transposes: A^T @ A on a transposed view of A itself is several times slower
-    At, Bt = np.ascontiguousarray(A.transpose(0, 2, 1)), np.ascontiguousarray(B.transpose(0, 2, 1))
+    # contiguous transposes: A^T @ A on a transposed view of A itself is several times
+    # slower
+    At, Bt = (
+        np.ascontiguousarray(A.transpose(0, 2, 1)),
+        np.ascontiguousarray(B.transpose(0, 2, 1)),
+    )
     Ublocks = _sum_by(problem, "cam", At @ A)
     V = _sum_by(problem, "point", Bt @ B)
     W = np.zeros((m, 6, n, 3))
@@ -626,9 +719,13 @@ def schur_solve(U, W, V, gc, gp, free):
     (eq. 6.20): S = U - W V^-1 W^T, S dc = -(gc - W V^-1 gp), dp = -V^-1 (gp + W^T dc).
     Pose parameters outside `free` are held at zero. Returns (dc (6m,), dp (3n,))."""
     n = V.shape[0]
-    Vinv = np.linalg.inv(V)                                              # (n, 3, 3)
+    Vinv = np.linalg.inv(V)  # (n, 3, 3)
     # Y = W V^-1, block column by block column: n products of (6m, 3) by (3, 3)
-    Y = (W.reshape(-1, n, 3).transpose(1, 0, 2) @ Vinv).transpose(1, 0, 2).reshape(W.shape)
+    Y = (
+        (W.reshape(-1, n, 3).transpose(1, 0, 2) @ Vinv)
+        .transpose(1, 0, 2)
+        .reshape(W.shape)
+    )
     S = U - Y @ W.T
     rhs = -(gc - Y @ gp)
     dc = np.zeros_like(gc)
@@ -650,15 +747,19 @@ def gauge_directions(problem, x):
         G[j, :3, :3] = -np.linalg.inv(right_jacobian(w))
         G[j, 3:, 3:6] = -rodrigues(w)
         G[j, 3:, 6] = t
-    Gp = np.concatenate([-_hat_many(X), np.broadcast_to(np.eye(3), (problem.n, 3, 3)), X.T[:, :, None]], axis=2)
+    Gp = np.concatenate(
+        [-_hat_many(X), np.broadcast_to(np.eye(3), (problem.n, 3, 3)), X.T[:, :, None]],
+        axis=2,
+    )
     return np.concatenate([G.reshape(6 * problem.m, 7), Gp.reshape(3 * problem.n, 7)])
 
 
 def gauge_is_fixed(problem, x, rtol=1e-8):
-    """True if holding the fixed pose parameters removes all 7 gauge directions at x: the
-    rows of gauge_directions(problem, x) at the fixed parameters have rank 7 (each column
-    scaled to unit norm, smallest singular value above rtol times the largest)."""
-    G = gauge_directions(problem, x)[:6 * problem.m]
+    """True if holding the fixed pose parameters removes all 7 gauge directions at x:
+    the rows of gauge_directions(problem, x) at the fixed parameters have rank 7
+    (each column scaled to unit norm, smallest singular value above rtol times the
+    largest)."""
+    G = gauge_directions(problem, x)[: 6 * problem.m]
     G = G / np.linalg.norm(G, axis=0)
     Gf = G[~problem.free]
     if Gf.shape[0] < 7:
@@ -668,34 +769,38 @@ def gauge_is_fixed(problem, x, rtol=1e-8):
 
 
 def _predicted_decrease(U, W, V, gc, gp, dc, dp):
-    """E - ||r + J delta||^2 = -(2 delta^T g + delta^T J^T J delta) for delta = (dc, dp),
-    from the blocks of J^T J = [[U, W], [W^T, blockdiag V]] (eq. 6.19), without J."""
+    """E - ||r + J delta||^2 = -(2 delta^T g + delta^T J^T J delta) for delta = (dc,
+    dp), from the blocks of J^T J = [[U, W], [W^T, blockdiag V]] (eq. 6.19), without
+    J."""
     dp3 = dp.reshape(-1, 3)
     dHd = dc @ U @ dc + 2 * dc @ (W @ dp) + np.einsum("ni,nij,nj->", dp3, V, dp3)
     return -(2 * (dc @ gc + dp @ gp) + float(dHd))
 
 
 def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-3, check_gauge=True):
-    """Levenberg-Marquardt for bundle adjustment with the Schur complement (eqs. 6.18-6.21).
+    """Levenberg-Marquardt for bundle adjustment with the Schur complement (eqs.
+    6.18-6.21).
 
-    Damps the normal equations by lam diag(J^T J), eliminates the points, and holds the
-    pose parameters outside problem.free at their values in x0 (the gauge). Stops, and
-    raises ConvergenceError, as `solve_least_squares` does. With check_gauge (the
-    default) it first raises ValueError if the fixed parameters leave a gauge direction
-    free at x0 (gauge_is_fixed), as the default `fixed` does when camera 1's centre is
-    straight ahead of or behind camera 0 as seen from camera 1 (forward motion); pass
-    check_gauge=False to run without a fixed gauge on purpose. Returns
-    (x, LeastSquaresHistory).
-    """
+    Damps the normal equations by lam diag(J^T J), eliminates the points, and holds
+    the pose parameters outside problem.free at their values in x0 (the gauge).
+    Stops, and raises ConvergenceError, as `solve_least_squares` does. With
+    check_gauge (the default) it first raises ValueError if the fixed parameters
+    leave a gauge direction free at x0 (gauge_is_fixed), as the default `fixed` does
+    when camera 1's centre is straight ahead of or behind camera 0 as seen from
+    camera 1 (forward motion); pass check_gauge=False to run without a fixed gauge on
+    purpose. Returns (x, LeastSquaresHistory)."""
     x = as_float_array(x0, "x0", ndims=1).copy()
     problem.unpack(x)
     if check_gauge and not gauge_is_fixed(problem, x):
-        raise ValueError(f"the fixed pose parameters (fixed = {np.flatnonzero(~problem.free).tolist()}) do not "
-                         f"fix the gauge at x0: some rotation, shift or scale of the scene (eq. 6.21) leaves "
-                         f"them and every residual unchanged, so J^T J is singular. With the default fixed, "
-                         f"the baseline c_0 - c_1 seen from camera 1, R_1 (c_0 - c_1), needs a non-zero x "
-                         f"component; hold another coordinate of camera 1 (BundleProblem.create(fixed=...)), "
-                         f"or pass check_gauge=False")
+        raise ValueError(
+            f"the fixed pose parameters (fixed = "
+            f"{np.flatnonzero(~problem.free).tolist()}) do not fix the gauge at x0: "
+            f"some rotation, shift or scale of the scene (eq. 6.21) leaves them and "
+            f"every residual unchanged, so J^T J is singular. With the default fixed, "
+            f"the baseline c_0 - c_1 seen from camera 1, R_1 (c_0 - c_1), needs a "
+            f"non-zero x component; hold another coordinate of camera 1 "
+            f"(BundleProblem.create(fixed=...)), or pass check_gauge=False"
+        )
     hist = LeastSquaresHistory(n_residual=1)
     r = ba_residual(problem, x)
     E = float(r @ r)
@@ -710,12 +815,29 @@ def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-3, check_gauge=T
         dU, dV = np.diag(U).copy(), np.einsum("nii->ni", V).copy()
 
         def trial(lam):
-            dc, dp = schur_solve(U + lam * np.diag(dU), W, V + lam * dV[:, :, None] * np.eye(3),
-                                 gc, gp, problem.free)
-            return np.concatenate([dc, dp]), _predicted_decrease(U, W, V, gc, gp, dc, dp)
+            dc, dp = schur_solve(
+                U + lam * np.diag(dU),
+                W,
+                V + lam * dV[:, :, None] * np.eye(3),
+                gc,
+                gp,
+                problem.free,
+            )
+            return np.concatenate([dc, dp]), _predicted_decrease(
+                U, W, V, gc, gp, dc, dp
+            )
 
         delta, r_new, E_new, lam, nu, stationary = _lm_steps(
-            lambda y: ba_residual(problem, y), trial, x, E, lam, nu, tol, hist, "bundle adjustment")
+            lambda y: ba_residual(problem, y),
+            trial,
+            x,
+            E,
+            lam,
+            nu,
+            tol,
+            hist,
+            "bundle adjustment",
+        )
         done = stationary or _finished(E, E_new, delta, x, tol)
         if not stationary:
             x, r, E = x + delta, r_new, E_new
@@ -724,7 +846,9 @@ def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-3, check_gauge=T
         if done:
             hist.converged = True
             return x, hist
-    raise ConvergenceError(f"bundle adjustment did not converge in {max_iter} iterations (cost {E:.6g})")
+    raise ConvergenceError(
+        f"bundle adjustment did not converge in {max_iter} iterations (cost {E:.6g})"
+    )
 
 
 # ----- Synthetic scenes -----
@@ -732,11 +856,13 @@ def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-3, check_gauge=T
 
 @dataclass
 class Scene:
-    """A synthetic bundle-adjustment scene with its ground truth and a perturbed start."""
+    """A synthetic bundle-adjustment scene with its ground truth and a perturbed
+    start."""
+
     problem: BundleProblem
-    poses: np.ndarray      # (m, 6) true poses (w, t)
-    X: np.ndarray          # (3, n) true points
-    x0: np.ndarray         # start: true gauge camera and scale, other parameters perturbed
+    poses: np.ndarray  # (m, 6) true poses (w, t)
+    X: np.ndarray  # (3, n) true points
+    x0: np.ndarray  # start: true gauge camera and scale, other parameters perturbed
 
 
 def make_scene(m=6, n=200, noise=1.0, seed=0, visibility=0.7, perturbation=1.0):
@@ -747,7 +873,9 @@ def make_scene(m=6, n=200, noise=1.0, seed=0, visibility=0.7, perturbation=1.0):
     t_x of camera 1) at their true values and perturbs the rest by `perturbation` times
     0.02 rad (rotations), 0.1 (translations) and 0.05 (points)."""
     if m < 2 or n < 1:
-        raise ValueError(f"a scene needs m >= 2 cameras and n >= 1 points, got m = {m}, n = {n}")
+        raise ValueError(
+            f"a scene needs m >= 2 cameras and n >= 1 points, got m = {m}, n = {n}"
+        )
     rng = np.random.default_rng(seed)
     K = np.array([[500.0, 0.0, 320.0], [0.0, 500.0, 240.0], [0.0, 0.0, 1.0]])
     X = rng.standard_normal((3, n))
@@ -756,17 +884,23 @@ def make_scene(m=6, n=200, noise=1.0, seed=0, visibility=0.7, perturbation=1.0):
     poses = np.zeros((m, 6))
     for j in range(m):
         w = np.array([0.0, phi[j], 0.0]) + 0.05 * rng.standard_normal(3)
-        centre = 5.0 * np.array([np.sin(phi[j]), 0.0, -np.cos(phi[j])]) + 0.2 * rng.standard_normal(3)
+        centre = 5.0 * np.array(
+            [np.sin(phi[j]), 0.0, -np.cos(phi[j])]
+        ) + 0.2 * rng.standard_normal(3)
         poses[j] = np.concatenate([w, -rodrigues(w) @ centre])
     seen = rng.random((m, n)) < visibility
     for i in np.flatnonzero(seen.sum(axis=0) < 2):
         seen[rng.choice(m, 2, replace=False), i] = True
     cam, point = np.nonzero(seen)
-    p = np.stack([rodrigues(poses[j, :3]) @ X[:, i] + poses[j, 3:] for j, i in zip(cam, point)], axis=1)
+    p = np.stack(
+        [rodrigues(poses[j, :3]) @ X[:, i] + poses[j, 3:] for j, i in zip(cam, point)],
+        axis=1,
+    )
     u = _project(p, K) + noise * rng.standard_normal((2, cam.size))
     problem = BundleProblem.create(K, cam, point, u, m, n)
     start = poses + perturbation * np.concatenate(
-        [0.02 * rng.standard_normal((m, 3)), 0.1 * rng.standard_normal((m, 3))], axis=1)
+        [0.02 * rng.standard_normal((m, 3)), 0.1 * rng.standard_normal((m, 3))], axis=1
+    )
     start[~problem.free.reshape(m, 6)] = poses[~problem.free.reshape(m, 6)]
     X0 = X + perturbation * 0.05 * rng.standard_normal(X.shape)
     return Scene(problem, poses, X, problem.pack(start, X0))

@@ -1,4 +1,5 @@
-"""Chapter 5: the layers of a vision network, with backward rules read off differentials.
+"""Chapter 5: the layers of a vision network, with backward rules read off
+differentials.
 
 Images are NCHW arrays (batch, channels, height, width) and kernels OIHW (output
 channels, input channels, height, width), JAX's default for
@@ -9,13 +10,18 @@ is ``x.ravel()``. That is the one place where the two layouts meet.
 
 As in Chapter 4, ``<name>_jvp(*primals, *tangents)`` is the differential and
 ``<name>_vjp(*primals, G)`` its adjoint (a tuple with several inputs), both in the
-shapes of the forward function. Options such as ``stride`` come after, by keyword.
-"""
+shapes of the forward function. Options such as ``stride`` come after, by keyword."""
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ._validate import as_array_of_shape, as_cotangent, as_finite_array, as_float_array, require_no_nan
+from ._validate import (
+    as_array_of_shape,
+    as_cotangent,
+    as_finite_array,
+    as_float_array,
+    require_no_nan,
+)
 from .backprop import matmul_vjp
 from .vector import _log_softmax, softmax
 
@@ -40,7 +46,6 @@ def kernel_matrix(K):
 # ----- Convolution as a matrix product -----
 
 
-
 def conv_output_size(size, k, stride, padding):
     """(size + 2 padding - k) // stride + 1, the output length of eq. 5.1."""
     return (size + 2 * padding - k) // stride + 1
@@ -57,28 +62,47 @@ def im2col(X, kh, kw, stride=1, padding=0):
     X = _images(X, "X")
     kh, kw, stride, padding = _geometry(X.shape, kh, kw, stride, padding)
     N, C = X.shape[:2]
-    Xp = np.pad(X, ((0, 0), (0, 0), (padding, padding), (padding, padding))) if padding else X
+    Xp = (
+        np.pad(X, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
+        if padding
+        else X
+    )
     win = sliding_window_view(Xp, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride]
     Ho, Wo = win.shape[2:4]
     return win.transpose(1, 4, 5, 0, 2, 3).reshape(C * kh * kw, N * Ho * Wo).T
 
 
 def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
-    """The adjoint of im2col, eq. 5.6: scatter patch entries back to their pixels, the
-    overlaps adding. cols has im2col's shape (N H'W', C kh kw); returns x_shape (NCHW)."""
+    """The adjoint of im2col, eq. 5.6: scatter patch entries back to their pixels,
+    the overlaps adding. cols has im2col's shape (N H'W', C kh kw); returns x_shape
+    (NCHW)."""
     N, C, H, W = _shape4(x_shape)
     kh, kw, stride, padding = _geometry((N, C, H, W), kh, kw, stride, padding)
-    Ho, Wo = conv_output_size(H, kh, stride, padding), conv_output_size(W, kw, stride, padding)
+    Ho, Wo = (
+        conv_output_size(H, kh, stride, padding),
+        conv_output_size(W, kw, stride, padding),
+    )
     cols = as_float_array(cols, "cols", 2)
     if cols.shape != (N * Ho * Wo, C * kh * kw):
-        raise ValueError(f"cols must have shape {(N * Ho * Wo, C * kh * kw)} for images {x_shape}, "
-                         f"got {cols.shape}")
+        raise ValueError(
+            f"cols must have shape {(N * Ho * Wo, C * kh * kw)} for images {x_shape}, "
+            f"got {cols.shape}"
+        )
     d = cols.T.reshape(C, kh, kw, N, Ho, Wo)
     Xp = np.zeros((C, N, H + 2 * padding, W + 2 * padding))
     for u in range(kh):
         for v in range(kw):
-            Xp[:, :, u:u + stride * (Ho - 1) + 1:stride, v:v + stride * (Wo - 1) + 1:stride] += d[:, u, v]
-    return Xp[:, :, padding:padding + H, padding:padding + W].transpose(1, 0, 2, 3).copy()
+            Xp[
+                :,
+                :,
+                u : u + stride * (Ho - 1) + 1 : stride,
+                v : v + stride * (Wo - 1) + 1 : stride,
+            ] += d[:, u, v]
+    return (
+        Xp[:, :, padding : padding + H, padding : padding + W]
+        .transpose(1, 0, 2, 3)
+        .copy()
+    )
 
 
 def im2col_matrix(x_shape, kh, kw, stride=1, padding=0):
@@ -104,7 +128,7 @@ def conv2d(X, K, stride=1, padding=0):
     X, K = _conv_pair(X, K)
     phi = im2col(X, K.shape[2], K.shape[3], stride, padding)
     Ho, Wo = _out_hw(X, K, stride, padding)
-    YT = kernel_matrix(K).T @ phi.T                                 # (O, N H'W'): (phi F)^T
+    YT = kernel_matrix(K).T @ phi.T  # (O, N H'W'): (phi F)^T
     return YT.reshape(K.shape[0], X.shape[0], Ho, Wo).transpose(1, 0, 2, 3).copy()
 
 
@@ -116,13 +140,14 @@ def conv2d_jvp(X, K, dX, dK, stride=1, padding=0):
 
 
 def conv2d_vjp(X, K, G, stride=1, padding=0, input_grad=True):
-    """The backward rules of eq. 5.5 and 5.6: (Xbar, Kbar) for the cotangent G (N, O, H', W').
+    """The backward rules of eq. 5.5 and 5.6: (Xbar, Kbar) for the cotangent G (N, O,
+    H', W').
 
-    Kbar: F bar = phi(X)^T G (images stacked).  Xbar: vec xbar = Phi^T vec(G F^T), i.e.
-    col2im of G F^T. With stride 1 the same sums are taken one kernel offset at a time,
-    without forming phi(X) (eq. 5.20). With input_grad=False, Xbar is not computed and
-    None is returned in its place (for a first layer, whose input is data).
-    """
+    Kbar: F bar = phi(X)^T G (images stacked).  Xbar: vec xbar = Phi^T vec(G F^T),
+    i.e. col2im of G F^T. With stride 1 the same sums are taken one kernel offset at
+    a time, without forming phi(X) (eq. 5.20). With input_grad=False, Xbar is not
+    computed and None is returned in its place (for a first layer, whose input is
+    data)."""
     X, K = _conv_pair(X, K)
     N, O = X.shape[0], K.shape[0]
     Ho, Wo = _out_hw(X, K, stride, padding)
@@ -135,28 +160,31 @@ def conv2d_vjp(X, K, G, stride=1, padding=0, input_grad=True):
 def _conv2d_vjp_im2col(X, K, G, stride, padding, input_grad=True):
     """Eq. 5.5 and 5.6 as written: one product with phi(X), and col2im of G F^T."""
     O, kh, kw = K.shape[0], K.shape[2], K.shape[3]
-    GT = G.transpose(1, 0, 2, 3).reshape(O, -1)                    # G^T, (O, N H'W')
-    phi = im2col(X, kh, kw, stride, padding)                       # (N H'W', C kh kw)
-    F = kernel_matrix(K)                                           # (C kh kw, O)
-    Fbar = (GT @ phi).T                                            # eq. 5.5: phi^T G
+    GT = G.transpose(1, 0, 2, 3).reshape(O, -1)  # G^T, (O, N H'W')
+    phi = im2col(X, kh, kw, stride, padding)  # (N H'W', C kh kw)
+    F = kernel_matrix(K)  # (C kh kw, O)
+    Fbar = (GT @ phi).T  # eq. 5.5: phi^T G
     if not input_grad:
         return None, Fbar.T.reshape(K.shape)
-    Xbar = col2im((F @ GT).T, X.shape, kh, kw, stride, padding)    # eq. 5.6: Phi^T vec(G F^T)
+    Xbar = col2im(
+        (F @ GT).T, X.shape, kh, kw, stride, padding
+    )  # eq. 5.6: Phi^T vec(G F^T)
     return Xbar, Fbar.T.reshape(K.shape)
 
 
 def _conv2d_vjp_shifts(X, K, G, padding, input_grad=True):
-    """Eq. 5.20, stride 1: the padded images of the batch laid end to end, one row per
-    channel (a strip); the patch entries of kernel offset (u, v) are then the strip
-    shifted by u W_p + v, a slice, and G sits at the top-left H' x W' of each padded frame
-    (zeros elsewhere). Both rules become k_h k_w products with slices: no copies."""
+    """Eq. 5.20, stride 1: the padded images of the batch laid end to end, one row
+    per channel (a strip); the patch entries of kernel offset (u, v) are then the
+    strip shifted by u W_p + v, a slice, and G sits at the top-left H' x W' of each
+    padded frame (zeros elsewhere). Both rules become k_h k_w products with slices:
+    no copies."""
     N, C, H, W = X.shape
     O, _, kh, kw = K.shape
     Hp, Wp = H + 2 * padding, W + 2 * padding
     Ho, Wo, frame = Hp - kh + 1, Wp - kw + 1, Hp * Wp
-    T = N * frame - (kh - 1) * Wp - (kw - 1)                       # strip positions with a whole patch
+    T = N * frame - (kh - 1) * Wp - (kw - 1)  # strip positions with a whole patch
     Xs = np.zeros((C, N, Hp, Wp))
-    Xs[:, :, padding:padding + H, padding:padding + W] = X.transpose(1, 0, 2, 3)
+    Xs[:, :, padding : padding + H, padding : padding + W] = X.transpose(1, 0, 2, 3)
     Xs = Xs.reshape(C, N * frame)
     Gs = np.zeros((O, N, Hp, Wp))
     Gs[:, :, :Ho, :Wo] = G.transpose(1, 0, 2, 3)
@@ -165,13 +193,21 @@ def _conv2d_vjp_shifts(X, K, G, padding, input_grad=True):
     for u in range(kh):
         for v in range(kw):
             shift = u * Wp + v
-            Kbar[:, :, u, v] = Gs @ Xs[:, shift:shift + T].T       # rows (., u, v) of phi^T G
+            Kbar[:, :, u, v] = (
+                Gs @ Xs[:, shift : shift + T].T
+            )  # rows (., u, v) of phi^T G
             if input_grad:
-                np.matmul(K[:, :, u, v].T, Gs, out=block)          # columns (., u, v) of G F^T ...
-                Xbar_s[:, shift:shift + T] += block                # ... added back where they came from
+                np.matmul(
+                    K[:, :, u, v].T, Gs, out=block
+                )  # columns (., u, v) of G F^T ...
+                Xbar_s[:, shift : shift + T] += (
+                    block  # ... added back where they came from
+                )
     if not input_grad:
         return None, Kbar
-    Xbar = Xbar_s.reshape(C, N, Hp, Wp)[:, :, padding:padding + H, padding:padding + W]
+    Xbar = Xbar_s.reshape(C, N, Hp, Wp)[
+        :, :, padding : padding + H, padding : padding + W
+    ]
     return Xbar.transpose(1, 0, 2, 3).copy(), Kbar
 
 
@@ -184,7 +220,8 @@ def relu(x):
 
 
 def relu_jvp(x, dx):
-    """d relu = diag(x > 0) dx (eq. 5.7): the derivative at 0 is taken to be 0, as in JAX."""
+    """d relu = diag(x > 0) dx (eq. 5.7): the derivative at 0 is taken to be 0, as in
+    JAX."""
     x = _relu_input(x)
     return np.where(x > 0, _like(dx, x, "dx"), 0.0)
 
@@ -199,18 +236,19 @@ def relu_vjp(x, G):
 
 
 def max_pool(X, size=2, stride=None):
-    """The largest entry of each size x size window (eq. 5.8), X (N, C, H, W), no padding."""
+    """The largest entry of each size x size window (eq. 5.8), X (N, C, H, W), no
+    padding."""
     X = _images(X, "X")
     size, stride = _pool_geometry(X.shape, size, stride)
     return _windows(X, size, stride).max(axis=(-2, -1))
 
 
 def max_pool_argmax(X, size=2, stride=None):
-    """The window offset u size + v of the selected entry of every window, (N, C, H', W').
+    """The window offset u size + v of the selected entry of every window, (N, C, H',
+    W').
 
     Ties go to the first maximum in row-major order inside the window, as in JAX's
-    reduce_window and its derivatives.
-    """
+    reduce_window and its derivatives."""
     X = _images(X, "X")
     size, stride = _pool_geometry(X.shape, size, stride)
     win = _windows(X, size, stride)
@@ -226,7 +264,11 @@ def max_pool_matrix(x, size=2, stride=None):
     C, Ho, Wo = arg.shape
     c, i, j = np.indices(arg.shape)
     rows = np.arange(arg.size)
-    cols = (c * x.shape[1] + i * stride + arg // size) * x.shape[2] + j * stride + arg % size
+    cols = (
+        (c * x.shape[1] + i * stride + arg // size) * x.shape[2]
+        + j * stride
+        + arg % size
+    )
     S = np.zeros((arg.size, x.size))
     S[rows, cols.ravel()] = 1.0
     return S
@@ -253,8 +295,12 @@ def max_pool_vjp(X, G, size=2, stride=None):
     Xbar = np.zeros_like(X)
     for u in range(size):
         for v in range(size):
-            Xbar[:, :, u:u + stride * (Ho - 1) + 1:stride, v:v + stride * (Wo - 1) + 1:stride] += \
-                G * (arg == u * size + v)
+            Xbar[
+                :,
+                :,
+                u : u + stride * (Ho - 1) + 1 : stride,
+                v : v + stride * (Wo - 1) + 1 : stride,
+            ] += G * (arg == u * size + v)
     return Xbar
 
 
@@ -275,12 +321,20 @@ def avg_pool_vjp(X, G, size=2, stride=None):
     """xbar = A^T G (eq. 5.10): each window spreads G / size^2 over its entries."""
     X = _images(X, "X")
     size, stride = _pool_geometry(X.shape, size, stride)
-    Ho, Wo = conv_output_size(X.shape[2], size, stride, 0), conv_output_size(X.shape[3], size, stride, 0)
+    Ho, Wo = (
+        conv_output_size(X.shape[2], size, stride, 0),
+        conv_output_size(X.shape[3], size, stride, 0),
+    )
     G = _cotangent(G, X.shape[:2] + (Ho, Wo)) / size**2
     Xbar = np.zeros_like(X)
     for u in range(size):
         for v in range(size):
-            Xbar[:, :, u:u + stride * (Ho - 1) + 1:stride, v:v + stride * (Wo - 1) + 1:stride] += G
+            Xbar[
+                :,
+                :,
+                u : u + stride * (Ho - 1) + 1 : stride,
+                v : v + stride * (Wo - 1) + 1 : stride,
+            ] += G
     return Xbar
 
 
@@ -297,13 +351,14 @@ def batch_norm(X, gamma, beta, eps=1e-5):
 
 
 def batch_norm_jvp(X, gamma, beta, dX, dgamma, dbeta, eps=1e-5):
-    """Eq. 5.14: dY = dgamma Xhat + diag(gamma) diag(s)^-1 (dX C - diag((Xhat o dX) 1 / n) Xhat) + dbeta 1^T."""
+    """Eq. 5.14: dY = dgamma Xhat + diag(gamma) diag(s)^-1 (dX C - diag((Xhat o dX) 1
+    / n) Xhat) + dbeta 1^T."""
     return _norm_jvp(X, gamma, beta, dX, dgamma, dbeta, eps, axis=1)
 
 
 def batch_norm_vjp(X, gamma, beta, G, eps=1e-5):
-    """The compact backward rule, eq. 5.15: (Xbar, gammabar, betabar) with
-    Xbar = diag(s)^-1 (Ghat C - diag((Ghat o Xhat) 1 / n) Xhat), Ghat = diag(gamma) G."""
+    """The compact backward rule, eq. 5.15: (Xbar, gammabar, betabar) with Xbar =
+    diag(s)^-1 (Ghat C - diag((Ghat o Xhat) 1 / n) Xhat), Ghat = diag(gamma) G."""
     return _norm_vjp(X, gamma, beta, G, eps, axis=1)
 
 
@@ -326,33 +381,50 @@ def layer_norm_vjp(X, gamma, beta, G, eps=1e-5):
 
 
 def _normalise(X, eps, axis):
-    """(Xhat, s) of eq. 5.11-5.12 along `axis`, without overflow or silent rounding noise.
+    """(Xhat, s) of eq. 5.11-5.12 along `axis`, without overflow or silent rounding
+    noise.
 
-    Each row (column) is first divided by its largest magnitude m, so that its mean and
-    variance cannot overflow (rows like [1e200, -1e200, 0]), and a constant row becomes
-    exactly constant (x / x = 1), its centred values exactly 0. Then s = sqrt(v + eps) =
-    hypot(m sqrt(v_scaled), sqrt(eps)), and Xhat = Xc_scaled / (s / m).
-    """
+    Each row (column) is first divided by its largest magnitude m, so that its mean
+    and variance cannot overflow (rows like [1e200, -1e200, 0]), and a constant row
+    becomes exactly constant (x / x = 1), its centred values exactly 0. Then s =
+    sqrt(v + eps) = hypot(m sqrt(v_scaled), sqrt(eps)), and Xhat = Xc_scaled / (s /
+    m)."""
     line = "row" if axis == 1 else "column"
-    if eps == 0 and np.any(X.max(axis=axis) == X.min(axis=axis)):     # constant, tested exactly
-        raise ValueError(f"X has a constant {line} and eps = 0: its standard deviation is 0; use eps > 0")
+    if eps == 0 and np.any(
+        X.max(axis=axis) == X.min(axis=axis)
+    ):  # constant, tested exactly
+        raise ValueError(
+            f"X has a constant {line} and eps = 0: its standard deviation is 0; use "
+            f"eps > 0"
+        )
     m = np.abs(X).max(axis=axis, keepdims=True)
     m = np.where(m > 0, m, 1.0)
     Xc = X / m
     Xc = Xc - Xc.mean(axis=axis, keepdims=True)
     s = np.hypot(m * np.sqrt((Xc * Xc).mean(axis=axis, keepdims=True)), np.sqrt(eps))
     if np.any(s == 0):
-        raise ValueError(f"X has a {line} whose standard deviation underflows to 0 and eps = 0; use eps > 0")
-    with np.errstate(over="ignore"):       # s / m = inf only where Xhat is 0 to double precision
+        raise ValueError(
+            f"X has a {line} whose standard deviation underflows to 0 and eps = 0; use "
+            f"eps > 0"
+        )
+    with np.errstate(
+        over="ignore"
+    ):  # s / m = inf only where Xhat is 0 to double precision
         return Xc / (s / m), s
 
 
 def _norm_jvp(X, gamma, beta, dX, dgamma, dbeta, eps, axis):
     X, gamma, beta, eps = _norm_args(X, gamma, beta, eps)
-    dX, dgamma, dbeta = _like(dX, X, "dX"), _like(dgamma, gamma, "dgamma"), _like(dbeta, beta, "dbeta")
+    dX, dgamma, dbeta = (
+        _like(dX, X, "dX"),
+        _like(dgamma, gamma, "dgamma"),
+        _like(dbeta, beta, "dbeta"),
+    )
     Xhat, s = _normalise(X, eps, axis)
     dXc = dX - dX.mean(axis=axis, keepdims=True)
-    dXhat = _finite_over_s(dXc - Xhat * (Xhat * dXc).mean(axis=axis, keepdims=True), s, "dY")
+    dXhat = _finite_over_s(
+        dXc - Xhat * (Xhat * dXc).mean(axis=axis, keepdims=True), s, "dY"
+    )
     return dgamma[:, None] * Xhat + gamma[:, None] * dXhat + dbeta[:, None]
 
 
@@ -361,17 +433,26 @@ def _norm_vjp(X, gamma, beta, G, eps, axis):
     G = _cotangent(G, X.shape)
     Xhat, s = _normalise(X, eps, axis)
     Ghat = gamma[:, None] * G
-    Xbar = _finite_over_s(Ghat - Ghat.mean(axis=axis, keepdims=True)
-                          - Xhat * (Ghat * Xhat).mean(axis=axis, keepdims=True), s, "Xbar")
+    Xbar = _finite_over_s(
+        Ghat
+        - Ghat.mean(axis=axis, keepdims=True)
+        - Xhat * (Ghat * Xhat).mean(axis=axis, keepdims=True),
+        s,
+        "Xbar",
+    )
     return Xbar, (G * Xhat).sum(axis=1), G.sum(axis=1)
 
 
 def _finite_over_s(A, s, name):
-    """A / s, or a ValueError if a standard deviation s so small (eps = 0) overflows it."""
+    """A / s, or a ValueError if a standard deviation s so small (eps = 0) overflows
+    it."""
     with np.errstate(over="ignore"):
         out = A / s
     if not np.all(np.isfinite(out)):
-        raise ValueError(f"{name} overflows: X has a standard deviation of {s.min():.3g}; use eps > 0")
+        raise ValueError(
+            f"{name} overflows: X has a standard deviation of {s.min():.3g}; use eps > "
+            f"0"
+        )
     return out
 
 
@@ -390,13 +471,17 @@ def attention(Q, K, V, mask=None):
 
 
 def attention_probs(Q, K, mask=None):
-    """P = softmax_rows(Q K^T / sqrt(d)) with the mask convention of ``attention``, (n, m)."""
+    """P = softmax_rows(Q K^T / sqrt(d)) with the mask convention of ``attention``,
+    (n, m)."""
     Q = as_float_array(Q, "Q", 2)
-    return _attention_probs(Q, K, np.zeros((as_float_array(K, "K", 2).shape[0], 1)), mask)[0]
+    return _attention_probs(
+        Q, K, np.zeros((as_float_array(K, "K", 2).shape[0], 1)), mask
+    )[0]
 
 
 def attention_jvp(Q, K, V, dQ, dK, dV, mask=None):
-    """Eq. 5.18: dO = dP V + P dV, dP = P o (dS - (P o dS) 1 1^T), dS = (dQ K^T + Q dK^T) / sqrt(d)."""
+    """Eq. 5.18: dO = dP V + P dV, dP = P o (dS - (P o dS) 1 1^T), dS = (dQ K^T + Q
+    dK^T) / sqrt(d)."""
     P, (Q, K, V) = _attention_probs(Q, K, V, mask)
     dQ, dK, dV = _like(dQ, Q, "dQ"), _like(dK, K, "dK"), _like(dV, V, "dV")
     dS = (dQ @ K.T + Q @ dK.T) / np.sqrt(Q.shape[1])
@@ -405,9 +490,9 @@ def attention_jvp(Q, K, V, dQ, dK, dV, mask=None):
 
 
 def attention_vjp(Q, K, V, G, mask=None):
-    """Eq. 5.19: (Qbar, Kbar, Vbar) = (Sbar K / sqrt(d), Sbar^T Q / sqrt(d), P^T G), with
-    Pbar = G V^T and Sbar = P o (Pbar - (P o Pbar) 1 1^T). Masked entries, and fully
-    masked rows, get a zero gradient."""
+    """Eq. 5.19: (Qbar, Kbar, Vbar) = (Sbar K / sqrt(d), Sbar^T Q / sqrt(d), P^T G),
+    with Pbar = G V^T and Sbar = P o (Pbar - (P o Pbar) 1 1^T). Masked entries, and
+    fully masked rows, get a zero gradient."""
     P, (Q, K, V) = _attention_probs(Q, K, V, mask)
     G = _cotangent(G, (Q.shape[0], V.shape[1]))
     Pbar = G @ V.T
@@ -421,19 +506,30 @@ def _attention_probs(Q, K, V, mask):
     K = as_finite_array(K, "K", 2)
     V = as_finite_array(V, "V", 2)
     if K.shape[1] != Q.shape[1]:
-        raise ValueError(f"Q K^T needs K with Q's {Q.shape[1]} columns, got Q {Q.shape} and K {K.shape}")
+        raise ValueError(
+            f"Q K^T needs K with Q's {Q.shape[1]} columns, got Q {Q.shape} and K "
+            f"{K.shape}"
+        )
     if V.shape[0] != K.shape[0]:
-        raise ValueError(f"P V needs V with K's {K.shape[0]} rows, got K {K.shape} and V {V.shape}")
+        raise ValueError(
+            f"P V needs V with K's {K.shape[0]} rows, got K {K.shape} and V {V.shape}"
+        )
     with np.errstate(over="ignore"):
         S = Q @ K.T / np.sqrt(Q.shape[1])
     if not np.all(np.isfinite(S)):
-        raise ValueError(f"the scores S = Q K^T / sqrt(d) must be finite, got {S[~np.isfinite(S)].ravel()[0]} "
-                         f"(Q and K too large: max |Q| = {np.abs(Q).max():.3g}, max |K| = {np.abs(K).max():.3g})")
+        raise ValueError(
+            f"the scores S = Q K^T / sqrt(d) must be finite, got "
+            f"{S[~np.isfinite(S)].ravel()[0]} (Q and K too large: max |Q| = "
+            f"{np.abs(Q).max():.3g}, max |K| = {np.abs(K).max():.3g})"
+        )
     if mask is None:
-        mask = np.ones(S.shape, dtype=bool)   # the row-wise softmax, also when m = 1
+        mask = np.ones(S.shape, dtype=bool)  # the row-wise softmax, also when m = 1
     mask = np.asarray(mask)
     if mask.dtype != bool or mask.shape != S.shape:
-        raise ValueError(f"mask must be a boolean array of shape {S.shape}, got {mask.dtype} {mask.shape}")
+        raise ValueError(
+            f"mask must be a boolean array of shape {S.shape}, got {mask.dtype} "
+            f"{mask.shape}"
+        )
     alive = mask.any(axis=1, keepdims=True)
     shift = np.where(alive, np.where(mask, S, -np.inf).max(axis=1, keepdims=True), 0.0)
     E = np.where(mask, np.exp(np.where(mask, S - shift, 0.0)), 0.0)
@@ -447,7 +543,8 @@ def _attention_probs(Q, K, V, mask):
 def cnn_init(rng, filters=16, classes=10, size=8, kernel=3, pool=2):
     """Parameters (K, b, W, c) of conv (padding kernel // 2) -> ReLU -> max pool ->
     linear for one-channel size x size images: K (filters, 1, kernel, kernel), b
-    (filters,), W (classes, filters (size / pool)^2), c (classes,). He-scaled normal K and W."""
+    (filters,), W (classes, filters (size / pool)^2), c (classes,). He-scaled normal
+    K and W."""
     features = filters * (size // pool) ** 2
     K = rng.standard_normal((filters, 1, kernel, kernel)) * np.sqrt(2.0 / kernel**2)
     W = rng.standard_normal((classes, features)) * np.sqrt(1.0 / features)
@@ -467,7 +564,8 @@ def cnn_forward(params, X):
 
 
 def cnn_loss(params, X, labels):
-    """The mean cross entropy of softmax(Z) against integer labels (N,), eq. 3.15c / N."""
+    """The mean cross entropy of softmax(Z) against integer labels (N,), eq. 3.15c /
+    N."""
     Z = cnn_forward(params, X)["Z"]
     return _mean_cross_entropy(Z, labels)
 
@@ -479,12 +577,14 @@ def cnn_grad(params, X, labels):
     K, b, W, c = params
     act = cnn_forward(params, X)
     Z, N = act["Z"], X.shape[0]
-    Zbar = (softmax(Z) - _one_hot(labels, Z.shape[0])) / N      # eq. 3.20b, per observation
+    Zbar = (softmax(Z) - _one_hot(labels, Z.shape[0])) / N  # eq. 3.20b, per observation
     Wbar, hbar = matmul_vjp(W, act["h"], Zbar)
     Mbar = hbar.T.reshape(act["M"].shape)
     Rbar = max_pool_vjp(act["R"], Mbar, 2)
     Abar = relu_vjp(act["A"], Rbar)
-    _, Kbar = conv2d_vjp(X, K, Abar, padding=K.shape[2] // 2, input_grad=False)   # images are data
+    _, Kbar = conv2d_vjp(
+        X, K, Abar, padding=K.shape[2] // 2, input_grad=False
+    )  # images are data
     grads = (Kbar, Abar.sum(axis=(0, 2, 3)), Wbar, Zbar.sum(axis=1))
     cotangents = {"Z": Zbar, "h": hbar, "M": Mbar, "R": Rbar, "A": Abar}
     return _mean_cross_entropy(Z, labels), grads, cotangents
@@ -500,7 +600,7 @@ def cnn_fit(params, X, labels, epochs=10, batch=32, lr=0.05, momentum=0.9, seed=
     for _ in range(epochs):
         order, losses = rng.permutation(X.shape[0]), []
         for start in range(0, X.shape[0], batch):
-            idx = order[start:start + batch]
+            idx = order[start : start + batch]
             loss, grads, _ = cnn_grad(params, X[idx], labels[idx])
             for p, v, g in zip(params, velocity, grads):
                 v *= momentum
@@ -519,7 +619,10 @@ def cnn_predict(params, X):
 def _one_hot(labels, k):
     labels = np.asarray(labels)
     if labels.ndim != 1 or labels.size == 0 or labels.min() < 0 or labels.max() >= k:
-        raise ValueError(f"labels must be a non-empty 1-D array of integers in [0, {k}), got shape {labels.shape}")
+        raise ValueError(
+            f"labels must be a non-empty 1-D array of integers in [0, {k}), got shape "
+            f"{labels.shape}"
+        )
     return np.eye(k)[:, labels]
 
 
@@ -539,7 +642,9 @@ def _images(X, name):
 
 
 def _like(dx, x, name):
-    return as_array_of_shape(dx, name, x.shape, "{name} must have the primal's shape", finite=False)
+    return as_array_of_shape(
+        dx, name, x.shape, "{name} must have the primal's shape", finite=False
+    )
 
 
 def _cotangent(G, shape):
@@ -549,19 +654,24 @@ def _cotangent(G, shape):
 def _shape4(shape):
     shape = tuple(int(s) for s in shape)
     if len(shape) != 4 or min(shape) < 1:
-        raise ValueError(f"x_shape must be (N, C, H, W) with positive entries, got {shape}")
+        raise ValueError(
+            f"x_shape must be (N, C, H, W) with positive entries, got {shape}"
+        )
     return shape
 
 
 def _shape3(shape):
     shape = tuple(int(s) for s in shape)
     if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"x_shape must be (C, H, W) with positive entries, got {shape}")
+        raise ValueError(
+            f"x_shape must be (C, H, W) with positive entries, got {shape}"
+        )
     return shape
 
 
 def _integer(value, name, least):
-    """value as an int, if it is an integer (2 or 2.0) of at least `least`; else ValueError."""
+    """value as an int, if it is an integer (2 or 2.0) of at least `least`; else
+    ValueError."""
     try:
         ok = not isinstance(value, bool) and int(value) == value and value >= least
     except (TypeError, ValueError):
@@ -578,23 +688,29 @@ def _geometry(x_shape, kh, kw, stride, padding):
     stride, padding = _integer(stride, "stride", 1), _integer(padding, "padding", 0)
     H, W = x_shape[2] + 2 * padding, x_shape[3] + 2 * padding
     if kh > H or kw > W:
-        raise ValueError(f"a {kh} x {kw} kernel does not fit images of shape {tuple(x_shape)} "
-                         f"with padding {padding}")
+        raise ValueError(
+            f"a {kh} x {kw} kernel does not fit images of shape {tuple(x_shape)} "
+            f"with padding {padding}"
+        )
     return kh, kw, stride, padding
 
 
 def _conv_pair(X, K):
     X, K = _images(X, "X"), as_finite_array(K, "K", 4)
     if K.shape[1] != X.shape[1]:
-        raise ValueError(f"K must have X's {X.shape[1]} input channels in axis 1 (OIHW), "
-                         f"got X {X.shape} and K {K.shape}")
+        raise ValueError(
+            f"K must have X's {X.shape[1]} input channels in axis 1 (OIHW), "
+            f"got X {X.shape} and K {K.shape}"
+        )
     return X, K
 
 
 def _out_hw(X, K, stride, padding):
     _, _, stride, padding = _geometry(X.shape, K.shape[2], K.shape[3], stride, padding)
-    return (conv_output_size(X.shape[2], K.shape[2], stride, padding),
-            conv_output_size(X.shape[3], K.shape[3], stride, padding))
+    return (
+        conv_output_size(X.shape[2], K.shape[2], stride, padding),
+        conv_output_size(X.shape[3], K.shape[3], stride, padding),
+    )
 
 
 def _pool_geometry(x_shape, size, stride):
@@ -615,7 +731,10 @@ def _norm_args(X, gamma, beta, eps):
     beta = as_finite_array(beta, "beta", 1)
     for name, v in (("gamma", gamma), ("beta", beta)):
         if v.shape != (X.shape[0],):
-            raise ValueError(f"{name} must have shape {(X.shape[0],)} (one per row of X {X.shape}), got {v.shape}")
+            raise ValueError(
+                f"{name} must have shape {(X.shape[0],)} (one per row of X {X.shape}), "
+                f"got {v.shape}"
+            )
     if not (np.isfinite(eps) and eps >= 0):
         raise ValueError(f"eps must be finite and non-negative, got {eps}")
     return X, gamma, beta, float(eps)

@@ -1,21 +1,22 @@
-"""Chapter 3: loss functions (cross entropy, binary and multinomial logistic regression).
+"""Chapter 3: loss functions (cross entropy, binary and multinomial logistic
+regression).
 
 Conventions of the note: observations are the columns of X, shape (d, n); labels are
 y in {0, 1}^n (binary) or the columns of Y, shape (k, n), one probability vector per
 observation: one-hot, or soft labels such as label smoothing (multinomial); the
 parameters are theta, shape (d,), or Theta, shape (d, k). Gradients have the shape of
-the parameter. The multinomial Hessian is taken with respect to vec Theta (column-major),
-shape (dk, dk).
+the parameter. The multinomial Hessian is taken with respect to vec Theta
+(column-major), shape (dk, dk).
 
-Every loss accepts `l2` >= 0 and then adds (l2 / 2) ||theta||^2 (the Frobenius norm for
-Theta): l2 = 1 / C in scikit-learn's terms (with fit_intercept=False).
+Every loss accepts `l2` >= 0 and then adds (l2 / 2) ||theta||^2 (the Frobenius norm
+for Theta): l2 = 1 / C in scikit-learn's terms (with fit_intercept=False).
 
-The fits return the parameter array. With ``return_history=True`` they return the pair
-(parameters, FitHistory), where FitHistory records the loss and the largest gradient
-entry at every iterate. A fit that cannot converge says why: SeparableDataError when
-the data are separable and l2 = 0 (the loss has no minimum), ConvergenceError when
-max_iter is reached or the Newton system breaks down. It never returns NaN.
-"""
+The fits return the parameter array. With ``return_history=True`` they return the
+pair (parameters, FitHistory), where FitHistory records the loss and the largest
+gradient entry at every iterate. A fit that cannot converge says why:
+SeparableDataError when the data are separable and l2 = 0 (the loss has no minimum),
+ConvergenceError when max_iter is reached or the Newton system breaks down. It never
+returns NaN."""
 
 from dataclasses import dataclass, field
 
@@ -100,8 +101,8 @@ def _check_label_columns(Y, tol=1e-9):
     if np.any(Y < 0):
         a, i = (int(v[0]) for v in np.nonzero(Y < 0))
         raise ValueError(
-            f"Y must hold one probability vector per column (entries >= 0), Y has shape "
-            f"(k, n) = {Y.shape}: got Y[{a}, {i}] = {Y[a, i]}"
+            f"Y must hold one probability vector per column (entries >= 0), Y has "
+            f"shape (k, n) = {Y.shape}: got Y[{a}, {i}] = {Y[a, i]}"
         )
     sums = Y.sum(axis=0)
     bad = np.abs(sums - 1.0) > tol * max(1, k)
@@ -109,7 +110,8 @@ def _check_label_columns(Y, tol=1e-9):
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(
             f"Y must hold one probability vector per column (one-hot, or soft labels "
-            f"summing to one), Y has shape (k, n) = {Y.shape}: column {i} sums to {sums[i]:.12g}"
+            f"summing to one), Y has shape (k, n) = {Y.shape}: column {i} sums to "
+            f"{sums[i]:.12g}"
         )
     return Y
 
@@ -147,7 +149,10 @@ def _check_distribution(p, name, tol=1e-9):
     p = as_finite_array(p, name, ndims=1)
     if np.any(p < 0):
         i = int(np.flatnonzero(p < 0)[0])
-        raise ValueError(f"{name} must be a probability vector (entries >= 0), got {name}[{i}] = {p[i]}")
+        raise ValueError(
+            f"{name} must be a probability vector (entries >= 0), got {name}[{i}] = "
+            f"{p[i]}"
+        )
     total = float(p.sum())
     if abs(total - 1.0) > tol * max(1, p.size):
         raise ValueError(f"{name} must sum to one, got a sum of {total:.12g}")
@@ -157,7 +162,9 @@ def _check_distribution(p, name, tol=1e-9):
 def _check_pair(p, q):
     p, q = _check_distribution(p, "p"), _check_distribution(q, "q")
     if p.shape != q.shape:
-        raise ValueError(f"p and q must have the same shape, got {p.shape} and {q.shape}")
+        raise ValueError(
+            f"p and q must have the same shape, got {p.shape} and {q.shape}"
+        )
     return p, q
 
 
@@ -196,12 +203,12 @@ def kl_divergence(p, q):
 
 
 def cross_entropy_grad(p, q):
-    """The gradient of H[p, q] = -p^T log[q] with respect to q: -diag(q)^-1 p, shape (m,).
+    """The gradient of H[p, q] = -p^T log[q] with respect to q: -diag(q)^-1 p, shape
+    (m,).
 
     From dH = -p^T diag(q)^-1 dq (section 3.1, with the minus sign of eq. 3.1 kept).
-    It is the gradient of the function of q on the open orthant q > 0, so every q_i must
-    be positive.
-    """
+    It is the gradient of the function of q on the open orthant q > 0, so every q_i
+    must be positive."""
     p, q = _check_pair(p, q)
     if np.any(q <= 0):
         i = int(np.flatnonzero(q <= 0)[0])
@@ -223,11 +230,11 @@ def _logistic_objective(z, y, theta, l2):
 
 
 def logistic_loss(theta, X, y, l2=0.0):
-    """Section 3.2: L(theta) = -y^T log[pi] - (1 - y)^T log[1 - pi], pi = sigma[X^T theta].
+    """Section 3.2: L(theta) = -y^T log[pi] - (1 - y)^T log[1 - pi], pi = sigma[X^T
+    theta].
 
-    theta (d,), X (d, n) with observations as columns, y in {0, 1}^n. Returns a float;
-    with l2 > 0, (l2 / 2) ||theta||^2 is added.
-    """
+    theta (d,), X (d, n) with observations as columns, y in {0, 1}^n. Returns a
+    float; with l2 > 0, (l2 / 2) ||theta||^2 is added."""
     theta, X, y = _check_logistic(theta, X, y)
     return _logistic_objective(X.T @ theta, y, theta, _check_l2(l2))
 
@@ -287,7 +294,9 @@ def _cholesky_solve(H, g):
             return None
         return np.linalg.solve(L.T, np.linalg.solve(L, g))
     try:
-        return cho_solve(cho_factor(H, lower=True, check_finite=False), g, check_finite=False)
+        return cho_solve(
+            cho_factor(H, lower=True, check_finite=False), g, check_finite=False
+        )
     except LinAlgError:
         return None
 
@@ -310,17 +319,19 @@ def _newton(model, params, n, tol, max_iter, what):
         history.loss.append(loss)
         history.grad_max.append(gmax)
         if not (np.isfinite(loss) and np.isfinite(gmax)):
-            raise ConvergenceError(f"{what}: the loss or gradient became non-finite at iteration {it}")
+            raise ConvergenceError(
+                f"{what}: the loss or gradient became non-finite at iteration {it}"
+            )
         if gmax <= tol * n:
             history.converged = True
             return params, history
         if model.separated(z):
             raise SeparableDataError(
                 f"{what}: the data are separable (the iterate after {it} Newton "
-                f"step{'' if it == 1 else 's'} puts "
-                f"every one of the {n} observations strictly on the side of its label), so "
-                "with l2 = 0 the loss has no minimum: it decreases towards 0 while the norm "
-                "of the parameters grows without bound. Use l2 > 0 (for example l2=1.0)."
+                f"step{'' if it == 1 else 's'} puts every one of the {n} observations "
+                f"strictly on the side of its label), so with l2 = 0 the loss has no "
+                f"minimum: it decreases towards 0 while the norm of the parameters "
+                f"grows without bound. Use l2 > 0 (for example l2=1.0)."
             )
         if it == max_iter:
             break
@@ -343,9 +354,9 @@ def _newton(model, params, n, tol, max_iter, what):
             t *= 0.5
             if t < 1e-10:
                 raise ConvergenceError(
-                    f"{what}: the line search failed at iteration {it} "
-                    f"(max |gradient| = {gmax:.3e}, tolerance tol * n = {tol * n:.3e}); "
-                    "the tolerance may be below rounding error"
+                    f"{what}: the line search failed at iteration {it} (max |gradient| "
+                    f"= {gmax:.3e}, tolerance tol * n = {tol * n:.3e}); the tolerance "
+                    f"may be below rounding error"
                 )
         params, z, loss = new_params, new_z, new_loss
         history.step_sizes.append(t)
@@ -405,8 +416,9 @@ def fit_logistic(X, y, l2=0.0, tol=1e-10, max_iter=100, return_history=False):
     y = _check_binary_labels(y)
     l2 = _check_l2(l2)
     tol, max_iter = _check_fit_options(tol, max_iter)
-    theta, history = _newton(_Logistic(X, y, l2), np.zeros(X.shape[0]), y.size, tol, max_iter,
-                             "fit_logistic")
+    theta, history = _newton(
+        _Logistic(X, y, l2), np.zeros(X.shape[0]), y.size, tol, max_iter, "fit_logistic"
+    )
     return (theta, history) if return_history else theta
 
 
@@ -484,22 +496,24 @@ def _multinomial_hessian(X, Z, l2):
 
 
 def multinomial_hessian(Theta, X, Y, l2=0.0):
-    """The Hessian with respect to vec Theta (column-major), shape (dk, dk) (eq. 3.20f):
+    """The Hessian with respect to vec Theta (column-major), shape (dk, dk) (eq.
+    3.20f):
 
-        d^2 L = dvec(Theta)^T [sum_i (diag(pi_i) - pi_i pi_i^T) kron x_i x_i^T] dvec(Theta)
+        d^2 L = dvec(Theta)^T [sum_i (diag(pi_i) - pi_i pi_i^T) kron x_i x_i^T]
+        dvec(Theta)
 
     Block (a, b) is X diag(pi_a o (delta_ab - pi_b)) X^T. With all k columns free the
     model is over-parametrised (adding a vector to every column of Theta changes
     nothing), so this matrix is singular; l2 > 0 adds l2 * I and makes it definite.
-    It does not depend on Y (for one-hot or soft labels alike).
-    """
+    It does not depend on Y (for one-hot or soft labels alike)."""
     Theta, X, Y = _check_multinomial(Theta, X, Y)
     return _multinomial_hessian(X, Theta.T @ X, _check_l2(l2))
 
 
 class _Multinomial:
     """Newton on vec Theta. With l2 = 0 the last column of Theta is held at zero (the
-    model is over-parametrised) and the Newton system is solved for the other columns."""
+    model is over-parametrised) and the Newton system is solved for the other
+    columns."""
 
     def __init__(self, X, Y, l2):
         self.X, self.Y, self.l2 = X, Y, l2
@@ -551,10 +565,19 @@ def fit_multinomial(X, Y, l2=0.0, tol=1e-10, max_iter=100, return_history=False)
     l2 = _check_l2(l2)
     tol, max_iter = _check_fit_options(tol, max_iter)
     if l2 == 0 and Y.shape[0] < 2:
-        raise ValueError(f"fit_multinomial with l2 = 0 needs k >= 2 classes, got Y of shape {Y.shape}")
+        raise ValueError(
+            f"fit_multinomial with l2 = 0 needs k >= 2 classes, got Y of shape "
+            f"{Y.shape}"
+        )
     model = _Multinomial(X, Y, l2)
-    Theta, history = _newton(model, np.zeros((X.shape[0], Y.shape[0])), Y.shape[1], tol,
-                             max_iter, "fit_multinomial")
+    Theta, history = _newton(
+        model,
+        np.zeros((X.shape[0], Y.shape[0])),
+        Y.shape[1],
+        tol,
+        max_iter,
+        "fit_multinomial",
+    )
     if l2 == 0:
         Theta = Theta - Theta.mean(axis=1, keepdims=True)
     return (Theta, history) if return_history else Theta

@@ -18,7 +18,12 @@ import numbers
 
 import numpy as np
 
-from ._validate import as_array_of_shape, as_finite_array, as_float_array, require_finite
+from ._validate import (
+    as_array_of_shape,
+    as_finite_array,
+    as_float_array,
+    require_finite,
+)
 from ._validate import as_cotangent as _cotangent
 from .backprop import logdet, logdet_vjp, solve, solve_vjp
 
@@ -34,8 +39,11 @@ def gaussian_nll(X, mu, Sigma):
     X, mu, Sigma = _gaussian_args(X, mu, Sigma)
     d, n = X.shape
     R = X - mu[:, None]
-    return float(0.5 * np.sum(R * solve(Sigma, R)) + 0.5 * n * logdet(Sigma)
-                 + 0.5 * n * d * np.log(2 * np.pi))
+    return float(
+        0.5 * np.sum(R * solve(Sigma, R))
+        + 0.5 * n * logdet(Sigma)
+        + 0.5 * n * d * np.log(2 * np.pi)
+    )
 
 
 def gaussian_nll_grad(X, mu, Sigma):
@@ -45,7 +53,8 @@ def gaussian_nll_grad(X, mu, Sigma):
     X, mu, Sigma = _gaussian_args(X, mu, Sigma)
     n = X.shape[1]
     R = X - mu[:, None]
-    # (1/2) <R, Sigma^-1 R>: the solve rule with cotangent R / 2, plus the direct R term.
+    # (1/2) <R, Sigma^-1 R>: the solve rule with cotangent R / 2, plus the direct R
+    # term.
     Sigma_bar_quad, R_bar_solve = solve_vjp(Sigma, R, 0.5 * R)
     R_bar = R_bar_solve + 0.5 * solve(Sigma, R)
     Sigma_bar = Sigma_bar_quad + logdet_vjp(Sigma, 0.5 * n)
@@ -57,10 +66,14 @@ def _gaussian_args(X, mu, Sigma):
     mu = as_finite_array(mu, "mu", 1)
     d = X.shape[0]
     if mu.shape != (d,):
-        raise ValueError(f"mu must have shape ({d},) to match X {X.shape}, got {mu.shape}")
+        raise ValueError(
+            f"mu must have shape ({d},) to match X {X.shape}, got {mu.shape}"
+        )
     Sigma = _spd(Sigma, "Sigma")
     if Sigma.shape != (d, d):
-        raise ValueError(f"Sigma must have shape ({d}, {d}) to match X {X.shape}, got {Sigma.shape}")
+        raise ValueError(
+            f"Sigma must have shape ({d}, {d}) to match X {X.shape}, got {Sigma.shape}"
+        )
     return X, mu, Sigma
 
 
@@ -68,7 +81,8 @@ def _gaussian_args(X, mu, Sigma):
 
 
 def sym(A):
-    """sym(A) = (A + A^T) / 2, the orthogonal projection onto symmetric matrices (eq. 7.6)."""
+    """sym(A) = (A + A^T) / 2, the orthogonal projection onto symmetric matrices (eq.
+    7.6)."""
     A = as_float_array(A, "A", 2)
     if A.shape[0] != A.shape[1]:
         raise ValueError(f"A must be square, got shape {A.shape}")
@@ -105,9 +119,11 @@ def eigvalsh_jvp(S, dS):
     lam, Q = eigh(S)
     dS = _tangent(dS, Q.shape, "dS")
     for group in _tied_groups(lam):
-        raise ValueError(f"eigvalsh_jvp needs distinct eigenvalues: lam is not differentiable "
-                         f"where eigenvalues repeat; got lam[{group[0]}:{group[-1] + 1}] equal "
-                         f"to {lam[group[0]]:.6g}")
+        raise ValueError(
+            f"eigvalsh_jvp needs distinct eigenvalues: lam is not differentiable "
+            f"where eigenvalues repeat; got lam[{group[0]}:{group[-1] + 1}] equal "
+            f"to {lam[group[0]]:.6g}"
+        )
     return np.einsum("ji,jk,ki->i", Q, sym(dS), Q)
 
 
@@ -143,8 +159,10 @@ def _require_constant_on_ties(vals, g, what, noun, symbol):
         if spread > 1e-10 * g_scale:
             raise ValueError(
                 f"{what}: {symbol}[{group[0]}:{group[-1] + 1}] are repeated {noun} "
-                f"({vals[group[0]]:.6g}); <g, {symbol}> is differentiable there only if g is "
-                f"constant on them, got g[{group[0]}:{group[-1] + 1}] spread over {spread:.3g}")
+                f"({vals[group[0]]:.6g}); <g, {symbol}> is differentiable there only "
+                f"if g is constant on them, got g[{group[0]}:{group[-1] + 1}] spread "
+                f"over {spread:.3g}"
+            )
 
 
 def _gap_matrix(lam, what):
@@ -155,8 +173,10 @@ def _gap_matrix(lam, what):
     gap = float(np.min(np.abs(diff[off]))) if lam.size > 1 else np.inf
     if gap <= 1e3 * np.finfo(float).eps * scale:
         raise ValueError(
-            f"{what} needs distinct eigenvalues: the eigenvectors of a repeated eigenvalue "
-            f"are not differentiable; got an eigengap of {gap:.3g} at |lam|max = {scale:.3g}")
+            f"{what} needs distinct eigenvalues: the eigenvectors of a repeated "
+            f"eigenvalue are not differentiable; got an eigengap of {gap:.3g} at "
+            f"|lam|max = {scale:.3g}"
+        )
     F = np.zeros_like(diff)
     F[off] = 1.0 / diff[off]
     return F
@@ -323,7 +343,9 @@ def _spd_eigh(S, f):
     S = _symmetric(S, "S")
     lam, Q = _eigh(S)
     if not lam[0] > 0:
-        raise ValueError(f"S must be positive definite, got smallest eigenvalue {lam[0]:.3g}")
+        raise ValueError(
+            f"S must be positive definite, got smallest eigenvalue {lam[0]:.3g}"
+        )
     return lam, Q
 
 
@@ -337,7 +359,9 @@ def _eigh(S):
         return np.linalg.eigh(S)
     lam, Q, info = dsyevd(S, compute_v=1, lower=1)
     if info != 0:
-        raise np.linalg.LinAlgError(f"dsyevd did not converge (info = {info}) for shape {S.shape}")
+        raise np.linalg.LinAlgError(
+            f"dsyevd did not converge (info = {info}) for shape {S.shape}"
+        )
     return lam, Q
 
 
@@ -376,14 +400,18 @@ def _require_differentiable_sigma(s, g, what):
     if np.any(zero & (g != 0)):
         i = int(np.argmax(zero & (g != 0)))
         unless = f" or g[{i}] = 0" if what.endswith("vjp") else ""
-        raise ValueError(f"{what}: sigma[{i}] = {s[i]:.3g} is zero to working precision (sigma_max = "
-                         f"{s[0]:.3g}), where sigma_i is not differentiable (a kink, as |x| at 0); "
-                         f"eq. 7.16 needs nonzero singular values{unless}")
+        raise ValueError(
+            f"{what}: sigma[{i}] = {s[i]:.3g} is zero to working precision (sigma_max "
+            f"= {s[0]:.3g}), where sigma_i is not differentiable (a kink, as |x| at "
+            f"0); eq. 7.16 needs nonzero singular values{unless}"
+        )
     if what.endswith("jvp"):
         for group in _tied_groups(s):
-            raise ValueError(f"{what}: sigma[{group[0]}:{group[-1] + 1}] are repeated singular values "
-                             f"({s[group[0]]:.6g}), where sigma is not differentiable; eq. 7.16 needs "
-                             f"distinct singular values")
+            raise ValueError(
+                f"{what}: sigma[{group[0]}:{group[-1] + 1}] are repeated singular "
+                f"values ({s[group[0]]:.6g}), where sigma is not differentiable; eq. "
+                f"7.16 needs distinct singular values"
+            )
     else:
         _require_constant_on_ties(s, g, what, "singular values", "sigma")
 
@@ -396,7 +424,8 @@ def polar(M):
 
 
 def polar_jvp(M, dM):
-    """dR = U (C o (K - K^T)) V^T, K = U^T dM V, C_ij = 1 / (sigma_i + sigma_j) (eq. 7.18)."""
+    """dR = U (C o (K - K^T)) V^T, K = U^T dM V, C_ij = 1 / (sigma_i + sigma_j) (eq.
+    7.18)."""
     U, s, Vt = _polar_svd(M)
     return _polar_rule(U, s, Vt, _tangent(dM, U.shape, "dM"))
 
@@ -408,7 +437,8 @@ def polar_vjp(M, G):
 
 
 def _polar_rule(U, s, Vt, X):
-    """U (C o (K - K^T)) V^T with K = U^T X V: eq. 7.18 for X = dM, eq. 7.19 for X = G."""
+    """U (C o (K - K^T)) V^T with K = U^T X V: eq. 7.18 for X = dM, eq. 7.19 for X =
+    G."""
     K = U.T @ X @ Vt.T
     return U @ ((K - K.T) / (s[:, None] + s[None, :])) @ Vt
 
@@ -421,8 +451,10 @@ def _polar_svd(M, what="M"):
     if not s[-1] > 1e3 * np.finfo(float).eps * s[0]:
         if what != "M":
             raise ValueError(what.format(top=s[0], bottom=s[-1]))
-        raise ValueError(f"the polar factor needs an invertible M, got singular values "
-                         f"from {s[0]:.3g} down to {s[-1]:.3g}")
+        raise ValueError(
+            f"the polar factor needs an invertible M, got singular values "
+            f"from {s[0]:.3g} down to {s[-1]:.3g}"
+        )
     return U, s, Vt
 
 
@@ -456,23 +488,29 @@ def _point_sets(A, B):
     A = as_finite_array(A, "A", 2)
     B = as_finite_array(B, "B", 2)
     if A.shape != B.shape:
-        raise ValueError(f"A and B must have the same shape (d, n), got A {A.shape} and B {B.shape}")
+        raise ValueError(
+            f"A and B must have the same shape (d, n), got A {A.shape} and B {B.shape}"
+        )
     return A, B
 
 
 def _degenerate_points(A):
     d, n = A.shape
     few = f"; with n = {n} points in d = {d} dimensions it always is" if n < d else ""
-    return ("procrustes needs point sets A and B (d, n) whose cross-covariance B A^T (d, d) is "
-            "invertible, so that the best rotation is unique; got B A^T with singular values "
-            "from {top:.3g} down to {bottom:.3g} (as when A or B spans fewer than d dimensions)" + few)
+    return (
+        "procrustes needs point sets A and B (d, n) whose cross-covariance B A^T (d, "
+        "d) is invertible, so that the best rotation is unique; got B A^T with "
+        "singular values from {top:.3g} down to {bottom:.3g} (as when A or B spans "
+        "fewer than d dimensions)" + few
+    )
 
 
 # ----- Input checks -----
 
 
 def _symmetric(S, name):
-    """sym(S), after checking that S is square, finite and symmetric to 1e-10 relative."""
+    """sym(S), after checking that S is square, finite and symmetric to 1e-10
+    relative."""
     S = as_float_array(S, name, 2)
     if S.shape[0] != S.shape[1]:
         raise ValueError(f"{name} must be square, got shape {S.shape}")
@@ -482,8 +520,10 @@ def _symmetric(S, name):
     D = S - S.T
     asym = float(np.max(np.abs(D)))
     if asym > 1e-10 * max(scale, np.finfo(float).tiny):
-        raise ValueError(f"{name} must be symmetric, got max |{name} - {name}^T| = {asym:.3g} "
-                         f"for shape {S.shape}")
+        raise ValueError(
+            f"{name} must be symmetric, got max |{name} - {name}^T| = {asym:.3g} "
+            f"for shape {S.shape}"
+        )
     return S - 0.5 * D
 
 
@@ -491,8 +531,10 @@ def _spd(S, name):
     S = _symmetric(S, name)
     lam_min = float(np.linalg.eigvalsh(S)[0])
     if not lam_min > 0:
-        raise ValueError(f"{name} must be positive definite, got smallest eigenvalue "
-                         f"{lam_min:.3g} for shape {S.shape}")
+        raise ValueError(
+            f"{name} must be positive definite, got smallest eigenvalue "
+            f"{lam_min:.3g} for shape {S.shape}"
+        )
     return S
 
 
@@ -504,16 +546,16 @@ def _tangent(dX, shape, name):
 
 
 def covariance_pool(F, W, eps):
-    """The log-covariance descriptor L = log C of local features (eqs. 7.22, 7.24):
-    C = W F J F^T W^T / p + eps I (eq. 7.22), J = I - 1 1^T / p the centring matrix.
+    """The log-covariance descriptor L = log C of local features (eqs. 7.22, 7.24): C
+    = W F J F^T W^T / p + eps I (eq. 7.22), J = I - 1 1^T / p the centring matrix.
 
-    F (d, p) holds d features at each of p pixels (or a batch (N, d, p)), W (k, d) is the
-    projection and eps > 0 a float; returns L (k, k) (or (N, k, k)), symmetric. eps must
-    be positive: with p <= k pixels, or features that are collinear over the image, the
-    projected covariance is singular and its logarithm has an eigenvalue of -inf; eps
-    bounds the eigenvalues of C below by eps. It must also stand above the rounding
-    error of the covariance: the zero eigenvalues of M M^T / p come out of floating
-    point at about 1e-16 times its trace, of either sign, so an eps below
+    F (d, p) holds d features at each of p pixels (or a batch (N, d, p)), W (k, d) is
+    the projection and eps > 0 a float; returns L (k, k) (or (N, k, k)), symmetric.
+    eps must be positive: with p <= k pixels, or features that are collinear over the
+    image, the projected covariance is singular and its logarithm has an eigenvalue
+    of -inf; eps bounds the eigenvalues of C below by eps. It must also stand above
+    the rounding error of the covariance: the zero eigenvalues of M M^T / p come out
+    of floating point at about 1e-16 times its trace, of either sign, so an eps below
     EPS_FLOOR = 1e-8 times that trace is refused (its logarithm would keep fewer than
     about eight correct digits)."""
     F, W, eps, batched = _pool_args(F, W, eps)
@@ -538,14 +580,18 @@ def covariance_pool_jvp(F, W, eps, dF, dW):
 
 def covariance_pool_vjp(F, W, eps, G):
     """The gradients (F_bar, W_bar) of <G, covariance_pool(F, W, eps)> (eq. 7.26):
-    C_bar = logm_spd_vjp(C, G) (eq. 7.14, for all N images at once), M_bar = 2 C_bar M / p,
-    F_bar = W^T M_bar J and W_bar = M_bar J F^T, summed over a batch. G has the output's shape, (k, k) or
-    (N, k, k); F_bar has F's shape, W_bar W's."""
+    C_bar = logm_spd_vjp(C, G) (eq. 7.14, for all N images at once), M_bar = 2 C_bar
+    M / p, F_bar = W^T M_bar J and W_bar = M_bar J F^T, summed over a batch. G has
+    the output's shape, (k, k) or (N, k, k); F_bar has F's shape, W_bar W's."""
     F, W, eps, batched = _pool_args(F, W, eps)
     k, p = W.shape[0], F.shape[2]
-    G = _cotangent(G, (F.shape[0], k, k) if batched else (k, k)).reshape(F.shape[0], k, k)
+    G = _cotangent(G, (F.shape[0], k, k) if batched else (k, k)).reshape(
+        F.shape[0], k, k
+    )
     M, C = _pooled_covariance(F, W, eps)
-    C_bar = _daleckii_krein(*_pooled_eigh(C), "log", G)  # eq. 7.14 for each image; symmetric
+    C_bar = _daleckii_krein(
+        *_pooled_eigh(C), "log", G
+    )  # eq. 7.14 for each image; symmetric
     M_bar = (2.0 / p) * C_bar @ M
     F_bar = _centre(W.T @ M_bar)
     W_bar = np.einsum("nkp,ndp->kd", M_bar, _centre(F))
@@ -553,15 +599,17 @@ def covariance_pool_vjp(F, W, eps, G):
 
 
 def _pooled_eigh(C):
-    """The eigenvalues and eigenvectors of each C of a stack (N, k, k), all in one call to
-    LAPACK's dsyevd (NumPy's eigh). C's eigenvalues are at least eps, which
+    """The eigenvalues and eigenvectors of each C of a stack (N, k, k), all in one
+    call to LAPACK's dsyevd (NumPy's eigh). C's eigenvalues are at least eps, which
     _pooled_covariance holds above the rounding error of the rest, so none comes out
     non-positive; if one did, say so rather than take its logarithm."""
     lam, Q = np.linalg.eigh(C)
     if not np.all(lam[:, 0] > 0):
         i = int(np.argmin(lam[:, 0]))
-        raise ValueError(f"the pooled covariance of image {i} has eigenvalue {lam[i, 0]:.3g}: "
-                         "raise eps")
+        raise ValueError(
+            f"the pooled covariance of image {i} has eigenvalue {lam[i, 0]:.3g}: "
+            "raise eps"
+        )
     return lam, Q
 
 
@@ -581,15 +629,20 @@ def _pooled_covariance(F, W, eps):
         C = M @ M.transpose(0, 2, 1) / F.shape[2]
     scale = np.trace(C, axis1=1, axis2=2)
     if not np.all(np.isfinite(C)):
-        raise ValueError(f"F and W are too large: the projected covariance of image "
-                         f"{int(np.argmin(np.isfinite(scale)))} overflows; scale the features down")
+        raise ValueError(
+            f"F and W are too large: the projected covariance of image "
+            f"{int(np.argmin(np.isfinite(scale)))} overflows; scale the features down"
+        )
     too_small = np.flatnonzero(eps < EPS_FLOOR * scale)
     if too_small.size:
         i = too_small[0]
-        raise ValueError(f"eps = {eps:.3g} is below {EPS_FLOOR:g} times the trace {scale[i]:.3g} of the "
-                         f"projected covariance of image {i}: its zero eigenvalues are known only to "
-                         f"about 1e-16 times that trace, so log(eps) would keep fewer than eight correct "
-                         f"digits; raise eps to at least {EPS_FLOOR * scale[i]:.3g} or scale the features")
+        raise ValueError(
+            f"eps = {eps:.3g} is below {EPS_FLOOR:g} times the trace {scale[i]:.3g} of "
+            f"the projected covariance of image {i}: its zero eigenvalues are known "
+            f"only to about 1e-16 times that trace, so log(eps) would keep fewer than "
+            f"eight correct digits; raise eps to at least {EPS_FLOOR * scale[i]:.3g} "
+            f"or scale the features"
+        )
     C = 0.5 * (C + C.transpose(0, 2, 1)) + eps * np.eye(W.shape[0])
     return M, C
 
@@ -600,13 +653,17 @@ def _pool_args(F, W, eps):
     batched = F.ndim == 3
     d = F.shape[-2]
     if W.shape[1] != d:
-        raise ValueError(f"W must have shape (k, {d}) to match F {F.shape} (d = {d} features), "
-                         f"got {W.shape}")
+        raise ValueError(
+            f"W must have shape (k, {d}) to match F {F.shape} (d = {d} features), "
+            f"got {W.shape}"
+        )
     if isinstance(eps, (bool, np.bool_)) or not isinstance(eps, numbers.Real):
         raise ValueError(f"eps must be a positive float, got {eps!r}")
     eps = float(eps)
     if not (np.isfinite(eps) and eps > 0):
-        raise ValueError(f"eps must be a positive finite float, got {eps!r}: a covariance of "
-                         f"p pixels has rank at most p - 1 and may be singular, and the "
-                         f"logarithm of a singular matrix has an eigenvalue of -inf")
+        raise ValueError(
+            f"eps must be a positive finite float, got {eps!r}: a covariance of "
+            f"p pixels has rank at most p - 1 and may be singular, and the "
+            f"logarithm of a singular matrix has an eigenvalue of -inf"
+        )
     return (F if batched else F[None]), W, eps, batched

@@ -18,7 +18,8 @@ def vec(A):
 
 
 def unvec(v, shape):
-    """The inverse of vec: the vector `v` of length prod(shape) laid out column-major."""
+    """The inverse of vec: the vector `v` of length prod(shape) laid out
+    column-major."""
     v = np.asarray(v)
     shape = tuple(int(s) for s in np.atleast_1d(shape))
     if v.ndim == 2 and 1 in v.shape:
@@ -41,8 +42,8 @@ def hadamard(A, B):
     A, B = as_float_array(A, "A"), as_float_array(B, "B")
     if A.shape != B.shape:
         raise ValueError(
-            f"the Hadamard product needs A and B of one shape, got A of shape {A.shape} "
-            f"and B of shape {B.shape}"
+            f"the Hadamard product needs A and B of one shape, got A of shape "
+            f"{A.shape} and B of shape {B.shape}"
         )
     return A * B
 
@@ -92,7 +93,8 @@ def commutation_matrix(m, n):
 
 def commutation_apply(v, m, n):
     """K_mn @ v without building K_mn: the rows of `v` (a vector of length m*n, or a
-    matrix with m*n rows) permuted. For v = vec(A), A of shape (m, n), gives vec(A.T)."""
+    matrix with m*n rows) permuted. For v = vec(A), A of shape (m, n), gives
+    vec(A.T)."""
     perm = commutation_permutation(m, n)
     v = np.asarray(v)
     if v.ndim not in (1, 2) or v.shape[0] != perm.size:
@@ -115,7 +117,7 @@ def blocks(E, row_sizes, col_sizes, name="E"):
     r0 = np.concatenate([[0], np.cumsum(rows)])
     c0 = np.concatenate([[0], np.cumsum(cols)])
     return [
-        [E[r0[i]:r0[i + 1], c0[j]:c0[j + 1]] for j in range(len(cols))]
+        [E[r0[i] : r0[i + 1], c0[j] : c0[j + 1]] for j in range(len(cols))]
         for i in range(len(rows))
     ]
 
@@ -139,8 +141,8 @@ def khatri_rao(E, F, E_partition=None, F_partition=None):
     if E_partition is None:
         if E.shape[1] != F.shape[1]:
             raise ValueError(
-                "the column-wise Khatri-Rao product needs as many columns in F as in E, "
-                f"got E of shape {E.shape} and F of shape {F.shape}"
+                f"the column-wise Khatri-Rao product needs as many columns in F as in "
+                f"E, got E of shape {E.shape} and F of shape {F.shape}"
             )
         E_partition = ([E.shape[0]], [1] * E.shape[1])
         F_partition = ([F.shape[0]], [1] * F.shape[1])
@@ -148,11 +150,13 @@ def khatri_rao(E, F, E_partition=None, F_partition=None):
     Fb = blocks(F, *F_partition, name="F")
     if (len(Eb), len(Eb[0])) != (len(Fb), len(Fb[0])):
         raise ValueError(
-            "the Khatri-Rao product pairs block (i, j) of E with block (i, j) of F, so "
-            f"both need the same grid of blocks: E has {len(Eb)} x {len(Eb[0])} blocks, "
-            f"F has {len(Fb)} x {len(Fb[0])}"
+            f"the Khatri-Rao product pairs block (i, j) of E with block (i, j) of F, "
+            f"so both need the same grid of blocks: E has {len(Eb)} x {len(Eb[0])} "
+            f"blocks, F has {len(Fb)} x {len(Fb[0])}"
         )
-    return np.block([[kron(e, f) for e, f in zip(Erow, Frow)] for Erow, Frow in zip(Eb, Fb)])
+    return np.block(
+        [[kron(e, f) for e, f in zip(Erow, Frow)] for Erow, Frow in zip(Eb, Fb)]
+    )
 
 
 def tracy_singh(E, F, E_partition=None, F_partition=None):
@@ -169,17 +173,20 @@ def tracy_singh(E, F, E_partition=None, F_partition=None):
     F = _matrix(F, "F")
     Eb = blocks(E, *(E_partition or ([E.shape[0]], [E.shape[1]])), name="E")
     Fb = blocks(F, *(F_partition or ([F.shape[0]], [F.shape[1]])), name="F")
-    return np.block([
-        [np.block([[kron(e, f) for f in Frow] for Frow in Fb]) for e in Erow]
-        for Erow in Eb
-    ])
+    return np.block(
+        [
+            [np.block([[kron(e, f) for f in Frow] for Frow in Fb]) for e in Erow]
+            for Erow in Eb
+        ]
+    )
 
 
 # ----- A.2 The diag operator and its pseudo-inverse -----
 
 
 def diag(x):
-    """diag: R^d -> R^(d x d), the vector x laid along the diagonal of a square matrix."""
+    """diag: R^d -> R^(d x d), the vector x laid along the diagonal of a square
+    matrix."""
     x = as_float_array(x, "x")
     if x.ndim == 2 and 1 in x.shape:
         x = x.reshape(-1)
@@ -200,7 +207,9 @@ def diag_inv(A):
     """
     A = as_float_array(A, "A", ndims=2)
     if A.shape[0] != A.shape[1]:
-        raise ValueError(f"diag_inv takes a square matrix A (d, d), got A of shape {A.shape}")
+        raise ValueError(
+            f"diag_inv takes a square matrix A (d, d), got A of shape {A.shape}"
+        )
     return np.diagonal(A).copy()
 
 
@@ -215,7 +224,9 @@ def trace(A):
     """
     A = as_float_array(A, "A", ndims=2)
     if A.shape[0] != A.shape[1]:
-        raise ValueError(f"the trace needs a square matrix A (d, d), got A of shape {A.shape}")
+        raise ValueError(
+            f"the trace needs a square matrix A (d, d), got A of shape {A.shape}"
+        )
     return float(np.trace(A))
 
 
@@ -236,7 +247,9 @@ def _partition(sizes, total, what, shape):
     try:
         sizes = [int(s) for s in sizes]
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{what} must be a list of block sizes, got {sizes!r}") from exc
+        raise ValueError(
+            f"{what} must be a list of block sizes, got {sizes!r}"
+        ) from exc
     if not sizes or any(s < 1 for s in sizes) or sum(sizes) != total:
         raise ValueError(
             f"{what} must be positive block sizes adding up to {total} (the matrix has "

@@ -56,11 +56,11 @@ def sigmoid_derivative(x):
 
 
 def sigmoid_jacobian(x):
-    """Eq. (2.4): the Jacobian diag(sigma[x] o (1 - sigma[x])) of the element-wise sigmoid.
+    """Eq. (2.4): the Jacobian diag(sigma[x] o (1 - sigma[x])) of the element-wise
+    sigmoid.
 
     `x` is a vector (n,) or a matrix (m, n); the result is (N, N) with N = x.size,
-    taken with respect to vec x.
-    """
+    taken with respect to vec x."""
     return elementwise_jacobian(sigmoid_derivative, x)
 
 
@@ -68,7 +68,8 @@ def sigmoid_jacobian(x):
 
 
 def softmax_axis(shape):
-    """The axis the softmax acts along: the first non-singleton one (0 if there is none)."""
+    """The axis the softmax acts along: the first non-singleton one (0 if there is
+    none)."""
     for axis, size in enumerate(shape):
         if size != 1:
             return axis
@@ -81,12 +82,13 @@ def _as_logits(x, name="x"):
 
 
 def softmax(x):
-    """Eq. (2.5): sigma(x) = exp[x] / (1^T exp[x]), along the first non-singleton axis.
+    """Eq. (2.5): sigma(x) = exp[x] / (1^T exp[x]), along the first non-singleton
+    axis.
 
-    A vector (n,) gives a vector; a matrix X (m, n) gives [sigma(x_1) | ... | sigma(x_n)],
-    column by column (or along the row when m == 1). The maximum is subtracted before
-    exponentiating, which leaves the result unchanged and keeps exp from overflowing.
-    """
+    A vector (n,) gives a vector; a matrix X (m, n) gives [sigma(x_1) | ... |
+    sigma(x_n)], column by column (or along the row when m == 1). The maximum is
+    subtracted before exponentiating, which leaves the result unchanged and keeps exp
+    from overflowing."""
     x = _as_logits(x)
     axis = softmax_axis(x.shape)
     z = np.exp(x - x.max(axis=axis, keepdims=True))
@@ -159,5 +161,5 @@ def softmax_jacobian(x):
     n_blocks, k, _ = blocks.shape
     J = np.zeros((n_blocks * k, n_blocks * k))
     for i, block in enumerate(blocks):
-        J[i * k:(i + 1) * k, i * k:(i + 1) * k] = block
+        J[i * k : (i + 1) * k, i * k : (i + 1) * k] = block
     return J

@@ -26,7 +26,15 @@ SETTINGS = {
 
 
 def overrides_file(prefix=sys.prefix):
-    return pathlib.Path(prefix) / "share" / "jupyter" / "lab" / "settings" / "overrides.d" / "differentials.json"
+    return (
+        pathlib.Path(prefix)
+        / "share"
+        / "jupyter"
+        / "lab"
+        / "settings"
+        / "overrides.d"
+        / "differentials.json"
+    )
 
 
 def install(prefix=sys.prefix):

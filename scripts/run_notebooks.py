@@ -49,7 +49,8 @@ def colab_cell():
         "import sys\n"
         "\n"
         'if "google.colab" in sys.modules:\n'
-        f'    %pip install --quiet "derivlib[check] @ git+{url}@{repo["branch"]}"'
+        f'    source = "git+{url}@{repo["branch"]}"\n'
+        '    %pip install --quiet "derivlib[check] @ {source}"'
     )
     cell = nbformat.v4.new_code_cell(source)
     cell.metadata = {"tags": ["remove-cell", COLAB_TAG]}
@@ -79,12 +80,18 @@ def kernel_metadata():
     spec = KernelSpecManager().get_kernel_spec("python3")
     manager, client = start_new_kernel(kernel_name="python3")
     try:
-        language_info = client.kernel_info(reply=True, timeout=60)["content"]["language_info"]
+        language_info = client.kernel_info(reply=True, timeout=60)["content"][
+            "language_info"
+        ]
     finally:
         client.stop_channels()
         manager.shutdown_kernel(now=True)
     return {
-        "kernelspec": {"display_name": spec.display_name, "language": spec.language, "name": "python3"},
+        "kernelspec": {
+            "display_name": spec.display_name,
+            "language": spec.language,
+            "name": "python3",
+        },
         "language_info": language_info,
     }
 
@@ -101,7 +108,11 @@ def prepare(nb, metadata=None):
     - A Markdown cell that begins with an anchor takes the anchor's name as its id
       (`cell_id`).
     """
-    cells = [c for c in nb.cells if not {COLAB_TAG, CAPTION_TAG} & set(c.get("metadata", {}).get("tags", []))]
+    cells = [
+        c
+        for c in nb.cells
+        if not {COLAB_TAG, CAPTION_TAG} & set(c.get("metadata", {}).get("tags", []))
+    ]
     nb.cells = [colab_cell()]
     for cell in cells:
         cell.metadata.pop("execution", None)
@@ -162,24 +173,40 @@ def bibliography_entry(key, entry):
     """One reference as a Markdown list item, with an anchor named by its key."""
 
     fields = entry.fields
-    names = [" ".join(person.first_names + person.middle_names + person.prelast_names + person.last_names)
-             for person in entry.persons.get("author", [])]
-    authors = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    names = [
+        " ".join(
+            person.first_names
+            + person.middle_names
+            + person.prelast_names
+            + person.last_names
+        )
+        for person in entry.persons.get("author", [])
+    ]
+    authors = (
+        names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+    )
     year = f" ({fields['year']})" if "year" in fields else ""
     title = _bib_text(fields["title"])
     book_like = entry.type in {"book", "manual"}
-    parts = [f"{_bib_text(authors)}{year}.", f"*{title}*." if book_like else f"{title}."]
+    parts = [
+        f"{_bib_text(authors)}{year}.",
+        f"*{title}*." if book_like else f"{title}.",
+    ]
     if "journal" in fields:
         venue = f"*{_bib_text(fields['journal'])}*"
         if "volume" in fields:
-            venue += f", {fields['volume']}" + (f"({fields['number']})" if "number" in fields else "")
+            venue += f", {fields['volume']}" + (
+                f"({fields['number']})" if "number" in fields else ""
+            )
         if "pages" in fields:
             venue += f", {_bib_text(fields['pages'])}"
         parts.append(venue + ".")
     for name in ["series", "publisher", "institution", "note"]:
         if name in fields:
             parts.append(_bib_text(fields[name]) + ".")
-    url = re.search(r"\\url\{([^}]*)\}", fields.get("howpublished", "")) or re.search(r"(\S+)", fields.get("url", ""))
+    url = re.search(r"\\url\{([^}]*)\}", fields.get("howpublished", "")) or re.search(
+        r"(\S+)", fields.get("url", "")
+    )
     if url:
         parts.append(f"<{url.group(1)}>")
     return f'- <a id="{key}"></a>' + " ".join(parts)
@@ -190,10 +217,21 @@ def bibliography_markdown():
     from pybtex.database import parse_file
 
     entries = parse_file(ROOT / "book" / "references.bib").entries
-    order = sorted(entries, key=lambda key: (
-        entries[key].persons["author"][0].last_names[-1].lower() if entries[key].persons.get("author") else "",
-        entries[key].fields.get("year", ""), key))
-    return BIBLIOGRAPHY_HEAD + "\n".join(bibliography_entry(key, entries[key]) for key in order) + "\n"
+    order = sorted(
+        entries,
+        key=lambda key: (
+            entries[key].persons["author"][0].last_names[-1].lower()
+            if entries[key].persons.get("author")
+            else "",
+            entries[key].fields.get("year", ""),
+            key,
+        ),
+    )
+    return (
+        BIBLIOGRAPHY_HEAD
+        + "\n".join(bibliography_entry(key, entries[key]) for key in order)
+        + "\n"
+    )
 
 
 def write_bibliography():
@@ -210,8 +248,12 @@ def merge_streams(outputs):
     merged = []
     for out in outputs:
         prev = merged[-1] if merged else None
-        if (out.get("output_type") == "stream" and prev is not None
-                and prev.get("output_type") == "stream" and prev["name"] == out["name"]):
+        if (
+            out.get("output_type") == "stream"
+            and prev is not None
+            and prev.get("output_type") == "stream"
+            and prev["name"] == out["name"]
+        ):
             prev["text"] += out["text"]
         else:
             merged.append(out)
@@ -235,7 +277,9 @@ def run(path, metadata):
             cell.outputs = merge_streams(cell.outputs)
             for out in cell.outputs:
                 if out.get("output_type") == "stream" and out.get("name") == "stderr":
-                    raise SystemExit(f"{path.name}: a cell wrote to stderr:\n{out['text']}")
+                    raise SystemExit(
+                        f"{path.name}: a cell wrote to stderr:\n{out['text']}"
+                    )
     nbformat.write(nb, path)
     print(f"executed {path.relative_to(ROOT)}")
 

@@ -78,7 +78,11 @@ def _build_book(src):
     for name in ["_config.yml", "_toc.yml", "book"]:
         path = ROOT / name
         if path.is_dir():
-            shutil.copytree(path, src / name, ignore=shutil.ignore_patterns("_build", ".ipynb_checkpoints"))
+            shutil.copytree(
+                path,
+                src / name,
+                ignore=shutil.ignore_patterns("_build", ".ipynb_checkpoints"),
+            )
         else:
             shutil.copy(path, src / name)
     jb = pathlib.Path(sys.executable).with_name("jupyter-book")

@@ -24,8 +24,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 CHROMIUM = pathlib.Path("/usr/bin/chromium")
 # Without the last three, Chromium on a closed network keeps trying to reach Google's
 # services; --disable-dev-shm-usage keeps it from running out of a container's /dev/shm.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-dev-shm-usage",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 MATHJAX_DIR = ROOT / "node_modules" / "mathjax" / "es5"
 # The CDN folder that every page built by Jupyter Book 1 loads MathJax 3 from.
 MATHJAX_CDN = MATHJAX_URL.rsplit("/", 1)[0] + "/"
@@ -135,7 +143,9 @@ def serve(directory):
         def log_message(self, *args):
             """Keep the test output free of one line per request."""
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(QuietHandler, directory=directory))
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(QuietHandler, directory=directory)
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
@@ -160,7 +170,9 @@ def open_page(browser, url, **page_options):
         if request_url.startswith(origin):
             request_route.continue_()
         elif request_url.startswith(MATHJAX_CDN):
-            request_route.fulfill(path=MATHJAX_DIR / urlsplit(request_url.removeprefix(MATHJAX_CDN)).path)
+            request_route.fulfill(
+                path=MATHJAX_DIR / urlsplit(request_url.removeprefix(MATHJAX_CDN)).path
+            )
         else:
             refused.append(request_url)
             request_route.abort()
@@ -187,7 +199,11 @@ def browser_problems(browser, url):
         problems = page.evaluate(FIND_PROBLEMS, MATHJAX_TIMEOUT_MS)
     finally:
         page.close()
-    return problems + errors + [f"outside request refused: {request}" for request in refused]
+    return (
+        problems
+        + errors
+        + [f"outside request refused: {request}" for request in refused]
+    )
 
 
 def launch_browser(needs=(CHROMIUM, MATHJAX_DIR)):
@@ -199,7 +215,9 @@ def launch_browser(needs=(CHROMIUM, MATHJAX_DIR)):
         if not needed.exists():
             pytest.fail(f"{needed} is missing: `make test` installs it")
     with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        chromium = playwright.chromium.launch(
+            executable_path=CHROMIUM, args=CHROMIUM_FLAGS
+        )
         yield chromium
         chromium.close()
 
@@ -243,10 +261,14 @@ BROKEN_PAGE = r"""<!DOCTYPE html>
 def test_checker_reports_every_kind_of_problem(browser, tmp_path):
     """The checker the book passes does fail a page with problems, naming each one."""
     (tmp_path / "broken.html").write_text(BROKEN_PAGE)
-    (tmp_path / "fine.svg").write_text('<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"/>')
+    (tmp_path / "fine.svg").write_text(
+        '<svg xmlns="http://www.w3.org/2000/svg" width="8" height="8"/>'
+    )
     with serve(tmp_path) as url:
         problems = browser_problems(browser, f"{url}broken.html")
-        assert browser_problems(browser, f"{url}missing.html") == ["page does not load (HTTP 404)"]
+        assert browser_problems(browser, f"{url}missing.html") == [
+            "page does not load (HTTP 404)"
+        ]
     assert problems == [
         r"undefined macro \undefinedmacro in: \undefinedmacro x",
         r'TeX error "Double exponent: use braces to clarify" in: x^2^3',

@@ -65,27 +65,43 @@ async () => {
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
-def test_chapter_reads_on_a_narrow_screen_in_dark_mode(browser, site, chapter, tmp_path):
+def test_chapter_reads_on_a_narrow_screen_in_dark_mode(
+    browser, site, chapter, tmp_path
+):
     """A phone-wide screen in dark mode: no sideways scrolling of the page, wide equations
     that scroll instead of being cut off, and legible figures.
 
     When the page fails, a screenshot of it is left in pytest's temporary directory,
     under pytest-current/, to show what a reader would see.
     """
-    page, _ = open_page(browser, site, viewport={"width": 400, "height": 900}, color_scheme="dark")
+    page, _ = open_page(
+        browser, site, viewport={"width": 400, "height": 900}, color_scheme="dark"
+    )
     try:
         page.goto(f"{site}{chapter}.html", wait_until="load")
         layout = page.evaluate(LAYOUT)
-        illegible = [figure["src"] for figure in layout["figures"] if not figure["legible"]]
-        if layout["theme"] != "dark" or layout["clipped"] or layout["overflow"] > 0 or illegible:
+        illegible = [
+            figure["src"] for figure in layout["figures"] if not figure["legible"]
+        ]
+        if (
+            layout["theme"] != "dark"
+            or layout["clipped"]
+            or layout["overflow"] > 0
+            or illegible
+        ):
             page.screenshot(path=tmp_path / "narrow-dark.png", full_page=True)
     finally:
         page.close()
     assert layout["theme"] == "dark"
-    assert not layout["clipped"], f"equations cut off on the left at 400 px wide: {layout['clipped']}"
+    assert not layout["clipped"], (
+        f"equations cut off on the left at 400 px wide: {layout['clipped']}"
+    )
     assert layout["overflow"] <= 0, (
-        f"the page scrolls sideways by {layout['overflow']} px at 400 px wide, because of: {layout['stickingOut']}")
-    assert not illegible, f"figures on a transparent or dark background in dark mode: {illegible}"
+        f"the page scrolls sideways by {layout['overflow']} px at 400 px wide, because of: {layout['stickingOut']}"
+    )
+    assert not illegible, (
+        f"figures on a transparent or dark background in dark mode: {illegible}"
+    )
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS[:1])

@@ -32,7 +32,11 @@ def close(a, b, tol=1e-10):
 def test_identify_reads_off_the_jacobian_of_A_dX_B(m, n, p, q, seed):
     # d(A X B) = A dX B, and by (A.5) its Jacobian is B^T (x) A
     rng = np.random.default_rng(seed)
-    A, B, X = rng.standard_normal((m, n)), rng.standard_normal((p, q)), rng.standard_normal((n, p))
+    A, B, X = (
+        rng.standard_normal((m, n)),
+        rng.standard_normal((p, q)),
+        rng.standard_normal((n, p)),
+    )
     J = identify(lambda dX: A @ dX @ B, X)
     assert J.shape == (m * q, n * p)
     close(J, kron(B.T, A))
@@ -100,7 +104,10 @@ def test_identify_hessian_of_the_logistic_loss(d, n, seed):
 
     def loss(theta):
         z = jnp.asarray(X).T @ theta
-        return -jnp.sum(jnp.asarray(y) * jax.nn.log_sigmoid(z) + (1 - jnp.asarray(y)) * jax.nn.log_sigmoid(-z))
+        return -jnp.sum(
+            jnp.asarray(y) * jax.nn.log_sigmoid(z)
+            + (1 - jnp.asarray(y)) * jax.nn.log_sigmoid(-z)
+        )
 
     H = identify_hessian(d2L, theta)
     close(H, X @ np.diag(pi * (1 - pi)) @ X.T)
@@ -138,14 +145,20 @@ def test_identify_hessian_rejects_what_is_not_a_quadratic_form():
 
 def test_remainder_of_an_affine_function_is_zero():
     A, b = np.arange(6.0).reshape(2, 3), np.ones(2)
-    r = remainder(lambda x: A @ x + b, lambda h: A @ h, np.ones(3), np.array([0.1, -0.2, 0.3]))
+    r = remainder(
+        lambda x: A @ x + b, lambda h: A @ h, np.ones(3), np.array([0.1, -0.2, 0.3])
+    )
     close(r, np.zeros(2), tol=1e-14)
 
 
 @given(dims, seeds)
 def test_remainder_of_a_quadratic_is_its_second_order_term(n, seed):
     rng = np.random.default_rng(seed)
-    B, p, h = rng.standard_normal((n, n)), rng.standard_normal(n), rng.standard_normal(n)
+    B, p, h = (
+        rng.standard_normal((n, n)),
+        rng.standard_normal(n),
+        rng.standard_normal(n),
+    )
     f = lambda x: x @ B @ x  # noqa: E731
     r = remainder(f, lambda h: p @ (B + B.T) @ h, p, h)
     close(r, h @ B @ h)
@@ -155,7 +168,13 @@ def test_remainder_of_a_quadratic_is_its_second_order_term(n, seed):
 def test_sigmoid_remainder_vanishes_faster_than_h(p):
     # sigma'' is non-zero away from 0, so |r(h)| / |h| ~ |h|: slope one on log-log axes
     steps = np.logspace(-1, -5, 9)
-    ratios = [abs(float(remainder(sigmoid, lambda h: sigmoid(p) * (1 - sigmoid(p)) * h, p, t))) / t for t in steps]
+    ratios = [
+        abs(
+            float(remainder(sigmoid, lambda h: sigmoid(p) * (1 - sigmoid(p)) * h, p, t))
+        )
+        / t
+        for t in steps
+    ]
     assert ratios[-1] < 1e-3 * ratios[0]
     assert abs(loglog_slope(steps, ratios) - 1) < 0.05
 
@@ -168,7 +187,11 @@ def test_softmax_remainder_ratio_has_slope_one_and_the_jvp_is_the_differential(n
     J = softmax_jacobian(p)
     close(J @ u, jvp(jax.nn.softmax)(p, u))
     steps = np.logspace(-1, -4, 7)
-    ratios = [np.linalg.norm(remainder(softmax, lambda h: J @ h, p, t * u)) / np.linalg.norm(t * u) for t in steps]
+    ratios = [
+        np.linalg.norm(remainder(softmax, lambda h: J @ h, p, t * u))
+        / np.linalg.norm(t * u)
+        for t in steps
+    ]
     assert abs(loglog_slope(steps, ratios) - 1) < 0.1
 
 
@@ -177,13 +200,18 @@ def test_remainder_with_a_wrong_derivative_does_not_vanish():
     steps = np.logspace(-1, -5, 9)
     wrong = lambda h: sigmoid(p) * h  # noqa: E731  (sigma instead of sigma')
     ratios = [abs(float(remainder(sigmoid, wrong, p, t))) / t for t in steps]
-    assert abs(loglog_slope(steps, ratios)) < 0.05  # slope zero: the ratio tends to a constant
+    assert (
+        abs(loglog_slope(steps, ratios)) < 0.05
+    )  # slope zero: the ratio tends to a constant
 
 
 def test_remainder_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match=r"shape of p, \(3,\), got \(2,\)"):
         remainder(lambda x: x, lambda h: h, np.ones(3), np.ones(2))
-    with pytest.raises(ValueError, match=r"differential returned shape \(2,\) but f\(p\) has shape \(3,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"differential returned shape \(2,\) but f\(p\) has shape \(3,\)",
+    ):
         remainder(lambda x: x, lambda h: h[:2], np.ones(3), np.ones(3))
 
 
@@ -194,13 +222,21 @@ def test_loglog_slope_of_a_power_law(k, c):
 
 
 def test_loglog_slope_rejects_bad_input():
-    with pytest.raises(ValueError, match=r"positive.*got y\[1\] = 0.0 in y of shape \(2,\)$"):
+    with pytest.raises(
+        ValueError, match=r"positive.*got y\[1\] = 0.0 in y of shape \(2,\)$"
+    ):
         loglog_slope(np.array([1.0, 2.0]), np.array([1.0, 0.0]))
-    with pytest.raises(ValueError, match=r"positive.*got x\[0\] = -1.0 in x of shape \(2,\)$"):
+    with pytest.raises(
+        ValueError, match=r"positive.*got x\[0\] = -1.0 in x of shape \(2,\)$"
+    ):
         loglog_slope(np.array([-1.0, 2.0]), np.array([1.0, 1.0]))
-    with pytest.raises(ValueError, match=r"1-D arrays.*got x of shape \(1,\) and y of shape \(1,\)$"):
+    with pytest.raises(
+        ValueError, match=r"1-D arrays.*got x of shape \(1,\) and y of shape \(1,\)$"
+    ):
         loglog_slope(np.array([1.0]), np.array([1.0]))
-    with pytest.raises(ValueError, match=r"got x of shape \(3,\) and y of shape \(2,\)$"):
+    with pytest.raises(
+        ValueError, match=r"got x of shape \(3,\) and y of shape \(2,\)$"
+    ):
         loglog_slope(np.ones(3), np.ones(2))
 
 

@@ -69,7 +69,9 @@ def test_project_and_jacobian_match_jax(n, seed):
     u = dl.project(P, K)
     check_u = np.asarray(project_jax(jnp.asarray(P), jnp.asarray(K)))
     assert check.relative_error(u, check_u) < 1e-14
-    J_vec = check.to_vec_layout(project_jac_jax(jnp.asarray(P)), (2, n), (3, n))   # (2n, 3n)
+    J_vec = check.to_vec_layout(
+        project_jac_jax(jnp.asarray(P)), (2, n), (3, n)
+    )  # (2n, 3n)
     blocks = dl.project_jacobian(P, K)
     assert blocks.shape == (n, 2, 3)
     assert check.relative_error(scipy.linalg.block_diag(*blocks), J_vec) < 1e-13
@@ -79,9 +81,13 @@ def test_project_single_point_and_shapes():
     p = np.array([0.3, -0.2, 2.0])
     assert dl.project(p, K).shape == (2,)
     assert dl.project_jacobian(p, K).shape == (2, 3)
-    with pytest.raises(ValueError, match=r"P must have shape \(3,\) or \(3, n\).*got shape \(2, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"P must have shape \(3,\) or \(3, n\).*got shape \(2, 5\)"
+    ):
         dl.project(np.ones((2, 5)), K)
-    with pytest.raises(ValueError, match=r"K must be a 3 x 3 camera matrix, got shape \(2, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"K must be a 3 x 3 camera matrix, got shape \(2, 3\)"
+    ):
         dl.project(p, K[:2])
     with pytest.raises(ValueError, match=r"K must be upper triangular"):
         dl.project(p, K.T)
@@ -91,7 +97,9 @@ def test_project_single_point_and_shapes():
 def test_points_behind_the_camera_raise(z):
     P = np.array([[0.1, 0.2, 0.3], [0.0, 0.1, 0.2], [1.0, z, 2.0]])
     for fn in (dl.project, dl.project_jacobian):
-        with pytest.raises(ValueError, match=r"P has 1 point\(s\) with depth p_z <= 0.*column 1"):
+        with pytest.raises(
+            ValueError, match=r"P has 1 point\(s\) with depth p_z <= 0.*column 1"
+        ):
             fn(P, K)
     assert dl.in_front(P).tolist() == [True, False, True]
     assert np.all(np.isfinite(dl.project(P[:, dl.in_front(P)], K)))
@@ -104,7 +112,10 @@ def test_points_whose_image_overflows_raise(z):
     P = np.array([[0.1, 1.0], [0.2, 1.0], [1.0, z]])
     fns = (dl.project, dl.project_jacobian) if z < 1e-300 else (dl.project_jacobian,)
     for fn in fns:
-        with pytest.raises(dl.BehindCameraError, match=r"P has 1 point\(s\) whose image overflows.*column 1"):
+        with pytest.raises(
+            dl.BehindCameraError,
+            match=r"P has 1 point\(s\) whose image overflows.*column 1",
+        ):
             fn(P, K)
     if z > 1e-300:
         assert np.all(np.isfinite(dl.project(P, K)))
@@ -121,12 +132,32 @@ def test_nan_points_raise():
 def test_hat_is_the_cross_product(rng):
     w, v = rng.standard_normal(3), rng.standard_normal(3)
     assert np.allclose(dl.hat(w) @ v, np.cross(w, v), rtol=0, atol=1e-15)
-    with pytest.raises(ValueError, match=r"w must be a rotation vector of shape \(3,\), got shape \(4,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"w must be a rotation vector of shape \(3,\), got shape \(4,\)",
+    ):
         dl.hat(np.ones(4))
 
 
-ANGLES = [0.0, 1e-300, 1e-12, 1e-9, 3e-8, 1e-5, 1e-3, 9.99e-3, 1e-2, 1.01e-2, 0.3, 1.0, 2.5,
-          np.pi - 1e-6, np.pi, np.pi + 1e-6, 5.0]
+ANGLES = [
+    0.0,
+    1e-300,
+    1e-12,
+    1e-9,
+    3e-8,
+    1e-5,
+    1e-3,
+    9.99e-3,
+    1e-2,
+    1.01e-2,
+    0.3,
+    1.0,
+    2.5,
+    np.pi - 1e-6,
+    np.pi,
+    np.pi + 1e-6,
+    5.0,
+]
 
 
 @pytest.mark.parametrize("t", ANGLES)
@@ -134,9 +165,15 @@ def test_rodrigues_and_its_jacobian_match_jax(t, rng):
     w, p = random_w(rng, t), rng.standard_normal(3)
     R = dl.rodrigues(w)
     assert check.relative_error(R, np.asarray(expm_jax(jnp.asarray(w)))) < 1e-14
-    assert np.allclose(R.T @ R, np.eye(3), rtol=0, atol=4e-15) and abs(np.linalg.det(R) - 1) < 1e-14
+    assert (
+        np.allclose(R.T @ R, np.eye(3), rtol=0, atol=4e-15)
+        and abs(np.linalg.det(R) - 1) < 1e-14
+    )
     J = dl.rotate_jacobian(w, p)
-    assert check.relative_error(J, np.asarray(rot_jac_jax(jnp.asarray(w), jnp.asarray(p)))) < 1e-12
+    assert (
+        check.relative_error(J, np.asarray(rot_jac_jax(jnp.asarray(w), jnp.asarray(p))))
+        < 1e-12
+    )
 
 
 @pytest.mark.parametrize("t", [0.0, 1e-9, 0.7, np.pi - 1e-9])
@@ -146,13 +183,16 @@ def test_left_and_right_jacobians(t, rng):
     assert np.allclose(Jl, R @ Jr, rtol=0, atol=1e-15)
     dw = rng.standard_normal(3)
     dR = np.asarray(rodrigues_jvp(jnp.asarray(w), jnp.asarray(dw)))
-    assert check.relative_error(R.T @ dR, dl.hat(Jr @ dw)) < 1e-12     # right: R^T dR
-    assert check.relative_error(dR @ R.T, dl.hat(Jl @ dw)) < 1e-12     # left: dR R^T
+    assert check.relative_error(R.T @ dR, dl.hat(Jr @ dw)) < 1e-12  # right: R^T dR
+    assert check.relative_error(dR @ R.T, dl.hat(Jl @ dw)) < 1e-12  # left: dR R^T
 
 
 def test_taylor_branch_joins_the_closed_form():
     t = dl.geometry.SMALL_ANGLE
-    below, above = dl.rotation_coefficients(t * (1 - 1e-12)), dl.rotation_coefficients(t)
+    below, above = (
+        dl.rotation_coefficients(t * (1 - 1e-12)),
+        dl.rotation_coefficients(t),
+    )
     assert np.allclose(below[:2], above[:2], rtol=1e-14, atol=0)
     # (t - sin t) / t^3 keeps a relative error near eps / t^2 = 2e-12 here; it multiplies
     # [w]x^2, of size t^2, so its contribution to J_r is accurate to a few eps.
@@ -162,7 +202,9 @@ def test_taylor_branch_joins_the_closed_form():
 
 @pytest.mark.parametrize("t", [-5.0, -1e-300, np.nan, np.inf, "angle"])
 def test_rotation_coefficients_reject_bad_angles(t):
-    with pytest.raises(ValueError, match=r"t must be a (finite|real) angle t >= 0.*got"):
+    with pytest.raises(
+        ValueError, match=r"t must be a (finite|real) angle t >= 0.*got"
+    ):
         dl.rotation_coefficients(t)
 
 
@@ -171,7 +213,9 @@ def test_rotate_jacobian_many_points(rng):
     blocks = dl.rotate_jacobian(w, P)
     assert blocks.shape == (5, 3, 3)
     for i in range(5):
-        assert np.allclose(blocks[i], dl.rotate_jacobian(w, P[:, i]), rtol=0, atol=1e-15)
+        assert np.allclose(
+            blocks[i], dl.rotate_jacobian(w, P[:, i]), rtol=0, atol=1e-15
+        )
 
 
 # ----- Pose: perspective-n-point -----
@@ -190,7 +234,9 @@ def test_reprojection_jacobian_matches_jax(rng):
 
     @jax.jit
     def residual_jax(x):
-        return (project_jax(rodrigues_jax(x[:3]) @ Xj + x[3:, None], Kj) - u).ravel(order="F")
+        return (project_jax(rodrigues_jax(x[:3]) @ Xj + x[3:, None], Kj) - u).ravel(
+            order="F"
+        )
 
     xi0 = xi + 0.05 * rng.standard_normal(6)
     r = dl.reprojection_residual(xi0, X, K, u)
@@ -202,7 +248,9 @@ def test_reprojection_jacobian_matches_jax(rng):
 @pytest.mark.parametrize("method", ["gn", "lm"])
 def test_pnp_recovers_the_pose(method, rng):
     X, u, xi = pnp_problem(rng)
-    xi_hat, hist = dl.solve_pnp(X, u, K, xi + 0.1 * rng.standard_normal(6), method=method)
+    xi_hat, hist = dl.solve_pnp(
+        X, u, K, xi + 0.1 * rng.standard_normal(6), method=method
+    )
     assert hist.converged and np.max(np.abs(xi_hat - xi)) < 1e-9
     assert hist.cost[-1] < 1e-12
 
@@ -210,26 +258,45 @@ def test_pnp_recovers_the_pose(method, rng):
 def test_pnp_with_noise_matches_scipy(rng):
     X, u, xi = pnp_problem(rng, n=30, noise=1.0)
     xi_hat, hist = dl.solve_pnp(X, u, K, xi + 0.05 * rng.standard_normal(6))
-    res = least_squares(lambda x: dl.reprojection_residual(x, X, K, u), xi,
-                        jac=lambda x: dl.reprojection_jacobian(x, X, K), ftol=1e-15, xtol=1e-15, gtol=1e-15)
-    assert abs(2 * res.cost - hist.cost[-1]) <= 1e-10 * hist.cost[-1]    # scipy's cost is E / 2
+    res = least_squares(
+        lambda x: dl.reprojection_residual(x, X, K, u),
+        xi,
+        jac=lambda x: dl.reprojection_jacobian(x, X, K),
+        ftol=1e-15,
+        xtol=1e-15,
+        gtol=1e-15,
+    )
+    assert (
+        abs(2 * res.cost - hist.cost[-1]) <= 1e-10 * hist.cost[-1]
+    )  # scipy's cost is E / 2
 
 
 def test_least_squares_errors(rng):
     X, u, xi = pnp_problem(rng)
     with pytest.raises(ValueError, match="method must be 'gn' or 'lm', got 'newton'"):
         dl.solve_pnp(X, u, K, xi, method="newton")
-    with pytest.raises(ValueError, match=r"xi0 must be a pose \(w, t\) of shape \(6,\).*got shape \(3,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"xi0 must be a pose \(w, t\) of shape \(6,\).*got shape \(3,\)",
+    ):
         dl.solve_pnp(X, u, K, xi[:3])
-    with pytest.raises(ValueError, match=r"u must have shape \(2, 12\).*got shape \(2, 11\)"):
+    with pytest.raises(
+        ValueError, match=r"u must have shape \(2, 12\).*got shape \(2, 11\)"
+    ):
         dl.solve_pnp(X, u[:, :11], K, xi)
     behind = xi.copy()
-    behind[5] = -4.0        # the camera now looks away from the points
-    with pytest.raises(ValueError, match=r"R\(w\) X \+ t has 12 point\(s\) with depth p_z <= 0"):
+    behind[5] = -4.0  # the camera now looks away from the points
+    with pytest.raises(
+        ValueError, match=r"R\(w\) X \+ t has 12 point\(s\) with depth p_z <= 0"
+    ):
         dl.reprojection_residual(behind, X, K, u)
     with pytest.raises(dl.ConvergenceError, match="did not converge in 1 iterations"):
-        dl.solve_least_squares(lambda x: dl.reprojection_residual(x, X, K, u),
-                               lambda x: dl.reprojection_jacobian(x, X, K), xi + 0.1, max_iter=1)
+        dl.solve_least_squares(
+            lambda x: dl.reprojection_residual(x, X, K, u),
+            lambda x: dl.reprojection_jacobian(x, X, K),
+            xi + 0.1,
+            max_iter=1,
+        )
 
 
 def test_a_stuck_levenberg_marquardt_raises(rng):
@@ -248,7 +315,11 @@ def test_a_stuck_levenberg_marquardt_raises(rng):
             return r(x)
         raise dl.BehindCameraError("every step puts a point behind the camera")
 
-    for residual, jacobian in [(r, lambda x: -J(x)), (infinite_away, J), (behind_away, J)]:
+    for residual, jacobian in [
+        (r, lambda x: -J(x)),
+        (infinite_away, J),
+        (behind_away, J),
+    ]:
         with pytest.raises(dl.ConvergenceError, match="Levenberg-Marquardt is stuck"):
             dl.solve_least_squares(residual, jacobian, x0)
 
@@ -265,7 +336,9 @@ def test_only_behind_the_camera_is_caught(rng):
         return dl.reprojection_residual(x, X, K, u)
 
     with pytest.raises(ValueError, match="a bug in the residual"):
-        dl.solve_least_squares(residual, lambda x: dl.reprojection_jacobian(x, X, K), xi + 0.05)
+        dl.solve_least_squares(
+            residual, lambda x: dl.reprojection_jacobian(x, X, K), xi + 0.05
+        )
     assert len(calls) == 2
 
 
@@ -282,21 +355,29 @@ def ba_residual_jax(problem):
     m, n = problem.m, problem.n
 
     def residual(x):
-        poses, X = x[:6 * m].reshape(m, 6), x[6 * m:].reshape(n, 3).T
+        poses, X = x[: 6 * m].reshape(m, 6), x[6 * m :].reshape(n, 3).T
         R = jax.vmap(rodrigues_jax)(poses[:, :3])
         p = jnp.einsum("kab,bk->ak", R[cam], X[:, point]) + poses[cam, 3:].T
         return (project_jax(p, Kj) - problem.u).ravel(order="F")
+
     return jax.jit(residual)
 
 
 def test_ba_jacobian_matches_jax(small_scene):
     pr, x = small_scene.problem, small_scene.x0
     residual = ba_residual_jax(pr)
-    assert check.relative_error(dl.ba_residual(pr, x), np.asarray(residual(jnp.asarray(x)))) < 1e-13
+    assert (
+        check.relative_error(
+            dl.ba_residual(pr, x), np.asarray(residual(jnp.asarray(x)))
+        )
+        < 1e-13
+    )
     J_jax = np.asarray(jax.jit(jax.jacobian(residual))(jnp.asarray(x)))
     J = dl.ba_jacobian(pr, x).toarray()
     assert check.relative_error(J, J_jax) < 1e-12
-    assert np.array_equal(dl.ba_jacobian(pr, x, free_only=True).toarray(), J[:, pr.free_mask()])
+    assert np.array_equal(
+        dl.ba_jacobian(pr, x, free_only=True).toarray(), J[:, pr.free_mask()]
+    )
     pattern = dl.ba_sparsity_pattern(pr).toarray()
     assert np.all(J_jax[pattern == 0] == 0) and pattern.sum() == 18 * pr.cam.size
 
@@ -309,7 +390,10 @@ def test_schur_complement_solves_the_normal_equations(small_scene, rng):
     J = dl.ba_jacobian(pr, x).toarray()
     H, g = J.T @ J, J.T @ r
     c = 6 * pr.m
-    assert check.relative_error(U, H[:c, :c]) < 1e-14 and check.relative_error(W, H[:c, c:]) < 1e-14
+    assert (
+        check.relative_error(U, H[:c, :c]) < 1e-14
+        and check.relative_error(W, H[:c, c:]) < 1e-14
+    )
     assert check.relative_error(scipy.linalg.block_diag(*V), H[c:, c:]) < 1e-14
     assert check.relative_error(np.concatenate([gc, gp]), g) < 1e-14
     dc, dp = dl.schur_solve(U, W, V, gc, gp, pr.free)
@@ -329,7 +413,9 @@ def test_predicted_decrease_from_the_blocks(small_scene, rng):
     dc, dp = rng.standard_normal(gc.size), rng.standard_normal(gp.size)
     r_lin = r + dl.ba_jacobian(pr, x) @ np.concatenate([dc, dp])
     expected = r @ r - r_lin @ r_lin
-    assert abs(dl.geometry._predicted_decrease(U, W, V, gc, gp, dc, dp) - expected) <= 1e-10 * abs(r_lin @ r_lin)
+    assert abs(
+        dl.geometry._predicted_decrease(U, W, V, gc, gp, dc, dp) - expected
+    ) <= 1e-10 * abs(r_lin @ r_lin)
 
 
 def test_gauge_freedom_has_seven_dimensions(small_scene):
@@ -352,31 +438,56 @@ def test_bundle_adjustment_matches_scipy_and_the_truth(small_scene):
         x[keep] = z
         return x
 
-    res = least_squares(lambda z: dl.ba_residual(pr, full(z)), small_scene.x0[keep],
-                        jac=lambda z: dl.ba_jacobian(pr, full(z))[:, keep], x_scale="jac",
-                        ftol=1e-15, xtol=1e-15, gtol=1e-15)
+    res = least_squares(
+        lambda z: dl.ba_residual(pr, full(z)),
+        small_scene.x0[keep],
+        jac=lambda z: dl.ba_jacobian(pr, full(z))[:, keep],
+        x_scale="jac",
+        ftol=1e-15,
+        xtol=1e-15,
+        gtol=1e-15,
+    )
     assert hist.converged and abs(2 * res.cost - hist.cost[-1]) <= 1e-8 * hist.cost[-1]
     poses, X = pr.unpack(x_hat)
-    assert np.max(np.abs(X - small_scene.X)) < 0.1      # 1 pixel is 0.01 at depth 5
-    assert np.all(poses[0] == small_scene.poses[0]) and poses[1, 3] == small_scene.poses[1, 3]
+    assert np.max(np.abs(X - small_scene.X)) < 0.1  # 1 pixel is 0.01 at depth 5
+    assert (
+        np.all(poses[0] == small_scene.poses[0])
+        and poses[1, 3] == small_scene.poses[1, 3]
+    )
 
 
 def test_bundle_problem_errors():
-    with pytest.raises(ValueError, match=r"cam must index cameras 0..1, got values in \[0, 2\]"):
-        dl.BundleProblem.create(K, np.array([0, 2]), np.array([0, 1]), np.zeros((2, 2)), 2, 2)
+    with pytest.raises(
+        ValueError, match=r"cam must index cameras 0..1, got values in \[0, 2\]"
+    ):
+        dl.BundleProblem.create(
+            K, np.array([0, 2]), np.array([0, 1]), np.zeros((2, 2)), 2, 2
+        )
     with pytest.raises(ValueError, match="at most once"):
-        dl.BundleProblem.create(K, np.array([0, 0]), np.array([1, 1]), np.zeros((2, 2)), 2, 2)
+        dl.BundleProblem.create(
+            K, np.array([0, 0]), np.array([1, 1]), np.zeros((2, 2)), 2, 2
+        )
     with pytest.raises(ValueError, match=r"u must have shape \(2, 2\)"):
-        dl.BundleProblem.create(K, np.array([0, 1]), np.array([1, 1]), np.zeros((2, 3)), 2, 2)
-    pr = dl.BundleProblem.create(K, np.array([0, 1]), np.array([1, 1]), np.zeros((2, 2)), 2, 2)
-    with pytest.raises(ValueError, match=r"x must have shape \(18,\), got shape \(5,\)"):
+        dl.BundleProblem.create(
+            K, np.array([0, 1]), np.array([1, 1]), np.zeros((2, 3)), 2, 2
+        )
+    pr = dl.BundleProblem.create(
+        K, np.array([0, 1]), np.array([1, 1]), np.zeros((2, 2)), 2, 2
+    )
+    with pytest.raises(
+        ValueError, match=r"x must have shape \(18,\), got shape \(5,\)"
+    ):
         dl.ba_residual(pr, np.zeros(5))
 
 
 def test_a_stuck_bundle_adjustment_raises(small_scene, monkeypatch):
     """With the Jacobian's sign flipped no step lowers E: ConvergenceError, not converged."""
     blocks = dl.geometry.ba_jacobian_blocks
-    monkeypatch.setattr(dl.geometry, "ba_jacobian_blocks", lambda pr, x: tuple(-M for M in blocks(pr, x)))
+    monkeypatch.setattr(
+        dl.geometry,
+        "ba_jacobian_blocks",
+        lambda pr, x: tuple(-M for M in blocks(pr, x)),
+    )
     with pytest.raises(dl.ConvergenceError, match="bundle adjustment is stuck"):
         dl.bundle_adjust(small_scene.problem, small_scene.x0)
 
@@ -403,19 +514,28 @@ def test_evaluation_counts_and_a_restart_at_the_minimum(small_scene, rng):
     pr = small_scene.problem
     x_hat, _ = dl.bundle_adjust(pr, small_scene.x0)
     x_again, hist = dl.bundle_adjust(pr, x_hat)
-    assert hist.converged and np.array_equal(x_again, x_hat) and hist.cost[-1] == hist.cost[0]
+    assert (
+        hist.converged
+        and np.array_equal(x_again, x_hat)
+        and hist.cost[-1] == hist.cost[0]
+    )
     assert (hist.n_iter, hist.n_jacobian, hist.n_residual) == (1, 1, 2)
 
 
 def test_fixed_indices_are_validated():
     args = (K, np.array([0, 1]), np.array([1, 1]), np.zeros((2, 2)), 2, 2)
     for fixed in ([100], [-1], [12]):
-        with pytest.raises(ValueError, match=r"fixed must index the pose parameters 0..11 .*got values in"):
+        with pytest.raises(
+            ValueError,
+            match=r"fixed must index the pose parameters 0..11 .*got values in",
+        ):
             dl.BundleProblem.create(*args, fixed=fixed)
     for fixed in ([1.5], [[0, 1]]):
         with pytest.raises(ValueError, match=r"fixed must be a 1-D list of integer"):
             dl.BundleProblem.create(*args, fixed=fixed)
-    assert dl.BundleProblem.create(*args, fixed=[11]).free.tolist() == [True] * 11 + [False]
+    assert dl.BundleProblem.create(*args, fixed=[11]).free.tolist() == [True] * 11 + [
+        False
+    ]
 
 
 def test_the_gauge_check(small_scene):
@@ -434,14 +554,20 @@ def test_the_gauge_check(small_scene):
     forward = poses.copy()
     R0 = dl.rodrigues(poses[0, :3])
     forward[1, :3] = poses[0, :3]
-    forward[1, 3:] = poses[0, 3:] - [0.0, 0.0, 1.0]          # camera 1's centre: c_0 + R0^T e_z
+    forward[1, 3:] = poses[0, 3:] - [0.0, 0.0, 1.0]  # camera 1's centre: c_0 + R0^T e_z
     x_fwd = pr.pack(forward, X)
     centre = lambda xi: -dl.rodrigues(xi[:3]).T @ xi[3:]
-    assert abs((R0 @ (centre(forward[0]) - centre(forward[1])))[0]) < 1e-15     # no x component
+    assert (
+        abs((R0 @ (centre(forward[0]) - centre(forward[1])))[0]) < 1e-15
+    )  # no x component
     assert not dl.gauge_is_fixed(pr, x_fwd)
-    with pytest.raises(ValueError, match=r"fixed = \[0, 1, 2, 3, 4, 5, 9\]\) do not fix the gauge"):
+    with pytest.raises(
+        ValueError, match=r"fixed = \[0, 1, 2, 3, 4, 5, 9\]\) do not fix the gauge"
+    ):
         dl.bundle_adjust(pr, x_fwd)
-    s = np.linalg.svd(dl.ba_jacobian(pr, x_fwd, free_only=True).toarray(), compute_uv=False)
+    s = np.linalg.svd(
+        dl.ba_jacobian(pr, x_fwd, free_only=True).toarray(), compute_uv=False
+    )
     assert s[-1] < 1e-12 * s[0]
 
 
@@ -452,11 +578,15 @@ def test_bundle_adjustment_without_noise_recovers_the_truth():
     assert np.max(np.abs(x_hat - scene.problem.pack(scene.poses, scene.X))) < 1e-10
 
 
-@given(log_t=st.floats(-12.0, np.log10(3.1)), near_pi=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    log_t=st.floats(-12.0, np.log10(3.1)),
+    near_pi=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_rotate_jacobian_over_angles(log_t, near_pi, seed):
     """Any angle from 1e-12 to 3.1, or within 1e-3 of pi, against jax.jacobian."""
     rng = np.random.default_rng(seed)
-    t = np.pi + (10.0 ** (log_t / 4) - 1.0) * 1e-3 if near_pi else 10.0 ** log_t
+    t = np.pi + (10.0 ** (log_t / 4) - 1.0) * 1e-3 if near_pi else 10.0**log_t
     w, P = random_w(rng, t), rng.standard_normal(3)
     J_jax = np.asarray(rot_jac_jax(jnp.asarray(w), jnp.asarray(P)))
     assert check.relative_error(dl.rotate_jacobian(w, P), J_jax) < 1e-12

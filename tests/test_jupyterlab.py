@@ -42,7 +42,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import lab_settings  # noqa: E402
 import run_notebooks  # noqa: E402
 
-CHAPTERS = [page.split("/")[-1] for page in toc_files() if (ROOT / f"{page}.ipynb").exists()]
+CHAPTERS = [
+    page.split("/")[-1] for page in toc_files() if (ROOT / f"{page}.ipynb").exists()
+]
 TIMEOUT_S = 60
 SETTLE_S = 15
 
@@ -59,6 +61,7 @@ def tags(cell):
 # The notebooks' metadata (quick; in `make test` too)
 # ---------------------------------------------------------------------------------------
 
+
 def metadata_problems(nb):
     """What JupyterLab and Colab would show wrongly, read from a notebook's JSON."""
     problems = []
@@ -66,53 +69,89 @@ def metadata_problems(nb):
     for i, cell in enumerate(cells):
         if cell["cell_type"] != "code":
             continue
-        if "hide-input" in tags(cell) and not cell.get("metadata", {}).get("jupyter", {}).get("source_hidden"):
-            problems.append(f"cell {i}: tagged hide-input but not collapsed in JupyterLab (jupyter.source_hidden)")
-        caption = cell.get("metadata", {}).get("mystnb", {}).get("figure", {}).get("caption")
+        if "hide-input" in tags(cell) and not cell.get("metadata", {}).get(
+            "jupyter", {}
+        ).get("source_hidden"):
+            problems.append(
+                f"cell {i}: tagged hide-input but not collapsed in JupyterLab (jupyter.source_hidden)"
+            )
+        caption = (
+            cell.get("metadata", {}).get("mystnb", {}).get("figure", {}).get("caption")
+        )
         if caption:
             after = cells[i + 1] if i + 1 < len(cells) else {}
-            if "".join(after.get("source", [])) != f"**Figure.** {caption}" or "remove-cell" not in tags(after):
-                problems.append(f"cell {i}: its caption is not repeated in a remove-cell Markdown cell under it")
+            if "".join(
+                after.get("source", [])
+            ) != f"**Figure.** {caption}" or "remove-cell" not in tags(after):
+                problems.append(
+                    f"cell {i}: its caption is not repeated in a remove-cell Markdown cell under it"
+                )
     return problems
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS)
 def test_chapter_metadata_reads_in_jupyterlab_and_colab(chapter):
     problems = metadata_problems(notebook(chapter))
-    assert not problems, f"{chapter}.ipynb: run `python scripts/run_notebooks.py book/{chapter}.ipynb`\n" + "\n".join(problems)
+    assert not problems, (
+        f"{chapter}.ipynb: run `python scripts/run_notebooks.py book/{chapter}.ipynb`\n"
+        + "\n".join(problems)
+    )
 
 
 def test_bibliography_is_written_from_references_bib():
     """book/bibliography.md is plain Markdown, as scripts/run_notebooks.py writes it."""
-    assert (ROOT / "book" / "bibliography.md").read_text() == run_notebooks.bibliography_markdown(), (
-        "run `python scripts/run_notebooks.py --bibliography`")
+    assert (
+        ROOT / "book" / "bibliography.md"
+    ).read_text() == run_notebooks.bibliography_markdown(), (
+        "run `python scripts/run_notebooks.py --bibliography`"
+    )
 
 
 def test_jupyterlab_has_the_books_settings():
     """What Binder's postBuild installs, and `make` installs in .venv, is in place."""
     assert "python scripts/lab_settings.py" in (ROOT / "postBuild").read_text()
-    assert os.access(ROOT / "postBuild", os.X_OK), "postBuild must be executable for Binder to run it"
+    assert os.access(ROOT / "postBuild", os.X_OK), (
+        "postBuild must be executable for Binder to run it"
+    )
     installed = lab_settings.overrides_file()
-    assert installed.exists() and json.loads(installed.read_text()) == lab_settings.SETTINGS, (
-        f"{installed} is missing or stale: run `make` (or `python scripts/lab_settings.py`)")
+    assert (
+        installed.exists()
+        and json.loads(installed.read_text()) == lab_settings.SETTINGS
+    ), (
+        f"{installed} is missing or stale: run `make` (or `python scripts/lab_settings.py`)"
+    )
 
 
 def test_metadata_check_catches_what_jupyterlab_would_show():
-    code = {"cell_type": "code", "source": ["plt.plot()"], "outputs": [],
-            "metadata": {"tags": ["hide-input"], "mystnb": {"figure": {"caption": "A curve."}}}}
-    nb = {"cells": [code, {"cell_type": "markdown", "source": ["Text."], "metadata": {}}]}
+    code = {
+        "cell_type": "code",
+        "source": ["plt.plot()"],
+        "outputs": [],
+        "metadata": {
+            "tags": ["hide-input"],
+            "mystnb": {"figure": {"caption": "A curve."}},
+        },
+    }
+    nb = {
+        "cells": [code, {"cell_type": "markdown", "source": ["Text."], "metadata": {}}]
+    }
     assert metadata_problems(nb) == [
         "cell 0: tagged hide-input but not collapsed in JupyterLab (jupyter.source_hidden)",
         "cell 0: its caption is not repeated in a remove-cell Markdown cell under it",
     ]
-    prepared = run_notebooks.prepare(run_notebooks.nbformat.from_dict({**nb, "metadata": {}, "nbformat": 4,
-                                                                        "nbformat_minor": 5}), metadata={})
+    prepared = run_notebooks.prepare(
+        run_notebooks.nbformat.from_dict(
+            {**nb, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}
+        ),
+        metadata={},
+    )
     assert metadata_problems(prepared) == []
 
 
 # ---------------------------------------------------------------------------------------
 # JupyterLab in Chromium (`make test-lab`)
 # ---------------------------------------------------------------------------------------
+
 
 def free_port():
     with contextlib.closing(socket.socket()) as sock:
@@ -128,27 +167,51 @@ def jupyterlab(root, home):
     checks for no updates; `window.jupyterapp` lets the test run JupyterLab's commands.
     """
     token, port = secrets.token_hex(16), free_port()
-    env = {**os.environ, "HOME": str(home), "JUPYTER_CONFIG_DIR": str(home / "config"),
-           "JUPYTER_DATA_DIR": str(home / "data"), "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
-           "JAX_PLATFORMS": "cpu"}
-    command = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ServerApp.ip=127.0.0.1",
-               f"--ServerApp.port={port}", f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
-               "--ServerApp.allow_root=True", "--LabApp.expose_app_in_browser=True", "--LabApp.news_url=None",
-               "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-               "--LabApp.extension_manager=readonly", f"--LabApp.workspaces_dir={home / 'workspaces'}",
-               f"--LabApp.user_settings_dir={home / 'settings'}"]
+    env = {
+        **os.environ,
+        "HOME": str(home),
+        "JUPYTER_CONFIG_DIR": str(home / "config"),
+        "JUPYTER_DATA_DIR": str(home / "data"),
+        "JUPYTER_RUNTIME_DIR": str(home / "runtime"),
+        "JAX_PLATFORMS": "cpu",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "jupyter",
+        "lab",
+        "--no-browser",
+        "--ServerApp.ip=127.0.0.1",
+        f"--ServerApp.port={port}",
+        f"--IdentityProvider.token={token}",
+        f"--ServerApp.root_dir={root}",
+        "--ServerApp.allow_root=True",
+        "--LabApp.expose_app_in_browser=True",
+        "--LabApp.news_url=None",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+        "--LabApp.extension_manager=readonly",
+        f"--LabApp.workspaces_dir={home / 'workspaces'}",
+        f"--LabApp.user_settings_dir={home / 'settings'}",
+    ]
     log = open(home / "server.log", "w")
-    server = subprocess.Popen(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT)
+    server = subprocess.Popen(
+        command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT
+    )
     base = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + TIMEOUT_S
         while True:
             try:
-                with urllib.request.urlopen(f"{base}api/status?token={token}", timeout=2):
+                with urllib.request.urlopen(
+                    f"{base}api/status?token={token}", timeout=2
+                ):
                     break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("JupyterLab did not start:\n" + (home / "server.log").read_text()[-3000:])
+                    pytest.fail(
+                        "JupyterLab did not start:\n"
+                        + (home / "server.log").read_text()[-3000:]
+                    )
                 time.sleep(0.3)
         yield base, token
     finally:
@@ -165,7 +228,11 @@ def jupyterlab(root, home):
 def lab(tmp_path_factory):
     """JupyterLab on a copy of book/, so that nothing it saves reaches the sources."""
     root = tmp_path_factory.mktemp("lab") / "book"
-    shutil.copytree(ROOT / "book", root, ignore=shutil.ignore_patterns("_build", ".ipynb_checkpoints", "__pycache__"))
+    shutil.copytree(
+        ROOT / "book",
+        root,
+        ignore=shutil.ignore_patterns("_build", ".ipynb_checkpoints", "__pycache__"),
+    )
     home = tmp_path_factory.mktemp("lab-home")
     with jupyterlab(root, home) as (base, token):
         yield root, base, token
@@ -266,9 +333,11 @@ def open_in_lab(browser, base, token, path):
 
     page.route("**", route)
     page.goto(f"{base}lab/tree/{path}?reset&token={token}", wait_until="load")
-    page.wait_for_function("() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
-                           f" && window.jupyterapp.shell.currentWidget.title.label === {json.dumps(path.split('/')[-1])}",
-                           timeout=TIMEOUT_S * 1000)
+    page.wait_for_function(
+        "() => window.jupyterapp && window.jupyterapp.shell.currentWidget"
+        f" && window.jupyterapp.shell.currentWidget.title.label === {json.dumps(path.split('/')[-1])}",
+        timeout=TIMEOUT_S * 1000,
+    )
     return page, refused
 
 
@@ -313,7 +382,9 @@ def follow_link(page, source, href, anchor=None):
     `anchor` (by default the fragment of `href`), is."""
     document, _, fragment = href.partition("#")
     selector = (f'[href*="{document}"]' if document else "") + f'[href$="#{fragment}"]'
-    link = page.locator(f".jp-NotebookPanel:not(.lm-mod-hidden) .jp-RenderedMarkdown a{selector}").first
+    link = page.locator(
+        f".jp-NotebookPanel:not(.lm-mod-hidden) .jp-RenderedMarkdown a{selector}"
+    ).first
     link.scroll_into_view_if_needed(timeout=TIMEOUT_S * 1000)
     link.click()
     # A notebook opened by the link draws its cells a few at a time and scrolls once the
@@ -331,14 +402,22 @@ def follow_link(page, source, href, anchor=None):
 
 def activate(page, label):
     """Show the tab `label` again."""
-    page.evaluate("""(label) => { for (const w of window.jupyterapp.shell.widgets("main"))
-                                    if (w.title.label === label) window.jupyterapp.shell.activateById(w.id); }""", label)
+    page.evaluate(
+        """(label) => { for (const w of window.jupyterapp.shell.widgets("main"))
+                                    if (w.title.label === label) window.jupyterapp.shell.activateById(w.id); }""",
+        label,
+    )
     page.wait_for_timeout(300)
 
 
 def landed(where, tab):
     """The link opened `tab` with its target inside the visible part of the notebook."""
-    return where.get("tab") == tab and where.get("found") and where["top"] >= -2 and where["bottom"] <= where["height"]
+    return (
+        where.get("tab") == tab
+        and where.get("found")
+        and where["top"] >= -2
+        and where["bottom"] <= where["height"]
+    )
 
 
 def wait_until_shown(page):
@@ -350,18 +429,35 @@ def test_jupyterlab_runs_with_the_books_settings(lab_browser, lab):
     _, base, token = lab
     page, _ = open_in_lab(lab_browser, base, token, "03_loss_functions.ipynb")
     try:
-        mode = page.evaluate("() => window.jupyterapp.shell.currentWidget.content.notebookConfig.windowingMode")
+        mode = page.evaluate(
+            "() => window.jupyterapp.shell.currentWidget.content.notebookConfig.windowingMode"
+        )
     finally:
         page.close()
-    assert mode == lab_settings.SETTINGS["@jupyterlab/notebook-extension:tracker"]["windowingMode"]
+    assert (
+        mode
+        == lab_settings.SETTINGS["@jupyterlab/notebook-extension:tracker"][
+            "windowingMode"
+        ]
+    )
 
 
 @pytest.mark.jupyterlab
-@pytest.mark.parametrize("href, anchor, tab", [
-    ("#eq-3-9a", "eq-3-9a", "03_loss_functions.ipynb"),  # within Chapter 3
-    ("02_vector_functions.ipynb#cell-id=eq-2-4", "eq-2-4", "02_vector_functions.ipynb"),  # into Chapter 2
-], ids=["same chapter", "another chapter"])
-def test_a_link_from_chapter_3_to_an_equation_lands_on_it(lab_browser, lab, href, anchor, tab):
+@pytest.mark.parametrize(
+    "href, anchor, tab",
+    [
+        ("#eq-3-9a", "eq-3-9a", "03_loss_functions.ipynb"),  # within Chapter 3
+        (
+            "02_vector_functions.ipynb#cell-id=eq-2-4",
+            "eq-2-4",
+            "02_vector_functions.ipynb",
+        ),  # into Chapter 2
+    ],
+    ids=["same chapter", "another chapter"],
+)
+def test_a_link_from_chapter_3_to_an_equation_lands_on_it(
+    lab_browser, lab, href, anchor, tab
+):
     _, base, token = lab
     page, _ = open_in_lab(lab_browser, base, token, "03_loss_functions.ipynb")
     try:
@@ -386,12 +482,22 @@ def deepest_links():
     for name, text in test_prose.book_pages().items():
         for match in test_prose.LINK.finditer(text):
             target, fragment = match.group(1, 2)
-            if target and target.endswith(".ipynb") and target != name and fragment.startswith("cell-id="):
-                anchor = fragment[len("cell-id="):]
+            if (
+                target
+                and target.endswith(".ipynb")
+                and target != name
+                and fragment.startswith("cell-id=")
+            ):
+                anchor = fragment[len("cell-id=") :]
                 depth = list(cells[target]).index(anchor)
-                if depth >= SHALLOW and depth > deepest.get(target, (None, None, -1))[2]:
+                if (
+                    depth >= SHALLOW
+                    and depth > deepest.get(target, (None, None, -1))[2]
+                ):
                     deepest[target] = (f"{target}#{fragment}", anchor, depth)
-    return {target: (href, anchor) for target, (href, anchor, _) in sorted(deepest.items())}
+    return {
+        target: (href, anchor) for target, (href, anchor, _) in sorted(deepest.items())
+    }
 
 
 @pytest.mark.jupyterlab
@@ -400,11 +506,30 @@ def test_links_into_every_notebook_land_on_their_equation(lab_browser, lab):
     one whose target is furthest down that notebook. Each opens its notebook anew."""
     root, base, token = lab
     links = deepest_links()
-    assert len(links) >= 4, links  # Chapters 2 and 3 and both appendices (Chapter 1's target is its second cell)
+    assert len(links) >= 4, (
+        links
+    )  # Chapters 2 and 3 and both appendices (Chapter 1's target is its second cell)
     nb = notebook("03_loss_functions")
-    (root / "links_into_notebooks.ipynb").write_text(json.dumps({**nb, "cells": nb["cells"][:2] + [
-        {"cell_type": "markdown", "id": "links", "metadata": {},
-         "source": [" ".join(f"[{anchor}]({href})" for href, anchor in links.values())]}]}))
+    (root / "links_into_notebooks.ipynb").write_text(
+        json.dumps(
+            {
+                **nb,
+                "cells": nb["cells"][:2]
+                + [
+                    {
+                        "cell_type": "markdown",
+                        "id": "links",
+                        "metadata": {},
+                        "source": [
+                            " ".join(
+                                f"[{anchor}]({href})" for href, anchor in links.values()
+                            )
+                        ],
+                    }
+                ],
+            }
+        )
+    )
     page, _ = open_in_lab(lab_browser, base, token, "links_into_notebooks.ipynb")
     missed = {}
     try:
@@ -426,11 +551,17 @@ def test_a_link_to_an_equation_of_an_open_chapter_lands_on_it(lab_browser, lab):
     page, _ = open_in_lab(lab_browser, base, token, "03_loss_functions.ipynb")
     try:
         wait_until_shown(page)
-        follow_link(page, "03_loss_functions.ipynb", "02_vector_functions.ipynb#cell-id=eq-2-4")
+        follow_link(
+            page, "03_loss_functions.ipynb", "02_vector_functions.ipynb#cell-id=eq-2-4"
+        )
         wait_until_shown(page)
         activate(page, "03_loss_functions.ipynb")
-        where = follow_link(page, "03_loss_functions.ipynb", "02_vector_functions.ipynb#cell-id=eq-2-4",
-                            anchor="eq-2-4")
+        where = follow_link(
+            page,
+            "03_loss_functions.ipynb",
+            "02_vector_functions.ipynb#cell-id=eq-2-4",
+            anchor="eq-2-4",
+        )
     finally:
         page.close()
     assert landed(where, "02_vector_functions.ipynb"), where
@@ -449,7 +580,11 @@ async (path) => {
 
 
 def bibliography_problems(text, entries):
-    problems = [f"shows the directive: {word}" for word in ["{bibliography}", ":all:"] if word in text]
+    problems = [
+        f"shows the directive: {word}"
+        for word in ["{bibliography}", ":all:"]
+        if word in text
+    ]
     flat = " ".join(text.split())
     problems += [f"no reference: {title}" for title in entries if title not in flat]
     return problems
@@ -466,7 +601,9 @@ def bibliography_titles():
 def test_bibliography_reads_in_jupyterlab(lab_browser, lab):
     """bibliography.md, in JupyterLab's Markdown preview, lists every reference."""
     root, base, token = lab
-    (root / "planted_bibliography.md").write_text("# Bibliography\n\n```{bibliography}\n:all:\n```\n")
+    (root / "planted_bibliography.md").write_text(
+        "# Bibliography\n\n```{bibliography}\n:all:\n```\n"
+    )
     page, _ = open_in_lab(lab_browser, base, token, "bibliography.md")
     try:
         text = page.evaluate(BIBLIOGRAPHY_TEXT, "bibliography.md")
@@ -476,26 +613,63 @@ def test_bibliography_reads_in_jupyterlab(lab_browser, lab):
     assert not bibliography_problems(text, bibliography_titles()), text
     # JupyterLab shows the MyST directive as a code block of one line, ":all:".
     title = bibliography_titles()[0]
-    assert bibliography_problems(planted, [title]) == ["shows the directive: :all:", f"no reference: {title}"]
+    assert bibliography_problems(planted, [title]) == [
+        "shows the directive: :all:",
+        f"no reference: {title}",
+    ]
 
 
 # A chapter with one of each problem, and the same things done right in its first cells.
 PLANTED = {
     "cells": [
-        {"cell_type": "markdown", "metadata": {}, "source": [
-            "# Planted\n\nFine: $\\operatorname{vec} X$ and\n\n$$\nx = 1 \\tag{9.1}\n$$\n"]},
-        {"cell_type": "markdown", "metadata": {}, "source": ["A TeX error: $x^2^3$ and a raw $$ x^2 with no end"]},
-        {"cell_type": "markdown", "metadata": {}, "source": [
-            "<details open>\n<summary>Solution</summary>\n\nThe answer.\n\n</details>"]},
-        {"cell_type": "code", "execution_count": None, "metadata": {"tags": ["hide-input"]}, "outputs": [],
-         "source": ["answer = 42"]},
-        {"cell_type": "code", "execution_count": None, "outputs": [], "source": ["x = 1"],
-         "metadata": {"tags": ["hide-input"], "mystnb": {"figure": {"caption": "A figure.", "name": "fig-x"}}}},
+        {
+            "cell_type": "markdown",
+            "metadata": {},
+            "source": [
+                "# Planted\n\nFine: $\\operatorname{vec} X$ and\n\n$$\nx = 1 \\tag{9.1}\n$$\n"
+            ],
+        },
+        {
+            "cell_type": "markdown",
+            "metadata": {},
+            "source": ["A TeX error: $x^2^3$ and a raw $$ x^2 with no end"],
+        },
+        {
+            "cell_type": "markdown",
+            "metadata": {},
+            "source": [
+                "<details open>\n<summary>Solution</summary>\n\nThe answer.\n\n</details>"
+            ],
+        },
+        {
+            "cell_type": "code",
+            "execution_count": None,
+            "metadata": {"tags": ["hide-input"]},
+            "outputs": [],
+            "source": ["answer = 42"],
+        },
+        {
+            "cell_type": "code",
+            "execution_count": None,
+            "outputs": [],
+            "source": ["x = 1"],
+            "metadata": {
+                "tags": ["hide-input"],
+                "mystnb": {"figure": {"caption": "A figure.", "name": "fig-x"}},
+            },
+        },
     ],
     # What an older run_notebooks.py stored: JupyterLab rewrites it when the kernel starts.
-    "metadata": {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-                 "language_info": {"name": "python"}},
-    "nbformat": 4, "nbformat_minor": 5,
+    "metadata": {
+        "kernelspec": {
+            "display_name": "Python 3",
+            "language": "python",
+            "name": "python3",
+        },
+        "language_info": {"name": "python"},
+    },
+    "nbformat": 4,
+    "nbformat_minor": 5,
 }
 
 
@@ -513,8 +687,11 @@ def test_checker_fails_on_a_planted_chapter(lab_browser, lab):
         "cell 4",
         "opening the notebook marked it modified",
     ], problems
-    assert problems[2:5] == ["cell 2: a folded box is unfolded", "cell 3: the check under the solution shows its code",
-                             "cell 4: its figure has no caption on screen"]
+    assert problems[2:5] == [
+        "cell 2: a folded box is unfolded",
+        "cell 3: the check under the solution shows its code",
+        "cell 4: its figure has no caption on screen",
+    ]
 
 
 @pytest.mark.jupyterlab
@@ -522,21 +699,43 @@ def test_link_check_fails_on_a_link_that_does_not_land(lab_browser, lab):
     """A link to a missing anchor, and a bare anchor in another notebook, do not land."""
     root, base, token = lab
     nb = notebook("03_loss_functions")
-    (root / "planted_links.ipynb").write_text(json.dumps({**nb, "cells": nb["cells"][:2] + [
-        {"cell_type": "markdown", "id": "planted-links", "metadata": {},
-         "source": ["[(9.9)](#eq-9-9) and [(A.9)](A_matrix_manipulation.ipynb#eq-a-9)"]}]}))
+    (root / "planted_links.ipynb").write_text(
+        json.dumps(
+            {
+                **nb,
+                "cells": nb["cells"][:2]
+                + [
+                    {
+                        "cell_type": "markdown",
+                        "id": "planted-links",
+                        "metadata": {},
+                        "source": [
+                            "[(9.9)](#eq-9-9) and [(A.9)](A_matrix_manipulation.ipynb#eq-a-9)"
+                        ],
+                    }
+                ],
+            }
+        )
+    )
     page, _ = open_in_lab(lab_browser, base, token, "planted_links.ipynb")
     try:
         wait_until_shown(page)
         missing = follow_link(page, "planted_links.ipynb", "#eq-9-9")
         activate(page, "planted_links.ipynb")
-        bare = follow_link(page, "planted_links.ipynb", "A_matrix_manipulation.ipynb#eq-a-9")
+        bare = follow_link(
+            page, "planted_links.ipynb", "A_matrix_manipulation.ipynb#eq-a-9"
+        )
     finally:
         page.close()
-    assert not landed(missing, "planted_links.ipynb") and missing == {"tab": "planted_links.ipynb", "found": False}
+    assert not landed(missing, "planted_links.ipynb") and missing == {
+        "tab": "planted_links.ipynb",
+        "found": False,
+    }
     # JupyterLab opens the other notebook at its top: if this fails, it follows bare
     # anchors now, and tests/test_prose.py's rule for links between notebooks can go.
-    assert bare["tab"] == "A_matrix_manipulation.ipynb" and not landed(bare, "A_matrix_manipulation.ipynb"), bare
+    assert bare["tab"] == "A_matrix_manipulation.ipynb" and not landed(
+        bare, "A_matrix_manipulation.ipynb"
+    ), bare
 
 
 # The errata's headings that the chapters link to, with their text.
@@ -552,8 +751,15 @@ def link_to_errata(root, errata, fragments):
     """A notebook whose links lead to `errata#fragment`, one per fragment."""
     nb = notebook("03_loss_functions")
     name = f"link_to_{errata.replace('.', '_')}.ipynb"
-    links = [{"cell_type": "markdown", "id": f"errata-link-{i}", "metadata": {},
-              "source": [f"See the [errata]({errata}#{fragment})."]} for i, fragment in enumerate(fragments)]
+    links = [
+        {
+            "cell_type": "markdown",
+            "id": f"errata-link-{i}",
+            "metadata": {},
+            "source": [f"See the [errata]({errata}#{fragment})."],
+        }
+        for i, fragment in enumerate(fragments)
+    ]
     (root / name).write_text(json.dumps({**nb, "cells": nb["cells"][:2] + links}))
     return name
 
@@ -580,9 +786,15 @@ def test_an_explicit_anchor_makes_an_errata_link_land_on_its_heading(lab_browser
     root, base, token = lab
     fragment, heading = next(iter(ERRATA_HEADINGS.items()))
     (root / "anchored_errata.md").write_text(
-        "# Errata\n\n" + "Filler.\n\n" * 80 + f'<a id="{fragment}"></a>\n\n## {heading}\n\n' + "More.\n\n" * 80)
+        "# Errata\n\n"
+        + "Filler.\n\n" * 80
+        + f'<a id="{fragment}"></a>\n\n## {heading}\n\n'
+        + "More.\n\n" * 80
+    )
     source = link_to_errata(root, "anchored_errata.md", [fragment])
-    where = follow_links_to_errata(lab_browser, base, token, source, "anchored_errata.md", [fragment])[fragment]
+    where = follow_links_to_errata(
+        lab_browser, base, token, source, "anchored_errata.md", [fragment]
+    )[fragment]
     assert landed(where, "anchored_errata.md"), where
 
 
@@ -590,6 +802,12 @@ def test_an_explicit_anchor_makes_an_errata_link_land_on_its_heading(lab_browser
 def test_errata_links_land_on_their_heading(lab_browser, lab):
     root, base, token = lab
     source = link_to_errata(root, "errata.md", list(ERRATA_HEADINGS))
-    found = follow_links_to_errata(lab_browser, base, token, source, "errata.md", list(ERRATA_HEADINGS))
-    missed = {fragment: where for fragment, where in found.items() if not landed(where, "errata.md")}
+    found = follow_links_to_errata(
+        lab_browser, base, token, source, "errata.md", list(ERRATA_HEADINGS)
+    )
+    missed = {
+        fragment: where
+        for fragment, where in found.items()
+        if not landed(where, "errata.md")
+    }
     assert not missed, missed

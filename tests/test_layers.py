@@ -40,11 +40,14 @@ def draw(rng, *shapes):
 @functools.lru_cache(maxsize=None)
 def jax_conv(stride, padding):
     """(Y, (Xbar, Kbar)) of the convolution, one compiled function per configuration."""
-    f = lambda X, K: lax.conv_general_dilated(X, K, (stride, stride), [(padding, padding)] * 2)  # noqa: E731
+    f = lambda X, K: lax.conv_general_dilated(
+        X, K, (stride, stride), [(padding, padding)] * 2
+    )  # noqa: E731
 
     def both(X, K, G):
         Y, pullback = jax.vjp(f, X, K)
         return Y, pullback(G)
+
     return jax.jit(both)
 
 
@@ -52,13 +55,21 @@ def jax_conv(stride, padding):
 def jax_pool(kind, size, stride):
     """(Y, Xbar, dY) of max or average pooling (VALID windows) in one compiled function."""
     if kind == "max":
-        f = lambda X: lax.reduce_window(X, -jnp.inf, lax.max, (1, 1, size, size), (1, 1, stride, stride), "VALID")  # noqa: E731
+        f = lambda X: lax.reduce_window(
+            X, -jnp.inf, lax.max, (1, 1, size, size), (1, 1, stride, stride), "VALID"
+        )  # noqa: E731
     else:
-        f = lambda X: lax.reduce_window(X, 0.0, lax.add, (1, 1, size, size), (1, 1, stride, stride), "VALID") / size**2  # noqa: E731
+        f = lambda X: (
+            lax.reduce_window(
+                X, 0.0, lax.add, (1, 1, size, size), (1, 1, stride, stride), "VALID"
+            )
+            / size**2
+        )  # noqa: E731
 
     def all_three(X, G, dX):
         Y, pullback = jax.vjp(f, X)
         return Y, pullback(G)[0], jax.jvp(f, (X,), (dX,))[1]
+
     return jax.jit(all_three)
 
 
@@ -71,9 +82,11 @@ def jax_norm(X, gamma, beta, eps, axis):
 @functools.lru_cache(maxsize=None)
 def jax_norm_vjp(axis):
     """(Y, (Xbar, gammabar, betabar)) of batch norm (axis 1) or layer norm (axis 0)."""
+
     def both(X, g, b, G, eps):
         Y, pullback = jax.vjp(lambda X, g, b: jax_norm(X, g, b, eps, axis), X, g, b)
         return Y, pullback(G)
+
     return jax.jit(both)
 
 
@@ -92,8 +105,14 @@ def jax_attention_vjp(Q, K, V, mask, G):
 # ----- Convolution -----
 
 # (N, C, H, W, O, k, stride, padding): strides 1-3, paddings 0-2, 1-3 channels, non-square
-CONV = [(2, 3, 7, 5, 4, 3, 2, 1), (1, 1, 6, 6, 2, 2, 1, 0), (3, 2, 5, 8, 3, 3, 1, 2),
-        (2, 2, 9, 7, 1, 3, 3, 0), (2, 1, 8, 8, 3, 5, 2, 2), (2, 2, 6, 7, 3, 3, 1, 1)]
+CONV = [
+    (2, 3, 7, 5, 4, 3, 2, 1),
+    (1, 1, 6, 6, 2, 2, 1, 0),
+    (3, 2, 5, 8, 3, 3, 1, 2),
+    (2, 2, 9, 7, 1, 3, 3, 0),
+    (2, 1, 8, 8, 3, 5, 2, 2),
+    (2, 2, 6, 7, 3, 3, 1, 1),
+]
 
 
 @settings(max_examples=30)
@@ -110,14 +129,21 @@ def test_conv2d_forward_vjp_and_dot_product(cfg, seed):
     close(Xbar, np.asarray(Xj))
     close(Kbar, np.asarray(Kj))
     # both ways of taking the sums: eq. 5.5-5.6 with phi(X), and at stride 1 eq. 5.20
-    paths = [L._conv2d_vjp_im2col(X, K, G, s, p)] + ([L._conv2d_vjp_shifts(X, K, G, p)] if s == 1 else [])
+    paths = [L._conv2d_vjp_im2col(X, K, G, s, p)] + (
+        [L._conv2d_vjp_shifts(X, K, G, p)] if s == 1 else []
+    )
     for Xbar_, Kbar_ in paths:
         close(Xbar_, np.asarray(Xj))
         close(Kbar_, np.asarray(Kj))
     assert L.conv2d_vjp(X, K, G, s, p, input_grad=False)[0] is None
     close(L.conv2d_vjp(X, K, G, s, p, input_grad=False)[1], np.asarray(Kj))
-    gap = dot_product_gap(lambda X, K, dX, dK: L.conv2d_jvp(X, K, dX, dK, s, p),
-                          lambda X, K, G: L.conv2d_vjp(X, K, G, s, p), (X, K), draw(rng, X.shape, K.shape), G)
+    gap = dot_product_gap(
+        lambda X, K, dX, dK: L.conv2d_jvp(X, K, dX, dK, s, p),
+        lambda X, K, G: L.conv2d_vjp(X, K, G, s, p),
+        (X, K),
+        draw(rng, X.shape, K.shape),
+        G,
+    )
     assert gap < 1e-12
 
 
@@ -149,11 +175,13 @@ def test_col2im_is_the_adjoint_of_im2col(cfg, seed):
 
 
 def test_conv2d_vjp_takes_eq_5_20_at_stride_1_and_can_skip_xbar(rng, monkeypatch):
-    X, K = draw(rng, (2, 2, 6, 7), (3, 2, 3, 3))             # a shape of CONV: compiled once
+    X, K = draw(rng, (2, 2, 6, 7), (3, 2, 3, 3))  # a shape of CONV: compiled once
     (G,) = draw(rng, (2, 3, 6, 7))
     Yj, (Xj, Kj) = jax_conv(1, 1)(X, K, G)
     calls, original = [], L._conv2d_vjp_shifts
-    monkeypatch.setattr(L, "_conv2d_vjp_shifts", lambda *a: calls.append(a) or original(*a))
+    monkeypatch.setattr(
+        L, "_conv2d_vjp_shifts", lambda *a: calls.append(a) or original(*a)
+    )
     Xbar, Kbar = L.conv2d_vjp(X, K, G, padding=1)
     assert len(calls) == 1
     close(Xbar, np.asarray(Xj))
@@ -165,15 +193,22 @@ def test_conv2d_vjp_takes_eq_5_20_at_stride_1_and_can_skip_xbar(rng, monkeypatch
 
 def test_conv_errors_name_the_argument():
     X, K = np.zeros((2, 3, 5, 5)), np.zeros((4, 2, 3, 3))
-    with pytest.raises(ValueError, match=r"K must have X's 3 input channels.*\(4, 2, 3, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"K must have X's 3 input channels.*\(4, 2, 3, 3\)"
+    ):
         L.conv2d(X, K)
     with pytest.raises(ValueError, match=r"X must be 4-D, got shape \(5, 5\)"):
         L.conv2d(np.zeros((5, 5)), K)
-    with pytest.raises(ValueError, match=r"cotangent G must have the output's shape \(2, 4, 3, 3\), got \(2, 4, 5, 5\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"cotangent G must have the output's shape \(2, 4, 3, 3\), got \(2, 4, 5, 5\)",
+    ):
         L.conv2d_vjp(X, np.zeros((4, 3, 3, 3)), np.zeros((2, 4, 5, 5)))
     with pytest.raises(ValueError, match="stride must be a positive integer, got 0"):
         L.conv2d(X, np.zeros((4, 3, 3, 3)), stride=0)
-    with pytest.raises(ValueError, match=r"a 7 x 7 kernel does not fit images of shape \(2, 3, 5, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"a 7 x 7 kernel does not fit images of shape \(2, 3, 5, 5\)"
+    ):
         L.conv2d(X, np.zeros((4, 3, 7, 7)))
     with pytest.raises(ValueError, match="X must be finite, got nan"):
         L.conv2d(np.full((1, 3, 5, 5), np.nan), np.zeros((4, 3, 3, 3)))
@@ -181,9 +216,13 @@ def test_conv_errors_name_the_argument():
         L.im2col(X, 2.5, 3)
     with pytest.raises(ValueError, match="kw must be a positive integer, got None"):
         L.im2col(X, 3, None)
-    with pytest.raises(ValueError, match="padding must be a non-negative integer, got -1"):
+    with pytest.raises(
+        ValueError, match="padding must be a non-negative integer, got -1"
+    ):
         L.col2im(np.zeros((18, 27)), X.shape, 3, 3, 1, -1)
-    assert L.im2col(X, 3.0, 3).shape == L.im2col(X, 3, 3).shape       # integral floats are integers
+    assert (
+        L.im2col(X, 3.0, 3).shape == L.im2col(X, 3, 3).shape
+    )  # integral floats are integers
 
 
 # ----- ReLU and pooling -----
@@ -202,11 +241,13 @@ def test_relu_derivative_at_zero_is_zero_as_in_jax():
     G = np.array([1.0, 1.0, -3.0, 1.0])
     expected = np.asarray(jax.vjp(jax.nn.relu, jnp.asarray(x))[1](jnp.asarray(G))[0])
     np.testing.assert_array_equal(L.relu_vjp(x, G), expected)
-    np.testing.assert_array_equal(L.relu_jvp(x, G), np.asarray(jax.jvp(jax.nn.relu, (x,), (G,))[1]))
+    np.testing.assert_array_equal(
+        L.relu_jvp(x, G), np.asarray(jax.jvp(jax.nn.relu, (x,), (G,))[1])
+    )
     np.testing.assert_array_equal(L.relu_vjp(x, G), [0.0, 0.0, 0.0, 1.0])
 
 
-POOL = [(2, 2), (3, 1), (3, 2), (2, 3)]   # (size, stride): tiling, overlapping, gaps
+POOL = [(2, 2), (3, 1), (3, 2), (2, 3)]  # (size, stride): tiling, overlapping, gaps
 
 
 @settings(max_examples=30)
@@ -223,8 +264,16 @@ def test_max_pool_with_ties_matches_jax(pool, ties, seed):
     np.testing.assert_array_equal(Y, np.asarray(Yj))
     close(L.max_pool_vjp(X, G, size, stride), np.asarray(Xbar))
     close(L.max_pool_jvp(X, dX, size, stride), np.asarray(dY))
-    assert dot_product_gap(lambda X, dX: L.max_pool_jvp(X, dX, size, stride),
-                           lambda X, G: L.max_pool_vjp(X, G, size, stride), (X,), (dX,), G) < 1e-12
+    assert (
+        dot_product_gap(
+            lambda X, dX: L.max_pool_jvp(X, dX, size, stride),
+            lambda X, G: L.max_pool_vjp(X, G, size, stride),
+            (X,),
+            (dX,),
+            G,
+        )
+        < 1e-12
+    )
     S = L.max_pool_matrix(X[0], size, stride)
     np.testing.assert_array_equal(S @ X[0].ravel(), Y[0].ravel())
     assert np.all(S.sum(axis=1) == 1)
@@ -232,7 +281,9 @@ def test_max_pool_with_ties_matches_jax(pool, ties, seed):
 
 def test_max_pool_tie_goes_to_the_first_entry():
     X = np.ones((1, 1, 2, 2))
-    np.testing.assert_array_equal(L.max_pool_vjp(X, np.ones((1, 1, 1, 1)))[0, 0], [[1, 0], [0, 0]])
+    np.testing.assert_array_equal(
+        L.max_pool_vjp(X, np.ones((1, 1, 1, 1)))[0, 0], [[1, 0], [0, 0]]
+    )
 
 
 @settings(max_examples=20)
@@ -246,14 +297,25 @@ def test_avg_pool_matches_jax(pool, seed):
     Yj, Xbar, _ = jax_pool("avg", size, stride)(X, G, dX)
     close(Y, np.asarray(Yj))
     close(L.avg_pool_vjp(X, G, size, stride), np.asarray(Xbar))
-    assert dot_product_gap(lambda X, dX: L.avg_pool_jvp(X, dX, size, stride),
-                           lambda X, G: L.avg_pool_vjp(X, G, size, stride), (X,), (dX,), G) < 1e-12
+    assert (
+        dot_product_gap(
+            lambda X, dX: L.avg_pool_jvp(X, dX, size, stride),
+            lambda X, G: L.avg_pool_vjp(X, G, size, stride),
+            (X,),
+            (dX,),
+            G,
+        )
+        < 1e-12
+    )
 
 
 def test_pool_errors_name_the_argument():
     with pytest.raises(ValueError, match="size must be a positive integer, got 0"):
         L.max_pool(np.zeros((1, 1, 4, 4)), 0)
-    with pytest.raises(ValueError, match=r"cotangent G must have the output's shape \(1, 1, 2, 2\), got \(1, 1, 4, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"cotangent G must have the output's shape \(1, 1, 2, 2\), got \(1, 1, 4, 4\)",
+    ):
         L.max_pool_vjp(np.zeros((1, 1, 4, 4)), np.zeros((1, 1, 4, 4)))
     with pytest.raises(ValueError, match=r"dX must have the primal's shape"):
         L.avg_pool_jvp(np.zeros((1, 1, 4, 4)), np.zeros((1, 1, 4)))
@@ -262,8 +324,12 @@ def test_pool_errors_name_the_argument():
     with pytest.raises(ValueError, match="stride must be a positive integer, got 1.5"):
         L.avg_pool(np.zeros((1, 1, 4, 4)), 2, 1.5)
     X = np.arange(16.0).reshape(1, 1, 4, 4)
-    np.testing.assert_array_equal(L.max_pool(X, 2.0), L.max_pool(X, 2))   # integral floats are integers
-    np.testing.assert_array_equal(L.max_pool_matrix(X[0], 2.0), L.max_pool_matrix(X[0], 2))
+    np.testing.assert_array_equal(
+        L.max_pool(X, 2.0), L.max_pool(X, 2)
+    )  # integral floats are integers
+    np.testing.assert_array_equal(
+        L.max_pool_matrix(X[0], 2.0), L.max_pool_matrix(X[0], 2)
+    )
 
 
 # ----- Batch and layer normalisation -----
@@ -273,7 +339,11 @@ NORM_SHAPES = [(1, 5), (4, 1), (6, 9)]
 
 @pytest.mark.parametrize("name, axis", [("batch_norm", 1), ("layer_norm", 0)])
 @settings(max_examples=30)
-@given(shape=st.sampled_from(NORM_SHAPES), eps=st.sampled_from([1e-5, 0.1, 1.0]), seed=seeds)
+@given(
+    shape=st.sampled_from(NORM_SHAPES),
+    eps=st.sampled_from([1e-5, 0.1, 1.0]),
+    seed=seeds,
+)
 def test_norm_vjp_and_dot_product(name, axis, shape, eps, seed):
     fwd, jvp, vjp = (getattr(L, name + suffix) for suffix in ("", "_jvp", "_vjp"))
     rng = np.random.default_rng(seed)
@@ -282,10 +352,18 @@ def test_norm_vjp_and_dot_product(name, axis, shape, eps, seed):
     close(fwd(X, gamma, beta, eps), np.asarray(Yj))
     ours = vjp(X, gamma, beta, G, eps=eps)
     scale = np.linalg.norm(theirs[1]) + np.linalg.norm(theirs[2])
-    for a, b in zip(ours, theirs):   # Xbar is exactly 0 when a row (column) has one entry
+    for a, b in zip(
+        ours, theirs
+    ):  # Xbar is exactly 0 when a row (column) has one entry
         assert np.linalg.norm(a - np.asarray(b)) < TOL * (np.linalg.norm(b) + scale)
     tangents = draw(rng, shape, shape[:1], shape[:1])
-    gap = dot_product_gap(lambda *a: jvp(*a, eps=eps), lambda *a: vjp(*a, eps=eps), (X, gamma, beta), tangents, G)
+    gap = dot_product_gap(
+        lambda *a: jvp(*a, eps=eps),
+        lambda *a: vjp(*a, eps=eps),
+        (X, gamma, beta),
+        tangents,
+        G,
+    )
     assert gap < 1e-12
 
 
@@ -300,12 +378,19 @@ def test_batch_norm_wrong_form_fails(rng):
 
 def test_norm_extremes_and_errors():
     X = np.ones((2, 4))
-    Y = L.batch_norm(X, np.ones(2), np.array([3.0, -1.0]))   # constant rows: y = beta, finite
+    Y = L.batch_norm(
+        X, np.ones(2), np.array([3.0, -1.0])
+    )  # constant rows: y = beta, finite
     np.testing.assert_array_equal(Y, [[3.0] * 4, [-1.0] * 4])
-    assert np.all(np.isfinite(L.batch_norm_vjp(X, np.ones(2), np.zeros(2), np.ones((2, 4)))[0]))
+    assert np.all(
+        np.isfinite(L.batch_norm_vjp(X, np.ones(2), np.zeros(2), np.ones((2, 4)))[0])
+    )
     with pytest.raises(ValueError, match="constant row and eps = 0"):
         L.batch_norm(X, np.ones(2), np.zeros(2), eps=0.0)
-    with pytest.raises(ValueError, match=r"gamma must have shape \(2,\) \(one per row of X \(2, 4\)\), got \(4,\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"gamma must have shape \(2,\) \(one per row of X \(2, 4\)\), got \(4,\)",
+    ):
         L.layer_norm(X, np.ones(4), np.zeros(2))
     with pytest.raises(ValueError, match="eps must be finite and non-negative, got -1"):
         L.batch_norm(X, np.ones(2), np.zeros(2), eps=-1)
@@ -318,18 +403,27 @@ def test_constant_row_with_eps_zero_raises_even_when_the_mean_is_inexact(n, valu
     0.1s, and normalising that noise would give -1s and gradients near 1e17."""
     X = np.stack([np.full(n, value), np.arange(n, dtype=float)])
     for f in (L.batch_norm, L.batch_norm_vjp):
-        args = (X, np.ones(2), np.zeros(2)) + ((np.ones((2, n)),) if f is L.batch_norm_vjp else ())
+        args = (X, np.ones(2), np.zeros(2)) + (
+            (np.ones((2, n)),) if f is L.batch_norm_vjp else ()
+        )
         with pytest.raises(ValueError, match="constant row and eps = 0"):
             f(*args, eps=0.0)
     with pytest.raises(ValueError, match="constant column and eps = 0"):
         L.layer_norm(X.T.copy(), np.ones(n), np.zeros(n), eps=0.0)
-    Y = L.batch_norm(X, np.ones(2), np.zeros(2), eps=1e-5)   # eps > 0: the row maps to exactly 0
+    Y = L.batch_norm(
+        X, np.ones(2), np.zeros(2), eps=1e-5
+    )  # eps > 0: the row maps to exactly 0
     assert np.all(Y[0] == 0)
-    assert np.abs(L.batch_norm_vjp(X, np.ones(2), np.zeros(2), np.ones((2, n)))[0]).max() < 10
+    assert (
+        np.abs(L.batch_norm_vjp(X, np.ones(2), np.zeros(2), np.ones((2, n)))[0]).max()
+        < 10
+    )
 
 
 @pytest.mark.parametrize("name, axis", [("batch_norm", 1), ("layer_norm", 0)])
-@pytest.mark.parametrize("row", [[1e308, 1e308, -1e308], [1e200, -1e200, 0.0], [1e-200, -1e-200, 0.0]])
+@pytest.mark.parametrize(
+    "row", [[1e308, 1e308, -1e308], [1e200, -1e200, 0.0], [1e-200, -1e-200, 0.0]]
+)
 def test_norm_of_huge_and_tiny_values_matches_the_scaled_row(name, axis, row):
     """Normalisation is scale-invariant at eps = 0: x and x / max|x| give the same Xhat,
     and Xbar scales by 1 / max|x|. No overflow to NaN or silent zeros."""
@@ -345,27 +439,41 @@ def test_norm_of_huge_and_tiny_values_matches_the_scaled_row(name, axis, row):
 
 
 def test_norm_gradient_that_overflows_raises():
-    X = np.array([[1e-310, -1e-310, 0.0]])                   # a subnormal standard deviation
-    with pytest.raises(ValueError, match="Xbar overflows: X has a standard deviation of"):
-        L.batch_norm_vjp(X, np.ones(1), np.zeros(1), np.array([[1.0, 2.0, 4.0]]), eps=0.0)
-    assert np.all(np.isfinite(L.batch_norm_vjp(X, np.ones(1), np.zeros(1), np.ones((1, 3)))[0]))
+    X = np.array([[1e-310, -1e-310, 0.0]])  # a subnormal standard deviation
+    with pytest.raises(
+        ValueError, match="Xbar overflows: X has a standard deviation of"
+    ):
+        L.batch_norm_vjp(
+            X, np.ones(1), np.zeros(1), np.array([[1.0, 2.0, 4.0]]), eps=0.0
+        )
+    assert np.all(
+        np.isfinite(L.batch_norm_vjp(X, np.ones(1), np.zeros(1), np.ones((1, 3)))[0])
+    )
 
 
 # ----- Attention -----
 
-ATT = [(5, 4, 3, 2), (1, 3, 2, 4), (6, 2, 1, 3)]   # (n, m, d, e)
+ATT = [(5, 4, 3, 2), (1, 3, 2, 4), (6, 2, 1, 3)]  # (n, m, d, e)
 
 
 @settings(max_examples=30)
-@given(st.sampled_from(ATT), st.sampled_from(["none", "random", "causal", "dead rows"]), seeds)
+@given(
+    st.sampled_from(ATT),
+    st.sampled_from(["none", "random", "causal", "dead rows"]),
+    seeds,
+)
 def test_attention_vjp_and_masks(shape, kind, seed):
     n, m, d, e = shape
     rng = np.random.default_rng(seed)
     Q, K, V, G = draw(rng, (n, d), (m, d), (m, e), (n, e))
-    mask = {"none": np.ones((n, m), bool), "random": rng.random((n, m)) < 0.6,
-            "causal": np.tri(n, m, dtype=bool), "dead rows": rng.random((n, m)) < 0.5}[kind]
+    mask = {
+        "none": np.ones((n, m), bool),
+        "random": rng.random((n, m)) < 0.6,
+        "causal": np.tri(n, m, dtype=bool),
+        "dead rows": rng.random((n, m)) < 0.5,
+    }[kind]
     if kind == "dead rows":
-        mask[rng.integers(n)] = False       # at least one fully masked row
+        mask[rng.integers(n)] = False  # at least one fully masked row
     arg = None if kind == "none" else mask
     O = L.attention(Q, K, V, arg)
     Oj, theirs = jax_attention_vjp(Q, K, V, mask, G)
@@ -377,23 +485,37 @@ def test_attention_vjp_and_masks(shape, kind, seed):
     dead = ~mask.any(axis=1)
     assert np.all(O[dead] == 0) and np.all(ours[0][dead] == 0)
     tangents = draw(rng, Q.shape, K.shape, V.shape)
-    gap = dot_product_gap(lambda *a: L.attention_jvp(*a, mask=arg), lambda *a: L.attention_vjp(*a, mask=arg),
-                          (Q, K, V), tangents, G)
+    gap = dot_product_gap(
+        lambda *a: L.attention_jvp(*a, mask=arg),
+        lambda *a: L.attention_vjp(*a, mask=arg),
+        (Q, K, V),
+        tangents,
+        G,
+    )
     assert gap < 1e-12
 
 
 def test_attention_extremes_and_errors(rng):
     Q, K, V = draw(rng, (3, 2), (4, 2), (4, 2))
-    O = L.attention(1e6 * Q, K, V)                 # saturated softmax: finite, a selection
+    O = L.attention(1e6 * Q, K, V)  # saturated softmax: finite, a selection
     assert np.all(np.isfinite(O))
     assert np.all(L.attention(Q, K, V, np.zeros((3, 4), bool)) == 0)
-    with pytest.raises(ValueError, match=r"mask must be a boolean array of shape \(3, 4\), got int64 \(3, 4\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"mask must be a boolean array of shape \(3, 4\), got int64 \(3, 4\)",
+    ):
         L.attention(Q, K, V, np.ones((3, 4), int))
-    with pytest.raises(ValueError, match=r"K with Q's 2 columns, got Q \(3, 2\) and K \(4, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"K with Q's 2 columns, got Q \(3, 2\) and K \(4, 3\)"
+    ):
         L.attention(Q, np.zeros((4, 3)), V)
-    with pytest.raises(ValueError, match=r"V with K's 4 rows, got K \(4, 2\) and V \(3, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"V with K's 4 rows, got K \(4, 2\) and V \(3, 2\)"
+    ):
         L.attention(Q, K, np.zeros((3, 2)))
-    with pytest.raises(ValueError, match=r"the scores S = Q K\^T / sqrt\(d\) must be finite, got -?inf"):
+    with pytest.raises(
+        ValueError, match=r"the scores S = Q K\^T / sqrt\(d\) must be finite, got -?inf"
+    ):
         L.attention(1e200 * Q, 1e200 * K, V)
     # one key: every query attends to it with probability 1 (the softmax runs along rows)
     np.testing.assert_array_equal(L.attention_probs(Q, K[:1]), np.ones((3, 1)))
@@ -407,12 +529,21 @@ def jax_cnn(params, X, labels, eps):
     """An independent JAX model; eps adds a zero perturbation to every layer's output, so
     that the gradient with respect to eps is that layer's cotangent."""
     K, b, W, c = params
-    A = lax.conv_general_dilated(X, K, (1, 1), [(1, 1), (1, 1)]) + b[None, :, None, None] + eps["A"]
+    A = (
+        lax.conv_general_dilated(X, K, (1, 1), [(1, 1), (1, 1)])
+        + b[None, :, None, None]
+        + eps["A"]
+    )
     R = jax.nn.relu(A) + eps["R"]
-    M = lax.reduce_window(R, -jnp.inf, lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID") + eps["M"]
+    M = (
+        lax.reduce_window(R, -jnp.inf, lax.max, (1, 1, 2, 2), (1, 1, 2, 2), "VALID")
+        + eps["M"]
+    )
     h = M.reshape(M.shape[0], -1).T + eps["h"]
     Z = W @ h + c[:, None] + eps["Z"]
-    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(Z, axis=0), labels[None], axis=0))
+    return -jnp.mean(
+        jnp.take_along_axis(jax.nn.log_softmax(Z, axis=0), labels[None], axis=0)
+    )
 
 
 def test_cnn_gradient_matches_jax_at_every_layer(rng):
@@ -422,12 +553,17 @@ def test_cnn_gradient_matches_jax_at_every_layer(rng):
     loss, grads, cot = L.cnn_grad(params, X, labels)
     act = L.cnn_forward(params, X)
     eps = {k: jnp.zeros(act[k].shape) for k in cot}
-    value, (gp, ge) = jax.jit(jax.value_and_grad(jax_cnn, argnums=(0, 3)))(params, X, labels, eps)
+    value, (gp, ge) = jax.jit(jax.value_and_grad(jax_cnn, argnums=(0, 3)))(
+        params, X, labels, eps
+    )
     assert abs(loss - float(value)) < 1e-12
     for a, b in zip(grads, gp):
         close(a, np.asarray(b))
     for k in cot:
         close(cot[k], np.asarray(ge[k]))
     assert L.cnn_loss(params, X, labels) == loss
-    with pytest.raises(ValueError, match=r"labels must be a non-empty 1-D array of integers in \[0, 10\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"labels must be a non-empty 1-D array of integers in \[0, 10\)",
+    ):
         L.cnn_grad(params, X, labels + 5)

@@ -44,7 +44,9 @@ def jax_logistic_loss(theta, X, y, l2):
 
 
 def jax_multinomial_loss(Theta, X, Y, l2):
-    return -jnp.sum(Y * jax.nn.log_softmax(Theta.T @ X, axis=0)) + 0.5 * l2 * jnp.sum(Theta**2)
+    return -jnp.sum(Y * jax.nn.log_softmax(Theta.T @ X, axis=0)) + 0.5 * l2 * jnp.sum(
+        Theta**2
+    )
 
 
 def jax_logistic(X, y, l2):
@@ -60,14 +62,20 @@ def jax_multinomial(X, Y, l2):
 # Hessian of each oracle in one call.
 @jax.jit
 def jax_logistic_all(theta, X, y, l2):
-    return (jax_logistic_loss(theta, X, y, l2), jax.grad(jax_logistic_loss)(theta, X, y, l2),
-            jax.hessian(jax_logistic_loss)(theta, X, y, l2))
+    return (
+        jax_logistic_loss(theta, X, y, l2),
+        jax.grad(jax_logistic_loss)(theta, X, y, l2),
+        jax.hessian(jax_logistic_loss)(theta, X, y, l2),
+    )
 
 
 @jax.jit
 def jax_multinomial_all(Theta, X, Y, l2):
-    return (jax_multinomial_loss(Theta, X, Y, l2), jax.grad(jax_multinomial_loss)(Theta, X, Y, l2),
-            jax.hessian(jax_multinomial_loss)(Theta, X, Y, l2))
+    return (
+        jax_multinomial_loss(Theta, X, Y, l2),
+        jax.grad(jax_multinomial_loss)(Theta, X, Y, l2),
+        jax.hessian(jax_multinomial_loss)(Theta, X, Y, l2),
+    )
 
 
 def binary_problem(seed, d, n, scale=1.0):
@@ -106,8 +114,12 @@ def distribution(rng, m, zeros=False):
 def test_cross_entropy_is_entropy_plus_kl(seed, m):
     rng = np.random.default_rng(seed)
     p, q = distribution(rng, m, zeros=True), distribution(rng, m)
-    assert cross_entropy(p, q) == pytest.approx(entropy(p) + kl_divergence(p, q), rel=1e-12, abs=1e-14)
-    assert cross_entropy(p, q) == pytest.approx(-float(np.sum(np.where(p > 0, p * np.log(q), 0.0))))
+    assert cross_entropy(p, q) == pytest.approx(
+        entropy(p) + kl_divergence(p, q), rel=1e-12, abs=1e-14
+    )
+    assert cross_entropy(p, q) == pytest.approx(
+        -float(np.sum(np.where(p > 0, p * np.log(q), 0.0)))
+    )
     assert kl_divergence(p, q) >= -1e-15
     assert kl_divergence(p, p) == pytest.approx(0.0, abs=1e-15)
 
@@ -117,7 +129,9 @@ def test_cross_entropy_grad_matches_jax(seed, m):
     rng = np.random.default_rng(seed)
     p, q = distribution(rng, m, zeros=True), distribution(rng, m)
     expected = jax_grad(lambda q_: -jnp.asarray(p) @ jnp.log(q_), q)
-    check_close("cross_entropy_grad", cross_entropy_grad(p, q), expected, "jax.grad", TOL)
+    check_close(
+        "cross_entropy_grad", cross_entropy_grad(p, q), expected, "jax.grad", TOL
+    )
 
 
 def test_cross_entropy_grad_has_the_minus_sign(rng):
@@ -163,7 +177,9 @@ def test_cross_entropy_grad_needs_positive_q():
 def test_logistic_matches_jax(seed, d, n, l2, scale):
     theta, X, y = binary_problem(seed, d, n, scale)
     value, grad, hess = (np.asarray(a) for a in jax_logistic_all(theta, X, y, l2))
-    assert logistic_loss(theta, X, y, l2) == pytest.approx(float(value), rel=1e-12, abs=1e-12)
+    assert logistic_loss(theta, X, y, l2) == pytest.approx(
+        float(value), rel=1e-12, abs=1e-12
+    )
     check_close("logistic_grad", logistic_grad(theta, X, y, l2), grad, "jax.grad", TOL)
     H = logistic_hessian(theta, X, y, l2)
     if scale < 1e3:
@@ -185,17 +201,26 @@ def test_logistic_large_logits_are_finite():
     X = np.array([[1.0, -1.0, 1.0, -1.0]])
     y = np.array([1.0, 1.0, 0.0, 0.0])
     theta = np.array([1e4])
-    assert logistic_loss(theta, X, y) == pytest.approx(2e4)  # two wrong by 1e4, two right
+    assert logistic_loss(theta, X, y) == pytest.approx(
+        2e4
+    )  # two wrong by 1e4, two right
     assert np.allclose(logistic_grad(theta, X, y), [2.0])  # pi - y = 0, -1, 1, 0
     assert np.all(np.isfinite(logistic_hessian(theta, X, y)))
     f = jax_logistic(X, y, 0.0)
-    check_close("grad at 1e4", logistic_grad(theta, X, y), jax_grad(f, theta), "jax.grad", TOL)
+    check_close(
+        "grad at 1e4", logistic_grad(theta, X, y), jax_grad(f, theta), "jax.grad", TOL
+    )
 
 
 @pytest.mark.parametrize(
     "theta_shape, X_shape, y, message",
     [
-        ((3,), (4, 5), [0, 1, 0, 1, 1], r"X has shape \(4, 5\) \(d = 4\) but theta has shape \(3,\)"),
+        (
+            (3,),
+            (4, 5),
+            [0, 1, 0, 1, 1],
+            r"X has shape \(4, 5\) \(d = 4\) but theta has shape \(3,\)",
+        ),
         ((4,), (4, 5), [0, 1, 0, 1], r"y has 4 observations but X has shape \(4, 5\)"),
         ((4,), (4, 5), [0, 1, 2, 1, 1], r"labels in \{0, 1\}, got y\[2\] = 2"),
         ((4,), (4, 5), [0, 1, -1, 1, 1], r"y\[2\] = -1"),
@@ -223,8 +248,12 @@ def test_bad_l2(l2):
 def test_multinomial_matches_jax(seed, d, n, k, l2, scale):
     Theta, X, Y = multinomial_problem(seed, d, n, k, scale)
     value, grad, hess = (np.asarray(a) for a in jax_multinomial_all(Theta, X, Y, l2))
-    assert multinomial_loss(Theta, X, Y, l2) == pytest.approx(float(value), rel=1e-12, abs=1e-12)
-    check_close("multinomial_grad", multinomial_grad(Theta, X, Y, l2), grad, "jax.grad", TOL)
+    assert multinomial_loss(Theta, X, Y, l2) == pytest.approx(
+        float(value), rel=1e-12, abs=1e-12
+    )
+    check_close(
+        "multinomial_grad", multinomial_grad(Theta, X, Y, l2), grad, "jax.grad", TOL
+    )
     H = multinomial_hessian(Theta, X, Y, l2)
     assert H.shape == (d * k, d * k)
     hess = to_vec_layout(hess, (d, k), (d, k))
@@ -240,7 +269,13 @@ def test_multinomial_hessian_through_check_module(rng):
     # the same comparison through derivlib.check's own vec-layout conversion
     Theta, X, Y = multinomial_problem(7, 3, 2, 4)
     H = jax_hessian(jax_multinomial(X, Y, 0.5), Theta)
-    check_close("multinomial_hessian", multinomial_hessian(Theta, X, Y, 0.5), H, "jax.hessian", TOL)
+    check_close(
+        "multinomial_hessian",
+        multinomial_hessian(Theta, X, Y, 0.5),
+        H,
+        "jax.hessian",
+        TOL,
+    )
 
 
 def test_multinomial_hessian_kronecker_form(rng):
@@ -248,8 +283,12 @@ def test_multinomial_hessian_kronecker_form(rng):
     Theta, X, Y = multinomial_problem(3, 3, 5, 4)
     Z = Theta.T @ X
     Pi = np.exp(Z) / np.exp(Z).sum(axis=0)
-    H = sum(np.kron(np.diag(p) - np.outer(p, p), np.outer(x, x)) for p, x in zip(Pi.T, X.T))
-    check_close("Kronecker sum", multinomial_hessian(Theta, X, Y), H, "the sum over i", TOL)
+    H = sum(
+        np.kron(np.diag(p) - np.outer(p, p), np.outer(x, x)) for p, x in zip(Pi.T, X.T)
+    )
+    check_close(
+        "Kronecker sum", multinomial_hessian(Theta, X, Y), H, "the sum over i", TOL
+    )
 
 
 def test_multinomial_is_over_parametrised(rng):
@@ -257,7 +296,9 @@ def test_multinomial_is_over_parametrised(rng):
     Theta, X, Y = multinomial_problem(4, 3, 6, 4)
     v = rng.standard_normal(3)
     shifted = Theta + v[:, None]
-    assert multinomial_loss(shifted, X, Y) == pytest.approx(multinomial_loss(Theta, X, Y))
+    assert multinomial_loss(shifted, X, Y) == pytest.approx(
+        multinomial_loss(Theta, X, Y)
+    )
     H = multinomial_hessian(Theta, X, Y)
     assert np.linalg.norm(H @ np.tile(v, 4)) < 1e-12 * np.linalg.norm(H)
 
@@ -267,7 +308,9 @@ def test_multinomial_hessian_without_cancellation():
     X, Y = np.ones((1, 1)), np.array([[1.0], [0.0]])
     Theta = np.array([[0.0, -np.log(1e32)]])
     H = multinomial_hessian(Theta, X, Y)
-    assert H == pytest.approx(1e-32 * np.array([[1.0, -1.0], [-1.0, 1.0]]), rel=1e-12, abs=0)
+    assert H == pytest.approx(
+        1e-32 * np.array([[1.0, -1.0], [-1.0, 1.0]]), rel=1e-12, abs=0
+    )
 
 
 def test_multinomial_large_logits_are_finite():
@@ -277,27 +320,68 @@ def test_multinomial_large_logits_are_finite():
     # logits columns: (1e4, 0, -1e4), (-1e4, 0, 1e4), (2e4, 0, -2e4)
     assert multinomial_loss(Theta, X, Y) == pytest.approx(2e4 + 4e4)
     f = jax_multinomial(X, Y, 0.0)
-    check_close("grad at 1e4", multinomial_grad(Theta, X, Y), jax_grad(f, Theta), "jax.grad", TOL)
+    check_close(
+        "grad at 1e4",
+        multinomial_grad(Theta, X, Y),
+        jax_grad(f, Theta),
+        "jax.grad",
+        TOL,
+    )
     assert np.all(np.isfinite(multinomial_hessian(Theta, X, Y)))
 
 
 @pytest.mark.parametrize(
     "Theta_shape, X_shape, Y, message",
     [
-        ((4, 3), (4, 2), np.eye(3)[:, [0, 1, 2]], r"Y has 3 observations but X has shape \(4, 2\)"),
-        ((4, 2), (4, 3), np.eye(3)[:, [0, 1, 2]], r"Theta must have shape \(d, k\) = \(4, 3\).*got \(4, 2\)"),
+        (
+            (4, 3),
+            (4, 2),
+            np.eye(3)[:, [0, 1, 2]],
+            r"Y has 3 observations but X has shape \(4, 2\)",
+        ),
+        (
+            (4, 2),
+            (4, 3),
+            np.eye(3)[:, [0, 1, 2]],
+            r"Theta must have shape \(d, k\) = \(4, 3\).*got \(4, 2\)",
+        ),
         ((3, 3), (4, 3), np.eye(3)[:, [0, 1, 2]], r"\(d, k\) = \(4, 3\).*got \(3, 3\)"),
-        ((4, 3), (4, 3), np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1.0]]),
-         r"^Y must hold one probability vector per column.*Y has shape \(k, n\) = \(3, 3\): column 0 sums to 2$"),
-        ((4, 3), (4, 3), np.array([[1, 0, 0], [0, 0, 0], [0, 0, 1.0]]), r"\(k, n\) = \(3, 3\): column 1 sums to 0$"),
-        ((4, 3), (4, 3), np.array([[0.5, 0, 0], [0.4, 1, 0], [0, 0, 1.0]]), r"\(3, 3\): column 0 sums to 0.9$"),
-        ((4, 3), (4, 3), np.array([[1.5, 0, 0], [-0.5, 1, 0], [0, 0, 1.0]]),
-         r"^Y must hold one probability vector per column \(entries >= 0\), Y has shape \(k, n\) = \(3, 3\): got Y\[1, 0\] = -0.5$"),
-        ((4, 3), (4, 3), np.array([[np.nan, 0, 0], [0, 1, 0], [0, 0, 1.0]]), "^Y must be finite"),
+        (
+            (4, 3),
+            (4, 3),
+            np.array([[1, 0, 0], [1, 1, 0], [0, 0, 1.0]]),
+            r"^Y must hold one probability vector per column.*Y has shape \(k, n\) = \(3, 3\): column 0 sums to 2$",
+        ),
+        (
+            (4, 3),
+            (4, 3),
+            np.array([[1, 0, 0], [0, 0, 0], [0, 0, 1.0]]),
+            r"\(k, n\) = \(3, 3\): column 1 sums to 0$",
+        ),
+        (
+            (4, 3),
+            (4, 3),
+            np.array([[0.5, 0, 0], [0.4, 1, 0], [0, 0, 1.0]]),
+            r"\(3, 3\): column 0 sums to 0.9$",
+        ),
+        (
+            (4, 3),
+            (4, 3),
+            np.array([[1.5, 0, 0], [-0.5, 1, 0], [0, 0, 1.0]]),
+            r"^Y must hold one probability vector per column \(entries >= 0\), Y has shape \(k, n\) = \(3, 3\): got Y\[1, 0\] = -0.5$",
+        ),
+        (
+            (4, 3),
+            (4, 3),
+            np.array([[np.nan, 0, 0], [0, 1, 0], [0, 0, 1.0]]),
+            "^Y must be finite",
+        ),
         ((4, 3), (4, 3), np.array([0, 1, 2.0]), r"Y must be 2-D, got shape \(3,\)"),
     ],
 )
-@pytest.mark.parametrize("fn", [multinomial_loss, multinomial_grad, multinomial_hessian])
+@pytest.mark.parametrize(
+    "fn", [multinomial_loss, multinomial_grad, multinomial_hessian]
+)
 def test_multinomial_bad_input(fn, Theta_shape, X_shape, Y, message):
     with pytest.raises(ValueError, match=message):
         fn(np.zeros(Theta_shape), np.ones(X_shape), Y)
@@ -308,7 +392,9 @@ def test_multinomial_bad_input(fn, Theta_shape, X_shape, Y, message):
 
 def soft_labels(seed, k, n, kind):
     rng = np.random.default_rng(seed)
-    if kind == "dirichlet":  # arbitrary probability vectors, some entries exactly 1 or 0
+    if (
+        kind == "dirichlet"
+    ):  # arbitrary probability vectors, some entries exactly 1 or 0
         Y = rng.dirichlet(np.ones(k), n).T
         Y[:, :1] = np.eye(k)[:, :1]
         return Y
@@ -316,15 +402,35 @@ def soft_labels(seed, k, n, kind):
     return (1 - eps) * np.eye(k)[:, rng.integers(0, k, n)] + eps / k
 
 
-@given(seeds, dims, dims, st.sampled_from([2, 4]), l2s, st.sampled_from(["dirichlet", "smoothing"]))
+@given(
+    seeds,
+    dims,
+    dims,
+    st.sampled_from([2, 4]),
+    l2s,
+    st.sampled_from(["dirichlet", "smoothing"]),
+)
 def test_multinomial_soft_labels_match_jax(seed, d, n, k, l2, kind):
     Theta, X, _ = multinomial_problem(seed, d, n, k)
     Y = soft_labels(seed, k, n, kind)
     value, grad, hess = (np.asarray(a) for a in jax_multinomial_all(Theta, X, Y, l2))
-    assert multinomial_loss(Theta, X, Y, l2) == pytest.approx(float(value), rel=1e-12, abs=1e-12)
-    check_close("multinomial_grad, soft labels", multinomial_grad(Theta, X, Y, l2), grad, "jax.grad", TOL)
-    check_close("multinomial_hessian, soft labels", multinomial_hessian(Theta, X, Y, l2),
-                to_vec_layout(hess, (d, k), (d, k)), "jax.hessian", TOL)
+    assert multinomial_loss(Theta, X, Y, l2) == pytest.approx(
+        float(value), rel=1e-12, abs=1e-12
+    )
+    check_close(
+        "multinomial_grad, soft labels",
+        multinomial_grad(Theta, X, Y, l2),
+        grad,
+        "jax.grad",
+        TOL,
+    )
+    check_close(
+        "multinomial_hessian, soft labels",
+        multinomial_hessian(Theta, X, Y, l2),
+        to_vec_layout(hess, (d, k), (d, k)),
+        "jax.hessian",
+        TOL,
+    )
 
 
 def test_soft_label_gradient_keeps_precision_at_large_logits():
@@ -333,8 +439,13 @@ def test_soft_label_gradient_keeps_precision_at_large_logits():
     X = np.array([[1.0, 1.0]])
     Y = np.array([[1.0, 0.9], [0.0, 0.1]])
     Theta = np.array([[1e3, 0.0]])
-    check_close("grad at 1e3", multinomial_grad(Theta, X, Y), jax_grad(jax_multinomial(X, Y, 0.0), Theta),
-                "jax.grad", TOL)
+    check_close(
+        "grad at 1e3",
+        multinomial_grad(Theta, X, Y),
+        jax_grad(jax_multinomial(X, Y, 0.0), Theta),
+        "jax.grad",
+        TOL,
+    )
 
 
 def test_fit_multinomial_soft_labels_match_weighted_sklearn(rng):
@@ -347,8 +458,16 @@ def test_fit_multinomial_soft_labels_match_weighted_sklearn(rng):
     Y = soft_labels(5, k, n, "dirichlet")
     Theta = fit_multinomial(X, Y, l2=l2)
     assert np.max(np.abs(multinomial_grad(Theta, X, Y, l2))) < 1e-9 * n
-    model = LogisticRegression(C=1.0 / l2, fit_intercept=False, solver="newton-cholesky", tol=1e-12, max_iter=200)
-    model.fit(np.tile(X.T, (k, 1)), np.repeat(np.arange(k), n), sample_weight=Y.reshape(-1))
+    model = LogisticRegression(
+        C=1.0 / l2,
+        fit_intercept=False,
+        solver="newton-cholesky",
+        tol=1e-12,
+        max_iter=200,
+    )
+    model.fit(
+        np.tile(X.T, (k, 1)), np.repeat(np.arange(k), n), sample_weight=Y.reshape(-1)
+    )
     assert np.max(np.abs(Theta - model.coef_.T)) < 1e-7
 
 
@@ -389,7 +508,13 @@ def digits():
 def sklearn_fit(X_rows, y, l2):
     from sklearn.linear_model import LogisticRegression
 
-    model = LogisticRegression(C=1.0 / l2, fit_intercept=False, solver="newton-cholesky", tol=1e-12, max_iter=200)
+    model = LogisticRegression(
+        C=1.0 / l2,
+        fit_intercept=False,
+        solver="newton-cholesky",
+        tol=1e-12,
+        max_iter=200,
+    )
     return model.fit(X_rows, y).coef_
 
 
@@ -400,7 +525,9 @@ def test_fit_logistic_matches_sklearn(breast_cancer, l2):
     assert history.converged and history.n_iter < 20
     assert np.max(np.abs(theta - sklearn_fit(X_rows, y, l2).ravel())) < 1e-8
     assert np.all(np.diff(history.loss) < 0)
-    assert np.linalg.norm(logistic_grad(theta, X_rows.T, y, l2)) <= 1e-10 * y.size * np.sqrt(y.size)
+    assert np.linalg.norm(
+        logistic_grad(theta, X_rows.T, y, l2)
+    ) <= 1e-10 * y.size * np.sqrt(y.size)
 
 
 def test_fit_multinomial_matches_sklearn(digits):
@@ -425,7 +552,9 @@ def test_fit_multinomial_k2_is_binary_logistic(breast_cancer):
     # softmax over two classes is the sigmoid of the difference of the two logits
     X_rows, y = breast_cancer
     Theta = fit_multinomial(X_rows.T, np.stack([1 - y, y]), l2=2.0)
-    theta = fit_logistic(X_rows.T, y, l2=1.0)  # theta = Theta_1 - Theta_0, ||.||^2 doubles
+    theta = fit_logistic(
+        X_rows.T, y, l2=1.0
+    )  # theta = Theta_1 - Theta_0, ||.||^2 doubles
     assert np.max(np.abs((Theta[:, 1] - Theta[:, 0]) - theta)) < 1e-8
 
 
@@ -477,7 +606,11 @@ def test_fit_returns_array_by_default(breast_cancer):
 
 @pytest.mark.parametrize(
     "kwargs, message",
-    [({"tol": 0.0}, "tol must be"), ({"max_iter": -1}, "max_iter must be"), ({"l2": -2.0}, "l2 must be")],
+    [
+        ({"tol": 0.0}, "tol must be"),
+        ({"max_iter": -1}, "max_iter must be"),
+        ({"l2": -2.0}, "l2 must be"),
+    ],
 )
 def test_fit_bad_options(breast_cancer, kwargs, message):
     X_rows, y = breast_cancer
@@ -486,7 +619,9 @@ def test_fit_bad_options(breast_cancer, kwargs, message):
 
 
 def test_fit_bad_shapes():
-    with pytest.raises(ValueError, match=r"y has 3 observations but X has shape \(2, 4\)"):
+    with pytest.raises(
+        ValueError, match=r"y has 3 observations but X has shape \(2, 4\)"
+    ):
         fit_logistic(np.ones((2, 4)), np.array([0.0, 1.0, 1.0]))
     with pytest.raises(ValueError, match="one-hot"):
         fit_multinomial(np.ones((2, 3)), np.ones((2, 3)))

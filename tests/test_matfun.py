@@ -61,14 +61,21 @@ def jax_spd_function(name):
     def f(S):
         lam, Q = jnp.linalg.eigh(S)
         return (Q * FUNCTIONS[name](lam)) @ Q.T
+
     return f
 
 
-JAX_SPD_VJP = {name: jax.jit(lambda S, G, f=jax_spd_function(name): jax.vjp(f, S)[1](G)[0])
-               for name in FUNCTIONS}
+JAX_SPD_VJP = {
+    name: jax.jit(lambda S, G, f=jax_spd_function(name): jax.vjp(f, S)[1](G)[0])
+    for name in FUNCTIONS
+}
 # All three values and gradients in one compiled call per shape, for the property test.
-JAX_SPD_ALL = jax.jit(lambda S, G: {name: (jax_spd_function(name)(S), jax.vjp(jax_spd_function(name), S)[1](G)[0])
-                                     for name in FUNCTIONS})
+JAX_SPD_ALL = jax.jit(
+    lambda S, G: {
+        name: (jax_spd_function(name)(S), jax.vjp(jax_spd_function(name), S)[1](G)[0])
+        for name in FUNCTIONS
+    }
+)
 
 
 def jax_eigvals(S):
@@ -92,7 +99,10 @@ def jax_polar(M):
 
 def jax_nll(X, mu, Sigma):
     R = X - mu[:, None]
-    return 0.5 * jnp.sum(R * jnp.linalg.solve(Sigma, R)) + 0.5 * X.shape[1] * jnp.linalg.slogdet(Sigma)[1]
+    return (
+        0.5 * jnp.sum(R * jnp.linalg.solve(Sigma, R))
+        + 0.5 * X.shape[1] * jnp.linalg.slogdet(Sigma)[1]
+    )
 
 
 def jitted_vjp(f):
@@ -102,7 +112,10 @@ def jitted_vjp(f):
 
 
 JAX_NLL_GRAD = jax.jit(jax.grad(jax_nll, argnums=(1, 2)))
-VJP = {f.__name__: jitted_vjp(f) for f in (jax_eigvals, jax_eigvecs, jax_svdvals, jax_polar)}
+VJP = {
+    f.__name__: jitted_vjp(f)
+    for f in (jax_eigvals, jax_eigvecs, jax_svdvals, jax_polar)
+}
 VJP["procrustes"] = jitted_vjp(lambda A, B: jax_polar(B @ A.T))
 
 
@@ -144,7 +157,11 @@ def assert_adjoint(jvp, vjp, primals, tangents, W):
 @given(seeds, st.sampled_from([1, 3]), st.sampled_from([1, 4]))
 def test_gaussian_nll_matches_scipy_and_jax(seed, d, n):
     rng = np.random.default_rng(seed)
-    X, mu, Sigma = rng.standard_normal((d, n)), rng.standard_normal(d), random_spd(rng, d)
+    X, mu, Sigma = (
+        rng.standard_normal((d, n)),
+        rng.standard_normal(d),
+        random_spd(rng, d),
+    )
     expected = -np.sum(multivariate_normal.logpdf(np.atleast_2d(X.T), mu, Sigma))
     assert gaussian_nll(X, mu, Sigma) == pytest.approx(expected, rel=1e-12, abs=1e-12)
     mu_bar, Sigma_bar = gaussian_nll_grad(X, mu, Sigma)
@@ -163,20 +180,29 @@ def test_gaussian_gradient_is_zero_at_the_mle(rng):
 
 
 def test_double_counting_symmetric_gradient_fails(rng):
-    X, mu, Sigma = rng.standard_normal((3, 4)), rng.standard_normal(3), random_spd(rng, 3)
+    X, mu, Sigma = (
+        rng.standard_normal((3, 4)),
+        rng.standard_normal(3),
+        random_spd(rng, 3),
+    )
     _, G = gaussian_nll_grad(X, mu, Sigma)
     dS = symmetric(rng, 3)
-    exact = np.sum(np.asarray(JAX_NLL_GRAD(X, mu, Sigma)[1]) * dS)  # the derivative along dS
+    exact = np.sum(
+        np.asarray(JAX_NLL_GRAD(X, mu, Sigma)[1]) * dS
+    )  # the derivative along dS
     assert np.sum(G * dS) == pytest.approx(float(exact), rel=1e-12)
     wrong = G + G.T - np.diag(np.diag(G))
     assert abs(np.sum(wrong * dS) - float(exact)) > 1e-3 * abs(float(exact))
 
 
-@pytest.mark.parametrize("args, message", [
-    (((3, 4), (2,), (3, 3)), r"mu must have shape \(3,\).*got \(2,\)"),
-    (((3, 4), (3,), (2, 2)), r"Sigma must have shape \(3, 3\).*got \(2, 2\)"),
-    (((3,), (3,), (3, 3)), r"X must be 2-D, got shape \(3,\)"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (((3, 4), (2,), (3, 3)), r"mu must have shape \(3,\).*got \(2,\)"),
+        (((3, 4), (3,), (2, 2)), r"Sigma must have shape \(3, 3\).*got \(2, 2\)"),
+        (((3,), (3,), (3, 3)), r"X must be 2-D, got shape \(3,\)"),
+    ],
+)
 def test_gaussian_bad_shapes(args, message):
     X, mu, Sigma = (np.ones(s) for s in args)
     Sigma = np.eye(Sigma.shape[0]) if Sigma.ndim == 2 else Sigma
@@ -185,7 +211,9 @@ def test_gaussian_bad_shapes(args, message):
 
 
 def test_gaussian_needs_spd_sigma():
-    with pytest.raises(ValueError, match="Sigma must be positive definite, got smallest eigenvalue -1"):
+    with pytest.raises(
+        ValueError, match="Sigma must be positive definite, got smallest eigenvalue -1"
+    ):
         gaussian_nll_grad(np.ones((2, 3)), np.zeros(2), np.diag([1.0, -1.0]))
     with pytest.raises(ValueError, match=r"Sigma must be symmetric.*shape \(2, 2\)"):
         gaussian_nll(np.ones((2, 3)), np.zeros(2), np.array([[1.0, 0.5], [0.0, 1.0]]))
@@ -198,7 +226,12 @@ def test_gaussian_needs_spd_sigma():
 @given(seeds, sizes)
 def test_eigh_rules_match_jax(seed, n):
     rng = np.random.default_rng(seed)
-    S, dS, G, g = symmetric(rng, n), rng.standard_normal((n, n)), rng.standard_normal((n, n)), rng.standard_normal(n)
+    S, dS, G, g = (
+        symmetric(rng, n),
+        rng.standard_normal((n, n)),
+        rng.standard_normal((n, n)),
+        rng.standard_normal(n),
+    )
     lam, Q = eigh(S)
     np.testing.assert_allclose((Q * lam) @ Q.T, S, atol=1e-12 * np.max(np.abs(S)))
     assert_close(eigvalsh_vjp(S, g), VJP["jax_eigvals"]((S,), g)[0])
@@ -219,7 +252,9 @@ def test_eigenvector_sign_convention(rng):
 
 
 def test_eigenvectors_of_a_repeated_eigenvalue_raise():
-    with pytest.raises(ValueError, match="eigvecsh_jvp needs distinct eigenvalues.*eigengap of 0"):
+    with pytest.raises(
+        ValueError, match="eigvecsh_jvp needs distinct eigenvalues.*eigengap of 0"
+    ):
         eigvecsh_jvp(np.diag([1.0, 2.0, 1.0]), np.eye(3))
     with pytest.raises(ValueError, match="eigvecsh_vjp needs distinct eigenvalues"):
         eigvecsh_vjp(np.eye(2), np.eye(2))
@@ -228,24 +263,38 @@ def test_eigenvectors_of_a_repeated_eigenvalue_raise():
 def test_eigenvalue_rules_at_a_repeated_eigenvalue_are_finite():
     # lam is not differentiable at a tie, but g -> Q diag(g) Q^T is the gradient of any
     # symmetric function of the eigenvalues, e.g. the trace (g = 1 gives I).
-    np.testing.assert_allclose(eigvalsh_vjp(np.eye(3), np.ones(3)), np.eye(3), atol=1e-15)
-    S = np.diag([2.0, 5.0, 2.0])  # log det: g = 1 / lam is constant on the tie, gradient S^-1
-    np.testing.assert_allclose(eigvalsh_vjp(S, 1 / eigh(S)[0]), np.linalg.inv(S), rtol=1e-15)
+    np.testing.assert_allclose(
+        eigvalsh_vjp(np.eye(3), np.ones(3)), np.eye(3), atol=1e-15
+    )
+    S = np.diag(
+        [2.0, 5.0, 2.0]
+    )  # log det: g = 1 / lam is constant on the tie, gradient S^-1
+    np.testing.assert_allclose(
+        eigvalsh_vjp(S, 1 / eigh(S)[0]), np.linalg.inv(S), rtol=1e-15
+    )
 
 
 def test_eigenvalue_rules_refuse_a_tie_where_there_is_no_derivative(rng):
     Q = random_orthogonal(rng, 3)
     S = (Q * np.array([1.0, 1.0, 4.0])) @ Q.T
     S = 0.5 * (S + S.T)
-    with pytest.raises(ValueError, match=r"eigvalsh_vjp: lam\[0:2\] are repeated eigenvalues \(1\); <g, lam> is "
-                                         r"differentiable there only if g is constant on them, got g\[0:2\] spread over 1"):
+    with pytest.raises(
+        ValueError,
+        match=r"eigvalsh_vjp: lam\[0:2\] are repeated eigenvalues \(1\); <g, lam> is "
+        r"differentiable there only if g is constant on them, got g\[0:2\] spread over 1",
+    ):
         eigvalsh_vjp(S, np.array([1.0, 2.0, 3.0]))
-    with pytest.raises(ValueError, match=r"eigvalsh_jvp needs distinct eigenvalues.*lam\[0:2\] equal to 1"):
+    with pytest.raises(
+        ValueError,
+        match=r"eigvalsh_jvp needs distinct eigenvalues.*lam\[0:2\] equal to 1",
+    ):
         eigvalsh_jvp(S, symmetric(rng, 3))
     # constant on the tie: the basis inside the eigenspace does not matter
     g = np.array([0.5, 0.5, 3.0])
     P = Q[:, :2] @ Q[:, :2].T
-    np.testing.assert_allclose(eigvalsh_vjp(S, g), 0.5 * P + 3.0 * (np.eye(3) - P), atol=1e-13)
+    np.testing.assert_allclose(
+        eigvalsh_vjp(S, g), 0.5 * P + 3.0 * (np.eye(3) - P), atol=1e-13
+    )
 
 
 # ----- Functions of SPD matrices -----
@@ -263,25 +312,40 @@ def test_spd_functions_match_jax(seed, n):
         value, grad = (np.asarray(a) for a in oracle[name])
         assert_close(spd_function(S, name), value, 1e-12)
         assert_close(spd_function_vjp(S, G, name), grad)
-        assert_adjoint(lambda S, dS: spd_function_jvp(S, dS, name),
-                       lambda S, W: spd_function_vjp(S, W, name), (S,), (dS,), G)
+        assert_adjoint(
+            lambda S, dS: spd_function_jvp(S, dS, name),
+            lambda S, W: spd_function_vjp(S, W, name),
+            (S,),
+            (dS,),
+            G,
+        )
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
-@given(seed=seeds, n=st.sampled_from([2, 3, 5]),
-       log_gap=st.sampled_from([-1.0, -4.0, -8.0, -12.0, -14.0, -np.inf]))
+@given(
+    seed=seeds,
+    n=st.sampled_from([2, 3, 5]),
+    log_gap=st.sampled_from([-1.0, -4.0, -8.0, -12.0, -14.0, -np.inf]),
+)
 def test_repeated_and_nearly_repeated_eigenvalues(name, seed, n, log_gap):
     """Never NaN, and accurate against the decimal reference at every gap, ties included."""
     rng = np.random.default_rng(seed)
     gap = 10.0**log_gap
-    lam = np.concatenate([2.0 + gap * np.arange(min(n, 3)), np.linspace(3.0, 6.0, n - min(n, 3))])
+    lam = np.concatenate(
+        [2.0 + gap * np.arange(min(n, 3)), np.linspace(3.0, 6.0, n - min(n, 3))]
+    )
     S, Q = spd_with_spectrum(rng, lam)
     G = rng.standard_normal((n, n))
     ours = spd_function_vjp(S, G, name)
     assert np.all(np.isfinite(ours))
     assert_close(ours, spd_function_vjp_reference(Q, lam, G, name), 1e-12)
-    assert_adjoint(lambda S, dS: spd_function_jvp(S, dS, name),
-                   lambda S, W: spd_function_vjp(S, W, name), (S,), (rng.standard_normal((n, n)),), G)
+    assert_adjoint(
+        lambda S, dS: spd_function_jvp(S, dS, name),
+        lambda S, W: spd_function_vjp(S, W, name),
+        (S,),
+        (rng.standard_normal((n, n)),),
+        G,
+    )
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
@@ -290,7 +354,9 @@ def test_exact_ties_where_jax_gives_nan(name):
     G = np.arange(9.0).reshape(3, 3)
     assert not np.all(np.isfinite(np.asarray(JAX_SPD_VJP[name](S, G))))
     ours = spd_function_vjp(S, G, name)
-    assert_close(ours, spd_function_vjp_reference(np.eye(3), np.diag(S), G, name), 1e-14)
+    assert_close(
+        ours, spd_function_vjp_reference(np.eye(3), np.diag(S), G, name), 1e-14
+    )
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
@@ -298,14 +364,25 @@ def test_exact_ties_where_jax_gives_nan(name):
 def test_loewner_matrix_against_decimal_reference(name, seed, n):
     rng = np.random.default_rng(seed)
     lam = rng.uniform(0.01, 100.0, n)
-    lam = np.concatenate([lam, lam + np.array([0.0, 1e-13] * (n // 2)), np.nextafter(lam, 200.0)])
+    lam = np.concatenate(
+        [lam, lam + np.array([0.0, 1e-13] * (n // 2)), np.nextafter(lam, 200.0)]
+    )
     L = loewner_matrix(lam, name)
     assert_close(L, divided_differences_reference(lam, name), 1e-13)
     np.testing.assert_array_equal(L, L.T)
 
 
-@pytest.mark.parametrize("a, b", [(1e100, 3.7e100), (3.7e-100, 1e-100), (1e300, 1e-300), (1.7e308, 1.6e308),
-                                  (2e200, 5e200), (7.0, 1e-5)])
+@pytest.mark.parametrize(
+    "a, b",
+    [
+        (1e100, 3.7e100),
+        (3.7e-100, 1e-100),
+        (1e300, 1e-300),
+        (1.7e308, 1.6e308),
+        (2e200, 5e200),
+        (7.0, 1e-5),
+    ],
+)
 def test_log_divided_difference_at_large_and_small_scales(a, b):
     """Far from 1 both logarithms are large and log a - log b cancels; log(a / b) does not."""
     lam = np.array([a, b])
@@ -315,11 +392,20 @@ def test_log_divided_difference_at_large_and_small_scales(a, b):
     np.testing.assert_array_equal(L, L.T)
 
 
-@pytest.mark.parametrize("lam, message", [
-    (np.array([np.inf, 1.0]), r"lam must be finite, got inf in lam of shape \(2,\)"),
-    (np.array([1.0, np.nan]), r"lam must be finite, got nan in lam of shape \(2,\)"),
-    (np.array([1.0, 0.0]), "lam must be positive, got min 0"),
-])
+@pytest.mark.parametrize(
+    "lam, message",
+    [
+        (
+            np.array([np.inf, 1.0]),
+            r"lam must be finite, got inf in lam of shape \(2,\)",
+        ),
+        (
+            np.array([1.0, np.nan]),
+            r"lam must be finite, got nan in lam of shape \(2,\)",
+        ),
+        (np.array([1.0, 0.0]), "lam must be positive, got min 0"),
+    ],
+)
 def test_loewner_matrix_bad_spectrum(lam, message):
     for name in FUNCTIONS:
         with pytest.raises(ValueError, match=message):
@@ -329,29 +415,49 @@ def test_loewner_matrix_bad_spectrum(lam, message):
 def test_identity_and_scalar_matrices():
     S = 4.0 * np.eye(3)
     G = np.arange(9.0).reshape(3, 3)
-    np.testing.assert_allclose(matfun.logm_spd_vjp(S, G), 0.25 * 0.5 * (G + G.T), rtol=1e-15)
-    np.testing.assert_allclose(matfun.sqrtm_spd_vjp(S, G), 0.25 * 0.5 * (G + G.T), rtol=1e-15)
-    np.testing.assert_allclose(matfun.invsqrtm_spd_vjp(S, G), -(1 / 16) * 0.5 * (G + G.T), rtol=1e-15)
+    np.testing.assert_allclose(
+        matfun.logm_spd_vjp(S, G), 0.25 * 0.5 * (G + G.T), rtol=1e-15
+    )
+    np.testing.assert_allclose(
+        matfun.sqrtm_spd_vjp(S, G), 0.25 * 0.5 * (G + G.T), rtol=1e-15
+    )
+    np.testing.assert_allclose(
+        matfun.invsqrtm_spd_vjp(S, G), -(1 / 16) * 0.5 * (G + G.T), rtol=1e-15
+    )
     np.testing.assert_allclose(matfun.sqrtm_spd(S), 2 * np.eye(3), rtol=1e-15)
     assert matfun.logm_spd(np.array([[np.e]]))[0, 0] == pytest.approx(1.0, rel=1e-15)
 
 
-@pytest.mark.parametrize("S, message", [
-    (np.diag([1.0, 0.0]), "S must be positive definite, got smallest eigenvalue 0"),
-    (np.diag([1.0, -2.0]), "S must be positive definite, got smallest eigenvalue -2"),
-    (np.array([[1.0, 2.0], [0.0, 1.0]]), r"S must be symmetric, got max \|S - S\^T\| = 2 for shape \(2, 2\)"),
-    (np.ones((2, 3)), r"S must be square, got shape \(2, 3\)"),
-    (np.array([[1.0, np.nan], [np.nan, 1.0]]), "S must be finite, got nan"),
-])
+@pytest.mark.parametrize(
+    "S, message",
+    [
+        (np.diag([1.0, 0.0]), "S must be positive definite, got smallest eigenvalue 0"),
+        (
+            np.diag([1.0, -2.0]),
+            "S must be positive definite, got smallest eigenvalue -2",
+        ),
+        (
+            np.array([[1.0, 2.0], [0.0, 1.0]]),
+            r"S must be symmetric, got max \|S - S\^T\| = 2 for shape \(2, 2\)",
+        ),
+        (np.ones((2, 3)), r"S must be square, got shape \(2, 3\)"),
+        (np.array([[1.0, np.nan], [np.nan, 1.0]]), "S must be finite, got nan"),
+    ],
+)
 def test_spd_bad_input(S, message):
     with pytest.raises(ValueError, match=message):
         matfun.logm_spd_vjp(S, np.eye(2))
 
 
 def test_spd_bad_cotangent_and_name():
-    with pytest.raises(ValueError, match=r"the cotangent G must have the output's shape \(2, 2\), got \(3, 3\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"the cotangent G must have the output's shape \(2, 2\), got \(3, 3\)",
+    ):
         matfun.sqrtm_spd_vjp(np.eye(2), np.eye(3))
-    with pytest.raises(ValueError, match=r"the tangent dS must have shape \(2, 2\), got \(2,\)"):
+    with pytest.raises(
+        ValueError, match=r"the tangent dS must have shape \(2, 2\), got \(2,\)"
+    ):
         matfun.sqrtm_spd_jvp(np.eye(2), np.ones(2))
     with pytest.raises(ValueError, match="f must be one of"):
         spd_function(np.eye(2), "exp")
@@ -360,11 +466,15 @@ def test_spd_bad_cotangent_and_name():
 @pytest.mark.parametrize("with_scipy", [True, False])
 def test_spd_eigh_with_and_without_scipy(monkeypatch, rng, with_scipy):
     if not with_scipy:
-        monkeypatch.setitem(sys.modules, "scipy.linalg.lapack", None)  # import fails: NumPy path
+        monkeypatch.setitem(
+            sys.modules, "scipy.linalg.lapack", None
+        )  # import fails: NumPy path
     S = random_spd(rng, 4)
     lam, Q = matfun._eigh(S)
     np.testing.assert_allclose(lam, np.linalg.eigvalsh(S), rtol=1e-13)
-    np.testing.assert_allclose((Q * lam) @ Q.T, S, rtol=1e-13, atol=1e-13 * np.abs(S).max())
+    np.testing.assert_allclose(
+        (Q * lam) @ Q.T, S, rtol=1e-13, atol=1e-13 * np.abs(S).max()
+    )
     G = symmetric(rng, 4)
     assert_close(matfun.logm_spd_vjp(S, G), np.asarray(JAX_SPD_VJP["log"](S, G)))
 
@@ -383,7 +493,11 @@ def test_extreme_spectra_are_finite():
 def test_svdvals_rules(seed, shape):
     m, n = shape
     rng = np.random.default_rng(seed)
-    M, dM, g = rng.standard_normal((m, n)), rng.standard_normal((m, n)), rng.standard_normal(min(m, n))
+    M, dM, g = (
+        rng.standard_normal((m, n)),
+        rng.standard_normal((m, n)),
+        rng.standard_normal(min(m, n)),
+    )
     s = np.linalg.svd(M, compute_uv=False)
     if min(m, n) > 1 and np.min(np.abs(np.diff(s))) < 1e-3:
         return  # singular vectors of a near tie: jax.vjp itself is ill-conditioned there
@@ -395,21 +509,38 @@ def test_svdvals_at_repeated_and_zero_singular_values(rng):
     """(7.16) holds where the singular values are distinct and nonzero; elsewhere
     <g, sigma> has a gradient only for g constant on a tie and zero at a zero sigma."""
     Q = random_orthogonal(rng, 3)
-    np.testing.assert_allclose(svdvals_vjp(2 * Q, np.ones(3)), Q, atol=1e-14)  # nuclear norm at 2 Q
-    with pytest.raises(ValueError, match=r"svdvals_vjp: sigma\[0:3\] are repeated singular values \(2\); "
-                                         r"<g, sigma> is differentiable there only if g is constant"):
+    np.testing.assert_allclose(
+        svdvals_vjp(2 * Q, np.ones(3)), Q, atol=1e-14
+    )  # nuclear norm at 2 Q
+    with pytest.raises(
+        ValueError,
+        match=r"svdvals_vjp: sigma\[0:3\] are repeated singular values \(2\); "
+        r"<g, sigma> is differentiable there only if g is constant",
+    ):
         svdvals_vjp(2 * Q, np.array([1.0, 2.0, 3.0]))
-    with pytest.raises(ValueError, match=r"svdvals_jvp: sigma\[0:3\] are repeated singular values"):
+    with pytest.raises(
+        ValueError, match=r"svdvals_jvp: sigma\[0:3\] are repeated singular values"
+    ):
         svdvals_jvp(2 * Q, rng.standard_normal((3, 3)))
     M = np.diag([3.0, 1.0, 0.0]) @ Q
-    with pytest.raises(ValueError, match=r"svdvals_vjp: sigma\[2\] = 0 is zero to working precision.*or g\[2\] = 0"):
+    with pytest.raises(
+        ValueError,
+        match=r"svdvals_vjp: sigma\[2\] = 0 is zero to working precision.*or g\[2\] = 0",
+    ):
         svdvals_vjp(M, np.ones(3))
     with pytest.raises(ValueError, match=r"svdvals_jvp: sigma\[2\] = 0 is zero"):
         svdvals_jvp(M, rng.standard_normal((3, 3)))
     g = np.array([1.0, -2.0, 0.0])  # zero on the zero singular value: differentiable
     dM = rng.standard_normal((3, 3))
     h = 1e-6
-    fd = (np.linalg.svd(M + h * dM, compute_uv=False) - np.linalg.svd(M - h * dM, compute_uv=False)) @ g / (2 * h)
+    fd = (
+        (
+            np.linalg.svd(M + h * dM, compute_uv=False)
+            - np.linalg.svd(M - h * dM, compute_uv=False)
+        )
+        @ g
+        / (2 * h)
+    )
     assert np.sum(svdvals_vjp(M, g) * dM) == pytest.approx(fd, rel=1e-7)
 
 
@@ -417,7 +548,11 @@ def test_svdvals_at_repeated_and_zero_singular_values(rng):
 @given(seeds, sizes)
 def test_polar_rules(seed, n):
     rng = np.random.default_rng(seed)
-    M, dM, G = rng.standard_normal((n, n)), rng.standard_normal((n, n)), rng.standard_normal((n, n))
+    M, dM, G = (
+        rng.standard_normal((n, n)),
+        rng.standard_normal((n, n)),
+        rng.standard_normal((n, n)),
+    )
     if np.linalg.svd(M, compute_uv=False)[-1] < 1e-2:
         M = M + 2 * np.eye(n)
     R = polar(M)
@@ -449,7 +584,11 @@ def test_procrustes_rules(seed, shape):
     A, B = rng.standard_normal((d, n)), rng.standard_normal((d, n))
     if np.linalg.svd(B @ A.T, compute_uv=False)[-1] < 1e-2:
         return
-    G, dA, dB = rng.standard_normal((d, d)), rng.standard_normal((d, n)), rng.standard_normal((d, n))
+    G, dA, dB = (
+        rng.standard_normal((d, d)),
+        rng.standard_normal((d, n)),
+        rng.standard_normal((d, n)),
+    )
     ours = procrustes_vjp(A, B, G)
     theirs = VJP["procrustes"]((A, B), G)
     assert_close(ours[0], theirs[0], 1e-8)
@@ -468,25 +607,44 @@ def test_polar_and_procrustes_bad_input():
         polar(np.ones((2, 3)))
     with pytest.raises(ValueError, match="the polar factor needs an invertible M"):
         polar_vjp(np.diag([1.0, 0.0]), np.eye(2))
-    with pytest.raises(ValueError, match=r"A and B must have the same shape.*A \(2, 3\) and B \(3, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"A and B must have the same shape.*A \(2, 3\) and B \(3, 3\)"
+    ):
         procrustes(np.ones((2, 3)), np.ones((3, 3)))
-    with pytest.raises(ValueError, match=r"the tangent dB must have shape \(2, 3\), got \(3, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"the tangent dB must have shape \(2, 3\), got \(3, 2\)"
+    ):
         procrustes_jvp(np.eye(2, 3), np.eye(2, 3), np.eye(2, 3), np.eye(3, 2))
 
 
-@pytest.mark.parametrize("A, B, few", [
-    (np.eye(3, 2), np.eye(3, 2), True),                                   # 2 points in 3 dimensions
-    (np.outer([1.0, 2.0, 3.0], np.ones(5)) + 0.0, np.arange(15.0).reshape(3, 5), False),  # A on a line
-])
+@pytest.mark.parametrize(
+    "A, B, few",
+    [
+        (np.eye(3, 2), np.eye(3, 2), True),  # 2 points in 3 dimensions
+        (
+            np.outer([1.0, 2.0, 3.0], np.ones(5)) + 0.0,
+            np.arange(15.0).reshape(3, 5),
+            False,
+        ),  # A on a line
+    ],
+)
 def test_procrustes_names_its_own_arguments_when_degenerate(A, B, few):
     """The error names A and B (what the caller passed), not the internal M = B A^T."""
-    for call in (lambda: procrustes(A, B), lambda: procrustes_vjp(A, B, np.eye(3)),
-                 lambda: procrustes_jvp(A, B, A, B)):
-        with pytest.raises(ValueError, match=r"procrustes needs point sets A and B \(d, n\) whose cross-covariance "
-                                             r"B A\^T \(d, d\) is invertible") as info:
+    for call in (
+        lambda: procrustes(A, B),
+        lambda: procrustes_vjp(A, B, np.eye(3)),
+        lambda: procrustes_jvp(A, B, A, B),
+    ):
+        with pytest.raises(
+            ValueError,
+            match=r"procrustes needs point sets A and B \(d, n\) whose cross-covariance "
+            r"B A\^T \(d, d\) is invertible",
+        ) as info:
             call()
         assert "invertible M" not in str(info.value)
-        assert ("with n = 2 points in d = 3 dimensions it always is" in str(info.value)) == few
+        assert (
+            "with n = 2 points in d = 3 dimensions it always is" in str(info.value)
+        ) == few
 
 
 # ----- Covariance pooling -----
@@ -501,9 +659,17 @@ def jax_covariance_pool(F, W, eps):
 
 
 POOL_EPS = 0.05
-POOL_ALL = jax.jit(lambda F, W, G: (jax_covariance_pool(F, W, POOL_EPS),  # value and vjp, one compile per shape
-                                     *jax.vjp(lambda F, W: jax_covariance_pool(F, W, POOL_EPS), F, W)[1](G)))
-POOL_SHAPES = [((4, 9), 2), ((2, 5, 12), 3), ((3, 3, 6), 1)]  # (F's shape, k): one image, a batch, k = 1
+POOL_ALL = jax.jit(
+    lambda F, W, G: (
+        jax_covariance_pool(F, W, POOL_EPS),  # value and vjp, one compile per shape
+        *jax.vjp(lambda F, W: jax_covariance_pool(F, W, POOL_EPS), F, W)[1](G),
+    )
+)
+POOL_SHAPES = [
+    ((4, 9), 2),
+    ((2, 5, 12), 3),
+    ((3, 3, 6), 1),
+]  # (F's shape, k): one image, a batch, k = 1
 
 
 @settings(max_examples=20)
@@ -520,41 +686,73 @@ def test_covariance_pool_matches_jax(seed, case):
     assert_close(F_bar, jF)
     assert_close(W_bar, jW)
     assert_close(covariance_pool(F, W, POOL_EPS), jL)
-    assert_adjoint(lambda F, W, dF, dW: covariance_pool_jvp(F, W, POOL_EPS, dF, dW),
-                   lambda F, W, G: covariance_pool_vjp(F, W, POOL_EPS, G), (F, W), (dF, dW), G)
+    assert_adjoint(
+        lambda F, W, dF, dW: covariance_pool_jvp(F, W, POOL_EPS, dF, dW),
+        lambda F, W, G: covariance_pool_vjp(F, W, POOL_EPS, G),
+        (F, W),
+        (dF, dW),
+        G,
+    )
 
 
 def test_covariance_pool_batch_is_a_stack_of_images(rng):
-    F, W, G = rng.standard_normal((3, 4, 10)), rng.standard_normal((2, 4)), rng.standard_normal((3, 2, 2))
+    F, W, G = (
+        rng.standard_normal((3, 4, 10)),
+        rng.standard_normal((2, 4)),
+        rng.standard_normal((3, 2, 2)),
+    )
     F_bar, W_bar = covariance_pool_vjp(F, W, 0.1, G)
     singles = [covariance_pool_vjp(F[i], W, 0.1, G[i]) for i in range(3)]
-    np.testing.assert_allclose(F_bar, np.stack([s[0] for s in singles]), rtol=1e-13, atol=1e-15)
-    np.testing.assert_allclose(W_bar, sum(s[1] for s in singles), rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(
+        F_bar, np.stack([s[0] for s in singles]), rtol=1e-13, atol=1e-15
+    )
+    np.testing.assert_allclose(
+        W_bar, sum(s[1] for s in singles), rtol=1e-13, atol=1e-15
+    )
 
 
 def test_covariance_pool_rank_deficient_input_is_finite(rng):
     """p = 3 pixels, k = 4: C - eps I has rank 2, and C's two smallest eigenvalues are
     both eps, a repeated eigenvalue where the Daleckii-Krein rule stays exact."""
-    F, W, G = rng.standard_normal((5, 3)), rng.standard_normal((4, 5)), rng.standard_normal((4, 4))
+    F, W, G = (
+        rng.standard_normal((5, 3)),
+        rng.standard_normal((4, 5)),
+        rng.standard_normal((4, 4)),
+    )
     eps = 1e-3
     L = covariance_pool(F, W, eps)
     assert np.all(np.isfinite(L))
-    np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(L))[:2], np.log(eps), rtol=1e-10)
+    np.testing.assert_allclose(
+        np.sort(np.linalg.eigvalsh(L))[:2], np.log(eps), rtol=1e-10
+    )
     F_bar, W_bar = covariance_pool_vjp(F, W, eps, G)
     assert np.all(np.isfinite(F_bar)) and np.all(np.isfinite(W_bar))
     h, dF, dW = 1e-6, rng.standard_normal(F.shape), rng.standard_normal(W.shape)
-    central = np.sum(G * (covariance_pool(F + h * dF, W + h * dW, eps)
-                          - covariance_pool(F - h * dF, W - h * dW, eps))) / (2 * h)
+    central = np.sum(
+        G
+        * (
+            covariance_pool(F + h * dF, W + h * dW, eps)
+            - covariance_pool(F - h * dF, W - h * dW, eps)
+        )
+    ) / (2 * h)
     assert np.sum(F_bar * dF) + np.sum(W_bar * dW) == pytest.approx(central, rel=1e-6)
     constant = np.ones((5, 8))  # no variation at all: C = eps I, L = log(eps) I
-    np.testing.assert_allclose(covariance_pool(constant, W, eps), np.log(eps) * np.eye(4), rtol=1e-12)
+    np.testing.assert_allclose(
+        covariance_pool(constant, W, eps), np.log(eps) * np.eye(4), rtol=1e-12
+    )
 
 
 @pytest.mark.parametrize("eps", [0.0, -1e-3, np.inf, np.nan])
 def test_covariance_pool_refuses_eps_not_positive(rng, eps):
     F, W = rng.standard_normal((3, 8)), rng.standard_normal((2, 3))
-    for call in (lambda: covariance_pool(F, W, eps), lambda: covariance_pool_vjp(F, W, eps, np.eye(2))):
-        with pytest.raises(ValueError, match=r"eps must be a positive finite float, got .*an eigenvalue of -inf"):
+    for call in (
+        lambda: covariance_pool(F, W, eps),
+        lambda: covariance_pool_vjp(F, W, eps, np.eye(2)),
+    ):
+        with pytest.raises(
+            ValueError,
+            match=r"eps must be a positive finite float, got .*an eigenvalue of -inf",
+        ):
             call()
 
 
@@ -572,36 +770,75 @@ def test_covariance_pool_refuses_eps_below_the_rounding_error(rng):
     floor, log(eps) keeps about eight digits."""
     F, W = rng.standard_normal((2, 5, 3)), rng.standard_normal((4, 5))
     F[1] *= 1e3
-    trace = np.trace((lambda M: M @ M.T / 3)(W @ (F[1] - F[1].mean(axis=1, keepdims=True))))
-    with pytest.raises(ValueError, match=r"eps = 1e-16 is below 1e-08 times the trace .* of image 0"):
+    trace = np.trace(
+        (lambda M: M @ M.T / 3)(W @ (F[1] - F[1].mean(axis=1, keepdims=True)))
+    )
+    with pytest.raises(
+        ValueError, match=r"eps = 1e-16 is below 1e-08 times the trace .* of image 0"
+    ):
         covariance_pool(F, W, 1e-16)
-    with pytest.raises(ValueError, match=r"eps = 0.0001 is below 1e-08 times the trace .* of image 1: .*"
-                                         r"raise eps to at least"):
+    with pytest.raises(
+        ValueError,
+        match=r"eps = 0.0001 is below 1e-08 times the trace .* of image 1: .*"
+        r"raise eps to at least",
+    ):
         covariance_pool(F, W, 1e-4)
     eps = 1.01e-8 * trace
     L = covariance_pool(F[1], W, eps)
-    np.testing.assert_allclose(np.sort(np.linalg.eigvalsh(L))[:2], np.log(eps), rtol=0, atol=1e-7)
+    np.testing.assert_allclose(
+        np.sort(np.linalg.eigvalsh(L))[:2], np.log(eps), rtol=0, atol=1e-7
+    )
 
 
 def test_covariance_pool_names_an_overflow():
     F, W = np.full((3, 8), 1e200), np.ones((2, 3))
     F[0, 0] = -1e200
-    with pytest.raises(ValueError, match=r"F and W are too large: the projected covariance of image 0 overflows"):
+    with pytest.raises(
+        ValueError,
+        match=r"F and W are too large: the projected covariance of image 0 overflows",
+    ):
         covariance_pool(F, W, 0.1)
 
 
-@pytest.mark.parametrize("F, W, G, message", [
-    ((3, 8), (2, 4), (2, 2), r"W must have shape \(k, 3\) to match F \(3, 8\) \(d = 3 features\), got \(2, 4\)"),
-    ((2, 3, 8), (2, 4), (2, 2, 2), r"W must have shape \(k, 3\) to match F \(2, 3, 8\)"),
-    ((8,), (2, 8), (2, 2), r"F must be 2-D or 3-D, got shape \(8,\)"),
-    ((3, 8), (2, 3), (3, 3), r"the cotangent G must have the output's shape \(2, 2\), got \(3, 3\)"),
-    ((4, 3, 8), (2, 3), (2, 2), r"the cotangent G must have the output's shape \(4, 2, 2\), got \(2, 2\)"),
-])
+@pytest.mark.parametrize(
+    "F, W, G, message",
+    [
+        (
+            (3, 8),
+            (2, 4),
+            (2, 2),
+            r"W must have shape \(k, 3\) to match F \(3, 8\) \(d = 3 features\), got \(2, 4\)",
+        ),
+        (
+            (2, 3, 8),
+            (2, 4),
+            (2, 2, 2),
+            r"W must have shape \(k, 3\) to match F \(2, 3, 8\)",
+        ),
+        ((8,), (2, 8), (2, 2), r"F must be 2-D or 3-D, got shape \(8,\)"),
+        (
+            (3, 8),
+            (2, 3),
+            (3, 3),
+            r"the cotangent G must have the output's shape \(2, 2\), got \(3, 3\)",
+        ),
+        (
+            (4, 3, 8),
+            (2, 3),
+            (2, 2),
+            r"the cotangent G must have the output's shape \(4, 2, 2\), got \(2, 2\)",
+        ),
+    ],
+)
 def test_covariance_pool_bad_shapes(F, W, G, message):
     with pytest.raises(ValueError, match=message):
         covariance_pool_vjp(np.ones(F), np.ones(W), 0.1, np.zeros(G))
 
 
 def test_covariance_pool_bad_tangent():
-    with pytest.raises(ValueError, match=r"the tangent dW must have shape \(2, 3\), got \(3, 2\)"):
-        covariance_pool_jvp(np.ones((3, 8)), np.ones((2, 3)), 0.1, np.ones((3, 8)), np.ones((3, 2)))
+    with pytest.raises(
+        ValueError, match=r"the tangent dW must have shape \(2, 3\), got \(3, 2\)"
+    ):
+        covariance_pool_jvp(
+            np.ones((3, 8)), np.ones((2, 3)), 0.1, np.ones((3, 8)), np.ones((3, 2))
+        )

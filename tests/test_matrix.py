@@ -45,7 +45,19 @@ def close(a, b):
 def partitions(draw, total, max_blocks=3):
     """Positive block sizes adding up to `total`."""
     n_blocks = draw(st.integers(1, min(total, max_blocks)))
-    cuts = sorted(draw(st.sets(st.integers(1, total - 1), min_size=n_blocks - 1, max_size=n_blocks - 1))) if n_blocks > 1 else []
+    cuts = (
+        sorted(
+            draw(
+                st.sets(
+                    st.integers(1, total - 1),
+                    min_size=n_blocks - 1,
+                    max_size=n_blocks - 1,
+                )
+            )
+        )
+        if n_blocks > 1
+        else []
+    )
     edges = [0, *cuts, total]
     return [b - a for a, b in zip(edges, edges[1:])]
 
@@ -86,10 +98,16 @@ def test_unvec_rejects_a_matrix():
 
 @given(dims, dims, dims, dims, seeds)
 @settings(max_examples=12)  # JAX traces afresh for every example
-def test_to_vec_layout_gives_the_jacobian_of_vec_F_and_C_order_does_not(m, n, p, q, seed):
+def test_to_vec_layout_gives_the_jacobian_of_vec_F_and_C_order_does_not(
+    m, n, p, q, seed
+):
     # F(X) = A X B with X (n, p): by (A.5) the vec-layout Jacobian is B^T (x) A.
     rng = np.random.default_rng(seed)
-    A, B, X = rng.standard_normal((m, n)), rng.standard_normal((p, q)), rng.standard_normal((n, p))
+    A, B, X = (
+        rng.standard_normal((m, n)),
+        rng.standard_normal((p, q)),
+        rng.standard_normal((n, p)),
+    )
     f = lambda X: jnp.asarray(A) @ X @ jnp.asarray(B)  # noqa: E731
     J = jax.jacobian(f)(jnp.asarray(X))
     expected = np.kron(B.T, A)
@@ -116,7 +134,9 @@ def test_hadamard_is_elementwise(m, n, seed):
 
 
 def test_hadamard_rejects_unequal_shapes():
-    with pytest.raises(ValueError, match=r"A of shape \(2, 3\) and B of shape \(3, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"A of shape \(2, 3\) and B of shape \(3, 2\)"
+    ):
         hadamard(np.ones((2, 3)), np.ones((3, 2)))
 
 
@@ -143,7 +163,7 @@ def test_kron_is_the_block_matrix_of_a_ij_B(m, n, p, q, seed):
     assert K.shape == (m * p, n * q)
     for i in range(m):
         for j in range(n):
-            close(K[i * p:(i + 1) * p, j * q:(j + 1) * q], A[i, j] * B)
+            close(K[i * p : (i + 1) * p, j * q : (j + 1) * q], A[i, j] * B)
     close(K, np.kron(A, B))
 
 
@@ -222,7 +242,10 @@ def test_partitioned_khatri_rao_is_the_kronecker_product_of_matching_blocks(data
     E, F, (m, n), (p, q) = partitioned_pair(data, seed)
     KR = khatri_rao(E, F, (m, n), (p, q))
     # the order stated under A.1.5
-    assert KR.shape == (sum(mi * pi for mi, pi in zip(m, p)), sum(nj * qj for nj, qj in zip(n, q)))
+    assert KR.shape == (
+        sum(mi * pi for mi, pi in zip(m, p)),
+        sum(nj * qj for nj, qj in zip(n, q)),
+    )
     Eb, Fb = blocks(E, m, n), blocks(F, p, q)
     rows = [mi * pi for mi, pi in zip(m, p)]
     cols = [nj * qj for nj, qj in zip(n, q)]
@@ -237,11 +260,18 @@ def test_khatri_rao_example_A4_pairs_E12_with_F12():
     part_E, part_F = ([1, 2], [2, 3]), ([3, 1], [1, 2])
     (E11, E12), (E21, E22) = blocks(E, *part_E)
     (F11, F12), (F21, F22) = blocks(F, *part_F)
-    corrected = np.block([[np.kron(E11, F11), np.kron(E12, F12)], [np.kron(E21, F21), np.kron(E22, F22)]])
+    corrected = np.block(
+        [[np.kron(E11, F11), np.kron(E12, F12)], [np.kron(E21, F21), np.kron(E22, F22)]]
+    )
     close(khatri_rao(E, F, part_E, part_F), corrected)
     # as printed, with F12 (x) F12 and F22 (x) F22, the blocks do not even have the right shapes
     with pytest.raises(ValueError):
-        np.block([[np.kron(E11, F11), np.kron(F12, F12)], [np.kron(E21, F21), np.kron(F22, F22)]])
+        np.block(
+            [
+                [np.kron(E11, F11), np.kron(F12, F12)],
+                [np.kron(E21, F21), np.kron(F22, F22)],
+            ]
+        )
 
 
 @given(dims, dims, dims, dims, seeds)
@@ -252,13 +282,19 @@ def test_khatri_rao_with_one_block_is_kron(m, n, p, q, seed):
 
 def test_khatri_rao_rejects_bad_partitions():
     E, F = np.ones((3, 4)), np.ones((2, 4))
-    with pytest.raises(ValueError, match=r"row partition of E.*adding up to 3.*\(3, 4\).*\[1, 1\]"):
+    with pytest.raises(
+        ValueError, match=r"row partition of E.*adding up to 3.*\(3, 4\).*\[1, 1\]"
+    ):
         khatri_rao(E, F, ([1, 1], [2, 2]), ([1, 1], [2, 2]))
-    with pytest.raises(ValueError, match=r"column partition of F.*adding up to 4.*\[2, 2, 1\]"):
+    with pytest.raises(
+        ValueError, match=r"column partition of F.*adding up to 4.*\[2, 2, 1\]"
+    ):
         khatri_rao(E, F, ([1, 2], [2, 2]), ([1, 1], [2, 2, 1]))
     with pytest.raises(ValueError, match="positive block sizes"):
         khatri_rao(E, F, ([3, 0], [2, 2]), ([1, 1], [2, 2]))
-    with pytest.raises(ValueError, match=r"same grid of blocks: E has 2 x 2 blocks, F has 1 x 2"):
+    with pytest.raises(
+        ValueError, match=r"same grid of blocks: E has 2 x 2 blocks, F has 1 x 2"
+    ):
         khatri_rao(E, F, ([1, 2], [2, 2]), ([2], [2, 2]))
     with pytest.raises(ValueError, match="both E and F, or of neither"):
         khatri_rao(E, F, ([1, 2], [2, 2]))
@@ -305,7 +341,11 @@ def test_khatri_rao_blocks_sit_inside_tracy_singh(data, seed):
         [mi * pk for mi in m for pk in p],
         [nj * ql for nj in n for ql in q],
     )
-    KR = blocks(khatri_rao(E, F, (m, n), (p, q)), [a * b for a, b in zip(m, p)], [a * b for a, b in zip(n, q)])
+    KR = blocks(
+        khatri_rao(E, F, (m, n), (p, q)),
+        [a * b for a, b in zip(m, p)],
+        [a * b for a, b in zip(n, q)],
+    )
     n_rows, n_cols = len(m), len(n)
     for i in range(n_rows):
         for j in range(n_cols):
@@ -354,7 +394,9 @@ def test_diag_of_diag_inv_recovers_a_matrix_only_when_it_is_diagonal(d, seed):
 def test_diag_inv_rejects_non_square_matrices(m, n):
     if m == n:
         return
-    with pytest.raises(ValueError, match=rf"square matrix A \(d, d\), got A of shape \({m}, {n}\)"):
+    with pytest.raises(
+        ValueError, match=rf"square matrix A \(d, d\), got A of shape \({m}, {n}\)"
+    ):
         diag_inv(np.ones((m, n)))
     with pytest.raises(ValueError, match="must be 2-D"):
         diag_inv(np.ones(m))
@@ -367,7 +409,11 @@ def test_diag_inv_rejects_non_square_matrices(m, n):
 def test_A5_vec_ABC(m, n, q, s, seed):
     # A (m, n), B (n, q), C (q, s): A.5 needs p = n and r = q
     rng = np.random.default_rng(seed)
-    A, B, C = rng.standard_normal((m, n)), rng.standard_normal((n, q)), rng.standard_normal((q, s))
+    A, B, C = (
+        rng.standard_normal((m, n)),
+        rng.standard_normal((n, q)),
+        rng.standard_normal((q, s)),
+    )
     close(vec(A @ B @ C), kron(C.T, A) @ vec(B))
 
 
@@ -381,7 +427,9 @@ def test_A6_corrected_K_pm_kron_A_B_equals_kron_B_A_K_qn(m, n, p, q, seed):
 
 
 @given(dims, dims, dims, dims, seeds)
-def test_A6_as_printed_holds_only_when_the_subscripts_cannot_be_swapped(m, n, p, q, seed):
+def test_A6_as_printed_holds_only_when_the_subscripts_cannot_be_swapped(
+    m, n, p, q, seed
+):
     A, B = randn(seed, m, n), randn(seed + 1, p, q)
     printed = commutation_matrix(m, p) @ kron(A, B)
     right = kron(B, A) @ commutation_matrix(n, q)
@@ -394,7 +442,11 @@ def test_A6_as_printed_holds_only_when_the_subscripts_cannot_be_swapped(m, n, p,
 @given(dims, dims, dims, dims, seeds)
 def test_A6_proof_corrected_step_by_step(m, n, p, q, seed):
     rng = np.random.default_rng(seed)
-    A, B, X = rng.standard_normal((m, n)), rng.standard_normal((p, q)), rng.standard_normal((q, n))
+    A, B, X = (
+        rng.standard_normal((m, n)),
+        rng.standard_normal((p, q)),
+        rng.standard_normal((q, n)),
+    )
     steps = [
         commutation_matrix(p, m) @ kron(A, B) @ vec(X),
         commutation_matrix(p, m) @ vec(B @ X @ A.T),  # (A.5); B X A^T is p x m
@@ -445,9 +497,15 @@ def test_A7_to_A10_as_printed_for_m_x_n_matrices_are_undefined(m, extra, seed):
 def test_trace_is_cyclic(m, n, o, seed):
     # X (m, n), Y (n, o), Z (o, m): Z must have m columns for XYZ to be square
     rng = np.random.default_rng(seed)
-    X, Y, Z = rng.standard_normal((m, n)), rng.standard_normal((n, o)), rng.standard_normal((o, m))
+    X, Y, Z = (
+        rng.standard_normal((m, n)),
+        rng.standard_normal((n, o)),
+        rng.standard_normal((o, m)),
+    )
     t = trace(X @ Y @ Z)
-    np.testing.assert_allclose([trace(Z @ X @ Y), trace(Y @ Z @ X)], [t, t], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        [trace(Z @ X @ Y), trace(Y @ Z @ X)], [t, t], rtol=1e-10, atol=1e-12
+    )
     close(trace(X @ Y @ Z), np.trace(X @ Y @ Z))
 
 
@@ -455,9 +513,15 @@ def test_trace_is_cyclic(m, n, o, seed):
 def test_trace_cycle_as_printed_needs_a_square_product(m, n, o, p, seed):
     # as printed, Z is (o, p): XYZ is m x p, and its trace is undefined unless p = m
     rng = np.random.default_rng(seed)
-    X, Y, Z = rng.standard_normal((m, n)), rng.standard_normal((n, o)), rng.standard_normal((o, p))
+    X, Y, Z = (
+        rng.standard_normal((m, n)),
+        rng.standard_normal((n, o)),
+        rng.standard_normal((o, p)),
+    )
     if p != m:
-        with pytest.raises(ValueError, match=rf"square matrix A \(d, d\), got A of shape \({m}, {p}\)"):
+        with pytest.raises(
+            ValueError, match=rf"square matrix A \(d, d\), got A of shape \({m}, {p}\)"
+        ):
             trace(X @ Y @ Z)
 
 
@@ -466,7 +530,9 @@ def test_trace_of_ET_F_is_a_sum_of_a_hadamard_product(m, n, seed):
     E, F = randn(seed, m, n), randn(seed + 1, m, n)
     t = np.trace(E.T @ F)
     np.testing.assert_allclose(vec(E) @ vec(F), t, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(np.ones(m * n) @ vec(hadamard(E, F)), t, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        np.ones(m * n) @ vec(hadamard(E, F)), t, rtol=1e-10, atol=1e-12
+    )
 
 
 @given(dims, dims, seeds, st.data())
@@ -474,10 +540,14 @@ def test_A11_trace_is_unchanged_by_one_rearrangement_of_both(m, n, seed, data):
     E, F = randn(seed, m, n), randn(seed + 1, m, n)
     t = np.trace(E.T @ F)
     perm = np.random.default_rng(seed).permutation(m * n)
-    rows = data.draw(st.sampled_from([k for k in range(1, m * n + 1) if (m * n) % k == 0]))
+    rows = data.draw(
+        st.sampled_from([k for k in range(1, m * n + 1) if (m * n) % k == 0])
+    )
     star = lambda M: unvec(vec(M)[perm], (rows, m * n // rows))  # noqa: E731
     np.testing.assert_allclose(np.trace(star(E).T @ star(F)), t, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(np.trace(E @ F.T), t, rtol=1e-10, atol=1e-12)  # (.)^* = transpose
+    np.testing.assert_allclose(
+        np.trace(E @ F.T), t, rtol=1e-10, atol=1e-12
+    )  # (.)^* = transpose
     if not (perm == np.arange(m * n)).all():
         # a rearrangement of F alone does not keep it
         assert not np.isclose(vec(E) @ vec(F)[perm], t)

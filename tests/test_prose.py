@@ -27,7 +27,8 @@ BOOK = ROOT / "book"
 EQUATION = r"[1-9AB]\.\d+[a-z]?'?"
 # "eq. 3.20f", "Eq. (2.4)", "eqs. (B.1) and (B.4)", "eqs. B.3, B.5", "eqs. (3.3)-(3.9)"
 CITATION = re.compile(
-    rf"\beqs?\.\s*((?:\(?{EQUATION}\)?)(?:\s*(?:,|and|-|to)\s*\(?{EQUATION}\)?)*)", re.IGNORECASE
+    rf"\beqs?\.\s*((?:\(?{EQUATION}\)?)(?:\s*(?:,|and|-|to)\s*\(?{EQUATION}\)?)*)",
+    re.IGNORECASE,
 )
 TAG = re.compile(r"\\tag\{([^}]+)\}")
 LINK = re.compile(r"\]\(([^)\s#]*)#([^)\s]+)\)|href=\"([^\"#]*)#([^\"]+)\"")
@@ -46,28 +47,41 @@ def cited_equations(text):
 
 def untagged_citations(sources, tags):
     """Every citation in `sources` ({name: text}) of an equation that is not in `tags`."""
-    return [f"{name}:{line}: eq. {number} is not tagged in the book"
-            for name, text in sorted(sources.items())
-            for line, number in cited_equations(text) if number not in tags]
+    return [
+        f"{name}:{line}: eq. {number} is not tagged in the book"
+        for name, text in sorted(sources.items())
+        for line, number in cited_equations(text)
+        if number not in tags
+    ]
 
 
 def markdown_of(path):
     """The Markdown of a book page: the file itself, or a notebook's Markdown cells."""
     if path.suffix == ".ipynb":
         cells = json.loads(path.read_text())["cells"]
-        return "\n\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+        return "\n\n".join(
+            "".join(c["source"]) for c in cells if c["cell_type"] == "markdown"
+        )
     return path.read_text()
 
 
 def book_pages():
-    return {path.name: markdown_of(path) for path in sorted(BOOK.glob("*.ipynb")) + sorted(BOOK.glob("*.md"))}
+    return {
+        path.name: markdown_of(path)
+        for path in sorted(BOOK.glob("*.ipynb")) + sorted(BOOK.glob("*.md"))
+    }
 
 
 def book_cells():
     """{notebook: {cell id: Markdown source}} for every notebook of the book."""
-    return {path.name: {c.get("id", ""): "".join(c["source"]) for c in json.loads(path.read_text())["cells"]
-                        if c["cell_type"] == "markdown"}
-            for path in sorted(BOOK.glob("*.ipynb"))}
+    return {
+        path.name: {
+            c.get("id", ""): "".join(c["source"])
+            for c in json.loads(path.read_text())["cells"]
+            if c["cell_type"] == "markdown"
+        }
+        for path in sorted(BOOK.glob("*.ipynb"))
+    }
 
 
 def book_tags(pages):
@@ -93,20 +107,32 @@ def anchor_problems(pages, cells):
             if target not in ids:
                 problems.append(f"{link}: no such page")
             elif anchor.startswith(CELL_ID) and not into_notebook:
-                problems.append(f"{link}: a cell id is only followed into another notebook; "
-                                f"link to #{anchor[len(CELL_ID):]}")
+                problems.append(
+                    f"{link}: a cell id is only followed into another notebook; "
+                    f"link to #{anchor[len(CELL_ID) :]}"
+                )
             elif into_notebook and raw:
-                problems.append(f"{link}: write a Markdown link into another notebook; the book does not "
-                                "rewrite a raw HTML href")
+                problems.append(
+                    f"{link}: write a Markdown link into another notebook; the book does not "
+                    "rewrite a raw HTML href"
+                )
             elif into_notebook and not anchor.startswith(CELL_ID):
-                problems.append(f"{link}: JupyterLab opens another notebook at its top for an anchor; "
-                                f"link to {target}#{CELL_ID}{anchor}, the cell that begins with it")
+                problems.append(
+                    f"{link}: JupyterLab opens another notebook at its top for an anchor; "
+                    f"link to {target}#{CELL_ID}{anchor}, the cell that begins with it"
+                )
             elif into_notebook:
-                cell = anchor[len(CELL_ID):]
-                if not cells.get(target, {}).get(cell, "").startswith(f'<a id="{cell}"></a>'):
-                    problems.append(f'{link}: no Markdown cell "{cell}" that begins with <a id="{cell}"></a> '
-                                    "(start a cell with the anchor, or name the first anchor of the line it "
-                                    "opens with another, then run scripts/run_notebooks.py)")
+                cell = anchor[len(CELL_ID) :]
+                if (
+                    not cells.get(target, {})
+                    .get(cell, "")
+                    .startswith(f'<a id="{cell}"></a>')
+                ):
+                    problems.append(
+                        f'{link}: no Markdown cell "{cell}" that begins with <a id="{cell}"></a> '
+                        "(start a cell with the anchor, or name the first anchor of the line it "
+                        "opens with another, then run scripts/run_notebooks.py)"
+                    )
             elif anchor not in ids[target]:
                 problems.append(f"{link}: no explicit anchor with that id")
     return problems
@@ -116,15 +142,22 @@ def anchor_problems(pages, cells):
 
 
 def test_every_equation_derivlib_cites_is_tagged_in_the_book():
-    sources = {str(p.relative_to(ROOT)): p.read_text() for p in sorted((ROOT / "derivlib").glob("*.py"))}
-    assert sum(len(cited_equations(text)) for text in sources.values()) > 20  # the scan finds them
+    sources = {
+        str(p.relative_to(ROOT)): p.read_text()
+        for p in sorted((ROOT / "derivlib").glob("*.py"))
+    }
+    assert (
+        sum(len(cited_equations(text)) for text in sources.values()) > 20
+    )  # the scan finds them
     problems = untagged_citations(sources, book_tags(book_pages()))
     assert not problems, "\n".join(problems)
 
 
 def test_every_link_to_an_anchor_lands_on_an_explicit_id():
     pages = book_pages()
-    assert sum(len(LINK.findall(text)) for text in pages.values()) > 100  # the scan finds them
+    assert (
+        sum(len(LINK.findall(text)) for text in pages.values()) > 100
+    )  # the scan finds them
     problems = anchor_problems(pages, book_cells())
     assert not problems, "\n".join(problems)
 
@@ -138,25 +171,37 @@ def test_citation_check_catches_an_untagged_equation():
         "derivlib/other.py": "# the Hessian of eq. 3.24' (a number the book never uses)\n",
     }
     tags = {"3.20f", "B.1", "3.20'"}
-    assert cited_equations(planted["derivlib/fake.py"]) == [(5, "3.20f"), (5, "B.1"), (5, "B.9")]
+    assert cited_equations(planted["derivlib/fake.py"]) == [
+        (5, "3.20f"),
+        (5, "B.1"),
+        (5, "B.9"),
+    ]
     assert untagged_citations(planted, tags) == [
         "derivlib/fake.py:5: eq. B.9 is not tagged in the book",
         "derivlib/other.py:1: eq. 3.24' is not tagged in the book",
     ]
-    assert untagged_citations({"ok.py": "eqs. 3.20f, 3.20' and (B.1)-(B.1)"}, tags) == []
+    assert (
+        untagged_citations({"ok.py": "eqs. 3.20f, 3.20' and (B.1)-(B.1)"}, tags) == []
+    )
 
 
 def test_citation_check_reads_the_forms_derivlib_uses():
     text = "Eq. (2.2): ... eqs. B.3, B.5 ... (eq. 2.13; see the errata) ... eq. (A.1)"
-    assert [number for _, number in cited_equations(text)] == ["2.2", "B.3", "B.5", "2.13", "A.1"]
+    assert [number for _, number in cited_equations(text)] == [
+        "2.2",
+        "B.3",
+        "B.5",
+        "2.13",
+        "A.1",
+    ]
 
 
 def test_anchor_check_catches_a_slug_and_a_missing_anchor():
     pages = {
         "errata.md": '<a id="errata-chapter-2"></a>\n\n## Chapter 2: Vector functions\n',
         "02.ipynb": "[errata](errata.md#errata-chapter-2), [slug](errata.md#chapter-2-vector-functions), "
-                    '[(2.1)](#eq-2-1), <a id="eq-2-2"></a> [(2.2)](#eq-2-2), [web](https://x.org/#top), '
-                    "[gone](03.ipynb#eq-3-1)",
+        '[(2.1)](#eq-2-1), <a id="eq-2-2"></a> [(2.2)](#eq-2-2), [web](https://x.org/#top), '
+        "[gone](03.ipynb#eq-3-1)",
     }
     assert anchor_problems(pages, {}) == [
         "02.ipynb: link to errata.md#chapter-2-vector-functions: no explicit anchor with that id",
@@ -169,12 +214,17 @@ def test_anchor_check_asks_for_a_cell_id_into_another_notebook():
     pages = {
         "02.ipynb": '<a id="eq-2-4"></a>\n\n$$x \\tag{2.4}$$\n\n(see <a id="eq-2-5"></a>)',
         "03.ipynb": "[(2.4)](02.ipynb#cell-id=eq-2-4), [(2.4)](02.ipynb#eq-2-4), [(2.5)](02.ipynb#cell-id=eq-2-5), "
-                    '<a id="eq-3-1"></a> [(3.1)](#cell-id=eq-3-1), [(3.1)](#eq-3-1), [x](errata.md#cell-id=x), '
-                    '<a href="02.ipynb#cell-id=eq-2-4">(2.4)</a>',
+        '<a id="eq-3-1"></a> [(3.1)](#cell-id=eq-3-1), [(3.1)](#eq-3-1), [x](errata.md#cell-id=x), '
+        '<a href="02.ipynb#cell-id=eq-2-4">(2.4)</a>',
         "errata.md": '<a id="x"></a>',
     }
-    cells = {"02.ipynb": {"eq-2-4": '<a id="eq-2-4"></a>\n\n$$x \\tag{2.4}$$', "cell-3": '(see <a id="eq-2-5"></a>)'},
-             "03.ipynb": {"cell-1": pages["03.ipynb"]}}
+    cells = {
+        "02.ipynb": {
+            "eq-2-4": '<a id="eq-2-4"></a>\n\n$$x \\tag{2.4}$$',
+            "cell-3": '(see <a id="eq-2-5"></a>)',
+        },
+        "03.ipynb": {"cell-1": pages["03.ipynb"]},
+    }
     assert anchor_problems(pages, cells) == [
         "03.ipynb: link to 02.ipynb#eq-2-4: JupyterLab opens another notebook at its top for an anchor; "
         "link to 02.ipynb#cell-id=eq-2-4, the cell that begins with it",

@@ -38,7 +38,9 @@ def compiled_jacobian(f):
     shape and reused by every example of that shape (eager jax.jacobian traces f again
     on every call, three to ten times slower over a property test's examples)."""
     jacobian = jax.jit(jax.jacobian(f))
-    return lambda x: check.to_vec_layout(jacobian(jnp.asarray(x, dtype=jnp.float64)), x.shape, x.shape)
+    return lambda x: check.to_vec_layout(
+        jacobian(jnp.asarray(x, dtype=jnp.float64)), x.shape, x.shape
+    )
 
 
 def jax_softmax(x):
@@ -52,7 +54,9 @@ SOFTMAX_JACOBIAN = compiled_jacobian(jax_softmax)
 
 
 def assert_close(actual, expected, rtol=RTOL, atol=ATOL):
-    np.testing.assert_allclose(actual, expected, rtol=rtol, atol=atol, err_msg="derivlib vs jax")
+    np.testing.assert_allclose(
+        actual, expected, rtol=rtol, atol=atol, err_msg="derivlib vs jax"
+    )
 
 
 # ----- Sigmoid -----
@@ -77,8 +81,15 @@ SIGMOID_JACOBIAN = compiled_jacobian(jax.nn.sigmoid)
 
 def test_compiled_jacobian_is_check_jax_jacobian(rng):
     for x in [rng.standard_normal(5), rng.standard_normal((3, 4))]:
-        np.testing.assert_array_equal(SIGMOID_JACOBIAN(x), check.jax_jacobian(jax.nn.sigmoid, x))
-        np.testing.assert_allclose(SOFTMAX_JACOBIAN(x), check.jax_jacobian(jax_softmax, x), rtol=1e-15, atol=1e-16)
+        np.testing.assert_array_equal(
+            SIGMOID_JACOBIAN(x), check.jax_jacobian(jax.nn.sigmoid, x)
+        )
+        np.testing.assert_allclose(
+            SOFTMAX_JACOBIAN(x),
+            check.jax_jacobian(jax_softmax, x),
+            rtol=1e-15,
+            atol=1e-16,
+        )
 
 
 @given(st.one_of(vectors(), matrices()))
@@ -97,7 +108,9 @@ def test_sigmoid_is_finite_and_warning_free_for_large_inputs(x):
 
 def test_sigmoid_extremes_are_exact():
     x = np.array([-1e4, -745.0, 0.0, 745.0, 1e4, np.inf, -np.inf])
-    np.testing.assert_array_equal(dl.sigmoid(x)[[0, 2, 4, 5, 6]], [0.0, 0.5, 1.0, 1.0, 0.0])
+    np.testing.assert_array_equal(
+        dl.sigmoid(x)[[0, 2, 4, 5, 6]], [0.0, 0.5, 1.0, 1.0, 0.0]
+    )
     assert dl.sigmoid_derivative(np.array(0.0)) == 0.25
 
 
@@ -108,7 +121,9 @@ def test_elementwise_jacobian_is_diag_of_fprime(rng):
 
 
 def test_elementwise_jacobian_rejects_a_non_elementwise_fprime():
-    with pytest.raises(ValueError, match=r"x has shape \(3,\) but fprime\(x\) has shape \(\)"):
+    with pytest.raises(
+        ValueError, match=r"x has shape \(3,\) but fprime\(x\) has shape \(\)"
+    ):
         dl.elementwise_jacobian(np.sum, np.ones(3))
 
 
@@ -145,7 +160,10 @@ def test_softmax_jacobian_is_accurate_when_saturated():
     J = dl.softmax_jacobian(x)
     B = dl.softmax_jacobian_blocks(np.column_stack([x, x]))
     for entry in [J[0, 0], B[0][0, 0], B[1][0, 0]]:
-        assert abs(entry - exact) <= 4 * np.finfo(np.float64).eps * exact, (entry, exact)
+        assert abs(entry - exact) <= 4 * np.finfo(np.float64).eps * exact, (
+            entry,
+            exact,
+        )
 
 
 @given(matrices(max_side=5))
@@ -155,7 +173,9 @@ def test_softmax_jacobian_blocks_are_the_diagonal_blocks(X):
     k = blocks.shape[1]
     assert blocks.shape == (J.shape[0] // k, k, k)
     for i, block in enumerate(blocks):
-        assert_close(block, J[i * k:(i + 1) * k, i * k:(i + 1) * k], rtol=1e-15, atol=0)
+        assert_close(
+            block, J[i * k : (i + 1) * k, i * k : (i + 1) * k], rtol=1e-15, atol=0
+        )
 
 
 @given(matrices(elements=st.floats(-1e4, 1e4)))
@@ -172,7 +192,9 @@ def test_softmax_is_finite_for_large_logits(X):
 def test_vector_jacobian_is_eq_2_10(rng):
     x = rng.standard_normal(5)
     s = dl.softmax(x)
-    np.testing.assert_allclose(dl.softmax_jacobian(x), np.diag(s) - np.outer(s, s), rtol=0, atol=1e-16)
+    np.testing.assert_allclose(
+        dl.softmax_jacobian(x), np.diag(s) - np.outer(s, s), rtol=0, atol=1e-16
+    )
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (4, 1), (1, 4), (3, 5), (5, 3)])
@@ -189,14 +211,26 @@ def test_block_counts_follow_the_softmax_axis(shape):
 @pytest.mark.parametrize(
     "fn, arg, message",
     [
-        (dl.softmax, np.zeros((2, 2, 2)), r"^x must be 1-D or 2-D, got shape \(2, 2, 2\)$"),
+        (
+            dl.softmax,
+            np.zeros((2, 2, 2)),
+            r"^x must be 1-D or 2-D, got shape \(2, 2, 2\)$",
+        ),
         (dl.softmax, np.array(1.0), r"^x must be 1-D or 2-D, got shape \(\)$"),
         (dl.softmax, np.array([1.0, np.nan]), "x must be finite, got nan"),
         (dl.softmax, np.array([1.0, np.inf]), "x must be finite, got inf"),
         (dl.softmax, np.zeros((0, 3)), r"x must not be empty, got shape \(0, 3\)"),
-        (dl.softmax_jacobian, np.zeros((2, 2, 2)), r"^x must be 1-D or 2-D, got shape \(2, 2, 2\)$"),
+        (
+            dl.softmax_jacobian,
+            np.zeros((2, 2, 2)),
+            r"^x must be 1-D or 2-D, got shape \(2, 2, 2\)$",
+        ),
         (dl.softmax_jacobian_blocks, np.array([np.nan]), "X must be finite"),
-        (dl.softmax_jacobian_blocks, np.zeros((2, 2, 2)), r"^X must be 1-D or 2-D, got shape \(2, 2, 2\)$"),
+        (
+            dl.softmax_jacobian_blocks,
+            np.zeros((2, 2, 2)),
+            r"^X must be 1-D or 2-D, got shape \(2, 2, 2\)$",
+        ),
         (dl.sigmoid, np.array([0.0, np.nan]), "x must not contain NaN"),
         (dl.sigmoid_jacobian, "abc", "x must be a real array, got str"),
     ],
@@ -210,7 +244,9 @@ def test_bad_input_raises_a_clear_value_error(fn, arg, message):
 
 
 def test_check_close_raises_with_both_numbers():
-    with pytest.raises(AssertionError, match=r"does not match jax.jacobian: relative error 1\.000e-01"):
+    with pytest.raises(
+        AssertionError, match=r"does not match jax.jacobian: relative error 1\.000e-01"
+    ):
         check.check_close("f", np.array([1.1]), np.array([1.0]))
 
 
@@ -228,7 +264,11 @@ def test_check_steps_names_the_broken_step(rng):
 def test_check_fails_refuses_a_formula_that_is_right(rng):
     x = rng.standard_normal(4)
     with pytest.raises(AssertionError, match="expected to fail"):
-        check.check_fails("(2.10)", lambda: dl.softmax_jacobian(x), check.jax_jacobian(jax.nn.softmax, x))
+        check.check_fails(
+            "(2.10)",
+            lambda: dl.softmax_jacobian(x),
+            check.jax_jacobian(jax.nn.softmax, x),
+        )
 
 
 def test_to_vec_layout_is_column_major(rng):

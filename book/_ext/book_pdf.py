@@ -1,31 +1,31 @@
-"""The whole book as one PDF: what the LaTeX builder needs, and the HTML book's link to it.
+"""The whole book as one PDF: what the LaTeX builder needs, and the HTML book's link
+to it.
 
 The HTML book links to the PDF from every page's download menu ("Book .pdf"), at
-`book_pdf_url`: by default `differentials.pdf` at the root of the published site, which
-is `html_baseurl` if set, or else the GitHub Pages site of the repository in
+`book_pdf_url`: by default `differentials.pdf` at the root of the published site,
+which is `html_baseurl` if set, or else the GitHub Pages site of the repository in
 _config.yml. The publish workflow copies `make pdf`'s PDF there.
 
 What the PDF needs from the notebooks' Markdown, for Sphinx's LaTeX builder only:
 
-The notebooks are written for every reader at once: MathJax in the HTML book, JupyterLab
-and Colab, KaTeX in VS Code. So they number equations with `\\tag{2.13}` inside `$$`,
-mark them with an HTML anchor `<a id="eq-2-13"></a>`, and fold solutions in HTML
-`<details>`. The HTML builders use all of that as it is; this extension rewrites it in
-the document tree when, and only when, the builder is LaTeX:
+The notebooks are written for every reader at once: MathJax in the HTML book,
+JupyterLab and Colab, KaTeX in VS Code. So they number equations with `\\tag{2.13}`
+inside `$$`, mark them with an HTML anchor `<a id="eq-2-13"></a>`, and fold solutions
+in HTML `<details>`. The HTML builders use all of that as it is; this extension
+rewrites it in the document tree when, and only when, the builder is LaTeX:
 
-- Display math with a `\\tag`: the LaTeX writer wraps every display in
-  `equation*` and `split`, where amsmath forbids `\\tag` ("\\tag not allowed here").
-  The tag moves out of `split` to the end of `equation*`, where it is allowed, so the
-  PDF shows the note's number exactly as the HTML does.
-- `<a id="..."></a>` (block or inline): a LaTeX label at that place, so that every link
-  to it, within a chapter (`#eq-2-13`) or from another one
+- Display math with a `\\tag`: the LaTeX writer wraps every display in `equation*`
+  and `split`, where amsmath forbids `\\tag` ("\\tag not allowed here"). The tag
+  moves out of `split` to the end of `equation*`, where it is allowed, so the PDF
+  shows the note's number exactly as the HTML does.
+- `<a id="..."></a>` (block or inline): a LaTeX label at that place, so that every
+  link to it, within a chapter (`#eq-2-13`) or from another one
   (`02_vector_functions.ipynb#eq-2-13`), which MyST turns into `\\hyperref` to
   `<document>:<id>`, lands there in the PDF.
-- `<summary>Solution</summary>`: the word in bold, so that an unfolded solution in the
-  PDF still says what it is.
+- `<summary>Solution</summary>`: the word in bold, so that an unfolded solution in
+  the PDF still says what it is.
 
-Every other raw HTML stays what the LaTeX writer makes of it: nothing.
-"""
+Every other raw HTML stays what the LaTeX writer makes of it: nothing."""
 
 import re
 from urllib.parse import urlsplit
@@ -49,7 +49,13 @@ def latex_display(text):
     body = TAG.sub("", text)
     # split accepts no blank line (Sphinx would otherwise make one line per paragraph).
     body = "\n".join(line for line in body.strip().splitlines() if line.strip())
-    return "\\begin{equation*}\n\\begin{split}" + body + "\\end{split}\\tag{" + tags[0] + "}\n\\end{equation*}"
+    return (
+        "\\begin{equation*}\n\\begin{split}"
+        + body
+        + "\\end{split}\\tag{"
+        + tags[0]
+        + "}\n\\end{equation*}"
+    )
 
 
 def document_of(node):
@@ -68,7 +74,9 @@ def ids_of_document(node, cache):
     """The ids of the document that holds `node`."""
     top = document_of(node)
     if id(top) not in cache:
-        cache[id(top)] = {i for element in top.findall(nodes.Element) for i in element.get("ids", [])}
+        cache[id(top)] = {
+            i for element in top.findall(nodes.Element) for i in element.get("ids", [])
+        }
     return cache[id(top)]
 
 
@@ -80,7 +88,9 @@ def latex_label(docname, anchor):
     root page, laid out as front matter, labels none of its sections.
     """
     name = f"{docname}:{anchor}"
-    return nodes.raw("", "\\phantomsection\\label{\\detokenize{" + name + "}}", format="latex")
+    return nodes.raw(
+        "", "\\phantomsection\\label{\\detokenize{" + name + "}}", format="latex"
+    )
 
 
 class LatexBook(SphinxPostTransform):
@@ -110,8 +120,13 @@ class LatexBook(SphinxPostTransform):
                 # The root page's sections carry no labels in the PDF, so there every
                 # anchor gets one.
                 root = docname == self.config.root_doc
-                node.replace_self([latex_label(docname, i) for i in ANCHOR_ID.findall(text)
-                                   if root or i not in taken])
+                node.replace_self(
+                    [
+                        latex_label(docname, i)
+                        for i in ANCHOR_ID.findall(text)
+                        if root or i not in taken
+                    ]
+                )
             elif text.strip() == "</a>":
                 node.parent.remove(node)
             elif SUMMARY.search(text):
@@ -123,7 +138,8 @@ PDF_NAME = "differentials.pdf"
 
 
 def book_pdf_url(app):
-    """Where the published PDF is: `book_pdf_url`, or the site root's differentials.pdf."""
+    """Where the published PDF is: `book_pdf_url`, or the site root's
+    differentials.pdf."""
     if app.config.book_pdf_url:
         return app.config.book_pdf_url
     site = app.config.html_baseurl
@@ -142,14 +158,16 @@ def add_pdf_button(app, pagename, templatename, context, doctree):
     url = book_pdf_url(app)
     for group in context.get("header_buttons", []):
         if url and group.get("label") == "download-buttons":
-            group["buttons"].append({
-                "type": "link",
-                "url": url,
-                "text": "Book .pdf",
-                "tooltip": "Download the whole book as one PDF",
-                "icon": "fas fa-book",
-                "label": "download-book-pdf-button",
-            })
+            group["buttons"].append(
+                {
+                    "type": "link",
+                    "url": url,
+                    "text": "Book .pdf",
+                    "tooltip": "Download the whole book as one PDF",
+                    "icon": "fas fa-book",
+                    "label": "download-book-pdf-button",
+                }
+            )
 
 
 def setup(app):

@@ -1,0 +1,56 @@
+"""Code fits the page: derivlib and every notebook's code at most 88 characters a line,
+and the whole repository in `ruff format`'s layout (the settings are in pyproject.toml).
+
+The HTML book's code cell shows about 88 characters, so a wider line makes the reader
+scroll sideways; the PDF cuts it. `ruff format` reads notebooks as well as modules.
+"""
+
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+RUFF = shutil.which("ruff", path=str(pathlib.Path(sys.executable).parent)) or "ruff"
+
+
+def ruff(*args, cwd=ROOT):
+    return subprocess.run(
+        [RUFF, *args], cwd=cwd, capture_output=True, text=True, check=False
+    )
+
+
+def test_derivlib_and_notebooks_fit_88_columns():
+    result = ruff(
+        "check", "--select", "E501", "--output-format", "concise", "derivlib", "book"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_repository_is_in_ruff_format():
+    result = ruff("format", "--check", ".")
+    assert result.returncode == 0, (
+        "run `.venv/bin/ruff format .`; these files differ:\n" + result.stdout
+    )
+
+
+@pytest.mark.parametrize("kind", ["module", "notebook"])
+def test_a_wide_line_is_caught(tmp_path, kind):
+    """The width check can fail: a planted 89-character line in a module and in a
+    notebook's code cell."""
+    (tmp_path / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text())
+    wide = "x = " + repr("a" * 83)
+    assert len(wide) == 89
+    if kind == "module":
+        (tmp_path / "wide.py").write_text(wide + "\n")
+    else:
+        import nbformat
+
+        nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(wide)])
+        nbformat.write(nb, tmp_path / "wide.ipynb")
+    result = ruff(
+        "check", "--select", "E501", "--output-format", "concise", ".", cwd=tmp_path
+    )
+    assert result.returncode == 1 and "E501" in result.stdout, result.stdout
