@@ -484,7 +484,7 @@ def test_a_stuck_bundle_adjustment_raises(small_scene, monkeypatch):
     """With the Jacobian's sign flipped no step lowers E: ConvergenceError, not converged."""
     blocks = dl.geometry.ba_jacobian_blocks
     monkeypatch.setattr(
-        dl.geometry,
+        dl.geometry.bundle,
         "ba_jacobian_blocks",
         lambda pr, x: tuple(-M for M in blocks(pr, x)),
     )

@@ -144,7 +144,7 @@ def anchor_problems(pages, cells):
 def test_every_equation_derivlib_cites_is_tagged_in_the_book():
     sources = {
         str(p.relative_to(ROOT)): p.read_text()
-        for p in sorted((ROOT / "derivlib").glob("*.py"))
+        for p in sorted((ROOT / "derivlib").rglob("*.py"))
     }
     assert (
         sum(len(cited_equations(text)) for text in sources.values()) > 20

@@ -1,0 +1,75 @@
+"""Chapter 6: camera geometry. Projection, rotations, and least squares over poses.
+
+Conventions, fixed once for the chapter:
+
+- Points are columns: a set of n points is an array of shape (3, n).
+- A rotation is a 3-vector w (axis times angle); R(w) = exp([w]x) (eq. 6.5).
+- A camera pose is the 6-vector xi = (w, t), rotation first, then translation. It
+  maps a world point X to the camera frame by p = R(w) X + t.
+- Perturbations are on the right: R(w + dw) = R(w) exp([J_r(w) dw]x) to first order
+  (eq. 6.9), so d(R p) = -R [p]x J_r(w) dw (eq. 6.11). The solvers update w
+  additively, so they need exactly this derivative, J_r included.
+- Residuals are in pixels; the cost is E = ||r||^2, the sum of squared reprojection
+  errors (eq. 6.14). scipy.optimize.least_squares reports E / 2.
+"""
+
+from .camera import (  # noqa: F401
+    BehindCameraError,
+    _finite_image,
+    _in_front,
+    _intrinsics,
+    _points,
+    _project_jacobian,
+    in_front,
+    project,
+    project_jacobian,
+)
+from .lie import (  # noqa: F401
+    SMALL_ANGLE,
+    _hat,
+    _hat_many,
+    _rotation_vector,
+    hat,
+    left_jacobian,
+    right_jacobian,
+    rodrigues,
+    rotate_jacobian,
+    rotation_coefficients,
+)
+from .solvers import (  # noqa: F401
+    LeastSquaresHistory,
+    MAX_DAMPING,
+    _finished,
+    _lm_steps,
+    _lm_update,
+    _observations,
+    _pose,
+    _stationary,
+    _stuck,
+    reprojection_jacobian,
+    reprojection_residual,
+    solve_least_squares,
+    solve_pnp,
+    transform,
+)
+from .bundle import (  # noqa: F401
+    BundleProblem,
+    _camera_frame,
+    _predicted_decrease,
+    _project,
+    _rotation_and_jacobian,
+    _sum_by,
+    ba_jacobian,
+    ba_jacobian_blocks,
+    ba_normal_equations,
+    ba_residual,
+    ba_sparsity_pattern,
+    bundle_adjust,
+    gauge_directions,
+    gauge_is_fixed,
+    schur_solve,
+)
+from .scenes import (  # noqa: F401
+    Scene,
+    make_scene,
+)

@@ -1,0 +1,394 @@
+"""Chapter 6, bundle adjustment: the problem, its Jacobian blocks, the Schur
+complement and the Levenberg-Marquardt solver.
+
+The conventions are stated once, in derivlib/geometry/__init__.py."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._validate import as_float_array
+from ..losses import ConvergenceError
+from .camera import _in_front, _intrinsics, _points, _project_jacobian
+from .lie import _hat, _hat_many, right_jacobian, rodrigues, rotation_coefficients
+from .solvers import LeastSquaresHistory, _finished, _lm_steps, _observations
+
+
+@dataclass
+class BundleProblem:
+    """Observations of n points by m cameras with one camera matrix K.
+
+    cam (N,) and point (N,) index the camera and the point of each of N observations,
+    u (2, N) their image points. The parameters are x = [xi_1, ..., xi_m, vec X], the m
+    poses (6 each, (w, t)) then the points (3 each, column-major vec of X (3, n)).
+    `free` (6m,) marks the pose parameters that move; the points all move.
+    """
+
+    K: np.ndarray
+    cam: np.ndarray
+    point: np.ndarray
+    u: np.ndarray
+    m: int
+    n: int
+    free: np.ndarray
+
+    @classmethod
+    def create(cls, K, cam, point, u, m, n, fixed=None):
+        """Validate and build. `fixed` is the list of pose parameter indices (into
+        the 6m, each in 0..6m - 1) held at their initial value; the default fixes the
+        gauge as in the chapter: the first camera's six parameters and the first
+        translation coordinate of the second camera (eq. 6.21). Holding camera 0
+        fixes the rotation and the shift of the scene but not a scaling about camera
+        0's centre c_0, which changes t_1 by (sigma - 1) R_1 (c_0 - c_1): t_x of
+        camera 1 pins the scale only if R_1 (c_0 - c_1) has a non-zero x component.
+        Under forward motion (camera 1 moving along its own optical axis) it does
+        not, and J stays rank-deficient; `bundle_adjust` checks this at its start
+        (gauge_is_fixed)."""
+        K = _intrinsics(K)
+        cam = np.asarray(cam)
+        point = np.asarray(point)
+        if cam.ndim != 1 or point.shape != cam.shape:
+            raise ValueError(
+                f"cam and point must be 1-D of equal length, got shapes {cam.shape} "
+                f"and {point.shape}"
+            )
+        if not (
+            np.issubdtype(cam.dtype, np.integer)
+            and np.issubdtype(point.dtype, np.integer)
+        ):
+            raise ValueError(
+                f"cam and point must hold integers, got {cam.dtype} and {point.dtype}"
+            )
+        if cam.size == 0 or cam.min() < 0 or cam.max() >= m:
+            raise ValueError(
+                f"cam must index cameras 0..{m - 1}, got values in [{cam.min()}, "
+                f"{cam.max()}]"
+            )
+        if point.min() < 0 or point.max() >= n:
+            raise ValueError(
+                f"point must index points 0..{n - 1}, got values in [{point.min()}, "
+                f"{point.max()}]"
+            )
+        if np.unique(cam * n + point).size != cam.size:
+            raise ValueError("each (camera, point) pair may be observed at most once")
+        u = _observations(u, cam.size)
+        if fixed is None:
+            fixed = list(range(6)) + ([9] if m > 1 else [])
+        fixed_arr = np.asarray(fixed)
+        if fixed_arr.size == 0:
+            fixed_arr = fixed_arr.astype(np.intp)
+        if fixed_arr.ndim != 1 or not np.issubdtype(fixed_arr.dtype, np.integer):
+            raise ValueError(
+                f"fixed must be a 1-D list of integer pose parameter indices, got "
+                f"{fixed_arr.dtype} of shape {fixed_arr.shape}"
+            )
+        if fixed_arr.size and (fixed_arr.min() < 0 or fixed_arr.max() >= 6 * m):
+            raise ValueError(
+                f"fixed must index the pose parameters 0..{6 * m - 1} (6 per camera, m "
+                f"= {m}), got values in [{fixed_arr.min()}, {fixed_arr.max()}]"
+            )
+        free = np.ones(6 * m, dtype=bool)
+        free[fixed_arr] = False
+        return cls(K, cam.astype(np.intp), point.astype(np.intp), u, m, n, free)
+
+    def pack(self, poses, X):
+        """x = [xi_1, ..., xi_m, vec X] from poses (m, 6) and X (3, n)."""
+        poses = as_float_array(poses, "poses", ndims=2)
+        X, _ = _points(X, "X")
+        if poses.shape != (self.m, 6) or X.shape != (3, self.n):
+            raise ValueError(
+                f"poses and X must have shapes ({self.m}, 6) and (3, {self.n}), "
+                f"got {poses.shape} and {X.shape}"
+            )
+        return np.concatenate([poses.ravel(), X.ravel(order="F")])
+
+    def free_mask(self):
+        """The mask of the parameters that move, (6m + 3n,): problem.free, then all
+        points."""
+        return np.concatenate([self.free, np.ones(3 * self.n, dtype=bool)])
+
+    def unpack(self, x):
+        """(poses (m, 6), X (3, n)) from the parameter vector x."""
+        x = as_float_array(x, "x", ndims=1)
+        if x.shape != (6 * self.m + 3 * self.n,):
+            raise ValueError(
+                f"x must have shape ({6 * self.m + 3 * self.n},), got shape {x.shape}"
+            )
+        return x[: 6 * self.m].reshape(self.m, 6), x[6 * self.m :].reshape(
+            3, self.n, order="F"
+        )
+
+
+def _rotation_and_jacobian(w):
+    """R(w) and J_r(w) from one evaluation of the coefficients (w already validated)."""
+    a, b, c = rotation_coefficients(np.linalg.norm(w))
+    W = _hat(w)
+    WW = W @ W
+    return np.eye(3) + a * W + b * WW, np.eye(3) - b * W + c * WW
+
+
+def _camera_frame(problem, poses, X):
+    """Rotations (m, 3, 3), right Jacobians (m, 3, 3), the rotations of the observations
+    R_k (N, 3, 3), the observed points (3, N) and p = R X + t per observation (3, N)."""
+    R, Jr = (
+        np.stack(M) for M in zip(*[_rotation_and_jacobian(w) for w in poses[:, :3]])
+    )
+    Rk = R[problem.cam]
+    Xo = X[:, problem.point]
+    p = np.einsum("kab,bk->ak", Rk, Xo) + poses[problem.cam, 3:].T
+    return R, Jr, Rk, Xo, p
+
+
+def ba_residual(problem, x):
+    """The reprojection residuals of all N observations, (2N,), in the order of the
+    observations, x and y of each together (eq. 6.18)."""
+    poses, X = problem.unpack(x)
+    *_, p = _camera_frame(problem, poses, X)
+    _in_front(p, "the camera-frame points R X + t")
+    return (_project(p, problem.K) - problem.u).ravel(order="F")
+
+
+def _project(p, K):
+    return K[:2, :2] @ (p[:2] / p[2]) + K[:2, 2:3]
+
+
+def ba_jacobian_blocks(problem, x):
+    """The non-zero blocks of the bundle-adjustment Jacobian (eq. 6.18): for
+    observation k of point i by camera j, A_k = dr_k / dxi_j (N, 2, 6) and B_k = dr_k
+    / dX_i (N, 2, 3)."""
+    poses, X = problem.unpack(x)
+    R, Jr, Rk, Xo, p = _camera_frame(problem, poses, X)
+    _in_front(p, "the camera-frame points R X + t")
+    Jpi = _project_jacobian(p, problem.K)  # (N, 2, 3)
+    B = Jpi @ Rk
+    # J_pi (-R [X]x J_r) = -(B [X]x) J_r, and each row b of B gives b^T [X]x = (b x X)^T
+    A = np.concatenate([-np.cross(B, Xo.T[:, None, :]) @ Jr[problem.cam], Jpi], axis=2)
+    return A, B
+
+
+def ba_jacobian(problem, x, free_only=False):
+    """The (2N, 6m + 3n) Jacobian of ba_residual as a scipy.sparse CSR matrix (needs
+    scipy), built from the blocks A_k, B_k (eq. 6.18). With free_only=True the
+    columns of the fixed pose parameters are left out: (2N, number of free
+    parameters)."""
+    from scipy.sparse import csr_matrix
+
+    A, B = ba_jacobian_blocks(problem, x)
+    _, cols, _ = ba_sparsity_pattern(problem, coordinates=True)
+    vals = np.concatenate([A, B], axis=2).ravel()  # 9 entries per row, in row order
+    rows = 2 * problem.cam.size
+    width = 6 * problem.m + 3 * problem.n
+    counts = np.full(rows, 9)
+    if free_only:
+        keep = problem.free_mask()
+        sel = keep[cols]
+        cols, vals = (np.cumsum(keep) - 1)[cols[sel]], vals[sel]
+        counts, width = sel.reshape(rows, 9).sum(axis=1), int(keep.sum())
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    return csr_matrix((vals, cols, indptr), shape=(rows, width))
+
+
+def ba_sparsity_pattern(problem, coordinates=False):
+    """Where the Jacobian can be non-zero: row 2k, 2k + 1 (observation k) meets the
+    six columns of its camera and the three of its point. Returns a scipy.sparse 0/1
+    matrix (needs scipy), or with coordinates=True the (rows, cols, None) in the
+    order of the blocks [A_k | B_k]."""
+    N = problem.cam.size
+    rows = np.repeat(
+        2 * np.arange(N)[:, None] + np.arange(2)[None, :], 9, axis=1
+    )  # (N, 18)
+    cam_cols = 6 * problem.cam[:, None] + np.arange(6)
+    pt_cols = 6 * problem.m + 3 * problem.point[:, None] + np.arange(3)
+    cols = np.tile(np.concatenate([cam_cols, pt_cols], axis=1), (1, 2))  # (N, 18)
+    rows, cols = rows.ravel(), cols.ravel()  # (N, 2, 9) blocks [A_k | B_k], row-major
+    if coordinates:
+        return rows, cols, None
+    from scipy.sparse import csr_matrix
+
+    return csr_matrix(
+        (np.ones(rows.size), (rows, cols)), shape=(2 * N, 6 * problem.m + 3 * problem.n)
+    )
+
+
+def _sum_by(problem, by, values):
+    """Sum the rows of values (N, ...) of the observations of each camera (by="cam") or
+    each point (by="point"): one product with a sparse 0/1 matrix built once per problem
+    (much faster than np.add.at, which is the fallback without scipy)."""
+    index = getattr(problem, by)
+    size = problem.m if by == "cam" else problem.n
+    cache = problem.__dict__.setdefault("_indicators", {})
+    if by not in cache:
+        try:
+            from scipy.sparse import csr_matrix
+        except ImportError:  # scipy is optional for derivlib
+            cache[by] = None
+        else:
+            cache[by] = csr_matrix(
+                (np.ones(index.size), (index, np.arange(index.size))),
+                shape=(size, index.size),
+            )
+    M = cache[by]
+    if M is None:
+        out = np.zeros((size,) + values.shape[1:])
+        np.add.at(out, index, values)
+        return out
+    return (M @ values.reshape(values.shape[0], -1)).reshape((size,) + values.shape[1:])
+
+
+def ba_normal_equations(problem, A, B, r):
+    """The blocks of J^T J and J^T r (eq. 6.19): U (6m, 6m) block-diagonal, W (6m, 3n),
+    V (n, 3, 3) the diagonal blocks, and the gradients g_c (6m,), g_p (3n,)."""
+    m, n, cam, point = problem.m, problem.n, problem.cam, problem.point
+    r2 = r.reshape(-1, 2)
+    # contiguous transposes: A^T @ A on a transposed view of A itself is several times
+    # slower
+    At, Bt = (
+        np.ascontiguousarray(A.transpose(0, 2, 1)),
+        np.ascontiguousarray(B.transpose(0, 2, 1)),
+    )
+    Ublocks = _sum_by(problem, "cam", At @ A)
+    V = _sum_by(problem, "point", Bt @ B)
+    W = np.zeros((m, 6, n, 3))
+    W[cam, :, point, :] = At @ B
+    gc = _sum_by(problem, "cam", np.einsum("ki,kij->kj", r2, A))
+    gp = _sum_by(problem, "point", np.einsum("ki,kij->kj", r2, B))
+    U = np.zeros((m, 6, m, 6))
+    U[np.arange(m), :, np.arange(m), :] = Ublocks
+    return U.reshape(6 * m, 6 * m), W.reshape(6 * m, 3 * n), V, gc.ravel(), gp.ravel()
+
+
+def schur_solve(U, W, V, gc, gp, free):
+    """Solve [[U, W], [W^T, blockdiag V]] [dc; dp] = -[gc; gp] by eliminating the points
+    (eq. 6.20): S = U - W V^-1 W^T, S dc = -(gc - W V^-1 gp), dp = -V^-1 (gp + W^T dc).
+    Pose parameters outside `free` are held at zero. Returns (dc (6m,), dp (3n,))."""
+    n = V.shape[0]
+    Vinv = np.linalg.inv(V)  # (n, 3, 3)
+    # Y = W V^-1, block column by block column: n products of (6m, 3) by (3, 3)
+    Y = (
+        (W.reshape(-1, n, 3).transpose(1, 0, 2) @ Vinv)
+        .transpose(1, 0, 2)
+        .reshape(W.shape)
+    )
+    S = U - Y @ W.T
+    rhs = -(gc - Y @ gp)
+    dc = np.zeros_like(gc)
+    f = np.flatnonzero(free)
+    dc[f] = np.linalg.solve(S[np.ix_(f, f)], rhs[f])
+    dp = -(Vinv @ (gp + W.T @ dc).reshape(n, 3, 1)).ravel()
+    return dc, dp
+
+
+def gauge_directions(problem, x):
+    """The 7 directions of the similarity gauge (eq. 6.21) at x: G (6m + 3n, 7), whose
+    columns are dx for an infinitesimal rotation omega (3), shift b (3) and scale s (1)
+    of the scene; J G = 0. For camera j, R_j Q^T = R_j exp(-[omega]x) gives
+    J_r(w_j) dw_j = -omega, and dt_j = s t_j - R_j b; each point moves by
+    dX_i = omega x X_i + b + s X_i."""
+    poses, X = problem.unpack(x)
+    G = np.zeros((problem.m, 6, 7))
+    for j, (w, t) in enumerate(zip(poses[:, :3], poses[:, 3:])):
+        G[j, :3, :3] = -np.linalg.inv(right_jacobian(w))
+        G[j, 3:, 3:6] = -rodrigues(w)
+        G[j, 3:, 6] = t
+    Gp = np.concatenate(
+        [-_hat_many(X), np.broadcast_to(np.eye(3), (problem.n, 3, 3)), X.T[:, :, None]],
+        axis=2,
+    )
+    return np.concatenate([G.reshape(6 * problem.m, 7), Gp.reshape(3 * problem.n, 7)])
+
+
+def gauge_is_fixed(problem, x, rtol=1e-8):
+    """True if holding the fixed pose parameters removes all 7 gauge directions at x:
+    the rows of gauge_directions(problem, x) at the fixed parameters have rank 7
+    (each column scaled to unit norm, smallest singular value above rtol times the
+    largest)."""
+    G = gauge_directions(problem, x)[: 6 * problem.m]
+    G = G / np.linalg.norm(G, axis=0)
+    Gf = G[~problem.free]
+    if Gf.shape[0] < 7:
+        return False
+    s = np.linalg.svd(Gf, compute_uv=False)
+    return bool(s[-1] > rtol * s[0])
+
+
+def _predicted_decrease(U, W, V, gc, gp, dc, dp):
+    """E - ||r + J delta||^2 = -(2 delta^T g + delta^T J^T J delta) for delta = (dc,
+    dp), from the blocks of J^T J = [[U, W], [W^T, blockdiag V]] (eq. 6.19), without
+    J."""
+    dp3 = dp.reshape(-1, 3)
+    dHd = dc @ U @ dc + 2 * dc @ (W @ dp) + np.einsum("ni,nij,nj->", dp3, V, dp3)
+    return -(2 * (dc @ gc + dp @ gp) + float(dHd))
+
+
+def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-3, check_gauge=True):
+    """Levenberg-Marquardt for bundle adjustment with the Schur complement (eqs.
+    6.18-6.21).
+
+    Damps the normal equations by lam diag(J^T J), eliminates the points, and holds
+    the pose parameters outside problem.free at their values in x0 (the gauge).
+    Stops, and raises ConvergenceError, as `solve_least_squares` does. With
+    check_gauge (the default) it first raises ValueError if the fixed parameters
+    leave a gauge direction free at x0 (gauge_is_fixed), as the default `fixed` does
+    when camera 1's centre is straight ahead of or behind camera 0 as seen from
+    camera 1 (forward motion); pass check_gauge=False to run without a fixed gauge on
+    purpose. Returns (x, LeastSquaresHistory)."""
+    x = as_float_array(x0, "x0", ndims=1).copy()
+    problem.unpack(x)
+    if check_gauge and not gauge_is_fixed(problem, x):
+        raise ValueError(
+            f"the fixed pose parameters (fixed = "
+            f"{np.flatnonzero(~problem.free).tolist()}) do not fix the gauge at x0: "
+            f"some rotation, shift or scale of the scene (eq. 6.21) leaves them and "
+            f"every residual unchanged, so J^T J is singular. With the default fixed, "
+            f"the baseline c_0 - c_1 seen from camera 1, R_1 (c_0 - c_1), needs a "
+            f"non-zero x component; hold another coordinate of camera 1 "
+            f"(BundleProblem.create(fixed=...)), or pass check_gauge=False"
+        )
+    hist = LeastSquaresHistory(n_residual=1)
+    r = ba_residual(problem, x)
+    E = float(r @ r)
+    lam, nu = lam0, 2.0
+    hist.cost.append(E)
+    for _ in range(max_iter):
+        A, B = ba_jacobian_blocks(problem, x)
+        hist.n_jacobian += 1
+        hist.damping.append(lam)
+        U, W, V, gc, gp = ba_normal_equations(problem, A, B, r)
+        gc = gc * problem.free
+        dU, dV = np.diag(U).copy(), np.einsum("nii->ni", V).copy()
+
+        def trial(lam):
+            dc, dp = schur_solve(
+                U + lam * np.diag(dU),
+                W,
+                V + lam * dV[:, :, None] * np.eye(3),
+                gc,
+                gp,
+                problem.free,
+            )
+            return np.concatenate([dc, dp]), _predicted_decrease(
+                U, W, V, gc, gp, dc, dp
+            )
+
+        delta, r_new, E_new, lam, nu, stationary = _lm_steps(
+            lambda y: ba_residual(problem, y),
+            trial,
+            x,
+            E,
+            lam,
+            nu,
+            tol,
+            hist,
+            "bundle adjustment",
+        )
+        done = stationary or _finished(E, E_new, delta, x, tol)
+        if not stationary:
+            x, r, E = x + delta, r_new, E_new
+        hist.n_iter += 1
+        hist.cost.append(E)
+        if done:
+            hist.converged = True
+            return x, hist
+    raise ConvergenceError(
+        f"bundle adjustment did not converge in {max_iter} iterations (cost {E:.6g})"
+    )

@@ -1,0 +1,62 @@
+"""Chapter 6, synthetic scenes with a known ground truth.
+
+The conventions are stated once, in derivlib/geometry/__init__.py."""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .lie import rodrigues
+from .bundle import BundleProblem, _project
+
+
+@dataclass
+class Scene:
+    """A synthetic bundle-adjustment scene with its ground truth and a perturbed
+    start."""
+
+    problem: BundleProblem
+    poses: np.ndarray  # (m, 6) true poses (w, t)
+    X: np.ndarray  # (3, n) true points
+    x0: np.ndarray  # start: true gauge camera and scale, other parameters perturbed
+
+
+def make_scene(m=6, n=200, noise=1.0, seed=0, visibility=0.7, perturbation=1.0):
+    """m cameras on an arc of radius 5 around n points in the unit ball, looking at it,
+    with K = [[500, 0, 320], [0, 500, 240], [0, 0, 1]]. Each camera sees each point with
+    probability `visibility` (every point is seen at least twice); image points get
+    Gaussian noise of `noise` pixels. The start x0 keeps the gauge parameters (camera 0,
+    t_x of camera 1) at their true values and perturbs the rest by `perturbation` times
+    0.02 rad (rotations), 0.1 (translations) and 0.05 (points)."""
+    if m < 2 or n < 1:
+        raise ValueError(
+            f"a scene needs m >= 2 cameras and n >= 1 points, got m = {m}, n = {n}"
+        )
+    rng = np.random.default_rng(seed)
+    K = np.array([[500.0, 0.0, 320.0], [0.0, 500.0, 240.0], [0.0, 0.0, 1.0]])
+    X = rng.standard_normal((3, n))
+    X *= rng.random(n) ** (1 / 3) / np.linalg.norm(X, axis=0)
+    phi = np.linspace(-0.6, 0.6, m)
+    poses = np.zeros((m, 6))
+    for j in range(m):
+        w = np.array([0.0, phi[j], 0.0]) + 0.05 * rng.standard_normal(3)
+        centre = 5.0 * np.array(
+            [np.sin(phi[j]), 0.0, -np.cos(phi[j])]
+        ) + 0.2 * rng.standard_normal(3)
+        poses[j] = np.concatenate([w, -rodrigues(w) @ centre])
+    seen = rng.random((m, n)) < visibility
+    for i in np.flatnonzero(seen.sum(axis=0) < 2):
+        seen[rng.choice(m, 2, replace=False), i] = True
+    cam, point = np.nonzero(seen)
+    p = np.stack(
+        [rodrigues(poses[j, :3]) @ X[:, i] + poses[j, 3:] for j, i in zip(cam, point)],
+        axis=1,
+    )
+    u = _project(p, K) + noise * rng.standard_normal((2, cam.size))
+    problem = BundleProblem.create(K, cam, point, u, m, n)
+    start = poses + perturbation * np.concatenate(
+        [0.02 * rng.standard_normal((m, 3)), 0.1 * rng.standard_normal((m, 3))], axis=1
+    )
+    start[~problem.free.reshape(m, 6)] = poses[~problem.free.reshape(m, 6)]
+    X0 = X + perturbation * 0.05 * rng.standard_normal(X.shape)
+    return Scene(problem, poses, X, problem.pack(start, X0))
