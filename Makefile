@@ -40,7 +40,7 @@ WORKERS ?= auto
 # run are short ones and both workers finish together (pytest drops the repeats). The
 # two browser files are not the first two: both wait for the one build of the book, and
 # a second worker that starts with a notebook is not idle while the first builds it.
-SLOWEST_FIRST := tests/test_browser.py book/04_reverse_mode.ipynb tests/test_browser_narrow.py \
+SLOWEST_FIRST := tests/test_browser.py book/04_reverse_mode.ipynb tests/test_browser_chapters.py \
 	book/03_loss_functions.ipynb
 
 .PHONY: book test browser-deps notebooks benchmark clean pdf pdf-deps test-pdf test-lab lab

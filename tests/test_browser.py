@@ -40,6 +40,9 @@ MATHJAX_CDN = MATHJAX_URL.rsplit("/", 1)[0] + "/"
 MATHJAX_TIMEOUT_MS = 30_000
 DESKTOP = {"width": 1280, "height": 800}
 PAGES = toc_files() + ["genindex", "search"]
+CHAPTERS = [page for page in toc_files() if (ROOT / f"{page}.ipynb").exists()]
+OTHER_PAGES = [page for page in PAGES if page not in CHAPTERS]
+PHONE = {"width": 400, "height": 900}
 # Sphinx 7.4 writes an inline script that an extension adds after the builder has
 # started twice; sphinx-thebe's configuration is one, and its second copy fails to
 # redeclare the constants the first has already set to the same values.
@@ -182,9 +185,11 @@ def open_page(browser, url, **page_options):
     return page, refused
 
 
-def browser_problems(browser, url):
-    """Open `url` in Chromium and list every problem a reader of the page would see."""
-    page, refused = open_page(browser, url, viewport=DESKTOP)
+def page_problems(page, url):
+    """Load `url` in `page` and list every problem a reader of it would see: what
+    FIND_PROBLEMS reports, script errors and refused outside requests. None of these
+    depends on the colour scheme or the width of the window."""
+    refused = page.refused
     errors = []
 
     def on_script_error(error):
@@ -192,18 +197,134 @@ def browser_problems(browser, url):
             errors.append(f"script error: {error.message}")
 
     page.on("pageerror", on_script_error)
-    try:
-        response = page.goto(url, wait_until="load")
-        if not response.ok:
-            return [f"page does not load (HTTP {response.status})"]
-        problems = page.evaluate(FIND_PROBLEMS, MATHJAX_TIMEOUT_MS)
-    finally:
-        page.close()
+    response = page.goto(url, wait_until="load")
+    if not response.ok:
+        return [f"page does not load (HTTP {response.status})"]
+    problems = page.evaluate(FIND_PROBLEMS, MATHJAX_TIMEOUT_MS)
     return (
         problems
         + errors
         + [f"outside request refused: {request}" for request in refused]
     )
+
+
+def browser_problems(browser, url, **page_options):
+    """Open `url` in a new page of Chromium (at desktop width unless `page_options`
+    say otherwise) and list every problem a reader of the page would see."""
+    page, refused = open_page(browser, url, **{"viewport": DESKTOP, **page_options})
+    page.refused = refused
+    try:
+        return page_problems(page, url)
+    finally:
+        page.close()
+
+
+# What a narrow screen in dark mode shows: the theme, any horizontal scrolling of the
+# whole page and the elements that cause it (outside any box that scrolls or clips on
+# its own, or stays fixed on the screen), and for each figure whether it stands on an opaque, light background (its
+# own corner pixels, or the background the theme paints behind it).
+LAYOUT = r"""
+async () => {
+  if (window.MathJax && MathJax.startup) await MathJax.startup.promise;
+  const width = document.documentElement.clientWidth;
+  const contained = (element) => {
+    for (let box = element; box && box !== document.body; box = box.parentElement) {
+      const style = getComputedStyle(box);
+      if (style.position === "fixed" || (box !== element && style.overflowX !== "visible")) return true;
+    }
+    return false;
+  };
+  const stickingOut = () => {
+    const out = [...document.body.querySelectorAll("*")].filter(
+      (element) => element.getBoundingClientRect().right > width + 0.5 && !contained(element));
+    return out.filter((element) => !out.includes(element.parentElement)).map(
+      (element) => `<${element.localName}> "${element.textContent.replace(/\s+/g, " ").trim().slice(0, 60)}"`);
+  };
+  const opaqueCorners = (image) => {
+    const canvas = document.createElement("canvas");
+    [canvas.width, canvas.height] = [image.naturalWidth, image.naturalHeight];
+    const context = canvas.getContext("2d");
+    context.drawImage(image, 0, 0);
+    const corners = [[0, 0], [canvas.width - 1, 0], [0, canvas.height - 1], [canvas.width - 1, canvas.height - 1]];
+    return corners.every(([x, y]) => context.getImageData(x, y, 1, 1).data[3] === 255);
+  };
+  const lightBackground = (image) => {
+    const [r, g, b, a = 1] = getComputedStyle(image).backgroundColor.match(/[\d.]+/g).map(Number);
+    return a === 1 && (0.2126 * r + 0.7152 * g + 0.0722 * b) / 255 > 0.7;
+  };
+  // A display wider than the screen must scroll into view, not be cut off on the left.
+  const clipped = window.MathJax && MathJax.startup ? [...MathJax.startup.document.math].filter(
+    (item) => item.display && item.typesetRoot &&
+      item.typesetRoot.getBoundingClientRect().left < item.typesetRoot.parentElement.getBoundingClientRect().left - 1,
+  ).map((item) => item.math.replace(/\s+/g, " ").trim().slice(0, 60)) : [];
+  // The width of the box of each display (at most 40): what narrowing changes.
+  const displayBoxes = window.MathJax && MathJax.startup ? [...MathJax.startup.document.math].filter(
+    (item) => item.display && item.typesetRoot).slice(0, 40).map(
+    (item) => Math.round(item.typesetRoot.parentElement.getBoundingClientRect().width)) : [];
+  return {
+    width,
+    displayBoxes,
+    theme: document.documentElement.dataset.theme,
+    clipped,
+    overflow: document.documentElement.scrollWidth - width,
+    stickingOut: document.documentElement.scrollWidth > width ? stickingOut() : [],
+    figures: [...document.querySelectorAll("article img")].map((image) => ({
+      src: image.getAttribute("src"), legible: opaqueCorners(image) || lightBackground(image),
+    })),
+  };
+}
+"""
+
+
+def layout_problems(layout):
+    """What LAYOUT found wrong at phone width in dark mode, one line each."""
+    illegible = [figure["src"] for figure in layout["figures"] if not figure["legible"]]
+    problems = []
+    if layout["theme"] != "dark":
+        problems.append(
+            f"the theme is {layout['theme']!r} where the reader asked for dark"
+        )
+    if layout["clipped"]:
+        problems.append(
+            f"equations cut off on the left at phone width: {layout['clipped']}"
+        )
+    if layout["overflow"] > 0:
+        problems.append(
+            f"the page scrolls sideways by {layout['overflow']} px at phone width, "
+            f"because of: {layout['stickingOut']}"
+        )
+    if illegible:
+        problems.append(
+            f"figures on a transparent or dark background in dark mode: {illegible}"
+        )
+    return problems
+
+
+def chapter_problems(browser, site, chapter, tmp_path):
+    """A chapter opened once, in a browser that asks for dark mode: at desktop width,
+    every problem `page_problems` finds (math, images, links, scripts, outside
+    requests); then the same page narrowed to a phone's width, checked by LAYOUT (no
+    sideways scrolling of the page, wide equations that scroll instead of being cut
+    off, legible figures). MathJax typesets the chapter once for both.
+
+    The theme reads the reader's colour scheme when the page loads, so dark mode is
+    asked for from the start; the desktop checks do not depend on it.
+    `test_browser_chapters.py` checks that narrowing a loaded page gives the layout a
+    fresh load at phone width gives. When the layout fails, a screenshot is left in
+    pytest's temporary directory, under pytest-current/.
+    """
+    url = f"{site}{chapter}.html"
+    page, refused = open_page(browser, url, viewport=DESKTOP, color_scheme="dark")
+    page.refused = refused
+    try:
+        problems = page_problems(page, url)
+        page.set_viewport_size(PHONE)
+        found = layout_problems(page.evaluate(LAYOUT))
+        if found:
+            page.screenshot(path=tmp_path / "narrow-dark.png", full_page=True)
+    finally:
+        page.close()
+    return problems + found
 
 
 def launch_browser(needs=(CHROMIUM, MATHJAX_DIR)):
@@ -229,11 +350,20 @@ def serve_book(built_book):
         yield url
 
 
-@pytest.mark.parametrize("page", PAGES)
+@pytest.mark.parametrize("page", OTHER_PAGES)
 def test_page_renders_in_a_browser(browser, site, page):
     """A page of the book shows all its math, images and link targets, with no script errors."""
     problems = browser_problems(browser, f"{site}{page}.html")
     assert not problems, f"{page}.html:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS[::2])
+def test_chapter_on_desktop_and_phone(browser, site, chapter, tmp_path):
+    """Half of the chapters (the other half is in test_browser_chapters.py, which the
+    second test process runs): everything test_page_renders_in_a_browser checks, then
+    the page at phone width in dark mode (see `chapter_problems`)."""
+    problems = chapter_problems(browser, site, chapter, tmp_path)
+    assert not problems, f"{chapter}.html:\n" + "\n".join(problems)
 
 
 # One page with one problem of each kind, and the same things done right on its
