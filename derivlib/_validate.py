@@ -231,3 +231,36 @@ def as_binary_labels(y, name="y"):
             f"{name} must hold labels in {{0, 1}}, got {name}[{i}] = {y[i]}"
         )
     return y
+
+
+# ----- Options of the fitting functions -----
+#
+# Every fitting function takes data, labels, then keyword-only options with these
+# names: l2, epochs, batch_size, learning_rate, seed (an int >= 0 for
+# numpy.random.default_rng), tol, max_iter.
+
+
+def as_positive_int(value, name):
+    """A positive Python int (not a bool), else ValueError."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def as_positive_float(value, name):
+    """A positive, finite float (ints allowed, bools not), else ValueError."""
+    if (
+        not isinstance(value, (int, float, np.integer, np.floating))
+        or isinstance(value, bool)
+        or not np.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{name} must be a positive, finite number, got {value!r}")
+    return float(value)
+
+
+def as_seed(seed, name="seed"):
+    """A seed for numpy.random.default_rng: an int >= 0 (not a bool)."""
+    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {seed!r}")
+    return int(seed)
