@@ -7,9 +7,9 @@ model, either class indices, a 1-D integer array (n,) in [0, k), or the columns 
 shape (k, n), one probability vector per observation: one-hot, or soft labels such as
 label smoothing (both forms are checked and converted by
 ``derivlib._validate.as_label_columns``, shared with every fitting function of
-Chapters 4 and 5); the parameters are theta, shape (d,), or Theta, shape (d, k). Gradients have the shape of
-the parameter. The multinomial Hessian is taken with respect to vec Theta
-(column-major), shape (dk, dk).
+Chapters 4 and 5); the parameters are theta, shape (d,), or Theta, shape (d, k).
+Gradients have the shape of the parameter. The multinomial Hessian is taken with
+respect to vec Theta (column-major), shape (dk, dk).
 
 Every loss accepts `l2` >= 0 and then adds (l2 / 2) ||theta||^2 (the Frobenius norm
 for Theta): l2 = 1 / C in scikit-learn's terms (with fit_intercept=False).
@@ -535,8 +535,9 @@ def fit_multinomial(X, Y, *, l2=0.0, tol=1e-10, max_iter=100, return_history=Fal
     X (d, n); Y either class indices, a 1-D integer array (n,) in [0, k) with k the
     largest index plus one, or (k, n) with one probability vector per column (one-hot,
     or soft labels); anything else (float indices, negative entries, columns not
-    summing to one) is a ValueError. Options keyword-only. Starts at Theta = 0 and stops when max |grad L| <= tol * n. Returns Theta, shape
-    (d, k), or (Theta, FitHistory) with return_history=True. With l2 > 0 the minimiser
+    summing to one) is a ValueError. Options keyword-only. Starts at Theta = 0 and
+    stops when max |grad L| <= tol * n. Returns Theta, shape (d, k), or (Theta,
+    FitHistory) with return_history=True. With l2 > 0 the minimiser
     is unique (and its rows sum to zero). With l2 = 0 the last column is fixed at zero
     during the fit (the Hessian is singular with all k columns free) and Theta is then
     centred so each row sums to zero (the minimum-norm representative); one-hot labels
