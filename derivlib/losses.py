@@ -344,6 +344,31 @@ def _newton(model, params, n, tol, max_iter, what):
     )
 
 
+def _require_full_row_rank(X, what):
+    """With l2 = 0 a fit is degenerate unless X (d, n) has rank d: a direction v with
+    v^T X = 0 changes no logit, so the data do not constrain the parameters along it
+    and the Hessian is singular. Refuse such a problem before solving it, naming the
+    features that are zero in every observation."""
+    rank = int(np.linalg.matrix_rank(X))
+    d = X.shape[0]
+    if rank < d:
+        zero = np.flatnonzero(~np.any(X != 0, axis=1))
+        shown = ", ".join(str(i) for i in zero[:10]) + (
+            ", ..." if zero.size > 10 else ""
+        )
+        rows = (
+            f"; {zero.size} feature{'s are' if zero.size > 1 else ' is'} zero in every "
+            f"observation (row{'s' if zero.size > 1 else ''} {shown} of X)"
+            if zero.size
+            else ""
+        )
+        raise ValueError(
+            f"{what} with l2 = 0 needs X (d, n) of rank d = {d}, so that the data "
+            f"constrain every parameter; X of shape {X.shape} has rank {rank}{rows}. "
+            f"Use l2 > 0, or drop the redundant features"
+        )
+
+
 def _check_fit_options(tol, max_iter):
     if not (np.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be a positive number, got {tol}")
@@ -390,12 +415,17 @@ def fit_logistic(X, y, *, l2=0.0, tol=1e-10, max_iter=100, return_history=False)
     theta, shape (d,), or (theta, FitHistory) with return_history=True.
 
     With l2 = 0 on separable data the minimum does not exist: the fit raises
-    SeparableDataError as soon as an iterate separates the data.
+    SeparableDataError as soon as an iterate separates the data. With l2 = 0 and X of
+    rank below d (a feature that is zero in every observation, collinear features,
+    fewer observations than features) the problem is degenerate and is refused with
+    a ValueError before Newton's method starts.
     """
     y = _check_binary_labels(y)
     X = _check_data(X, y.size, "y")
     l2 = _check_l2(l2)
     tol, max_iter = _check_fit_options(tol, max_iter)
+    if l2 == 0:
+        _require_full_row_rank(X, "fit_logistic")
     theta, history = _newton(
         _Logistic(X, y, l2), np.zeros(X.shape[0]), y.size, tol, max_iter, "fit_logistic"
     )
@@ -541,7 +571,8 @@ def fit_multinomial(X, Y, *, l2=0.0, tol=1e-10, max_iter=100, return_history=Fal
     is unique (and its rows sum to zero). With l2 = 0 the last column is fixed at zero
     during the fit (the Hessian is singular with all k columns free) and Theta is then
     centred so each row sums to zero (the minimum-norm representative); one-hot labels
-    that the data separate raise SeparableDataError.
+    that the data separate raise SeparableDataError, and X of rank below d is refused
+    (ValueError) before the fit starts, as in fit_logistic.
     """
     Y = _check_label_columns(Y)
     X = _check_data(X, Y.shape[1], "Y")
@@ -552,6 +583,8 @@ def fit_multinomial(X, Y, *, l2=0.0, tol=1e-10, max_iter=100, return_history=Fal
             f"fit_multinomial with l2 = 0 needs k >= 2 classes, got Y of shape "
             f"{Y.shape}"
         )
+    if l2 == 0:
+        _require_full_row_rank(X, "fit_multinomial")
     model = _Multinomial(X, Y, l2)
     Theta, history = _newton(
         model,

@@ -595,12 +595,21 @@ def test_fit_logistic_max_iter(breast_cancer):
         fit_logistic(X_rows.T, y, l2=1.0, max_iter=2)
 
 
-def test_fit_singular_hessian_raises():
-    # a zero feature and l2 = 0: the Hessian is singular, and the fit says so
+def test_fit_degenerate_problem_is_refused_before_solving():
+    # a zero feature and l2 = 0: nothing constrains its coefficient; refused up front
     X = np.array([[1.0, -1.0, 2.0, -0.5], [0.0, 0.0, 0.0, 0.0]])
     y = np.array([1.0, 1.0, 0.0, 0.0])
-    with pytest.raises(ConvergenceError, match="not positive definite"):
+    message = r"needs X .*rank d = 2.* has rank 1; 1 feature is zero in every observation \(row 1"
+    with pytest.raises(ValueError, match="fit_logistic with l2 = 0 " + message):
         fit_logistic(X, y)
+    with pytest.raises(ValueError, match="fit_multinomial with l2 = 0 " + message):
+        fit_multinomial(X, y.astype(int))
+    # collinear features, and fewer observations than features
+    with pytest.raises(ValueError, match=r"has rank 1\. Use l2 > 0"):
+        fit_logistic(np.vstack([X[0], 2 * X[0]]), y)
+    with pytest.raises(ValueError, match=r"rank d = 5.* has rank 4"):
+        fit_multinomial(np.random.default_rng(0).standard_normal((5, 4)), np.arange(4))
+    assert np.all(np.isfinite(fit_logistic(X, y, l2=1.0)))  # the cure
 
 
 def test_fit_returns_array_by_default(breast_cancer):
