@@ -69,10 +69,11 @@ def as_array_of_shape(x, name, shape, expected, finite=True):
     return arr
 
 
-def as_cotangent(G, shape, finite=True):
-    """The cotangent G of an output of shape `shape` (see `as_array_of_shape`)."""
+def as_cotangent(G, shape, finite=True, name="G"):
+    """The cotangent of an output of shape `shape`, named `name` in messages (G, or g
+    for a vector output; see `as_array_of_shape`)."""
     return as_array_of_shape(
-        G, "G", shape, "the cotangent G must have the output's shape", finite
+        G, name, shape, "the cotangent {name} must have the output's shape", finite
     )
 
 

@@ -147,7 +147,7 @@ def eigvalsh_vjp(S, g):
     is constant on the tied group (then Q diag(g) Q^T does not depend on the basis of
     the eigenspace); otherwise this raises ValueError."""
     lam, Q = eigh(S)
-    g = _cotangent(g, lam.shape)
+    g = _cotangent(g, lam.shape, name="g")
     _require_constant_on_ties(lam, g, "eigvalsh_vjp", "eigenvalues", "lam")
     return (Q * g) @ Q.T
 
@@ -436,7 +436,7 @@ def svdvals_vjp(M, g):
     picks, and is returned (g = 1 at M = 2 Q gives Q). Otherwise: ValueError."""
     M = as_finite_array(M, "M", 2)
     U, s, Vt = np.linalg.svd(M, full_matrices=False)
-    g = _cotangent(g, s.shape)
+    g = _cotangent(g, s.shape, name="g")
     _require_differentiable_sigma(s, g, "svdvals_vjp")
     return (U * g) @ Vt
 

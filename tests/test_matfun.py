@@ -988,6 +988,10 @@ def test_gaussian_nll_grad_against_finite_differences():
         assert abs(ours - fd) <= 1e-7 * max(1.0, abs(fd))
 
 
+def logm_spd_jvp_nan_primal():
+    return matfun.logm_spd_jvp(np.array([[1.0, np.nan], [np.nan, 1.0]]), np.eye(2))
+
+
 @pytest.mark.parametrize(
     "call, name",
     [
@@ -1015,8 +1019,13 @@ def test_gaussian_nll_grad_against_finite_differences():
         ),
         (lambda: eigvecsh_vjp(np.diag([1.0, 2.0]), np.full((2, 2), np.nan)), "G"),
         (lambda: svdvals_jvp(np.diag([1.0, 2.0]), np.full((2, 2), np.nan)), "dM"),
+        (lambda: svdvals_vjp(np.diag([1.0, 2.0]), np.array([1.0, np.nan])), "g"),
+        (lambda: eigvalsh_vjp(np.diag([1.0, 2.0]), np.array([np.inf, 1.0])), "g"),
+        (lambda: eigvalsh_jvp(np.diag([1.0, 2.0]), np.full((2, 2), np.nan)), "dS"),
+        (lambda: polar_jvp(np.full((2, 2), np.nan), np.eye(2)), "M"),
+        (lambda: logm_spd_jvp_nan_primal(), "S"),
     ],
 )
-def test_non_finite_tangent_or_cotangent_is_named(call, name):
+def test_non_finite_primal_tangent_or_cotangent_is_named(call, name):
     with pytest.raises(ValueError, match=rf"^{name} must be finite"):
         call()
