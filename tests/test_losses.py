@@ -761,3 +761,11 @@ def test_fitting_options_are_keyword_only():
         fit_logistic(X, idx, 1.0)
     with pytest.raises(TypeError):
         fit_multinomial(X, idx, 1.0)
+    from derivlib.backprop import fit_mlp
+    from derivlib.layers import cnn_fit, cnn_init
+
+    with pytest.raises(TypeError):
+        fit_mlp(X, idx, 4)
+    params = cnn_init(np.random.default_rng(0), filters=2, classes=2)
+    with pytest.raises(TypeError):
+        cnn_fit(np.zeros((2, 1, 8, 8)), np.array([0, 1]), params)
