@@ -96,7 +96,7 @@ def _gaussian_args(X, mu, Sigma):
 def sym(A):
     """sym(A) = (A + A^T) / 2, the orthogonal projection onto symmetric matrices (eq.
     7.6)."""
-    A = as_float_array(A, "A", 2)
+    A = as_finite_array(A, "A", 2)
     if A.shape[0] != A.shape[1]:
         raise ValueError(f"A must be square, got shape {A.shape}")
     return 0.5 * (A + A.T)

@@ -1024,6 +1024,7 @@ def logm_spd_jvp_nan_primal():
         (lambda: eigvalsh_jvp(np.diag([1.0, 2.0]), np.full((2, 2), np.nan)), "dS"),
         (lambda: polar_jvp(np.full((2, 2), np.nan), np.eye(2)), "M"),
         (lambda: logm_spd_jvp_nan_primal(), "S"),
+        (lambda: matfun.sym(np.array([[1.0, np.nan], [0.0, 1.0]])), "A"),
     ],
 )
 def test_non_finite_primal_tangent_or_cotangent_is_named(call, name):
