@@ -315,9 +315,11 @@ def _spd_function_differential(lam, Q, f, dS):
       -K_ij / (r_i r_j);
     - log: F = Q log(Lambda) Q^T differentiated with eqs. 7.8-7.9, dF = dQ log(Lambda)
       Q^T + Q Lambda^-1 dLambda Q^T + Q log(Lambda) dQ^T, so D_ij = K_ij (log lam_j -
-      log lam_i) / (lam_j - lam_i), taken as log1p(t) / (lam_j - lam_i) with t =
-      (lam_j - lam_i) / lam_i (exact at t = 0 as 1 / lam_i, and free of cancellation
-      near it).
+      log lam_i) / (lam_j - lam_i), taken as log1p(t) / |lam_j - lam_i| with t =
+      |lam_j - lam_i| / min(lam_i, lam_j) >= 0 (1 / lam_i at t = 0; free of
+      cancellation near t = 0, and, since t >= 0, also where one eigenvalue is far
+      below the other: log1p of t = (lam_j - lam_i) / lam_i near -1 would lose digits
+      to 1 + t, six of them at lam_i / lam_j = 5e11).
 
     This is the JVP's own code, independent of `_daleckii_krein` and the divided
     differences of `_loewner` that the VJP uses, so the dot-product test compares two
@@ -326,8 +328,8 @@ def _spd_function_differential(lam, Q, f, dS):
     K = Qt @ (0.5 * (dS + np.swapaxes(dS, -1, -2))) @ Q
     li, lj = lam[..., :, None], lam[..., None, :]
     if f == "log":
-        h = lj - li
-        D = np.log1p(h / li)
+        h = np.abs(lj - li)
+        D = np.log1p(h / np.minimum(li, lj))  # log(max / min), t >= 0
         np.divide(D, h, out=D, where=h != 0)
         np.copyto(D, np.broadcast_to(1.0 / li, D.shape), where=h == 0)
         D = D * K

@@ -479,6 +479,18 @@ def test_spd_eigh_with_and_without_scipy(monkeypatch, rng, with_scipy):
     assert_close(matfun.logm_spd_vjp(S, G), np.asarray(JAX_SPD_VJP["log"](S, G)))
 
 
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_jvp_entrywise_accurate_at_wide_and_close_spectra(name):
+    """At a diagonal S (eigh returns it exactly) with dS = 1 1^T, the JVP is the
+    Loewner matrix itself; every entry within 1e-15 of the 40-digit reference, at a
+    condition number of 5e11 (log1p(t) with t near -1 lost six digits there) and at
+    gaps of 1e-14 and one ulp."""
+    lam = np.array([1.4e-11, 0.3, 3.0, 3.0 + 1e-14, np.nextafter(3.0, 4.0), 7.0])
+    dF = spd_function_jvp(np.diag(lam), np.ones((6, 6)), f=name)
+    reference = divided_differences_reference(lam, name)
+    assert np.max(np.abs(dF / reference - 1)) < 1e-15
+
+
 def test_extreme_spectra_are_finite():
     for S in (np.diag([1e-150, 1e-139]), np.diag([1e139, 1e150])):  # condition 1e11
         for name in FUNCTIONS:
