@@ -22,7 +22,15 @@ against jax.grad and against the chain of public rules in the tests.
 
 import numpy as np
 
-from ._validate import as_array_of_shape, as_finite_array, as_float_array
+from ._validate import (
+    as_array_of_shape,
+    as_finite_array,
+    as_float_array,
+    as_label_columns,
+    as_positive_float,
+    as_positive_int,
+    as_seed,
+)
 from ._validate import as_cotangent as _cotangent
 from .vector import _log_softmax, softmax, softmax_axis
 
@@ -517,6 +525,7 @@ def _mlp_loss_and_grad(params, X, Y):
 def fit_mlp(
     X,
     Y,
+    *,
     n_hidden=64,
     epochs=30,
     batch_size=8,
@@ -528,38 +537,32 @@ def fit_mlp(
     """Train the MLP of eq. 4.19 by mini-batch gradient descent with the backward pass
     of eq. 4.20.
 
-    X (n_in, n) holds the observations as columns and Y (n_out, n) their one-hot labels.
-    Every epoch visits the columns in an order drawn from ``default_rng(seed)``, in
-    batches of `batch_size`, and steps every parameter by -learning_rate times its
-    gradient. Returns (params, history); history is a dict of per-epoch lists:
-    'train_loss' (eq. 4.19 on all of X after the epoch) and, when a test set is
-    given, 'test_loss'. The same arguments give the same result on every run.
+    X (n_in, n) holds the observations as columns; Y their labels, in either form of
+    every fitting function of derivlib (``derivlib._validate.as_label_columns``): class
+    indices, a 1-D integer array (n,) in [0, k), or (k, n) columns of probabilities
+    (one-hot or soft labels); n_out = k. Y_test takes the same forms, with the same k.
+    The options are keyword-only. Every epoch visits the columns in an order drawn from
+    ``default_rng(seed)``, in batches of `batch_size`, and steps every parameter by
+    -learning_rate times its gradient. Returns (params, history); history is a dict of
+    per-epoch lists: 'train_loss' (eq. 4.19 on all of X after the epoch) and, when a
+    test set is given, 'test_loss'. The same arguments give the same result on every
+    run.
     """
     X = as_finite_array(X, "X", 2)
-    Y = as_finite_array(Y, "Y", 2)
+    Y = as_label_columns(Y, "Y")
     if Y.shape[1] != X.shape[1]:
         raise ValueError(
-            f"Y must have one column per observation, X has {X.shape[1]} and Y has "
+            f"Y must have one label per observation, X has {X.shape[1]} and Y has "
             f"shape {Y.shape}"
         )
-    for name, value in {"epochs": epochs, "batch_size": batch_size}.items():
-        if (
-            not isinstance(value, (int, np.integer))
-            or isinstance(value, bool)
-            or value < 1
-        ):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if (
-        not isinstance(learning_rate, (int, float, np.integer, np.floating))
-        or isinstance(learning_rate, bool)
-        or not np.isfinite(learning_rate)
-        or learning_rate <= 0
-    ):
-        raise ValueError(
-            f"learning_rate must be a positive, finite number, got {learning_rate!r}"
-        )
-    if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    epochs = as_positive_int(epochs, "epochs")
+    batch_size = as_positive_int(batch_size, "batch_size")
+    learning_rate = as_positive_float(learning_rate, "learning_rate")
+    seed = as_seed(seed)
+    if (X_test is None) != (Y_test is None):
+        raise ValueError("X_test and Y_test must be given together")
+    if Y_test is not None:
+        Y_test = as_label_columns(Y_test, "Y_test", Y.shape[0])
     rng = np.random.default_rng(seed)
     params = mlp_init(X.shape[0], n_hidden, Y.shape[0], rng)
     have_test = X_test is not None

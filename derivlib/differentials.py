@@ -3,6 +3,7 @@ second identification theorems as code."""
 
 import numpy as np
 
+from ._validate import as_finite_array, require_finite
 from .matrix import unvec, vec
 
 
@@ -16,6 +17,7 @@ def identify(differential, X):
     X = np.asarray(X, dtype=np.float64)
     if X.size == 0:
         raise ValueError(f"identify needs a non-empty point X, got shape {X.shape}")
+    require_finite(X, "X")
     columns = []
     out_shape = None
     for j in range(X.size):
@@ -31,6 +33,12 @@ def identify(differential, X):
             )
         columns.append(vec(dF))
     J = np.stack(columns, axis=1)
+    if not np.all(np.isfinite(J)):
+        j = int(np.flatnonzero(~np.all(np.isfinite(J), axis=0))[0])
+        raise ValueError(
+            f"the differential returned a non-finite dF for the unit increment {j} "
+            f"(vec layout) at X of shape {X.shape}"
+        )
     _require_linear(differential, X, J)
     return J
 
@@ -61,8 +69,8 @@ def remainder(f, differential, p, h):
     shaped like f(p). f is differentiable at p with this differential exactly when
     |r_p(h)| / |h| -> 0 as h -> 0 (eq. B.2 and the condition under B.4).
     """
-    p = np.asarray(p, dtype=np.float64)
-    h = np.asarray(h, dtype=np.float64)
+    p = as_finite_array(p, "p")
+    h = as_finite_array(h, "h")
     if h.shape != p.shape:
         raise ValueError(
             f"the increment h must have the shape of p, {p.shape}, got {h.shape}"
@@ -73,7 +81,13 @@ def remainder(f, differential, p, h):
         raise ValueError(
             f"the differential returned shape {df.shape} but f(p) has shape {f_p.shape}"
         )
-    return np.asarray(f(p + h), dtype=np.float64) - f_p - df
+    r = np.asarray(f(p + h), dtype=np.float64) - f_p - df
+    if not np.all(np.isfinite(r)):
+        raise ValueError(
+            "the remainder is not finite: f(p), f(p + h) or the differential returned "
+            "NaN or infinity"
+        )
+    return r
 
 
 def loglog_slope(x, y):
@@ -86,6 +100,7 @@ def loglog_slope(x, y):
             f"shape {x.shape} and y of shape {y.shape}"
         )
     for name, values in (("x", x), ("y", y)):
+        require_finite(values, name)
         if np.any(values <= 0):
             i = int(np.flatnonzero(values <= 0)[0])
             raise ValueError(
@@ -113,6 +128,7 @@ def identify_hessian(second_differential, X):
         raise ValueError(
             f"identify_hessian needs a non-empty point X, got shape {X.shape}"
         )
+    require_finite(X, "X")
     N = X.size
 
     def q(v):
@@ -122,6 +138,8 @@ def identify_hessian(second_differential, X):
                 f"the second differential must be a scalar, got an array of shape "
                 f"{value.shape}"
             )
+        if not np.isfinite(value).all():
+            raise ValueError("the second differential returned NaN or infinity")
         return float(value.reshape(()))
 
     eye = np.eye(N)

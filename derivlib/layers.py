@@ -20,6 +20,10 @@ from ._validate import (
     as_cotangent,
     as_finite_array,
     as_float_array,
+    as_label_columns,
+    as_positive_float,
+    as_positive_int,
+    as_seed,
     require_no_nan,
 )
 from .backprop import matmul_vjp
@@ -564,20 +568,23 @@ def cnn_forward(params, X):
 
 
 def cnn_loss(params, X, labels):
-    """The mean cross entropy of softmax(Z) against integer labels (N,), eq. 3.15c /
-    N."""
+    """The mean cross entropy of softmax(Z) against the labels, eq. 3.15c / N. The
+    labels take either form of every fitting function of derivlib
+    (``derivlib._validate.as_label_columns``): class indices, a 1-D integer array (N,)
+    in [0, classes), or (classes, N) columns of probabilities (one-hot or soft)."""
     Z = cnn_forward(params, X)["Z"]
-    return _mean_cross_entropy(Z, labels)
+    return _mean_cross_entropy(Z, _one_hot(labels, Z.shape[0], Z.shape[1]))
 
 
 def cnn_grad(params, X, labels):
     """(loss, gradients (Kbar, bbar, Wbar, cbar), cotangents of every layer's output) by
     the chain of backward rules: softmax cross entropy, linear, reshape, max pool, ReLU,
-    bias, convolution."""
+    bias, convolution. Labels as in `cnn_loss`."""
     K, b, W, c = params
     act = cnn_forward(params, X)
     Z, N = act["Z"], X.shape[0]
-    Zbar = (softmax(Z) - _one_hot(labels, Z.shape[0])) / N  # eq. 3.20b, per observation
+    Y = _one_hot(labels, Z.shape[0], N)
+    Zbar = (softmax(Z) - Y) / N  # eq. 3.20b, per observation
     Wbar, hbar = matmul_vjp(W, act["h"], Zbar)
     Mbar = hbar.T.reshape(act["M"].shape)
     Rbar = max_pool_vjp(act["R"], Mbar, 2)
@@ -587,24 +594,45 @@ def cnn_grad(params, X, labels):
     )  # images are data
     grads = (Kbar, Abar.sum(axis=(0, 2, 3)), Wbar, Zbar.sum(axis=1))
     cotangents = {"Z": Zbar, "h": hbar, "M": Mbar, "R": Rbar, "A": Abar}
-    return _mean_cross_entropy(Z, labels), grads, cotangents
+    return _mean_cross_entropy(Z, Y), grads, cotangents
 
 
-def cnn_fit(params, X, labels, epochs=10, batch=32, lr=0.05, momentum=0.9, seed=0):
-    """Minibatch SGD with heavy-ball momentum on cnn_grad. Returns the parameters and
-    the mean training loss of each epoch (over its minibatches)."""
-    rng = np.random.default_rng(seed)
+def cnn_fit(
+    X,
+    labels,
+    *,
+    params,
+    epochs=10,
+    batch_size=32,
+    learning_rate=0.05,
+    momentum=0.9,
+    seed=0,
+):
+    """Minibatch SGD with heavy-ball momentum on cnn_grad, from the initial parameters
+    `params` (as cnn_init returns them). X holds the images (N, 1, H, W), labels their
+    classes in either form of `cnn_loss`; the options are keyword-only and named as in
+    every fitting function of derivlib. Every epoch visits the images in an order drawn
+    from ``default_rng(seed)``. Returns the parameters and the mean training loss of
+    each epoch (over its minibatches)."""
     params = [np.array(p, dtype=np.float64) for p in params]
+    X = as_finite_array(X, "X", 4)
+    Y = _one_hot(labels, params[2].shape[0], X.shape[0])
+    epochs = as_positive_int(epochs, "epochs")
+    batch_size = as_positive_int(batch_size, "batch_size")
+    learning_rate = as_positive_float(learning_rate, "learning_rate")
+    if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
+        raise ValueError(f"momentum must be a number in [0, 1), got {momentum!r}")
+    rng = np.random.default_rng(as_seed(seed))
     velocity = [np.zeros_like(p) for p in params]
     history = []
     for _ in range(epochs):
         order, losses = rng.permutation(X.shape[0]), []
-        for start in range(0, X.shape[0], batch):
-            idx = order[start : start + batch]
-            loss, grads, _ = cnn_grad(params, X[idx], labels[idx])
+        for start in range(0, X.shape[0], batch_size):
+            idx = order[start : start + batch_size]
+            loss, grads, _ = cnn_grad(params, X[idx], Y[:, idx])
             for p, v, g in zip(params, velocity, grads):
                 v *= momentum
-                v -= lr * g
+                v -= learning_rate * g
                 p += v
             losses.append(loss)
         history.append(float(np.mean(losses)))
@@ -616,18 +644,20 @@ def cnn_predict(params, X):
     return cnn_forward(params, X)["Z"].argmax(axis=0)
 
 
-def _one_hot(labels, k):
-    labels = np.asarray(labels)
-    if labels.ndim != 1 or labels.size == 0 or labels.min() < 0 or labels.max() >= k:
+def _one_hot(labels, k, n=None):
+    """The labels as (k, n) probability columns (``as_label_columns``), with one label
+    per image when n is given."""
+    Y = as_label_columns(labels, "labels", k)
+    if n is not None and Y.shape[1] != n:
         raise ValueError(
-            f"labels must be a non-empty 1-D array of integers in [0, {k}), got shape "
-            f"{labels.shape}"
+            f"labels must have one label per image, {n} images, got labels for "
+            f"{Y.shape[1]}"
         )
-    return np.eye(k)[:, labels]
+    return Y
 
 
-def _mean_cross_entropy(Z, labels):
-    return float(-np.sum(_one_hot(labels, Z.shape[0]) * _log_softmax(Z)) / Z.shape[1])
+def _mean_cross_entropy(Z, Y):
+    return float(-np.sum(Y * _log_softmax(Z)) / Z.shape[1])
 
 
 # ----- Input checks -----

@@ -2,16 +2,21 @@
 regression).
 
 Conventions of the note: observations are the columns of X, shape (d, n); labels are
-y in {0, 1}^n (binary) or the columns of Y, shape (k, n), one probability vector per
-observation: one-hot, or soft labels such as label smoothing (multinomial); the
-parameters are theta, shape (d,), or Theta, shape (d, k). Gradients have the shape of
-the parameter. The multinomial Hessian is taken with respect to vec Theta
-(column-major), shape (dk, dk).
+y in {0, 1}^n (binary: a 1-D array (n,) of zeros and ones) or, for the multinomial
+model, either class indices, a 1-D integer array (n,) in [0, k), or the columns of Y,
+shape (k, n), one probability vector per observation: one-hot, or soft labels such as
+label smoothing (both forms are checked and converted by
+``derivlib._validate.as_label_columns``, shared with every fitting function of
+Chapters 4 and 5); the parameters are theta, shape (d,), or Theta, shape (d, k).
+Gradients have the shape of the parameter. The multinomial Hessian is taken with
+respect to vec Theta (column-major), shape (dk, dk).
 
 Every loss accepts `l2` >= 0 and then adds (l2 / 2) ||theta||^2 (the Frobenius norm
 for Theta): l2 = 1 / C in scikit-learn's terms (with fit_intercept=False).
 
-The fits return the parameter array. With ``return_history=True`` they return the
+The fits take data, labels, then keyword-only options (``l2``, ``tol``, ``max_iter``,
+``return_history``), named as in every fitting function of derivlib. They return the
+parameter array. With ``return_history=True`` they return the
 pair (parameters, FitHistory), where FitHistory records the loss and the largest
 gradient entry at every iterate. A fit that cannot converge says why:
 SeparableDataError when the data are separable and l2 = 0 (the loss has no minimum),
@@ -22,7 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ._validate import as_finite_array, as_float_array
+from ._validate import as_binary_labels, as_finite_array, as_label_columns
 from .vector import _log_softmax, _softmax_complement, sigmoid, sigmoid_derivative
 
 # ----- Errors and the fit record -----
@@ -80,40 +85,13 @@ def _check_data(X, n_labels, label_name):
 
 
 def _check_binary_labels(y):
-    y = as_float_array(y, "y", ndims=1)
-    bad = ~((y == 0) | (y == 1))
-    if np.any(bad):
-        i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"y must hold labels in {{0, 1}}, got y[{i}] = {y[i]}")
-    return y
+    return as_binary_labels(y, "y")
 
 
-def _check_label_columns(Y, tol=1e-9):
-    """Y, shape (k, n): each column a probability vector over the k classes.
-
-    One-hot columns are the common case; soft labels (label smoothing, averaged
-    annotations) are accepted too, since the derivation of the gradient (3.19') only
-    uses that each column sums to one. Entries must be >= 0 and each column must sum
-    to one within `tol` * k.
-    """
-    Y = as_finite_array(Y, "Y", ndims=2)
-    k, n = Y.shape
-    if np.any(Y < 0):
-        a, i = (int(v[0]) for v in np.nonzero(Y < 0))
-        raise ValueError(
-            f"Y must hold one probability vector per column (entries >= 0), Y has "
-            f"shape (k, n) = {Y.shape}: got Y[{a}, {i}] = {Y[a, i]}"
-        )
-    sums = Y.sum(axis=0)
-    bad = np.abs(sums - 1.0) > tol * max(1, k)
-    if np.any(bad):
-        i = int(np.flatnonzero(bad)[0])
-        raise ValueError(
-            f"Y must hold one probability vector per column (one-hot, or soft labels "
-            f"summing to one), Y has shape (k, n) = {Y.shape}: column {i} sums to "
-            f"{sums[i]:.12g}"
-        )
-    return Y
+def _check_label_columns(Y, k=None):
+    """Y as (k, n) probability columns: one-hot, soft labels, or class indices (n,)
+    converted to one-hot (see ``as_label_columns``)."""
+    return as_label_columns(Y, "Y", k)
 
 
 def _is_one_hot(Y):
@@ -133,10 +111,10 @@ def _check_logistic(theta, X, y):
 
 
 def _check_multinomial(Theta, X, Y):
-    Y = _check_label_columns(Y)
+    Theta = as_finite_array(Theta, "Theta", ndims=2)
+    Y = _check_label_columns(Y, Theta.shape[1] if np.ndim(Y) == 1 else None)
     k, n = Y.shape
     X = _check_data(X, n, "Y")
-    Theta = as_finite_array(Theta, "Theta", ndims=2)
     if Theta.shape != (X.shape[0], k):
         raise ValueError(
             f"Theta must have shape (d, k) = ({X.shape[0]}, {k}) for X of shape "
@@ -366,6 +344,31 @@ def _newton(model, params, n, tol, max_iter, what):
     )
 
 
+def _require_full_row_rank(X, what):
+    """With l2 = 0 a fit is degenerate unless X (d, n) has rank d: a direction v with
+    v^T X = 0 changes no logit, so the data do not constrain the parameters along it
+    and the Hessian is singular. Refuse such a problem before solving it, naming the
+    features that are zero in every observation."""
+    rank = int(np.linalg.matrix_rank(X))
+    d = X.shape[0]
+    if rank < d:
+        zero = np.flatnonzero(~np.any(X != 0, axis=1))
+        shown = ", ".join(str(i) for i in zero[:10]) + (
+            ", ..." if zero.size > 10 else ""
+        )
+        rows = (
+            f"; {zero.size} feature{'s are' if zero.size > 1 else ' is'} zero in every "
+            f"observation (row{'s' if zero.size > 1 else ''} {shown} of X)"
+            if zero.size
+            else ""
+        )
+        raise ValueError(
+            f"{what} with l2 = 0 needs X (d, n) of rank d = {d}, so that the data "
+            f"constrain every parameter; X of shape {X.shape} has rank {rank}{rows}. "
+            f"Use l2 > 0, or drop the redundant features"
+        )
+
+
 def _check_fit_options(tol, max_iter):
     if not (np.isfinite(tol) and tol > 0):
         raise ValueError(f"tol must be a positive number, got {tol}")
@@ -400,22 +403,29 @@ class _Logistic:
         return self.l2 == 0 and bool(np.all(self.sign * z > 0))
 
 
-def fit_logistic(X, y, l2=0.0, tol=1e-10, max_iter=100, return_history=False):
+def fit_logistic(X, y, *, l2=0.0, tol=1e-10, max_iter=100, return_history=False):
     """IRLS (Newton's method) for section 3.2, with the derived gradient (3.9) and
     Hessian (3.14): theta <- theta - t H^-1 g, H factorised by Cholesky, t from a
     backtracking line search (t = 1 near the minimum).
 
-    X (d, n) with observations as columns, y in {0, 1}^n. Starts at theta = 0 and stops
+    X (d, n) with observations as columns, y (n,) in {0, 1} (an integer, boolean or
+    float array of zeros and ones; ValueError for anything else, such as one-hot
+    columns (2, n)); options keyword-only. Starts at theta = 0 and stops
     when max |grad L| <= tol * n (scikit-learn's rule on its objective L / n). Returns
     theta, shape (d,), or (theta, FitHistory) with return_history=True.
 
     With l2 = 0 on separable data the minimum does not exist: the fit raises
-    SeparableDataError as soon as an iterate separates the data.
+    SeparableDataError as soon as an iterate separates the data. With l2 = 0 and X of
+    rank below d (a feature that is zero in every observation, collinear features,
+    fewer observations than features) the problem is degenerate and is refused with
+    a ValueError before Newton's method starts.
     """
-    X = _check_data(X, _check_binary_labels(y).size, "y")
     y = _check_binary_labels(y)
+    X = _check_data(X, y.size, "y")
     l2 = _check_l2(l2)
     tol, max_iter = _check_fit_options(tol, max_iter)
+    if l2 == 0:
+        _require_full_row_rank(X, "fit_logistic")
     theta, history = _newton(
         _Logistic(X, y, l2), np.zeros(X.shape[0]), y.size, tol, max_iter, "fit_logistic"
     )
@@ -548,17 +558,21 @@ class _Multinomial:
         return bool(np.all(true > others))
 
 
-def fit_multinomial(X, Y, l2=0.0, tol=1e-10, max_iter=100, return_history=False):
+def fit_multinomial(X, Y, *, l2=0.0, tol=1e-10, max_iter=100, return_history=False):
     """Newton's method for section 3.3 with the derived gradient X (Pi - Y)^T and the
     Kronecker-structured Hessian, Cholesky-factorised, with a backtracking line search.
 
-    X (d, n), Y (k, n) with one probability vector per column (one-hot, or soft labels).
-    Starts at Theta = 0 and stops when max |grad L| <= tol * n. Returns Theta, shape
-    (d, k), or (Theta, FitHistory) with return_history=True. With l2 > 0 the minimiser
+    X (d, n); Y either class indices, a 1-D integer array (n,) in [0, k) with k the
+    largest index plus one, or (k, n) with one probability vector per column (one-hot,
+    or soft labels); anything else (float indices, negative entries, columns not
+    summing to one) is a ValueError. Options keyword-only. Starts at Theta = 0 and
+    stops when max |grad L| <= tol * n. Returns Theta, shape (d, k), or (Theta,
+    FitHistory) with return_history=True. With l2 > 0 the minimiser
     is unique (and its rows sum to zero). With l2 = 0 the last column is fixed at zero
     during the fit (the Hessian is singular with all k columns free) and Theta is then
     centred so each row sums to zero (the minimum-norm representative); one-hot labels
-    that the data separate raise SeparableDataError.
+    that the data separate raise SeparableDataError, and X of rank below d is refused
+    (ValueError) before the fit starts, as in fit_logistic.
     """
     Y = _check_label_columns(Y)
     X = _check_data(X, Y.shape[1], "Y")
@@ -569,6 +583,8 @@ def fit_multinomial(X, Y, l2=0.0, tol=1e-10, max_iter=100, return_history=False)
             f"fit_multinomial with l2 = 0 needs k >= 2 classes, got Y of shape "
             f"{Y.shape}"
         )
+    if l2 == 0:
+        _require_full_row_rank(X, "fit_multinomial")
     model = _Multinomial(X, Y, l2)
     Theta, history = _newton(
         model,

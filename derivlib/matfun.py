@@ -5,9 +5,19 @@ rules of ``derivlib.backprop``), the symmetric eigendecomposition, functions of 
 matrices (logarithm, square root, inverse square root) with the Daleckii-Krein backward
 rule, the singular values and the polar factor behind orthogonal Procrustes.
 
-As in ``derivlib.backprop``, every rule is a pair ``<name>_jvp(*primals, *tangents)``
-and ``<name>_vjp(*primals, G)`` in the shapes of the forward function, except
-``gaussian_nll_grad``, which returns the gradient of a scalar directly. A function of a
+As in ``derivlib.backprop``, every rule is a pair ``<name>_jvp(*primals, *tangents,
+**options)`` and ``<name>_vjp(*primals, G, **options)`` in the shapes of the forward
+function, options keyword-only (``f`` of the SPD functions, ``eps`` of covariance
+pooling), except ``gaussian_nll_grad``, which returns the gradient of a scalar directly.
+Layouts: a matrix argument keeps its own shape (never vec); point sets and features are
+columns, A, B (d, n) and F (d, p) or a batch (N, d, p). Each JVP is written from the
+forward differential, by code separate from its VJP's (the SPD functions and covariance
+pooling through the differentials of the eigendecomposition, eqs. 7.8-7.9, the VJP
+through the Loewner matrix; polar and Procrustes through the Sylvester equation of the
+symmetric factor, the VJP through eq. 7.19), so the dot-product test compares two
+derivations. A matrix that must be symmetric positive definite (Sigma, the S of the SPD
+functions) passes the one test of ``derivlib._validate.as_spd``: smallest eigenvalue
+above SPD_RTOL = 1e-12 times the largest. A function of a
 symmetric matrix S accepts only S symmetric to 1e-10 (relative; ValueError otherwise);
 tangents and cotangents may be any square matrices and are symmetrized, so each rule is
 the derivative of S -> f(sym(S)), sym(S) = (S + S^T) / 2 (eq. 7.6), which is also what
@@ -22,7 +32,10 @@ from ._validate import (
     as_array_of_shape,
     as_finite_array,
     as_float_array,
+    as_spd,
+    as_symmetric,
     require_finite,
+    require_spd_eigenvalues,
 )
 from ._validate import as_cotangent as _cotangent
 from .backprop import logdet, logdet_vjp, solve, solve_vjp
@@ -69,7 +82,7 @@ def _gaussian_args(X, mu, Sigma):
         raise ValueError(
             f"mu must have shape ({d},) to match X {X.shape}, got {mu.shape}"
         )
-    Sigma = _spd(Sigma, "Sigma")
+    Sigma = as_spd(Sigma, "Sigma")
     if Sigma.shape != (d, d):
         raise ValueError(
             f"Sigma must have shape ({d}, {d}) to match X {X.shape}, got {Sigma.shape}"
@@ -83,7 +96,7 @@ def _gaussian_args(X, mu, Sigma):
 def sym(A):
     """sym(A) = (A + A^T) / 2, the orthogonal projection onto symmetric matrices (eq.
     7.6)."""
-    A = as_float_array(A, "A", 2)
+    A = as_finite_array(A, "A", 2)
     if A.shape[0] != A.shape[1]:
         raise ValueError(f"A must be square, got shape {A.shape}")
     return 0.5 * (A + A.T)
@@ -101,7 +114,7 @@ def eigh(S):
     column's two largest |entries| tie: there the sign, and so Q, jumps, and which side
     of the jump S lands on depends on the last bits LAPACK returns (S = [[2, 1], [1, 2]]
     is such a point)."""
-    S = _symmetric(S, "S")
+    S = as_symmetric(S, "S")
     lam, Q = np.linalg.eigh(S)
     return lam, Q * _column_signs(Q)
 
@@ -134,7 +147,7 @@ def eigvalsh_vjp(S, g):
     is constant on the tied group (then Q diag(g) Q^T does not depend on the basis of
     the eigenspace); otherwise this raises ValueError."""
     lam, Q = eigh(S)
-    g = _cotangent(g, lam.shape)
+    g = _cotangent(g, lam.shape, name="g")
     _require_constant_on_ties(lam, g, "eigvalsh_vjp", "eigenvalues", "lam")
     return (Q * g) @ Q.T
 
@@ -261,20 +274,24 @@ def _loewner(lam, f):
     return _FUNCTIONS[f][1](lam[..., :, None], lam[..., None, :])
 
 
-def spd_function(S, f):
+def spd_function(S, *, f):
     """f(S) = Q f(Lambda) Q^T (eq. 7.11) for an SPD S (n, n), f one of "log", "sqrt",
-    "invsqrt"."""
+    "invsqrt" (keyword-only)."""
     lam, Q = _spd_eigh(S, f)
     return (Q * _FUNCTIONS[f][0](lam)) @ Q.T
 
 
-def spd_function_jvp(S, dS, f):
-    """dF = Q (L o Q^T dS Q) Q^T (eq. 7.12), finite when eigenvalues repeat."""
+def spd_function_jvp(S, dS, *, f):
+    """dF = Q (L o Q^T dS Q) Q^T (eq. 7.12), finite when eigenvalues repeat.
+
+    Computed from the equation that defines f(S) (F F = S, F S F = I, or eq. 7.11
+    differentiated with eqs. 7.8-7.9 for the logarithm), by code separate from the
+    VJP's Loewner matrix (see `_spd_function_differential`)."""
     lam, Q = _spd_eigh(S, f)
-    return _daleckii_krein(lam, Q, f, _tangent(dS, Q.shape, "dS"))
+    return _spd_function_differential(lam, Q, f, _tangent(dS, Q.shape, "dS"))
 
 
-def spd_function_vjp(S, G, f):
+def spd_function_vjp(S, G, *, f):
     """The gradient of <G, f(S)>: Q (L o Q^T sym(G) Q) Q^T (eq. 7.14); (n, n)."""
     lam, Q = _spd_eigh(S, f)
     return _daleckii_krein(lam, Q, f, _cotangent(G, Q.shape))
@@ -288,49 +305,84 @@ def _daleckii_krein(lam, Q, f, X):
     return Q @ (_loewner(lam, f) * (Qt @ (0.5 * (X + np.swapaxes(X, -1, -2))) @ Q)) @ Qt
 
 
+def _spd_function_differential(lam, Q, f, dS):
+    """dF of F = f(S) in the direction dS, for one matrix or a stack (lam (N, n), Q
+    and dS (N, n, n)), each from the equation that defines F, written in the
+    eigenbasis of S = Q Lambda Q^T, where K = Q^T sym(dS) Q and dF = Q D Q^T:
+
+    - sqrt: F F = S, so F dF + dF F = dS, and D_ij (r_i + r_j) = K_ij, r = sqrt(lam);
+    - invsqrt: F S F = I, so dF S F + F dS F + F S dF = 0, and D_ij (r_i + r_j) =
+      -K_ij / (r_i r_j);
+    - log: F = Q log(Lambda) Q^T differentiated with eqs. 7.8-7.9, dF = dQ log(Lambda)
+      Q^T + Q Lambda^-1 dLambda Q^T + Q log(Lambda) dQ^T, so D_ij = K_ij (log lam_j -
+      log lam_i) / (lam_j - lam_i), taken as log1p(t) / |lam_j - lam_i| with t =
+      |lam_j - lam_i| / min(lam_i, lam_j) >= 0 (1 / lam_i at t = 0; free of
+      cancellation near t = 0, and, since t >= 0, also where one eigenvalue is far
+      below the other: log1p of t = (lam_j - lam_i) / lam_i near -1 would lose digits
+      to 1 + t, six of them at lam_i / lam_j = 5e11).
+
+    This is the JVP's own code, independent of `_daleckii_krein` and the divided
+    differences of `_loewner` that the VJP uses, so the dot-product test compares two
+    derivations."""
+    Qt = np.swapaxes(Q, -1, -2)
+    K = Qt @ (0.5 * (dS + np.swapaxes(dS, -1, -2))) @ Q
+    li, lj = lam[..., :, None], lam[..., None, :]
+    if f == "log":
+        h = np.abs(lj - li)
+        D = np.log1p(h / np.minimum(li, lj))  # log(max / min), t >= 0
+        np.divide(D, h, out=D, where=h != 0)
+        np.copyto(D, np.broadcast_to(1.0 / li, D.shape), where=h == 0)
+        D = D * K
+    else:
+        r = np.sqrt(lam)
+        ri, rj = r[..., :, None], r[..., None, :]
+        D = K / (ri + rj) if f == "sqrt" else -K / (ri * rj * (ri + rj))
+    return Q @ D @ Qt
+
+
 def logm_spd(S):
     """log S for SPD S (eq. 7.11)."""
-    return spd_function(S, "log")
+    return spd_function(S, f="log")
 
 
 def logm_spd_jvp(S, dS):
     """d log S (eq. 7.12)."""
-    return spd_function_jvp(S, dS, "log")
+    return spd_function_jvp(S, dS, f="log")
 
 
 def logm_spd_vjp(S, G):
     """The gradient of <G, log S> (eq. 7.14)."""
-    return spd_function_vjp(S, G, "log")
+    return spd_function_vjp(S, G, f="log")
 
 
 def sqrtm_spd(S):
     """S^(1/2) for SPD S (eq. 7.11)."""
-    return spd_function(S, "sqrt")
+    return spd_function(S, f="sqrt")
 
 
 def sqrtm_spd_jvp(S, dS):
     """d S^(1/2) (eq. 7.12)."""
-    return spd_function_jvp(S, dS, "sqrt")
+    return spd_function_jvp(S, dS, f="sqrt")
 
 
 def sqrtm_spd_vjp(S, G):
     """The gradient of <G, S^(1/2)> (eq. 7.14)."""
-    return spd_function_vjp(S, G, "sqrt")
+    return spd_function_vjp(S, G, f="sqrt")
 
 
 def invsqrtm_spd(S):
     """S^(-1/2) for SPD S (eq. 7.11): the whitening matrix."""
-    return spd_function(S, "invsqrt")
+    return spd_function(S, f="invsqrt")
 
 
 def invsqrtm_spd_jvp(S, dS):
     """d S^(-1/2) (eq. 7.12)."""
-    return spd_function_jvp(S, dS, "invsqrt")
+    return spd_function_jvp(S, dS, f="invsqrt")
 
 
 def invsqrtm_spd_vjp(S, G):
     """The gradient of <G, S^(-1/2)> (eq. 7.14)."""
-    return spd_function_vjp(S, G, "invsqrt")
+    return spd_function_vjp(S, G, f="invsqrt")
 
 
 def _require_function(f):
@@ -340,12 +392,9 @@ def _require_function(f):
 
 def _spd_eigh(S, f):
     _require_function(f)
-    S = _symmetric(S, "S")
+    S = as_symmetric(S, "S")
     lam, Q = _eigh(S)
-    if not lam[0] > 0:
-        raise ValueError(
-            f"S must be positive definite, got smallest eigenvalue {lam[0]:.3g}"
-        )
+    require_spd_eigenvalues(lam, "S")
     return lam, Q
 
 
@@ -389,7 +438,7 @@ def svdvals_vjp(M, g):
     picks, and is returned (g = 1 at M = 2 Q gives Q). Otherwise: ValueError."""
     M = as_finite_array(M, "M", 2)
     U, s, Vt = np.linalg.svd(M, full_matrices=False)
-    g = _cotangent(g, s.shape)
+    g = _cotangent(g, s.shape, name="g")
     _require_differentiable_sigma(s, g, "svdvals_vjp")
     return (U * g) @ Vt
 
@@ -425,9 +474,26 @@ def polar(M):
 
 def polar_jvp(M, dM):
     """dR = U (C o (K - K^T)) V^T, K = U^T dM V, C_ij = 1 / (sigma_i + sigma_j) (eq.
-    7.18)."""
+    7.18), computed from the forward differential by its own code (see
+    `_polar_differential`), not by the VJP's."""
     U, s, Vt = _polar_svd(M)
-    return _polar_rule(U, s, Vt, _tangent(dM, U.shape, "dM"))
+    return _polar_differential(U, s, Vt, _tangent(dM, U.shape, "dM"))
+
+
+def _polar_differential(U, s, Vt, dM):
+    """dR for R = polar(M), M = U diag(s) V^T, from the forward differential: R is
+    orthogonal, so dR = R Omega with Omega skew, and P = R^T M = V diag(s) V^T is
+    symmetric, so dP = -Omega P + R^T dM equals its transpose:
+
+        Omega P + P Omega = R^T dM - dM^T R,
+
+    a Sylvester equation solved in the eigenbasis V of P: (V^T Omega V)_ij =
+    (V^T (R^T dM - dM^T R) V)_ij / (s_i + s_j). Separate code from `_polar_rule` (the
+    VJP's eq. 7.19)."""
+    R = U @ Vt
+    A = R.T @ dM - dM.T @ R
+    Omega = (Vt @ A @ Vt.T) / (s[:, None] + s[None, :])
+    return R @ (Vt.T @ Omega @ Vt)
 
 
 def polar_vjp(M, G):
@@ -472,7 +538,7 @@ def procrustes_jvp(A, B, dA, dB):
     A, B = _point_sets(A, B)
     dA, dB = _tangent(dA, A.shape, "dA"), _tangent(dB, B.shape, "dB")
     U, s, Vt = _polar_svd(B @ A.T, _degenerate_points(A))
-    return _polar_rule(U, s, Vt, dB @ A.T + B @ dA.T)
+    return _polar_differential(U, s, Vt, dB @ A.T + B @ dA.T)
 
 
 def procrustes_vjp(A, B, G):
@@ -508,36 +574,6 @@ def _degenerate_points(A):
 # ----- Input checks -----
 
 
-def _symmetric(S, name):
-    """sym(S), after checking that S is square, finite and symmetric to 1e-10
-    relative."""
-    S = as_float_array(S, name, 2)
-    if S.shape[0] != S.shape[1]:
-        raise ValueError(f"{name} must be square, got shape {S.shape}")
-    scale = float(np.max(np.abs(S)))
-    if not np.isfinite(scale):  # a NaN or an infinity somewhere: say which
-        require_finite(S, name)
-    D = S - S.T
-    asym = float(np.max(np.abs(D)))
-    if asym > 1e-10 * max(scale, np.finfo(float).tiny):
-        raise ValueError(
-            f"{name} must be symmetric, got max |{name} - {name}^T| = {asym:.3g} "
-            f"for shape {S.shape}"
-        )
-    return S - 0.5 * D
-
-
-def _spd(S, name):
-    S = _symmetric(S, name)
-    lam_min = float(np.linalg.eigvalsh(S)[0])
-    if not lam_min > 0:
-        raise ValueError(
-            f"{name} must be positive definite, got smallest eigenvalue "
-            f"{lam_min:.3g} for shape {S.shape}"
-        )
-    return S
-
-
 def _tangent(dX, shape, name):
     return as_array_of_shape(dX, name, shape, "the tangent {name} must have shape")
 
@@ -545,7 +581,7 @@ def _tangent(dX, shape, name):
 # ----- Covariance pooling -----
 
 
-def covariance_pool(F, W, eps):
+def covariance_pool(F, W, *, eps):
     """The log-covariance descriptor L = log C of local features (eqs. 7.22, 7.24): C
     = W F J F^T W^T / p + eps I (eq. 7.22), J = I - 1 1^T / p the centring matrix.
 
@@ -564,9 +600,11 @@ def covariance_pool(F, W, eps):
     return L if batched else L[0]
 
 
-def covariance_pool_jvp(F, W, eps, dF, dW):
+def covariance_pool_jvp(F, W, dF, dW, *, eps):
     """dL = Q (L o Q^T dC Q) Q^T (eq. 7.12) with dC = (dM M^T + M dM^T) / p and
-    dM = dW F J + W dF J (eq. 7.23); shapes as covariance_pool."""
+    dM = dW F J + W dF J (eq. 7.23); shapes as covariance_pool. The log stage is the
+    forward differential of the eigendecomposition (`_spd_function_differential`),
+    independent of the VJP's Loewner matrix."""
     F, W, eps, batched = _pool_args(F, W, eps)
     dF = _tangent(dF, F.shape if batched else F.shape[1:], "dF").reshape(F.shape)
     dW = _tangent(dW, W.shape, "dW")
@@ -574,12 +612,12 @@ def covariance_pool_jvp(F, W, eps, dF, dW):
     p = F.shape[2]
     dM = dW @ _centre(F) + W @ _centre(dF)
     dC = (dM @ M.transpose(0, 2, 1) + M @ dM.transpose(0, 2, 1)) / p
-    dL = _daleckii_krein(*_pooled_eigh(C), "log", dC)  # eq. 7.12 for each image
+    dL = _spd_function_differential(*_pooled_eigh(C), "log", dC)  # (7.12), each image
     return dL if batched else dL[0]
 
 
-def covariance_pool_vjp(F, W, eps, G):
-    """The gradients (F_bar, W_bar) of <G, covariance_pool(F, W, eps)> (eq. 7.26):
+def covariance_pool_vjp(F, W, G, *, eps):
+    """The gradients (F_bar, W_bar) of <G, covariance_pool(F, W, eps=eps)> (eq. 7.26):
     C_bar = logm_spd_vjp(C, G) (eq. 7.14, for all N images at once), M_bar = 2 C_bar
     M / p, F_bar = W^T M_bar J and W_bar = M_bar J F^T, summed over a batch. G has
     the output's shape, (k, k) or (N, k, k); F_bar has F's shape, W_bar W's."""
@@ -602,14 +640,10 @@ def _pooled_eigh(C):
     """The eigenvalues and eigenvectors of each C of a stack (N, k, k), all in one
     call to LAPACK's dsyevd (NumPy's eigh). C's eigenvalues are at least eps, which
     _pooled_covariance holds above the rounding error of the rest, so none comes out
-    non-positive; if one did, say so rather than take its logarithm."""
+    non-positive; if one did, the one SPD test of derivlib (`as_spd`) says so
+    rather than take its logarithm."""
     lam, Q = np.linalg.eigh(C)
-    if not np.all(lam[:, 0] > 0):
-        i = int(np.argmin(lam[:, 0]))
-        raise ValueError(
-            f"the pooled covariance of image {i} has eigenvalue {lam[i, 0]:.3g}: "
-            "raise eps"
-        )
+    require_spd_eigenvalues(lam, "the pooled covariance", " of image {i} (raise eps)")
     return lam, Q
 
 

@@ -19,12 +19,18 @@ def elementwise_jacobian(fprime, x):
     `fprime` is the derivative of the scalar function, applied element-wise to `x`
     (a vector or a matrix). Returns the (N, N) diagonal matrix, N = x.size.
     """
-    x = as_float_array(x, "x")
+    x = require_no_nan(as_float_array(x, "x"), "x")
     d = np.asarray(fprime(x), dtype=np.float64)
     if d.shape != x.shape:
         raise ValueError(
             f"fprime must act element-wise: x has shape {x.shape} but fprime(x) "
             f"has shape {d.shape}"
+        )
+    if not np.all(np.isfinite(d)):
+        i = int(np.flatnonzero(~np.isfinite(d.ravel()))[0])
+        raise ValueError(
+            f"fprime(x) must be finite, got {d.ravel()[i]} at x = {x.ravel()[i]} "
+            f"(entry {i} in C order)"
         )
     return np.diag(vec(d))
 

@@ -608,7 +608,7 @@ def test_fit_mlp_reports_divergence():
         ),
         (
             lambda P, X, Y: bp.fit_mlp(X, Y[:, :5]),
-            r"Y must have one column per observation, X has 8 and Y has shape \(3, 5\)",
+            r"Y must have one label per observation, X has 8 and Y has shape \(3, 5\)",
         ),
         (
             lambda P, X, Y: bp.fit_mlp(X, Y, batch_size=0),

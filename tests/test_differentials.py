@@ -246,3 +246,35 @@ def test_vec_layout_of_identify_agrees_with_jvp(rng):
     t = np.tanh(X)
     J = identify(lambda dX: ((1 - t**2) * dX) @ X.T + t @ dX.T, X)
     close(J @ vec(dX), vec(jvp(f)(X, dX)))
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: identify(lambda dX: dX, np.array([np.nan, 1.0])), "X must be finite"),
+        (
+            lambda: identify(lambda dX: dX * np.nan, np.ones(2)),
+            "non-finite dF for the unit increment 0",
+        ),
+        (
+            lambda: identify_hessian(lambda dX: dX @ dX, np.array([np.inf, 1.0])),
+            "X must be finite",
+        ),
+        (
+            lambda: identify_hessian(lambda dX: np.nan * (dX @ dX), np.ones(2)),
+            "second differential returned NaN",
+        ),
+        (lambda: remainder(np.sin, lambda h: h, np.nan, 0.1), "p must be finite"),
+        (lambda: remainder(np.sin, lambda h: h, 0.0, np.inf), "h must be finite"),
+        (
+            lambda: remainder(
+                lambda x: np.where(x > 0, np.inf, x), lambda h: h, 0.0, 0.1
+            ),
+            "remainder is not finite",
+        ),
+        (lambda: loglog_slope([1.0, 2.0], [np.nan, 1.0]), "y must be finite"),
+    ],
+)
+def test_non_finite_input_is_refused_by_name(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()

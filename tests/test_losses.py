@@ -376,7 +376,12 @@ def test_multinomial_large_logits_are_finite():
             np.array([[np.nan, 0, 0], [0, 1, 0], [0, 0, 1.0]]),
             "^Y must be finite",
         ),
-        ((4, 3), (4, 3), np.array([0, 1, 2.0]), r"Y must be 2-D, got shape \(3,\)"),
+        (
+            (4, 3),
+            (4, 3),
+            np.array([0, 1, 2.0]),
+            "class indices must have an integer dtype",
+        ),
     ],
 )
 @pytest.mark.parametrize(
@@ -590,12 +595,21 @@ def test_fit_logistic_max_iter(breast_cancer):
         fit_logistic(X_rows.T, y, l2=1.0, max_iter=2)
 
 
-def test_fit_singular_hessian_raises():
-    # a zero feature and l2 = 0: the Hessian is singular, and the fit says so
+def test_fit_degenerate_problem_is_refused_before_solving():
+    # a zero feature and l2 = 0: nothing constrains its coefficient; refused up front
     X = np.array([[1.0, -1.0, 2.0, -0.5], [0.0, 0.0, 0.0, 0.0]])
     y = np.array([1.0, 1.0, 0.0, 0.0])
-    with pytest.raises(ConvergenceError, match="not positive definite"):
+    message = r"needs X .*rank d = 2.* has rank 1; 1 feature is zero in every observation \(row 1"
+    with pytest.raises(ValueError, match="fit_logistic with l2 = 0 " + message):
         fit_logistic(X, y)
+    with pytest.raises(ValueError, match="fit_multinomial with l2 = 0 " + message):
+        fit_multinomial(X, y.astype(int))
+    # collinear features, and fewer observations than features
+    with pytest.raises(ValueError, match=r"has rank 1\. Use l2 > 0"):
+        fit_logistic(np.vstack([X[0], 2 * X[0]]), y)
+    with pytest.raises(ValueError, match=r"rank d = 5.* has rank 4"):
+        fit_multinomial(np.random.default_rng(0).standard_normal((5, 4)), np.arange(4))
+    assert np.all(np.isfinite(fit_logistic(X, y, l2=1.0)))  # the cure
 
 
 def test_fit_returns_array_by_default(breast_cancer):
@@ -633,3 +647,125 @@ def test_cholesky_without_scipy(monkeypatch, breast_cancer):
     monkeypatch.setitem(sys.modules, "scipy.linalg", None)  # import fails
     assert np.max(np.abs(fit_logistic(X_rows.T, y, l2=1.0) - with_scipy)) < 1e-12
     assert losses._cholesky_solve(np.zeros((2, 2)), np.ones(2)) is None
+
+
+# ----- Labels in one form across every fitting function (Chapters 3-5) -----
+
+
+def _label_data(n=24, d=3, k=3, seed=0):
+    rng = np.random.default_rng(seed)
+    idx = np.arange(n) % k
+    X = rng.standard_normal((d, n)) + 2.0 * np.eye(d, k)[:, idx]
+    return X, idx
+
+
+def _cnn_call(fn):
+    import derivlib.layers as L
+
+    rng = np.random.default_rng(0)
+    params = L.cnn_init(rng, filters=2, classes=3)
+    X = rng.random((6, 1, 8, 8))
+    if fn == "cnn_fit":
+        return lambda labels: L.cnn_fit(
+            X, labels, params=params, epochs=1, batch_size=3, seed=0
+        )
+    return lambda labels: getattr(L, fn)(params, X, labels)
+
+
+def _fitter(fn):
+    from derivlib.backprop import fit_mlp
+
+    X, _ = _label_data(n=6)
+    return {
+        "fit_multinomial": lambda labels: fit_multinomial(X, labels, l2=1.0),
+        "fit_mlp": lambda labels: fit_mlp(X, labels, n_hidden=2, epochs=1),
+        "cnn_fit": _cnn_call("cnn_fit"),
+        "cnn_grad": _cnn_call("cnn_grad"),
+        "cnn_loss": _cnn_call("cnn_loss"),
+    }[fn]
+
+
+MULTICLASS_FITTERS = ["fit_multinomial", "fit_mlp", "cnn_fit", "cnn_grad", "cnn_loss"]
+WRONG_LABELS = [
+    (np.array([0.0, 1, 2, 0, 1, 2]), "class indices must have an integer dtype"),
+    (np.array([0, 1, 2, 0, 1, -1]), r"class indices must lie in \[0, \d+\), got -1"),
+    (np.array([0.5, 0.5, 0, 0, 1, 1]), "class indices must have an integer dtype"),
+    # indices as a (1, n) row: not probability columns
+    (np.array([[0, 1, 2, 0, 1, 2]]), r"column 0 sums to 0|must have shape \(3, n\)"),
+    (
+        np.array([[1.5, 0, 0, 1, 0, 0], [-0.5, 1, 0, 0, 1, 0], [0, 0, 1, 0, 0, 1]]),
+        r"entries >= 0\), .*\[1, 0\] = -0.5",  # a negative weight
+    ),
+    (np.ones((3, 6)), "column 0 sums to 3"),
+    (np.array([["a"] * 6]), "must be class indices, .* or label columns"),
+    (np.zeros((3, 6, 1)), "must be class indices, .* got an array of shape"),
+]
+
+
+@pytest.mark.parametrize("fn", MULTICLASS_FITTERS)
+@pytest.mark.parametrize("labels, message", WRONG_LABELS)
+def test_fitting_functions_refuse_a_wrong_label_form(fn, labels, message):
+    with pytest.raises(ValueError, match=message):
+        _fitter(fn)(labels)
+
+
+@pytest.mark.parametrize("fn", MULTICLASS_FITTERS)
+def test_fitting_functions_accept_indices_and_one_hot_alike(fn):
+    idx = np.array([0, 1, 2, 0, 1, 2])
+    a, b = _fitter(fn)(idx), _fitter(fn)(np.eye(3)[:, idx])
+    if fn == "cnn_grad":  # (loss, grads, cotangents): compare loss and grads
+        a, b = (a[0], *a[1]), (b[0], *b[1])
+    elif fn == "fit_mlp":  # (params, history)
+        a, b = list(a[0].values()), list(b[0].values())
+    elif fn == "cnn_fit":  # (params, history)
+        a, b = (*a[0], *a[1]), (*b[0], *b[1])
+    for u, v in (
+        zip(np.atleast_1d(a), np.atleast_1d(b))
+        if fn
+        in (
+            "fit_multinomial",
+            "cnn_loss",
+        )
+        else zip(a, b)
+    ):
+        np.testing.assert_array_equal(u, v)
+
+
+@pytest.mark.parametrize(
+    "y, message",
+    [
+        (
+            np.array([0, 1, 2, 0, 1, 0]),
+            r"y must hold labels in \{0, 1\}, got y\[2\] = 2",
+        ),
+        (np.array([0, 0.5, 1, 0, 1, 0]), r"got y\[1\] = 0.5"),
+        (np.eye(2)[:, [0, 1, 1, 0, 1, 0]], r"1-D array \(n,\).*pass their second row"),
+        (np.array([0, 1, 1, 0, 1]), "y has 5 observations but X has shape"),
+    ],
+)
+def test_fit_logistic_refuses_a_wrong_label_form(y, message):
+    X, _ = _label_data(n=6, d=2, k=2)
+    with pytest.raises(ValueError, match=message):
+        fit_logistic(X, y, l2=1.0)
+
+
+def test_fit_logistic_accepts_int_bool_and_float_labels_alike():
+    X, idx = _label_data(n=6, d=2, k=2)
+    fits = [fit_logistic(X, idx.astype(t), l2=1.0) for t in (int, bool, float)]
+    assert all(np.array_equal(fits[0], f) for f in fits[1:])
+
+
+def test_fitting_options_are_keyword_only():
+    X, idx = _label_data(n=6, d=2, k=2)
+    with pytest.raises(TypeError):
+        fit_logistic(X, idx, 1.0)
+    with pytest.raises(TypeError):
+        fit_multinomial(X, idx, 1.0)
+    from derivlib.backprop import fit_mlp
+    from derivlib.layers import cnn_fit, cnn_init
+
+    with pytest.raises(TypeError):
+        fit_mlp(X, idx, 4)
+    params = cnn_init(np.random.default_rng(0), filters=2, classes=2)
+    with pytest.raises(TypeError):
+        cnn_fit(np.zeros((2, 1, 8, 8)), np.array([0, 1]), params)

@@ -212,7 +212,7 @@ def test_gaussian_bad_shapes(args, message):
 
 def test_gaussian_needs_spd_sigma():
     with pytest.raises(
-        ValueError, match="Sigma must be positive definite, got smallest eigenvalue -1"
+        ValueError, match="Sigma must be symmetric positive definite .* down to -1"
     ):
         gaussian_nll_grad(np.ones((2, 3)), np.zeros(2), np.diag([1.0, -1.0]))
     with pytest.raises(ValueError, match=r"Sigma must be symmetric.*shape \(2, 2\)"):
@@ -310,11 +310,11 @@ def test_spd_functions_match_jax(seed, n):
     oracle = JAX_SPD_ALL(S, G)
     for name in FUNCTIONS:
         value, grad = (np.asarray(a) for a in oracle[name])
-        assert_close(spd_function(S, name), value, 1e-12)
-        assert_close(spd_function_vjp(S, G, name), grad)
+        assert_close(spd_function(S, f=name), value, 1e-12)
+        assert_close(spd_function_vjp(S, G, f=name), grad)
         assert_adjoint(
-            lambda S, dS: spd_function_jvp(S, dS, name),
-            lambda S, W: spd_function_vjp(S, W, name),
+            lambda S, dS: spd_function_jvp(S, dS, f=name),
+            lambda S, W: spd_function_vjp(S, W, f=name),
             (S,),
             (dS,),
             G,
@@ -336,12 +336,12 @@ def test_repeated_and_nearly_repeated_eigenvalues(name, seed, n, log_gap):
     )
     S, Q = spd_with_spectrum(rng, lam)
     G = rng.standard_normal((n, n))
-    ours = spd_function_vjp(S, G, name)
+    ours = spd_function_vjp(S, G, f=name)
     assert np.all(np.isfinite(ours))
     assert_close(ours, spd_function_vjp_reference(Q, lam, G, name), 1e-12)
     assert_adjoint(
-        lambda S, dS: spd_function_jvp(S, dS, name),
-        lambda S, W: spd_function_vjp(S, W, name),
+        lambda S, dS: spd_function_jvp(S, dS, f=name),
+        lambda S, W: spd_function_vjp(S, W, f=name),
         (S,),
         (rng.standard_normal((n, n)),),
         G,
@@ -353,7 +353,7 @@ def test_exact_ties_where_jax_gives_nan(name):
     S = np.diag([3.0, 3.0, 5.0])  # eigh returns the diagonal exactly: an exact tie
     G = np.arange(9.0).reshape(3, 3)
     assert not np.all(np.isfinite(np.asarray(JAX_SPD_VJP[name](S, G))))
-    ours = spd_function_vjp(S, G, name)
+    ours = spd_function_vjp(S, G, f=name)
     assert_close(
         ours, spd_function_vjp_reference(np.eye(3), np.diag(S), G, name), 1e-14
     )
@@ -431,10 +431,10 @@ def test_identity_and_scalar_matrices():
 @pytest.mark.parametrize(
     "S, message",
     [
-        (np.diag([1.0, 0.0]), "S must be positive definite, got smallest eigenvalue 0"),
+        (np.diag([1.0, 0.0]), "S must be symmetric positive definite .* down to 0"),
         (
             np.diag([1.0, -2.0]),
-            "S must be positive definite, got smallest eigenvalue -2",
+            "S must be symmetric positive definite .* down to -2",
         ),
         (
             np.array([[1.0, 2.0], [0.0, 1.0]]),
@@ -460,7 +460,7 @@ def test_spd_bad_cotangent_and_name():
     ):
         matfun.sqrtm_spd_jvp(np.eye(2), np.ones(2))
     with pytest.raises(ValueError, match="f must be one of"):
-        spd_function(np.eye(2), "exp")
+        spd_function(np.eye(2), f="exp")
 
 
 @pytest.mark.parametrize("with_scipy", [True, False])
@@ -479,10 +479,26 @@ def test_spd_eigh_with_and_without_scipy(monkeypatch, rng, with_scipy):
     assert_close(matfun.logm_spd_vjp(S, G), np.asarray(JAX_SPD_VJP["log"](S, G)))
 
 
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_jvp_entrywise_accurate_at_wide_and_close_spectra(name):
+    """At a diagonal S (eigh returns it exactly) with dS = 1 1^T, the JVP is the
+    Loewner matrix itself; every entry within 1e-15 of the 40-digit reference, at a
+    condition number of 5e11 (log1p(t) with t near -1 lost six digits there) and at
+    gaps of 1e-14 and one ulp."""
+    lam = np.array([1.4e-11, 0.3, 3.0, 3.0 + 1e-14, np.nextafter(3.0, 4.0), 7.0])
+    dF = spd_function_jvp(np.diag(lam), np.ones((6, 6)), f=name)
+    reference = divided_differences_reference(lam, name)
+    assert np.max(np.abs(dF / reference - 1)) < 1e-15
+
+
 def test_extreme_spectra_are_finite():
-    S = np.diag([1e-150, 1e150])
-    for name in FUNCTIONS:
-        assert np.all(np.isfinite(spd_function_vjp(S, np.ones((2, 2)), name)))
+    for S in (np.diag([1e-150, 1e-139]), np.diag([1e139, 1e150])):  # condition 1e11
+        for name in FUNCTIONS:
+            assert np.all(np.isfinite(spd_function_vjp(S, np.ones((2, 2)), f=name)))
+            assert np.all(np.isfinite(spd_function_jvp(S, np.ones((2, 2)), f=name)))
+    # a condition number of 1e300 is past the one SPD test (lam_min > 1e-12 lam_max)
+    with pytest.raises(ValueError, match="S must be symmetric positive definite"):
+        spd_function_vjp(np.diag([1e-150, 1e150]), np.ones((2, 2)), f="log")
 
 
 # ----- Singular values, polar factor, Procrustes -----
@@ -661,8 +677,8 @@ def jax_covariance_pool(F, W, eps):
 POOL_EPS = 0.05
 POOL_ALL = jax.jit(
     lambda F, W, G: (
-        jax_covariance_pool(F, W, POOL_EPS),  # value and vjp, one compile per shape
-        *jax.vjp(lambda F, W: jax_covariance_pool(F, W, POOL_EPS), F, W)[1](G),
+        jax_covariance_pool(F, W, eps=POOL_EPS),  # value and vjp, one compile per shape
+        *jax.vjp(lambda F, W: jax_covariance_pool(F, W, eps=POOL_EPS), F, W)[1](G),
     )
 )
 POOL_SHAPES = [
@@ -680,15 +696,15 @@ def test_covariance_pool_matches_jax(seed, case):
     F, W = rng.standard_normal(shape), rng.standard_normal((k, shape[-2]))
     dF, dW = rng.standard_normal(shape), rng.standard_normal(W.shape)
     G = rng.standard_normal(shape[:-2] + (k, k))
-    F_bar, W_bar = covariance_pool_vjp(F, W, POOL_EPS, G)
+    F_bar, W_bar = covariance_pool_vjp(F, W, G, eps=POOL_EPS)
     jL, jF, jW = (np.asarray(a) for a in POOL_ALL(F, W, G))
     assert F_bar.shape == F.shape and W_bar.shape == W.shape
     assert_close(F_bar, jF)
     assert_close(W_bar, jW)
-    assert_close(covariance_pool(F, W, POOL_EPS), jL)
+    assert_close(covariance_pool(F, W, eps=POOL_EPS), jL)
     assert_adjoint(
-        lambda F, W, dF, dW: covariance_pool_jvp(F, W, POOL_EPS, dF, dW),
-        lambda F, W, G: covariance_pool_vjp(F, W, POOL_EPS, G),
+        lambda F, W, dF, dW: covariance_pool_jvp(F, W, dF, dW, eps=POOL_EPS),
+        lambda F, W, G: covariance_pool_vjp(F, W, G, eps=POOL_EPS),
         (F, W),
         (dF, dW),
         G,
@@ -701,8 +717,8 @@ def test_covariance_pool_batch_is_a_stack_of_images(rng):
         rng.standard_normal((2, 4)),
         rng.standard_normal((3, 2, 2)),
     )
-    F_bar, W_bar = covariance_pool_vjp(F, W, 0.1, G)
-    singles = [covariance_pool_vjp(F[i], W, 0.1, G[i]) for i in range(3)]
+    F_bar, W_bar = covariance_pool_vjp(F, W, G, eps=0.1)
+    singles = [covariance_pool_vjp(F[i], W, G[i], eps=0.1) for i in range(3)]
     np.testing.assert_allclose(
         F_bar, np.stack([s[0] for s in singles]), rtol=1e-13, atol=1e-15
     )
@@ -720,25 +736,25 @@ def test_covariance_pool_rank_deficient_input_is_finite(rng):
         rng.standard_normal((4, 4)),
     )
     eps = 1e-3
-    L = covariance_pool(F, W, eps)
+    L = covariance_pool(F, W, eps=eps)
     assert np.all(np.isfinite(L))
     np.testing.assert_allclose(
         np.sort(np.linalg.eigvalsh(L))[:2], np.log(eps), rtol=1e-10
     )
-    F_bar, W_bar = covariance_pool_vjp(F, W, eps, G)
+    F_bar, W_bar = covariance_pool_vjp(F, W, G, eps=eps)
     assert np.all(np.isfinite(F_bar)) and np.all(np.isfinite(W_bar))
     h, dF, dW = 1e-6, rng.standard_normal(F.shape), rng.standard_normal(W.shape)
     central = np.sum(
         G
         * (
-            covariance_pool(F + h * dF, W + h * dW, eps)
-            - covariance_pool(F - h * dF, W - h * dW, eps)
+            covariance_pool(F + h * dF, W + h * dW, eps=eps)
+            - covariance_pool(F - h * dF, W - h * dW, eps=eps)
         )
     ) / (2 * h)
     assert np.sum(F_bar * dF) + np.sum(W_bar * dW) == pytest.approx(central, rel=1e-6)
     constant = np.ones((5, 8))  # no variation at all: C = eps I, L = log(eps) I
     np.testing.assert_allclose(
-        covariance_pool(constant, W, eps), np.log(eps) * np.eye(4), rtol=1e-12
+        covariance_pool(constant, W, eps=eps), np.log(eps) * np.eye(4), rtol=1e-12
     )
 
 
@@ -746,8 +762,8 @@ def test_covariance_pool_rank_deficient_input_is_finite(rng):
 def test_covariance_pool_refuses_eps_not_positive(rng, eps):
     F, W = rng.standard_normal((3, 8)), rng.standard_normal((2, 3))
     for call in (
-        lambda: covariance_pool(F, W, eps),
-        lambda: covariance_pool_vjp(F, W, eps, np.eye(2)),
+        lambda: covariance_pool(F, W, eps=eps),
+        lambda: covariance_pool_vjp(F, W, np.eye(2), eps=eps),
     ):
         with pytest.raises(
             ValueError,
@@ -760,7 +776,7 @@ def test_covariance_pool_refuses_eps_not_positive(rng, eps):
 def test_covariance_pool_refuses_eps_that_is_not_a_number(rng, eps):
     F, W = rng.standard_normal((3, 8)), rng.standard_normal((2, 3))
     with pytest.raises(ValueError, match=r"eps must be a positive float, got "):
-        covariance_pool(F, W, eps)
+        covariance_pool(F, W, eps=eps)
 
 
 def test_covariance_pool_refuses_eps_below_the_rounding_error(rng):
@@ -776,15 +792,15 @@ def test_covariance_pool_refuses_eps_below_the_rounding_error(rng):
     with pytest.raises(
         ValueError, match=r"eps = 1e-16 is below 1e-08 times the trace .* of image 0"
     ):
-        covariance_pool(F, W, 1e-16)
+        covariance_pool(F, W, eps=1e-16)
     with pytest.raises(
         ValueError,
         match=r"eps = 0.0001 is below 1e-08 times the trace .* of image 1: .*"
         r"raise eps to at least",
     ):
-        covariance_pool(F, W, 1e-4)
+        covariance_pool(F, W, eps=1e-4)
     eps = 1.01e-8 * trace
-    L = covariance_pool(F[1], W, eps)
+    L = covariance_pool(F[1], W, eps=eps)
     np.testing.assert_allclose(
         np.sort(np.linalg.eigvalsh(L))[:2], np.log(eps), rtol=0, atol=1e-7
     )
@@ -797,7 +813,7 @@ def test_covariance_pool_names_an_overflow():
         ValueError,
         match=r"F and W are too large: the projected covariance of image 0 overflows",
     ):
-        covariance_pool(F, W, 0.1)
+        covariance_pool(F, W, eps=0.1)
 
 
 @pytest.mark.parametrize(
@@ -832,7 +848,7 @@ def test_covariance_pool_names_an_overflow():
 )
 def test_covariance_pool_bad_shapes(F, W, G, message):
     with pytest.raises(ValueError, match=message):
-        covariance_pool_vjp(np.ones(F), np.ones(W), 0.1, np.zeros(G))
+        covariance_pool_vjp(np.ones(F), np.ones(W), np.zeros(G), eps=0.1)
 
 
 def test_covariance_pool_bad_tangent():
@@ -840,5 +856,189 @@ def test_covariance_pool_bad_tangent():
         ValueError, match=r"the tangent dW must have shape \(2, 3\), got \(3, 2\)"
     ):
         covariance_pool_jvp(
-            np.ones((3, 8)), np.ones((2, 3)), 0.1, np.ones((3, 8)), np.ones((3, 2))
+            np.ones((3, 8)), np.ones((2, 3)), np.ones((3, 8)), np.ones((3, 2)), eps=0.1
         )
+
+
+# ----- Independent JVPs: a symmetric mistake in a VJP's helper is caught -----
+
+
+def _points(rng, primal_shapes, tangent_shapes, out_shape, count=3):
+    return [
+        (
+            tuple(rng.standard_normal(s) for s in primal_shapes),
+            tuple(rng.standard_normal(s) for s in tangent_shapes),
+            rng.standard_normal(out_shape),
+        )
+        for _ in range(count)
+    ]
+
+
+def _spd_points(rng, n=4, count=3):
+    points = []
+    for _ in range(count):
+        B = rng.standard_normal((n, n))
+        S = B @ B.T + n * np.eye(n)
+        points.append(
+            ((S,), (rng.standard_normal((n, n)),), rng.standard_normal((n, n)))
+        )
+    return points
+
+
+def _wrong_loewner(lam, f, _right=matfun._loewner):
+    """A planted mistake that keeps L symmetric: off-diagonal entries 10 % too large.
+    A self-adjoint Daleckii-Krein map shared by JVP and VJP would pass the dot-product
+    test with it; the independent JVP does not."""
+    L = _right(lam, f)
+    n = L.shape[-1]
+    return L * (1.0 + 0.1 * (1.0 - np.eye(n)))
+
+
+def _wrong_polar_rule(U, s, Vt, X):
+    """eq. 7.19 with C_ij = 1 / (sigma_i + sigma_j + 1): a symmetric mistake."""
+    K = U.T @ X @ Vt.T
+    return U @ ((K - K.T) / (s[:, None] + s[None, :] + 1.0)) @ Vt
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_spd_dot_product_test_catches_a_symmetric_mistake(name, monkeypatch):
+    rng = np.random.default_rng(7)
+    points = _spd_points(rng)
+    jvp = lambda S, dS: spd_function_jvp(S, dS, f=name)  # noqa: E731
+    vjp = lambda S, G: spd_function_vjp(S, G, f=name)  # noqa: E731
+    check_dot_product(name, jvp, vjp, points)
+    monkeypatch.setattr(matfun, "_loewner", _wrong_loewner)
+    with pytest.raises(AssertionError, match="fails the dot-product test"):
+        check_dot_product(name, jvp, vjp, points)
+
+
+def test_covariance_pool_dot_product_test_catches_a_symmetric_mistake(monkeypatch):
+    rng = np.random.default_rng(8)
+    d, p, k = 3, 6, 2
+    points = _points(rng, [(d, p), (k, d)], [(d, p), (k, d)], (k, k))
+    jvp = lambda F, W, dF, dW: covariance_pool_jvp(F, W, dF, dW, eps=0.1)  # noqa: E731
+    vjp = lambda F, W, G: covariance_pool_vjp(F, W, G, eps=0.1)  # noqa: E731
+    check_dot_product("covariance_pool", jvp, vjp, points)
+    monkeypatch.setattr(matfun, "_loewner", _wrong_loewner)
+    with pytest.raises(AssertionError, match="fails the dot-product test"):
+        check_dot_product("covariance_pool", jvp, vjp, points)
+
+
+def test_polar_and_procrustes_dot_product_tests_catch_a_symmetric_mistake(
+    monkeypatch,
+):
+    rng = np.random.default_rng(9)
+    polar_points = _points(rng, [(3, 3)], [(3, 3)], (3, 3))
+    pro_points = _points(rng, [(3, 5), (3, 5)], [(3, 5), (3, 5)], (3, 3))
+    check_dot_product("polar", polar_jvp, polar_vjp, polar_points)
+    check_dot_product("procrustes", procrustes_jvp, procrustes_vjp, pro_points)
+    monkeypatch.setattr(matfun, "_polar_rule", _wrong_polar_rule)
+    for name, jvp, vjp, points in [
+        ("polar", polar_jvp, polar_vjp, polar_points),
+        ("procrustes", procrustes_jvp, procrustes_vjp, pro_points),
+    ]:
+        with pytest.raises(AssertionError, match="fails the dot-product test"):
+            check_dot_product(name, jvp, vjp, points)
+
+
+# ----- One SPD test: rank-deficient matrices refused whatever the rounding -----
+
+
+def _rank_deficient(rng, n=4, rank=2, count=40):
+    mats = []
+    for _ in range(count):
+        B = rng.standard_normal((n, rank))
+        mats.append(B @ B.T)
+    return mats
+
+
+SPD_USERS = {
+    "logm_spd": lambda S: matfun.logm_spd(S),
+    "sqrtm_spd": lambda S: matfun.sqrtm_spd(S),
+    "invsqrtm_spd": lambda S: matfun.invsqrtm_spd(S),
+    "logm_spd_jvp": lambda S: matfun.logm_spd_jvp(S, np.eye(len(S))),
+    "sqrtm_spd_vjp": lambda S: matfun.sqrtm_spd_vjp(S, np.eye(len(S))),
+    "invsqrtm_spd_jvp": lambda S: matfun.invsqrtm_spd_jvp(S, np.eye(len(S))),
+    "spd_function_vjp": lambda S: spd_function_vjp(S, np.eye(len(S)), f="log"),
+    "gaussian_nll": lambda S: gaussian_nll(np.ones((len(S), 2)), np.zeros(len(S)), S),
+    "gaussian_nll_grad": lambda S: gaussian_nll_grad(
+        np.ones((len(S), 2)), np.zeros(len(S)), S
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SPD_USERS))
+def test_rank_deficient_matrix_is_refused_whatever_the_sign_of_rounding(name):
+    mats = _rank_deficient(np.random.default_rng(10))
+    # the zero eigenvalues come out of LAPACK with either sign: a test lam_min > 0
+    # would accept some of these matrices and refuse others
+    noise = [np.linalg.eigvalsh(S)[0] for S in mats]
+    assert min(noise) < 0 < max(noise)
+    for S in mats:
+        with pytest.raises(ValueError, match="must be symmetric positive definite"):
+            SPD_USERS[name](S)
+
+
+def test_gaussian_nll_grad_against_finite_differences():
+    """A second check of gaussian_nll_grad, besides jax.grad: central differences of
+    gaussian_nll along random directions (dmu, dSigma symmetric)."""
+    rng = np.random.default_rng(11)
+    d, n = 3, 5
+    X, mu = rng.standard_normal((d, n)), rng.standard_normal(d)
+    B = rng.standard_normal((d, d))
+    Sigma = B @ B.T + d * np.eye(d)
+    mu_bar, Sigma_bar = gaussian_nll_grad(X, mu, Sigma)
+    h = 1e-5
+    for _ in range(3):
+        dmu, dB = rng.standard_normal(d), rng.standard_normal((d, d))
+        dSigma = dB + dB.T
+        fd = (
+            gaussian_nll(X, mu + h * dmu, Sigma + h * dSigma)
+            - gaussian_nll(X, mu - h * dmu, Sigma - h * dSigma)
+        ) / (2 * h)
+        ours = mu_bar @ dmu + np.sum(Sigma_bar * dSigma)
+        assert abs(ours - fd) <= 1e-7 * max(1.0, abs(fd))
+
+
+def logm_spd_jvp_nan_primal():
+    return matfun.logm_spd_jvp(np.array([[1.0, np.nan], [np.nan, 1.0]]), np.eye(2))
+
+
+@pytest.mark.parametrize(
+    "call, name",
+    [
+        (lambda: spd_function_jvp(np.eye(2), np.full((2, 2), np.nan), f="log"), "dS"),
+        (lambda: spd_function_vjp(np.eye(2), np.full((2, 2), np.nan), f="log"), "G"),
+        (lambda: polar_jvp(np.eye(2), np.full((2, 2), np.inf)), "dM"),
+        (lambda: polar_vjp(np.eye(2), np.full((2, 2), np.nan)), "G"),
+        (
+            lambda: procrustes_jvp(
+                np.eye(2), np.eye(2), np.eye(2), np.full((2, 2), np.nan)
+            ),
+            "dB",
+        ),
+        (
+            lambda: covariance_pool_jvp(
+                np.ones((2, 4)), np.eye(2), np.full((2, 4), np.nan), np.eye(2), eps=0.1
+            ),
+            "dF",
+        ),
+        (
+            lambda: covariance_pool_vjp(
+                np.ones((2, 4)), np.eye(2), np.full((2, 2), np.nan), eps=0.1
+            ),
+            "G",
+        ),
+        (lambda: eigvecsh_vjp(np.diag([1.0, 2.0]), np.full((2, 2), np.nan)), "G"),
+        (lambda: svdvals_jvp(np.diag([1.0, 2.0]), np.full((2, 2), np.nan)), "dM"),
+        (lambda: svdvals_vjp(np.diag([1.0, 2.0]), np.array([1.0, np.nan])), "g"),
+        (lambda: eigvalsh_vjp(np.diag([1.0, 2.0]), np.array([np.inf, 1.0])), "g"),
+        (lambda: eigvalsh_jvp(np.diag([1.0, 2.0]), np.full((2, 2), np.nan)), "dS"),
+        (lambda: polar_jvp(np.full((2, 2), np.nan), np.eye(2)), "M"),
+        (lambda: logm_spd_jvp_nan_primal(), "S"),
+        (lambda: matfun.sym(np.array([[1.0, np.nan], [0.0, 1.0]])), "A"),
+    ],
+)
+def test_non_finite_primal_tangent_or_cotangent_is_named(call, name):
+    with pytest.raises(ValueError, match=rf"^{name} must be finite"):
+        call()

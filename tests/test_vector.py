@@ -276,3 +276,19 @@ def test_to_vec_layout_is_column_major(rng):
     J = check.jax_jacobian(lambda X: X.T, np.zeros((3, 2)))
     # the Jacobian of the transpose is the commutation matrix: vec(X^T) = K vec(X)
     np.testing.assert_array_equal(J @ dl.vec(A.T), dl.vec(A))
+
+
+def test_elementwise_jacobian_refuses_nan_and_a_non_finite_derivative():
+    from derivlib.vector import elementwise_jacobian
+
+    with pytest.raises(ValueError, match="x must not contain NaN"):
+        elementwise_jacobian(np.cos, np.array([0.0, np.nan]))
+    with pytest.raises(
+        ValueError, match=r"fprime\(x\) must be finite, got inf at x = 0"
+    ):
+        elementwise_jacobian(
+            lambda x: np.where(x == 0, np.inf, 1.0), np.array([1.0, 0.0])
+        )
+    assert np.array_equal(
+        elementwise_jacobian(lambda x: np.zeros_like(x), np.array([np.inf])), [[0.0]]
+    )
