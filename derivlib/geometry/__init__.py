@@ -92,4 +92,4 @@ from .bundle import (  # noqa: F401
     reduced_camera_system,
     sparse_bundle_adjust,
 )
-from .scenes import make_bundler_scene  # noqa: F401
+from .scenes import make_bundler_scene, perturb_reconstruction  # noqa: F401

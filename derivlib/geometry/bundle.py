@@ -582,7 +582,7 @@ def _check_determined(S, free_idx, names):
 
 
 def sparse_bundle_adjust(
-    recon, state0=None, free=None, tol=1e-10, max_iter=100, lam0=1e-4
+    recon, state0=None, free=None, tol=1e-10, max_iter=100, lam0=1e-6
 ):
     """Levenberg-Marquardt bundle adjustment of Bundler's model with per-camera
     intrinsics (eqs. 6.46-6.49), W held as per-observation blocks.
@@ -670,7 +670,7 @@ def sparse_bundle_adjust(
                 E_new = np.inf
             if E_new < E and pred > 0:
                 rho = (E - E_new) / pred
-                lam *= max(1 / 3, 1 - (2 * rho - 1) ** 3)
+                lam *= max(1 / 10, 1 - (2 * rho - 1) ** 3)
                 nu = 2.0
                 break
             hist.n_rejected += 1

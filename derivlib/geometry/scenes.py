@@ -126,3 +126,26 @@ def make_bundler_scene(m=50, n=20000, views=5, noise=1.0, perturbation=1.0, seed
         X + perturbation * 0.02 * rng.standard_normal(X.shape),
     )
     return recon, truth, start
+
+
+def perturb_reconstruction(recon, rotation=0.005, translation=0.02, focal=0.02,
+                           points=0.02, seed=0):  # fmt: skip
+    """A start for bundle adjustment: recon's cameras and points with Gaussian noise
+    of `rotation` rad (R Exp(delta)), `translation` (each coordinate of t), `focal`
+    relative on f and `points` (each coordinate of X); k1, k2 and the parameters
+    that default_gauge holds are left as they are. Returns a SparseBundleState."""
+    from .bundle import SparseBundleState, _so3_exp_many, default_gauge
+
+    rng = np.random.default_rng(seed)
+    m = recon.m
+    state = SparseBundleState(recon.R, recon.t, recon.intrinsics, recon.X)
+    held = ~default_gauge(state)
+    d = rng.standard_normal((m, 9)) * np.repeat([rotation, translation, 0.0], 3)
+    d[:, 6] = focal * rng.standard_normal(m) * recon.intrinsics[:, 0]
+    d[held] = 0.0
+    return SparseBundleState(
+        recon.R @ _so3_exp_many(d[:, :3]),
+        recon.t + d[:, 3:6],
+        recon.intrinsics + d[:, 6:],
+        recon.X + points * rng.standard_normal(recon.X.shape),
+    )
