@@ -88,6 +88,7 @@ from .bundler import (  # noqa: F401
 from .bundle import (  # noqa: F401
     SparseBundleHistory,
     SparseBundleState,
+    bundler_residual,
     default_gauge,
     reduced_camera_system,
     sparse_bundle_adjust,

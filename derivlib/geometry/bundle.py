@@ -443,6 +443,14 @@ def _sparse_residual(recon, state):
     return (u - recon.u).ravel(order="F")
 
 
+def bundler_residual(recon, state):
+    """The reprojection residuals u_k - u_bar_k of every observation of recon under
+    Bundler's model (eqs. 6.40-6.41, 6.46) at state (a SparseBundleState), (2N,),
+    x and y of each observation together. Raises ValueError if a point is not in
+    front of a camera that sees it."""
+    return _sparse_residual(recon, state)
+
+
 def _sparse_blocks(recon, state):
     from .bundler import _blocks
 
@@ -516,15 +524,16 @@ def _point_pairs(recon):
     return cache["kl"]
 
 
-def reduced_camera_system(recon, A, B, r, lam=0.0, chunk=1 << 16):
+def reduced_camera_system(recon, A, B, r, lam=0.0, chunk=None):
     """The reduced camera system of eq. 6.47 from the per-observation blocks, without
     a dense W: A (N, 2, 9) and B (N, 2, 3) the Jacobian blocks of each observation,
     r (2N,) the residuals, lam the Levenberg-Marquardt damping (the diagonals of U
     and V scaled by 1 + lam). W_k = A_k^T B_k is kept as N blocks (N, 9, 3); the
     point blocks V_i (n, 3, 3) are inverted one by one, and S = U - sum_i W_i V_i^-1
     W_i^T is summed over the pairs of observations of each point, `chunk` pairs at
-    a time, so memory grows with the number of observations N (for tracks of
-    bounded length) and with (9m)^2 for S itself.
+    a time (default: an eighth of the pairs, at least 512 and at most 8192), so
+    memory grows with the number of observations N (for tracks of bounded length)
+    and with (9m)^2 for S itself.
 
     Returns S (9m, 9m), rhs (9m,), and the pieces the back-substitution needs:
     (W (N, 9, 3), Vinv (n, 3, 3), g_p (n, 3), the undamped U (m, 9, 9), V (n, 3, 3),
@@ -545,6 +554,8 @@ def reduced_camera_system(recon, A, B, r, lam=0.0, chunk=1 << 16):
     Y = W @ Vinv[point]  # (N, 9, 3)
     Wt = np.ascontiguousarray(W.transpose(0, 2, 1))
     k, l, jl = _point_pairs(recon)
+    if chunk is None:
+        chunk = min(8192, max(512, k.size // 8))
     S = np.zeros((m * m, 81))
     for s in range(0, k.size, chunk):
         e = min(s + chunk, k.size)
@@ -577,7 +588,8 @@ def _check_determined(S, free_idx, names):
         raise ValueError(
             f"the observations do not determine {names[free_idx[k]]} (the reduced "
             f"camera system is singular along it: smallest scaled eigenvalue "
-            f"{w[0]:.1e}, largest {w[-1]:.1e}); hold it fixed or add observations"
+            f"{w[0]:.1e}, largest {w[-1]:.1e}): hold it fixed or add observations "
+            f"(a gauge direction left free shows here too; default_gauge holds one)"
         )
 
 
