@@ -394,7 +394,7 @@ def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-3, check_gauge=T
     )
 
 
-# ----- Sparse bundle adjustment with per-camera intrinsics (eqs. 6.46-6.49) -----
+# ----- Sparse bundle adjustment with per-camera intrinsics (eqs. 6.46-6.48) -----
 
 
 @dataclass
@@ -597,7 +597,7 @@ def sparse_bundle_adjust(
     recon, state0=None, free=None, tol=1e-10, max_iter=100, lam0=1e-6
 ):
     """Levenberg-Marquardt bundle adjustment of Bundler's model with per-camera
-    intrinsics (eqs. 6.46-6.49), W held as per-observation blocks.
+    intrinsics (eqs. 6.46-6.48), W held as per-observation blocks.
 
     recon: a Reconstruction (derivlib.geometry.io) whose cam, point and u are the
     observations; state0 the start (default: the stored cameras and points); free

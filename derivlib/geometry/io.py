@@ -1,7 +1,7 @@
 """Chapter 6, readers for real reconstructions: Bundler's `.out` files and the BAL
 ("Bundle Adjustment in the Large") problem files.
 
-Both store the same camera model (derivlib/geometry/bundler.py, eqs. 6.40-6.42):
+Both store the same camera model (derivlib/geometry/bundler.py, eqs. 6.40-6.41):
 per camera a rotation, a translation, a focal length f and two radial distortion
 coefficients k1, k2; image points are measured from the image centre, x to the
 right and y up."""
