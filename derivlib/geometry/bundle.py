@@ -506,8 +506,9 @@ def _refuse_underdetermined(recon, free):
 
 
 def _point_pairs(recon):
-    """All ordered pairs (k, l) of observations of the same point, (P,) each, P =
-    sum_i n_i^2 for n_i the observations of point i (cached on recon)."""
+    """The pairs (k, l) of observations of the same point whose cameras j = cam[k],
+    l = cam[l] have j <= l, sorted by camera pair, and where each camera pair's run
+    starts: (k (P,), l (P,), pair starts, (j, l) of each run). Cached on recon."""
     cache = recon.__dict__.setdefault("_pairs", {})
     if "kl" not in cache:
         order = np.argsort(recon.point, kind="stable")
@@ -520,54 +521,75 @@ def _point_pairs(recon):
         cp = c[pt]
         k = order[starts[pt] + q // cp]
         l = order[starts[pt] + q % cp]
-        cache["kl"] = (k, l, recon.cam[k] * recon.m + recon.cam[l])
+        keep = recon.cam[k] <= recon.cam[l]
+        k, l = k[keep], l[keep]
+        jl = recon.cam[k] * recon.m + recon.cam[l]
+        by = np.argsort(jl, kind="stable")
+        k, l, jl = k[by], l[by], jl[by]
+        runs = np.flatnonzero(np.diff(jl, prepend=-1))
+        cache["kl"] = (k, l, np.append(runs, k.size), jl[runs])
     return cache["kl"]
 
 
-def reduced_camera_system(recon, A, B, r, lam=0.0, chunk=None):
+def _by_camera(recon):
+    """The observations of each camera: (order (N,), starts (m + 1,)). Cached."""
+    cache = recon.__dict__.setdefault("_pairs", {})
+    if "cam" not in cache:
+        order = np.argsort(recon.cam, kind="stable")
+        cache["cam"] = (
+            order,
+            np.searchsorted(recon.cam[order], np.arange(recon.m + 1)),
+        )
+    return cache["cam"]
+
+
+def reduced_camera_system(recon, A, B, r, lam=0.0):
     """The reduced camera system of eq. 6.47 from the per-observation blocks, without
     a dense W: A (N, 2, 9) and B (N, 2, 3) the Jacobian blocks of each observation,
     r (2N,) the residuals, lam the Levenberg-Marquardt damping (the diagonals of U
     and V scaled by 1 + lam). W_k = A_k^T B_k is kept as N blocks (N, 9, 3); the
     point blocks V_i (n, 3, 3) are inverted one by one, and S = U - sum_i W_i V_i^-1
-    W_i^T is summed over the pairs of observations of each point, `chunk` pairs at
-    a time (default: an eighth of the pairs, at least 512 and at most 8192), so
-    memory grows with the number of observations N (for tracks of bounded length)
-    and with (9m)^2 for S itself.
+    W_i^T is summed camera pair by camera pair (j <= l), over the points both see,
+    as one matrix product (9, 3p) @ (3p, 9) per pair; S is symmetric, so the pairs
+    j > l are its transpose. Memory grows with the number of observations N (for
+    tracks of bounded length) and with (9m)^2 for S itself.
 
     Returns S (9m, 9m), rhs (9m,), and the pieces the back-substitution needs:
     (W (N, 9, 3), Vinv (n, 3, 3), g_p (n, 3), the undamped U (m, 9, 9), V (n, 3, 3),
     g_c (m, 9))."""
-    from scipy.sparse import csr_matrix
-
     m, point = recon.m, recon.point
     r2 = r.reshape(-1, 2)
-    At = np.ascontiguousarray(A.transpose(0, 2, 1))
-    U = _sum_by(recon, "cam", At @ A)
-    V = _sum_by(recon, "point", np.ascontiguousarray(B.transpose(0, 2, 1)) @ B)
-    W = At @ B  # (N, 9, 3)
-    gc = _sum_by(recon, "cam", np.einsum("ki,kij->kj", r2, A))
+    order, cstart = _by_camera(recon)
+    U = np.empty((m, 9, 9))
+    gc = np.empty((m, 9))
+    for j in range(m):  # U_j = A_j^T A_j with A_j the (2 N_j, 9) stack of camera j
+        idx = order[cstart[j] : cstart[j + 1]]
+        Aj = A[idx].reshape(-1, 9)
+        U[j] = Aj.T @ Aj
+        gc[j] = Aj.T @ r2[idx].ravel()
+    Bt = np.ascontiguousarray(B.transpose(0, 2, 1))
+    V = _sum_by(recon, "point", Bt @ B)
+    W = np.ascontiguousarray(A.transpose(0, 2, 1)) @ B  # (N, 9, 3)
+    del Bt
     gp = _sum_by(recon, "point", np.einsum("ki,kij->kj", r2, B))
     Ud = U + lam * np.einsum("mii->mi", U)[:, :, None] * np.eye(9)
     Vd = V + lam * np.einsum("nii->ni", V)[:, :, None] * np.eye(3)
     Vinv = np.linalg.inv(Vd)
-    Y = W @ Vinv[point]  # (N, 9, 3)
-    Wt = np.ascontiguousarray(W.transpose(0, 2, 1))
-    k, l, jl = _point_pairs(recon)
-    if chunk is None:
-        chunk = min(8192, max(512, k.size // 8))
-    S = np.zeros((m * m, 81))
-    for s in range(0, k.size, chunk):
-        e = min(s + chunk, k.size)
-        blocks = (Y[k[s:e]] @ Wt[l[s:e]]).reshape(-1, 81)
-        M = csr_matrix(
-            (np.ones(e - s), (jl[s:e], np.arange(e - s))), shape=(m * m, e - s)
-        )
-        S -= M @ blocks
-    S = S.reshape(m, m, 9, 9)
-    S[np.arange(m), np.arange(m)] += Ud
-    S = S.transpose(0, 2, 1, 3).reshape(9 * m, 9 * m)
-    rhs = -(gc - _sum_by(recon, "cam", np.einsum("kab,kb->ka", Y, gp[point])))
+    k, l, runs, pairs = _point_pairs(recon)
+    S = np.zeros((m, 9, m, 9))
+    for s, e, jl in zip(runs[:-1], runs[1:], pairs):
+        j, q = divmod(int(jl), m)
+        Yk = W[k[s:e]] @ Vinv[point[k[s:e]]]  # (p, 9, 3)
+        block = Yk.transpose(1, 0, 2).reshape(9, -1) @ W[l[s:e]].transpose(
+            0, 2, 1
+        ).reshape(-1, 9)
+        S[j, :, q, :] -= block
+        if j != q:
+            S[q, :, j, :] -= block.T
+    S[np.arange(m), :, np.arange(m), :] += Ud
+    S = S.reshape(9 * m, 9 * m)
+    Vg = np.einsum("nab,nb->na", Vinv, gp)
+    rhs = -(gc - _sum_by(recon, "cam", np.einsum("kab,kb->ka", W, Vg[point])))
     return S, rhs.ravel(), (W, Vinv, gp, U, V, gc)
 
 
