@@ -73,3 +73,24 @@ from .scenes import (  # noqa: F401
     Scene,
     make_scene,
 )
+
+# ----- Chapter 6, part A: real reconstructions, Bundler's camera, sparse BA -----
+from .io import (  # noqa: F401
+    Reconstruction,
+    gtsam_data_dir,
+    read_bal,
+    read_bundler,
+)
+from .bundler import (  # noqa: F401
+    bundler_jacobians,
+    bundler_project,
+)
+from .bundle import (  # noqa: F401
+    SparseBundleHistory,
+    SparseBundleState,
+    bundler_residual,
+    default_gauge,
+    reduced_camera_system,
+    sparse_bundle_adjust,
+)
+from .scenes import make_bundler_scene, perturb_reconstruction  # noqa: F401

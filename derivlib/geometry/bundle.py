@@ -392,3 +392,336 @@ def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-3, check_gauge=T
     raise ConvergenceError(
         f"bundle adjustment did not converge in {max_iter} iterations (cost {E:.6g})"
     )
+
+
+# ----- Sparse bundle adjustment with per-camera intrinsics (eqs. 6.46-6.48) -----
+
+
+@dataclass
+class SparseBundleState:
+    """The unknowns of a Bundler-model problem: R (m, 3, 3), t (m, 3), intrinsics
+    (m, 3) as (f, k1, k2), and the points X (3, n). Rotations are updated on the
+    manifold, R Exp(delta), so they are stored as matrices."""
+
+    R: np.ndarray
+    t: np.ndarray
+    intrinsics: np.ndarray
+    X: np.ndarray
+
+    def copy(self):
+        return SparseBundleState(
+            self.R.copy(), self.t.copy(), self.intrinsics.copy(), self.X.copy()
+        )
+
+
+@dataclass
+class SparseBundleHistory:
+    """cost E = ||r||^2 after each iteration (the start first), damping lam, and the
+    counts of iterations and of rejected steps."""
+
+    cost: list
+    damping: list
+    n_iter: int = 0
+    n_rejected: int = 0
+    converged: bool = False
+
+
+def _so3_exp_many(D):
+    """Exp([delta]x) for each row of D (m, 3), by Rodrigues' formula."""
+    return np.stack([rodrigues(d) for d in D])
+
+
+def _sparse_residual(recon, state):
+    from .bundler import _blocks
+
+    u, *_ = _blocks(
+        state.R[recon.cam],
+        state.t[recon.cam],
+        state.intrinsics[recon.cam],
+        state.X[:, recon.point],
+    )
+    return (u - recon.u).ravel(order="F")
+
+
+def bundler_residual(recon, state):
+    """The reprojection residuals u_k - u_bar_k of every observation of recon under
+    Bundler's model (eqs. 6.40-6.41, 6.46) at state (a SparseBundleState), (2N,),
+    x and y of each observation together. Raises ValueError if a point is not in
+    front of a camera that sees it."""
+    return _sparse_residual(recon, state)
+
+
+def _sparse_blocks(recon, state):
+    from .bundler import _blocks
+
+    u, A, B, C = _blocks(
+        state.R[recon.cam],
+        state.t[recon.cam],
+        state.intrinsics[recon.cam],
+        state.X[:, recon.point],
+    )
+    return (u - recon.u).ravel(order="F"), np.concatenate([A, C], axis=2), B
+
+
+def default_gauge(state):
+    """The (m, 9) mask of the camera parameters (delta, t, f, k1, k2) that move, for
+    the gauge of eq. 6.48: camera 0's rotation and translation are held, and so is
+    the coordinate of t_1 along which the baseline R_1 (c_0 - c_1) is longest (it
+    pins the scale). Every intrinsic moves."""
+    m = state.R.shape[0]
+    free = np.ones((m, 9), dtype=bool)
+    free[0, :6] = False
+    if m > 1:
+        c = -np.einsum("mba,mb->ma", state.R, state.t)  # centres c = -R^T t
+        free[1, 3 + int(np.argmax(np.abs(state.R[1] @ (c[0] - c[1]))))] = False
+    return free
+
+
+def _refuse_underdetermined(recon, free):
+    m, n = recon.m, recon.n
+    per_cam = np.bincount(recon.cam, minlength=m)
+    per_point = np.bincount(recon.point, minlength=n)
+    need = np.ceil(free.sum(axis=1) / 2).astype(int)
+    few = np.flatnonzero(per_cam < need)
+    if few.size:
+        j = int(few[0])
+        raise ValueError(
+            f"camera {j} has {per_cam[j]} observations ({2 * per_cam[j]} residuals) "
+            f"for {free[j].sum()} free parameters: it needs at least {need[j]}; "
+            f"{few.size} camera(s) are underdetermined"
+        )
+    lonely = np.flatnonzero(per_point < 2)
+    if lonely.size:
+        i = int(lonely[0])
+        raise ValueError(
+            f"point {i} is seen by {per_point[i]} camera(s): a point needs at least 2 "
+            f"to be triangulated; {lonely.size} point(s) are seen by fewer than 2"
+        )
+    unknowns = int(free.sum()) + 3 * n
+    if 2 * recon.cam.size < unknowns:
+        raise ValueError(
+            f"{2 * recon.cam.size} residuals for {unknowns} unknowns: bundle "
+            f"adjustment needs at least as many residuals as unknowns"
+        )
+
+
+def _point_pairs(recon):
+    """The pairs (k, l) of observations of the same point whose cameras j = cam[k],
+    l = cam[l] have j <= l, sorted by camera pair, and where each camera pair's run
+    starts: (k (P,), l (P,), pair starts, (j, l) of each run). Cached on recon."""
+    cache = recon.__dict__.setdefault("_pairs", {})
+    if "kl" not in cache:
+        order = np.argsort(recon.point, kind="stable")
+        c = np.bincount(recon.point, minlength=recon.n)
+        starts = np.concatenate([[0], np.cumsum(c)[:-1]])
+        c2 = c * c
+        first = np.concatenate([[0], np.cumsum(c2)[:-1]])
+        pt = np.repeat(np.arange(recon.n), c2)
+        q = np.arange(c2.sum()) - first[pt]
+        cp = c[pt]
+        k = order[starts[pt] + q // cp]
+        l = order[starts[pt] + q % cp]
+        keep = recon.cam[k] <= recon.cam[l]
+        k, l = k[keep], l[keep]
+        jl = recon.cam[k] * recon.m + recon.cam[l]
+        by = np.argsort(jl, kind="stable")
+        k, l, jl = k[by], l[by], jl[by]
+        runs = np.flatnonzero(np.diff(jl, prepend=-1))
+        cache["kl"] = (k, l, np.append(runs, k.size), jl[runs])
+    return cache["kl"]
+
+
+def _by_camera(recon):
+    """The observations of each camera: (order (N,), starts (m + 1,)). Cached."""
+    cache = recon.__dict__.setdefault("_pairs", {})
+    if "cam" not in cache:
+        order = np.argsort(recon.cam, kind="stable")
+        cache["cam"] = (
+            order,
+            np.searchsorted(recon.cam[order], np.arange(recon.m + 1)),
+        )
+    return cache["cam"]
+
+
+def reduced_camera_system(recon, A, B, r, lam=0.0):
+    """The reduced camera system of eq. 6.47 from the per-observation blocks, without
+    a dense W: A (N, 2, 9) and B (N, 2, 3) the Jacobian blocks of each observation,
+    r (2N,) the residuals, lam the Levenberg-Marquardt damping (the diagonals of U
+    and V scaled by 1 + lam). W_k = A_k^T B_k is kept as N blocks (N, 9, 3); the
+    point blocks V_i (n, 3, 3) are inverted one by one, and S = U - sum_i W_i V_i^-1
+    W_i^T is summed camera pair by camera pair (j <= l), over the points both see,
+    as one matrix product (9, 3p) @ (3p, 9) per pair; S is symmetric, so the pairs
+    j > l are its transpose. Memory grows with the number of observations N (for
+    tracks of bounded length) and with (9m)^2 for S itself.
+
+    Returns S (9m, 9m), rhs (9m,), and the pieces the back-substitution needs:
+    (W (N, 9, 3), Vinv (n, 3, 3), g_p (n, 3), the undamped U (m, 9, 9), V (n, 3, 3),
+    g_c (m, 9))."""
+    m, point = recon.m, recon.point
+    r2 = r.reshape(-1, 2)
+    order, cstart = _by_camera(recon)
+    U = np.empty((m, 9, 9))
+    gc = np.empty((m, 9))
+    for j in range(m):  # U_j = A_j^T A_j with A_j the (2 N_j, 9) stack of camera j
+        idx = order[cstart[j] : cstart[j + 1]]
+        Aj = A[idx].reshape(-1, 9)
+        U[j] = Aj.T @ Aj
+        gc[j] = Aj.T @ r2[idx].ravel()
+    Bt = np.ascontiguousarray(B.transpose(0, 2, 1))
+    V = _sum_by(recon, "point", Bt @ B)
+    W = np.ascontiguousarray(A.transpose(0, 2, 1)) @ B  # (N, 9, 3)
+    del Bt
+    gp = _sum_by(recon, "point", np.einsum("ki,kij->kj", r2, B))
+    Ud = U + lam * np.einsum("mii->mi", U)[:, :, None] * np.eye(9)
+    Vd = V + lam * np.einsum("nii->ni", V)[:, :, None] * np.eye(3)
+    Vinv = np.linalg.inv(Vd)
+    k, l, runs, pairs = _point_pairs(recon)
+    S = np.zeros((m, 9, m, 9))
+    for s, e, jl in zip(runs[:-1], runs[1:], pairs):
+        j, q = divmod(int(jl), m)
+        Yk = W[k[s:e]] @ Vinv[point[k[s:e]]]  # (p, 9, 3)
+        block = Yk.transpose(1, 0, 2).reshape(9, -1) @ W[l[s:e]].transpose(
+            0, 2, 1
+        ).reshape(-1, 9)
+        S[j, :, q, :] -= block
+        if j != q:
+            S[q, :, j, :] -= block.T
+    S[np.arange(m), :, np.arange(m), :] += Ud
+    S = S.reshape(9 * m, 9 * m)
+    Vg = np.einsum("nab,nb->na", Vinv, gp)
+    rhs = -(gc - _sum_by(recon, "cam", np.einsum("kab,kb->ka", W, Vg[point])))
+    return S, rhs.ravel(), (W, Vinv, gp, U, V, gc)
+
+
+def _back_substitute(recon, W, Vinv, gp, dc):
+    """dp_i = -V_i^-1 (g_i + sum_k W_k^T dc_j) over the observations k of point i."""
+    Wt_dc = np.einsum("kab,ka->kb", W, dc.reshape(-1, 9)[recon.cam])
+    return -np.einsum("nab,nb->na", Vinv, gp + _sum_by(recon, "point", Wt_dc))
+
+
+def _check_determined(S, free_idx, names):
+    """Refuse, before solving, a reduced system that the data leave singular."""
+    Sf = S[np.ix_(free_idx, free_idx)]
+    d = np.sqrt(np.abs(np.diag(Sf)))
+    d[d == 0] = 1.0
+    w, Q = np.linalg.eigh(Sf / d[:, None] / d[None, :])
+    if w[0] <= 1e-12 * w[-1]:
+        k = int(np.argmax(np.abs(Q[:, 0])))
+        raise ValueError(
+            f"the observations do not determine {names[free_idx[k]]} (the reduced "
+            f"camera system is singular along it: smallest scaled eigenvalue "
+            f"{w[0]:.1e}, largest {w[-1]:.1e}): hold it fixed or add observations "
+            f"(a gauge direction left free shows here too; default_gauge holds one)"
+        )
+
+
+def sparse_bundle_adjust(
+    recon, state0=None, free=None, tol=1e-10, max_iter=100, lam0=1e-6
+):
+    """Levenberg-Marquardt bundle adjustment of Bundler's model with per-camera
+    intrinsics (eqs. 6.46-6.48), W held as per-observation blocks.
+
+    recon: a Reconstruction (derivlib.geometry.io) whose cam, point and u are the
+    observations; state0 the start (default: the stored cameras and points); free
+    (m, 9) the camera parameters (delta, t, f, k1, k2) that move (default:
+    default_gauge). Every point moves. Before solving it raises ValueError when a
+    camera has fewer residuals than free parameters, a point is seen by fewer than
+    two cameras, there are fewer residuals than unknowns, or the reduced camera
+    system at the start is singular (a parameter the data cannot determine, such
+    as a gauge direction left free or k2 of a camera whose points all lie near the
+    image centre). Stops when the relative decrease of E or the relative step falls
+    below tol; raises ConvergenceError after max_iter iterations.
+    Returns (SparseBundleState, SparseBundleHistory)."""
+    from scipy.linalg import cho_factor, cho_solve
+
+    if state0 is None:
+        state0 = SparseBundleState(recon.R, recon.t, recon.intrinsics, recon.X)
+    state = state0.copy()
+    m, n = recon.m, recon.n
+    if (
+        state.R.shape != (m, 3, 3)
+        or state.t.shape != (m, 3)
+        or state.intrinsics.shape != (m, 3)
+        or state.X.shape != (3, n)
+    ):
+        raise ValueError(
+            f"state0 must hold R ({m}, 3, 3), t ({m}, 3), intrinsics ({m}, 3) and X "
+            f"(3, {n}), got {state.R.shape}, {state.t.shape}, "
+            f"{state.intrinsics.shape} and {state.X.shape}"
+        )
+    free = default_gauge(state) if free is None else np.asarray(free, dtype=bool)
+    if free.shape != (m, 9):
+        raise ValueError(f"free must have shape ({m}, 9), got {free.shape}")
+    _refuse_underdetermined(recon, free)
+    free_idx = np.flatnonzero(free.ravel())
+    names = [
+        f"{q} of camera {j}"
+        for j in range(m)
+        for q in ["delta_x", "delta_y", "delta_z", "t_x", "t_y", "t_z", "f", "k1", "k2"]
+    ]
+    r, A, B = _sparse_blocks(recon, state)
+    E = float(r @ r)
+    hist = SparseBundleHistory(cost=[E], damping=[])
+    lam, nu = lam0, 2.0
+    first = True
+    for _ in range(max_iter):
+        hist.damping.append(lam)
+        while True:
+            S, rhs, (W, Vinv, gp, U, V, gc) = reduced_camera_system(recon, A, B, r, lam)
+            if first:
+                S0, *_ = reduced_camera_system(recon, A, B, r, 0.0)
+                _check_determined(S0, free_idx, names)
+                first = False
+            dc = np.zeros(9 * m)
+            Sf = S[np.ix_(free_idx, free_idx)]
+            try:
+                dc[free_idx] = cho_solve(cho_factor(Sf), rhs[free_idx])
+            except np.linalg.LinAlgError:
+                lam, nu = lam * nu, 2 * nu
+                hist.n_rejected += 1
+                continue
+            dp = _back_substitute(recon, W, Vinv, gp, dc)
+            d = dc.reshape(m, 9)
+            trial = SparseBundleState(
+                state.R @ _so3_exp_many(d[:, :3]),
+                state.t + d[:, 3:6],
+                state.intrinsics + d[:, 6:],
+                state.X + dp.T,
+            )
+            # predicted decrease -(2 delta^T g + delta^T J^T J delta), from the blocks
+            dcb, dpb = d, dp
+            Wdp = np.einsum("kab,kb->ka", W, dpb[recon.point])
+            dHd = (
+                np.einsum("ma,mab,mb->", dcb, U, dcb)
+                + 2 * np.einsum("ka,ka->", dcb[recon.cam], Wdp)
+                + np.einsum("na,nab,nb->", dpb, V, dpb)
+            )
+            pred = -(2 * (np.sum(dcb * gc) + np.sum(dpb * gp)) + dHd)
+            try:
+                r_new = _sparse_residual(recon, trial)
+                E_new = float(r_new @ r_new)
+            except ValueError:  # a point went behind a camera: reject the step
+                E_new = np.inf
+            if E_new < E and pred > 0:
+                rho = (E - E_new) / pred
+                lam *= max(1 / 10, 1 - (2 * rho - 1) ** 3)
+                nu = 2.0
+                break
+            hist.n_rejected += 1
+            lam, nu = lam * nu, 2 * nu
+            if lam > 1e16:
+                hist.converged = True
+                return state, hist
+        step = np.linalg.norm(dc) + np.linalg.norm(dp)
+        size = np.linalg.norm(state.t) + np.linalg.norm(state.X) + 1.0
+        state, r, E_old, E = trial, r_new, E, E_new
+        hist.n_iter += 1
+        hist.cost.append(E)
+        if (E_old - E) <= tol * E_old or step <= tol * size:
+            hist.converged = True
+            return state, hist
+        r, A, B = _sparse_blocks(recon, state)
+    raise ConvergenceError(
+        f"sparse bundle adjustment did not converge in {max_iter} iterations "
+        f"(cost {E:.6g})"
+    )

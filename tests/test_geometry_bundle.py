@@ -1,0 +1,241 @@
+"""Chapter 6, part A: Bundler's camera model against JAX, and sparse bundle
+adjustment with per-camera intrinsics against scipy and GTSAM."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from derivlib import check
+from derivlib.geometry import (
+    SparseBundleState,
+    bundle,
+    bundler_jacobians,
+    bundler_project,
+    default_gauge,
+    io,
+    make_bundler_scene,
+    reduced_camera_system,
+    sparse_bundle_adjust,
+)
+from derivlib.losses import ConvergenceError
+
+
+def hat_jax(w):
+    return jnp.array([[0.0, -w[2], w[1]], [w[2], 0.0, -w[0]], [-w[1], w[0], 0.0]])
+
+
+def project_jax(R, t, fk, X):
+    """Bundler's projection in a few lines of jax.numpy (eqs. 6.40-6.41)."""
+    P = R @ X + t
+    p = -P[:2] / P[2]
+    s = p @ p
+    return fk[0] * (1 + fk[1] * s + fk[2] * s * s) * p
+
+
+def exp_at_zero(d):
+    """I + [d]x + [d]x^2 / 2: Exp(d) to second order, so its value and first
+    derivative at d = 0 are exact (the Jacobians below are taken at d = 0)."""
+    D = hat_jax(d)
+    return jnp.eye(3) + D + D @ D / 2
+
+
+@jax.jit
+@jax.vmap
+def jacobians_jax(R, t, fk, X):
+    pose = jax.jacfwd(
+        lambda xi: project_jax(
+            R @ jax.scipy.linalg.expm(hat_jax(xi[:3])), t + xi[3:], fk, X
+        )
+    )(jnp.zeros(6))
+    point = jax.jacfwd(lambda x: project_jax(R, t, fk, x))(X)
+    intr = jax.jacfwd(lambda k: project_jax(R, t, k, X))(fk)
+    return pose, point, intr
+
+
+@pytest.fixture(scope="module")
+def balbianello():
+    return io.read_bundler(io.gtsam_data_dir() + "/Balbianello.out")
+
+
+def test_jacobians_match_jax_on_the_real_cameras(balbianello):
+    """Three observations of each camera of Balbianello, against jax.jacfwd."""
+    r = balbianello
+    ks = np.concatenate([np.flatnonzero(r.cam == j)[:3] for j in range(r.m)])
+    c, X = r.cam[ks], r.X[:, r.point[ks]]
+    pose, point, intr = jacobians_jax(r.R[c], r.t[c], r.intrinsics[c], X.T)
+    for k, j in enumerate(c):
+        A, B, C = bundler_jacobians(r.R[j], r.t[j], r.intrinsics[j], X[:, k : k + 1])
+        assert check.relative_error(A[0], np.asarray(pose[k])) < 1e-10
+        assert check.relative_error(B[0], np.asarray(point[k])) < 1e-10
+        assert check.relative_error(C[0], np.asarray(intr[k])) < 1e-10
+        u = bundler_project(r.R[j], r.t[j], r.intrinsics[j], X[:, k])
+        ujax = project_jax(r.R[j], r.t[j], r.intrinsics[j], X[:, k])
+        np.testing.assert_allclose(u, ujax, rtol=1e-12)
+
+
+def test_project_refuses_points_behind_and_bad_shapes():
+    R, t, fk = np.eye(3), np.zeros(3), np.array([500.0, 0.0, 0.0])
+    with pytest.raises(ValueError, match="P_z < 0"):
+        bundler_project(R, t, fk, np.array([0.0, 0.0, 1.0]))
+    with pytest.raises(ValueError, match=r"\(f, k1, k2\)"):
+        bundler_project(R, t, fk[:2], np.array([0.0, 0.0, -1.0]))
+
+
+def test_reduced_system_matches_the_dense_schur_complement():
+    """S and its right-hand side from the blocks equal the dense J^T J eliminated
+    by hand (a small scene, every block materialised)."""
+    recon, _, start = make_bundler_scene(m=4, n=30, views=3, seed=1)
+    r, A, B = bundle._sparse_blocks(recon, start)
+    S, rhs, _ = reduced_camera_system(recon, A, B, r, lam=0.1)
+    m, n, N = recon.m, recon.n, recon.cam.size
+    J = np.zeros((2 * N, 9 * m + 3 * n))
+    for k in range(N):
+        J[2 * k : 2 * k + 2, 9 * recon.cam[k] : 9 * recon.cam[k] + 9] = A[k]
+        c = 9 * m + 3 * recon.point[k]
+        J[2 * k : 2 * k + 2, c : c + 3] = B[k]
+    H = J.T @ J
+    H = H + 0.1 * np.diag(np.diag(H))
+    g = J.T @ r
+    Hcc, Hcp, Hpp = H[: 9 * m, : 9 * m], H[: 9 * m, 9 * m :], H[9 * m :, 9 * m :]
+    S_dense = Hcc - Hcp @ np.linalg.solve(Hpp, Hcp.T)
+    rhs_dense = -(g[: 9 * m] - Hcp @ np.linalg.solve(Hpp, g[9 * m :]))
+    assert check.relative_error(S, S_dense) < 1e-10
+    assert check.relative_error(rhs, rhs_dense) < 1e-10
+
+
+def test_balbianello_cost_agrees_with_gtsam(balbianello):
+    """GTSAM's error of the stored reconstruction, in its own camera convention, is
+    E / 2 of derivlib's (the conversion in io.to_gtsam is right)."""
+    r = bundle._sparse_residual(
+        balbianello,
+        SparseBundleState(
+            balbianello.R, balbianello.t, balbianello.intrinsics, balbianello.X
+        ),
+    )
+    graph, values = io.to_gtsam(balbianello)
+    assert 2 * graph.error(values) == pytest.approx(r @ r, rel=1e-9)
+
+
+def test_synthetic_scene_matches_gtsam_final_cost():
+    """From the same start, derivlib and GTSAM's Levenberg-Marquardt on the same
+    model reach the same cost (E = 2 x GTSAM's error)."""
+    import gtsam
+
+    recon, _, start = make_bundler_scene(m=4, n=40, views=3, seed=8)
+    state, hist = sparse_bundle_adjust(recon, start)
+    graph, values = io.to_gtsam(recon, start.R, start.t, start.intrinsics, start.X)
+    assert 2 * graph.error(values) == pytest.approx(hist.cost[0], rel=1e-9)
+    params = gtsam.LevenbergMarquardtParams()
+    params.setRelativeErrorTol(1e-12)
+    params.setAbsoluteErrorTol(0.0)
+    params.setMaxIterations(100)
+    params.setDiagonalDamping(True)  # lam diag(J^T J), as derivlib and Ceres damp
+    result = gtsam.LevenbergMarquardtOptimizer(graph, values, params).optimize()
+    assert hist.converged and hist.cost[-1] < hist.cost[0]
+    assert hist.cost[-1] == pytest.approx(2 * graph.error(result), rel=1e-7)
+    # the gauge is held: camera 0's pose does not move
+    np.testing.assert_array_equal(state.R[0], start.R[0])
+    np.testing.assert_array_equal(state.t[0], start.t[0])
+
+
+def test_synthetic_scene_matches_scipy():
+    from scipy.optimize import least_squares
+
+    recon, truth, start = make_bundler_scene(m=3, n=25, views=3, seed=2)
+    state, hist = sparse_bundle_adjust(recon, start)
+    free = default_gauge(start)
+
+    def unpack(x):
+        d = np.zeros((recon.m, 9))
+        d[free] = x[: free.sum()]
+        return SparseBundleState(
+            start.R @ bundle._so3_exp_many(d[:, :3]),
+            start.t + d[:, 3:6],
+            start.intrinsics + d[:, 6:],
+            start.X + x[free.sum() :].reshape(recon.n, 3).T,
+        )
+
+    x0 = np.zeros(free.sum() + 3 * recon.n)
+    sol = least_squares(
+        lambda x: bundle._sparse_residual(recon, unpack(x)),
+        x0,
+        method="lm",
+        xtol=1e-15,
+        ftol=1e-15,
+        gtol=1e-15,
+    )
+    assert hist.cost[-1] == pytest.approx(2 * sol.cost, rel=1e-8)
+    assert hist.cost[-1] < 2 * recon.cam.size  # near the noise level
+
+
+def test_memory_of_w_grows_with_observations():
+    """W is kept as one (9, 3) block per observation, never (9m, 3n)."""
+    recon, _, start = make_bundler_scene(m=6, n=200, views=3, seed=3)
+    r, A, B = bundle._sparse_blocks(recon, start)
+    *_, (W, Vinv, gp, U, V, gc) = reduced_camera_system(recon, A, B, r)
+    assert W.shape == (recon.cam.size, 9, 3)
+    assert Vinv.shape == (recon.n, 3, 3)
+
+
+def _tiny():
+    return make_bundler_scene(m=3, n=20, views=2, seed=4)
+
+
+def test_refuses_a_point_seen_once():
+    recon, _, start = _tiny()
+    keep = np.ones(recon.cam.size, bool)
+    keep[np.flatnonzero(recon.point == 5)[0]] = False
+    recon = io.Reconstruction(
+        recon.R, recon.t, recon.intrinsics, recon.X, recon.cam[keep],
+        recon.point[keep], recon.u[:, keep],
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="point 5 is seen by 1 camera"):
+        sparse_bundle_adjust(recon, start)
+
+
+def test_refuses_a_camera_with_too_few_observations():
+    recon, _, start = make_bundler_scene(m=3, n=20, views=2, seed=5)
+    # keep only two observations of camera 2, give its other points to camera 0/1
+    ks = np.flatnonzero(recon.cam == 2)
+    keep = np.ones(recon.cam.size, bool)
+    keep[ks[2:]] = False
+    sub = io.Reconstruction(
+        recon.R, recon.t, recon.intrinsics, recon.X, recon.cam[keep],
+        recon.point[keep], recon.u[:, keep],
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="camera 2 has 2 observations"):
+        sparse_bundle_adjust(sub, start)
+
+
+def test_refuses_fewer_residuals_than_unknowns():
+    recon, _, start = make_bundler_scene(m=2, n=20, views=2, seed=6)
+    # 40 observations, 80 residuals; 60 point unknowns + 11 camera ones: fine.
+    # Hold nothing: still 78 unknowns; drop to 18 points -> refused
+    free = np.ones((2, 9), bool)
+    free[0, :6] = False
+    sub_keep = recon.point < 7
+    sub = io.Reconstruction(
+        recon.R, recon.t, recon.intrinsics, recon.X[:, :7], recon.cam[sub_keep],
+        recon.point[sub_keep], recon.u[:, sub_keep],
+    )  # fmt: skip
+    start7 = SparseBundleState(start.R, start.t, start.intrinsics, start.X[:, :7])
+    with pytest.raises(ValueError, match="residuals for 33 unknowns"):
+        sparse_bundle_adjust(sub, start7, free=free)
+
+
+def test_refuses_a_free_gauge():
+    recon, _, start = make_bundler_scene(m=3, n=40, views=3, seed=7)
+    with pytest.raises(ValueError, match="do not determine"):
+        sparse_bundle_adjust(recon, start, free=np.ones((3, 9), bool))
+
+
+def test_bad_shapes_and_convergence_error():
+    recon, _, start = _tiny()
+    with pytest.raises(ValueError, match="free must have shape"):
+        sparse_bundle_adjust(recon, start, free=np.ones((2, 9), bool))
+    bad = SparseBundleState(start.R, start.t, start.intrinsics, start.X[:, :3])
+    with pytest.raises(ValueError, match="state0 must hold"):
+        sparse_bundle_adjust(recon, bad)
+    with pytest.raises(ConvergenceError):
+        sparse_bundle_adjust(recon, start, max_iter=1, tol=0.0)
