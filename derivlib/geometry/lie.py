@@ -300,8 +300,8 @@ def _se3_q(phi, rho):
     return (
         0.5 * Rh
         + c1 * (PR + RP + PRP)
-        + c2 * (P @ PR + RP @ P - 3 * PRP)
-        + c3 * (PRP @ P + P @ PRP)
+        - c2 * (P @ PR + RP @ P - 3 * PRP)
+        - c3 * (PRP @ P + P @ PRP)
     )
 
 
