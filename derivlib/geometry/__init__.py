@@ -13,7 +13,7 @@ Conventions, fixed once for the chapter:
   derivative of R Exp(delta) p at delta = 0 is -R [p]x, exactly, at every R (eq. 6.30);
   the adjoint Ad_R = R turns it into the left (world) increment, R Exp(delta) =
   Exp(R delta) R (eq. 6.32). solve_pnp and solve_pnp_robust update this way
-  (pose_retract, eq. 6.34). An se(3) tangent is (phi, rho), rotation first.
+  (pose_retract, eq. 6.36). An se(3) tangent is (phi, rho), rotation first.
 - Residuals are in pixels; the cost is E = ||r||^2, the sum of squared reprojection
   errors (eq. 6.14). scipy.optimize.least_squares reports E / 2.
 """

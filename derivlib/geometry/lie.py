@@ -111,7 +111,7 @@ def rotate_jacobian(w, P):
 # in the body frame; the left perturbation Exp(delta') R acts in the world frame, and
 # the adjoint converts one into the other: R Exp(delta) = Exp(Ad_R delta) R, Ad_R = R
 # (eq. 6.32). A pose T = (R, t) acts by p = R X + t; its tangent tau = (phi, rho) is
-# rotation first, then translation, and T Exp(tau) is its right update (eq. 6.35).
+# rotation first, then translation, and T Exp(tau) is its right update (eq. 6.34).
 
 
 def _rotation_matrix(R, name="R"):
@@ -182,7 +182,7 @@ def _check_invertible(t):
     # det J_r = 2 (1 - cos t) / t^2
     if t > np.pi and abs(np.sin(0.5 * t)) < 1e-8:
         raise ValueError(
-            f"J_r(w) is singular at |w| = {t!r} (a multiple of 2 pi, where "
+            f"J_r(w) is singular at |w| = {t:.6g} (a multiple of 2 pi, where "
             f"det J_r = 2 (1 - cos |w|) / |w|^2 = 0): w -> Exp(w) has no local inverse "
             f"there; take w = Log(Exp(w)) first"
         )
@@ -243,7 +243,7 @@ def _pose_matrix(T, name="T"):
 
 
 def se3_exp(tau):
-    """Exp(tau) for tau = (phi, rho), rotation first (eq. 6.35): the 4 x 4 transform
+    """Exp(tau) for tau = (phi, rho), rotation first (eq. 6.34): the 4 x 4 transform
     [[Exp(phi), J_l(phi) rho], [0, 1]] = expm of the twist [[[phi]x, rho], [0, 0]].
     tau (6,) -> T (4, 4)."""
     tau = _tangent(tau)
@@ -256,7 +256,7 @@ def se3_exp(tau):
 
 def se3_log(T):
     """Log(T) = (phi, rho) with phi = Log(R), |phi| <= pi, and rho = J_l(phi)^{-1} t
-    (eq. 6.35). T (4, 4) -> tau (6,)."""
+    (eq. 6.34). T (4, 4) -> tau (6,)."""
     T = _pose_matrix(T)
     phi = so3_log(T[:3, :3])
     return np.concatenate([phi, left_jacobian_inverse(phi) @ T[:3, 3]])
@@ -264,7 +264,7 @@ def se3_log(T):
 
 def se3_adjoint(T):
     """Ad_T = [[R, 0], [[t]x R, R]] in the order (phi, rho), with T Exp(tau) =
-    Exp(Ad_T tau) T (eq. 6.36). T (4, 4) -> (6, 6)."""
+    Exp(Ad_T tau) T (eq. 6.35). T (4, 4) -> (6, 6)."""
     T = _pose_matrix(T)
     R, t = T[:3, :3], T[:3, 3]
     A = np.zeros((6, 6))
@@ -307,7 +307,7 @@ def _se3_q(phi, rho):
 
 def se3_left_jacobian(tau):
     """J_l(tau) = [[J_l(phi), 0], [Q(phi, rho), J_l(phi)]] in the order (phi, rho)
-    (eq. 6.36), with Exp(tau + dtau) = Exp(J_l(tau) dtau) Exp(tau) to first order.
+    (eq. 6.35), with Exp(tau + dtau) = Exp(J_l(tau) dtau) Exp(tau) to first order.
     tau (6,) -> (6, 6)."""
     tau = _tangent(tau)
     phi, rho = tau[:3], tau[3:]
@@ -318,14 +318,14 @@ def se3_left_jacobian(tau):
 
 
 def se3_right_jacobian(tau):
-    """J_r(tau) = J_l(-tau) (eq. 6.36), with Exp(tau + dtau) = Exp(tau) Exp(J_r(tau)
+    """J_r(tau) = J_l(-tau) (eq. 6.35), with Exp(tau + dtau) = Exp(tau) Exp(J_r(tau)
     dtau) to first order. tau (6,) -> (6, 6)."""
     return se3_left_jacobian(-_tangent(tau))
 
 
 def se3_right_jacobian_inverse(tau):
     """J_r(tau)^{-1} = [[J_r^{-1}, 0], [-J_r^{-1} Q_r J_r^{-1}, J_r^{-1}]], with
-    J_r = J_r(phi) and Q_r = Q(-phi, -rho) (eq. 6.36): the derivative of Log,
+    J_r = J_r(phi) and Q_r = Q(-phi, -rho) (eq. 6.35): the derivative of Log,
     Log(Exp(tau) Exp(delta)) = tau + J_r(tau)^{-1} delta + O(|delta|^2). Raises
     ValueError where J_r(phi) is singular. tau (6,) -> (6, 6)."""
     tau = _tangent(tau)
@@ -337,5 +337,5 @@ def se3_right_jacobian_inverse(tau):
 
 
 def se3_left_jacobian_inverse(tau):
-    """J_l(tau)^{-1} = J_r(-tau)^{-1} (eq. 6.36). tau (6,) -> (6, 6)."""
+    """J_l(tau)^{-1} = J_r(-tau)^{-1} (eq. 6.35). tau (6,) -> (6, 6)."""
     return se3_right_jacobian_inverse(-_tangent(tau))

@@ -202,7 +202,7 @@ def solve_pnp_robust(
     """The pose xi = (w, t) minimising the robust reprojection cost E_rho (eq. 6.37)
     of the points X (3, n) observed at u (2, n) by the camera K, each of the 2n pixel
     residuals through rho with the scale f_scale (pixels), by
-    `solve_robust_least_squares` with the update on the manifold (eq. 6.34). The start
+    `solve_robust_least_squares` with the update on the manifold (eq. 6.36). The start
     is xi0, or the DLT pose (eq. 6.39) when xi0 is None (which outliers can spoil:
     pass a start then). Returns (xi, LeastSquaresHistory). Degenerate problems are
     refused as in `solve_pnp`."""

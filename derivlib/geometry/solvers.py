@@ -255,7 +255,7 @@ def solve_least_squares(
 
 
 def pose_retract(xi, delta):
-    """The update of a pose on the manifold (eq. 6.34): R(w') = R(w) Exp(delta_w), w' =
+    """The update of a pose on the manifold (eq. 6.36): R(w') = R(w) Exp(delta_w), w' =
     Log(R(w) Exp(delta_w)) (so |w'| <= pi), and t' = t + delta_t. xi, delta (6,) ->
     (6,)."""
     xi, delta = _pose(xi), _pose(delta, "delta")
@@ -266,7 +266,7 @@ def pose_retract(xi, delta):
 def reprojection_jacobian_right(xi, X, K):
     """The (2n, 6) Jacobian of the residual (eq. 6.14) with respect to the update
     delta = (delta_w, delta_t) of `pose_retract`, at delta = 0: rows 2i, 2i + 1 are
-    J_pi(p_i) [-R [X_i]x | I] (eq. 6.34), with no J_r: exact at every rotation."""
+    J_pi(p_i) [-R [X_i]x | I] (eq. 6.36), with no J_r: exact at every rotation."""
     xi = _pose(xi)
     X, _ = _points(X, "X")
     K = _intrinsics(K)
@@ -315,7 +315,7 @@ def solve_pnp(X, K, u, *, xi0=None, method="lm", tol=1e-12, max_iter=100):
     """The pose xi = (w, t) minimising the squared reprojection error (eq. 6.14) of the
     known world points X (3, n) observed at u (2, n) by the camera K (the arguments of
     `reprojection_residual`), by Gauss-Newton ('gn') or Levenberg-Marquardt ('lm'),
-    updating the rotation on the manifold, R Exp(delta) (eq. 6.34). The start is xi0
+    updating the rotation on the manifold, R Exp(delta) (eq. 6.36). The start is xi0
     (6,), or the linear DLT pose (`dlt_pose`, eq. 6.39; at least 6 points, not
     coplanar) when xi0 is None. Returns (xi, LeastSquaresHistory); the rotation
     vector returned has |w| <= pi.
