@@ -210,7 +210,13 @@ def solve_pnp_robust(
     if xi0 is None:
         from .linear import dlt_pose
 
-        xi0 = dlt_pose(X, K, u)
+        try:
+            xi0 = dlt_pose(X, K, u)
+        except ValueError as exc:
+            raise ValueError(
+                f"solve_pnp_robust has no start: xi0 is None and the DLT start fails "
+                f"({exc}); pass xi0"
+            ) from None
     xi0 = _pose(xi0, "xi0")
     return solve_robust_least_squares(
         lambda xi: reprojection_residual(xi, X, K, u),

@@ -326,7 +326,13 @@ def solve_pnp(X, K, u, *, xi0=None, method="lm", tol=1e-12, max_iter=100):
     if xi0 is None:
         from .linear import dlt_pose
 
-        xi0 = dlt_pose(X, K, u)
+        try:
+            xi0 = dlt_pose(X, K, u)
+        except ValueError as exc:
+            raise ValueError(
+                f"solve_pnp has no start: xi0 is None and the DLT start fails ({exc}); "
+                f"pass xi0"
+            ) from None
     xi0 = _pose(xi0, "xi0")
     return solve_least_squares(
         lambda xi: reprojection_residual(xi, X, K, u),
