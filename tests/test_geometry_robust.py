@@ -174,3 +174,16 @@ def test_triangulate_refuses_degenerate_input(rng):
     u_far = np.stack([np.array([[310.0], [250.0]])] * 2)
     with pytest.raises(ValueError, match="rays are parallel"):
         dl.triangulate(xs, K, u_far)
+
+
+def test_solve_pnp_without_a_start_asks_for_one(rng):
+    X = rng.uniform(-1, 1, (3, 4))
+    u = dl.project(dl.transform(XI, X), K)
+    with pytest.raises(
+        ValueError, match=r"solve_pnp has no start.*at least 6.*pass xi0"
+    ):
+        dl.solve_pnp(X, K, u)
+    with pytest.raises(ValueError, match=r"solve_pnp_robust has no start.*pass xi0"):
+        dl.solve_pnp_robust(X, K, u)
+    xi, hist = dl.solve_pnp(X, K, u, xi0=XI + 0.01)  # 4 points and a start: fine
+    assert hist.converged and np.abs(xi - XI).max() < 1e-9
