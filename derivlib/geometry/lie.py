@@ -293,7 +293,7 @@ def _q_coefficients(t):
 
 def _se3_q(phi, rho):
     """Q(phi, rho), the block of J_l(tau) that maps dphi into the translation (Barfoot
-    and Furgale 2014; Sola et al. 2018, eq. 180)."""
+    and Furgale 2014; Sola et al. 2018)."""
     P, Rh = _hat(phi), _hat(rho)
     c1, c2, c3 = _q_coefficients(float(np.linalg.norm(phi)))
     PR, RP, PRP = P @ Rh, Rh @ P, P @ Rh @ P
