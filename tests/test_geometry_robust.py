@@ -187,3 +187,14 @@ def test_solve_pnp_without_a_start_asks_for_one(rng):
         dl.solve_pnp_robust(X, K, u)
     xi, hist = dl.solve_pnp(X, K, u, xi0=XI + 0.01)  # 4 points and a start: fine
     assert hist.converged and np.abs(xi - XI).max() < 1e-9
+
+
+def test_dlt_pose_in_extreme_units_and_degenerate_images(rng):
+    X = rng.uniform(-1, 1, (3, 8))
+    u = dl.project(dl.transform(XI, X), K)
+    for s in [1e-150, 1e150]:  # det P[:, :3] under- or overflows; its sign does not
+        xi = dl.dlt_pose(s * X, K, u)
+        assert np.abs(xi[:3] - XI[:3]).max() < 1e-10
+        assert np.abs(xi[3:] / s - XI[3:]).max() < 1e-10
+    with pytest.raises(ValueError, match="all 8 image points u coincide"):
+        dl.dlt_pose(X, K, np.tile(u[:, :1], 8))

@@ -46,9 +46,11 @@ def dlt_pose(X, K, u):
     nearest rotation, U V^T), and t with the same scale. Exact on exact data; a start
     for `solve_pnp` on noisy data.
 
-    Raises ValueError for fewer than 6 points, or points on one plane (their centred
-    coordinates have a singular value below 1e-9 of the largest): then P is not
-    determined (the points and the camera centre admit a family of solutions)."""
+    Raises ValueError for fewer than 6 points, points on one plane (their centred
+    coordinates have a singular value below 1e-9 of the largest: then P is not
+    determined, the points and the camera centre admit a family of solutions), all
+    images at one pixel, or a solution P whose left 3 x 3 block is singular (no
+    rotation to read off)."""
     X, _ = _points(X, "X")
     K = _intrinsics(K)
     n = X.shape[1]
@@ -65,6 +67,12 @@ def dlt_pose(X, K, u):
             f"one plane (singular values of the centred points {s[0]:.3g}, {s[1]:.3g}, "
             f"{s[2]:.3g}); use a planar (homography) method or pass xi0 to solve_pnp"
         )
+    spread = np.linalg.norm(u - u.mean(axis=1, keepdims=True), axis=0).max()
+    if spread <= DEGENERATE * (1.0 + np.abs(u).max()):
+        raise ValueError(
+            f"the DLT pose is degenerate: all {n} image points u coincide (largest "
+            f"distance to their mean {spread:.3g} pixels), so P is not determined"
+        )
     x = _calibrated(u, K)
     x = x[:2] / x[2]
     T2, T3 = _similarity(x), _similarity(X)
@@ -76,9 +84,17 @@ def dlt_pose(X, K, u):
     A[1::2, 4:8] = Xn.T
     A[1::2, 8:12] = -xn[1][:, None] * Xn.T
     P = np.linalg.solve(T2, _null_vector(A).reshape(3, 4) @ T3)  # undo both
-    if np.linalg.det(P[:, :3]) < 0:
-        P = -P
-    U, sv, Vt = np.linalg.svd(P[:, :3])
+    # The sign of det P[:, :3] by slogdet: det itself under- or overflows when the
+    # world is in very large or very small units.
+    sign = np.linalg.slogdet(P[:, :3])[0]
+    U, sv, Vt = np.linalg.svd(sign * P[:, :3])
+    if sign == 0 or sv[2] <= DEGENERATE * sv[0]:
+        raise ValueError(
+            f"the DLT pose is degenerate: the left 3 x 3 block of P is singular "
+            f"(singular values {sv[0]:.3g}, {sv[1]:.3g}, {sv[2]:.3g}), so u are not "
+            f"the images of X by any camera in front of them; check u and X"
+        )
+    P = sign * P
     R = U @ Vt  # det(U V^T) = sign det P[:, :3] = +1
     t = P[:, 3] / sv.mean()
     return np.concatenate([so3_log(R), t])
