@@ -189,6 +189,26 @@ def test_solve_pnp_without_a_start_asks_for_one(rng):
     assert hist.converged and np.abs(xi - XI).max() < 1e-9
 
 
+def test_robust_terms_stay_finite_where_r_squared_overflows():
+    # |r| / c = 5e199: z = (r / c)^2 overflows, the robust cost does not
+    r, c = np.array([0.5, 1e200]), 2.0
+    huber = 0.5**2 + c * (2 * 1e200 - c)
+    assert dl.robust_cost(r, "huber", c) == pytest.approx(huber, rel=1e-15)
+    cauchy = c**2 * np.log1p(0.25**2 / 1.0) + 2 * c**2 * np.log(1e200 / c)
+    assert dl.robust_cost(r, "cauchy", c) == pytest.approx(cauchy, rel=1e-15)
+    b, h = dl.robust_weights(r, "huber", c)
+    assert b[1] == pytest.approx(c / 1e200, rel=1e-15) and h[1] == np.finfo(float).eps
+    b, h = dl.robust_weights(r, "cauchy", c, weighting="irls")
+    assert b[1] == pytest.approx((c / 1e200) ** 2, rel=1e-15) and np.all(b == h)
+    # and the two forms agree where both apply
+    for loss in ["huber", "cauchy"]:
+        for x in [1e149, 1e151]:
+            rho = dl.robust_loss(np.array([(x / c) ** 2]), loss)[0][0]
+            assert dl.robust_cost(np.array([x]), loss, c) == pytest.approx(
+                c * c * rho, rel=1e-15
+            )
+
+
 def test_dlt_pose_in_extreme_units_and_degenerate_images(rng):
     X = rng.uniform(-1, 1, (3, 8))
     u = dl.project(dl.transform(XI, X), K)

@@ -51,21 +51,56 @@ def robust_loss(z, loss):
     if loss == "linear":
         return z.copy(), np.ones_like(z), np.zeros_like(z)
     if loss == "cauchy":
-        return np.log1p(z), 1.0 / (1.0 + z), -1.0 / (1.0 + z) ** 2
+        d1 = 1.0 / (1.0 + z)
+        return np.log1p(z), d1, -(d1 * d1)  # not -1 / (1 + z)^2, which overflows
     inner = z <= 1.0
     sz = np.sqrt(np.where(inner, 1.0, z))
     rho = np.where(inner, z, 2.0 * sz - 1.0)
     d1 = np.where(inner, 1.0, 1.0 / sz)
-    d2 = np.where(inner, 0.0, -0.5 / (sz * np.where(inner, 1.0, z)))
+    d2 = np.where(inner, 0.0, -0.5 / sz / np.where(inner, 1.0, z))  # no overflow
     return rho, d1, d2
+
+
+# Above this |r| / c, z = (r / c)^2 would be near overflow (about 1.3e154 overflows):
+# there the terms are evaluated from their exact forms in |r| / c instead of from z.
+BIG_RATIO = 1e150
+
+
+def _robust_terms(r, c, loss):
+    """(c^2 rho(z), rho'(z), rho'(z) + 2 z rho''(z)) for z = (r / c)^2, element-wise
+    (eqs. 6.37, 6.38), finite wherever the cost is: for |r| / c > BIG_RATIO, where z
+    overflows, Huber's outer branch is c (2 |r| - c), rho' = c / |r|, curvature 0, and
+    Cauchy's log(1 + z) = 2 log(|r| / c) + O(c^2 / r^2), rho' = c^2 / r^2 and curvature
+    -c^2 / r^2 to rounding. (The plain cost r^2 itself overflows there.)"""
+    with np.errstate(over="ignore"):
+        a = np.abs(r) / c
+    big = a > BIG_RATIO
+    z = np.where(big, 0.0, a) ** 2
+    rho, d1, d2 = robust_loss(z, loss)
+    cost, h = c * c * rho, d1 + 2.0 * z * d2
+    if big.any():
+        rb = np.abs(r[big])
+        with np.errstate(over="ignore", under="ignore"):  # inf only if the cost is
+            if loss == "linear":
+                cost[big], d1[big], h[big] = rb * rb, 1.0, 1.0
+            elif loss == "huber":
+                cost[big], d1[big], h[big] = c * (2.0 * rb - c), c / rb, 0.0
+            else:
+                w = (c / rb) ** 2
+                cost[big] = 2.0 * c * c * (np.log(rb) - np.log(c))
+                d1[big], h[big] = w, -w
+    return cost, d1, h
 
 
 def robust_cost(r, loss, f_scale=1.0):
     """E_rho = sum_k c^2 rho(r_k^2 / c^2) with c = f_scale (eq. 6.37); ||r||^2 for
-    loss='linear', and twice scipy's cost."""
+    loss='linear', and twice scipy's cost. Finite for every finite r with the robust
+    losses, also where r^2 / c^2 overflows."""
     r = require_finite(as_float_array(r, "r", ndims=1), "r")
     c = _scale(f_scale)
-    return float(c * c * robust_loss((r / c) ** 2, loss)[0].sum())
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    return float(_robust_terms(r, c, loss)[0].sum())
 
 
 def _scale(f_scale):
@@ -91,11 +126,12 @@ def robust_weights(r, loss, f_scale=1.0, weighting="triggs"):
         raise ValueError(f"weighting must be 'irls' or 'triggs', got {weighting!r}")
     r = require_finite(as_float_array(r, "r", ndims=1), "r")
     c = _scale(f_scale)
-    z = (r / c) ** 2
-    _, d1, d2 = robust_loss(z, loss)
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    _, d1, h = _robust_terms(r, c, loss)
     if weighting == "irls":
         return d1, d1.copy()
-    return d1, np.maximum(d1 + 2.0 * z * d2, MIN_CURVATURE)
+    return d1, np.maximum(h, MIN_CURVATURE)
 
 
 def solve_robust_least_squares(
@@ -133,7 +169,7 @@ def solve_robust_least_squares(
         return x + delta if retract is None else retract(x, delta)
 
     def cost(r):
-        return float(c * c * robust_loss((r / c) ** 2, loss)[0].sum())
+        return float(_robust_terms(r, c, loss)[0].sum())
 
     r = residual(x)
     E = cost(r)
