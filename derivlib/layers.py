@@ -8,9 +8,18 @@ channels, input channels, height, width), JAX's default for
 shape (HW, C), pixels numbered row by row, and the column-major vec of that matrix
 is ``x.ravel()``. That is the one place where the two layouts meet.
 
-As in Chapter 4, ``<name>_jvp(*primals, *tangents)`` is the differential and
-``<name>_vjp(*primals, G)`` its adjoint (a tuple with several inputs), both in the
-shapes of the forward function. Options such as ``stride`` come after, by keyword."""
+As in Chapter 4, ``<name>_jvp(*primals, *tangents, **options)`` is the differential
+and ``<name>_vjp(*primals, G, **options)`` its adjoint (a tuple with several inputs),
+both in the shapes of the forward function; options such as ``stride``, ``size``,
+``eps`` and ``mask`` are keyword-only, in the forward functions too. Each JVP is
+written from the forward differential, independently of its VJP (they share forward
+values, never a derivative helper), so that the dot-product test compares two
+derivations. Every rule refuses a non-finite primal, tangent or cotangent with a
+ValueError naming the argument at fault (``dX``, ``dK``, ``G``, ...).
+
+Max pooling: where a window holds its maximum more than once, the whole derivative
+goes to the first maximum in row-major order inside the window, as in JAX's
+``lax.reduce_window`` max and its derivatives."""
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -51,7 +60,7 @@ def conv_output_size(size, k, stride, padding):
     return (size + 2 * padding - k) // stride + 1
 
 
-def im2col(X, kh, kw, stride=1, padding=0):
+def im2col(X, kh, kw, *, stride=1, padding=0):
     """The patch matrix phi(X) of eq. 5.2 for a batch, shape (N H'W', C kh kw).
 
     Row (n, i, j) is the patch of output pixel (i, j) of image n (images stacked, pixels
@@ -72,7 +81,7 @@ def im2col(X, kh, kw, stride=1, padding=0):
     return win.transpose(1, 4, 5, 0, 2, 3).reshape(C * kh * kw, N * Ho * Wo).T
 
 
-def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
+def col2im(cols, x_shape, kh, kw, *, stride=1, padding=0):
     """The adjoint of im2col, eq. 5.6: scatter patch entries back to their pixels,
     the overlaps adding. cols has im2col's shape (N H'W', C kh kw); returns x_shape
     (NCHW)."""
@@ -82,7 +91,7 @@ def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
         conv_output_size(H, kh, stride, padding),
         conv_output_size(W, kw, stride, padding),
     )
-    cols = as_float_array(cols, "cols", 2)
+    cols = as_finite_array(cols, "cols", 2)
     if cols.shape != (N * Ho * Wo, C * kh * kw):
         raise ValueError(
             f"cols must have shape {(N * Ho * Wo, C * kh * kw)} for images {x_shape}, "
@@ -105,7 +114,7 @@ def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
     )
 
 
-def im2col_matrix(x_shape, kh, kw, stride=1, padding=0):
+def im2col_matrix(x_shape, kh, kw, *, stride=1, padding=0):
     """The 0/1 selection matrix Phi of eq. 5.3, vec phi(x) = Phi vec x, for one image.
 
     x_shape is (C, H, W); Phi has shape (H'W' C kh kw, C H W) and is dense (for small
@@ -114,32 +123,33 @@ def im2col_matrix(x_shape, kh, kw, stride=1, padding=0):
     C, H, W = _shape3(x_shape)
     n = C * H * W
     # im2col of every basis image e_q at once: phi(e_q) is block q of the rows
-    phis = im2col(np.eye(n).reshape(n, C, H, W), kh, kw, stride, padding)
+    phis = im2col(np.eye(n).reshape(n, C, H, W), kh, kw, stride=stride, padding=padding)
     P = phis.shape[0] // n
     # column q of Phi is vec phi(e_q), the (P, C kh kw) block read column by column
     return phis.reshape(n, P, -1).transpose(0, 2, 1).reshape(n, -1).T.copy()
 
 
-def conv2d(X, K, stride=1, padding=0):
+def conv2d(X, K, *, stride=1, padding=0):
     """Cross-correlation (no kernel flip) with zero padding, eq. 5.1 and 5.2.
 
     X (N, C, H, W), K (O, C, kh, kw) -> Y (N, O, H', W'); per image, Y_n = phi(x_n) F.
     """
     X, K = _conv_pair(X, K)
-    phi = im2col(X, K.shape[2], K.shape[3], stride, padding)
+    phi = im2col(X, K.shape[2], K.shape[3], stride=stride, padding=padding)
     Ho, Wo = _out_hw(X, K, stride, padding)
     YT = kernel_matrix(K).T @ phi.T  # (O, N H'W'): (phi F)^T
     return YT.reshape(K.shape[0], X.shape[0], Ho, Wo).transpose(1, 0, 2, 3).copy()
 
 
-def conv2d_jvp(X, K, dX, dK, stride=1, padding=0):
+def conv2d_jvp(X, K, dX, dK, *, stride=1, padding=0):
     """dY = conv(dX, K) + conv(X, dK): the layer is bilinear (eq. 5.4)."""
     X, K = _conv_pair(X, K)
     dX, dK = _like(dX, X, "dX"), _like(dK, K, "dK")
-    return conv2d(dX, K, stride, padding) + conv2d(X, dK, stride, padding)
+    geometry = {"stride": stride, "padding": padding}
+    return conv2d(dX, K, **geometry) + conv2d(X, dK, **geometry)
 
 
-def conv2d_vjp(X, K, G, stride=1, padding=0, input_grad=True):
+def conv2d_vjp(X, K, G, *, stride=1, padding=0, input_grad=True):
     """The backward rules of eq. 5.5 and 5.6: (Xbar, Kbar) for the cotangent G (N, O,
     H', W').
 
@@ -161,13 +171,13 @@ def _conv2d_vjp_im2col(X, K, G, stride, padding, input_grad=True):
     """Eq. 5.5 and 5.6 as written: one product with phi(X), and col2im of G F^T."""
     O, kh, kw = K.shape[0], K.shape[2], K.shape[3]
     GT = G.transpose(1, 0, 2, 3).reshape(O, -1)  # G^T, (O, N H'W')
-    phi = im2col(X, kh, kw, stride, padding)  # (N H'W', C kh kw)
+    phi = im2col(X, kh, kw, stride=stride, padding=padding)  # (N H'W', C kh kw)
     F = kernel_matrix(K)  # (C kh kw, O)
     Fbar = (GT @ phi).T  # eq. 5.5: phi^T G
     if not input_grad:
         return None, Fbar.T.reshape(K.shape)
     Xbar = col2im(
-        (F @ GT).T, X.shape, kh, kw, stride, padding
+        (F @ GT).T, X.shape, kh, kw, stride=stride, padding=padding
     )  # eq. 5.6: Phi^T vec(G F^T)
     return Xbar, Fbar.T.reshape(K.shape)
 
@@ -221,29 +231,41 @@ def relu(x):
 
 def relu_jvp(x, dx):
     """d relu = diag(x > 0) dx (eq. 5.7): the derivative at 0 is taken to be 0, as in
-    JAX."""
-    x = _relu_input(x)
-    return np.where(x > 0, _like(dx, x, "dx"), 0.0)
+    JAX. Read off the forward map, relu(x) = x where x > 0 and 0 elsewhere, so its
+    differential copies dx where relu(x) copies x; x must be finite."""
+    x = as_finite_array(x, "x")
+    dx = _like(dx, x, "dx")
+    out = np.zeros_like(x)
+    np.copyto(out, dx, where=np.maximum(x, 0.0) == x)  # where relu copies x ...
+    out[x == 0] = 0.0  # ... except at 0, where the derivative is taken to be 0
+    return out
 
 
 def relu_vjp(x, G):
-    """xbar = diag(x > 0) G: the mask is its own transpose."""
-    x = _relu_input(x)
-    return np.where(x > 0, _cotangent(G, x.shape), 0.0)
+    """xbar = diag(x > 0) G: the mask is its own transpose; x must be finite."""
+    x = as_finite_array(x, "x")
+    return np.where(_relu_mask(x), _cotangent(G, x.shape), 0.0)
+
+
+def _relu_mask(x):
+    """The boolean array of positive entries (the VJP only)."""
+    return x > 0
 
 
 # ----- Pooling -----
 
 
-def max_pool(X, size=2, stride=None):
+def max_pool(X, *, size=2, stride=None):
     """The largest entry of each size x size window (eq. 5.8), X (N, C, H, W), no
-    padding."""
+    padding; stride None means size. Its derivatives (`max_pool_jvp`,
+    `max_pool_vjp`, `max_pool_matrix`) give a tied window's whole derivative to its
+    first maximum in row-major order, as JAX does."""
     X = _images(X, "X")
     size, stride = _pool_geometry(X.shape, size, stride)
     return _windows(X, size, stride).max(axis=(-2, -1))
 
 
-def max_pool_argmax(X, size=2, stride=None):
+def max_pool_argmax(X, *, size=2, stride=None):
     """The window offset u size + v of the selected entry of every window, (N, C, H',
     W').
 
@@ -255,11 +277,12 @@ def max_pool_argmax(X, size=2, stride=None):
     return win.reshape(win.shape[:4] + (size * size,)).argmax(axis=-1)
 
 
-def max_pool_matrix(x, size=2, stride=None):
+def max_pool_matrix(x, *, size=2, stride=None):
     """The 0/1 selection matrix S(x) of eq. 5.8 for one image x (C, H, W):
-    vec y = S(x) vec x, shape (C H'W', C H W)."""
-    x = as_float_array(x, "x", 3)
-    arg = max_pool_argmax(x[None], size, stride)[0]
+    vec y = S(x) vec x, shape (C H'W', C H W). A tied window selects its first
+    maximum in row-major order."""
+    x = as_finite_array(x, "x", 3)
+    arg = max_pool_argmax(x[None], size=size, stride=stride)[0]
     size, stride = _pool_geometry(x[None].shape, size, stride)
     C, Ho, Wo = arg.shape
     c, i, j = np.indices(arg.shape)
@@ -274,50 +297,48 @@ def max_pool_matrix(x, size=2, stride=None):
     return S
 
 
-def max_pool_jvp(X, dX, size=2, stride=None):
-    """dy = S(x) dx (eq. 5.8): the increment at the selected entry of each window."""
+def max_pool_jvp(X, dX, *, size=2, stride=None):
+    """dy = S(x) dx (eq. 5.8): the increment at the selected entry of each window.
+
+    Read off the forward map, without `max_pool_argmax`: an entry is selected where it
+    equals its window's maximum and no earlier entry (row-major) does, so a tied
+    window takes the increment of its first maximum."""
     X = _images(X, "X")
     dX = _like(dX, X, "dX")
     size, stride = _pool_geometry(X.shape, size, stride)
-    arg = max_pool_argmax(X, size, stride)
-    win = _windows(dX, size, stride).reshape(arg.shape + (size * size,))
-    return np.take_along_axis(win, arg[..., None], axis=-1)[..., 0]
+    win = _windows(X, size, stride)
+    flat = win.reshape(win.shape[:4] + (size * size,))
+    hit = flat == flat.max(axis=-1, keepdims=True)
+    first = hit & (np.cumsum(hit, axis=-1) == 1)
+    dwin = _windows(dX, size, stride).reshape(flat.shape)
+    return np.where(first, dwin, 0.0).sum(axis=-1)
 
 
-def max_pool_vjp(X, G, size=2, stride=None):
-    """xbar = S(x)^T G (eq. 5.9): each window's cotangent goes to its selected entry,
-    adding where overlapping windows select the same entry."""
+def max_pool_vjp(X, G, *, size=2, stride=None):
+    """xbar = S(x)^T G (eq. 5.9): each window's cotangent goes to its selected entry
+    (the first maximum in row-major order where the window ties), adding where
+    overlapping windows select the same entry."""
     X = _images(X, "X")
     size, stride = _pool_geometry(X.shape, size, stride)
-    arg = max_pool_argmax(X, size, stride)
+    arg = max_pool_argmax(X, size=size, stride=stride)
     G = _cotangent(G, arg.shape)
-    Ho, Wo = arg.shape[2:]
-    Xbar = np.zeros_like(X)
-    for u in range(size):
-        for v in range(size):
-            Xbar[
-                :,
-                :,
-                u : u + stride * (Ho - 1) + 1 : stride,
-                v : v + stride * (Wo - 1) + 1 : stride,
-            ] += G * (arg == u * size + v)
-    return Xbar
+    return _add_windows(X.shape, lambda u, v: G * (arg == u * size + v), size, stride)
 
 
-def avg_pool(X, size=2, stride=None):
+def avg_pool(X, *, size=2, stride=None):
     """The mean of each size x size window (eq. 5.10), X (N, C, H, W), no padding."""
     X = _images(X, "X")
     size, stride = _pool_geometry(X.shape, size, stride)
     return _windows(X, size, stride).mean(axis=(-2, -1))
 
 
-def avg_pool_jvp(X, dX, size=2, stride=None):
+def avg_pool_jvp(X, dX, *, size=2, stride=None):
     """Average pooling is linear: dy = avg_pool(dx)."""
     X = _images(X, "X")
-    return avg_pool(_like(dX, X, "dX"), size, stride)
+    return avg_pool(_like(dX, X, "dX"), size=size, stride=stride)
 
 
-def avg_pool_vjp(X, G, size=2, stride=None):
+def avg_pool_vjp(X, G, *, size=2, stride=None):
     """xbar = A^T G (eq. 5.10): each window spreads G / size^2 over its entries."""
     X = _images(X, "X")
     size, stride = _pool_geometry(X.shape, size, stride)
@@ -326,7 +347,15 @@ def avg_pool_vjp(X, G, size=2, stride=None):
         conv_output_size(X.shape[3], size, stride, 0),
     )
     G = _cotangent(G, X.shape[:2] + (Ho, Wo)) / size**2
-    Xbar = np.zeros_like(X)
+    return _add_windows(X.shape, lambda u, v: G, size, stride)
+
+
+def _add_windows(x_shape, value, size, stride):
+    """The pooling VJPs' scatter: value(u, v), shaped like the output, added to the
+    entry at offset (u, v) of every window (the VJPs only)."""
+    Ho = conv_output_size(x_shape[2], size, stride, 0)
+    Wo = conv_output_size(x_shape[3], size, stride, 0)
+    Xbar = np.zeros(x_shape)
     for u in range(size):
         for v in range(size):
             Xbar[
@@ -334,35 +363,38 @@ def avg_pool_vjp(X, G, size=2, stride=None):
                 :,
                 u : u + stride * (Ho - 1) + 1 : stride,
                 v : v + stride * (Wo - 1) + 1 : stride,
-            ] += G
+            ] += value(u, v)
     return Xbar
 
 
 # ----- Batch and layer normalisation (training mode) -----
 
 
-def batch_norm(X, gamma, beta, eps=1e-5):
+def batch_norm(X, gamma, beta, *, eps=1e-5):
     """Eq. 5.11-5.13: each row (feature) of X (d, n) normalised over the n observations
     (columns) with the biased variance and eps inside the square root, then scaled by
     gamma (d,) and shifted by beta (d,). For images, X is (C, N H W)."""
     X, gamma, beta, eps = _norm_args(X, gamma, beta, eps)
+    _training_batch(X)
     Xhat, _ = _normalise(X, eps, axis=1)
     return gamma[:, None] * Xhat + beta[:, None]
 
 
-def batch_norm_jvp(X, gamma, beta, dX, dgamma, dbeta, eps=1e-5):
+def batch_norm_jvp(X, gamma, beta, dX, dgamma, dbeta, *, eps=1e-5):
     """Eq. 5.14: dY = dgamma Xhat + diag(gamma) diag(s)^-1 (dX C - diag((Xhat o dX) 1
     / n) Xhat) + dbeta 1^T."""
+    _training_batch(as_finite_array(X, "X", 2))
     return _norm_jvp(X, gamma, beta, dX, dgamma, dbeta, eps, axis=1)
 
 
-def batch_norm_vjp(X, gamma, beta, G, eps=1e-5):
+def batch_norm_vjp(X, gamma, beta, G, *, eps=1e-5):
     """The compact backward rule, eq. 5.15: (Xbar, gammabar, betabar) with Xbar =
     diag(s)^-1 (Ghat C - diag((Ghat o Xhat) 1 / n) Xhat), Ghat = diag(gamma) G."""
+    _training_batch(as_finite_array(X, "X", 2))
     return _norm_vjp(X, gamma, beta, G, eps, axis=1)
 
 
-def layer_norm(X, gamma, beta, eps=1e-5):
+def layer_norm(X, gamma, beta, *, eps=1e-5):
     """Eq. 5.16: each column (observation) of X (d, n) normalised over its d features,
     then scaled by gamma (d,) and shifted by beta (d,)."""
     X, gamma, beta, eps = _norm_args(X, gamma, beta, eps)
@@ -370,12 +402,12 @@ def layer_norm(X, gamma, beta, eps=1e-5):
     return gamma[:, None] * Xhat + beta[:, None]
 
 
-def layer_norm_jvp(X, gamma, beta, dX, dgamma, dbeta, eps=1e-5):
+def layer_norm_jvp(X, gamma, beta, dX, dgamma, dbeta, *, eps=1e-5):
     """Eq. 5.14 on the transpose: the normalisation runs down the columns."""
     return _norm_jvp(X, gamma, beta, dX, dgamma, dbeta, eps, axis=0)
 
 
-def layer_norm_vjp(X, gamma, beta, G, eps=1e-5):
+def layer_norm_vjp(X, gamma, beta, G, *, eps=1e-5):
     """Eq. 5.15 on the transpose, eq. 5.16: (Xbar, gammabar, betabar)."""
     return _norm_vjp(X, gamma, beta, G, eps, axis=0)
 
@@ -421,10 +453,16 @@ def _norm_jvp(X, gamma, beta, dX, dgamma, dbeta, eps, axis):
         _like(dbeta, beta, "dbeta"),
     )
     Xhat, s = _normalise(X, eps, axis)
+    # the forward differential, line by line: dXc = dX - mean(dX), dv = 2 mean(Xc o
+    # dXc), ds = dv / (2 s) = mean(Xhat o dXc), dXhat = (dXc - Xhat ds) / s
     dXc = dX - dX.mean(axis=axis, keepdims=True)
-    dXhat = _finite_over_s(
-        dXc - Xhat * (Xhat * dXc).mean(axis=axis, keepdims=True), s, "dY"
-    )
+    ds = (Xhat * dXc).mean(axis=axis, keepdims=True)
+    with np.errstate(over="ignore"):
+        dXhat = (dXc - Xhat * ds) / s
+    if not np.all(np.isfinite(dXhat)):
+        raise ValueError(
+            f"dY overflows: X has a standard deviation of {s.min():.3g}; use eps > 0"
+        )
     return dgamma[:, None] * Xhat + gamma[:, None] * dXhat + dbeta[:, None]
 
 
@@ -443,9 +481,19 @@ def _norm_vjp(X, gamma, beta, G, eps, axis):
     return Xbar, (G * Xhat).sum(axis=1), G.sum(axis=1)
 
 
+def _training_batch(X):
+    """Refuse a batch of one: its statistics are the observation itself, so Xhat = 0
+    and the layer's output and gradient say nothing about X."""
+    if X.shape[1] < 2:
+        raise ValueError(
+            f"batch norm in training mode needs a batch of at least 2 observations "
+            f"(columns of X), got X of shape {X.shape}"
+        )
+
+
 def _finite_over_s(A, s, name):
     """A / s, or a ValueError if a standard deviation s so small (eps = 0) overflows
-    it."""
+    it (the VJPs only)."""
     with np.errstate(over="ignore"):
         out = A / s
     if not np.all(np.isfinite(out)):
@@ -459,7 +507,7 @@ def _finite_over_s(A, s, name):
 # ----- Attention -----
 
 
-def attention(Q, K, V, mask=None):
+def attention(Q, K, V, *, mask=None):
     """O = P V with P = softmax_rows(Q K^T / sqrt(d)), eq. 5.17.
 
     Q (n, d) queries, K (m, d) keys, V (m, e) values, as rows. mask (n, m) boolean, True
@@ -470,7 +518,7 @@ def attention(Q, K, V, mask=None):
     return P @ np.asarray(V, dtype=np.float64)
 
 
-def attention_probs(Q, K, mask=None):
+def attention_probs(Q, K, *, mask=None):
     """P = softmax_rows(Q K^T / sqrt(d)) with the mask convention of ``attention``,
     (n, m)."""
     Q = as_float_array(Q, "Q", 2)
@@ -479,7 +527,7 @@ def attention_probs(Q, K, mask=None):
     )[0]
 
 
-def attention_jvp(Q, K, V, dQ, dK, dV, mask=None):
+def attention_jvp(Q, K, V, dQ, dK, dV, *, mask=None):
     """Eq. 5.18: dO = dP V + P dV, dP = P o (dS - (P o dS) 1 1^T), dS = (dQ K^T + Q
     dK^T) / sqrt(d)."""
     P, (Q, K, V) = _attention_probs(Q, K, V, mask)
@@ -489,16 +537,22 @@ def attention_jvp(Q, K, V, dQ, dK, dV, mask=None):
     return dP @ V + P @ dV
 
 
-def attention_vjp(Q, K, V, G, mask=None):
+def attention_vjp(Q, K, V, G, *, mask=None):
     """Eq. 5.19: (Qbar, Kbar, Vbar) = (Sbar K / sqrt(d), Sbar^T Q / sqrt(d), P^T G),
     with Pbar = G V^T and Sbar = P o (Pbar - (P o Pbar) 1 1^T). Masked entries, and
     fully masked rows, get a zero gradient."""
     P, (Q, K, V) = _attention_probs(Q, K, V, mask)
     G = _cotangent(G, (Q.shape[0], V.shape[1]))
     Pbar = G @ V.T
-    Sbar = P * (Pbar - (P * Pbar).sum(axis=1, keepdims=True))
+    Sbar = _softmax_rows_vjp(P, Pbar)
     r = np.sqrt(Q.shape[1])
     return Sbar @ K / r, Sbar.T @ Q / r, P.T @ G
+
+
+def _softmax_rows_vjp(P, Pbar):
+    """Sbar = P o (Pbar - (P o Pbar) 1 1^T), the row softmax's adjoint (the VJP
+    only; the JVP writes its own differential)."""
+    return P * (Pbar - (P * Pbar).sum(axis=1, keepdims=True))
 
 
 def _attention_probs(Q, K, V, mask):
@@ -543,8 +597,10 @@ def _attention_probs(Q, K, V, mask):
 def cnn_init(rng, filters=16, classes=10, size=8, kernel=3, pool=2):
     """Parameters (K, b, W, c) of conv (padding kernel // 2) -> ReLU -> max pool ->
     linear for one-channel size x size images: K (filters, 1, kernel, kernel), b
-    (filters,), W (classes, filters (size / pool)^2), c (classes,). He-scaled normal
-    K and W."""
+    (filters,), W (classes, filters (size / pool)^2), c (classes,). K is He-scaled,
+    normal with variance 2 / fan-in = 2 / kernel^2 (a ReLU follows it); W is normal
+    with variance 1 / fan-in = 1 / features (LeCun's scaling: no ReLU follows it); the
+    biases are zero. `rng` is a numpy.random.Generator."""
     features = filters * (size // pool) ** 2
     K = rng.standard_normal((filters, 1, kernel, kernel)) * np.sqrt(2.0 / kernel**2)
     W = rng.standard_normal((classes, features)) * np.sqrt(1.0 / features)
@@ -558,7 +614,7 @@ def cnn_forward(params, X):
     K, b, W, c = params
     A = conv2d(X, K, padding=K.shape[2] // 2) + b[None, :, None, None]
     R = relu(A)
-    M = max_pool(R, 2)
+    M = max_pool(R, size=2)
     h = M.reshape(M.shape[0], -1).T
     return {"A": A, "R": R, "M": M, "h": h, "Z": W @ h + c[:, None]}
 
@@ -580,7 +636,7 @@ def cnn_grad(params, X, labels):
     Zbar = (softmax(Z) - _one_hot(labels, Z.shape[0])) / N  # eq. 3.20b, per observation
     Wbar, hbar = matmul_vjp(W, act["h"], Zbar)
     Mbar = hbar.T.reshape(act["M"].shape)
-    Rbar = max_pool_vjp(act["R"], Mbar, 2)
+    Rbar = max_pool_vjp(act["R"], Mbar, size=2)
     Abar = relu_vjp(act["A"], Rbar)
     _, Kbar = conv2d_vjp(
         X, K, Abar, padding=K.shape[2] // 2, input_grad=False
@@ -642,13 +698,11 @@ def _images(X, name):
 
 
 def _like(dx, x, name):
-    return as_array_of_shape(
-        dx, name, x.shape, "{name} must have the primal's shape", finite=False
-    )
+    return as_array_of_shape(dx, name, x.shape, "{name} must have the primal's shape")
 
 
 def _cotangent(G, shape):
-    return as_cotangent(G, shape, finite=False)
+    return as_cotangent(G, shape)
 
 
 def _shape4(shape):

@@ -135,11 +135,28 @@ def test_conv2d_forward_vjp_and_dot_product(cfg, seed):
     for Xbar_, Kbar_ in paths:
         close(Xbar_, np.asarray(Xj))
         close(Kbar_, np.asarray(Kj))
-    assert L.conv2d_vjp(X, K, G, s, p, input_grad=False)[0] is None
-    close(L.conv2d_vjp(X, K, G, s, p, input_grad=False)[1], np.asarray(Kj))
+    tangents = draw(rng, X.shape, K.shape)
+    for path in [L._conv2d_vjp_im2col] + ([L._conv2d_vjp_shifts] if s == 1 else []):
+        vjp = (
+            (lambda X, K, G: path(X, K, G, s, p))
+            if path is L._conv2d_vjp_im2col
+            else (lambda X, K, G: path(X, K, G, p))
+        )
+        gap = dot_product_gap(
+            lambda X, K, dX, dK: L.conv2d_jvp(X, K, dX, dK, stride=s, padding=p),
+            vjp,
+            (X, K),
+            tangents,
+            G,
+        )
+        assert gap < 1e-12, (path.__name__, gap)
+    assert L.conv2d_vjp(X, K, G, stride=s, padding=p, input_grad=False)[0] is None
+    close(
+        L.conv2d_vjp(X, K, G, stride=s, padding=p, input_grad=False)[1], np.asarray(Kj)
+    )
     gap = dot_product_gap(
-        lambda X, K, dX, dK: L.conv2d_jvp(X, K, dX, dK, s, p),
-        lambda X, K, G: L.conv2d_vjp(X, K, G, s, p),
+        lambda X, K, dX, dK: L.conv2d_jvp(X, K, dX, dK, stride=s, padding=p),
+        lambda X, K, G: L.conv2d_vjp(X, K, G, stride=s, padding=p),
         (X, K),
         draw(rng, X.shape, K.shape),
         G,
@@ -152,11 +169,11 @@ def test_conv_is_a_matrix_product_through_h(cfg, rng):
     """vec phi(x) = H vec x, and vec y = (F^T kron I) H vec x, eq. 5.3 (A.5)."""
     N, C, H, W, O, k, s, p = cfg
     x, K = draw(rng, (C, H, W), (O, C, k, k))
-    Hm = L.im2col_matrix(x.shape, k, k, s, p)
-    phi = L.im2col(x[None], k, k, s, p)
+    Hm = L.im2col_matrix(x.shape, k, k, stride=s, padding=p)
+    phi = L.im2col(x[None], k, k, stride=s, padding=p)
     close(Hm @ x.ravel(), phi.ravel(order="F"))
     assert set(np.unique(Hm)) <= {0.0, 1.0} and np.all(Hm.sum(axis=1) <= 1)
-    y = L.conv2d(x[None], K, s, p)[0]
+    y = L.conv2d(x[None], K, stride=s, padding=p)[0]
     F = L.kernel_matrix(K)
     close(kron(F.T, np.eye(phi.shape[0])) @ Hm @ x.ravel(), y.ravel())
     close(L.image_matrix(y), phi @ F)
@@ -168,9 +185,12 @@ def test_col2im_is_the_adjoint_of_im2col(cfg, seed):
     N, C, H, W, O, k, s, p = cfg
     rng = np.random.default_rng(seed)
     (X,) = draw(rng, (N, C, H, W))
-    cols = L.im2col(X, k, k, s, p)
+    cols = L.im2col(X, k, k, stride=s, padding=p)
     (D,) = draw(rng, cols.shape)
-    left, right = np.sum(D * cols), np.sum(L.col2im(D, X.shape, k, k, s, p) * X)
+    left, right = (
+        np.sum(D * cols),
+        np.sum(L.col2im(D, X.shape, k, k, stride=s, padding=p) * X),
+    )
     assert abs(left - right) < 1e-12 * (np.sum(np.abs(D * cols)) + 1)
 
 
@@ -219,7 +239,7 @@ def test_conv_errors_name_the_argument():
     with pytest.raises(
         ValueError, match="padding must be a non-negative integer, got -1"
     ):
-        L.col2im(np.zeros((18, 27)), X.shape, 3, 3, 1, -1)
+        L.col2im(np.zeros((18, 27)), X.shape, 3, 3, stride=1, padding=-1)
     assert (
         L.im2col(X, 3.0, 3).shape == L.im2col(X, 3, 3).shape
     )  # integral floats are integers
@@ -229,10 +249,13 @@ def test_conv_errors_name_the_argument():
 
 
 def test_relu_rejects_nan_and_keeps_infinities():
+    """The forward map keeps infinities; its rules refuse a non-finite x."""
     with pytest.raises(ValueError, match="x must not contain NaN"):
         L.relu(np.nan)
-    with pytest.raises(ValueError, match="x must not contain NaN"):
+    with pytest.raises(ValueError, match="x must be finite, got nan"):
         L.relu_vjp(np.array([1.0, np.nan]), np.ones(2))
+    with pytest.raises(ValueError, match="x must be finite, got inf"):
+        L.relu_jvp(np.array([1.0, np.inf]), np.ones(2))
     np.testing.assert_array_equal(L.relu(np.array([np.inf, -np.inf])), [np.inf, 0.0])
 
 
@@ -258,25 +281,27 @@ def test_max_pool_with_ties_matches_jax(pool, ties, seed):
     rng = np.random.default_rng(seed)
     shape = (2, 3, 7, 6)
     X = rng.integers(0, 3, shape).astype(float) if ties else rng.standard_normal(shape)
-    Y = L.max_pool(X, size, stride)
+    Y = L.max_pool(X, size=size, stride=stride)
     G, dX = draw(rng, Y.shape, X.shape)
     Yj, Xbar, dY = jax_pool("max", size, stride)(X, G, dX)
     np.testing.assert_array_equal(Y, np.asarray(Yj))
-    close(L.max_pool_vjp(X, G, size, stride), np.asarray(Xbar))
-    close(L.max_pool_jvp(X, dX, size, stride), np.asarray(dY))
+    close(L.max_pool_vjp(X, G, size=size, stride=stride), np.asarray(Xbar))
+    close(L.max_pool_jvp(X, dX, size=size, stride=stride), np.asarray(dY))
     assert (
         dot_product_gap(
-            lambda X, dX: L.max_pool_jvp(X, dX, size, stride),
-            lambda X, G: L.max_pool_vjp(X, G, size, stride),
+            lambda X, dX: L.max_pool_jvp(X, dX, size=size, stride=stride),
+            lambda X, G: L.max_pool_vjp(X, G, size=size, stride=stride),
             (X,),
             (dX,),
             G,
         )
         < 1e-12
     )
-    S = L.max_pool_matrix(X[0], size, stride)
+    S = L.max_pool_matrix(X[0], size=size, stride=stride)
     np.testing.assert_array_equal(S @ X[0].ravel(), Y[0].ravel())
     assert np.all(S.sum(axis=1) == 1)
+    # the selection against an independent oracle: S^T vec G is JAX's gradient
+    close((S.T @ G[0].ravel()).reshape(X[0].shape), np.asarray(Xbar)[0])
 
 
 def test_max_pool_tie_goes_to_the_first_entry():
@@ -292,15 +317,15 @@ def test_avg_pool_matches_jax(pool, seed):
     size, stride = pool
     rng = np.random.default_rng(seed)
     (X,) = draw(rng, (2, 3, 7, 6))
-    Y = L.avg_pool(X, size, stride)
+    Y = L.avg_pool(X, size=size, stride=stride)
     G, dX = draw(rng, Y.shape, X.shape)
     Yj, Xbar, _ = jax_pool("avg", size, stride)(X, G, dX)
     close(Y, np.asarray(Yj))
-    close(L.avg_pool_vjp(X, G, size, stride), np.asarray(Xbar))
+    close(L.avg_pool_vjp(X, G, size=size, stride=stride), np.asarray(Xbar))
     assert (
         dot_product_gap(
-            lambda X, dX: L.avg_pool_jvp(X, dX, size, stride),
-            lambda X, G: L.avg_pool_vjp(X, G, size, stride),
+            lambda X, dX: L.avg_pool_jvp(X, dX, size=size, stride=stride),
+            lambda X, G: L.avg_pool_vjp(X, G, size=size, stride=stride),
             (X,),
             (dX,),
             G,
@@ -311,7 +336,7 @@ def test_avg_pool_matches_jax(pool, seed):
 
 def test_pool_errors_name_the_argument():
     with pytest.raises(ValueError, match="size must be a positive integer, got 0"):
-        L.max_pool(np.zeros((1, 1, 4, 4)), 0)
+        L.max_pool(np.zeros((1, 1, 4, 4)), size=0)
     with pytest.raises(
         ValueError,
         match=r"cotangent G must have the output's shape \(1, 1, 2, 2\), got \(1, 1, 4, 4\)",
@@ -320,15 +345,15 @@ def test_pool_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"dX must have the primal's shape"):
         L.avg_pool_jvp(np.zeros((1, 1, 4, 4)), np.zeros((1, 1, 4)))
     with pytest.raises(ValueError, match="size must be a positive integer, got 2.5"):
-        L.max_pool(np.zeros((1, 1, 4, 4)), 2.5)
+        L.max_pool(np.zeros((1, 1, 4, 4)), size=2.5)
     with pytest.raises(ValueError, match="stride must be a positive integer, got 1.5"):
-        L.avg_pool(np.zeros((1, 1, 4, 4)), 2, 1.5)
+        L.avg_pool(np.zeros((1, 1, 4, 4)), size=2, stride=1.5)
     X = np.arange(16.0).reshape(1, 1, 4, 4)
     np.testing.assert_array_equal(
-        L.max_pool(X, 2.0), L.max_pool(X, 2)
+        L.max_pool(X, size=2.0), L.max_pool(X, size=2)
     )  # integral floats are integers
     np.testing.assert_array_equal(
-        L.max_pool_matrix(X[0], 2.0), L.max_pool_matrix(X[0], 2)
+        L.max_pool_matrix(X[0], size=2.0), L.max_pool_matrix(X[0], size=2)
     )
 
 
@@ -346,10 +371,12 @@ NORM_SHAPES = [(1, 5), (4, 1), (6, 9)]
 )
 def test_norm_vjp_and_dot_product(name, axis, shape, eps, seed):
     fwd, jvp, vjp = (getattr(L, name + suffix) for suffix in ("", "_jvp", "_vjp"))
+    if name == "batch_norm" and shape[1] == 1:
+        shape = (shape[0], 2)  # a batch of one is refused in training mode
     rng = np.random.default_rng(seed)
     X, gamma, beta, G = draw(rng, shape, shape[:1], shape[:1], shape)
     Yj, theirs = jax_norm_vjp(axis)(X, gamma, beta, G, eps)
-    close(fwd(X, gamma, beta, eps), np.asarray(Yj))
+    close(fwd(X, gamma, beta, eps=eps), np.asarray(Yj))
     ours = vjp(X, gamma, beta, G, eps=eps)
     scale = np.linalg.norm(theirs[1]) + np.linalg.norm(theirs[2])
     for a, b in zip(
@@ -475,10 +502,10 @@ def test_attention_vjp_and_masks(shape, kind, seed):
     if kind == "dead rows":
         mask[rng.integers(n)] = False  # at least one fully masked row
     arg = None if kind == "none" else mask
-    O = L.attention(Q, K, V, arg)
+    O = L.attention(Q, K, V, mask=arg)
     Oj, theirs = jax_attention_vjp(Q, K, V, mask, G)
     close(O, np.asarray(Oj))
-    ours = L.attention_vjp(Q, K, V, G, arg)
+    ours = L.attention_vjp(Q, K, V, G, mask=arg)
     for a, b in zip(ours, theirs):
         assert np.all(np.isfinite(a))
         assert np.linalg.norm(a - np.asarray(b)) < TOL * (np.linalg.norm(b) + 1)
@@ -499,12 +526,12 @@ def test_attention_extremes_and_errors(rng):
     Q, K, V = draw(rng, (3, 2), (4, 2), (4, 2))
     O = L.attention(1e6 * Q, K, V)  # saturated softmax: finite, a selection
     assert np.all(np.isfinite(O))
-    assert np.all(L.attention(Q, K, V, np.zeros((3, 4), bool)) == 0)
+    assert np.all(L.attention(Q, K, V, mask=np.zeros((3, 4), bool)) == 0)
     with pytest.raises(
         ValueError,
         match=r"mask must be a boolean array of shape \(3, 4\), got int64 \(3, 4\)",
     ):
-        L.attention(Q, K, V, np.ones((3, 4), int))
+        L.attention(Q, K, V, mask=np.ones((3, 4), int))
     with pytest.raises(
         ValueError, match=r"K with Q's 2 columns, got Q \(3, 2\) and K \(4, 3\)"
     ):
@@ -567,3 +594,171 @@ def test_cnn_gradient_matches_jax_at_every_layer(rng):
         match=r"labels must be a non-empty 1-D array of integers in \[0, 10\)",
     ):
         L.cnn_grad(params, X, labels + 5)
+
+
+# ----- Two derivations: a mistake in a VJP's helper fails the dot-product test -----
+
+
+def _pool_point(rng):
+    X = rng.standard_normal((1, 2, 6, 6))
+    return (X,), (rng.standard_normal(X.shape),), rng.standard_normal((1, 2, 3, 3))
+
+
+def _norm_point(rng):
+    X, g, b = draw(rng, (3, 5), (3,), (3,))
+    return (X, g, b), draw(rng, (3, 5), (3,), (3,)), rng.standard_normal((3, 5))
+
+
+def _attention_point(rng):
+    Q, K, V = draw(rng, (4, 3), (5, 3), (5, 2))
+    return (Q, K, V), draw(rng, (4, 3), (5, 3), (5, 2)), rng.standard_normal((4, 2))
+
+
+# family: (the helper that JVP and VJP used to share, a symmetric mistake in it, the
+# JVP, the VJP, a point). With one shared helper, the mistake would sit in both rules
+# and they would stay transposes of each other; now only the VJP reads the helper.
+PLANTS = {
+    "relu": (
+        "_relu_mask",
+        lambda x: x > -0.5,  # a shifted kink
+        L.relu_jvp,
+        L.relu_vjp,
+        lambda rng: (
+            (rng.standard_normal(7),),
+            (rng.standard_normal(7),),
+            draw(rng, 7)[0],
+        ),
+    ),
+    "max_pool": (
+        "max_pool_argmax",
+        lambda X, size, stride: (
+            L._windows(X, size, stride).reshape(1, 2, 3, 3, 4).argmin(axis=-1)
+        ),  # routes every window through its smallest entry
+        L.max_pool_jvp,
+        L.max_pool_vjp,
+        _pool_point,
+    ),
+    "avg_pool": (
+        "_add_windows",
+        lambda shape, value, size, stride: np.zeros(shape),  # spreads nothing
+        L.avg_pool_jvp,
+        L.avg_pool_vjp,
+        _pool_point,
+    ),
+    "batch_norm": (
+        "_finite_over_s",
+        lambda A, s, name: A / (2 * s),  # the standard deviation doubled
+        L.batch_norm_jvp,
+        L.batch_norm_vjp,
+        _norm_point,
+    ),
+    "layer_norm": (
+        "_finite_over_s",
+        lambda A, s, name: A / (2 * s),
+        L.layer_norm_jvp,
+        L.layer_norm_vjp,
+        lambda rng: _norm_point(rng),
+    ),
+    "attention": (
+        "_softmax_rows_vjp",
+        lambda P, Pbar: P * Pbar,  # the softmax's projection dropped
+        L.attention_jvp,
+        L.attention_vjp,
+        _attention_point,
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(PLANTS))
+def test_a_mistake_in_the_vjp_helper_fails_the_dot_product_test(family, monkeypatch):
+    helper, wrong, jvp, vjp, point = PLANTS[family]
+    rng = np.random.default_rng(3)
+    primals, tangents, W = point(rng)
+    if family == "max_pool":
+        wrong_argmax = wrong
+        wrong = lambda X, *, size=2, stride=None: wrong_argmax(X, size, size)  # noqa: E731
+    assert dot_product_gap(jvp, vjp, primals, tangents, W) < 1e-12
+    monkeypatch.setattr(L, helper, wrong)
+    assert dot_product_gap(jvp, vjp, primals, tangents, W) > 1e-3
+
+
+# ----- Every rule refuses a non-finite argument and names it -----
+
+NAN_RULES = {
+    "conv2d_jvp": (
+        L.conv2d_jvp,
+        [(1, 2, 5, 5), (3, 2, 3, 3), (1, 2, 5, 5), (3, 2, 3, 3)],
+        ["X", "K", "dX", "dK"],
+    ),
+    "conv2d_vjp": (
+        L.conv2d_vjp,
+        [(1, 2, 5, 5), (3, 2, 3, 3), (1, 3, 3, 3)],
+        ["X", "K", "G"],
+    ),
+    "col2im": (
+        lambda cols: L.col2im(cols, (1, 2, 5, 5), 3, 3),
+        [(9, 18)],
+        ["cols"],
+    ),
+    "relu_jvp": (L.relu_jvp, [(3, 4), (3, 4)], ["x", "dx"]),
+    "relu_vjp": (L.relu_vjp, [(3, 4), (3, 4)], ["x", "G"]),
+    "max_pool_jvp": (L.max_pool_jvp, [(1, 2, 4, 4)] * 2, ["X", "dX"]),
+    "max_pool_vjp": (L.max_pool_vjp, [(1, 2, 4, 4), (1, 2, 2, 2)], ["X", "G"]),
+    "avg_pool_jvp": (L.avg_pool_jvp, [(1, 2, 4, 4)] * 2, ["X", "dX"]),
+    "avg_pool_vjp": (L.avg_pool_vjp, [(1, 2, 4, 4), (1, 2, 2, 2)], ["X", "G"]),
+    "batch_norm_jvp": (
+        L.batch_norm_jvp,
+        [(3, 5), (3,), (3,), (3, 5), (3,), (3,)],
+        ["X", "gamma", "beta", "dX", "dgamma", "dbeta"],
+    ),
+    "batch_norm_vjp": (
+        L.batch_norm_vjp,
+        [(3, 5), (3,), (3,), (3, 5)],
+        ["X", "gamma", "beta", "G"],
+    ),
+    "layer_norm_jvp": (
+        L.layer_norm_jvp,
+        [(3, 5), (3,), (3,), (3, 5), (3,), (3,)],
+        ["X", "gamma", "beta", "dX", "dgamma", "dbeta"],
+    ),
+    "layer_norm_vjp": (
+        L.layer_norm_vjp,
+        [(3, 5), (3,), (3,), (3, 5)],
+        ["X", "gamma", "beta", "G"],
+    ),
+    "attention_jvp": (
+        L.attention_jvp,
+        [(4, 3), (5, 3), (5, 2), (4, 3), (5, 3), (5, 2)],
+        ["Q", "K", "V", "dQ", "dK", "dV"],
+    ),
+    "attention_vjp": (
+        L.attention_vjp,
+        [(4, 3), (5, 3), (5, 2), (4, 2)],
+        ["Q", "K", "V", "G"],
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "rule, which",
+    [(rule, i) for rule, (_, _, names) in NAN_RULES.items() for i in range(len(names))],
+)
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_every_rule_names_the_non_finite_argument(rule, which, bad):
+    f, shapes, names = NAN_RULES[rule]
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal(s) for s in shapes]
+    args[which].flat[-1] = bad
+    with pytest.raises(ValueError, match=rf"^{names[which]} must be finite, got"):
+        f(*args)
+
+
+def test_batch_norm_refuses_a_batch_of_one():
+    X, g, b = np.ones((3, 1)), np.ones(3), np.zeros(3)
+    for call in (
+        lambda: L.batch_norm(X, g, b),
+        lambda: L.batch_norm_jvp(X, g, b, X, g, b),
+        lambda: L.batch_norm_vjp(X, g, b, X),
+    ):
+        with pytest.raises(ValueError, match=r"at least 2 observations.*\(3, 1\)"):
+            call()
