@@ -412,6 +412,148 @@ def layer_norm_vjp(X, gamma, beta, G, *, eps=1e-5):
     return _norm_vjp(X, gamma, beta, G, eps, axis=0)
 
 
+# ----- Batch normalisation over images, and in evaluation mode -----
+
+
+def batch_norm2d(X, gamma, beta, *, eps=1e-5):
+    """Eq. 5.23: batch norm of NCHW images X (N, C, H, W) in training mode, each
+    channel normalised over its N H W values (the batch and every pixel), then scaled
+    by gamma (C,) and shifted by beta (C,). It is eq. 5.11-5.13 on the (C, N H W)
+    matrix of channel rows, a permutation of X's entries."""
+    X = _training_images(X)
+    return _from_channel_rows(batch_norm(_channel_rows(X), gamma, beta, eps=eps), X)
+
+
+def batch_norm2d_jvp(X, gamma, beta, dX, dgamma, dbeta, *, eps=1e-5):
+    """Eq. 5.23: the permutation is linear, so dY is eq. 5.14 on the channel rows of
+    X and dX, permuted back to NCHW."""
+    X = _training_images(X)
+    dX = _like(dX, X, "dX")
+    dY = batch_norm_jvp(
+        _channel_rows(X), gamma, beta, _channel_rows(dX), dgamma, dbeta, eps=eps
+    )
+    return _from_channel_rows(dY, X)
+
+
+def batch_norm2d_vjp(X, gamma, beta, G, *, eps=1e-5):
+    """Eq. 5.23: the permutation is orthogonal, its adjoint its inverse: (Xbar,
+    gammabar, betabar) is eq. 5.15 on the channel rows of X and G, Xbar permuted back
+    to NCHW."""
+    X = _training_images(X)
+    G = _cotangent(G, X.shape)
+    Xbar, gbar, bbar = batch_norm_vjp(
+        _channel_rows(X), gamma, beta, _channel_rows(G), eps=eps
+    )
+    return _from_channel_rows(Xbar, X), gbar, bbar
+
+
+def _training_images(X):
+    X = _images(X, "X")
+    if X.shape[0] * X.shape[2] * X.shape[3] < 2:
+        raise ValueError(
+            f"batch norm in training mode needs at least 2 values per channel (N H W), "
+            f"got X of shape {X.shape}"
+        )
+    return X
+
+
+def _channel_rows(X):
+    """The (C, N H W) matrix of an NCHW array: row c holds channel c of every image."""
+    return X.transpose(1, 0, 2, 3).reshape(X.shape[1], -1)
+
+
+def _from_channel_rows(M, X):
+    N, C, H, W = X.shape
+    return M.reshape(C, N, H, W).transpose(1, 0, 2, 3).copy()
+
+
+def batch_norm_eval(X, gamma, beta, *, mean, var, eps=1e-5):
+    """Eq. 5.21: batch norm in evaluation mode, with fixed (running) statistics:
+    Y = diag(gamma / s) (X - mean 1^T) + beta 1^T, s = sqrt(var + eps), an affine map
+    of X. X is (d, n) (features as rows) or NCHW images (N, C, H, W) (channels on
+    axis 1); gamma, beta, mean and var have one entry per feature or channel."""
+    X, gamma, beta, mean, s = _eval_args(X, gamma, beta, mean, var, eps)
+    b = _feature_shape(X)
+    return (gamma / s).reshape(b) * (X - mean.reshape(b)) + beta.reshape(b)
+
+
+def batch_norm_eval_jvp(X, gamma, beta, dX, dgamma, dbeta, *, mean, var, eps=1e-5):
+    """Eq. 5.21: dY = diag(gamma / s) dX + diag(dgamma) Xhat + dbeta 1^T, with Xhat =
+    diag(s)^-1 (X - mean 1^T); the statistics are constants."""
+    X, gamma, beta, mean, s = _eval_args(X, gamma, beta, mean, var, eps)
+    dX = _like(dX, X, "dX")
+    dgamma, dbeta = _like(dgamma, gamma, "dgamma"), _like(dbeta, beta, "dbeta")
+    b = _feature_shape(X)
+    Xhat = (X - mean.reshape(b)) / s.reshape(b)
+    return (
+        gamma.reshape(b) * dX / s.reshape(b)
+        + dgamma.reshape(b) * Xhat
+        + dbeta.reshape(b)
+    )
+
+
+def batch_norm_eval_vjp(X, gamma, beta, G, *, mean, var, eps=1e-5):
+    """Eq. 5.21: (Xbar, gammabar, betabar) = (diag(gamma / s) G, (G o Xhat) 1, G 1),
+    the sums over everything but the feature (channel) axis."""
+    X, gamma, beta, mean, s = _eval_args(X, gamma, beta, mean, var, eps)
+    G = _cotangent(G, X.shape)
+    b = _feature_shape(X)
+    axes = (1,) if X.ndim == 2 else (0, 2, 3)  # all but the feature axis
+    Xhat = (X - mean.reshape(b)) / s.reshape(b)
+    return (gamma / s).reshape(b) * G, (G * Xhat).sum(axis=axes), G.sum(axis=axes)
+
+
+def batch_norm_running_stats(X, mean, var, *, momentum=0.1):
+    """Eq. 5.22: the running statistics after one training batch X, (1 - momentum)
+    times the old plus momentum times the batch's: its mean, and its unbiased variance
+    (the biased variance of eq. 5.11 times n / (n - 1), n values per feature), as
+    Ioffe and Szegedy's inference rule. X is (d, n) or NCHW; returns (mean, var)."""
+    X = as_finite_array(X, "X", (2, 4))
+    rows = X if X.ndim == 2 else _channel_rows(X)
+    d, n = rows.shape
+    if n < 2:
+        raise ValueError(
+            f"running statistics need at least 2 values per feature, got X of shape "
+            f"{X.shape}"
+        )
+    mean = as_array_of_shape(mean, "mean", (d,), "{name} must have shape")
+    var = as_array_of_shape(var, "var", (d,), "{name} must have shape")
+    if not (0 <= momentum <= 1):
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    mu = rows.mean(axis=1)
+    v = ((rows - mu[:, None]) ** 2).sum(axis=1) / (n - 1)
+    return (1 - momentum) * mean + momentum * mu, (1 - momentum) * var + momentum * v
+
+
+def _feature_shape(X):
+    """The broadcast shape of a per-feature vector: (d, 1) for (d, n), (1, C, 1, 1)
+    for NCHW."""
+    return (X.shape[0], 1) if X.ndim == 2 else (1, X.shape[1], 1, 1)
+
+
+def _eval_args(X, gamma, beta, mean, var, eps):
+    X = as_finite_array(X, "X", (2, 4))
+    d = X.shape[0] if X.ndim == 2 else X.shape[1]
+    what = "one per row of X" if X.ndim == 2 else "one per channel of X"
+    args = []
+    for name, v in (("gamma", gamma), ("beta", beta), ("mean", mean), ("var", var)):
+        v = as_finite_array(v, name, 1)
+        if v.shape != (d,):
+            raise ValueError(
+                f"{name} must have shape {(d,)} ({what} {X.shape}), got {v.shape}"
+            )
+        args.append(v)
+    gamma, beta, mean, var = args
+    if np.any(var < 0):
+        raise ValueError(f"var must be non-negative, got {var.min():.3g}")
+    if not (np.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be finite and non-negative, got {eps}")
+    s = np.sqrt(var + float(eps))
+    if np.any(s == 0):
+        raise ValueError("var + eps must be positive for every feature; use eps > 0")
+    return X, gamma, beta, mean, s
+
+
 def _normalise(X, eps, axis):
     """(Xhat, s) of eq. 5.11-5.12 along `axis`, without overflow or silent rounding
     noise.

@@ -726,6 +726,30 @@ NAN_RULES = {
         [(3, 5), (3,), (3,), (3, 5)],
         ["X", "gamma", "beta", "G"],
     ),
+    "batch_norm2d_jvp": (
+        L.batch_norm2d_jvp,
+        [(2, 3, 2, 2), (3,), (3,), (2, 3, 2, 2), (3,), (3,)],
+        ["X", "gamma", "beta", "dX", "dgamma", "dbeta"],
+    ),
+    "batch_norm2d_vjp": (
+        L.batch_norm2d_vjp,
+        [(2, 3, 2, 2), (3,), (3,), (2, 3, 2, 2)],
+        ["X", "gamma", "beta", "G"],
+    ),
+    "batch_norm_eval_jvp": (
+        lambda X, g, b, dX, dg, db, m, v: L.batch_norm_eval_jvp(
+            X, g, b, dX, dg, db, mean=m, var=np.abs(v)
+        ),
+        [(2, 3, 2, 2), (3,), (3,), (2, 3, 2, 2), (3,), (3,), (3,), (3,)],
+        ["X", "gamma", "beta", "dX", "dgamma", "dbeta", "mean", "var"],
+    ),
+    "batch_norm_eval_vjp": (
+        lambda X, g, b, G, m, v: L.batch_norm_eval_vjp(
+            X, g, b, G, mean=m, var=np.abs(v)
+        ),
+        [(3, 4), (3,), (3,), (3, 4), (3,), (3,)],
+        ["X", "gamma", "beta", "G", "mean", "var"],
+    ),
     "attention_jvp": (
         L.attention_jvp,
         [(4, 3), (5, 3), (5, 2), (4, 3), (5, 3), (5, 2)],
@@ -762,3 +786,106 @@ def test_batch_norm_refuses_a_batch_of_one():
     ):
         with pytest.raises(ValueError, match=r"at least 2 observations.*\(3, 1\)"):
             call()
+
+
+# ----- Batch norm over images, and in evaluation mode -----
+
+
+def jax_bn2d(X, g, b, eps):
+    mu = X.mean(axis=(0, 2, 3), keepdims=True)
+    var = ((X - mu) ** 2).mean(axis=(0, 2, 3), keepdims=True)
+    shape = (1, -1, 1, 1)
+    return g.reshape(shape) * (X - mu) / jnp.sqrt(var + eps) + b.reshape(shape)
+
+
+def jax_bn_eval(X, g, b, mean, var, eps):
+    shape = (-1, 1) if X.ndim == 2 else (1, -1, 1, 1)
+    s = jnp.sqrt(var + eps).reshape(shape)
+    return g.reshape(shape) * (X - mean.reshape(shape)) / s + b.reshape(shape)
+
+
+@functools.lru_cache(maxsize=None)
+def jax_bn_oracle(kind):
+    """(Y, (Xbar, gammabar, betabar)), jitted once per kind and shape."""
+
+    def both(X, g, b, G, mean, var, eps):
+        if kind == "2d":
+            f = lambda X, g, b: jax_bn2d(X, g, b, eps)  # noqa: E731
+        else:
+            f = lambda X, g, b: jax_bn_eval(X, g, b, mean, var, eps)  # noqa: E731
+        Y, pullback = jax.vjp(f, X, g, b)
+        return Y, pullback(G)
+
+    return jax.jit(both)
+
+
+BN_SHAPES = [(2, 3, 4, 5), (1, 2, 3, 3), (3, 1, 1, 2)]
+
+
+@settings(max_examples=15)
+@given(st.sampled_from(BN_SHAPES), st.sampled_from(["2d", "eval", "eval2d"]), seeds)
+def test_batch_norm_2d_and_eval_against_jax_and_by_dot_product(shape, kind, seed):
+    rng = np.random.default_rng(seed)
+    if kind == "eval":
+        shape = (shape[1] + 1, shape[0] * shape[2])  # features as rows, (d, n)
+    c = shape[0] if len(shape) == 2 else shape[1]
+    X, g, b, mean = draw(rng, shape, (c,), (c,), (c,))
+    var = rng.random(c)
+    eps = 1e-3
+    opts = {"eps": eps} if kind == "2d" else {"eps": eps, "mean": mean, "var": var}
+    name = "batch_norm2d" if kind == "2d" else "batch_norm_eval"
+    fwd, jvp, vjp = (getattr(L, name + suffix) for suffix in ("", "_jvp", "_vjp"))
+    (G,) = draw(rng, shape)
+    Yj, theirs = jax_bn_oracle("2d" if kind == "2d" else "eval")(
+        X, g, b, G, mean, var, eps
+    )
+    close(fwd(X, g, b, **opts), np.asarray(Yj))
+    for ours, their in zip(vjp(X, g, b, G, **opts), theirs):
+        close(ours, np.asarray(their))
+    for _ in range(3):  # several points
+        primals = (rng.standard_normal(shape),) + draw(rng, (c,), (c,))
+        gap = dot_product_gap(
+            lambda *a: jvp(*a, **opts),
+            lambda *a: vjp(*a, **opts),
+            primals,
+            draw(rng, shape, (c,), (c,)),
+            rng.standard_normal(shape),
+        )
+        assert gap < 1e-12
+
+
+def test_batch_norm_eval_is_training_mode_frozen_at_the_batch_statistics(rng):
+    """At the batch's own (biased) statistics the two modes give the same Y, and the
+    evaluation rule is diag(gamma / s) G, the training rule without its two
+    projections: they differ."""
+    X, g, b, G = draw(rng, (3, 6), (3,), (3,), (3, 6))
+    mean, var = X.mean(axis=1), X.var(axis=1)
+    close(L.batch_norm_eval(X, g, b, mean=mean, var=var), L.batch_norm(X, g, b))
+    Xbar_eval = L.batch_norm_eval_vjp(X, g, b, G, mean=mean, var=var)[0]
+    assert relative_error(Xbar_eval, L.batch_norm_vjp(X, g, b, G)[0]) > 0.1
+
+
+def test_batch_norm_running_stats(rng):
+    X = rng.standard_normal((2, 3, 4, 5))
+    m0, v0 = np.zeros(3), np.ones(3)
+    m1, v1 = L.batch_norm_running_stats(X, m0, v0, momentum=0.25)
+    rows = X.transpose(1, 0, 2, 3).reshape(3, -1)
+    close(m1, 0.25 * rows.mean(axis=1))
+    close(v1, 0.75 + 0.25 * rows.var(axis=1, ddof=1))
+    with pytest.raises(ValueError, match="at least 2 values per feature"):
+        L.batch_norm_running_stats(np.ones((3, 1)), m0, v0)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\], got 2"):
+        L.batch_norm_running_stats(X, m0, v0, momentum=2)
+
+
+def test_batch_norm2d_refuses_one_value_per_channel_and_names_arguments():
+    g, b = np.ones(3), np.zeros(3)
+    with pytest.raises(
+        ValueError, match=r"at least 2 values per channel.*\(1, 3, 1, 1\)"
+    ):
+        L.batch_norm2d(np.ones((1, 3, 1, 1)), g, b)
+    L.batch_norm2d(np.arange(12.0).reshape(1, 3, 2, 2), g, b)  # one image: 4 pixels
+    with pytest.raises(ValueError, match=r"var must be non-negative"):
+        L.batch_norm_eval(np.ones((3, 2)), g, b, mean=g, var=-g)
+    with pytest.raises(ValueError, match=r"mean must have shape \(3,\)"):
+        L.batch_norm_eval(np.ones((3, 2)), g, b, mean=np.ones(2), var=g)
