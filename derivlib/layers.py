@@ -255,107 +255,115 @@ def _relu_mask(x):
 # ----- Pooling -----
 
 
-def max_pool(X, *, size=2, stride=None):
-    """The largest entry of each size x size window (eq. 5.8), X (N, C, H, W), no
-    padding; stride None means size. Its derivatives (`max_pool_jvp`,
-    `max_pool_vjp`, `max_pool_matrix`) give a tied window's whole derivative to its
-    first maximum in row-major order, as JAX does."""
+def max_pool(X, *, size=2, stride=None, padding=0):
+    """The largest entry of each size x size window (eq. 5.8), X (N, C, H, W);
+    stride None means size. `padding` rows and columns of -inf on every side (eq.
+    5.24; at most size // 2, so that every window holds an entry of X). Its
+    derivatives (`max_pool_jvp`, `max_pool_vjp`, `max_pool_matrix`) give a tied
+    window's whole derivative to its first maximum in row-major order, as JAX does."""
     X = _images(X, "X")
-    size, stride = _pool_geometry(X.shape, size, stride)
-    return _windows(X, size, stride).max(axis=(-2, -1))
+    size, stride, padding = _pool_geometry(X.shape, size, stride, padding)
+    return _windows(_pad(X, padding, -np.inf), size, stride).max(axis=(-2, -1))
 
 
-def max_pool_argmax(X, *, size=2, stride=None):
+def max_pool_argmax(X, *, size=2, stride=None, padding=0):
     """The window offset u size + v of the selected entry of every window, (N, C, H',
-    W').
+    W'), offsets counted in the padded image.
 
     Ties go to the first maximum in row-major order inside the window, as in JAX's
     reduce_window and its derivatives."""
     X = _images(X, "X")
-    size, stride = _pool_geometry(X.shape, size, stride)
-    win = _windows(X, size, stride)
+    size, stride, padding = _pool_geometry(X.shape, size, stride, padding)
+    win = _windows(_pad(X, padding, -np.inf), size, stride)
     return win.reshape(win.shape[:4] + (size * size,)).argmax(axis=-1)
 
 
-def max_pool_matrix(x, *, size=2, stride=None):
-    """The 0/1 selection matrix S(x) of eq. 5.8 for one image x (C, H, W):
-    vec y = S(x) vec x, shape (C H'W', C H W). A tied window selects its first
+def max_pool_matrix(x, *, size=2, stride=None, padding=0):
+    """The 0/1 selection matrix S(x) E of eqs. 5.8 and 5.24 for one image x (C, H,
+    W): vec y = S(x) E vec x, shape (C H'W', C H W). A tied window selects its first
     maximum in row-major order."""
     x = as_finite_array(x, "x", 3)
-    arg = max_pool_argmax(x[None], size=size, stride=stride)[0]
-    size, stride = _pool_geometry(x[None].shape, size, stride)
+    geometry = {"size": size, "stride": stride, "padding": padding}
+    arg = max_pool_argmax(x[None], **geometry)[0]
+    size, stride, padding = _pool_geometry(x[None].shape, size, stride, padding)
     C, Ho, Wo = arg.shape
     c, i, j = np.indices(arg.shape)
     rows = np.arange(arg.size)
-    cols = (
-        (c * x.shape[1] + i * stride + arg // size) * x.shape[2]
-        + j * stride
-        + arg % size
-    )
+    row_in_x = i * stride + arg // size - padding  # the padded row, less the padding
+    col_in_x = j * stride + arg % size - padding
+    cols = (c * x.shape[1] + row_in_x) * x.shape[2] + col_in_x
     S = np.zeros((arg.size, x.size))
     S[rows, cols.ravel()] = 1.0
     return S
 
 
-def max_pool_jvp(X, dX, *, size=2, stride=None):
-    """dy = S(x) dx (eq. 5.8): the increment at the selected entry of each window.
+def max_pool_jvp(X, dX, *, size=2, stride=None, padding=0):
+    """dy = S(x) E dx (eqs. 5.8 and 5.24): the increment at the selected entry of each
+    window.
 
     Read off the forward map, without `max_pool_argmax`: an entry is selected where it
     equals its window's maximum and no earlier entry (row-major) does, so a tied
-    window takes the increment of its first maximum."""
+    window takes the increment of its first maximum; padding never wins."""
     X = _images(X, "X")
     dX = _like(dX, X, "dX")
-    size, stride = _pool_geometry(X.shape, size, stride)
-    win = _windows(X, size, stride)
+    size, stride, padding = _pool_geometry(X.shape, size, stride, padding)
+    win = _windows(_pad(X, padding, -np.inf), size, stride)
     flat = win.reshape(win.shape[:4] + (size * size,))
     hit = flat == flat.max(axis=-1, keepdims=True)
     first = hit & (np.cumsum(hit, axis=-1) == 1)
-    dwin = _windows(dX, size, stride).reshape(flat.shape)
+    dwin = _windows(_pad(dX, padding, 0.0), size, stride).reshape(flat.shape)
     return np.where(first, dwin, 0.0).sum(axis=-1)
 
 
-def max_pool_vjp(X, G, *, size=2, stride=None):
-    """xbar = S(x)^T G (eq. 5.9): each window's cotangent goes to its selected entry
-    (the first maximum in row-major order where the window ties), adding where
-    overlapping windows select the same entry."""
+def max_pool_vjp(X, G, *, size=2, stride=None, padding=0):
+    """xbar = E^T S(x)^T G (eqs. 5.9 and 5.24): each window's cotangent goes to its
+    selected entry (the first maximum in row-major order where the window ties),
+    adding where overlapping windows select the same entry; E^T drops the padding."""
     X = _images(X, "X")
-    size, stride = _pool_geometry(X.shape, size, stride)
-    arg = max_pool_argmax(X, size=size, stride=stride)
+    size, stride, padding = _pool_geometry(X.shape, size, stride, padding)
+    arg = max_pool_argmax(X, size=size, stride=stride, padding=padding)
     G = _cotangent(G, arg.shape)
-    return _add_windows(X.shape, lambda u, v: G * (arg == u * size + v), size, stride)
+    return _add_windows(
+        X.shape, lambda u, v: G * (arg == u * size + v), size, stride, padding
+    )
 
 
-def avg_pool(X, *, size=2, stride=None):
-    """The mean of each size x size window (eq. 5.10), X (N, C, H, W), no padding."""
+def avg_pool(X, *, size=2, stride=None, padding=0):
+    """The mean of each size x size window (eq. 5.10), X (N, C, H, W). `padding` rows
+    and columns of zeros on every side (eq. 5.24; at most size // 2), which count in
+    the mean: every window divides by size^2."""
     X = _images(X, "X")
-    size, stride = _pool_geometry(X.shape, size, stride)
-    return _windows(X, size, stride).mean(axis=(-2, -1))
+    size, stride, padding = _pool_geometry(X.shape, size, stride, padding)
+    return _windows(_pad(X, padding, 0.0), size, stride).mean(axis=(-2, -1))
 
 
-def avg_pool_jvp(X, dX, *, size=2, stride=None):
+def avg_pool_jvp(X, dX, *, size=2, stride=None, padding=0):
     """Average pooling is linear: dy = avg_pool(dx)."""
     X = _images(X, "X")
-    return avg_pool(_like(dX, X, "dX"), size=size, stride=stride)
+    return avg_pool(_like(dX, X, "dX"), size=size, stride=stride, padding=padding)
 
 
-def avg_pool_vjp(X, G, *, size=2, stride=None):
-    """xbar = A^T G (eq. 5.10): each window spreads G / size^2 over its entries."""
+def avg_pool_vjp(X, G, *, size=2, stride=None, padding=0):
+    """xbar = E^T A^T G (eqs. 5.10 and 5.24): each window spreads G / size^2 over its
+    entries, and the padding's share is dropped."""
     X = _images(X, "X")
-    size, stride = _pool_geometry(X.shape, size, stride)
+    size, stride, padding = _pool_geometry(X.shape, size, stride, padding)
     Ho, Wo = (
-        conv_output_size(X.shape[2], size, stride, 0),
-        conv_output_size(X.shape[3], size, stride, 0),
+        conv_output_size(X.shape[2], size, stride, padding),
+        conv_output_size(X.shape[3], size, stride, padding),
     )
     G = _cotangent(G, X.shape[:2] + (Ho, Wo)) / size**2
-    return _add_windows(X.shape, lambda u, v: G, size, stride)
+    return _add_windows(X.shape, lambda u, v: G, size, stride, padding)
 
 
-def _add_windows(x_shape, value, size, stride):
+def _add_windows(x_shape, value, size, stride, padding=0):
     """The pooling VJPs' scatter: value(u, v), shaped like the output, added to the
-    entry at offset (u, v) of every window (the VJPs only)."""
-    Ho = conv_output_size(x_shape[2], size, stride, 0)
-    Wo = conv_output_size(x_shape[3], size, stride, 0)
-    Xbar = np.zeros(x_shape)
+    entry at offset (u, v) of every window of the padded image, then the padding
+    dropped (E^T of eq. 5.24; the VJPs only)."""
+    N, C, H, W = x_shape
+    Ho = conv_output_size(H, size, stride, padding)
+    Wo = conv_output_size(W, size, stride, padding)
+    Xbar = np.zeros((N, C, H + 2 * padding, W + 2 * padding))
     for u in range(size):
         for v in range(size):
             Xbar[
@@ -364,7 +372,15 @@ def _add_windows(x_shape, value, size, stride):
                 u : u + stride * (Ho - 1) + 1 : stride,
                 v : v + stride * (Wo - 1) + 1 : stride,
             ] += value(u, v)
-    return Xbar
+    return Xbar[:, :, padding : padding + H, padding : padding + W].copy()
+
+
+def _pad(X, padding, value):
+    """X with `padding` rows and columns of `value` on every side of each image."""
+    if padding == 0:
+        return X
+    width = ((0, 0), (0, 0), (padding, padding), (padding, padding))
+    return np.pad(X, width, constant_values=value)
 
 
 # ----- Batch and layer normalisation (training mode) -----
@@ -909,12 +925,19 @@ def _out_hw(X, K, stride, padding):
     )
 
 
-def _pool_geometry(x_shape, size, stride):
-    """(size, stride) as ints, checked; stride None means size."""
+def _pool_geometry(x_shape, size, stride, padding=0):
+    """(size, stride, padding) as ints, checked; stride None means size. The padding
+    is at most size // 2, so that every window holds an entry of the image."""
     size = _integer(size, "size", 1)
     stride = size if stride is None else stride
-    size, _, stride, _ = _geometry(x_shape, size, size, stride, 0)
-    return size, stride
+    padding = _integer(padding, "padding", 0)
+    if padding > size // 2:
+        raise ValueError(
+            f"padding must be at most size // 2 = {size // 2} (every window must hold "
+            f"an entry of X), got {padding}"
+        )
+    size, _, stride, padding = _geometry(x_shape, size, size, stride, padding)
+    return size, stride, padding
 
 
 def _windows(X, size, stride):

@@ -52,19 +52,15 @@ def jax_conv(stride, padding):
 
 
 @functools.lru_cache(maxsize=None)
-def jax_pool(kind, size, stride):
-    """(Y, Xbar, dY) of max or average pooling (VALID windows) in one compiled function."""
+def jax_pool(kind, size, stride, padding=0):
+    """(Y, Xbar, dY) of max or average pooling (padding -inf or 0 on every side) in one
+    compiled function."""
+    window, strides = (1, 1, size, size), (1, 1, stride, stride)
+    pad = ((0, 0), (0, 0), (padding, padding), (padding, padding))
     if kind == "max":
-        f = lambda X: lax.reduce_window(
-            X, -jnp.inf, lax.max, (1, 1, size, size), (1, 1, stride, stride), "VALID"
-        )  # noqa: E731
+        f = lambda X: lax.reduce_window(X, -jnp.inf, lax.max, window, strides, pad)  # noqa: E731
     else:
-        f = lambda X: (
-            lax.reduce_window(
-                X, 0.0, lax.add, (1, 1, size, size), (1, 1, stride, stride), "VALID"
-            )
-            / size**2
-        )  # noqa: E731
+        f = lambda X: lax.reduce_window(X, 0.0, lax.add, window, strides, pad) / size**2  # noqa: E731
 
     def all_three(X, G, dX):
         Y, pullback = jax.vjp(f, X)
@@ -270,34 +266,40 @@ def test_relu_derivative_at_zero_is_zero_as_in_jax():
     np.testing.assert_array_equal(L.relu_vjp(x, G), [0.0, 0.0, 0.0, 1.0])
 
 
-POOL = [(2, 2), (3, 1), (3, 2), (2, 3)]  # (size, stride): tiling, overlapping, gaps
+# (size, stride, padding): tiling, overlapping, gaps, padded
+POOL = [(2, 2, 0), (3, 1, 0), (3, 2, 0), (2, 3, 0), (3, 1, 1), (2, 2, 1), (3, 2, 1)]
 
 
 @settings(max_examples=30)
 @given(st.sampled_from(POOL), st.booleans(), seeds)
 def test_max_pool_with_ties_matches_jax(pool, ties, seed):
     """With ties (small integers), the first maximum in row-major window order gets it all."""
-    size, stride = pool
+    size, stride, padding = pool
+    geometry = {"size": size, "stride": stride, "padding": padding}
     rng = np.random.default_rng(seed)
     shape = (2, 3, 7, 6)
     X = rng.integers(0, 3, shape).astype(float) if ties else rng.standard_normal(shape)
-    Y = L.max_pool(X, size=size, stride=stride)
+    Y = L.max_pool(X, **geometry)
     G, dX = draw(rng, Y.shape, X.shape)
-    Yj, Xbar, dY = jax_pool("max", size, stride)(X, G, dX)
+    Yj, Xbar, dY = jax_pool("max", size, stride, padding)(X, G, dX)
     np.testing.assert_array_equal(Y, np.asarray(Yj))
-    close(L.max_pool_vjp(X, G, size=size, stride=stride), np.asarray(Xbar))
-    close(L.max_pool_jvp(X, dX, size=size, stride=stride), np.asarray(dY))
+    close(L.max_pool_vjp(X, G, **geometry), np.asarray(Xbar))
+    if not ties or padding == 0:
+        # on ties in padded windows, JAX's JVP of reduce_window max (select and gather)
+        # need not pick the first maximum that its VJP picks; the dot-product test
+        # below ties derivlib's JVP to its VJP, which matches jax.vjp
+        close(L.max_pool_jvp(X, dX, **geometry), np.asarray(dY))
     assert (
         dot_product_gap(
-            lambda X, dX: L.max_pool_jvp(X, dX, size=size, stride=stride),
-            lambda X, G: L.max_pool_vjp(X, G, size=size, stride=stride),
+            lambda X, dX: L.max_pool_jvp(X, dX, **geometry),
+            lambda X, G: L.max_pool_vjp(X, G, **geometry),
             (X,),
             (dX,),
             G,
         )
         < 1e-12
     )
-    S = L.max_pool_matrix(X[0], size=size, stride=stride)
+    S = L.max_pool_matrix(X[0], **geometry)
     np.testing.assert_array_equal(S @ X[0].ravel(), Y[0].ravel())
     assert np.all(S.sum(axis=1) == 1)
     # the selection against an independent oracle: S^T vec G is JAX's gradient
@@ -314,18 +316,19 @@ def test_max_pool_tie_goes_to_the_first_entry():
 @settings(max_examples=20)
 @given(st.sampled_from(POOL), seeds)
 def test_avg_pool_matches_jax(pool, seed):
-    size, stride = pool
+    size, stride, padding = pool
+    geometry = {"size": size, "stride": stride, "padding": padding}
     rng = np.random.default_rng(seed)
     (X,) = draw(rng, (2, 3, 7, 6))
-    Y = L.avg_pool(X, size=size, stride=stride)
+    Y = L.avg_pool(X, **geometry)
     G, dX = draw(rng, Y.shape, X.shape)
-    Yj, Xbar, _ = jax_pool("avg", size, stride)(X, G, dX)
+    Yj, Xbar, _ = jax_pool("avg", size, stride, padding)(X, G, dX)
     close(Y, np.asarray(Yj))
-    close(L.avg_pool_vjp(X, G, size=size, stride=stride), np.asarray(Xbar))
+    close(L.avg_pool_vjp(X, G, **geometry), np.asarray(Xbar))
     assert (
         dot_product_gap(
-            lambda X, dX: L.avg_pool_jvp(X, dX, size=size, stride=stride),
-            lambda X, G: L.avg_pool_vjp(X, G, size=size, stride=stride),
+            lambda X, dX: L.avg_pool_jvp(X, dX, **geometry),
+            lambda X, G: L.avg_pool_vjp(X, G, **geometry),
             (X,),
             (dX,),
             G,
@@ -640,7 +643,7 @@ PLANTS = {
     ),
     "avg_pool": (
         "_add_windows",
-        lambda shape, value, size, stride: np.zeros(shape),  # spreads nothing
+        lambda shape, value, size, stride, padding: np.zeros(shape),  # spreads nothing
         L.avg_pool_jvp,
         L.avg_pool_vjp,
         _pool_point,
@@ -676,7 +679,9 @@ def test_a_mistake_in_the_vjp_helper_fails_the_dot_product_test(family, monkeypa
     primals, tangents, W = point(rng)
     if family == "max_pool":
         wrong_argmax = wrong
-        wrong = lambda X, *, size=2, stride=None: wrong_argmax(X, size, size)  # noqa: E731
+        wrong = lambda X, *, size=2, stride=None, padding=0: wrong_argmax(  # noqa: E731
+            X, size, size
+        )
     assert dot_product_gap(jvp, vjp, primals, tangents, W) < 1e-12
     monkeypatch.setattr(L, helper, wrong)
     assert dot_product_gap(jvp, vjp, primals, tangents, W) > 1e-3
@@ -889,3 +894,13 @@ def test_batch_norm2d_refuses_one_value_per_channel_and_names_arguments():
         L.batch_norm_eval(np.ones((3, 2)), g, b, mean=g, var=-g)
     with pytest.raises(ValueError, match=r"mean must have shape \(3,\)"):
         L.batch_norm_eval(np.ones((3, 2)), g, b, mean=np.ones(2), var=g)
+
+
+def test_pool_padding_is_at_most_half_the_window():
+    X = np.zeros((1, 1, 4, 4))
+    with pytest.raises(
+        ValueError, match=r"padding must be at most size // 2 = 1.*got 2"
+    ):
+        L.max_pool(X, size=3, padding=2)
+    with pytest.raises(ValueError, match="padding must be a non-negative integer"):
+        L.avg_pool_vjp(X, np.zeros((1, 1, 2, 2)), padding=-1)
