@@ -60,36 +60,34 @@ def conv_output_size(size, k, stride, padding):
     return (size + 2 * padding - k) // stride + 1
 
 
-def im2col(X, kh, kw, *, stride=1, padding=0):
-    """The patch matrix phi(X) of eq. 5.2 for a batch, shape (N H'W', C kh kw).
+def im2col(X, kh, kw, *, stride=1, padding=0, dilation=1):
+    """The patch matrix phi(X) of eqs. 5.2 and 5.25 for a batch, (N H'W', C kh kw).
 
     Row (n, i, j) is the patch of output pixel (i, j) of image n (images stacked, pixels
-    row by row); column (c, u, v) holds pixel (u, v) of channel c of the patch. Zero
-    padding is explicit. The array is the transpose of a contiguous (C kh kw, N H'W')
-    array, the layout in which the backward products are single matrix products.
+    row by row); column (c, u, v) holds pixel (i stride + u dilation, j stride + v
+    dilation) of channel c of the padded image. `padding` is p, (p_h, p_w) or ((top,
+    bottom), (left, right)); zero padding is explicit. The array is the transpose of
+    a contiguous (C kh kw, N H'W') array, the layout in which the backward products
+    are single matrix products.
     """
     X = _images(X, "X")
-    kh, kw, stride, padding = _geometry(X.shape, kh, kw, stride, padding)
-    N, C = X.shape[:2]
-    Xp = (
-        np.pad(X, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-        if padding
-        else X
+    kh, kw, stride, pads, d, Ho, Wo = _conv_geometry(
+        X.shape, kh, kw, stride, padding, dilation
     )
-    win = sliding_window_view(Xp, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride]
-    Ho, Wo = win.shape[2:4]
+    N, C = X.shape[:2]
+    Xp = np.pad(X, ((0, 0), (0, 0)) + pads) if any(sum(pads, ())) else X
+    span = ((kh - 1) * d + 1, (kw - 1) * d + 1)
+    win = sliding_window_view(Xp, span, axis=(2, 3))[:, :, ::stride, ::stride, ::d, ::d]
     return win.transpose(1, 4, 5, 0, 2, 3).reshape(C * kh * kw, N * Ho * Wo).T
 
 
-def col2im(cols, x_shape, kh, kw, *, stride=1, padding=0):
+def col2im(cols, x_shape, kh, kw, *, stride=1, padding=0, dilation=1):
     """The adjoint of im2col, eq. 5.6: scatter patch entries back to their pixels,
     the overlaps adding. cols has im2col's shape (N H'W', C kh kw); returns x_shape
     (NCHW)."""
     N, C, H, W = _shape4(x_shape)
-    kh, kw, stride, padding = _geometry((N, C, H, W), kh, kw, stride, padding)
-    Ho, Wo = (
-        conv_output_size(H, kh, stride, padding),
-        conv_output_size(W, kw, stride, padding),
+    kh, kw, stride, pads, d, Ho, Wo = _conv_geometry(
+        (N, C, H, W), kh, kw, stride, padding, dilation
     )
     cols = as_finite_array(cols, "cols", 2)
     if cols.shape != (N * Ho * Wo, C * kh * kw):
@@ -97,24 +95,21 @@ def col2im(cols, x_shape, kh, kw, *, stride=1, padding=0):
             f"cols must have shape {(N * Ho * Wo, C * kh * kw)} for images {x_shape}, "
             f"got {cols.shape}"
         )
-    d = cols.T.reshape(C, kh, kw, N, Ho, Wo)
-    Xp = np.zeros((C, N, H + 2 * padding, W + 2 * padding))
+    (top, bottom), (left, right) = pads
+    D = cols.T.reshape(C, kh, kw, N, Ho, Wo)
+    Xp = np.zeros((C, N, H + top + bottom, W + left + right))
     for u in range(kh):
         for v in range(kw):
             Xp[
                 :,
                 :,
-                u : u + stride * (Ho - 1) + 1 : stride,
-                v : v + stride * (Wo - 1) + 1 : stride,
-            ] += d[:, u, v]
-    return (
-        Xp[:, :, padding : padding + H, padding : padding + W]
-        .transpose(1, 0, 2, 3)
-        .copy()
-    )
+                u * d : u * d + stride * (Ho - 1) + 1 : stride,
+                v * d : v * d + stride * (Wo - 1) + 1 : stride,
+            ] += D[:, u, v]
+    return Xp[:, :, top : top + H, left : left + W].transpose(1, 0, 2, 3).copy()
 
 
-def im2col_matrix(x_shape, kh, kw, *, stride=1, padding=0):
+def im2col_matrix(x_shape, kh, kw, *, stride=1, padding=0, dilation=1):
     """The 0/1 selection matrix Phi of eq. 5.3, vec phi(x) = Phi vec x, for one image.
 
     x_shape is (C, H, W); Phi has shape (H'W' C kh kw, C H W) and is dense (for small
@@ -122,64 +117,120 @@ def im2col_matrix(x_shape, kh, kw, *, stride=1, padding=0):
     """
     C, H, W = _shape3(x_shape)
     n = C * H * W
+    geometry = {"stride": stride, "padding": padding, "dilation": dilation}
     # im2col of every basis image e_q at once: phi(e_q) is block q of the rows
-    phis = im2col(np.eye(n).reshape(n, C, H, W), kh, kw, stride=stride, padding=padding)
+    phis = im2col(np.eye(n).reshape(n, C, H, W), kh, kw, **geometry)
     P = phis.shape[0] // n
     # column q of Phi is vec phi(e_q), the (P, C kh kw) block read column by column
     return phis.reshape(n, P, -1).transpose(0, 2, 1).reshape(n, -1).T.copy()
 
 
-def conv2d(X, K, *, stride=1, padding=0):
-    """Cross-correlation (no kernel flip) with zero padding, eq. 5.1 and 5.2.
+def conv2d(X, K, *, stride=1, padding=0, dilation=1, groups=1):
+    """Cross-correlation (no kernel flip) with zero padding, eqs. 5.1, 5.2 and 5.25.
 
-    X (N, C, H, W), K (O, C, kh, kw) -> Y (N, O, H', W'); per image, Y_n = phi(x_n) F.
+    X (N, C, H, W), K (O, C / groups, kh, kw) -> Y (N, O, H', W'); per image and
+    group g, Y_ng = phi(x_ng) F_g, where x_ng holds the C / groups channels of group g
+    and F_g the O / groups filters of group g (groups = C: depthwise). `padding` is
+    p, (p_h, p_w) or ((top, bottom), (left, right)); `dilation` spaces the kernel's
+    taps.
     """
-    X, K = _conv_pair(X, K)
-    phi = im2col(X, K.shape[2], K.shape[3], stride=stride, padding=padding)
-    Ho, Wo = _out_hw(X, K, stride, padding)
-    YT = kernel_matrix(K).T @ phi.T  # (O, N H'W'): (phi F)^T
-    return YT.reshape(K.shape[0], X.shape[0], Ho, Wo).transpose(1, 0, 2, 3).copy()
+    X, K, groups = _conv_pair(X, K, groups)
+    kh, kw = K.shape[2:]
+    geometry = {"stride": stride, "padding": padding, "dilation": dilation}
+    Ho, Wo = _out_hw(X, K, stride, padding, dilation)
+    N, O = X.shape[0], K.shape[0]
+    Cg, Og = X.shape[1] // groups, O // groups
+    Y = np.empty((N, O, Ho, Wo))
+    for g in range(groups):
+        phi = im2col(X[:, g * Cg : (g + 1) * Cg], kh, kw, **geometry)
+        YT = kernel_matrix(K[g * Og : (g + 1) * Og]).T @ phi.T  # (phi F_g)^T
+        Y[:, g * Og : (g + 1) * Og] = YT.reshape(Og, N, Ho, Wo).transpose(1, 0, 2, 3)
+    return Y
 
 
-def conv2d_jvp(X, K, dX, dK, *, stride=1, padding=0):
-    """dY = conv(dX, K) + conv(X, dK): the layer is bilinear (eq. 5.4)."""
-    X, K = _conv_pair(X, K)
+def conv2d_jvp(X, K, dX, dK, *, stride=1, padding=0, dilation=1, groups=1):
+    """dY = conv(dX, K) + conv(X, dK): the layer is bilinear (eqs. 5.4 and 5.25)."""
+    X, K, groups = _conv_pair(X, K, groups)
     dX, dK = _like(dX, X, "dX"), _like(dK, K, "dK")
-    geometry = {"stride": stride, "padding": padding}
+    geometry = {
+        "stride": stride,
+        "padding": padding,
+        "dilation": dilation,
+        "groups": groups,
+    }
     return conv2d(dX, K, **geometry) + conv2d(X, dK, **geometry)
 
 
-def conv2d_vjp(X, K, G, *, stride=1, padding=0, input_grad=True):
-    """The backward rules of eq. 5.5 and 5.6: (Xbar, Kbar) for the cotangent G (N, O,
-    H', W').
+def conv2d_vjp(X, K, G, *, stride=1, padding=0, dilation=1, groups=1, input_grad=True):
+    """The backward rules of eqs. 5.5, 5.6 and 5.25: (Xbar, Kbar) for the cotangent G
+    (N, O, H', W').
 
     Kbar: F bar = phi(X)^T G (images stacked).  Xbar: vec xbar = Phi^T vec(G F^T),
-    i.e. col2im of G F^T. With stride 1 the same sums are taken one kernel offset at
-    a time, without forming phi(X) (eq. 5.20). With input_grad=False, Xbar is not
+    i.e. col2im of G F^T; group by group. With stride 1, dilation 1, one group and
+    the same padding on every side the same sums are taken one kernel offset at a
+    time, without forming phi(X) (eq. 5.20). With input_grad=False, Xbar is not
     computed and None is returned in its place (for a first layer, whose input is
     data)."""
-    X, K = _conv_pair(X, K)
+    X, K, groups = _conv_pair(X, K, groups)
     N, O = X.shape[0], K.shape[0]
-    Ho, Wo = _out_hw(X, K, stride, padding)
+    _, _, stride, pads, dilation, Ho, Wo = _conv_geometry(
+        X.shape, K.shape[2], K.shape[3], stride, padding, dilation
+    )
     G = _cotangent(G, (N, O, Ho, Wo))
-    if stride == 1:
-        return _conv2d_vjp_shifts(X, K, G, padding, input_grad)
-    return _conv2d_vjp_im2col(X, K, G, stride, padding, input_grad)
+    if stride == 1 and dilation == 1 and groups == 1 and len(set(sum(pads, ()))) == 1:
+        return _conv2d_vjp_shifts(X, K, G, pads[0][0], input_grad)
+    return _conv2d_vjp_im2col(X, K, G, stride, pads, input_grad, dilation, groups)
 
 
-def _conv2d_vjp_im2col(X, K, G, stride, padding, input_grad=True):
-    """Eq. 5.5 and 5.6 as written: one product with phi(X), and col2im of G F^T."""
+def _conv2d_vjp_im2col(X, K, G, stride, padding, input_grad=True, dilation=1, groups=1):
+    """Eqs. 5.5 and 5.6 as written, group by group: one product with phi(X), and
+    col2im of G F^T."""
     O, kh, kw = K.shape[0], K.shape[2], K.shape[3]
-    GT = G.transpose(1, 0, 2, 3).reshape(O, -1)  # G^T, (O, N H'W')
-    phi = im2col(X, kh, kw, stride=stride, padding=padding)  # (N H'W', C kh kw)
-    F = kernel_matrix(K)  # (C kh kw, O)
-    Fbar = (GT @ phi).T  # eq. 5.5: phi^T G
-    if not input_grad:
-        return None, Fbar.T.reshape(K.shape)
-    Xbar = col2im(
-        (F @ GT).T, X.shape, kh, kw, stride=stride, padding=padding
-    )  # eq. 5.6: Phi^T vec(G F^T)
-    return Xbar, Fbar.T.reshape(K.shape)
+    Cg, Og = X.shape[1] // groups, O // groups
+    geometry = {"stride": stride, "padding": padding, "dilation": dilation}
+    Kbar = np.empty(K.shape)
+    Xbar = np.empty(X.shape) if input_grad else None
+    for g in range(groups):
+        Xg = X[:, g * Cg : (g + 1) * Cg]
+        GT = G[:, g * Og : (g + 1) * Og].transpose(1, 0, 2, 3).reshape(Og, -1)  # G^T
+        phi = im2col(Xg, kh, kw, **geometry)  # (N H'W', C/groups kh kw)
+        Kbar[g * Og : (g + 1) * Og] = (GT @ phi).reshape(Og, Cg, kh, kw)  # eq. 5.5
+        if input_grad:
+            F = kernel_matrix(K[g * Og : (g + 1) * Og])  # (C/groups kh kw, O/groups)
+            Xbar[:, g * Cg : (g + 1) * Cg] = col2im(
+                (F @ GT).T, Xg.shape, kh, kw, **geometry
+            )  # eq. 5.6: Phi^T vec(G F^T)
+    return Xbar, Kbar
+
+
+def conv2d_bias(X, K, b, *, stride=1, padding=0, dilation=1, groups=1):
+    """Eq. 5.25: conv2d(X, K, ...) + b, the bias b (O,) added to every pixel of output
+    channel o."""
+    X, K, b = _conv_bias_args(X, K, b)
+    geometry = {"stride": stride, "padding": padding, "dilation": dilation}
+    return conv2d(X, K, groups=groups, **geometry) + b[None, :, None, None]
+
+
+def conv2d_bias_jvp(X, K, b, dX, dK, db, *, stride=1, padding=0, dilation=1, groups=1):
+    """Eq. 5.25: dY = conv(dX, K) + conv(X, dK) + db at every pixel."""
+    X, K, b = _conv_bias_args(X, K, b)
+    db = _like(db, b, "db")
+    geometry = {"stride": stride, "padding": padding, "dilation": dilation}
+    dY = conv2d_jvp(X, K, dX, dK, groups=groups, **geometry)
+    return dY + db[None, :, None, None]
+
+
+def conv2d_bias_vjp(
+    X, K, b, G, *, stride=1, padding=0, dilation=1, groups=1, input_grad=True
+):
+    """Eq. 5.25: (Xbar, Kbar, bbar), with (Xbar, Kbar) of `conv2d_vjp` and bbar = the
+    sum of G over the images and pixels of each channel."""
+    X, K, b = _conv_bias_args(X, K, b)
+    geometry = {"stride": stride, "padding": padding, "dilation": dilation}
+    Xbar, Kbar = conv2d_vjp(
+        X, K, G, groups=groups, input_grad=input_grad, **geometry
+    )  # G is checked here
+    return Xbar, Kbar, np.asarray(G, dtype=np.float64).sum(axis=(0, 2, 3))
 
 
 def _conv2d_vjp_shifts(X, K, G, padding, input_grad=True):
@@ -907,22 +958,75 @@ def _geometry(x_shape, kh, kw, stride, padding):
     return kh, kw, stride, padding
 
 
-def _conv_pair(X, K):
+def _conv_pair(X, K, groups=1):
     X, K = _images(X, "X"), as_finite_array(K, "K", 4)
-    if K.shape[1] != X.shape[1]:
+    groups = _integer(groups, "groups", 1)
+    C, O = X.shape[1], K.shape[0]
+    if C % groups or O % groups:
         raise ValueError(
-            f"K must have X's {X.shape[1]} input channels in axis 1 (OIHW), "
+            f"groups must divide X's {C} input channels and K's {O} filters, got "
+            f"groups = {groups}"
+        )
+    if K.shape[1] != C // groups:
+        per = " per group" if groups > 1 else ""
+        raise ValueError(
+            f"K must have X's {C // groups} input channels{per} in axis 1 (OIHW), "
             f"got X {X.shape} and K {K.shape}"
         )
-    return X, K
+    return X, K, groups
 
 
-def _out_hw(X, K, stride, padding):
-    _, _, stride, padding = _geometry(X.shape, K.shape[2], K.shape[3], stride, padding)
-    return (
-        conv_output_size(X.shape[2], K.shape[2], stride, padding),
-        conv_output_size(X.shape[3], K.shape[3], stride, padding),
+def _conv_bias_args(X, K, b):
+    K = as_finite_array(K, "K", 4)
+    b = as_finite_array(b, "b", 1)
+    if b.shape != (K.shape[0],):
+        raise ValueError(
+            f"b must have shape {(K.shape[0],)} (one per filter of K {K.shape}), got "
+            f"{b.shape}"
+        )
+    return _images(X, "X"), K, b
+
+
+def _padding_pairs(padding):
+    """((top, bottom), (left, right)) from p, (p_h, p_w) or ((top, bottom), (left,
+    right)), each a non-negative integer."""
+    if isinstance(padding, (tuple, list)) and len(padding) == 2:
+        pairs = [p if isinstance(p, (tuple, list)) else (p, p) for p in padding]
+        if all(len(p) == 2 for p in pairs):
+            return tuple(
+                tuple(_integer(v, "padding", 0) for v in pair) for pair in pairs
+            )
+        raise ValueError(
+            f"padding must be p, (p_h, p_w) or ((top, bottom), (left, right)), got "
+            f"{padding!r}"
+        )
+    p = _integer(padding, "padding", 0)
+    return ((p, p), (p, p))
+
+
+def _conv_geometry(x_shape, kh, kw, stride, padding, dilation):
+    """(kh, kw, stride, padding pairs, dilation, H', W'), checked, and the dilated
+    kernel checked to fit the padded image."""
+    kh, kw = _integer(kh, "kh", 1), _integer(kw, "kw", 1)
+    stride, d = _integer(stride, "stride", 1), _integer(dilation, "dilation", 1)
+    pads = _padding_pairs(padding)
+    H = x_shape[2] + pads[0][0] + pads[0][1]
+    W = x_shape[3] + pads[1][0] + pads[1][1]
+    eh, ew = (kh - 1) * d + 1, (kw - 1) * d + 1
+    if eh > H or ew > W:
+        dilated = f" with dilation {d}" if d > 1 else ""
+        raise ValueError(
+            f"a {kh} x {kw} kernel{dilated} does not fit images of shape "
+            f"{tuple(x_shape)} with padding {padding}"
+        )
+    return kh, kw, stride, pads, d, (H - eh) // stride + 1, (W - ew) // stride + 1
+
+
+def _out_hw(X, K, stride, padding, dilation=1):
+    geometry = _conv_geometry(
+        X.shape, K.shape[2], K.shape[3], stride, padding, dilation
     )
+    return geometry[5:]
 
 
 def _pool_geometry(x_shape, size, stride, padding=0):

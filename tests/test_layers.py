@@ -700,6 +700,16 @@ NAN_RULES = {
         [(1, 2, 5, 5), (3, 2, 3, 3), (1, 3, 3, 3)],
         ["X", "K", "G"],
     ),
+    "conv2d_bias_jvp": (
+        L.conv2d_bias_jvp,
+        [(1, 2, 5, 5), (3, 2, 3, 3), (3,), (1, 2, 5, 5), (3, 2, 3, 3), (3,)],
+        ["X", "K", "b", "dX", "dK", "db"],
+    ),
+    "conv2d_bias_vjp": (
+        L.conv2d_bias_vjp,
+        [(1, 2, 5, 5), (3, 2, 3, 3), (3,), (1, 3, 3, 3)],
+        ["X", "K", "b", "G"],
+    ),
     "col2im": (
         lambda cols: L.col2im(cols, (1, 2, 5, 5), 3, 3),
         [(9, 18)],
@@ -904,3 +914,70 @@ def test_pool_padding_is_at_most_half_the_window():
         L.max_pool(X, size=3, padding=2)
     with pytest.raises(ValueError, match="padding must be a non-negative integer"):
         L.avg_pool_vjp(X, np.zeros((1, 1, 2, 2)), padding=-1)
+
+
+# ----- Convolution with dilation, groups, per-axis padding and a bias -----
+
+# (N, C, H, W, O, kh, kw, stride, padding, dilation, groups)
+CONV_MORE = [
+    (2, 4, 7, 8, 6, 3, 3, 1, 1, 2, 2),  # dilation 2, two groups
+    (1, 3, 6, 7, 3, 3, 2, 1, ((1, 0), (2, 1)), 1, 3),  # depthwise, asymmetric padding
+    (2, 2, 8, 6, 4, 2, 3, 2, (0, 1), 2, 1),  # stride 2, dilation 2, (p_h, p_w)
+    (1, 2, 5, 5, 2, 3, 3, 1, (1, 2), 1, 1),  # stride 1, unequal padding: im2col path
+]
+
+
+@functools.lru_cache(maxsize=None)
+def jax_conv_more(cfg):
+    _, _, _, _, _, _, _, s, p, d, g = cfg
+    pairs = L._padding_pairs(p)
+
+    def f(X, K, b):
+        Y = lax.conv_general_dilated(
+            X, K, (s, s), pairs, rhs_dilation=(d, d), feature_group_count=g
+        )
+        return Y + b[None, :, None, None]
+
+    def both(X, K, b, G):
+        Y, pullback = jax.vjp(f, X, K, b)
+        return Y, pullback(G)
+
+    return jax.jit(both)
+
+
+@pytest.mark.parametrize("cfg", CONV_MORE)
+def test_conv2d_bias_dilation_groups_padding_against_jax(cfg):
+    N, C, H, W, O, kh, kw, s, p, d, g = cfg
+    opts = {"stride": s, "padding": p, "dilation": d, "groups": g}
+    rng = np.random.default_rng(17)
+    X, K, b = draw(rng, (N, C, H, W), (O, C // g, kh, kw), (O,))
+    Y = L.conv2d_bias(X, K, b, **opts)
+    (G,) = draw(rng, Y.shape)
+    Yj, theirs = jax_conv_more(cfg)(X, K, b, G)
+    close(Y, np.asarray(Yj))
+    for ours, their in zip(L.conv2d_bias_vjp(X, K, b, G, **opts), theirs):
+        close(ours, np.asarray(their))
+    close(L.conv2d_vjp(X, K, G, input_grad=False, **opts)[1], np.asarray(theirs[1]))
+    for _ in range(3):
+        gap = dot_product_gap(
+            lambda *a: L.conv2d_bias_jvp(*a, **opts),
+            lambda *a: L.conv2d_bias_vjp(*a, **opts),
+            draw(rng, X.shape, K.shape, b.shape),
+            draw(rng, X.shape, K.shape, b.shape),
+            rng.standard_normal(Y.shape),
+        )
+        assert gap < 1e-12
+
+
+def test_conv_groups_and_padding_errors():
+    X = np.zeros((1, 4, 5, 5))
+    with pytest.raises(ValueError, match="groups must divide X's 4 input channels"):
+        L.conv2d(X, np.zeros((6, 1, 3, 3)), groups=3)
+    with pytest.raises(ValueError, match="K must have X's 2 input channels per group"):
+        L.conv2d(X, np.zeros((4, 4, 3, 3)), groups=2)
+    with pytest.raises(ValueError, match=r"padding must be p, \(p_h, p_w\)"):
+        L.conv2d(X, np.zeros((4, 4, 3, 3)), padding=((1, 2, 3), (0, 0)))
+    with pytest.raises(ValueError, match="kernel with dilation 3 does not fit"):
+        L.conv2d(X, np.zeros((4, 4, 3, 3)), dilation=3)
+    with pytest.raises(ValueError, match=r"b must have shape \(4,\)"):
+        L.conv2d_bias(X, np.zeros((4, 4, 3, 3)), np.zeros(3))
