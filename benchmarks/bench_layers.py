@@ -91,7 +91,9 @@ def bench(label, x_shape, filters, repeats):
         "im2col form (5.5)-(5.6)": best_of(
             lambda: _conv2d_vjp_im2col(X, K, G, 1, 1), repeats
         ),
-        "of which im2col": best_of(lambda: im2col(X, 3, 3, 1, 1), repeats),
+        "of which im2col": best_of(
+            lambda: im2col(X, 3, 3, stride=1, padding=1), repeats
+        ),
         "conv2d_vjp Kbar only (input_grad=False)": best_of(
             lambda: conv2d_vjp(X, K, G, padding=1, input_grad=False), repeats
         ),

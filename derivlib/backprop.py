@@ -1,8 +1,12 @@
 """Chapter 4: reverse mode. Backward rules (VJPs) read off differentials.
 
-Every rule comes in a pair: ``<name>_jvp(*primals, *tangents)`` is the differential
-dY = L(dX) (the forward rule) and ``<name>_vjp(*primals, G)`` its adjoint L*(G), the
-gradient with respect to the inputs of the scalar <G, Y> (eq. 4.2). Both take and
+Every rule comes in a pair: ``<name>_jvp(*primals, *tangents, **options)`` is the
+differential dY = L(dX) (the forward rule) and ``<name>_vjp(*primals, G, **options)``
+its adjoint L*(G), the gradient with respect to the inputs of the scalar <G, Y> (eq.
+4.2); options are keyword-only. Each JVP is written from the forward differential,
+independently of its VJP (they share forward values, never a derivative helper), so
+the dot-product test compares two derivations. Every rule refuses a non-finite
+primal, tangent or cotangent and names the argument at fault. Both take and
 return arrays in the shapes of the forward function (never vec layout), so they drop
 into a training loop; with several inputs the VJP returns a tuple, one gradient per
 input. A scalar output has a scalar cotangent, written ``g``.
@@ -71,16 +75,18 @@ def hadamard_vjp(A, B, G):
 # ----- Element-wise functions -----
 
 
-def elementwise_jvp(fprime, X, dX):
+def elementwise_jvp(X, dX, *, fprime):
     """Eq. 4.8: d f[X] = f'[X] o dX, for a scalar function f applied entry by entry.
 
     `fprime` is f', applied element-wise to X (any shape); the result has X's shape.
+    The map is diagonal, so the JVP and the VJP apply the same f'[X]: the dot-product
+    test cannot see a wrong `fprime`, only the check against jax.vjp can.
     """
     X = as_finite_array(X, "X")
     return _fprime(fprime, X) * _tangent(dX, X.shape, "dX")
 
 
-def elementwise_vjp(fprime, X, G):
+def elementwise_vjp(X, G, *, fprime):
     """Eq. 4.8: Xbar = G o f'[X], of the shape of X (the map is its own adjoint)."""
     X = as_finite_array(X, "X")
     return _cotangent(G, X.shape) * _fprime(fprime, X)
@@ -92,9 +98,14 @@ def tanh(X):
 
 
 def tanh_jvp(X, dX):
-    """Eq. 4.8 with tanh' = 1 - tanh^2: d tanh[X] = (1 - Y o Y) o dX, Y = tanh[X]."""
+    """Eq. 4.8 from the forward differential: d tanh[X] = sech^2[X] o dX, with
+    sech^2 x = 1 / cosh^2 x (0 where cosh overflows, |x| > 710). Written
+    independently of `tanh_vjp`, which reads 1 - Y o Y off the output."""
     X = as_finite_array(X, "X")
-    return _tanh_vjp_from_output(np.tanh(X), _tangent(dX, X.shape, "dX"))
+    dX = _tangent(dX, X.shape, "dX")
+    with np.errstate(over="ignore"):
+        cosh = np.cosh(X)
+    return dX * (1.0 / cosh) ** 2
 
 
 def tanh_vjp(X, G):
@@ -107,7 +118,7 @@ def tanh_vjp(X, G):
 
 
 def _tanh_vjp_from_output(Y, G):
-    """G o (1 - Y o Y): the rule reads the forward output Y = tanh[X] only."""
+    """G o (1 - Y o Y): the VJP reads the forward output Y = tanh[X] only."""
     return G * (1.0 - Y * Y)
 
 
@@ -119,12 +130,19 @@ def softmax_jvp(X, dX):
 
     X is a vector (m,) or a matrix (m, n); the softmax acts along the axis of
     `derivlib.softmax` (the columns of a matrix with m > 1). O(mn), no Jacobian.
+    Computed from the forward differential of S = E / (1^T E), E = exp[X - max X],
+    by the quotient rule: dS = (E o dX) / s - E (1^T (E o dX)) / s^2, s = 1^T E;
+    independently of `softmax_vjp`, so that the dot-product test compares two
+    derivations.
     """
     X = _logits(X, "X")
+    dX = _tangent(dX, X.shape, "dX")
     axis = softmax_axis(X.shape)
-    return _softmax_vjp_from_output(
-        _softmax(X, axis), _tangent(dX, X.shape, "dX"), axis
-    )
+    E = np.exp(X - X.max(axis=axis, keepdims=True))
+    s = E.sum(axis=axis, keepdims=True)
+    dE = E * dX  # d exp[X] = exp[X] o dX
+    ds = dE.sum(axis=axis, keepdims=True)  # d(1^T E)
+    return dE / s - E * (ds / (s * s))
 
 
 def _softmax(X, axis):
@@ -139,8 +157,8 @@ def softmax_vjp(X, G):
     """Eq. 4.9: Xbar = S o (G - 1 1^T (S o G)), S = softmax(X), shape of X.
 
     Column i is (diag(s_i) - s_i s_i^T) g_i, the transposed Jacobian block of column i
-    applied to g_i; the blocks are symmetric, so this is also the JVP's formula. Costs
-    O(mn) operations and memory: the (mn, mn) Jacobian is never formed.
+    applied to g_i. Costs O(mn) operations and memory: the (mn, mn) Jacobian is never
+    formed.
     """
     X = _logits(X, "X")
     G = _cotangent(G, X.shape)
@@ -149,9 +167,9 @@ def softmax_vjp(X, G):
 
 
 def _softmax_vjp_from_output(S, G, axis=0):
-    """S o (G - 1 1^T (S o G)) along `axis`, from the softmax values S. The sums
-    1^T (S o G) come from einsum, which never forms S o G: two passes over arrays of
-    the size of S and one new array, the result."""
+    """S o (G - 1 1^T (S o G)) along `axis`, from the softmax values S (the VJP only).
+    The sums 1^T (S o G) come from einsum, which never forms S o G: two passes over
+    arrays of the size of S and one new array, the result."""
     if S.ndim == 1:
         sums = np.dot(S, G)
     elif axis == 0:
@@ -463,7 +481,7 @@ def mlp_loss(params, X, Y):
     return float(-np.sum(Y * _log_softmax(Z, 0)) / X.shape[1])
 
 
-def mlp_loss_and_grad(params, X, Y, check_finite=True):
+def mlp_loss_and_grad(params, X, Y, *, check_finite=True):
     """Eq. 4.20: the loss of eq. 4.19 and its gradient with respect to every parameter,
     by the backward pass: the rules of eqs. 4.6, 4.8, 4.11 and 4.18 applied from the
     loss back to W1. Returns (L, grads), grads a dict shaped like `params`.

@@ -8,9 +8,18 @@ channels, input channels, height, width), JAX's default for
 shape (HW, C), pixels numbered row by row, and the column-major vec of that matrix
 is ``x.ravel()``. That is the one place where the two layouts meet.
 
-As in Chapter 4, ``<name>_jvp(*primals, *tangents)`` is the differential and
-``<name>_vjp(*primals, G)`` its adjoint (a tuple with several inputs), both in the
-shapes of the forward function. Options such as ``stride`` come after, by keyword."""
+As in Chapter 4, ``<name>_jvp(*primals, *tangents, **options)`` is the differential
+and ``<name>_vjp(*primals, G, **options)`` its adjoint (a tuple with several inputs),
+both in the shapes of the forward function; options such as ``stride``, ``size``,
+``eps`` and ``mask`` are keyword-only, in the forward functions too. Each JVP is
+written from the forward differential, independently of its VJP (they share forward
+values, never a derivative helper), so that the dot-product test compares two
+derivations. Every rule refuses a non-finite primal, tangent or cotangent with a
+ValueError naming the argument at fault (``dX``, ``dK``, ``G``, ...).
+
+Max pooling: where a window holds its maximum more than once, the whole derivative
+goes to the first maximum in row-major order inside the window, as in JAX's
+``lax.reduce_window`` max and its derivatives."""
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -55,61 +64,56 @@ def conv_output_size(size, k, stride, padding):
     return (size + 2 * padding - k) // stride + 1
 
 
-def im2col(X, kh, kw, stride=1, padding=0):
-    """The patch matrix phi(X) of eq. 5.2 for a batch, shape (N H'W', C kh kw).
+def im2col(X, kh, kw, *, stride=1, padding=0, dilation=1):
+    """The patch matrix phi(X) of eqs. 5.2 and 5.25 for a batch, (N H'W', C kh kw).
 
     Row (n, i, j) is the patch of output pixel (i, j) of image n (images stacked, pixels
-    row by row); column (c, u, v) holds pixel (u, v) of channel c of the patch. Zero
-    padding is explicit. The array is the transpose of a contiguous (C kh kw, N H'W')
-    array, the layout in which the backward products are single matrix products.
+    row by row); column (c, u, v) holds pixel (i stride + u dilation, j stride + v
+    dilation) of channel c of the padded image. `padding` is p, (p_h, p_w) or ((top,
+    bottom), (left, right)); zero padding is explicit. The array is the transpose of
+    a contiguous (C kh kw, N H'W') array, the layout in which the backward products
+    are single matrix products.
     """
     X = _images(X, "X")
-    kh, kw, stride, padding = _geometry(X.shape, kh, kw, stride, padding)
-    N, C = X.shape[:2]
-    Xp = (
-        np.pad(X, ((0, 0), (0, 0), (padding, padding), (padding, padding)))
-        if padding
-        else X
+    kh, kw, stride, pads, d, Ho, Wo = _conv_geometry(
+        X.shape, kh, kw, stride, padding, dilation
     )
-    win = sliding_window_view(Xp, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride]
-    Ho, Wo = win.shape[2:4]
+    N, C = X.shape[:2]
+    Xp = np.pad(X, ((0, 0), (0, 0)) + pads) if any(sum(pads, ())) else X
+    span = ((kh - 1) * d + 1, (kw - 1) * d + 1)
+    win = sliding_window_view(Xp, span, axis=(2, 3))[:, :, ::stride, ::stride, ::d, ::d]
     return win.transpose(1, 4, 5, 0, 2, 3).reshape(C * kh * kw, N * Ho * Wo).T
 
 
-def col2im(cols, x_shape, kh, kw, stride=1, padding=0):
+def col2im(cols, x_shape, kh, kw, *, stride=1, padding=0, dilation=1):
     """The adjoint of im2col, eq. 5.6: scatter patch entries back to their pixels,
     the overlaps adding. cols has im2col's shape (N H'W', C kh kw); returns x_shape
     (NCHW)."""
     N, C, H, W = _shape4(x_shape)
-    kh, kw, stride, padding = _geometry((N, C, H, W), kh, kw, stride, padding)
-    Ho, Wo = (
-        conv_output_size(H, kh, stride, padding),
-        conv_output_size(W, kw, stride, padding),
+    kh, kw, stride, pads, d, Ho, Wo = _conv_geometry(
+        (N, C, H, W), kh, kw, stride, padding, dilation
     )
-    cols = as_float_array(cols, "cols", 2)
+    cols = as_finite_array(cols, "cols", 2)
     if cols.shape != (N * Ho * Wo, C * kh * kw):
         raise ValueError(
             f"cols must have shape {(N * Ho * Wo, C * kh * kw)} for images {x_shape}, "
             f"got {cols.shape}"
         )
-    d = cols.T.reshape(C, kh, kw, N, Ho, Wo)
-    Xp = np.zeros((C, N, H + 2 * padding, W + 2 * padding))
+    (top, bottom), (left, right) = pads
+    D = cols.T.reshape(C, kh, kw, N, Ho, Wo)
+    Xp = np.zeros((C, N, H + top + bottom, W + left + right))
     for u in range(kh):
         for v in range(kw):
             Xp[
                 :,
                 :,
-                u : u + stride * (Ho - 1) + 1 : stride,
-                v : v + stride * (Wo - 1) + 1 : stride,
-            ] += d[:, u, v]
-    return (
-        Xp[:, :, padding : padding + H, padding : padding + W]
-        .transpose(1, 0, 2, 3)
-        .copy()
-    )
+                u * d : u * d + stride * (Ho - 1) + 1 : stride,
+                v * d : v * d + stride * (Wo - 1) + 1 : stride,
+            ] += D[:, u, v]
+    return Xp[:, :, top : top + H, left : left + W].transpose(1, 0, 2, 3).copy()
 
 
-def im2col_matrix(x_shape, kh, kw, stride=1, padding=0):
+def im2col_matrix(x_shape, kh, kw, *, stride=1, padding=0, dilation=1):
     """The 0/1 selection matrix Phi of eq. 5.3, vec phi(x) = Phi vec x, for one image.
 
     x_shape is (C, H, W); Phi has shape (H'W' C kh kw, C H W) and is dense (for small
@@ -117,63 +121,120 @@ def im2col_matrix(x_shape, kh, kw, stride=1, padding=0):
     """
     C, H, W = _shape3(x_shape)
     n = C * H * W
+    geometry = {"stride": stride, "padding": padding, "dilation": dilation}
     # im2col of every basis image e_q at once: phi(e_q) is block q of the rows
-    phis = im2col(np.eye(n).reshape(n, C, H, W), kh, kw, stride, padding)
+    phis = im2col(np.eye(n).reshape(n, C, H, W), kh, kw, **geometry)
     P = phis.shape[0] // n
     # column q of Phi is vec phi(e_q), the (P, C kh kw) block read column by column
     return phis.reshape(n, P, -1).transpose(0, 2, 1).reshape(n, -1).T.copy()
 
 
-def conv2d(X, K, stride=1, padding=0):
-    """Cross-correlation (no kernel flip) with zero padding, eq. 5.1 and 5.2.
+def conv2d(X, K, *, stride=1, padding=0, dilation=1, groups=1):
+    """Cross-correlation (no kernel flip) with zero padding, eqs. 5.1, 5.2 and 5.25.
 
-    X (N, C, H, W), K (O, C, kh, kw) -> Y (N, O, H', W'); per image, Y_n = phi(x_n) F.
+    X (N, C, H, W), K (O, C / groups, kh, kw) -> Y (N, O, H', W'); per image and
+    group g, Y_ng = phi(x_ng) F_g, where x_ng holds the C / groups channels of group g
+    and F_g the O / groups filters of group g (groups = C: depthwise). `padding` is
+    p, (p_h, p_w) or ((top, bottom), (left, right)); `dilation` spaces the kernel's
+    taps.
     """
-    X, K = _conv_pair(X, K)
-    phi = im2col(X, K.shape[2], K.shape[3], stride, padding)
-    Ho, Wo = _out_hw(X, K, stride, padding)
-    YT = kernel_matrix(K).T @ phi.T  # (O, N H'W'): (phi F)^T
-    return YT.reshape(K.shape[0], X.shape[0], Ho, Wo).transpose(1, 0, 2, 3).copy()
+    X, K, groups = _conv_pair(X, K, groups)
+    kh, kw = K.shape[2:]
+    geometry = {"stride": stride, "padding": padding, "dilation": dilation}
+    Ho, Wo = _out_hw(X, K, stride, padding, dilation)
+    N, O = X.shape[0], K.shape[0]
+    Cg, Og = X.shape[1] // groups, O // groups
+    Y = np.empty((N, O, Ho, Wo))
+    for g in range(groups):
+        phi = im2col(X[:, g * Cg : (g + 1) * Cg], kh, kw, **geometry)
+        YT = kernel_matrix(K[g * Og : (g + 1) * Og]).T @ phi.T  # (phi F_g)^T
+        Y[:, g * Og : (g + 1) * Og] = YT.reshape(Og, N, Ho, Wo).transpose(1, 0, 2, 3)
+    return Y
 
 
-def conv2d_jvp(X, K, dX, dK, stride=1, padding=0):
-    """dY = conv(dX, K) + conv(X, dK): the layer is bilinear (eq. 5.4)."""
-    X, K = _conv_pair(X, K)
+def conv2d_jvp(X, K, dX, dK, *, stride=1, padding=0, dilation=1, groups=1):
+    """dY = conv(dX, K) + conv(X, dK): the layer is bilinear (eqs. 5.4 and 5.25)."""
+    X, K, groups = _conv_pair(X, K, groups)
     dX, dK = _like(dX, X, "dX"), _like(dK, K, "dK")
-    return conv2d(dX, K, stride, padding) + conv2d(X, dK, stride, padding)
+    geometry = {
+        "stride": stride,
+        "padding": padding,
+        "dilation": dilation,
+        "groups": groups,
+    }
+    return conv2d(dX, K, **geometry) + conv2d(X, dK, **geometry)
 
 
-def conv2d_vjp(X, K, G, stride=1, padding=0, input_grad=True):
-    """The backward rules of eq. 5.5 and 5.6: (Xbar, Kbar) for the cotangent G (N, O,
-    H', W').
+def conv2d_vjp(X, K, G, *, stride=1, padding=0, dilation=1, groups=1, input_grad=True):
+    """The backward rules of eqs. 5.5, 5.6 and 5.25: (Xbar, Kbar) for the cotangent G
+    (N, O, H', W').
 
     Kbar: F bar = phi(X)^T G (images stacked).  Xbar: vec xbar = Phi^T vec(G F^T),
-    i.e. col2im of G F^T. With stride 1 the same sums are taken one kernel offset at
-    a time, without forming phi(X) (eq. 5.20). With input_grad=False, Xbar is not
+    i.e. col2im of G F^T; group by group. With stride 1, dilation 1, one group and
+    the same padding on every side the same sums are taken one kernel offset at a
+    time, without forming phi(X) (eq. 5.20). With input_grad=False, Xbar is not
     computed and None is returned in its place (for a first layer, whose input is
     data)."""
-    X, K = _conv_pair(X, K)
+    X, K, groups = _conv_pair(X, K, groups)
     N, O = X.shape[0], K.shape[0]
-    Ho, Wo = _out_hw(X, K, stride, padding)
+    _, _, stride, pads, dilation, Ho, Wo = _conv_geometry(
+        X.shape, K.shape[2], K.shape[3], stride, padding, dilation
+    )
     G = _cotangent(G, (N, O, Ho, Wo))
-    if stride == 1:
-        return _conv2d_vjp_shifts(X, K, G, padding, input_grad)
-    return _conv2d_vjp_im2col(X, K, G, stride, padding, input_grad)
+    if stride == 1 and dilation == 1 and groups == 1 and len(set(sum(pads, ()))) == 1:
+        return _conv2d_vjp_shifts(X, K, G, pads[0][0], input_grad)
+    return _conv2d_vjp_im2col(X, K, G, stride, pads, input_grad, dilation, groups)
 
 
-def _conv2d_vjp_im2col(X, K, G, stride, padding, input_grad=True):
-    """Eq. 5.5 and 5.6 as written: one product with phi(X), and col2im of G F^T."""
+def _conv2d_vjp_im2col(X, K, G, stride, padding, input_grad=True, dilation=1, groups=1):
+    """Eqs. 5.5 and 5.6 as written, group by group: one product with phi(X), and
+    col2im of G F^T."""
     O, kh, kw = K.shape[0], K.shape[2], K.shape[3]
-    GT = G.transpose(1, 0, 2, 3).reshape(O, -1)  # G^T, (O, N H'W')
-    phi = im2col(X, kh, kw, stride, padding)  # (N H'W', C kh kw)
-    F = kernel_matrix(K)  # (C kh kw, O)
-    Fbar = (GT @ phi).T  # eq. 5.5: phi^T G
-    if not input_grad:
-        return None, Fbar.T.reshape(K.shape)
-    Xbar = col2im(
-        (F @ GT).T, X.shape, kh, kw, stride, padding
-    )  # eq. 5.6: Phi^T vec(G F^T)
-    return Xbar, Fbar.T.reshape(K.shape)
+    Cg, Og = X.shape[1] // groups, O // groups
+    geometry = {"stride": stride, "padding": padding, "dilation": dilation}
+    Kbar = np.empty(K.shape)
+    Xbar = np.empty(X.shape) if input_grad else None
+    for g in range(groups):
+        Xg = X[:, g * Cg : (g + 1) * Cg]
+        GT = G[:, g * Og : (g + 1) * Og].transpose(1, 0, 2, 3).reshape(Og, -1)  # G^T
+        phi = im2col(Xg, kh, kw, **geometry)  # (N H'W', C/groups kh kw)
+        Kbar[g * Og : (g + 1) * Og] = (GT @ phi).reshape(Og, Cg, kh, kw)  # eq. 5.5
+        if input_grad:
+            F = kernel_matrix(K[g * Og : (g + 1) * Og])  # (C/groups kh kw, O/groups)
+            Xbar[:, g * Cg : (g + 1) * Cg] = col2im(
+                (F @ GT).T, Xg.shape, kh, kw, **geometry
+            )  # eq. 5.6: Phi^T vec(G F^T)
+    return Xbar, Kbar
+
+
+def conv2d_bias(X, K, b, *, stride=1, padding=0, dilation=1, groups=1):
+    """Eq. 5.25: conv2d(X, K, ...) + b, the bias b (O,) added to every pixel of output
+    channel o."""
+    X, K, b = _conv_bias_args(X, K, b)
+    geometry = {"stride": stride, "padding": padding, "dilation": dilation}
+    return conv2d(X, K, groups=groups, **geometry) + b[None, :, None, None]
+
+
+def conv2d_bias_jvp(X, K, b, dX, dK, db, *, stride=1, padding=0, dilation=1, groups=1):
+    """Eq. 5.25: dY = conv(dX, K) + conv(X, dK) + db at every pixel."""
+    X, K, b = _conv_bias_args(X, K, b)
+    db = _like(db, b, "db")
+    geometry = {"stride": stride, "padding": padding, "dilation": dilation}
+    dY = conv2d_jvp(X, K, dX, dK, groups=groups, **geometry)
+    return dY + db[None, :, None, None]
+
+
+def conv2d_bias_vjp(
+    X, K, b, G, *, stride=1, padding=0, dilation=1, groups=1, input_grad=True
+):
+    """Eq. 5.25: (Xbar, Kbar, bbar), with (Xbar, Kbar) of `conv2d_vjp` and bbar = the
+    sum of G over the images and pixels of each channel."""
+    X, K, b = _conv_bias_args(X, K, b)
+    geometry = {"stride": stride, "padding": padding, "dilation": dilation}
+    Xbar, Kbar = conv2d_vjp(
+        X, K, G, groups=groups, input_grad=input_grad, **geometry
+    )  # G is checked here
+    return Xbar, Kbar, np.asarray(G, dtype=np.float64).sum(axis=(0, 2, 3))
 
 
 def _conv2d_vjp_shifts(X, K, G, padding, input_grad=True):
@@ -225,112 +286,139 @@ def relu(x):
 
 def relu_jvp(x, dx):
     """d relu = diag(x > 0) dx (eq. 5.7): the derivative at 0 is taken to be 0, as in
-    JAX."""
-    x = _relu_input(x)
-    return np.where(x > 0, _like(dx, x, "dx"), 0.0)
+    JAX. Read off the forward map, relu(x) = x where x > 0 and 0 elsewhere, so its
+    differential copies dx where relu(x) copies x; x must be finite."""
+    x = as_finite_array(x, "x")
+    dx = _like(dx, x, "dx")
+    out = np.zeros_like(x)
+    np.copyto(out, dx, where=np.maximum(x, 0.0) == x)  # where relu copies x ...
+    out[x == 0] = 0.0  # ... except at 0, where the derivative is taken to be 0
+    return out
 
 
 def relu_vjp(x, G):
-    """xbar = diag(x > 0) G: the mask is its own transpose."""
-    x = _relu_input(x)
-    return np.where(x > 0, _cotangent(G, x.shape), 0.0)
+    """xbar = diag(x > 0) G: the mask is its own transpose; x must be finite."""
+    x = as_finite_array(x, "x")
+    return np.where(_relu_mask(x), _cotangent(G, x.shape), 0.0)
+
+
+def _relu_mask(x):
+    """The boolean array of positive entries (the VJP only)."""
+    return x > 0
 
 
 # ----- Pooling -----
 
 
-def max_pool(X, size=2, stride=None):
-    """The largest entry of each size x size window (eq. 5.8), X (N, C, H, W), no
-    padding."""
+def max_pool(X, *, size=2, stride=None, padding=0):
+    """The largest entry of each size x size window (eq. 5.8), X (N, C, H, W);
+    stride None means size. `padding` rows and columns of -inf on every side (eq.
+    5.24; at most size // 2, so that every window holds an entry of X). Its
+    derivatives (`max_pool_jvp`, `max_pool_vjp`, `max_pool_matrix`) give a tied
+    window's whole derivative to its first maximum in row-major order, as JAX does."""
     X = _images(X, "X")
-    size, stride = _pool_geometry(X.shape, size, stride)
-    return _windows(X, size, stride).max(axis=(-2, -1))
+    size, stride, padding = _pool_geometry(X.shape, size, stride, padding)
+    return _windows(_pad(X, padding, -np.inf), size, stride).max(axis=(-2, -1))
 
 
-def max_pool_argmax(X, size=2, stride=None):
+def max_pool_argmax(X, *, size=2, stride=None, padding=0):
     """The window offset u size + v of the selected entry of every window, (N, C, H',
-    W').
+    W'), offsets counted in the padded image.
 
     Ties go to the first maximum in row-major order inside the window, as in JAX's
     reduce_window and its derivatives."""
     X = _images(X, "X")
-    size, stride = _pool_geometry(X.shape, size, stride)
-    win = _windows(X, size, stride)
+    size, stride, padding = _pool_geometry(X.shape, size, stride, padding)
+    win = _windows(_pad(X, padding, -np.inf), size, stride)
     return win.reshape(win.shape[:4] + (size * size,)).argmax(axis=-1)
 
 
-def max_pool_matrix(x, size=2, stride=None):
-    """The 0/1 selection matrix S(x) of eq. 5.8 for one image x (C, H, W):
-    vec y = S(x) vec x, shape (C H'W', C H W)."""
-    x = as_float_array(x, "x", 3)
-    arg = max_pool_argmax(x[None], size, stride)[0]
-    size, stride = _pool_geometry(x[None].shape, size, stride)
+def max_pool_matrix(x, *, size=2, stride=None, padding=0):
+    """The 0/1 selection matrix S(x) E of eqs. 5.8 and 5.24 for one image x (C, H,
+    W): vec y = S(x) E vec x, shape (C H'W', C H W). A tied window selects its first
+    maximum in row-major order."""
+    x = as_finite_array(x, "x", 3)
+    geometry = {"size": size, "stride": stride, "padding": padding}
+    arg = max_pool_argmax(x[None], **geometry)[0]
+    size, stride, padding = _pool_geometry(x[None].shape, size, stride, padding)
     C, Ho, Wo = arg.shape
     c, i, j = np.indices(arg.shape)
     rows = np.arange(arg.size)
-    cols = (
-        (c * x.shape[1] + i * stride + arg // size) * x.shape[2]
-        + j * stride
-        + arg % size
-    )
+    row_in_x = i * stride + arg // size - padding  # the padded row, less the padding
+    col_in_x = j * stride + arg % size - padding
+    cols = (c * x.shape[1] + row_in_x) * x.shape[2] + col_in_x
     S = np.zeros((arg.size, x.size))
     S[rows, cols.ravel()] = 1.0
     return S
 
 
-def max_pool_jvp(X, dX, size=2, stride=None):
-    """dy = S(x) dx (eq. 5.8): the increment at the selected entry of each window."""
+def max_pool_jvp(X, dX, *, size=2, stride=None, padding=0):
+    """dy = S(x) E dx (eqs. 5.8 and 5.24): the increment at the selected entry of each
+    window.
+
+    Read off the forward map, without `max_pool_argmax`: an entry is selected where it
+    equals its window's maximum and no earlier entry (row-major) does, so a tied
+    window takes the increment of its first maximum; padding never wins."""
     X = _images(X, "X")
     dX = _like(dX, X, "dX")
-    size, stride = _pool_geometry(X.shape, size, stride)
-    arg = max_pool_argmax(X, size, stride)
-    win = _windows(dX, size, stride).reshape(arg.shape + (size * size,))
-    return np.take_along_axis(win, arg[..., None], axis=-1)[..., 0]
+    size, stride, padding = _pool_geometry(X.shape, size, stride, padding)
+    win = _windows(_pad(X, padding, -np.inf), size, stride)
+    flat = win.reshape(win.shape[:4] + (size * size,))
+    hit = flat == flat.max(axis=-1, keepdims=True)
+    first = hit & (np.cumsum(hit, axis=-1) == 1)
+    dwin = _windows(_pad(dX, padding, 0.0), size, stride).reshape(flat.shape)
+    return np.where(first, dwin, 0.0).sum(axis=-1)
 
 
-def max_pool_vjp(X, G, size=2, stride=None):
-    """xbar = S(x)^T G (eq. 5.9): each window's cotangent goes to its selected entry,
-    adding where overlapping windows select the same entry."""
+def max_pool_vjp(X, G, *, size=2, stride=None, padding=0):
+    """xbar = E^T S(x)^T G (eqs. 5.9 and 5.24): each window's cotangent goes to its
+    selected entry (the first maximum in row-major order where the window ties),
+    adding where overlapping windows select the same entry; E^T drops the padding."""
     X = _images(X, "X")
-    size, stride = _pool_geometry(X.shape, size, stride)
-    arg = max_pool_argmax(X, size, stride)
+    size, stride, padding = _pool_geometry(X.shape, size, stride, padding)
+    arg = max_pool_argmax(X, size=size, stride=stride, padding=padding)
     G = _cotangent(G, arg.shape)
-    Ho, Wo = arg.shape[2:]
-    Xbar = np.zeros_like(X)
-    for u in range(size):
-        for v in range(size):
-            Xbar[
-                :,
-                :,
-                u : u + stride * (Ho - 1) + 1 : stride,
-                v : v + stride * (Wo - 1) + 1 : stride,
-            ] += G * (arg == u * size + v)
-    return Xbar
+    return _add_windows(
+        X.shape, lambda u, v: G * (arg == u * size + v), size, stride, padding
+    )
 
 
-def avg_pool(X, size=2, stride=None):
-    """The mean of each size x size window (eq. 5.10), X (N, C, H, W), no padding."""
+def avg_pool(X, *, size=2, stride=None, padding=0):
+    """The mean of each size x size window (eq. 5.10), X (N, C, H, W). `padding` rows
+    and columns of zeros on every side (eq. 5.24; at most size // 2), which count in
+    the mean: every window divides by size^2."""
     X = _images(X, "X")
-    size, stride = _pool_geometry(X.shape, size, stride)
-    return _windows(X, size, stride).mean(axis=(-2, -1))
+    size, stride, padding = _pool_geometry(X.shape, size, stride, padding)
+    return _windows(_pad(X, padding, 0.0), size, stride).mean(axis=(-2, -1))
 
 
-def avg_pool_jvp(X, dX, size=2, stride=None):
+def avg_pool_jvp(X, dX, *, size=2, stride=None, padding=0):
     """Average pooling is linear: dy = avg_pool(dx)."""
     X = _images(X, "X")
-    return avg_pool(_like(dX, X, "dX"), size, stride)
+    return avg_pool(_like(dX, X, "dX"), size=size, stride=stride, padding=padding)
 
 
-def avg_pool_vjp(X, G, size=2, stride=None):
-    """xbar = A^T G (eq. 5.10): each window spreads G / size^2 over its entries."""
+def avg_pool_vjp(X, G, *, size=2, stride=None, padding=0):
+    """xbar = E^T A^T G (eqs. 5.10 and 5.24): each window spreads G / size^2 over its
+    entries, and the padding's share is dropped."""
     X = _images(X, "X")
-    size, stride = _pool_geometry(X.shape, size, stride)
+    size, stride, padding = _pool_geometry(X.shape, size, stride, padding)
     Ho, Wo = (
-        conv_output_size(X.shape[2], size, stride, 0),
-        conv_output_size(X.shape[3], size, stride, 0),
+        conv_output_size(X.shape[2], size, stride, padding),
+        conv_output_size(X.shape[3], size, stride, padding),
     )
     G = _cotangent(G, X.shape[:2] + (Ho, Wo)) / size**2
-    Xbar = np.zeros_like(X)
+    return _add_windows(X.shape, lambda u, v: G, size, stride, padding)
+
+
+def _add_windows(x_shape, value, size, stride, padding=0):
+    """The pooling VJPs' scatter: value(u, v), shaped like the output, added to the
+    entry at offset (u, v) of every window of the padded image, then the padding
+    dropped (E^T of eq. 5.24; the VJPs only)."""
+    N, C, H, W = x_shape
+    Ho = conv_output_size(H, size, stride, padding)
+    Wo = conv_output_size(W, size, stride, padding)
+    Xbar = np.zeros((N, C, H + 2 * padding, W + 2 * padding))
     for u in range(size):
         for v in range(size):
             Xbar[
@@ -338,35 +426,46 @@ def avg_pool_vjp(X, G, size=2, stride=None):
                 :,
                 u : u + stride * (Ho - 1) + 1 : stride,
                 v : v + stride * (Wo - 1) + 1 : stride,
-            ] += G
-    return Xbar
+            ] += value(u, v)
+    return Xbar[:, :, padding : padding + H, padding : padding + W].copy()
+
+
+def _pad(X, padding, value):
+    """X with `padding` rows and columns of `value` on every side of each image."""
+    if padding == 0:
+        return X
+    width = ((0, 0), (0, 0), (padding, padding), (padding, padding))
+    return np.pad(X, width, constant_values=value)
 
 
 # ----- Batch and layer normalisation (training mode) -----
 
 
-def batch_norm(X, gamma, beta, eps=1e-5):
+def batch_norm(X, gamma, beta, *, eps=1e-5):
     """Eq. 5.11-5.13: each row (feature) of X (d, n) normalised over the n observations
     (columns) with the biased variance and eps inside the square root, then scaled by
     gamma (d,) and shifted by beta (d,). For images, X is (C, N H W)."""
     X, gamma, beta, eps = _norm_args(X, gamma, beta, eps)
+    _training_batch(X)
     Xhat, _ = _normalise(X, eps, axis=1)
     return gamma[:, None] * Xhat + beta[:, None]
 
 
-def batch_norm_jvp(X, gamma, beta, dX, dgamma, dbeta, eps=1e-5):
+def batch_norm_jvp(X, gamma, beta, dX, dgamma, dbeta, *, eps=1e-5):
     """Eq. 5.14: dY = dgamma Xhat + diag(gamma) diag(s)^-1 (dX C - diag((Xhat o dX) 1
     / n) Xhat) + dbeta 1^T."""
+    _training_batch(as_finite_array(X, "X", 2))
     return _norm_jvp(X, gamma, beta, dX, dgamma, dbeta, eps, axis=1)
 
 
-def batch_norm_vjp(X, gamma, beta, G, eps=1e-5):
+def batch_norm_vjp(X, gamma, beta, G, *, eps=1e-5):
     """The compact backward rule, eq. 5.15: (Xbar, gammabar, betabar) with Xbar =
     diag(s)^-1 (Ghat C - diag((Ghat o Xhat) 1 / n) Xhat), Ghat = diag(gamma) G."""
+    _training_batch(as_finite_array(X, "X", 2))
     return _norm_vjp(X, gamma, beta, G, eps, axis=1)
 
 
-def layer_norm(X, gamma, beta, eps=1e-5):
+def layer_norm(X, gamma, beta, *, eps=1e-5):
     """Eq. 5.16: each column (observation) of X (d, n) normalised over its d features,
     then scaled by gamma (d,) and shifted by beta (d,)."""
     X, gamma, beta, eps = _norm_args(X, gamma, beta, eps)
@@ -374,14 +473,156 @@ def layer_norm(X, gamma, beta, eps=1e-5):
     return gamma[:, None] * Xhat + beta[:, None]
 
 
-def layer_norm_jvp(X, gamma, beta, dX, dgamma, dbeta, eps=1e-5):
+def layer_norm_jvp(X, gamma, beta, dX, dgamma, dbeta, *, eps=1e-5):
     """Eq. 5.14 on the transpose: the normalisation runs down the columns."""
     return _norm_jvp(X, gamma, beta, dX, dgamma, dbeta, eps, axis=0)
 
 
-def layer_norm_vjp(X, gamma, beta, G, eps=1e-5):
+def layer_norm_vjp(X, gamma, beta, G, *, eps=1e-5):
     """Eq. 5.15 on the transpose, eq. 5.16: (Xbar, gammabar, betabar)."""
     return _norm_vjp(X, gamma, beta, G, eps, axis=0)
+
+
+# ----- Batch normalisation over images, and in evaluation mode -----
+
+
+def batch_norm2d(X, gamma, beta, *, eps=1e-5):
+    """Eq. 5.23: batch norm of NCHW images X (N, C, H, W) in training mode, each
+    channel normalised over its N H W values (the batch and every pixel), then scaled
+    by gamma (C,) and shifted by beta (C,). It is eq. 5.11-5.13 on the (C, N H W)
+    matrix of channel rows, a permutation of X's entries."""
+    X = _training_images(X)
+    return _from_channel_rows(batch_norm(_channel_rows(X), gamma, beta, eps=eps), X)
+
+
+def batch_norm2d_jvp(X, gamma, beta, dX, dgamma, dbeta, *, eps=1e-5):
+    """Eq. 5.23: the permutation is linear, so dY is eq. 5.14 on the channel rows of
+    X and dX, permuted back to NCHW."""
+    X = _training_images(X)
+    dX = _like(dX, X, "dX")
+    dY = batch_norm_jvp(
+        _channel_rows(X), gamma, beta, _channel_rows(dX), dgamma, dbeta, eps=eps
+    )
+    return _from_channel_rows(dY, X)
+
+
+def batch_norm2d_vjp(X, gamma, beta, G, *, eps=1e-5):
+    """Eq. 5.23: the permutation is orthogonal, its adjoint its inverse: (Xbar,
+    gammabar, betabar) is eq. 5.15 on the channel rows of X and G, Xbar permuted back
+    to NCHW."""
+    X = _training_images(X)
+    G = _cotangent(G, X.shape)
+    Xbar, gbar, bbar = batch_norm_vjp(
+        _channel_rows(X), gamma, beta, _channel_rows(G), eps=eps
+    )
+    return _from_channel_rows(Xbar, X), gbar, bbar
+
+
+def _training_images(X):
+    X = _images(X, "X")
+    if X.shape[0] * X.shape[2] * X.shape[3] < 2:
+        raise ValueError(
+            f"batch norm in training mode needs at least 2 values per channel (N H W), "
+            f"got X of shape {X.shape}"
+        )
+    return X
+
+
+def _channel_rows(X):
+    """The (C, N H W) matrix of an NCHW array: row c holds channel c of every image."""
+    return X.transpose(1, 0, 2, 3).reshape(X.shape[1], -1)
+
+
+def _from_channel_rows(M, X):
+    N, C, H, W = X.shape
+    return M.reshape(C, N, H, W).transpose(1, 0, 2, 3).copy()
+
+
+def batch_norm_eval(X, gamma, beta, *, mean, var, eps=1e-5):
+    """Eq. 5.21: batch norm in evaluation mode, with fixed (running) statistics:
+    Y = diag(gamma / s) (X - mean 1^T) + beta 1^T, s = sqrt(var + eps), an affine map
+    of X. X is (d, n) (features as rows) or NCHW images (N, C, H, W) (channels on
+    axis 1); gamma, beta, mean and var have one entry per feature or channel."""
+    X, gamma, beta, mean, s = _eval_args(X, gamma, beta, mean, var, eps)
+    b = _feature_shape(X)
+    return (gamma / s).reshape(b) * (X - mean.reshape(b)) + beta.reshape(b)
+
+
+def batch_norm_eval_jvp(X, gamma, beta, dX, dgamma, dbeta, *, mean, var, eps=1e-5):
+    """Eq. 5.21: dY = diag(gamma / s) dX + diag(dgamma) Xhat + dbeta 1^T, with Xhat =
+    diag(s)^-1 (X - mean 1^T); the statistics are constants."""
+    X, gamma, beta, mean, s = _eval_args(X, gamma, beta, mean, var, eps)
+    dX = _like(dX, X, "dX")
+    dgamma, dbeta = _like(dgamma, gamma, "dgamma"), _like(dbeta, beta, "dbeta")
+    b = _feature_shape(X)
+    Xhat = (X - mean.reshape(b)) / s.reshape(b)
+    return (
+        gamma.reshape(b) * dX / s.reshape(b)
+        + dgamma.reshape(b) * Xhat
+        + dbeta.reshape(b)
+    )
+
+
+def batch_norm_eval_vjp(X, gamma, beta, G, *, mean, var, eps=1e-5):
+    """Eq. 5.21: (Xbar, gammabar, betabar) = (diag(gamma / s) G, (G o Xhat) 1, G 1),
+    the sums over everything but the feature (channel) axis."""
+    X, gamma, beta, mean, s = _eval_args(X, gamma, beta, mean, var, eps)
+    G = _cotangent(G, X.shape)
+    b = _feature_shape(X)
+    axes = (1,) if X.ndim == 2 else (0, 2, 3)  # all but the feature axis
+    Xhat = (X - mean.reshape(b)) / s.reshape(b)
+    return (gamma / s).reshape(b) * G, (G * Xhat).sum(axis=axes), G.sum(axis=axes)
+
+
+def batch_norm_running_stats(X, mean, var, *, momentum=0.1):
+    """Eq. 5.22: the running statistics after one training batch X, (1 - momentum)
+    times the old plus momentum times the batch's: its mean, and its unbiased variance
+    (the biased variance of eq. 5.11 times n / (n - 1), n values per feature), as
+    Ioffe and Szegedy's inference rule. X is (d, n) or NCHW; returns (mean, var)."""
+    X = as_finite_array(X, "X", (2, 4))
+    rows = X if X.ndim == 2 else _channel_rows(X)
+    d, n = rows.shape
+    if n < 2:
+        raise ValueError(
+            f"running statistics need at least 2 values per feature, got X of shape "
+            f"{X.shape}"
+        )
+    mean = as_array_of_shape(mean, "mean", (d,), "{name} must have shape")
+    var = as_array_of_shape(var, "var", (d,), "{name} must have shape")
+    if not (0 <= momentum <= 1):
+        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    mu = rows.mean(axis=1)
+    v = ((rows - mu[:, None]) ** 2).sum(axis=1) / (n - 1)
+    return (1 - momentum) * mean + momentum * mu, (1 - momentum) * var + momentum * v
+
+
+def _feature_shape(X):
+    """The broadcast shape of a per-feature vector: (d, 1) for (d, n), (1, C, 1, 1)
+    for NCHW."""
+    return (X.shape[0], 1) if X.ndim == 2 else (1, X.shape[1], 1, 1)
+
+
+def _eval_args(X, gamma, beta, mean, var, eps):
+    X = as_finite_array(X, "X", (2, 4))
+    d = X.shape[0] if X.ndim == 2 else X.shape[1]
+    what = "one per row of X" if X.ndim == 2 else "one per channel of X"
+    args = []
+    for name, v in (("gamma", gamma), ("beta", beta), ("mean", mean), ("var", var)):
+        v = as_finite_array(v, name, 1)
+        if v.shape != (d,):
+            raise ValueError(
+                f"{name} must have shape {(d,)} ({what} {X.shape}), got {v.shape}"
+            )
+        args.append(v)
+    gamma, beta, mean, var = args
+    if np.any(var < 0):
+        raise ValueError(f"var must be non-negative, got {var.min():.3g}")
+    if not (np.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be finite and non-negative, got {eps}")
+    s = np.sqrt(var + float(eps))
+    if np.any(s == 0):
+        raise ValueError("var + eps must be positive for every feature; use eps > 0")
+    return X, gamma, beta, mean, s
 
 
 def _normalise(X, eps, axis):
@@ -425,10 +666,16 @@ def _norm_jvp(X, gamma, beta, dX, dgamma, dbeta, eps, axis):
         _like(dbeta, beta, "dbeta"),
     )
     Xhat, s = _normalise(X, eps, axis)
+    # the forward differential, line by line: dXc = dX - mean(dX), dv = 2 mean(Xc o
+    # dXc), ds = dv / (2 s) = mean(Xhat o dXc), dXhat = (dXc - Xhat ds) / s
     dXc = dX - dX.mean(axis=axis, keepdims=True)
-    dXhat = _finite_over_s(
-        dXc - Xhat * (Xhat * dXc).mean(axis=axis, keepdims=True), s, "dY"
-    )
+    ds = (Xhat * dXc).mean(axis=axis, keepdims=True)
+    with np.errstate(over="ignore"):
+        dXhat = (dXc - Xhat * ds) / s
+    if not np.all(np.isfinite(dXhat)):
+        raise ValueError(
+            f"dY overflows: X has a standard deviation of {s.min():.3g}; use eps > 0"
+        )
     return dgamma[:, None] * Xhat + gamma[:, None] * dXhat + dbeta[:, None]
 
 
@@ -447,9 +694,19 @@ def _norm_vjp(X, gamma, beta, G, eps, axis):
     return Xbar, (G * Xhat).sum(axis=1), G.sum(axis=1)
 
 
+def _training_batch(X):
+    """Refuse a batch of one: its statistics are the observation itself, so Xhat = 0
+    and the layer's output and gradient say nothing about X."""
+    if X.shape[1] < 2:
+        raise ValueError(
+            f"batch norm in training mode needs a batch of at least 2 observations "
+            f"(columns of X), got X of shape {X.shape}"
+        )
+
+
 def _finite_over_s(A, s, name):
     """A / s, or a ValueError if a standard deviation s so small (eps = 0) overflows
-    it."""
+    it (the VJPs only)."""
     with np.errstate(over="ignore"):
         out = A / s
     if not np.all(np.isfinite(out)):
@@ -463,7 +720,7 @@ def _finite_over_s(A, s, name):
 # ----- Attention -----
 
 
-def attention(Q, K, V, mask=None):
+def attention(Q, K, V, *, mask=None):
     """O = P V with P = softmax_rows(Q K^T / sqrt(d)), eq. 5.17.
 
     Q (n, d) queries, K (m, d) keys, V (m, e) values, as rows. mask (n, m) boolean, True
@@ -474,7 +731,7 @@ def attention(Q, K, V, mask=None):
     return P @ np.asarray(V, dtype=np.float64)
 
 
-def attention_probs(Q, K, mask=None):
+def attention_probs(Q, K, *, mask=None):
     """P = softmax_rows(Q K^T / sqrt(d)) with the mask convention of ``attention``,
     (n, m)."""
     Q = as_float_array(Q, "Q", 2)
@@ -483,7 +740,7 @@ def attention_probs(Q, K, mask=None):
     )[0]
 
 
-def attention_jvp(Q, K, V, dQ, dK, dV, mask=None):
+def attention_jvp(Q, K, V, dQ, dK, dV, *, mask=None):
     """Eq. 5.18: dO = dP V + P dV, dP = P o (dS - (P o dS) 1 1^T), dS = (dQ K^T + Q
     dK^T) / sqrt(d)."""
     P, (Q, K, V) = _attention_probs(Q, K, V, mask)
@@ -493,16 +750,22 @@ def attention_jvp(Q, K, V, dQ, dK, dV, mask=None):
     return dP @ V + P @ dV
 
 
-def attention_vjp(Q, K, V, G, mask=None):
+def attention_vjp(Q, K, V, G, *, mask=None):
     """Eq. 5.19: (Qbar, Kbar, Vbar) = (Sbar K / sqrt(d), Sbar^T Q / sqrt(d), P^T G),
     with Pbar = G V^T and Sbar = P o (Pbar - (P o Pbar) 1 1^T). Masked entries, and
     fully masked rows, get a zero gradient."""
     P, (Q, K, V) = _attention_probs(Q, K, V, mask)
     G = _cotangent(G, (Q.shape[0], V.shape[1]))
     Pbar = G @ V.T
-    Sbar = P * (Pbar - (P * Pbar).sum(axis=1, keepdims=True))
+    Sbar = _softmax_rows_vjp(P, Pbar)
     r = np.sqrt(Q.shape[1])
     return Sbar @ K / r, Sbar.T @ Q / r, P.T @ G
+
+
+def _softmax_rows_vjp(P, Pbar):
+    """Sbar = P o (Pbar - (P o Pbar) 1 1^T), the row softmax's adjoint (the VJP
+    only; the JVP writes its own differential)."""
+    return P * (Pbar - (P * Pbar).sum(axis=1, keepdims=True))
 
 
 def _attention_probs(Q, K, V, mask):
@@ -547,8 +810,10 @@ def _attention_probs(Q, K, V, mask):
 def cnn_init(rng, filters=16, classes=10, size=8, kernel=3, pool=2):
     """Parameters (K, b, W, c) of conv (padding kernel // 2) -> ReLU -> max pool ->
     linear for one-channel size x size images: K (filters, 1, kernel, kernel), b
-    (filters,), W (classes, filters (size / pool)^2), c (classes,). He-scaled normal
-    K and W."""
+    (filters,), W (classes, filters (size / pool)^2), c (classes,). K is He-scaled,
+    normal with variance 2 / fan-in = 2 / kernel^2 (a ReLU follows it); W is normal
+    with variance 1 / fan-in = 1 / features (LeCun's scaling: no ReLU follows it); the
+    biases are zero. `rng` is a numpy.random.Generator."""
     features = filters * (size // pool) ** 2
     K = rng.standard_normal((filters, 1, kernel, kernel)) * np.sqrt(2.0 / kernel**2)
     W = rng.standard_normal((classes, features)) * np.sqrt(1.0 / features)
@@ -562,7 +827,7 @@ def cnn_forward(params, X):
     K, b, W, c = params
     A = conv2d(X, K, padding=K.shape[2] // 2) + b[None, :, None, None]
     R = relu(A)
-    M = max_pool(R, 2)
+    M = max_pool(R, size=2)
     h = M.reshape(M.shape[0], -1).T
     return {"A": A, "R": R, "M": M, "h": h, "Z": W @ h + c[:, None]}
 
@@ -587,7 +852,7 @@ def cnn_grad(params, X, labels):
     Zbar = (softmax(Z) - Y) / N  # eq. 3.20b, per observation
     Wbar, hbar = matmul_vjp(W, act["h"], Zbar)
     Mbar = hbar.T.reshape(act["M"].shape)
-    Rbar = max_pool_vjp(act["R"], Mbar, 2)
+    Rbar = max_pool_vjp(act["R"], Mbar, size=2)
     Abar = relu_vjp(act["A"], Rbar)
     _, Kbar = conv2d_vjp(
         X, K, Abar, padding=K.shape[2] // 2, input_grad=False
@@ -672,13 +937,11 @@ def _images(X, name):
 
 
 def _like(dx, x, name):
-    return as_array_of_shape(
-        dx, name, x.shape, "{name} must have the primal's shape", finite=False
-    )
+    return as_array_of_shape(dx, name, x.shape, "{name} must have the primal's shape")
 
 
 def _cotangent(G, shape):
-    return as_cotangent(G, shape, finite=False)
+    return as_cotangent(G, shape)
 
 
 def _shape4(shape):
@@ -725,30 +988,90 @@ def _geometry(x_shape, kh, kw, stride, padding):
     return kh, kw, stride, padding
 
 
-def _conv_pair(X, K):
+def _conv_pair(X, K, groups=1):
     X, K = _images(X, "X"), as_finite_array(K, "K", 4)
-    if K.shape[1] != X.shape[1]:
+    groups = _integer(groups, "groups", 1)
+    C, O = X.shape[1], K.shape[0]
+    if C % groups or O % groups:
         raise ValueError(
-            f"K must have X's {X.shape[1]} input channels in axis 1 (OIHW), "
+            f"groups must divide X's {C} input channels and K's {O} filters, got "
+            f"groups = {groups}"
+        )
+    if K.shape[1] != C // groups:
+        per = " per group" if groups > 1 else ""
+        raise ValueError(
+            f"K must have X's {C // groups} input channels{per} in axis 1 (OIHW), "
             f"got X {X.shape} and K {K.shape}"
         )
-    return X, K
+    return X, K, groups
 
 
-def _out_hw(X, K, stride, padding):
-    _, _, stride, padding = _geometry(X.shape, K.shape[2], K.shape[3], stride, padding)
-    return (
-        conv_output_size(X.shape[2], K.shape[2], stride, padding),
-        conv_output_size(X.shape[3], K.shape[3], stride, padding),
+def _conv_bias_args(X, K, b):
+    K = as_finite_array(K, "K", 4)
+    b = as_finite_array(b, "b", 1)
+    if b.shape != (K.shape[0],):
+        raise ValueError(
+            f"b must have shape {(K.shape[0],)} (one per filter of K {K.shape}), got "
+            f"{b.shape}"
+        )
+    return _images(X, "X"), K, b
+
+
+def _padding_pairs(padding):
+    """((top, bottom), (left, right)) from p, (p_h, p_w) or ((top, bottom), (left,
+    right)), each a non-negative integer."""
+    if isinstance(padding, (tuple, list)) and len(padding) == 2:
+        pairs = [p if isinstance(p, (tuple, list)) else (p, p) for p in padding]
+        if all(len(p) == 2 for p in pairs):
+            return tuple(
+                tuple(_integer(v, "padding", 0) for v in pair) for pair in pairs
+            )
+        raise ValueError(
+            f"padding must be p, (p_h, p_w) or ((top, bottom), (left, right)), got "
+            f"{padding!r}"
+        )
+    p = _integer(padding, "padding", 0)
+    return ((p, p), (p, p))
+
+
+def _conv_geometry(x_shape, kh, kw, stride, padding, dilation):
+    """(kh, kw, stride, padding pairs, dilation, H', W'), checked, and the dilated
+    kernel checked to fit the padded image."""
+    kh, kw = _integer(kh, "kh", 1), _integer(kw, "kw", 1)
+    stride, d = _integer(stride, "stride", 1), _integer(dilation, "dilation", 1)
+    pads = _padding_pairs(padding)
+    H = x_shape[2] + pads[0][0] + pads[0][1]
+    W = x_shape[3] + pads[1][0] + pads[1][1]
+    eh, ew = (kh - 1) * d + 1, (kw - 1) * d + 1
+    if eh > H or ew > W:
+        dilated = f" with dilation {d}" if d > 1 else ""
+        raise ValueError(
+            f"a {kh} x {kw} kernel{dilated} does not fit images of shape "
+            f"{tuple(x_shape)} with padding {padding}"
+        )
+    return kh, kw, stride, pads, d, (H - eh) // stride + 1, (W - ew) // stride + 1
+
+
+def _out_hw(X, K, stride, padding, dilation=1):
+    geometry = _conv_geometry(
+        X.shape, K.shape[2], K.shape[3], stride, padding, dilation
     )
+    return geometry[5:]
 
 
-def _pool_geometry(x_shape, size, stride):
-    """(size, stride) as ints, checked; stride None means size."""
+def _pool_geometry(x_shape, size, stride, padding=0):
+    """(size, stride, padding) as ints, checked; stride None means size. The padding
+    is at most size // 2, so that every window holds an entry of the image."""
     size = _integer(size, "size", 1)
     stride = size if stride is None else stride
-    size, _, stride, _ = _geometry(x_shape, size, size, stride, 0)
-    return size, stride
+    padding = _integer(padding, "padding", 0)
+    if padding > size // 2:
+        raise ValueError(
+            f"padding must be at most size // 2 = {size // 2} (every window must hold "
+            f"an entry of X), got {padding}"
+        )
+    size, _, stride, padding = _geometry(x_shape, size, size, stride, padding)
+    return size, stride, padding
 
 
 def _windows(X, size, stride):

@@ -34,11 +34,11 @@ sizes = st.sampled_from(SIZES)
 
 
 def softplus_jvp(X, dX):
-    return bp.elementwise_jvp(dl.sigmoid, X, dX)
+    return bp.elementwise_jvp(X, dX, fprime=dl.sigmoid)
 
 
 def softplus_vjp(X, G):
-    return bp.elementwise_vjp(dl.sigmoid, X, G)
+    return bp.elementwise_vjp(X, G, fprime=dl.sigmoid)
 
 
 def ce_jax(Z, Y):
@@ -401,7 +401,7 @@ def test_logdet_of_a_negative_determinant(rng):
         ),
         (
             lambda: bp.elementwise_vjp(
-                lambda x: x.sum(), np.ones((2, 3)), np.ones((2, 3))
+                np.ones((2, 3)), np.ones((2, 3)), fprime=lambda x: x.sum()
             ),
             r"fprime must act element-wise",
         ),
@@ -465,11 +465,11 @@ def test_logdet_of_a_negative_determinant(rng):
             r"b must be 1-D, got shape \(3, 1\)",
         ),
         (
-            lambda: bp.elementwise_vjp(None, np.ones((2, 3)), np.ones((2, 3))),
+            lambda: bp.elementwise_vjp(np.ones((2, 3)), np.ones((2, 3)), fprime=None),
             r"fprime must be a function .*\(2, 3\), got NoneType",
         ),
         (
-            lambda: bp.elementwise_jvp(3.0, np.ones((2, 3)), np.ones((2, 3))),
+            lambda: bp.elementwise_jvp(np.ones((2, 3)), np.ones((2, 3)), fprime=3.0),
             r"fprime must be a function .* got float",
         ),
         (
@@ -652,3 +652,70 @@ def test_mlp_errors(call, message):
     P, X, Y = small_problem(0)
     with pytest.raises(ValueError, match=message):
         call(P, X, Y)
+
+
+# ----- Two derivations: a mistake in a VJP's helper fails the dot-product test -----
+
+# family: (the helper that the JVP and the VJP used to share, a symmetric mistake in
+# it, the rules). With the helper shared, both rules carried the mistake and stayed
+# transposes of each other; now only the VJP reads it.
+PLANTS = {
+    "tanh": (
+        "_tanh_vjp_from_output",
+        lambda Y, G: G * (1.0 - 2.0 * Y * Y),  # tanh' = 1 - 2 tanh^2: wrong
+        "tanh",
+    ),
+    "softmax": (
+        "_softmax_vjp_from_output",
+        lambda S, G, axis=0: S * G,  # the projection 1 1^T (S o G) dropped
+        "softmax",
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(PLANTS))
+def test_a_mistake_in_the_vjp_helper_fails_the_dot_product_test(family, monkeypatch):
+    helper, wrong, rule = PLANTS[family]
+    _, jvp, vjp, shapes = RULES[rule]
+    primals, tangents, W = point(5, *shapes(*SIZES[2]))
+    assert dot_product_gap(jvp, vjp, primals, tangents, W) < TOL
+    monkeypatch.setattr(bp, helper, wrong)
+    assert dot_product_gap(jvp, vjp, primals, tangents, W) > 1e-3
+
+
+# ----- Every rule refuses a non-finite argument and names it -----
+
+
+def _nan_cases():
+    for name in sorted(RULES):
+        _, jvp, vjp, shapes = RULES[name]
+        for kind, f in (("jvp", jvp), ("vjp", vjp)):
+            for i in range(len(shapes(*SIZES[2])[0]) * (2 if kind == "jvp" else 1)):
+                yield name, kind, i
+            if kind == "vjp":
+                yield name, kind, len(shapes(*SIZES[2])[0])  # the cotangent
+
+
+def _arg_names(f):
+    """The parameter names of a rule (the test's softplus wrappers name X, dX, G)."""
+    import inspect
+
+    return [
+        p.name
+        for p in inspect.signature(f).parameters.values()
+        if p.kind is p.POSITIONAL_OR_KEYWORD
+    ]
+
+
+@pytest.mark.parametrize("name, kind, which", list(_nan_cases()))
+def test_every_rule_names_the_non_finite_argument(name, kind, which):
+    """A NaN in each primal, tangent and cotangent, one at a time: the ValueError
+    names that argument (dA, G, g, ...), not a primal it was checked through."""
+    _, jvp, vjp, shapes = RULES[name]
+    primals, tangents, W = point(11, *shapes(*SIZES[2]))
+    args = list(primals) + (list(tangents) if kind == "jvp" else [W])
+    args = [np.array(a, dtype=float) for a in args]
+    args[which][...] = np.nan  # every entry: a scalar cotangent too
+    f = jvp if kind == "jvp" else vjp
+    with pytest.raises(ValueError, match=rf"^{_arg_names(f)[which]} must be finite"):
+        f(*args)

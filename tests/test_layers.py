@@ -52,19 +52,15 @@ def jax_conv(stride, padding):
 
 
 @functools.lru_cache(maxsize=None)
-def jax_pool(kind, size, stride):
-    """(Y, Xbar, dY) of max or average pooling (VALID windows) in one compiled function."""
+def jax_pool(kind, size, stride, padding=0):
+    """(Y, Xbar, dY) of max or average pooling (padding -inf or 0 on every side) in one
+    compiled function."""
+    window, strides = (1, 1, size, size), (1, 1, stride, stride)
+    pad = ((0, 0), (0, 0), (padding, padding), (padding, padding))
     if kind == "max":
-        f = lambda X: lax.reduce_window(
-            X, -jnp.inf, lax.max, (1, 1, size, size), (1, 1, stride, stride), "VALID"
-        )  # noqa: E731
+        f = lambda X: lax.reduce_window(X, -jnp.inf, lax.max, window, strides, pad)  # noqa: E731
     else:
-        f = lambda X: (
-            lax.reduce_window(
-                X, 0.0, lax.add, (1, 1, size, size), (1, 1, stride, stride), "VALID"
-            )
-            / size**2
-        )  # noqa: E731
+        f = lambda X: lax.reduce_window(X, 0.0, lax.add, window, strides, pad) / size**2  # noqa: E731
 
     def all_three(X, G, dX):
         Y, pullback = jax.vjp(f, X)
@@ -135,11 +131,28 @@ def test_conv2d_forward_vjp_and_dot_product(cfg, seed):
     for Xbar_, Kbar_ in paths:
         close(Xbar_, np.asarray(Xj))
         close(Kbar_, np.asarray(Kj))
-    assert L.conv2d_vjp(X, K, G, s, p, input_grad=False)[0] is None
-    close(L.conv2d_vjp(X, K, G, s, p, input_grad=False)[1], np.asarray(Kj))
+    tangents = draw(rng, X.shape, K.shape)
+    for path in [L._conv2d_vjp_im2col] + ([L._conv2d_vjp_shifts] if s == 1 else []):
+        vjp = (
+            (lambda X, K, G: path(X, K, G, s, p))
+            if path is L._conv2d_vjp_im2col
+            else (lambda X, K, G: path(X, K, G, p))
+        )
+        gap = dot_product_gap(
+            lambda X, K, dX, dK: L.conv2d_jvp(X, K, dX, dK, stride=s, padding=p),
+            vjp,
+            (X, K),
+            tangents,
+            G,
+        )
+        assert gap < 1e-12, (path.__name__, gap)
+    assert L.conv2d_vjp(X, K, G, stride=s, padding=p, input_grad=False)[0] is None
+    close(
+        L.conv2d_vjp(X, K, G, stride=s, padding=p, input_grad=False)[1], np.asarray(Kj)
+    )
     gap = dot_product_gap(
-        lambda X, K, dX, dK: L.conv2d_jvp(X, K, dX, dK, s, p),
-        lambda X, K, G: L.conv2d_vjp(X, K, G, s, p),
+        lambda X, K, dX, dK: L.conv2d_jvp(X, K, dX, dK, stride=s, padding=p),
+        lambda X, K, G: L.conv2d_vjp(X, K, G, stride=s, padding=p),
         (X, K),
         draw(rng, X.shape, K.shape),
         G,
@@ -152,11 +165,11 @@ def test_conv_is_a_matrix_product_through_h(cfg, rng):
     """vec phi(x) = H vec x, and vec y = (F^T kron I) H vec x, eq. 5.3 (A.5)."""
     N, C, H, W, O, k, s, p = cfg
     x, K = draw(rng, (C, H, W), (O, C, k, k))
-    Hm = L.im2col_matrix(x.shape, k, k, s, p)
-    phi = L.im2col(x[None], k, k, s, p)
+    Hm = L.im2col_matrix(x.shape, k, k, stride=s, padding=p)
+    phi = L.im2col(x[None], k, k, stride=s, padding=p)
     close(Hm @ x.ravel(), phi.ravel(order="F"))
     assert set(np.unique(Hm)) <= {0.0, 1.0} and np.all(Hm.sum(axis=1) <= 1)
-    y = L.conv2d(x[None], K, s, p)[0]
+    y = L.conv2d(x[None], K, stride=s, padding=p)[0]
     F = L.kernel_matrix(K)
     close(kron(F.T, np.eye(phi.shape[0])) @ Hm @ x.ravel(), y.ravel())
     close(L.image_matrix(y), phi @ F)
@@ -168,9 +181,12 @@ def test_col2im_is_the_adjoint_of_im2col(cfg, seed):
     N, C, H, W, O, k, s, p = cfg
     rng = np.random.default_rng(seed)
     (X,) = draw(rng, (N, C, H, W))
-    cols = L.im2col(X, k, k, s, p)
+    cols = L.im2col(X, k, k, stride=s, padding=p)
     (D,) = draw(rng, cols.shape)
-    left, right = np.sum(D * cols), np.sum(L.col2im(D, X.shape, k, k, s, p) * X)
+    left, right = (
+        np.sum(D * cols),
+        np.sum(L.col2im(D, X.shape, k, k, stride=s, padding=p) * X),
+    )
     assert abs(left - right) < 1e-12 * (np.sum(np.abs(D * cols)) + 1)
 
 
@@ -219,7 +235,7 @@ def test_conv_errors_name_the_argument():
     with pytest.raises(
         ValueError, match="padding must be a non-negative integer, got -1"
     ):
-        L.col2im(np.zeros((18, 27)), X.shape, 3, 3, 1, -1)
+        L.col2im(np.zeros((18, 27)), X.shape, 3, 3, stride=1, padding=-1)
     assert (
         L.im2col(X, 3.0, 3).shape == L.im2col(X, 3, 3).shape
     )  # integral floats are integers
@@ -229,10 +245,13 @@ def test_conv_errors_name_the_argument():
 
 
 def test_relu_rejects_nan_and_keeps_infinities():
+    """The forward map keeps infinities; its rules refuse a non-finite x."""
     with pytest.raises(ValueError, match="x must not contain NaN"):
         L.relu(np.nan)
-    with pytest.raises(ValueError, match="x must not contain NaN"):
+    with pytest.raises(ValueError, match="x must be finite, got nan"):
         L.relu_vjp(np.array([1.0, np.nan]), np.ones(2))
+    with pytest.raises(ValueError, match="x must be finite, got inf"):
+        L.relu_jvp(np.array([1.0, np.inf]), np.ones(2))
     np.testing.assert_array_equal(L.relu(np.array([np.inf, -np.inf])), [np.inf, 0.0])
 
 
@@ -247,36 +266,44 @@ def test_relu_derivative_at_zero_is_zero_as_in_jax():
     np.testing.assert_array_equal(L.relu_vjp(x, G), [0.0, 0.0, 0.0, 1.0])
 
 
-POOL = [(2, 2), (3, 1), (3, 2), (2, 3)]  # (size, stride): tiling, overlapping, gaps
+# (size, stride, padding): tiling, overlapping, gaps, padded
+POOL = [(2, 2, 0), (3, 1, 0), (3, 2, 0), (2, 3, 0), (3, 1, 1), (2, 2, 1), (3, 2, 1)]
 
 
 @settings(max_examples=30)
 @given(st.sampled_from(POOL), st.booleans(), seeds)
 def test_max_pool_with_ties_matches_jax(pool, ties, seed):
     """With ties (small integers), the first maximum in row-major window order gets it all."""
-    size, stride = pool
+    size, stride, padding = pool
+    geometry = {"size": size, "stride": stride, "padding": padding}
     rng = np.random.default_rng(seed)
     shape = (2, 3, 7, 6)
     X = rng.integers(0, 3, shape).astype(float) if ties else rng.standard_normal(shape)
-    Y = L.max_pool(X, size, stride)
+    Y = L.max_pool(X, **geometry)
     G, dX = draw(rng, Y.shape, X.shape)
-    Yj, Xbar, dY = jax_pool("max", size, stride)(X, G, dX)
+    Yj, Xbar, dY = jax_pool("max", size, stride, padding)(X, G, dX)
     np.testing.assert_array_equal(Y, np.asarray(Yj))
-    close(L.max_pool_vjp(X, G, size, stride), np.asarray(Xbar))
-    close(L.max_pool_jvp(X, dX, size, stride), np.asarray(dY))
+    close(L.max_pool_vjp(X, G, **geometry), np.asarray(Xbar))
+    if not ties or padding == 0:
+        # on ties in padded windows, JAX's JVP of reduce_window max (select and gather)
+        # need not pick the first maximum that its VJP picks; the dot-product test
+        # below ties derivlib's JVP to its VJP, which matches jax.vjp
+        close(L.max_pool_jvp(X, dX, **geometry), np.asarray(dY))
     assert (
         dot_product_gap(
-            lambda X, dX: L.max_pool_jvp(X, dX, size, stride),
-            lambda X, G: L.max_pool_vjp(X, G, size, stride),
+            lambda X, dX: L.max_pool_jvp(X, dX, **geometry),
+            lambda X, G: L.max_pool_vjp(X, G, **geometry),
             (X,),
             (dX,),
             G,
         )
         < 1e-12
     )
-    S = L.max_pool_matrix(X[0], size, stride)
+    S = L.max_pool_matrix(X[0], **geometry)
     np.testing.assert_array_equal(S @ X[0].ravel(), Y[0].ravel())
     assert np.all(S.sum(axis=1) == 1)
+    # the selection against an independent oracle: S^T vec G is JAX's gradient
+    close((S.T @ G[0].ravel()).reshape(X[0].shape), np.asarray(Xbar)[0])
 
 
 def test_max_pool_tie_goes_to_the_first_entry():
@@ -289,18 +316,19 @@ def test_max_pool_tie_goes_to_the_first_entry():
 @settings(max_examples=20)
 @given(st.sampled_from(POOL), seeds)
 def test_avg_pool_matches_jax(pool, seed):
-    size, stride = pool
+    size, stride, padding = pool
+    geometry = {"size": size, "stride": stride, "padding": padding}
     rng = np.random.default_rng(seed)
     (X,) = draw(rng, (2, 3, 7, 6))
-    Y = L.avg_pool(X, size, stride)
+    Y = L.avg_pool(X, **geometry)
     G, dX = draw(rng, Y.shape, X.shape)
-    Yj, Xbar, _ = jax_pool("avg", size, stride)(X, G, dX)
+    Yj, Xbar, _ = jax_pool("avg", size, stride, padding)(X, G, dX)
     close(Y, np.asarray(Yj))
-    close(L.avg_pool_vjp(X, G, size, stride), np.asarray(Xbar))
+    close(L.avg_pool_vjp(X, G, **geometry), np.asarray(Xbar))
     assert (
         dot_product_gap(
-            lambda X, dX: L.avg_pool_jvp(X, dX, size, stride),
-            lambda X, G: L.avg_pool_vjp(X, G, size, stride),
+            lambda X, dX: L.avg_pool_jvp(X, dX, **geometry),
+            lambda X, G: L.avg_pool_vjp(X, G, **geometry),
             (X,),
             (dX,),
             G,
@@ -311,7 +339,7 @@ def test_avg_pool_matches_jax(pool, seed):
 
 def test_pool_errors_name_the_argument():
     with pytest.raises(ValueError, match="size must be a positive integer, got 0"):
-        L.max_pool(np.zeros((1, 1, 4, 4)), 0)
+        L.max_pool(np.zeros((1, 1, 4, 4)), size=0)
     with pytest.raises(
         ValueError,
         match=r"cotangent G must have the output's shape \(1, 1, 2, 2\), got \(1, 1, 4, 4\)",
@@ -320,15 +348,15 @@ def test_pool_errors_name_the_argument():
     with pytest.raises(ValueError, match=r"dX must have the primal's shape"):
         L.avg_pool_jvp(np.zeros((1, 1, 4, 4)), np.zeros((1, 1, 4)))
     with pytest.raises(ValueError, match="size must be a positive integer, got 2.5"):
-        L.max_pool(np.zeros((1, 1, 4, 4)), 2.5)
+        L.max_pool(np.zeros((1, 1, 4, 4)), size=2.5)
     with pytest.raises(ValueError, match="stride must be a positive integer, got 1.5"):
-        L.avg_pool(np.zeros((1, 1, 4, 4)), 2, 1.5)
+        L.avg_pool(np.zeros((1, 1, 4, 4)), size=2, stride=1.5)
     X = np.arange(16.0).reshape(1, 1, 4, 4)
     np.testing.assert_array_equal(
-        L.max_pool(X, 2.0), L.max_pool(X, 2)
+        L.max_pool(X, size=2.0), L.max_pool(X, size=2)
     )  # integral floats are integers
     np.testing.assert_array_equal(
-        L.max_pool_matrix(X[0], 2.0), L.max_pool_matrix(X[0], 2)
+        L.max_pool_matrix(X[0], size=2.0), L.max_pool_matrix(X[0], size=2)
     )
 
 
@@ -346,10 +374,12 @@ NORM_SHAPES = [(1, 5), (4, 1), (6, 9)]
 )
 def test_norm_vjp_and_dot_product(name, axis, shape, eps, seed):
     fwd, jvp, vjp = (getattr(L, name + suffix) for suffix in ("", "_jvp", "_vjp"))
+    if name == "batch_norm" and shape[1] == 1:
+        shape = (shape[0], 2)  # a batch of one is refused in training mode
     rng = np.random.default_rng(seed)
     X, gamma, beta, G = draw(rng, shape, shape[:1], shape[:1], shape)
     Yj, theirs = jax_norm_vjp(axis)(X, gamma, beta, G, eps)
-    close(fwd(X, gamma, beta, eps), np.asarray(Yj))
+    close(fwd(X, gamma, beta, eps=eps), np.asarray(Yj))
     ours = vjp(X, gamma, beta, G, eps=eps)
     scale = np.linalg.norm(theirs[1]) + np.linalg.norm(theirs[2])
     for a, b in zip(
@@ -475,10 +505,10 @@ def test_attention_vjp_and_masks(shape, kind, seed):
     if kind == "dead rows":
         mask[rng.integers(n)] = False  # at least one fully masked row
     arg = None if kind == "none" else mask
-    O = L.attention(Q, K, V, arg)
+    O = L.attention(Q, K, V, mask=arg)
     Oj, theirs = jax_attention_vjp(Q, K, V, mask, G)
     close(O, np.asarray(Oj))
-    ours = L.attention_vjp(Q, K, V, G, arg)
+    ours = L.attention_vjp(Q, K, V, G, mask=arg)
     for a, b in zip(ours, theirs):
         assert np.all(np.isfinite(a))
         assert np.linalg.norm(a - np.asarray(b)) < TOL * (np.linalg.norm(b) + 1)
@@ -499,12 +529,12 @@ def test_attention_extremes_and_errors(rng):
     Q, K, V = draw(rng, (3, 2), (4, 2), (4, 2))
     O = L.attention(1e6 * Q, K, V)  # saturated softmax: finite, a selection
     assert np.all(np.isfinite(O))
-    assert np.all(L.attention(Q, K, V, np.zeros((3, 4), bool)) == 0)
+    assert np.all(L.attention(Q, K, V, mask=np.zeros((3, 4), bool)) == 0)
     with pytest.raises(
         ValueError,
         match=r"mask must be a boolean array of shape \(3, 4\), got int64 \(3, 4\)",
     ):
-        L.attention(Q, K, V, np.ones((3, 4), int))
+        L.attention(Q, K, V, mask=np.ones((3, 4), int))
     with pytest.raises(
         ValueError, match=r"K with Q's 2 columns, got Q \(3, 2\) and K \(4, 3\)"
     ):
@@ -567,3 +597,387 @@ def test_cnn_gradient_matches_jax_at_every_layer(rng):
         match=r"labels as class indices must lie in \[0, 10\), got 1[0-4]",
     ):
         L.cnn_grad(params, X, labels + 5)
+
+
+# ----- Two derivations: a mistake in a VJP's helper fails the dot-product test -----
+
+
+def _pool_point(rng):
+    X = rng.standard_normal((1, 2, 6, 6))
+    return (X,), (rng.standard_normal(X.shape),), rng.standard_normal((1, 2, 3, 3))
+
+
+def _norm_point(rng):
+    X, g, b = draw(rng, (3, 5), (3,), (3,))
+    return (X, g, b), draw(rng, (3, 5), (3,), (3,)), rng.standard_normal((3, 5))
+
+
+def _attention_point(rng):
+    Q, K, V = draw(rng, (4, 3), (5, 3), (5, 2))
+    return (Q, K, V), draw(rng, (4, 3), (5, 3), (5, 2)), rng.standard_normal((4, 2))
+
+
+# family: (the helper that JVP and VJP used to share, a symmetric mistake in it, the
+# JVP, the VJP, a point). With one shared helper, the mistake would sit in both rules
+# and they would stay transposes of each other; now only the VJP reads the helper.
+PLANTS = {
+    "relu": (
+        "_relu_mask",
+        lambda x: x > -0.5,  # a shifted kink
+        L.relu_jvp,
+        L.relu_vjp,
+        lambda rng: (
+            (rng.standard_normal(7),),
+            (rng.standard_normal(7),),
+            draw(rng, 7)[0],
+        ),
+    ),
+    "max_pool": (
+        "max_pool_argmax",
+        lambda X, size, stride: (
+            L._windows(X, size, stride).reshape(1, 2, 3, 3, 4).argmin(axis=-1)
+        ),  # routes every window through its smallest entry
+        L.max_pool_jvp,
+        L.max_pool_vjp,
+        _pool_point,
+    ),
+    "avg_pool": (
+        "_add_windows",
+        lambda shape, value, size, stride, padding: np.zeros(shape),  # spreads nothing
+        L.avg_pool_jvp,
+        L.avg_pool_vjp,
+        _pool_point,
+    ),
+    "batch_norm": (
+        "_finite_over_s",
+        lambda A, s, name: A / (2 * s),  # the standard deviation doubled
+        L.batch_norm_jvp,
+        L.batch_norm_vjp,
+        _norm_point,
+    ),
+    "layer_norm": (
+        "_finite_over_s",
+        lambda A, s, name: A / (2 * s),
+        L.layer_norm_jvp,
+        L.layer_norm_vjp,
+        lambda rng: _norm_point(rng),
+    ),
+    "attention": (
+        "_softmax_rows_vjp",
+        lambda P, Pbar: P * Pbar,  # the softmax's projection dropped
+        L.attention_jvp,
+        L.attention_vjp,
+        _attention_point,
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(PLANTS))
+def test_a_mistake_in_the_vjp_helper_fails_the_dot_product_test(family, monkeypatch):
+    helper, wrong, jvp, vjp, point = PLANTS[family]
+    rng = np.random.default_rng(3)
+    primals, tangents, W = point(rng)
+    if family == "max_pool":
+        wrong_argmax = wrong
+        wrong = lambda X, *, size=2, stride=None, padding=0: wrong_argmax(  # noqa: E731
+            X, size, size
+        )
+    assert dot_product_gap(jvp, vjp, primals, tangents, W) < 1e-12
+    monkeypatch.setattr(L, helper, wrong)
+    assert dot_product_gap(jvp, vjp, primals, tangents, W) > 1e-3
+
+
+# ----- Every rule refuses a non-finite argument and names it -----
+
+NAN_RULES = {
+    "conv2d_jvp": (
+        L.conv2d_jvp,
+        [(1, 2, 5, 5), (3, 2, 3, 3), (1, 2, 5, 5), (3, 2, 3, 3)],
+        ["X", "K", "dX", "dK"],
+    ),
+    "conv2d_vjp": (
+        L.conv2d_vjp,
+        [(1, 2, 5, 5), (3, 2, 3, 3), (1, 3, 3, 3)],
+        ["X", "K", "G"],
+    ),
+    "conv2d_bias_jvp": (
+        L.conv2d_bias_jvp,
+        [(1, 2, 5, 5), (3, 2, 3, 3), (3,), (1, 2, 5, 5), (3, 2, 3, 3), (3,)],
+        ["X", "K", "b", "dX", "dK", "db"],
+    ),
+    "conv2d_bias_vjp": (
+        L.conv2d_bias_vjp,
+        [(1, 2, 5, 5), (3, 2, 3, 3), (3,), (1, 3, 3, 3)],
+        ["X", "K", "b", "G"],
+    ),
+    "col2im": (
+        lambda cols: L.col2im(cols, (1, 2, 5, 5), 3, 3),
+        [(9, 18)],
+        ["cols"],
+    ),
+    "relu_jvp": (L.relu_jvp, [(3, 4), (3, 4)], ["x", "dx"]),
+    "relu_vjp": (L.relu_vjp, [(3, 4), (3, 4)], ["x", "G"]),
+    "max_pool_jvp": (L.max_pool_jvp, [(1, 2, 4, 4)] * 2, ["X", "dX"]),
+    "max_pool_vjp": (L.max_pool_vjp, [(1, 2, 4, 4), (1, 2, 2, 2)], ["X", "G"]),
+    "avg_pool_jvp": (L.avg_pool_jvp, [(1, 2, 4, 4)] * 2, ["X", "dX"]),
+    "avg_pool_vjp": (L.avg_pool_vjp, [(1, 2, 4, 4), (1, 2, 2, 2)], ["X", "G"]),
+    "batch_norm_jvp": (
+        L.batch_norm_jvp,
+        [(3, 5), (3,), (3,), (3, 5), (3,), (3,)],
+        ["X", "gamma", "beta", "dX", "dgamma", "dbeta"],
+    ),
+    "batch_norm_vjp": (
+        L.batch_norm_vjp,
+        [(3, 5), (3,), (3,), (3, 5)],
+        ["X", "gamma", "beta", "G"],
+    ),
+    "layer_norm_jvp": (
+        L.layer_norm_jvp,
+        [(3, 5), (3,), (3,), (3, 5), (3,), (3,)],
+        ["X", "gamma", "beta", "dX", "dgamma", "dbeta"],
+    ),
+    "layer_norm_vjp": (
+        L.layer_norm_vjp,
+        [(3, 5), (3,), (3,), (3, 5)],
+        ["X", "gamma", "beta", "G"],
+    ),
+    "batch_norm2d_jvp": (
+        L.batch_norm2d_jvp,
+        [(2, 3, 2, 2), (3,), (3,), (2, 3, 2, 2), (3,), (3,)],
+        ["X", "gamma", "beta", "dX", "dgamma", "dbeta"],
+    ),
+    "batch_norm2d_vjp": (
+        L.batch_norm2d_vjp,
+        [(2, 3, 2, 2), (3,), (3,), (2, 3, 2, 2)],
+        ["X", "gamma", "beta", "G"],
+    ),
+    "batch_norm_eval_jvp": (
+        lambda X, g, b, dX, dg, db, m, v: L.batch_norm_eval_jvp(
+            X, g, b, dX, dg, db, mean=m, var=np.abs(v)
+        ),
+        [(2, 3, 2, 2), (3,), (3,), (2, 3, 2, 2), (3,), (3,), (3,), (3,)],
+        ["X", "gamma", "beta", "dX", "dgamma", "dbeta", "mean", "var"],
+    ),
+    "batch_norm_eval_vjp": (
+        lambda X, g, b, G, m, v: L.batch_norm_eval_vjp(
+            X, g, b, G, mean=m, var=np.abs(v)
+        ),
+        [(3, 4), (3,), (3,), (3, 4), (3,), (3,)],
+        ["X", "gamma", "beta", "G", "mean", "var"],
+    ),
+    "attention_jvp": (
+        L.attention_jvp,
+        [(4, 3), (5, 3), (5, 2), (4, 3), (5, 3), (5, 2)],
+        ["Q", "K", "V", "dQ", "dK", "dV"],
+    ),
+    "attention_vjp": (
+        L.attention_vjp,
+        [(4, 3), (5, 3), (5, 2), (4, 2)],
+        ["Q", "K", "V", "G"],
+    ),
+}
+
+
+@pytest.mark.parametrize(
+    "rule, which",
+    [(rule, i) for rule, (_, _, names) in NAN_RULES.items() for i in range(len(names))],
+)
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_every_rule_names_the_non_finite_argument(rule, which, bad):
+    f, shapes, names = NAN_RULES[rule]
+    rng = np.random.default_rng(0)
+    args = [rng.standard_normal(s) for s in shapes]
+    args[which].flat[-1] = bad
+    with pytest.raises(ValueError, match=rf"^{names[which]} must be finite, got"):
+        f(*args)
+
+
+def test_batch_norm_refuses_a_batch_of_one():
+    X, g, b = np.ones((3, 1)), np.ones(3), np.zeros(3)
+    for call in (
+        lambda: L.batch_norm(X, g, b),
+        lambda: L.batch_norm_jvp(X, g, b, X, g, b),
+        lambda: L.batch_norm_vjp(X, g, b, X),
+    ):
+        with pytest.raises(ValueError, match=r"at least 2 observations.*\(3, 1\)"):
+            call()
+
+
+# ----- Batch norm over images, and in evaluation mode -----
+
+
+def jax_bn2d(X, g, b, eps):
+    mu = X.mean(axis=(0, 2, 3), keepdims=True)
+    var = ((X - mu) ** 2).mean(axis=(0, 2, 3), keepdims=True)
+    shape = (1, -1, 1, 1)
+    return g.reshape(shape) * (X - mu) / jnp.sqrt(var + eps) + b.reshape(shape)
+
+
+def jax_bn_eval(X, g, b, mean, var, eps):
+    shape = (-1, 1) if X.ndim == 2 else (1, -1, 1, 1)
+    s = jnp.sqrt(var + eps).reshape(shape)
+    return g.reshape(shape) * (X - mean.reshape(shape)) / s + b.reshape(shape)
+
+
+@functools.lru_cache(maxsize=None)
+def jax_bn_oracle(kind):
+    """(Y, (Xbar, gammabar, betabar)), jitted once per kind and shape."""
+
+    def both(X, g, b, G, mean, var, eps):
+        if kind == "2d":
+            f = lambda X, g, b: jax_bn2d(X, g, b, eps)  # noqa: E731
+        else:
+            f = lambda X, g, b: jax_bn_eval(X, g, b, mean, var, eps)  # noqa: E731
+        Y, pullback = jax.vjp(f, X, g, b)
+        return Y, pullback(G)
+
+    return jax.jit(both)
+
+
+BN_SHAPES = [(2, 3, 4, 5), (1, 2, 3, 3), (3, 1, 1, 2)]
+
+
+@settings(max_examples=15)
+@given(st.sampled_from(BN_SHAPES), st.sampled_from(["2d", "eval", "eval2d"]), seeds)
+def test_batch_norm_2d_and_eval_against_jax_and_by_dot_product(shape, kind, seed):
+    rng = np.random.default_rng(seed)
+    if kind == "eval":
+        shape = (shape[1] + 1, shape[0] * shape[2])  # features as rows, (d, n)
+    c = shape[0] if len(shape) == 2 else shape[1]
+    X, g, b, mean = draw(rng, shape, (c,), (c,), (c,))
+    var = rng.random(c)
+    eps = 1e-3
+    opts = {"eps": eps} if kind == "2d" else {"eps": eps, "mean": mean, "var": var}
+    name = "batch_norm2d" if kind == "2d" else "batch_norm_eval"
+    fwd, jvp, vjp = (getattr(L, name + suffix) for suffix in ("", "_jvp", "_vjp"))
+    (G,) = draw(rng, shape)
+    Yj, theirs = jax_bn_oracle("2d" if kind == "2d" else "eval")(
+        X, g, b, G, mean, var, eps
+    )
+    close(fwd(X, g, b, **opts), np.asarray(Yj))
+    for ours, their in zip(vjp(X, g, b, G, **opts), theirs):
+        close(ours, np.asarray(their))
+    for _ in range(3):  # several points
+        primals = (rng.standard_normal(shape),) + draw(rng, (c,), (c,))
+        gap = dot_product_gap(
+            lambda *a: jvp(*a, **opts),
+            lambda *a: vjp(*a, **opts),
+            primals,
+            draw(rng, shape, (c,), (c,)),
+            rng.standard_normal(shape),
+        )
+        assert gap < 1e-12
+
+
+def test_batch_norm_eval_is_training_mode_frozen_at_the_batch_statistics(rng):
+    """At the batch's own (biased) statistics the two modes give the same Y, and the
+    evaluation rule is diag(gamma / s) G, the training rule without its two
+    projections: they differ."""
+    X, g, b, G = draw(rng, (3, 6), (3,), (3,), (3, 6))
+    mean, var = X.mean(axis=1), X.var(axis=1)
+    close(L.batch_norm_eval(X, g, b, mean=mean, var=var), L.batch_norm(X, g, b))
+    Xbar_eval = L.batch_norm_eval_vjp(X, g, b, G, mean=mean, var=var)[0]
+    assert relative_error(Xbar_eval, L.batch_norm_vjp(X, g, b, G)[0]) > 0.1
+
+
+def test_batch_norm_running_stats(rng):
+    X = rng.standard_normal((2, 3, 4, 5))
+    m0, v0 = np.zeros(3), np.ones(3)
+    m1, v1 = L.batch_norm_running_stats(X, m0, v0, momentum=0.25)
+    rows = X.transpose(1, 0, 2, 3).reshape(3, -1)
+    close(m1, 0.25 * rows.mean(axis=1))
+    close(v1, 0.75 + 0.25 * rows.var(axis=1, ddof=1))
+    with pytest.raises(ValueError, match="at least 2 values per feature"):
+        L.batch_norm_running_stats(np.ones((3, 1)), m0, v0)
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\], got 2"):
+        L.batch_norm_running_stats(X, m0, v0, momentum=2)
+
+
+def test_batch_norm2d_refuses_one_value_per_channel_and_names_arguments():
+    g, b = np.ones(3), np.zeros(3)
+    with pytest.raises(
+        ValueError, match=r"at least 2 values per channel.*\(1, 3, 1, 1\)"
+    ):
+        L.batch_norm2d(np.ones((1, 3, 1, 1)), g, b)
+    L.batch_norm2d(np.arange(12.0).reshape(1, 3, 2, 2), g, b)  # one image: 4 pixels
+    with pytest.raises(ValueError, match=r"var must be non-negative"):
+        L.batch_norm_eval(np.ones((3, 2)), g, b, mean=g, var=-g)
+    with pytest.raises(ValueError, match=r"mean must have shape \(3,\)"):
+        L.batch_norm_eval(np.ones((3, 2)), g, b, mean=np.ones(2), var=g)
+
+
+def test_pool_padding_is_at_most_half_the_window():
+    X = np.zeros((1, 1, 4, 4))
+    with pytest.raises(
+        ValueError, match=r"padding must be at most size // 2 = 1.*got 2"
+    ):
+        L.max_pool(X, size=3, padding=2)
+    with pytest.raises(ValueError, match="padding must be a non-negative integer"):
+        L.avg_pool_vjp(X, np.zeros((1, 1, 2, 2)), padding=-1)
+
+
+# ----- Convolution with dilation, groups, per-axis padding and a bias -----
+
+# (N, C, H, W, O, kh, kw, stride, padding, dilation, groups)
+CONV_MORE = [
+    (2, 4, 7, 8, 6, 3, 3, 1, 1, 2, 2),  # dilation 2, two groups
+    (1, 3, 6, 7, 3, 3, 2, 1, ((1, 0), (2, 1)), 1, 3),  # depthwise, asymmetric padding
+    (2, 2, 8, 6, 4, 2, 3, 2, (0, 1), 2, 1),  # stride 2, dilation 2, (p_h, p_w)
+    (1, 2, 5, 5, 2, 3, 3, 1, (1, 2), 1, 1),  # stride 1, unequal padding: im2col path
+]
+
+
+@functools.lru_cache(maxsize=None)
+def jax_conv_more(cfg):
+    _, _, _, _, _, _, _, s, p, d, g = cfg
+    pairs = L._padding_pairs(p)
+
+    def f(X, K, b):
+        Y = lax.conv_general_dilated(
+            X, K, (s, s), pairs, rhs_dilation=(d, d), feature_group_count=g
+        )
+        return Y + b[None, :, None, None]
+
+    def both(X, K, b, G):
+        Y, pullback = jax.vjp(f, X, K, b)
+        return Y, pullback(G)
+
+    return jax.jit(both)
+
+
+@pytest.mark.parametrize("cfg", CONV_MORE)
+def test_conv2d_bias_dilation_groups_padding_against_jax(cfg):
+    N, C, H, W, O, kh, kw, s, p, d, g = cfg
+    opts = {"stride": s, "padding": p, "dilation": d, "groups": g}
+    rng = np.random.default_rng(17)
+    X, K, b = draw(rng, (N, C, H, W), (O, C // g, kh, kw), (O,))
+    Y = L.conv2d_bias(X, K, b, **opts)
+    (G,) = draw(rng, Y.shape)
+    Yj, theirs = jax_conv_more(cfg)(X, K, b, G)
+    close(Y, np.asarray(Yj))
+    for ours, their in zip(L.conv2d_bias_vjp(X, K, b, G, **opts), theirs):
+        close(ours, np.asarray(their))
+    close(L.conv2d_vjp(X, K, G, input_grad=False, **opts)[1], np.asarray(theirs[1]))
+    for _ in range(3):
+        gap = dot_product_gap(
+            lambda *a: L.conv2d_bias_jvp(*a, **opts),
+            lambda *a: L.conv2d_bias_vjp(*a, **opts),
+            draw(rng, X.shape, K.shape, b.shape),
+            draw(rng, X.shape, K.shape, b.shape),
+            rng.standard_normal(Y.shape),
+        )
+        assert gap < 1e-12
+
+
+def test_conv_groups_and_padding_errors():
+    X = np.zeros((1, 4, 5, 5))
+    with pytest.raises(ValueError, match="groups must divide X's 4 input channels"):
+        L.conv2d(X, np.zeros((6, 1, 3, 3)), groups=3)
+    with pytest.raises(ValueError, match="K must have X's 2 input channels per group"):
+        L.conv2d(X, np.zeros((4, 4, 3, 3)), groups=2)
+    with pytest.raises(ValueError, match=r"padding must be p, \(p_h, p_w\)"):
+        L.conv2d(X, np.zeros((4, 4, 3, 3)), padding=((1, 2, 3), (0, 0)))
+    with pytest.raises(ValueError, match="kernel with dilation 3 does not fit"):
+        L.conv2d(X, np.zeros((4, 4, 3, 3)), dilation=3)
+    with pytest.raises(ValueError, match=r"b must have shape \(4,\)"):
+        L.conv2d_bias(X, np.zeros((4, 4, 3, 3)), np.zeros(3))
