@@ -101,8 +101,9 @@ pdf-deps:
 notebooks: $(STAMP)
 	$(BIN)/python scripts/run_notebooks.py
 
+# Every script at the libraries' default threads and at one thread (benchmarks/run.py).
 benchmark: $(STAMP)
-	for script in benchmarks/bench_*.py; do $(BIN)/python "$$script"; done
+	$(BIN)/python benchmarks/run.py
 
 clean:
 	rm -rf _build .cache
