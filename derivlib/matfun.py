@@ -184,18 +184,22 @@ def _require_constant_on_ties(vals, g, what, noun, symbol):
             )
 
 
-def _gap_matrix(lam, what):
-    """F_ij = 1 / (lam_j - lam_i) off the diagonal, 0 on it (eq. 7.9)."""
-    diff = lam[None, :] - lam[:, None]
-    off = ~np.eye(lam.size, dtype=bool)
+def _require_distinct_eigenvalues(lam, what):
+    """ValueError unless every two eigenvalues differ by more than 1e3 eps max|lam|."""
     scale = max(float(np.max(np.abs(lam))), np.finfo(float).tiny)
-    gap = float(np.min(np.abs(diff[off]))) if lam.size > 1 else np.inf
+    gap = float(np.min(np.diff(lam))) if lam.size > 1 else np.inf  # lam ascending
     if gap <= 1e3 * np.finfo(float).eps * scale:
         raise ValueError(
             f"{what} needs distinct eigenvalues: the eigenvectors of a repeated "
             f"eigenvalue are not differentiable; got an eigengap of {gap:.3g} at "
             f"|lam|max = {scale:.3g}"
         )
+
+
+def _gap_matrix(lam):
+    """F_ij = 1 / (lam_j - lam_i) off the diagonal, 0 on it (eq. 7.9), for the VJP."""
+    diff = lam[None, :] - lam[:, None]
+    off = ~np.eye(lam.size, dtype=bool)
     F = np.zeros_like(diff)
     F[off] = 1.0 / diff[off]
     return F
@@ -204,19 +208,28 @@ def _gap_matrix(lam, what):
 def eigvecsh_jvp(S, dS):
     """dQ = Q (F o Q^T dS Q), F_ij = 1 / (lam_j - lam_i) (eq. 7.9); (n, n).
 
-    Raises ValueError when two eigenvalues are equal to working precision.
+    Computed by its own code, not the VJP's `_gap_matrix`: Omega = Q^T dQ solves the
+    off-diagonal of Q^T dS Q = dLambda + Omega Lambda - Lambda Omega entry by entry,
+    Omega_ij (lam_j - lam_i) = (Q^T dS Q)_ij, with Omega_ii = 0. Raises ValueError
+    when two eigenvalues are equal to working precision.
     """
     lam, Q = eigh(S)
     dS = _tangent(dS, Q.shape, "dS")
-    F = _gap_matrix(lam, "eigvecsh_jvp")
-    return _finite_result(Q @ (F * (Q.T @ sym(dS) @ Q)), "eigvecsh_jvp")
+    _require_distinct_eigenvalues(lam, "eigvecsh_jvp")
+    K = Q.T @ sym(dS) @ Q
+    gaps = lam[None, :] - lam[:, None]  # lam_j - lam_i
+    np.fill_diagonal(gaps, 1.0)  # the diagonal of K is dLambda, not Omega's
+    Omega = K / gaps
+    np.fill_diagonal(Omega, 0.0)
+    return _finite_result(Q @ Omega, "eigvecsh_jvp")
 
 
 def eigvecsh_vjp(S, G):
     """The gradient of <G, Q(S)>: sym(Q (F o Q^T G) Q^T) (eq. 7.10); G (n, n)."""
     lam, Q = eigh(S)
     G = _cotangent(G, Q.shape)
-    F = _gap_matrix(lam, "eigvecsh_vjp")
+    _require_distinct_eigenvalues(lam, "eigvecsh_vjp")
+    F = _gap_matrix(lam)
     return _finite_result(sym(Q @ (F * (Q.T @ G)) @ Q.T), "eigvecsh_vjp")
 
 

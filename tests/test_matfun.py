@@ -1100,3 +1100,22 @@ def test_large_finite_tangents_do_not_overflow_in_the_symmetrization():
     np.testing.assert_allclose(
         eigvalsh_jvp(np.diag([1.0, 2.0]), A), [1e308, 1e308], rtol=1e-15
     )
+
+
+def test_eigvecsh_dot_product_test_catches_a_mistake_in_the_vjp_gap_matrix(
+    monkeypatch,
+):
+    """F scaled by 1.1 in the VJP's helper: shared by the JVP it would pass the
+    dot-product test (both sides scale by 1.1); the JVP's own Omega does not."""
+    rng = np.random.default_rng(12)
+    points = []
+    for _ in range(3):
+        B = rng.standard_normal((4, 4))
+        points.append(
+            ((B + B.T,), (rng.standard_normal((4, 4)),), rng.standard_normal((4, 4)))
+        )
+    check_dot_product("eigvecsh", eigvecsh_jvp, eigvecsh_vjp, points)
+    right = matfun._gap_matrix
+    monkeypatch.setattr(matfun, "_gap_matrix", lambda lam: 1.1 * right(lam))
+    with pytest.raises(AssertionError, match="fails the dot-product test"):
+        check_dot_product("eigvecsh", eigvecsh_jvp, eigvecsh_vjp, points)
