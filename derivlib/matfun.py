@@ -687,7 +687,7 @@ def covariance_pool_vjp(F, W, G, *, eps):
 
 def _pooled_eigh(C):
     """The eigenvalues and eigenvectors of each C of a stack (N, k, k), all in one
-    call to LAPACK's dsyevd (NumPy's eigh). C's eigenvalues are at least eps, which
+    call to NumPy's eigh (which runs LAPACK's dsyevd on each). C's eigenvalues are at least eps, which
     _pooled_covariance holds above the rounding error of the rest, so none comes out
     non-positive; if one did, the one SPD test of derivlib (`as_spd`) says so
     rather than take its logarithm."""
