@@ -411,7 +411,7 @@ def invsqrtm_spd_vjp(S, G):
 
 
 def _require_function(f):
-    if f not in _FUNCTIONS:
+    if not isinstance(f, str) or f not in _FUNCTIONS:
         raise ValueError(f"f must be one of {sorted(_FUNCTIONS)}, got {f!r}")
 
 
@@ -687,10 +687,10 @@ def covariance_pool_vjp(F, W, G, *, eps):
 
 def _pooled_eigh(C):
     """The eigenvalues and eigenvectors of each C of a stack (N, k, k), all in one
-    call to NumPy's eigh (which runs LAPACK's dsyevd on each). C's eigenvalues are at least eps, which
-    _pooled_covariance holds above the rounding error of the rest, so none comes out
-    non-positive; if one did, the one SPD test of derivlib (`as_spd`) says so
-    rather than take its logarithm."""
+    call to NumPy's eigh (which runs LAPACK's dsyevd on each). C's eigenvalues are at
+    least eps, which _pooled_covariance holds above the rounding error of the rest, so
+    none comes out non-positive; if one did, the one SPD test of derivlib (`as_spd`)
+    says so rather than take its logarithm."""
     lam, Q = np.linalg.eigh(C)
     require_spd_eigenvalues(lam, "the pooled covariance", " of image {i} (raise eps)")
     return lam, Q

@@ -1119,3 +1119,10 @@ def test_eigvecsh_dot_product_test_catches_a_mistake_in_the_vjp_gap_matrix(
     monkeypatch.setattr(matfun, "_gap_matrix", lambda lam: 1.1 * right(lam))
     with pytest.raises(AssertionError, match="fails the dot-product test"):
         check_dot_product("eigvecsh", eigvecsh_jvp, eigvecsh_vjp, points)
+
+
+def test_complex_input_and_a_non_string_f_are_refused():
+    with pytest.raises(ValueError, match="S must be a real array, got a complex"):
+        spd_function(np.eye(2) * (1 + 0j), f="log")
+    with pytest.raises(ValueError, match=r"f must be one of .*, got \[\]"):
+        spd_function(np.eye(2), f=[])
