@@ -4,7 +4,12 @@ import numpy as np
 
 
 def as_float_array(x, name, ndims=None):
-    """`x` as a float64 array, with `ndims` (an int or a tuple of ints) checked."""
+    """`x` as a float64 array, with `ndims` (an int or a tuple of ints) checked. A
+    complex array is refused, not cast (the cast would drop its imaginary part)."""
+    if np.iscomplexobj(x):
+        raise ValueError(
+            f"{name} must be a real array, got a complex {type(x).__name__}"
+        )
     try:
         arr = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as exc:

@@ -22,6 +22,9 @@ symmetric matrix S accepts only S symmetric to 1e-10 (relative; ValueError other
 tangents and cotangents may be any square matrices and are symmetrized, so each rule is
 the derivative of S -> f(sym(S)), sym(S) = (S + S^T) / 2 (eq. 7.6), which is also what
 ``jnp.linalg.eigh`` differentiates, and every gradient with respect to S is symmetric.
+A result whose exact value overflows float64 (the derivative of S^(-1/2) at eigenvalues
+below about 1e-205, of log S below about 1e-308) is a ValueError, never an infinity or
+a NaN.
 """
 
 import numbers
@@ -52,11 +55,12 @@ def gaussian_nll(X, mu, Sigma):
     X, mu, Sigma = _gaussian_args(X, mu, Sigma)
     d, n = X.shape
     R = X - mu[:, None]
-    return float(
+    value = float(
         0.5 * np.sum(R * solve(Sigma, R))
         + 0.5 * n * logdet(Sigma)
         + 0.5 * n * d * np.log(2 * np.pi)
     )
+    return _finite_result(value, "gaussian_nll")
 
 
 def gaussian_nll_grad(X, mu, Sigma):
@@ -71,7 +75,9 @@ def gaussian_nll_grad(X, mu, Sigma):
     Sigma_bar_quad, R_bar_solve = solve_vjp(Sigma, R, 0.5 * R)
     R_bar = R_bar_solve + 0.5 * solve(Sigma, R)
     Sigma_bar = Sigma_bar_quad + logdet_vjp(Sigma, 0.5 * n)
-    return -R_bar.sum(axis=1), 0.5 * (Sigma_bar + Sigma_bar.T)
+    return _finite_result(
+        (-R_bar.sum(axis=1), 0.5 * Sigma_bar + 0.5 * Sigma_bar.T), "gaussian_nll_grad"
+    )
 
 
 def _gaussian_args(X, mu, Sigma):
@@ -99,7 +105,7 @@ def sym(A):
     A = as_finite_array(A, "A", 2)
     if A.shape[0] != A.shape[1]:
         raise ValueError(f"A must be square, got shape {A.shape}")
-    return 0.5 * (A + A.T)
+    return 0.5 * A + 0.5 * A.T  # not 0.5 * (A + A^T), which overflows near 1.8e308
 
 
 # ----- Symmetric eigendecomposition -----
@@ -137,7 +143,7 @@ def eigvalsh_jvp(S, dS):
             f"where eigenvalues repeat; got lam[{group[0]}:{group[-1] + 1}] equal "
             f"to {lam[group[0]]:.6g}"
         )
-    return np.einsum("ji,jk,ki->i", Q, sym(dS), Q)
+    return _finite_result(np.einsum("ji,jk,ki->i", Q, sym(dS), Q), "eigvalsh_jvp")
 
 
 def eigvalsh_vjp(S, g):
@@ -149,7 +155,7 @@ def eigvalsh_vjp(S, g):
     lam, Q = eigh(S)
     g = _cotangent(g, lam.shape, name="g")
     _require_constant_on_ties(lam, g, "eigvalsh_vjp", "eigenvalues", "lam")
-    return (Q * g) @ Q.T
+    return _finite_result((Q * g) @ Q.T, "eigvalsh_vjp")
 
 
 def _tied_groups(vals):
@@ -178,18 +184,22 @@ def _require_constant_on_ties(vals, g, what, noun, symbol):
             )
 
 
-def _gap_matrix(lam, what):
-    """F_ij = 1 / (lam_j - lam_i) off the diagonal, 0 on it (eq. 7.9)."""
-    diff = lam[None, :] - lam[:, None]
-    off = ~np.eye(lam.size, dtype=bool)
+def _require_distinct_eigenvalues(lam, what):
+    """ValueError unless every two eigenvalues differ by more than 1e3 eps max|lam|."""
     scale = max(float(np.max(np.abs(lam))), np.finfo(float).tiny)
-    gap = float(np.min(np.abs(diff[off]))) if lam.size > 1 else np.inf
+    gap = float(np.min(np.diff(lam))) if lam.size > 1 else np.inf  # lam ascending
     if gap <= 1e3 * np.finfo(float).eps * scale:
         raise ValueError(
             f"{what} needs distinct eigenvalues: the eigenvectors of a repeated "
             f"eigenvalue are not differentiable; got an eigengap of {gap:.3g} at "
             f"|lam|max = {scale:.3g}"
         )
+
+
+def _gap_matrix(lam):
+    """F_ij = 1 / (lam_j - lam_i) off the diagonal, 0 on it (eq. 7.9), for the VJP."""
+    diff = lam[None, :] - lam[:, None]
+    off = ~np.eye(lam.size, dtype=bool)
     F = np.zeros_like(diff)
     F[off] = 1.0 / diff[off]
     return F
@@ -198,20 +208,29 @@ def _gap_matrix(lam, what):
 def eigvecsh_jvp(S, dS):
     """dQ = Q (F o Q^T dS Q), F_ij = 1 / (lam_j - lam_i) (eq. 7.9); (n, n).
 
-    Raises ValueError when two eigenvalues are equal to working precision.
+    Computed by its own code, not the VJP's `_gap_matrix`: Omega = Q^T dQ solves the
+    off-diagonal of Q^T dS Q = dLambda + Omega Lambda - Lambda Omega entry by entry,
+    Omega_ij (lam_j - lam_i) = (Q^T dS Q)_ij, with Omega_ii = 0. Raises ValueError
+    when two eigenvalues are equal to working precision.
     """
     lam, Q = eigh(S)
     dS = _tangent(dS, Q.shape, "dS")
-    F = _gap_matrix(lam, "eigvecsh_jvp")
-    return Q @ (F * (Q.T @ sym(dS) @ Q))
+    _require_distinct_eigenvalues(lam, "eigvecsh_jvp")
+    K = Q.T @ sym(dS) @ Q
+    gaps = lam[None, :] - lam[:, None]  # lam_j - lam_i
+    np.fill_diagonal(gaps, 1.0)  # the diagonal of K is dLambda, not Omega's
+    Omega = K / gaps
+    np.fill_diagonal(Omega, 0.0)
+    return _finite_result(Q @ Omega, "eigvecsh_jvp")
 
 
 def eigvecsh_vjp(S, G):
     """The gradient of <G, Q(S)>: sym(Q (F o Q^T G) Q^T) (eq. 7.10); G (n, n)."""
     lam, Q = eigh(S)
     G = _cotangent(G, Q.shape)
-    F = _gap_matrix(lam, "eigvecsh_vjp")
-    return sym(Q @ (F * (Q.T @ G)) @ Q.T)
+    _require_distinct_eigenvalues(lam, "eigvecsh_vjp")
+    F = _gap_matrix(lam)
+    return _finite_result(sym(Q @ (F * (Q.T @ G)) @ Q.T), "eigvecsh_vjp")
 
 
 # ----- Functions of SPD matrices: the Daleckii-Krein rule -----
@@ -288,13 +307,15 @@ def spd_function_jvp(S, dS, *, f):
     differentiated with eqs. 7.8-7.9 for the logarithm), by code separate from the
     VJP's Loewner matrix (see `_spd_function_differential`)."""
     lam, Q = _spd_eigh(S, f)
-    return _spd_function_differential(lam, Q, f, _tangent(dS, Q.shape, "dS"))
+    dF = _spd_function_differential(lam, Q, f, _tangent(dS, Q.shape, "dS"))
+    return _finite_result(dF, f"spd_function_jvp (f = {f!r})", _spectrum(lam))
 
 
 def spd_function_vjp(S, G, *, f):
     """The gradient of <G, f(S)>: Q (L o Q^T sym(G) Q) Q^T (eq. 7.14); (n, n)."""
     lam, Q = _spd_eigh(S, f)
-    return _daleckii_krein(lam, Q, f, _cotangent(G, Q.shape))
+    S_bar = _daleckii_krein(lam, Q, f, _cotangent(G, Q.shape))
+    return _finite_result(S_bar, f"spd_function_vjp (f = {f!r})", _spectrum(lam))
 
 
 def _daleckii_krein(lam, Q, f, X):
@@ -302,7 +323,11 @@ def _daleckii_krein(lam, Q, f, X):
     symmetric, so the map is self-adjoint and the two rules are the same map). For one
     matrix, or a stack of them: lam (N, n), Q and X (N, n, n)."""
     Qt = np.swapaxes(Q, -1, -2)
-    return Q @ (_loewner(lam, f) * (Qt @ (0.5 * (X + np.swapaxes(X, -1, -2))) @ Q)) @ Qt
+    return (
+        Q
+        @ (_loewner(lam, f) * (Qt @ (0.5 * X + 0.5 * np.swapaxes(X, -1, -2)) @ Q))
+        @ Qt
+    )
 
 
 def _spd_function_differential(lam, Q, f, dS):
@@ -325,7 +350,7 @@ def _spd_function_differential(lam, Q, f, dS):
     differences of `_loewner` that the VJP uses, so the dot-product test compares two
     derivations."""
     Qt = np.swapaxes(Q, -1, -2)
-    K = Qt @ (0.5 * (dS + np.swapaxes(dS, -1, -2))) @ Q
+    K = Qt @ (0.5 * dS + 0.5 * np.swapaxes(dS, -1, -2)) @ Q
     li, lj = lam[..., :, None], lam[..., None, :]
     if f == "log":
         h = np.abs(lj - li)
@@ -386,7 +411,7 @@ def invsqrtm_spd_vjp(S, G):
 
 
 def _require_function(f):
-    if f not in _FUNCTIONS:
+    if not isinstance(f, str) or f not in _FUNCTIONS:
         raise ValueError(f"f must be one of {sorted(_FUNCTIONS)}, got {f!r}")
 
 
@@ -477,7 +502,8 @@ def polar_jvp(M, dM):
     7.18), computed from the forward differential by its own code (see
     `_polar_differential`), not by the VJP's."""
     U, s, Vt = _polar_svd(M)
-    return _polar_differential(U, s, Vt, _tangent(dM, U.shape, "dM"))
+    dR = _polar_differential(U, s, Vt, _tangent(dM, U.shape, "dM"))
+    return _finite_result(dR, "polar_jvp")
 
 
 def _polar_differential(U, s, Vt, dM):
@@ -499,7 +525,7 @@ def _polar_differential(U, s, Vt, dM):
 def polar_vjp(M, G):
     """The gradient of <G, polar(M)>: U (C o (H - H^T)) V^T, H = U^T G V (eq. 7.19)."""
     U, s, Vt = _polar_svd(M)
-    return _polar_rule(U, s, Vt, _cotangent(G, U.shape))
+    return _finite_result(_polar_rule(U, s, Vt, _cotangent(G, U.shape)), "polar_vjp")
 
 
 def _polar_rule(U, s, Vt, X):
@@ -538,7 +564,8 @@ def procrustes_jvp(A, B, dA, dB):
     A, B = _point_sets(A, B)
     dA, dB = _tangent(dA, A.shape, "dA"), _tangent(dB, B.shape, "dB")
     U, s, Vt = _polar_svd(B @ A.T, _degenerate_points(A))
-    return _polar_differential(U, s, Vt, dB @ A.T + B @ dA.T)
+    dR = _polar_differential(U, s, Vt, dB @ A.T + B @ dA.T)
+    return _finite_result(dR, "procrustes_jvp")
 
 
 def procrustes_vjp(A, B, G):
@@ -547,7 +574,7 @@ def procrustes_vjp(A, B, G):
     A, B = _point_sets(A, B)
     U, s, Vt = _polar_svd(B @ A.T, _degenerate_points(A))
     M_bar = _polar_rule(U, s, Vt, _cotangent(G, U.shape))
-    return M_bar.T @ B, M_bar @ A
+    return _finite_result((M_bar.T @ B, M_bar @ A), "procrustes_vjp")
 
 
 def _point_sets(A, B):
@@ -572,6 +599,22 @@ def _degenerate_points(A):
 
 
 # ----- Input checks -----
+
+
+def _finite_result(out, what, where="", fix="rescale the input"):
+    """`out` (an array, a float or a tuple of them) unchanged if every entry is finite;
+    otherwise the exact result overflows float64 (as the derivative of S^(-1/2) does,
+    -lam^(-3/2) / 2, below lam = 1e-205), and a ValueError says so rather than return
+    an infinity or a NaN. `where` describes the point (see `_spectrum`)."""
+    parts = out if isinstance(out, tuple) else (out,)
+    if not all(np.all(np.isfinite(a)) for a in parts):
+        raise ValueError(f"{what}: the result overflows float64{where}; {fix}")
+    return out
+
+
+def _spectrum(lam, name="S"):
+    lam = np.asarray(lam)
+    return f" at {name} with eigenvalues from {lam.max():.3g} down to {lam.min():.3g}"
 
 
 def _tangent(dX, shape, name):
@@ -612,7 +655,11 @@ def covariance_pool_jvp(F, W, dF, dW, *, eps):
     p = F.shape[2]
     dM = dW @ _centre(F) + W @ _centre(dF)
     dC = (dM @ M.transpose(0, 2, 1) + M @ dM.transpose(0, 2, 1)) / p
-    dL = _spd_function_differential(*_pooled_eigh(C), "log", dC)  # (7.12), each image
+    lam, Q = _pooled_eigh(C)
+    dL = _spd_function_differential(lam, Q, "log", dC)  # (7.12), each image
+    dL = _finite_result(
+        dL, "covariance_pool_jvp", _spectrum(lam, "C"), "raise eps or rescale F, W"
+    )
     return dL if batched else dL[0]
 
 
@@ -627,21 +674,23 @@ def covariance_pool_vjp(F, W, G, *, eps):
         F.shape[0], k, k
     )
     M, C = _pooled_covariance(F, W, eps)
-    C_bar = _daleckii_krein(
-        *_pooled_eigh(C), "log", G
-    )  # eq. 7.14 for each image; symmetric
+    lam, Q = _pooled_eigh(C)
+    C_bar = _daleckii_krein(lam, Q, "log", G)  # eq. 7.14 for each image; symmetric
     M_bar = (2.0 / p) * C_bar @ M
     F_bar = _centre(W.T @ M_bar)
     W_bar = np.einsum("nkp,ndp->kd", M_bar, _centre(F))
+    _finite_result(
+        (F_bar, W_bar), "covariance_pool_vjp", _spectrum(lam, "C"), "raise eps"
+    )
     return (F_bar if batched else F_bar[0]), W_bar
 
 
 def _pooled_eigh(C):
     """The eigenvalues and eigenvectors of each C of a stack (N, k, k), all in one
-    call to LAPACK's dsyevd (NumPy's eigh). C's eigenvalues are at least eps, which
-    _pooled_covariance holds above the rounding error of the rest, so none comes out
-    non-positive; if one did, the one SPD test of derivlib (`as_spd`) says so
-    rather than take its logarithm."""
+    call to NumPy's eigh (which runs LAPACK's dsyevd on each). C's eigenvalues are at
+    least eps, which _pooled_covariance holds above the rounding error of the rest, so
+    none comes out non-positive; if one did, the one SPD test of derivlib (`as_spd`)
+    says so rather than take its logarithm."""
     lam, Q = np.linalg.eigh(C)
     require_spd_eigenvalues(lam, "the pooled covariance", " of image {i} (raise eps)")
     return lam, Q

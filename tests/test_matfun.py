@@ -1042,3 +1042,87 @@ def logm_spd_jvp_nan_primal():
 def test_non_finite_primal_tangent_or_cotangent_is_named(call, name):
     with pytest.raises(ValueError, match=rf"^{name} must be finite"):
         call()
+
+
+# ----- An exact result beyond float64: a ValueError, never an infinity or a NaN -----
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        # d S^(-1/2) has the eigenvalue -lam^(-3/2) / 2 = -3.5e374 at lam = 1e-250
+        (
+            lambda: matfun.invsqrtm_spd_jvp(
+                1e-250 * np.diag([1.0, 2.0]), np.ones((2, 2))
+            ),
+            r"spd_function_jvp \(f = 'invsqrt'\): the result overflows float64 at S "
+            r"with eigenvalues from 2e-250 down to 1e-250",
+        ),
+        (
+            lambda: matfun.invsqrtm_spd_vjp(
+                1e-250 * np.diag([1.0, 2.0]), np.ones((2, 2))
+            ),
+            r"spd_function_vjp \(f = 'invsqrt'\): the result overflows float64",
+        ),
+        # d log S has 1 / lam = 1e310 at lam = 1e-310
+        (
+            lambda: matfun.logm_spd_vjp(1e-310 * np.diag([1.0, 2.0]), np.ones((2, 2))),
+            r"spd_function_vjp \(f = 'log'\): the result overflows float64",
+        ),
+        (
+            lambda: gaussian_nll_grad(np.ones((2, 3)), np.zeros(2), 1e-300 * np.eye(2)),
+            "gaussian_nll_grad: the result overflows float64",
+        ),
+        (
+            lambda: gaussian_nll(1e200 * np.ones((2, 3)), np.zeros(2), np.eye(2)),
+            "gaussian_nll: the result overflows float64",
+        ),
+        (
+            lambda: covariance_pool_vjp(
+                np.ones((2, 4)), np.eye(2), np.ones((2, 2)), eps=1e-310
+            ),
+            r"covariance_pool_vjp: the result overflows float64 .*; raise eps",
+        ),
+    ],
+)
+def test_a_result_beyond_float64_is_refused(call, message):
+    with np.errstate(all="ignore"), pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_large_finite_tangents_do_not_overflow_in_the_symmetrization():
+    """(A + A^T) / 2 overflows at entries near 1.8e308 where A / 2 + A^T / 2 does not;
+    the derivatives below are representable and exact."""
+    A = np.full((2, 2), 1e308)
+    np.testing.assert_array_equal(matfun.sym(A), A)
+    np.testing.assert_allclose(matfun.sqrtm_spd_jvp(np.eye(2), A), A / 2, rtol=1e-15)
+    np.testing.assert_allclose(matfun.sqrtm_spd_vjp(np.eye(2), A), A / 2, rtol=1e-15)
+    np.testing.assert_allclose(
+        eigvalsh_jvp(np.diag([1.0, 2.0]), A), [1e308, 1e308], rtol=1e-15
+    )
+
+
+def test_eigvecsh_dot_product_test_catches_a_mistake_in_the_vjp_gap_matrix(
+    monkeypatch,
+):
+    """F scaled by 1.1 in the VJP's helper: shared by the JVP it would pass the
+    dot-product test (both sides scale by 1.1); the JVP's own Omega does not."""
+    rng = np.random.default_rng(12)
+    points = []
+    for _ in range(3):
+        B = rng.standard_normal((4, 4))
+        points.append(
+            ((B + B.T,), (rng.standard_normal((4, 4)),), rng.standard_normal((4, 4)))
+        )
+    check_dot_product("eigvecsh", eigvecsh_jvp, eigvecsh_vjp, points)
+    right = matfun._gap_matrix
+    monkeypatch.setattr(matfun, "_gap_matrix", lambda lam: 1.1 * right(lam))
+    with pytest.raises(AssertionError, match="fails the dot-product test"):
+        check_dot_product("eigvecsh", eigvecsh_jvp, eigvecsh_vjp, points)
+
+
+def test_complex_input_and_a_non_string_f_are_refused():
+    with pytest.raises(ValueError, match="S must be a real array, got a complex"):
+        spd_function(np.eye(2) * (1 + 0j), f="log")
+    with pytest.raises(ValueError, match=r"f must be one of .*, got \[\]"):
+        spd_function(np.eye(2), f=[])
