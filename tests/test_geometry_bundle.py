@@ -212,8 +212,8 @@ def test_refuses_a_camera_with_too_few_observations():
 
 def test_refuses_fewer_residuals_than_unknowns():
     recon, _, start = make_bundler_scene(m=2, n=20, views=2, seed=6)
-    # 40 observations, 80 residuals; 60 point unknowns + 11 camera ones: fine.
-    # Hold nothing: still 78 unknowns; drop to 18 points -> refused
+    # 40 observations, 80 residuals; 60 point unknowns + 12 camera ones (camera 0's
+    # pose held): fine. Keep 7 points: 28 residuals for 21 + 12 = 33 -> refused
     free = np.ones((2, 9), bool)
     free[0, :6] = False
     sub_keep = recon.point < 7
