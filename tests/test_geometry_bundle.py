@@ -301,3 +301,30 @@ def test_a_free_gauge_names_a_parameter_whatever_basis_eigh_picks():
     recon, _, start = make_bundler_scene(m=3, n=40, views=3, seed=7)
     with pytest.raises(ValueError, match=r"singular in 7 direction\(s\)"):
         sparse_bundle_adjust(recon, start, free=np.ones((3, 9), bool))
+
+
+def test_refuses_intrinsics_that_the_points_leave_undetermined():
+    """Every point of camera 3 at one distance from the image centre: u = f rho p
+    with one rho, so only f rho is determined (2 singular directions)."""
+    from derivlib.geometry.bundler import _blocks
+
+    recon, truth, _ = make_bundler_scene(m=4, n=40, views=3, seed=1)
+    X, j = truth.X.copy(), 3
+    for i in np.unique(recon.point[recon.cam == j]):
+        P = truth.R[j] @ X[:, i] + truth.t[j]
+        p = -P[:2] / P[2]
+        p *= 0.3 / np.linalg.norm(p)
+        X[:, i] = truth.R[j].T @ (
+            np.array([-P[2] * p[0], -P[2] * p[1], P[2]]) - truth.t[j]
+        )
+    u, *_ = _blocks(
+        truth.R[recon.cam], truth.t[recon.cam], truth.intrinsics[recon.cam],
+        X[:, recon.point],
+    )  # fmt: skip
+    ring = io.Reconstruction(
+        truth.R, truth.t, truth.intrinsics, X, recon.cam, recon.point,
+        u + np.random.default_rng(0).standard_normal(u.shape),
+    )  # fmt: skip
+    start = SparseBundleState(truth.R, truth.t, truth.intrinsics, X)
+    with pytest.raises(ValueError, match=r"(f|k1|k2) of camera 3: .* 2 direction"):
+        sparse_bundle_adjust(ring, start)

@@ -682,7 +682,8 @@ def sparse_bundle_adjust(
     two distinct cameras, there are fewer residuals than unknowns, a point's block
     V_i is singular at the start, or the reduced camera system at the start is
     singular (a parameter the data cannot determine, such as a gauge direction left
-    free or k2 of a camera whose points all lie near the image centre). Stops when
+    free, or k1 and k2 of a camera whose points all lie at one distance from the
+    image centre, where only f rho is determined). Stops when
     the relative decrease of E or the relative step falls below tol; raises
     ConvergenceError after max_iter iterations.
     Returns (SparseBundleState, SparseBundleHistory)."""
