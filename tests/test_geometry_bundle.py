@@ -80,6 +80,8 @@ def test_project_refuses_points_behind_and_bad_shapes():
         bundler_project(R, t, fk, np.array([0.0, 0.0, 1.0]))
     with pytest.raises(ValueError, match=r"\(f, k1, k2\)"):
         bundler_project(R, t, fk[:2], np.array([0.0, 0.0, -1.0]))
+    with pytest.raises(ValueError, match="intrinsics must be finite"):
+        bundler_project(R, t, [np.inf, 0.0, 0.0], np.array([0.0, 0.0, -1.0]))
 
 
 def test_reduced_system_matches_the_dense_schur_complement():
@@ -210,8 +212,8 @@ def test_refuses_a_camera_with_too_few_observations():
 
 def test_refuses_fewer_residuals_than_unknowns():
     recon, _, start = make_bundler_scene(m=2, n=20, views=2, seed=6)
-    # 40 observations, 80 residuals; 60 point unknowns + 11 camera ones: fine.
-    # Hold nothing: still 78 unknowns; drop to 18 points -> refused
+    # 40 observations, 80 residuals; 60 point unknowns + 12 camera ones (camera 0's
+    # pose held): fine. Keep 7 points: 28 residuals for 21 + 12 = 33 -> refused
     free = np.ones((2, 9), bool)
     free[0, :6] = False
     sub_keep = recon.point < 7
@@ -239,3 +241,90 @@ def test_bad_shapes_and_convergence_error():
         sparse_bundle_adjust(recon, bad)
     with pytest.raises(ConvergenceError):
         sparse_bundle_adjust(recon, start, max_iter=1, tol=0.0)
+
+
+def test_refuses_a_point_seen_twice_by_one_camera():
+    """Two observations of a point by the same camera do not triangulate it."""
+    recon, _, start = _tiny()
+    cam = recon.cam.copy()
+    ks = np.flatnonzero(recon.point == 5)
+    cam[ks] = cam[ks[0]]
+    dup = io.Reconstruction(
+        recon.R, recon.t, recon.intrinsics, recon.X, cam, recon.point, recon.u
+    )
+    with pytest.raises(ValueError, match="point 5 is seen by 1 camera"):
+        sparse_bundle_adjust(dup, start)
+
+
+def test_refuses_a_point_its_cameras_see_along_one_ray():
+    """With f = 0 every B_k vanishes: V_i is singular, refused before any solve."""
+    recon, _, start = _tiny()
+    flat = start.copy()
+    flat.intrinsics[:, 0] = 0.0
+    with pytest.raises(ValueError, match="do not determine point 0"):
+        sparse_bundle_adjust(recon, flat)
+
+
+def test_refuses_observations_that_do_not_fit_the_reconstruction():
+    recon, _, start = _tiny()
+
+    def with_(**kw):
+        fields = dict(cam=recon.cam, point=recon.point, u=recon.u)
+        fields.update(kw)
+        return io.Reconstruction(recon.R, recon.t, recon.intrinsics, recon.X, **fields)
+
+    with pytest.raises(ValueError, match=r"recon.cam must lie in 0..2"):
+        sparse_bundle_adjust(with_(cam=recon.cam + 1), start)
+    with pytest.raises(ValueError, match="must hold integers"):
+        sparse_bundle_adjust(with_(cam=recon.cam.astype(float)), start)
+    with pytest.raises(ValueError, match=r"shapes \(N,\), \(N,\) and \(2, N\)"):
+        sparse_bundle_adjust(with_(u=recon.u[:, :-1]), start)
+    u = recon.u.copy()
+    u[0, 3] = np.nan
+    with pytest.raises(ValueError, match="must be finite"):
+        sparse_bundle_adjust(with_(u=u), start)
+    bad = start.copy()
+    bad.X[0, 0] = np.inf
+    with pytest.raises(ValueError, match=r"state0.X must be finite"):
+        sparse_bundle_adjust(recon, bad)
+    with pytest.raises(ValueError, match="tol must be"):
+        sparse_bundle_adjust(recon, start, tol=-1.0)
+    with pytest.raises(ValueError, match=r"A, B and r must have shapes"):
+        reduced_camera_system(
+            recon, np.zeros((5, 2, 9)), np.zeros((5, 2, 3)), np.zeros(10)
+        )
+
+
+def test_a_free_gauge_names_a_parameter_whatever_basis_eigh_picks():
+    """The refusal counts the singular directions (7 for a free similarity) and names
+    the parameter by its weight in all of them, not in one eigenvector."""
+    recon, _, start = make_bundler_scene(m=3, n=40, views=3, seed=7)
+    with pytest.raises(ValueError, match=r"singular in 7 direction\(s\)"):
+        sparse_bundle_adjust(recon, start, free=np.ones((3, 9), bool))
+
+
+def test_refuses_intrinsics_that_the_points_leave_undetermined():
+    """Every point of camera 3 at one distance from the image centre: u = f rho p
+    with one rho, so only f rho is determined (2 singular directions)."""
+    from derivlib.geometry.bundler import _blocks
+
+    recon, truth, _ = make_bundler_scene(m=4, n=40, views=3, seed=1)
+    X, j = truth.X.copy(), 3
+    for i in np.unique(recon.point[recon.cam == j]):
+        P = truth.R[j] @ X[:, i] + truth.t[j]
+        p = -P[:2] / P[2]
+        p *= 0.3 / np.linalg.norm(p)
+        X[:, i] = truth.R[j].T @ (
+            np.array([-P[2] * p[0], -P[2] * p[1], P[2]]) - truth.t[j]
+        )
+    u, *_ = _blocks(
+        truth.R[recon.cam], truth.t[recon.cam], truth.intrinsics[recon.cam],
+        X[:, recon.point],
+    )  # fmt: skip
+    ring = io.Reconstruction(
+        truth.R, truth.t, truth.intrinsics, X, recon.cam, recon.point,
+        u + np.random.default_rng(0).standard_normal(u.shape),
+    )  # fmt: skip
+    start = SparseBundleState(truth.R, truth.t, truth.intrinsics, X)
+    with pytest.raises(ValueError, match=r"(f|k1|k2) of camera 3: .* 2 direction"):
+        sparse_bundle_adjust(ring, start)

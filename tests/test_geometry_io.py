@@ -111,6 +111,10 @@ def test_bal_reader():
         ("# Bundle file v0.3\n0 1\n0 0 0 255 255 255\n1 0 0 1.0 2.0\n", "camera"),
         ("# Bundle file v0.3\n0 0\n7\n", "left"),
         ("# Bundle file v0.3\n1 0\n500 0 0\n1 0 0\n0 1 0\n0 0 1\n0 0 x\n", "numbers"),
+        (
+            "# Bundle file v0.3\n0 1\n0 0 nan 255 255 255\n0\n",
+            "finite numbers, got nan",
+        ),
     ],
 )
 def test_bundler_refuses_malformed_files(tmp_path, text, message):
@@ -127,6 +131,7 @@ def test_bundler_refuses_malformed_files(tmp_path, text, message):
         ("1 1 1 0 0 1.0 2.0", "holds"),
         ("1 1 1 0 5 1 2 " + "0 " * 9 + "0 0 0", "point indices"),
         ("1 1 1 0.5 0 1 2 " + "0 " * 9 + "0 0 0", "integers"),
+        ("1 1 1 0 0 inf 2 " + "0 " * 9 + "0 0 0", "finite numbers, got inf"),
     ],
 )
 def test_bal_refuses_malformed_files(tmp_path, text, message):

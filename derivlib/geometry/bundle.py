@@ -477,10 +477,48 @@ def default_gauge(state):
     return free
 
 
+def _check_observations(recon):
+    """Refuse observations that do not index recon's cameras and points."""
+    cam, point, u = (np.asarray(a) for a in (recon.cam, recon.point, recon.u))
+    N = cam.shape[0] if cam.ndim == 1 else -1
+    if cam.ndim != 1 or point.shape != (N,) or u.shape != (2, N):
+        raise ValueError(
+            f"recon's cam, point and u must have shapes (N,), (N,) and (2, N), got "
+            f"{cam.shape}, {point.shape} and {u.shape}"
+        )
+    for name, idx, size in (("cam", cam, recon.m), ("point", point, recon.n)):
+        if not np.issubdtype(idx.dtype, np.integer):
+            raise ValueError(f"recon.{name} must hold integers, got dtype {idx.dtype}")
+        if idx.size and (idx.min() < 0 or idx.max() >= size):
+            raise ValueError(
+                f"recon.{name} must lie in 0..{size - 1}, got values in "
+                f"[{idx.min()}, {idx.max()}]"
+            )
+    if not np.all(np.isfinite(u)):
+        raise ValueError("recon.u, the observed image points, must be finite")
+
+
+def _refuse_singular_points(recon, B):
+    """Refuse a point whose 3 x 3 block V_i = sum_k B_k^T B_k is singular at the
+    start (its cameras see it along one ray, or their f is 0): the data do not
+    determine it, and V_i^-1 does not exist."""
+    V = _sum_by(recon, "point", np.ascontiguousarray(B.transpose(0, 2, 1)) @ B)
+    d = np.sqrt(np.abs(np.einsum("nii->ni", V)))
+    d[d == 0] = 1.0
+    w = np.linalg.eigvalsh(V / d[:, :, None] / d[:, None, :])
+    bad = np.flatnonzero(w[:, 0] <= 1e-12 * w[:, -1])
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(
+            f"the observations do not determine point {i}: its 3 x 3 block V_i is "
+            f"singular at the start (its cameras see it along a single ray, or their "
+            f"focal length is 0); {bad.size} point(s) are undetermined"
+        )
+
+
 def _refuse_underdetermined(recon, free):
     m, n = recon.m, recon.n
     per_cam = np.bincount(recon.cam, minlength=m)
-    per_point = np.bincount(recon.point, minlength=n)
     need = np.ceil(free.sum(axis=1) / 2).astype(int)
     few = np.flatnonzero(per_cam < need)
     if few.size:
@@ -490,6 +528,10 @@ def _refuse_underdetermined(recon, free):
             f"for {free[j].sum()} free parameters: it needs at least {need[j]}; "
             f"{few.size} camera(s) are underdetermined"
         )
+    # distinct cameras per point: two observations of a point by one camera do not
+    # triangulate it
+    pairs = np.unique(recon.point * m + recon.cam)
+    per_point = np.bincount(pairs // m, minlength=n)
     lonely = np.flatnonzero(per_point < 2)
     if lonely.size:
         i = int(lonely[0])
@@ -557,7 +599,13 @@ def reduced_camera_system(recon, A, B, r, lam=0.0):
     Returns S (9m, 9m), rhs (9m,), and the pieces the back-substitution needs:
     (W (N, 9, 3), Vinv (n, 3, 3), g_p (n, 3), the undamped U (m, 9, 9), V (n, 3, 3),
     g_c (m, 9))."""
-    m, point = recon.m, recon.point
+    m, point, N = recon.m, recon.point, recon.cam.size
+    A, B, r = np.asarray(A), np.asarray(B), np.asarray(r)
+    if A.shape != (N, 2, 9) or B.shape != (N, 2, 3) or r.shape != (2 * N,):
+        raise ValueError(
+            f"A, B and r must have shapes ({N}, 2, 9), ({N}, 2, 3) and ({2 * N},) for "
+            f"{N} observations, got {A.shape}, {B.shape} and {r.shape}"
+        )
     r2 = r.reshape(-1, 2)
     order, cstart = _by_camera(recon)
     U = np.empty((m, 9, 9))
@@ -605,13 +653,17 @@ def _check_determined(S, free_idx, names):
     d = np.sqrt(np.abs(np.diag(Sf)))
     d[d == 0] = 1.0
     w, Q = np.linalg.eigh(Sf / d[:, None] / d[None, :])
-    if w[0] <= 1e-12 * w[-1]:
-        k = int(np.argmax(np.abs(Q[:, 0])))
+    null = int(np.sum(w <= 1e-12 * w[-1]))
+    if null:
+        # the weight of each parameter in the null space (the diagonal of its
+        # projector), which does not depend on the basis eigh picks for it
+        k = int(np.argmax(np.sum(Q[:, :null] ** 2, axis=1)))
         raise ValueError(
-            f"the observations do not determine {names[free_idx[k]]} (the reduced "
-            f"camera system is singular along it: smallest scaled eigenvalue "
-            f"{w[0]:.1e}, largest {w[-1]:.1e}): hold it fixed or add observations "
-            f"(a gauge direction left free shows here too; default_gauge holds one)"
+            f"the observations do not determine {names[free_idx[k]]}: the reduced "
+            f"camera system is singular in {null} direction(s) (scaled eigenvalues "
+            f"below 1e-12 of the largest), and this parameter weighs most in them; "
+            f"hold it fixed or add observations (a gauge direction left free shows "
+            f"here too; default_gauge holds one)"
         )
 
 
@@ -624,13 +676,16 @@ def sparse_bundle_adjust(
     recon: a Reconstruction (derivlib.geometry.io) whose cam, point and u are the
     observations; state0 the start (default: the stored cameras and points); free
     (m, 9) the camera parameters (delta, t, f, k1, k2) that move (default:
-    default_gauge). Every point moves. Before solving it raises ValueError when a
+    default_gauge). Every point moves. Before solving it raises ValueError when the
+    observations do not index recon's cameras and points or are not finite, a
     camera has fewer residuals than free parameters, a point is seen by fewer than
-    two cameras, there are fewer residuals than unknowns, or the reduced camera
-    system at the start is singular (a parameter the data cannot determine, such
-    as a gauge direction left free or k2 of a camera whose points all lie near the
-    image centre). Stops when the relative decrease of E or the relative step falls
-    below tol; raises ConvergenceError after max_iter iterations.
+    two distinct cameras, there are fewer residuals than unknowns, a point's block
+    V_i is singular at the start, or the reduced camera system at the start is
+    singular (a parameter the data cannot determine, such as a gauge direction left
+    free, or k1 and k2 of a camera whose points all lie at one distance from the
+    image centre, where only f rho is determined). Stops when
+    the relative decrease of E or the relative step falls below tol; raises
+    ConvergenceError after max_iter iterations.
     Returns (SparseBundleState, SparseBundleHistory)."""
     from scipy.linalg import cho_factor, cho_solve
 
@@ -649,6 +704,12 @@ def sparse_bundle_adjust(
             f"(3, {n}), got {state.R.shape}, {state.t.shape}, "
             f"{state.intrinsics.shape} and {state.X.shape}"
         )
+    for name in ("R", "t", "intrinsics", "X"):
+        if not np.all(np.isfinite(getattr(state, name))):
+            raise ValueError(f"state0.{name} must be finite")
+    if not (np.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol}")
+    _check_observations(recon)
     free = default_gauge(state) if free is None else np.asarray(free, dtype=bool)
     if free.shape != (m, 9):
         raise ValueError(f"free must have shape ({m}, 9), got {free.shape}")
@@ -660,6 +721,7 @@ def sparse_bundle_adjust(
         for q in ["delta_x", "delta_y", "delta_z", "t_x", "t_y", "t_z", "f", "k1", "k2"]
     ]
     r, A, B = _sparse_blocks(recon, state)
+    _refuse_singular_points(recon, B)
     E = float(r @ r)
     hist = SparseBundleHistory(cost=[E], damping=[])
     lam, nu = lam0, 2.0

@@ -10,7 +10,7 @@ right, R Exp(delta), and a pose tangent is (delta, dt), rotation first."""
 
 import numpy as np
 
-from .._validate import as_float_array
+from .._validate import as_float_array, require_finite
 from .camera import _points
 
 
@@ -23,6 +23,8 @@ def _camera(R, t, intrinsics):
             f"R, t and intrinsics (f, k1, k2) must have shapes (3, 3), (3,) and "
             f"(3,), got {R.shape}, {t.shape} and {intrinsics.shape}"
         )
+    for name, a in (("R", R), ("t", t), ("intrinsics", intrinsics)):
+        require_finite(a, name)
     return R, t, intrinsics
 
 

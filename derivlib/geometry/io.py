@@ -56,9 +56,13 @@ def _numbers(tokens, count, what, path):
             f"{len(tokens)}"
         )
     try:
-        return np.array(tokens[:count], dtype=float)
+        values = np.array(tokens[:count], dtype=float)
     except ValueError as err:
         raise ValueError(f"{path}: {what} must be numbers ({err})") from None
+    if not np.all(np.isfinite(values)):
+        bad = values[~np.isfinite(values)][0]
+        raise ValueError(f"{path}: {what} must be finite numbers, got {bad}")
+    return values
 
 
 def _count(token, what, path):
