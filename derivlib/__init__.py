@@ -351,3 +351,32 @@ __all__ = [
     "unvec",
     "vec",
 ]
+
+# ----- Chapter 8: differentiating through solvers -----
+from .implicit import (  # noqa: E402
+    implicit_jvp,
+    implicit_vjp,
+    logistic_fit,
+    logistic_fit_jvp,
+    logistic_fit_vjp,
+    multinomial_fit,
+    multinomial_fit_jvp,
+    multinomial_fit_vjp,
+    undistort,
+    undistort_jvp,
+    undistort_vjp,
+)
+
+__all__ += [
+    "implicit_jvp",
+    "implicit_vjp",
+    "logistic_fit",
+    "logistic_fit_jvp",
+    "logistic_fit_vjp",
+    "multinomial_fit",
+    "multinomial_fit_jvp",
+    "multinomial_fit_vjp",
+    "undistort",
+    "undistort_jvp",
+    "undistort_vjp",
+]

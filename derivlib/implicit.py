@@ -1,0 +1,357 @@
+"""Chapter 8, differentiating through solvers: the implicit function theorem read off
+a differential.
+
+If x*(theta) solves F(x, theta) = 0, differentiating the identity F(x*(theta), theta)
+= 0 gives A dx* + B dtheta = 0 with A = dF/dx and B = dF/dtheta (eq. 8.2). The
+forward rule solves A dx* = -B dtheta (eq. 8.3); the backward rule solves A^T lam = G
+and returns -B^T lam (eq. 8.4). For an argmin, F is the gradient and A the Hessian.
+
+Every JVP here is written from the forward differential and every VJP from its
+adjoint, separately, so that the dot-product test compares two derivations. A rule
+refuses a point that is not a solution (the residual F is above tolerance) and a
+singular A (the solution is then not a smooth function of theta).
+"""
+
+import numpy as np
+
+from ._validate import as_float_array, require_finite
+from .losses import fit_logistic, fit_multinomial, logistic_hessian, multinomial_hessian
+from .vector import sigmoid, sigmoid_derivative, softmax
+
+RCOND = 1e-12  # below this reciprocal condition number, A is refused as singular
+
+
+# ----- 8.1 The theorem from a differential -----
+
+
+def _check_converged(residual, tol, what):
+    """Refuse a point that does not solve F = 0: the theorem holds only at a root."""
+    if residual is None:
+        return
+    r = require_finite(as_float_array(residual, "residual"), "residual")
+    worst = float(np.max(np.abs(r)))
+    if not worst <= tol:
+        raise ValueError(
+            f"{what}: the solver did not converge: max |F(x, theta)| = {worst:.3g} > "
+            f"tol = {tol:.3g}; the implicit function theorem gives the derivative of "
+            "x*(theta) only at a solution of F = 0"
+        )
+
+
+def _square(A, name="A"):
+    A = require_finite(as_float_array(A, name, ndims=2), name)
+    if A.shape[0] != A.shape[1]:
+        raise ValueError(f"{name} = dF/dx must be square, got shape {A.shape}")
+    return A
+
+
+def factor(A, rcond=RCOND, what="implicit differentiation"):
+    """LU-factorise A = dF/dx, refusing a singular A with the smallest pivot and the
+    reciprocal condition number (LAPACK's estimate) in the message. Returns the
+    factorisation for ``scipy.linalg.lu_solve``."""
+    import warnings
+
+    from scipy.linalg import LinAlgWarning, lu_factor
+    from scipy.linalg.lapack import dgecon
+
+    A = _square(A)
+    anorm = float(np.max(np.sum(np.abs(A), axis=0)))
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", LinAlgWarning)  # refused below, with numbers
+        lu, piv = lu_factor(A, check_finite=False)
+    pivots = np.abs(np.diag(lu))
+    smallest = float(pivots.min())
+    estimate = dgecon(lu, anorm, norm="1")[0] if smallest > 0 and anorm > 0 else 0.0
+    if not estimate >= rcond:
+        raise ValueError(
+            f"{what}: A = dF/dx ({A.shape[0]} x {A.shape[1]}) is singular to working "
+            f"precision: smallest LU pivot {smallest:.3g}, reciprocal condition number "
+            f"{estimate:.3g} < {rcond:.0e}; x* is not a locally unique, differentiable "
+            "function of theta (add regularisation, or fix a gauge)"
+        )
+    return lu, piv
+
+
+def _lu_solve(factors, b, trans=0):
+    from scipy.linalg import lu_solve
+
+    return lu_solve(factors, b, trans=trans, check_finite=False)
+
+
+def _linearisation(A, B):
+    A = _square(A)
+    B = require_finite(as_float_array(B, "B", ndims=2), "B")
+    if B.shape[0] != A.shape[0]:
+        raise ValueError(
+            f"B = dF/dtheta must have {A.shape[0]} rows (one per equation of F), got "
+            f"shape {B.shape}"
+        )
+    return A, B
+
+
+def implicit_jvp(A, B, dtheta, *, residual=None, tol=1e-8, rcond=RCOND):
+    """Eq. (8.3): the forward rule dx* = -A^-1 B dtheta of a solution x*(theta) of
+    F(x, theta) = 0, from the linearisation A = dF/dx (m, m), B = dF/dtheta (m, p) at
+    the solution, for a tangent dtheta (p,). Returns dx*, shape (m,).
+
+    `residual`, F at the point, is checked against `tol` (max norm) when given."""
+    A, B = _linearisation(A, B)
+    dtheta = require_finite(as_float_array(dtheta, "dtheta", ndims=1), "dtheta")
+    if dtheta.shape != (B.shape[1],):
+        raise ValueError(
+            f"dtheta must have shape ({B.shape[1]},) (one entry per column of B), got "
+            f"shape {dtheta.shape}"
+        )
+    _check_converged(residual, tol, "implicit_jvp")
+    factors = factor(A, rcond, "implicit_jvp")
+    # A dx + B dtheta = 0, solved for dx
+    return _lu_solve(factors, -(B @ dtheta))
+
+
+def implicit_vjp(A, B, G, *, residual=None, tol=1e-8, rcond=RCOND):
+    """Eq. (8.4): the backward rule theta_bar = -B^T lam with A^T lam = G, for a
+    cotangent G (m,) on x*. Shapes and checks as `implicit_jvp`; returns (p,)."""
+    A, B = _linearisation(A, B)
+    G = require_finite(as_float_array(G, "G", ndims=1), "G")
+    if G.shape != (A.shape[0],):
+        raise ValueError(
+            f"G must have shape ({A.shape[0]},) (shaped like x*), got shape {G.shape}"
+        )
+    _check_converged(residual, tol, "implicit_vjp")
+    factors = factor(A, rcond, "implicit_vjp")
+    # <G, dx> = <G, -A^-1 B dtheta> = <-B^T A^-T G, dtheta>
+    lam = _lu_solve(factors, G, trans=1)
+    return -(B.T @ lam)
+
+
+# ----- 8.2 A fitted model as a layer -----
+
+
+def _log_l2(log_l2):
+    s = as_float_array(log_l2, "log_l2")
+    if s.shape not in ((), (1,)):
+        raise ValueError(f"log_l2 must be a scalar, got shape {s.shape}")
+    s = float(s.reshape(()))
+    if not np.isfinite(s) or not np.isfinite(np.exp(s)) or np.exp(s) == 0.0:
+        raise ValueError(
+            f"log_l2 must be finite with exp(log_l2) a positive float, got {s}"
+        )
+    return s
+
+
+def _scalar(x, name):
+    s = as_float_array(x, name)
+    if s.shape not in ((), (1,)):
+        raise ValueError(f"{name} must be a scalar, got shape {s.shape}")
+    return float(require_finite(s, name).reshape(()))
+
+
+def logistic_fit(X, log_l2, *, y, tol=1e-10, max_iter=100):
+    """The fitted parameters theta*(X, log l2) of Chapter 3's L2-regularised logistic
+    regression, minimising L(theta) + (l2 / 2) |theta|^2 with l2 = exp(log_l2)
+    (eq. 8.5). X (d, n), y in {0, 1}^n (a constant, keyword-only). Returns (d,)."""
+    return fit_logistic(X, y, l2=np.exp(_log_l2(log_l2)), tol=tol, max_iter=max_iter)
+
+
+def _logistic_point(X, log_l2, y, theta, tol):
+    X = require_finite(as_float_array(X, "X", ndims=2), "X")
+    l2 = np.exp(_log_l2(log_l2))
+    if theta is None:
+        theta = fit_logistic(X, y, l2=l2)
+    theta = require_finite(as_float_array(theta, "theta", ndims=1), "theta")
+    if theta.shape != (X.shape[0],):
+        raise ValueError(
+            f"theta must have shape ({X.shape[0]},) (one entry per row of X), got "
+            f"shape {theta.shape}"
+        )
+    y = np.asarray(y, dtype=np.float64)
+    z = X.T @ theta
+    e = sigmoid(z) - y  # pi - y
+    grad = X @ e + l2 * theta
+    _check_converged(grad / X.shape[1], tol, "the logistic fit")
+    H = logistic_hessian(theta, X, y, l2=l2)
+    return X, l2, y, theta, z, e, H
+
+
+def logistic_fit_jvp(X, log_l2, dX, dlog_l2, *, y, theta=None, tol=1e-8):
+    """Eq. (8.7): the forward rule of `logistic_fit`, d theta* = -H^-1 [dX (pi - y) +
+    X diag(w) dX^T theta + l2 theta dlog_l2], w = pi o (1 - pi), for tangents dX
+    (d, n) and dlog_l2 (scalar). `theta` is the fit at (X, log_l2) if already known
+    (its gradient / n is checked against `tol`). Returns (d,)."""
+    X, l2, y, theta, z, e, H = _logistic_point(X, log_l2, y, theta, tol)
+    dX = require_finite(as_float_array(dX, "dX", ndims=2), "dX")
+    if dX.shape != X.shape:
+        raise ValueError(f"dX must have the shape of X, {X.shape}, got {dX.shape}")
+    ds = _scalar(dlog_l2, "dlog_l2")
+    w = sigmoid_derivative(z)
+    dF = dX @ e + X @ (w * (dX.T @ theta)) + l2 * ds * theta  # B dtheta
+    return _lu_solve(factor(H, what="logistic_fit_jvp"), -dF)
+
+
+def logistic_fit_vjp(X, log_l2, G, *, y, theta=None, tol=1e-8):
+    """Eq. (8.8): the backward rule of `logistic_fit`: with H lam = G,
+    X_bar = -[lam (pi - y)^T + theta (w o X^T lam)^T] and log_l2_bar = -l2 theta^T lam.
+    G (d,); returns (X_bar (d, n), log_l2_bar (a 0-d array))."""
+    X, l2, y, theta, z, e, H = _logistic_point(X, log_l2, y, theta, tol)
+    G = require_finite(as_float_array(G, "G", ndims=1), "G")
+    if G.shape != theta.shape:
+        raise ValueError(
+            f"G must have the shape of theta, {theta.shape}, got {G.shape}"
+        )
+    lam = _lu_solve(factor(H, what="logistic_fit_vjp"), G, trans=1)
+    w = sigmoid_derivative(z)
+    X_bar = -(np.outer(lam, e) + np.outer(theta, w * (X.T @ lam)))
+    return X_bar, np.array(-l2 * float(theta @ lam))
+
+
+def multinomial_fit(X, log_l2, *, Y, tol=1e-10, max_iter=100):
+    """Theta*(X, log l2) of Chapter 3's L2-regularised multinomial logistic regression
+    (eq. 8.5 with the multinomial loss): X (d, n), Y (k, n) one-hot. Returns (d, k)."""
+    return fit_multinomial(X, Y, l2=np.exp(_log_l2(log_l2)), tol=tol, max_iter=max_iter)
+
+
+def _multinomial_point(X, log_l2, Y, Theta, tol):
+    X = require_finite(as_float_array(X, "X", ndims=2), "X")
+    l2 = np.exp(_log_l2(log_l2))
+    if Theta is None:
+        Theta = fit_multinomial(X, Y, l2=l2)
+    Theta = require_finite(as_float_array(Theta, "Theta", ndims=2), "Theta")
+    Y = np.asarray(Y, dtype=np.float64)
+    if Theta.shape != (X.shape[0], Y.shape[0]):
+        raise ValueError(
+            f"Theta must have shape {(X.shape[0], Y.shape[0])}, got {Theta.shape}"
+        )
+    Pi = softmax(Theta.T @ X)
+    grad = X @ (Pi - Y).T + l2 * Theta
+    _check_converged(grad / X.shape[1], tol, "the multinomial fit")
+    H = multinomial_hessian(Theta, X, Y, l2=l2)
+    return X, l2, Y, Theta, Pi, H
+
+
+def _softmax_tangent(Pi, dZ):
+    """The differential of the column-wise softmax: dPi = Pi o dZ - Pi o 1 1^T (Pi o
+    dZ) (eq. 2.10, column by column); self-adjoint."""
+    P = Pi * dZ
+    return P - Pi * P.sum(axis=0)
+
+
+def multinomial_fit_jvp(X, log_l2, dX, dlog_l2, *, Y, Theta=None, tol=1e-8):
+    """Eq. (8.9): the forward rule of `multinomial_fit`: vec dTheta* = -H^-1
+    vec[dX (Pi - Y)^T + X S(Theta^T dX)^T + l2 Theta dlog_l2], with S the softmax
+    differential and H the (dk, dk) Hessian of Chapter 3. Returns (d, k)."""
+    X, l2, Y, Theta, Pi, H = _multinomial_point(X, log_l2, Y, Theta, tol)
+    dX = require_finite(as_float_array(dX, "dX", ndims=2), "dX")
+    if dX.shape != X.shape:
+        raise ValueError(f"dX must have the shape of X, {X.shape}, got {dX.shape}")
+    ds = _scalar(dlog_l2, "dlog_l2")
+    dF = dX @ (Pi - Y).T + X @ _softmax_tangent(Pi, Theta.T @ dX).T + l2 * ds * Theta
+    dvec = _lu_solve(factor(H, what="multinomial_fit_jvp"), -dF.ravel(order="F"))
+    return dvec.reshape(Theta.shape, order="F")
+
+
+def multinomial_fit_vjp(X, log_l2, G, *, Y, Theta=None, tol=1e-8):
+    """Eq. (8.10): the backward rule of `multinomial_fit`: with H vec Lam = vec G,
+    X_bar = -[Lam (Pi - Y) + Theta S(Lam^T X)] and log_l2_bar = -l2 <Theta, Lam>.
+    G (d, k); returns (X_bar (d, n), log_l2_bar (0-d))."""
+    X, l2, Y, Theta, Pi, H = _multinomial_point(X, log_l2, Y, Theta, tol)
+    G = require_finite(as_float_array(G, "G", ndims=2), "G")
+    if G.shape != Theta.shape:
+        raise ValueError(
+            f"G must have the shape of Theta, {Theta.shape}, got {G.shape}"
+        )
+    lam = _lu_solve(factor(H, what="multinomial_fit_vjp"), G.ravel(order="F"), trans=1)
+    Lam = lam.reshape(Theta.shape, order="F")
+    X_bar = -(Lam @ (Pi - Y) + Theta @ _softmax_tangent(Pi, Lam.T @ X))
+    return X_bar, np.array(-l2 * float(np.sum(Theta * Lam)))
+
+
+# ----- 8.3 Fixed points: undistorting image points -----
+
+
+def _distortion(u, k):
+    u = require_finite(as_float_array(u, "u", ndims=2), "u")
+    if u.shape[0] != 2:
+        raise ValueError(
+            f"u must hold normalised image points as columns, shape (2, n), got "
+            f"shape {u.shape}"
+        )
+    k = require_finite(as_float_array(k, "k", ndims=1), "k")
+    if k.shape != (2,):
+        raise ValueError(f"k must be (k1, k2), shape (2,), got shape {k.shape}")
+    return u, k
+
+
+def undistort(u, k, *, tol=1e-13, max_iter=500):
+    """The undistorted normalised points x (2, n) with x (1 + k1 |x|^2 + k2 |x|^4) = u,
+    by the fixed-point iteration x <- u / (1 + k1 |x|^2 + k2 |x|^4) from x = u
+    (eq. 8.11). Raises ValueError when the iteration does not settle to `tol` (max
+    step) within `max_iter` iterations (it is not a contraction there)."""
+    u, k = _distortion(u, k)
+    x = u.copy()
+    for _ in range(max_iter):
+        rho = np.sum(x * x, axis=0)
+        x_new = u / (1.0 + k[0] * rho + k[1] * rho**2)
+        step = float(np.max(np.abs(x_new - x)))
+        x = x_new
+        if not np.all(np.isfinite(x)):
+            break
+        if step <= tol:
+            return x
+    raise ValueError(
+        f"undistort: the fixed-point iteration did not converge in {max_iter} "
+        f"iterations for k = ({k[0]:.3g}, {k[1]:.3g}) (last step {step:.3g} > tol "
+        f"{tol:.0e}): the map x -> u / (1 + k1 r^2 + k2 r^4) is not a contraction there"
+    )
+
+
+def _undistort_point(u, k, x, tol):
+    """Per-point linearisation of F = x c(x) - u: A_i = c_i I + 2 (k1 + 2 k2 rho_i)
+    x_i x_i^T (2 x 2, symmetric), with its determinant checked."""
+    if x is None:
+        x = undistort(u, k)
+    x = require_finite(as_float_array(x, "x", ndims=2), "x")
+    if x.shape != u.shape:
+        raise ValueError(f"x must have the shape of u, {u.shape}, got {x.shape}")
+    rho = np.sum(x * x, axis=0)
+    c = 1.0 + k[0] * rho + k[1] * rho**2
+    _check_converged(x * c - u, tol, "undistort")
+    a = 2.0 * (k[0] + 2.0 * k[1] * rho)
+    A = c[:, None, None] * np.eye(2) + a[:, None, None] * np.einsum("in,jn->nij", x, x)
+    det = np.linalg.det(A)
+    worst = int(np.argmin(np.abs(det)))
+    scale = np.max(np.abs(A), axis=(1, 2)) ** 2
+    if not np.abs(det[worst]) > RCOND * scale[worst]:
+        raise ValueError(
+            f"undistort: A = dF/dx is singular at point {worst} "
+            f"(det {det[worst]:.3g}): "
+            "the distortion folds there, and the undistorted point is not a "
+            "differentiable function of u and k"
+        )
+    return x, rho, A
+
+
+def undistort_jvp(u, k, du, dk, *, x=None, tol=1e-10):
+    """Eq. (8.12): the forward rule of `undistort`, A_i dx_i = du_i - x_i (rho_i dk1 +
+    rho_i^2 dk2), one 2 x 2 solve per point. Returns dx (2, n)."""
+    u, k = _distortion(u, k)
+    du, dk = _distortion(du, dk)
+    if du.shape != u.shape:
+        raise ValueError(f"du must have the shape of u, {u.shape}, got {du.shape}")
+    x, rho, A = _undistort_point(u, k, x, tol)
+    rhs = du - x * (rho * dk[0] + rho**2 * dk[1])
+    return np.linalg.solve(A, rhs.T[:, :, None])[:, :, 0].T
+
+
+def undistort_vjp(u, k, G, *, x=None, tol=1e-10):
+    """Eq. (8.13): the backward rule of `undistort`: lam_i = A_i^-T G_i, u_bar = lam,
+    k_bar = -sum_i (x_i^T lam_i) (rho_i, rho_i^2).
+    Returns (u_bar (2, n), k_bar (2,))."""
+    u, k = _distortion(u, k)
+    G = require_finite(as_float_array(G, "G", ndims=2), "G")
+    if G.shape != u.shape:
+        raise ValueError(f"G must have the shape of u, {u.shape}, got {G.shape}")
+    x, rho, A = _undistort_point(u, k, x, tol)
+    At = np.transpose(A, (0, 2, 1))
+    lam = np.linalg.solve(At, G.T[:, :, None])[:, :, 0].T
+    xl = np.sum(x * lam, axis=0)
+    return lam, -np.array([xl @ rho, xl @ rho**2])
