@@ -132,7 +132,9 @@ def _log_l2(log_l2):
     if s.shape not in ((), (1,)):
         raise ValueError(f"log_l2 must be a scalar, got shape {s.shape}")
     s = float(s.reshape(()))
-    if not np.isfinite(s) or not np.isfinite(np.exp(s)) or np.exp(s) == 0.0:
+    with np.errstate(over="ignore"):
+        l2 = np.exp(s)
+    if not np.isfinite(s) or not np.isfinite(l2) or l2 == 0.0:
         raise ValueError(
             f"log_l2 must be finite with exp(log_l2) a positive float, got {s}"
         )
@@ -296,6 +298,15 @@ def undistort(u, k, *, tol=1e-13, max_iter=500):
         if not np.all(np.isfinite(x)):
             break
         if step <= tol:
+            rho = np.sum(x * x, axis=0)
+            c = 1.0 + k[0] * rho + k[1] * rho**2
+            if np.any(c <= 0):
+                i = int(np.argmin(c))
+                raise ValueError(
+                    f"undistort: the iteration settled at point {i} on a root with "
+                    f"1 + k1 r^2 + k2 r^4 = {c[i]:.3g} <= 0, beyond the fold of the "
+                    "distortion, where no camera images a point"
+                )
             return x
     raise ValueError(
         f"undistort: the fixed-point iteration did not converge in {max_iter} "

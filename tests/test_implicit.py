@@ -1,0 +1,216 @@
+"""Chapter 8 (derivlib.implicit) against jax.vjp of unrolled JAX solvers, finite
+differences of refits, and the dot-product test.
+
+The oracles are JAX solvers run to convergence (Newton's method for the fits, the
+fixed-point iteration for undistortion) and differentiated through every iteration;
+they never call derivlib's derivative code.
+"""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from derivlib.check import check_dot_product, jax_vjp, relative_error
+from derivlib.implicit import (
+    implicit_jvp,
+    implicit_vjp,
+    logistic_fit,
+    logistic_fit_jvp,
+    logistic_fit_vjp,
+    multinomial_fit,
+    multinomial_fit_jvp,
+    multinomial_fit_vjp,
+    undistort,
+    undistort_jvp,
+    undistort_vjp,
+)
+
+D, N, K = 4, 30, 3
+
+
+def _data(rng):
+    X = rng.standard_normal((D, N))
+    y = (rng.random(N) < 1 / (1 + np.exp(-X[0]))).astype(float)
+    Y = np.eye(K)[:, rng.integers(0, K, N)]
+    return X, y, Y
+
+
+@partial(jax.jit, static_argnums=3)
+def _newton_logistic(X, y, s, k=25):
+    l2 = jnp.exp(s)
+
+    def step(_, th):
+        p = jax.nn.sigmoid(X.T @ th)
+        g = X @ (p - y) + l2 * th
+        H = (X * (p * (1 - p))) @ X.T + l2 * jnp.eye(X.shape[0])
+        return th - jnp.linalg.solve(H, g)
+
+    return jax.lax.fori_loop(0, k, step, jnp.zeros(X.shape[0]))
+
+
+@jax.jit
+def _newton_multinomial(X, Y, s):
+    l2 = jnp.exp(s)
+    d, k = X.shape[0], Y.shape[0]
+
+    def loss(T):
+        return jnp.sum(-Y * jax.nn.log_softmax(T.T @ X, axis=0)) + 0.5 * l2 * jnp.sum(
+            T * T
+        )
+
+    def step(_, T):
+        g = jax.grad(loss)(T).ravel(order="F")
+        H = jax.hessian(loss)(T).transpose(1, 0, 3, 2).reshape(d * k, d * k)
+        return T - jnp.linalg.solve(H, g).reshape(k, d).T
+
+    return jax.lax.fori_loop(0, 25, step, jnp.zeros((d, k)))
+
+
+# ----- The general pair -----
+
+
+def test_implicit_pair_solves_the_linearised_equation(rng):
+    A = rng.standard_normal((5, 5)) + 3 * np.eye(5)
+    B = rng.standard_normal((5, 3))
+    dtheta, G = rng.standard_normal(3), rng.standard_normal(5)
+    dx = implicit_jvp(A, B, dtheta)
+    assert relative_error(A @ dx, -B @ dtheta) < 1e-12
+    J = -np.linalg.solve(A, B)
+    assert relative_error(implicit_vjp(A, B, G), J.T @ G) < 1e-12
+    check_dot_product(
+        "implicit_jvp / implicit_vjp",
+        lambda theta, dtheta: implicit_jvp(A, B, dtheta),
+        lambda theta, W: implicit_vjp(A, B, W),
+        [((np.zeros(3),), (dtheta,), G)],
+    )
+
+
+def test_singular_A_is_refused_with_its_pivot_and_condition(rng):
+    A = np.outer(rng.standard_normal(4), rng.standard_normal(4))
+    B = rng.standard_normal((4, 2))
+    with pytest.raises(ValueError, match="singular.*smallest LU pivot.*condition"):
+        implicit_jvp(A, B, np.ones(2))
+    with pytest.raises(ValueError, match="singular"):
+        implicit_vjp(A, B, np.ones(4))
+    nearly = np.diag([1.0, 1.0, 1e-14])
+    with pytest.raises(ValueError, match="reciprocal condition number"):
+        implicit_vjp(nearly, np.eye(3), np.ones(3))
+
+
+def test_unconverged_solver_is_refused():
+    A, B = np.eye(2), np.eye(2)
+    with pytest.raises(ValueError, match="did not converge.*0.001"):
+        implicit_jvp(A, B, np.ones(2), residual=np.array([1e-3, 0.0]))
+    assert implicit_vjp(A, B, np.ones(2), residual=np.array([1e-12, 0.0])).shape == (2,)
+
+
+def test_bad_shapes_are_refused(rng):
+    with pytest.raises(ValueError, match="square"):
+        implicit_jvp(np.ones((2, 3)), np.ones((2, 1)), np.ones(1))
+    with pytest.raises(ValueError, match="2 rows"):
+        implicit_vjp(np.eye(2), np.ones((3, 1)), np.ones(2))
+    with pytest.raises(ValueError, match=r"dtheta must have shape \(1,\)"):
+        implicit_jvp(np.eye(2), np.ones((2, 1)), np.ones(2))
+
+
+# ----- Fitted models -----
+
+
+def test_logistic_fit_rules_match_jax_through_newton(rng):
+    X, y, _ = _data(rng)
+    s = np.array(np.log(0.3))
+    G = rng.standard_normal(D)
+    theirs = jax_vjp(lambda X, s: _newton_logistic(X, y, s), (X, s), G)
+    ours = logistic_fit_vjp(X, s, G, y=y)
+    for a, b in zip(ours, theirs):
+        assert relative_error(a, b) < 1e-9
+    points = [
+        ((X, s), (rng.standard_normal((D, N)), np.array(rng.standard_normal())), G)
+        for _ in range(3)
+    ]
+    check_dot_product(
+        "logistic_fit_jvp / _vjp",
+        partial(logistic_fit_jvp, y=y),
+        partial(logistic_fit_vjp, y=y),
+        points,
+    )
+
+
+def test_logistic_hypergradient_matches_finite_differences_of_refits(rng):
+    X, y, _ = _data(rng)
+    s, h, G = np.log(0.5), 1e-5, rng.standard_normal(D)
+    fd = G @ (logistic_fit(X, s + h, y=y) - logistic_fit(X, s - h, y=y)) / (2 * h)
+    assert relative_error(logistic_fit_vjp(X, s, G, y=y)[1], fd) < 1e-7
+
+
+def test_logistic_fit_refuses_an_unconverged_theta(rng):
+    X, y, _ = _data(rng)
+    theta = np.zeros(D)  # the starting point of Newton's method, not a solution
+    with pytest.raises(ValueError, match="logistic fit: the solver did not converge"):
+        logistic_fit_vjp(X, 0.0, np.ones(D), y=y, theta=theta)
+    with pytest.raises(ValueError, match="log_l2 must be finite"):
+        logistic_fit(X, 1e4, y=y)
+
+
+def test_multinomial_fit_rules_match_jax_through_newton(rng):
+    X, _, Y = _data(rng)
+    s = np.array(np.log(0.7))
+    G = rng.standard_normal((D, K))
+    theirs = jax_vjp(lambda X, s: _newton_multinomial(X, Y, s), (X, s), G)
+    ours = multinomial_fit_vjp(X, s, G, Y=Y)
+    for a, b in zip(ours, theirs):
+        assert relative_error(a, b) < 1e-9
+    assert (
+        relative_error(multinomial_fit(X, s, Y=Y), _newton_multinomial(X, Y, s)) < 1e-9
+    )
+    check_dot_product(
+        "multinomial_fit_jvp / _vjp",
+        partial(multinomial_fit_jvp, Y=Y),
+        partial(multinomial_fit_vjp, Y=Y),
+        [((X, s), (rng.standard_normal((D, N)), np.array(0.3)), G)],
+    )
+
+
+# ----- Fixed points -----
+
+
+@jax.jit
+def _undistort_jax(u, k):
+    def step(_, x):
+        r = jnp.sum(x * x, axis=0)
+        return u / (1 + k[0] * r + k[1] * r**2)
+
+    return jax.lax.fori_loop(0, 200, step, u)
+
+
+def test_undistort_rules_match_jax_through_the_iteration(rng):
+    u, k = 0.4 * rng.standard_normal((2, 6)), np.array([-0.2, 0.05])
+    x = undistort(u, k)
+    rho = np.sum(x * x, axis=0)
+    assert relative_error(x * (1 + k[0] * rho + k[1] * rho**2), u) < 1e-13
+    G = rng.standard_normal((2, 6))
+    for a, b in zip(undistort_vjp(u, k, G), jax_vjp(_undistort_jax, (u, k), G)):
+        assert relative_error(a, b) < 1e-10
+    check_dot_product(
+        "undistort_jvp / _vjp",
+        undistort_jvp,
+        undistort_vjp,
+        [((u, k), (rng.standard_normal((2, 6)), rng.standard_normal(2)), G)],
+    )
+
+
+def test_undistort_refuses_divergence_and_a_fold(rng):
+    with pytest.raises(ValueError, match="did not converge.*not a contraction"):
+        undistort(np.array([[1.5], [0.0]]), np.array([-0.5, 0.0]))  # no root
+    with pytest.raises(ValueError, match="beyond the fold"):
+        undistort(np.array([[2.0], [0.0]]), np.array([-0.5, 0.0]))  # x = -2
+    # at r^2 = 1/3 with k1 = -1 the map x (1 - r^2) folds: d/dr [r (1 - r^2)] = 0
+    x = np.array([[np.sqrt(1 / 3)], [0.0]])
+    u = x * (1 - 1 / 3)
+    with pytest.raises(ValueError, match="singular at point 0"):
+        undistort_vjp(u, np.array([-1.0, 0.0]), np.ones((2, 1)), x=x)
+    with pytest.raises(ValueError, match=r"shape \(2, n\)"):
+        undistort(np.ones((3, 2)), np.zeros(2))
