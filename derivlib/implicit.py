@@ -268,6 +268,8 @@ def multinomial_fit_vjp(X, log_l2, G, *, Y, Theta=None, tol=1e-8):
 
 
 # ----- 8.3 Fixed points: undistorting image points -----
+#
+# A fixed point x = T(x, theta) is a root of F = x - T: A = I - dT/dx (eq. 8.11).
 
 
 def _distortion(u, k):
@@ -286,7 +288,7 @@ def _distortion(u, k):
 def undistort(u, k, *, tol=1e-13, max_iter=500):
     """The undistorted normalised points x (2, n) with x (1 + k1 |x|^2 + k2 |x|^4) = u,
     by the fixed-point iteration x <- u / (1 + k1 |x|^2 + k2 |x|^4) from x = u
-    (eq. 8.11). Raises ValueError when the iteration does not settle to `tol` (max
+    (eq. 8.12). Raises ValueError when the iteration does not settle to `tol` (max
     step) within `max_iter` iterations (it is not a contraction there)."""
     u, k = _distortion(u, k)
     x = u.copy()
@@ -342,7 +344,7 @@ def _undistort_point(u, k, x, tol):
 
 
 def undistort_jvp(u, k, du, dk, *, x=None, tol=1e-10):
-    """Eq. (8.12): the forward rule of `undistort`, A_i dx_i = du_i - x_i (rho_i dk1 +
+    """Eq. (8.13): the forward rule of `undistort`, A_i dx_i = du_i - x_i (rho_i dk1 +
     rho_i^2 dk2), one 2 x 2 solve per point. Returns dx (2, n)."""
     u, k = _distortion(u, k)
     du, dk = _distortion(du, dk)
@@ -354,7 +356,7 @@ def undistort_jvp(u, k, du, dk, *, x=None, tol=1e-10):
 
 
 def undistort_vjp(u, k, G, *, x=None, tol=1e-10):
-    """Eq. (8.13): the backward rule of `undistort`: lam_i = A_i^-T G_i, u_bar = lam,
+    """Eq. (8.14): the backward rule of `undistort`: lam_i = A_i^-T G_i, u_bar = lam,
     k_bar = -sum_i (x_i^T lam_i) (rho_i, rho_i^2).
     Returns (u_bar (2, n), k_bar (2,))."""
     u, k = _distortion(u, k)
