@@ -15,7 +15,14 @@ singular A (the solution is then not a smooth function of theta).
 import numpy as np
 
 from ._validate import as_float_array, require_finite
-from .losses import fit_logistic, fit_multinomial, logistic_hessian, multinomial_hessian
+from .losses import (
+    _check_binary_labels,
+    _check_label_columns,
+    fit_logistic,
+    fit_multinomial,
+    logistic_hessian,
+    multinomial_hessian,
+)
 from .vector import sigmoid, sigmoid_derivative, softmax
 
 RCOND = 1e-12  # below this reciprocal condition number, A is refused as singular
@@ -157,6 +164,12 @@ def logistic_fit(X, log_l2, *, y, tol=1e-10, max_iter=100):
 
 def _logistic_point(X, log_l2, y, theta, tol):
     X = require_finite(as_float_array(X, "X", ndims=2), "X")
+    y = _check_binary_labels(y)
+    if y.shape != (X.shape[1],):
+        raise ValueError(
+            f"y must have one label per column of X, shape ({X.shape[1]},), got shape "
+            f"{y.shape}"
+        )
     l2 = np.exp(_log_l2(log_l2))
     if theta is None:
         theta = fit_logistic(X, y, l2=l2)
@@ -166,7 +179,6 @@ def _logistic_point(X, log_l2, y, theta, tol):
             f"theta must have shape ({X.shape[0]},) (one entry per row of X), got "
             f"shape {theta.shape}"
         )
-    y = np.asarray(y, dtype=np.float64)
     z = X.T @ theta
     e = sigmoid(z) - y  # pi - y
     grad = X @ e + l2 * theta
@@ -214,11 +226,16 @@ def multinomial_fit(X, log_l2, *, Y, tol=1e-10, max_iter=100):
 
 def _multinomial_point(X, log_l2, Y, Theta, tol):
     X = require_finite(as_float_array(X, "X", ndims=2), "X")
+    Y = _check_label_columns(Y)
+    if Y.shape[1] != X.shape[1]:
+        raise ValueError(
+            f"Y must have one column per column of X ({X.shape[1]}), got shape "
+            f"{Y.shape}"
+        )
     l2 = np.exp(_log_l2(log_l2))
     if Theta is None:
         Theta = fit_multinomial(X, Y, l2=l2)
     Theta = require_finite(as_float_array(Theta, "Theta", ndims=2), "Theta")
-    Y = np.asarray(Y, dtype=np.float64)
     if Theta.shape != (X.shape[0], Y.shape[0]):
         raise ValueError(
             f"Theta must have shape {(X.shape[0], Y.shape[0])}, got {Theta.shape}"

@@ -151,6 +151,10 @@ def test_logistic_fit_refuses_an_unconverged_theta(rng):
         logistic_fit_vjp(X, 0.0, np.ones(D), y=y, theta=theta)
     with pytest.raises(ValueError, match="log_l2 must be finite"):
         logistic_fit(X, 1e4, y=y)
+    with pytest.raises(ValueError, match="labels in"):
+        logistic_fit_vjp(X, 0.0, np.ones(D), y=2 * y, theta=theta)
+    with pytest.raises(ValueError, match="one label per column"):
+        logistic_fit_jvp(X, 0.0, X, 1.0, y=y[:-1], theta=theta)
 
 
 def test_multinomial_fit_rules_match_jax_through_newton(rng):
