@@ -249,7 +249,7 @@ def test_reprojection_jacobian_matches_jax(rng):
 def test_pnp_recovers_the_pose(method, rng):
     X, u, xi = pnp_problem(rng)
     xi_hat, hist = dl.solve_pnp(
-        X, u, K, xi + 0.1 * rng.standard_normal(6), method=method
+        X, K, u, xi0=xi + 0.1 * rng.standard_normal(6), method=method
     )
     assert hist.converged and np.max(np.abs(xi_hat - xi)) < 1e-9
     assert hist.cost[-1] < 1e-12
@@ -257,7 +257,7 @@ def test_pnp_recovers_the_pose(method, rng):
 
 def test_pnp_with_noise_matches_scipy(rng):
     X, u, xi = pnp_problem(rng, n=30, noise=1.0)
-    xi_hat, hist = dl.solve_pnp(X, u, K, xi + 0.05 * rng.standard_normal(6))
+    xi_hat, hist = dl.solve_pnp(X, K, u, xi0=xi + 0.05 * rng.standard_normal(6))
     res = least_squares(
         lambda x: dl.reprojection_residual(x, X, K, u),
         xi,
@@ -274,16 +274,16 @@ def test_pnp_with_noise_matches_scipy(rng):
 def test_least_squares_errors(rng):
     X, u, xi = pnp_problem(rng)
     with pytest.raises(ValueError, match="method must be 'gn' or 'lm', got 'newton'"):
-        dl.solve_pnp(X, u, K, xi, method="newton")
+        dl.solve_pnp(X, K, u, xi0=xi, method="newton")
     with pytest.raises(
         ValueError,
         match=r"xi0 must be a pose \(w, t\) of shape \(6,\).*got shape \(3,\)",
     ):
-        dl.solve_pnp(X, u, K, xi[:3])
+        dl.solve_pnp(X, K, u, xi0=xi[:3])
     with pytest.raises(
         ValueError, match=r"u must have shape \(2, 12\).*got shape \(2, 11\)"
     ):
-        dl.solve_pnp(X, u[:, :11], K, xi)
+        dl.solve_pnp(X, K, u[:, :11], xi0=xi)
     behind = xi.copy()
     behind[5] = -4.0  # the camera now looks away from the points
     with pytest.raises(

@@ -7,8 +7,13 @@ Conventions, fixed once for the chapter:
 - A camera pose is the 6-vector xi = (w, t), rotation first, then translation. It
   maps a world point X to the camera frame by p = R(w) X + t.
 - Perturbations are on the right: R(w + dw) = R(w) exp([J_r(w) dw]x) to first order
-  (eq. 6.9), so d(R p) = -R [p]x J_r(w) dw (eq. 6.11). The solvers update w
-  additively, so they need exactly this derivative, J_r included.
+  (eq. 6.9), so d(R p) = -R [p]x J_r(w) dw (eq. 6.11): the derivative an additive
+  update of w needs, J_r included (solve_least_squares by default, bundle_adjust).
+- On the manifold the update is R Exp(delta), delta in the body frame, and the
+  derivative of R Exp(delta) p at delta = 0 is -R [p]x, exactly, at every R (eq. 6.30);
+  the adjoint Ad_R = R turns it into the left (world) increment, R Exp(delta) =
+  Exp(R delta) R (eq. 6.32). solve_pnp and solve_pnp_robust update this way
+  (pose_retract, eq. 6.36). An se(3) tangent is (phi, rho), rotation first.
 - Residuals are in pixels; the cost is E = ||r||^2, the sum of squared reprojection
   errors (eq. 6.14). scipy.optimize.least_squares reports E / 2.
 """
@@ -68,6 +73,41 @@ from .bundle import (  # noqa: F401
     gauge_directions,
     gauge_is_fixed,
     schur_solve,
+)
+
+# Chapter 6, part B: updates on the manifold, robust costs, linear starts.
+from .lie import (  # noqa: F401
+    NEAR_PI,
+    left_jacobian_inverse,
+    right_jacobian_inverse,
+    rotate_jacobian_right,
+    se3_adjoint,
+    se3_exp,
+    se3_left_jacobian,
+    se3_left_jacobian_inverse,
+    se3_log,
+    se3_right_jacobian,
+    se3_right_jacobian_inverse,
+    so3_adjoint,
+    so3_exp,
+    so3_log,
+)
+from .solvers import (  # noqa: F401
+    DEGENERATE,
+    pose_retract,
+    reprojection_jacobian_right,
+)
+from .robust import (  # noqa: F401
+    LOSSES,
+    robust_cost,
+    robust_loss,
+    robust_weights,
+    solve_pnp_robust,
+    solve_robust_least_squares,
+)
+from .linear import (  # noqa: F401
+    dlt_pose,
+    triangulate,
 )
 from .scenes import (  # noqa: F401
     Scene,

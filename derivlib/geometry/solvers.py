@@ -16,7 +16,7 @@ from .camera import (
     _project_jacobian,
     project,
 )
-from .lie import _hat_many, right_jacobian, rodrigues
+from .lie import _hat_many, right_jacobian, rodrigues, so3_log
 
 
 def _pose(xi, name="xi"):
@@ -129,7 +129,7 @@ def _stuck(E, lam, what):
     )
 
 
-def _lm_steps(residual, trial, x, E, lam, nu, tol, hist, what):
+def _lm_steps(residual, trial, x, E, lam, nu, tol, hist, what, retract=None):
     """One Levenberg-Marquardt iteration at x, of cost E: try the step of trial(lam),
     which returns (delta, E - ||r + J delta||^2 predicted by the linear model), and
     raise the damping until a step lowers E (gain ratio rho > 0). A step that puts a
@@ -137,12 +137,13 @@ def _lm_steps(residual, trial, x, E, lam, nu, tol, hist, what):
     hist. Returns (delta, r_new, E_new, lam, nu, stationary): stationary when the
     first step tried is rejected but the model says x is already a minimum to tol
     (_stationary), and then delta must not be taken. Raises ConvergenceError (stuck)
-    when lam passes MAX_DAMPING."""
+    when lam passes MAX_DAMPING. The trial point is retract(x, delta), x + delta by
+    default."""
     first = True
     while True:
         delta, predicted = trial(lam)
         try:
-            r_new = residual(x + delta)
+            r_new = residual(x + delta if retract is None else retract(x, delta))
             E_new = float(r_new @ r_new)
         except BehindCameraError:
             E_new = np.inf
@@ -160,7 +161,15 @@ def _lm_steps(residual, trial, x, E, lam, nu, tol, hist, what):
 
 
 def solve_least_squares(
-    residual, jacobian, x0, method="lm", tol=1e-12, max_iter=100, lam0=1e-3
+    residual,
+    jacobian,
+    x0,
+    method="lm",
+    tol=1e-12,
+    max_iter=100,
+    lam0=1e-3,
+    *,
+    retract=None,
 ):
     """Minimise E(x) = ||r(x)||^2 by Gauss-Newton or Levenberg-Marquardt (eqs. 6.16,
     6.17).
@@ -177,11 +186,19 @@ def solve_least_squares(
     is rejected like a step that raises E; any other exception of the residual
     propagates. Raises ConvergenceError after max_iter iterations, when LM's damping
     passes MAX_DAMPING with no step accepted (stuck), and when a Gauss-Newton step
-    puts a point behind the camera."""
+    puts a point behind the camera.
+
+    retract(x, delta) is the update: x + delta by default; on a manifold, the point
+    reached from x along the tangent delta (see `pose_retract`), and then jacobian(x)
+    must be the Jacobian with respect to that delta at delta = 0."""
     if method not in ("gn", "lm"):
         raise ValueError(f"method must be 'gn' or 'lm', got {method!r}")
     x = np.array(x0, dtype=np.float64)
     hist = LeastSquaresHistory(n_residual=1)
+
+    def move(x, delta):
+        return x + delta if retract is None else retract(x, delta)
+
     r = residual(x)
     E = float(r @ r)
     lam, nu = (lam0 if method == "lm" else 0.0), 2.0
@@ -203,7 +220,7 @@ def solve_least_squares(
         if method == "gn":
             delta, stationary = step(lam), False
             try:
-                r_new = residual(x + delta)
+                r_new = residual(move(x, delta))
                 E_new = float(r_new @ r_new)
             except BehindCameraError:
                 raise ConvergenceError(
@@ -212,11 +229,20 @@ def solve_least_squares(
             hist.n_residual += 1
         else:
             delta, r_new, E_new, lam, nu, stationary = _lm_steps(
-                residual, trial, x, E, lam, nu, tol, hist, "Levenberg-Marquardt"
+                residual,
+                trial,
+                x,
+                E,
+                lam,
+                nu,
+                tol,
+                hist,
+                "Levenberg-Marquardt",
+                retract,
             )
         done = stationary or _finished(E, E_new, delta, x, tol, abs_gain=method == "gn")
         if not stationary and (E_new <= E or method == "gn"):
-            x, r, E = x + delta, r_new, E_new
+            x, r, E = move(x, delta), r_new, E_new
         hist.n_iter += 1
         hist.cost.append(E)
         hist.iterates.append(x.copy())
@@ -228,20 +254,92 @@ def solve_least_squares(
     )
 
 
-def solve_pnp(X, u, K, xi0, method="lm", tol=1e-12, max_iter=100):
-    """The pose xi = (w, t) minimising the squared reprojection error of the known
-    world points X (3, n) observed at u (2, n) (perspective-n-point), from the start
-    xi0 (6,), by Gauss-Newton ('gn') or Levenberg-Marquardt ('lm'). Returns (xi,
-    LeastSquaresHistory)."""
+def pose_retract(xi, delta):
+    """The update of a pose on the manifold (eq. 6.36): R(w') = R(w) Exp(delta_w), w' =
+    Log(R(w) Exp(delta_w)) (so |w'| <= pi), and t' = t + delta_t. xi, delta (6,) ->
+    (6,)."""
+    xi, delta = _pose(xi), _pose(delta, "delta")
+    w = so3_log(rodrigues(xi[:3]) @ rodrigues(delta[:3]))
+    return np.concatenate([w, xi[3:] + delta[3:]])
+
+
+def reprojection_jacobian_right(xi, X, K):
+    """The (2n, 6) Jacobian of the residual (eq. 6.14) with respect to the update
+    delta = (delta_w, delta_t) of `pose_retract`, at delta = 0: rows 2i, 2i + 1 are
+    J_pi(p_i) [-R [X_i]x | I] (eq. 6.36), with no J_r: exact at every rotation."""
+    xi = _pose(xi)
     X, _ = _points(X, "X")
     K = _intrinsics(K)
-    u = _observations(u, X.shape[1])
+    R = rodrigues(xi[:3])
+    p = R @ X + xi[3:, None]
+    _in_front(p, "R(w) X + t")
+    Jpi = _project_jacobian(p, K)  # (n, 2, 3)
+    Jw = -np.einsum("ab,nbc->nac", R, _hat_many(X))  # (n, 3, 3)
+    return np.concatenate([Jpi @ Jw, Jpi], axis=2).reshape(-1, 6)
+
+
+# Relative size below which a singular value of the centred points counts as zero.
+DEGENERATE = 1e-9
+
+
+def _pnp_problem(X, K, u):
+    """Validate a PnP problem and refuse a degenerate one before solving: fewer than 3
+    points (2n residuals < 6 unknowns), points on one line (a rotation about it leaves
+    every residual unchanged), or all images at one pixel (the points on one ray)."""
+    X, _ = _points(X, "X")
+    K = _intrinsics(K)
+    n = X.shape[1]
+    u = _observations(u, n)
+    if n < 3:
+        raise ValueError(
+            f"PnP needs at least 3 points (2n = {2 * n} residuals for 6 unknowns), "
+            f"got X with {n} point(s)"
+        )
+    spread = np.linalg.norm(u - u.mean(axis=1, keepdims=True), axis=0).max()
+    if spread <= DEGENERATE * (1.0 + np.abs(u).max()):
+        raise ValueError(
+            f"PnP is degenerate: all {n} image points u coincide (the points lie on "
+            f"one ray through the camera centre), so the pose is not determined"
+        )
+    s = np.linalg.svd(X - X.mean(axis=1, keepdims=True), compute_uv=False)
+    if s[1] <= DEGENERATE * s[0]:
+        raise ValueError(
+            f"PnP is degenerate: the {n} points X lie on one line (singular values of "
+            f"the centred points {s[0]:.3g}, {s[1]:.3g}), so a rotation about it is "
+            f"not determined"
+        )
+    return X, K, u
+
+
+def solve_pnp(X, K, u, *, xi0=None, method="lm", tol=1e-12, max_iter=100):
+    """The pose xi = (w, t) minimising the squared reprojection error (eq. 6.14) of the
+    known world points X (3, n) observed at u (2, n) by the camera K (the arguments of
+    `reprojection_residual`), by Gauss-Newton ('gn') or Levenberg-Marquardt ('lm'),
+    updating the rotation on the manifold, R Exp(delta) (eq. 6.36). The start is xi0
+    (6,), or the linear DLT pose (`dlt_pose`, eq. 6.39; at least 6 points, not
+    coplanar) when xi0 is None. Returns (xi, LeastSquaresHistory); the rotation
+    vector returned has |w| <= pi.
+
+    Raises ValueError before solving for a degenerate problem: fewer than 3 points,
+    points on one line, or all image points equal (the points on one ray)."""
+    X, K, u = _pnp_problem(X, K, u)
+    if xi0 is None:
+        from .linear import dlt_pose
+
+        try:
+            xi0 = dlt_pose(X, K, u)
+        except ValueError as exc:
+            raise ValueError(
+                f"solve_pnp has no start: xi0 is None and the DLT start fails ({exc}); "
+                f"pass xi0"
+            ) from None
     xi0 = _pose(xi0, "xi0")
     return solve_least_squares(
         lambda xi: reprojection_residual(xi, X, K, u),
-        lambda xi: reprojection_jacobian(xi, X, K),
+        lambda xi: reprojection_jacobian_right(xi, X, K),
         xi0,
         method,
         tol,
         max_iter,
+        retract=pose_retract,
     )

@@ -1,0 +1,231 @@
+"""Chapter 6, robust costs: Huber and Cauchy, by reweighting and by Triggs' correction.
+
+A robust cost replaces the squared residual r_k^2 by c^2 rho(r_k^2 / c^2), with c the
+scale (scipy's f_scale) and rho(z) = z for the plain cost:
+
+    E_rho(x) = sum_k c^2 rho(z_k),  z_k = r_k(x)^2 / c^2                     (eq. 6.37)
+
+so E_rho = ||r||^2 = E of eq. 6.14 for rho(z) = z, and scipy.optimize.least_squares
+reports E_rho / 2 as its `cost` (it applies rho to each residual, as here). Its gradient
+is 2 J^T diag(rho'(z)) r; its Hessian, without the second derivatives of r, is
+2 J^T diag(rho'(z) + 2 z rho''(z)) J (eq. 6.38). The conventions of the chapter are
+stated once, in derivlib/geometry/__init__.py."""
+
+import numpy as np
+
+from .._validate import as_float_array, require_finite
+from ..losses import ConvergenceError
+from .camera import BehindCameraError
+from .solvers import (
+    LeastSquaresHistory,
+    MAX_DAMPING,
+    _finished,
+    _lm_update,
+    _pnp_problem,
+    _pose,
+    _stationary,
+    _stuck,
+    pose_retract,
+    reprojection_jacobian_right,
+    reprojection_residual,
+)
+
+LOSSES = ("linear", "huber", "cauchy")
+
+# The smallest curvature weight rho' + 2 z rho'' kept in Triggs' corrected normal
+# equations, as scipy keeps it: a residual on Huber's linear branch has exactly 0.
+MIN_CURVATURE = np.finfo(np.float64).eps
+
+
+def robust_loss(z, loss):
+    """(rho(z), rho'(z), rho''(z)) for z = r^2 / c^2 >= 0, element-wise (eq. 6.37):
+    'linear' rho = z; 'huber' rho = z for z <= 1, 2 sqrt(z) - 1 above; 'cauchy' rho =
+    log(1 + z). Each has rho(0) = 0 and rho'(0) = 1, so small residuals count as in
+    least squares. Raises ValueError for an unknown loss or a negative or non-finite
+    z."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    z = require_finite(as_float_array(z, "z"), "z")
+    if np.any(z < 0):
+        raise ValueError(f"z = r^2 / c^2 must be >= 0, got {z.min()!r}")
+    if loss == "linear":
+        return z.copy(), np.ones_like(z), np.zeros_like(z)
+    if loss == "cauchy":
+        return np.log1p(z), 1.0 / (1.0 + z), -1.0 / (1.0 + z) ** 2
+    inner = z <= 1.0
+    sz = np.sqrt(np.where(inner, 1.0, z))
+    rho = np.where(inner, z, 2.0 * sz - 1.0)
+    d1 = np.where(inner, 1.0, 1.0 / sz)
+    d2 = np.where(inner, 0.0, -0.5 / (sz * np.where(inner, 1.0, z)))
+    return rho, d1, d2
+
+
+def robust_cost(r, loss, f_scale=1.0):
+    """E_rho = sum_k c^2 rho(r_k^2 / c^2) with c = f_scale (eq. 6.37); ||r||^2 for
+    loss='linear', and twice scipy's cost."""
+    r = require_finite(as_float_array(r, "r", ndims=1), "r")
+    c = _scale(f_scale)
+    return float(c * c * robust_loss((r / c) ** 2, loss)[0].sum())
+
+
+def _scale(f_scale):
+    try:
+        c = float(f_scale)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"f_scale must be a positive number, got {f_scale!r}"
+        ) from None
+    if not (np.isfinite(c) and c > 0):
+        raise ValueError(f"f_scale must be finite and > 0, got {f_scale!r}")
+    return c
+
+
+def robust_weights(r, loss, f_scale=1.0, weighting="triggs"):
+    """The per-residual weights (b, h) of the robust normal equations (eq. 6.38),
+    J^T diag(h) J delta = -J^T diag(b) r: b = rho'(z) always (the gradient); h =
+    rho'(z) for weighting='irls' (iteratively reweighted least squares), or h =
+    max(rho'(z) + 2 z rho''(z), MIN_CURVATURE) for weighting='triggs' (Triggs'
+    corrected normal equations, whose J^T diag(h) J is the Gauss-Newton Hessian of
+    E_rho / 2 wherever it is positive). r (N,) -> (b, h), each (N,)."""
+    if weighting not in ("irls", "triggs"):
+        raise ValueError(f"weighting must be 'irls' or 'triggs', got {weighting!r}")
+    r = require_finite(as_float_array(r, "r", ndims=1), "r")
+    c = _scale(f_scale)
+    z = (r / c) ** 2
+    _, d1, d2 = robust_loss(z, loss)
+    if weighting == "irls":
+        return d1, d1.copy()
+    return d1, np.maximum(d1 + 2.0 * z * d2, MIN_CURVATURE)
+
+
+def solve_robust_least_squares(
+    residual,
+    jacobian,
+    x0,
+    *,
+    loss="huber",
+    f_scale=1.0,
+    weighting="triggs",
+    tol=1e-12,
+    max_iter=200,
+    lam0=1e-3,
+    retract=None,
+):
+    """Minimise E_rho(x) = sum_k c^2 rho(r_k(x)^2 / c^2) (eq. 6.37) by
+    Levenberg-Marquardt on the robust normal equations (eq. 6.38):
+    (H + lam diag(H)) delta = -g, H = J^T diag(h) J, g = J^T diag(b) r, with (b, h)
+    from `robust_weights`. A step is taken only if E_rho falls; the damping follows
+    Nielsen's rule with the decrease predicted by the quadratic model
+    -(2 g^T delta + delta^T H delta). Stops as `solve_least_squares` does. The update is
+    retract(x, delta), x + delta by default. Returns (x, LeastSquaresHistory), whose
+    cost is E_rho (twice scipy's cost).
+
+    weighting='irls' is iteratively reweighted least squares: each iteration solves
+    the weighted problem with the weights rho'(z) frozen; 'triggs' adds the curvature
+    of rho. Both have the same gradient, so the same minima; they differ in the path.
+    Raises ConvergenceError after max_iter iterations or when stuck."""
+    c = _scale(f_scale)
+    robust_weights(np.zeros(1), loss, c, weighting)  # validates loss and weighting
+    x = np.array(x0, dtype=np.float64)
+    hist = LeastSquaresHistory(n_residual=1)
+
+    def move(x, delta):
+        return x + delta if retract is None else retract(x, delta)
+
+    def cost(r):
+        return float(c * c * robust_loss((r / c) ** 2, loss)[0].sum())
+
+    r = residual(x)
+    E = cost(r)
+    lam, nu = lam0, 2.0
+    hist.cost.append(E)
+    hist.iterates.append(x.copy())
+    for _ in range(max_iter):
+        J = jacobian(x)
+        hist.n_jacobian += 1
+        hist.damping.append(lam)
+        b, h = robust_weights(r, loss, c, weighting)
+        g, H = J.T @ (b * r), J.T @ (h[:, None] * J)
+        first = True
+        while True:
+            delta = np.linalg.solve(H + lam * np.diag(np.diag(H)), -g)
+            predicted = -float(delta @ (2 * g + H @ delta))
+            try:
+                r_new = residual(move(x, delta))
+                E_new = cost(r_new)
+            except BehindCameraError:
+                r_new, E_new = None, np.inf
+            hist.n_residual += 1
+            rho = (E - E_new) / predicted if predicted > 0 else -1.0
+            if rho > 0:
+                lam, nu = _lm_update(lam, nu, rho)
+                stationary = False
+                break
+            if (
+                first
+                and np.isfinite(E_new)
+                and _stationary(E, predicted, delta, x, tol)
+            ):
+                stationary = True
+                break
+            first = False
+            lam, nu = _lm_update(lam, nu, rho)
+            if lam > MAX_DAMPING:
+                raise _stuck(E, lam, "robust Levenberg-Marquardt")
+        done = stationary or _finished(E, E_new, delta, x, tol)
+        if not stationary:
+            x, r, E = move(x, delta), r_new, E_new
+        hist.n_iter += 1
+        hist.cost.append(E)
+        hist.iterates.append(x.copy())
+        if done:
+            hist.converged = True
+            return x, hist
+    raise ConvergenceError(
+        f"robust Levenberg-Marquardt did not converge in {max_iter} iterations (cost "
+        f"{E:.6g})"
+    )
+
+
+def solve_pnp_robust(
+    X,
+    K,
+    u,
+    *,
+    loss="huber",
+    f_scale=1.0,
+    xi0=None,
+    weighting="triggs",
+    tol=1e-12,
+    max_iter=200,
+):
+    """The pose xi = (w, t) minimising the robust reprojection cost E_rho (eq. 6.37)
+    of the points X (3, n) observed at u (2, n) by the camera K, each of the 2n pixel
+    residuals through rho with the scale f_scale (pixels), by
+    `solve_robust_least_squares` with the update on the manifold (eq. 6.36). The start
+    is xi0, or the DLT pose (eq. 6.39) when xi0 is None (which outliers can spoil:
+    pass a start then). Returns (xi, LeastSquaresHistory). Degenerate problems are
+    refused as in `solve_pnp`."""
+    X, K, u = _pnp_problem(X, K, u)
+    if xi0 is None:
+        from .linear import dlt_pose
+
+        try:
+            xi0 = dlt_pose(X, K, u)
+        except ValueError as exc:
+            raise ValueError(
+                f"solve_pnp_robust has no start: xi0 is None and the DLT start fails "
+                f"({exc}); pass xi0"
+            ) from None
+    xi0 = _pose(xi0, "xi0")
+    return solve_robust_least_squares(
+        lambda xi: reprojection_residual(xi, X, K, u),
+        lambda xi: reprojection_jacobian_right(xi, X, K),
+        xi0,
+        loss=loss,
+        f_scale=f_scale,
+        weighting=weighting,
+        tol=tol,
+        max_iter=max_iter,
+        retract=pose_retract,
+    )
