@@ -385,3 +385,201 @@ def undistort_vjp(u, k, G, *, x=None, tol=1e-10):
     lam = np.linalg.solve(At, G.T[:, :, None])[:, :, 0].T
     xl = np.sum(x * lam, axis=0)
     return lam, -np.array([xl @ rho, xl @ rho**2])
+
+
+# ----- 8.4 Through nonlinear least squares: the PnP pose as a layer -----
+
+
+def _pnp_inputs(X, K, u, weights):
+    from .geometry.solvers import _pnp_problem
+
+    X, K, u = _pnp_problem(X, K, u)
+    n = X.shape[1]
+    if weights is None:
+        return X, K, u, np.ones(n)
+    wts = require_finite(as_float_array(weights, "weights", ndims=1), "weights")
+    if wts.shape != (n,):
+        raise ValueError(
+            f"weights must have shape ({n},) (one per point), got shape {wts.shape}"
+        )
+    if not np.all(wts > 0):
+        raise ValueError(
+            f"weights must be positive, got min {wts.min():.3g} at point "
+            f"{int(np.argmin(wts))}"
+        )
+    return X, K, u, wts
+
+
+def pnp_pose(X, K, u, *, weights=None, xi0=None, tol=1e-12, max_iter=100):
+    """The pose xi = (w, t) minimising E = 1/2 sum_i w_i |pi(R X_i + t) - u_i|^2 (eq.
+    8.15) by Levenberg-Marquardt on the manifold (Chapter 6's `solve_least_squares`
+    with `pose_retract`, each residual scaled by sqrt(w_i)). X (3, n), K (3, 3), u
+    (2, n), weights (n,) positive (all ones when None); start xi0 (6,) or the DLT pose.
+    Returns xi (6,); raises ConvergenceError when the solver does not converge."""
+    from .geometry.linear import dlt_pose
+    from .geometry.solvers import (
+        pose_retract,
+        reprojection_jacobian_right,
+        reprojection_residual,
+        solve_least_squares,
+    )
+
+    X, K, u, wts = _pnp_inputs(X, K, u, weights)
+    if xi0 is None:
+        xi0 = dlt_pose(X, K, u)
+    s = np.repeat(np.sqrt(wts), 2)
+    xi, _ = solve_least_squares(
+        lambda xi: s * reprojection_residual(xi, X, K, u),
+        lambda xi: s[:, None] * reprojection_jacobian_right(xi, X, K),
+        xi0,
+        "lm",
+        tol,
+        max_iter,
+        retract=pose_retract,
+    )
+    return xi
+
+
+def _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping):
+    """At the pose xi: the per-point residuals r (n, 2), their Jacobians in the right
+    perturbation J (n, 2, 6), the gradient check, and the Hessian H (6, 6) of E in
+    the perturbation (eq. 8.17): sum_i w_i J_i^T J_i, plus, when hessian='exact', the
+    second-order term sum_i w_i r_i . Hess r_i (eq. 8.18), plus damping * I."""
+    from .geometry.camera import _project_jacobian, project
+    from .geometry.lie import _hat_many, rodrigues
+    from .geometry.solvers import _pose
+
+    if hessian not in ("exact", "gauss-newton"):
+        raise ValueError(f"hessian must be 'exact' or 'gauss-newton', got {hessian!r}")
+    damping = float(damping)
+    if not (np.isfinite(damping) and damping >= 0):
+        raise ValueError(f"damping must be finite and >= 0, got {damping}")
+    xi = _pose(xi)
+    R = rodrigues(xi[:3])
+    Xc = R @ X
+    p = Xc + xi[3:, None]
+    from .geometry.camera import _in_front
+
+    _in_front(p, "R(w) X + t")
+    r = (project(p, K) - u).T  # (n, 2)
+    Jpi = _project_jacobian(p, K)  # (n, 2, 3)
+    Jp = np.concatenate(
+        [
+            -np.einsum("ab,nbc->nac", R, _hat_many(X)),
+            np.broadcast_to(np.eye(3), Jpi.shape[:1] + (3, 3)),
+        ],
+        axis=2,
+    )  # (n, 3, 6): dp_i / d(delta_w, delta_t)
+    J = Jpi @ Jp  # (n, 2, 6)
+    g = np.einsum("n,nai,na->i", wts, J, r)
+    # relative stationarity: |grad E| against |W^1/2 J| (1 + |W^1/2 r|), unit-free
+    sw = np.sqrt(wts)
+    scale = np.linalg.norm(sw[:, None, None] * J) * (
+        1.0 + np.linalg.norm(sw[:, None] * r)
+    )
+    _check_converged(g / scale, tol, "pnp_pose (relative gradient)")
+    H = np.einsum("n,nai,naj->ij", wts, J, J)
+    if hessian == "exact":
+        a = wts[:, None] * r  # (n, 2): the weight of each residual's Hessian
+        e = np.einsum("ab,na->nb", K[:2, :2], a)  # phi_i = (e1 p1 + e2 p2) / p3
+        m = np.concatenate([e, np.zeros((len(e), 1))], axis=1)  # (n, 3)
+        z = p[2]
+        e3 = np.array([0.0, 0.0, 1.0])
+        mp = np.einsum("nk,kn->n", m, p)
+        Hp = -(m[:, :, None] * e3 + e3[:, None] * m[:, None, :]) / z[
+            :, None, None
+        ] ** 2 + (2 * mp / z**3)[:, None, None] * np.outer(
+            e3, e3
+        )  # (n, 3, 3): Hessian of phi_i in p
+        H += np.einsum("nki,nkl,nlj->ij", Jp, Hp, Jp)
+        b = np.einsum("nak,na->nk", Jpi, a)  # grad of phi_i in p
+        c = b @ R  # R^T b_i, rows
+        Xt = X.T
+        M = 0.5 * (c[:, :, None] * Xt[:, None, :] + Xt[:, :, None] * c[:, None, :])
+        M -= np.einsum("nk,nk->n", c, Xt)[:, None, None] * np.eye(3)
+        H[:3, :3] += M.sum(axis=0)  # the curvature of R Exp(delta_w) X_i
+    H += damping * np.eye(6)
+    return r, J, H
+
+
+def pnp_pose_hessian(X, K, u, *, weights=None, xi=None, hessian="exact", tol=1e-6):
+    """The (6, 6) Hessian of E (eq. 8.15) in the right perturbation of the pose at
+    xi (the solution of `pnp_pose` when None): eq. (8.17), with the second-order term
+    (8.18) when hessian='exact', without it for 'gauss-newton'."""
+    X, K, u, wts = _pnp_inputs(X, K, u, weights)
+    if xi is None:
+        xi = pnp_pose(X, K, u, weights=wts)
+    return _pnp_linearisation(X, K, u, wts, xi, tol, hessian, 0.0)[2]
+
+
+def pnp_pose_jvp(
+    X,
+    K,
+    u,
+    du,
+    dweights,
+    *,
+    weights=None,
+    xi=None,
+    hessian="exact",
+    damping=0.0,
+    tol=1e-6,
+):
+    """Eq. (8.19): the forward rule of `pnp_pose` in u (2, n) and the weights (n,):
+    H delta = sum_i w_i J_i^T du_i - dw_i J_i^T r_i, with delta (6,) the tangent of the
+    pose in its right perturbation (R Exp(delta_w), t + delta_t), rotation first.
+
+    xi is the converged pose (solved when None); its gradient must be below `tol` (max
+    norm), else ValueError. hessian='gauss-newton' drops eq. (8.18) and damping > 0
+    adds damping * I to H: both are the approximations that section 8.4 measures."""
+    X, K, u, wts = _pnp_inputs(X, K, u, weights)
+    du = require_finite(as_float_array(du, "du", ndims=2), "du")
+    if du.shape != u.shape:
+        raise ValueError(f"du must have the shape of u, {u.shape}, got {du.shape}")
+    dw = require_finite(as_float_array(dweights, "dweights", ndims=1), "dweights")
+    if dw.shape != wts.shape:
+        raise ValueError(
+            f"dweights must have shape {wts.shape} (one per point), got {dw.shape}"
+        )
+    if xi is None:
+        xi = pnp_pose(X, K, u, weights=wts)
+    r, J, H = _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping)
+    # d(grad E) = H delta + sum_i J_i^T (dw_i r_i - w_i du_i) = 0
+    dgrad = np.einsum("nai,na->i", J, dw[:, None] * r - wts[:, None] * du.T)
+    return _lu_solve(factor(H, RCOND, "pnp_pose_jvp"), -dgrad)
+
+
+def pnp_pose_vjp(
+    X, K, u, G, *, weights=None, xi=None, hessian="exact", damping=0.0, tol=1e-6
+):
+    """Eq. (8.20): the backward rule of `pnp_pose`: H^T lam = G (6,), then u_bar_i =
+    w_i J_i lam and weights_bar_i = -r_i^T J_i lam. Returns (u_bar (2, n),
+    weights_bar (n,)). Options and checks as `pnp_pose_jvp`."""
+    X, K, u, wts = _pnp_inputs(X, K, u, weights)
+    G = require_finite(as_float_array(G, "G", ndims=1), "G")
+    if G.shape != (6,):
+        raise ValueError(
+            f"G must have shape (6,) (shaped like the pose), got {G.shape}"
+        )
+    if xi is None:
+        xi = pnp_pose(X, K, u, weights=wts)
+    r, J, H = _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping)
+    lam = _lu_solve(factor(H, RCOND, "pnp_pose_vjp"), G, trans=1)
+    Jl = J @ lam  # (n, 2): each point's residual moved by lam
+    return (wts[:, None] * Jl).T, -np.sum(r * Jl, axis=1)
+
+
+def pnp_pose_covariance(X, K, u, *, sigma=1.0, weights=None, xi=None, tol=1e-6):
+    """Eq. (8.21): the first-order covariance (6, 6) of the pose's right perturbation
+    when every image coordinate carries independent noise of standard deviation sigma:
+    sigma^2 H^-1 (sum_i w_i^2 J_i^T J_i) H^-1, with H the exact Hessian (8.17)."""
+    X, K, u, wts = _pnp_inputs(X, K, u, weights)
+    sigma = float(sigma)
+    if not (np.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be finite and positive, got {sigma}")
+    if xi is None:
+        xi = pnp_pose(X, K, u, weights=wts)
+    _, J, H = _pnp_linearisation(X, K, u, wts, xi, tol, "exact", 0.0)
+    factors = factor(H, RCOND, "pnp_pose_covariance")
+    S = _lu_solve(factors, np.einsum("n,nai->ian", wts, J).reshape(6, -1))
+    return sigma**2 * S @ S.T

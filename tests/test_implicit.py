@@ -23,6 +23,11 @@ from derivlib.implicit import (
     multinomial_fit,
     multinomial_fit_jvp,
     multinomial_fit_vjp,
+    pnp_pose,
+    pnp_pose_covariance,
+    pnp_pose_hessian,
+    pnp_pose_jvp,
+    pnp_pose_vjp,
     undistort,
     undistort_jvp,
     undistort_vjp,
@@ -216,3 +221,161 @@ def test_undistort_refuses_divergence_and_a_fold(rng):
         undistort_vjp(u, np.array([-1.0, 0.0]), np.ones((2, 1)), x=x)
     with pytest.raises(ValueError, match=r"shape \(2, n\)"):
         undistort(np.ones((3, 2)), np.zeros(2))
+
+
+# ----- the PnP pose as a layer -----
+
+KCAM = np.array([[500.0, 0.0, 320.0], [0.0, 480.0, 240.0], [0.0, 0.0, 1.0]])
+
+
+def _pnp_scene(rng, n=8, noise=2.0):
+    from derivlib.geometry.lie import rodrigues
+
+    X = rng.uniform(-1, 1, (3, n))
+    p = rodrigues(np.array([0.1, -0.2, 0.15])) @ X + np.array([[0.1], [-0.1], [5.0]])
+    u = (KCAM @ p)[:2] / p[2] + rng.normal(0, noise, (2, n))
+    wts = rng.uniform(0.5, 1.5, n)
+    return X, u, wts, pnp_pose(X, KCAM, u, weights=wts)
+
+
+def _exp_series(w):
+    """Exp by its series to order 4: exact derivatives at w = 0 up to order 3 (the
+    Hessian needs 2), with none of the 0/0 of Rodrigues' formula at the origin."""
+    W = jnp.array([[0.0, -w[2], w[1]], [w[2], 0.0, -w[0]], [-w[1], w[0], 0.0]])
+    out, term = jnp.eye(3), jnp.eye(3)
+    for k in range(1, 5):
+        term = term @ W / k
+        out = out + term
+    return out
+
+
+def _pnp_cost(delta, R0, t0, X, u, wts):
+    p = R0 @ _exp_series(delta[:3]) @ X + (t0 + delta[3:])[:, None]
+    q = (KCAM @ p)[:2] / p[2]
+    return 0.5 * jnp.sum(wts * jnp.sum((q - u) ** 2, axis=0))
+
+
+def _gauss_newton_pnp(R0, t0, X, u, wts):
+    """Ten Gauss-Newton steps on the pose's right perturbation, from the converged
+    pose: jax.vjp through them is the unrolled oracle (each step contracts the error
+    of the derivative by |H_GN^-1 (H - H_GN)|, about 0.02 here)."""
+
+    def residual(delta, u, wts):
+        p = R0 @ _exp_series(delta[:3]) @ X + (t0 + delta[3:])[:, None]
+        return (jnp.sqrt(wts) * ((KCAM @ p)[:2] / p[2] - u)).ravel()
+
+    def step(_, delta):
+        r = residual(delta, u, wts)
+        J = jax.jacfwd(residual)(delta, u, wts)
+        return delta - jnp.linalg.solve(J.T @ J, J.T @ r)
+
+    return jax.lax.fori_loop(0, 10, step, jnp.zeros(6))
+
+
+@jax.jit
+def _gauss_newton_pnp_vjp(R0, t0, X, u, wts, G):
+    _, pullback = jax.vjp(lambda u, w: _gauss_newton_pnp(R0, t0, X, u, w), u, wts)
+    return pullback(G)
+
+
+_pnp_hessian_jax = jax.jit(jax.hessian(_pnp_cost))
+
+
+def test_pnp_hessian_matches_jax_hessian_and_gauss_newton_drops_a_term(rng):
+    from derivlib.geometry.lie import rodrigues
+
+    X, u, wts, xi = _pnp_scene(rng)
+    R0, t0 = rodrigues(xi[:3]), xi[3:]
+    theirs = np.asarray(_pnp_hessian_jax(jnp.zeros(6), R0, t0, X, u, wts))
+    exact = pnp_pose_hessian(X, KCAM, u, weights=wts, xi=xi)
+    gn = pnp_pose_hessian(X, KCAM, u, weights=wts, xi=xi, hessian="gauss-newton")
+    assert relative_error(exact, theirs) < 1e-12
+    assert relative_error(gn, theirs) > 1e-4  # the second-order term is not small
+    zero = pnp_pose_hessian(X, KCAM, u + 0.0, weights=wts, xi=xi)
+    assert np.array_equal(zero, exact)
+
+
+def test_pnp_rules_match_jax_through_unrolled_gauss_newton(rng):
+    from derivlib.geometry.lie import rodrigues
+
+    X, u, wts, xi = _pnp_scene(rng)
+    R0, t0 = rodrigues(xi[:3]), xi[3:]
+    G = rng.standard_normal(6)
+    theirs = [np.asarray(g) for g in _gauss_newton_pnp_vjp(R0, t0, X, u, wts, G)]
+    ours = pnp_pose_vjp(X, KCAM, u, G, weights=wts, xi=xi)
+    for a, b in zip(ours, theirs):
+        # the pose is stationary to the solver's tolerance, not exactly
+        assert relative_error(a, b) < 1e-7
+    gn = pnp_pose_vjp(X, KCAM, u, G, weights=wts, xi=xi, hessian="gauss-newton")
+    assert relative_error(gn[0], theirs[0]) > 1e-4  # the check has teeth
+    du, dw = rng.standard_normal(u.shape), rng.standard_normal(wts.shape)
+    check_dot_product(
+        "pnp_pose_jvp / pnp_pose_vjp",
+        lambda u, w, du, dw: pnp_pose_jvp(X, KCAM, u, du, dw, weights=w, xi=xi),
+        lambda u, w, G: pnp_pose_vjp(X, KCAM, u, G, weights=w, xi=xi),
+        [((u, wts), (du, dw), G)],
+    )
+
+
+def test_pnp_jvp_matches_finite_differences_of_resolves(rng):
+    from derivlib.geometry.lie import rodrigues, so3_log
+
+    X, u, wts, xi = _pnp_scene(rng)
+    R0 = rodrigues(xi[:3])
+    du, dw = rng.standard_normal(u.shape), rng.standard_normal(wts.shape)
+    eps = 1e-3
+
+    def local(e):
+        x = pnp_pose(X, KCAM, u + e * du, weights=wts + e * dw, tol=1e-20)
+        return np.concatenate([so3_log(R0.T @ rodrigues(x[:3])), x[3:] - xi[3:]])
+
+    fd = (local(eps) - local(-eps)) / (2 * eps)
+    ours = pnp_pose_jvp(X, KCAM, u, du, dw, weights=wts, xi=xi)
+    assert relative_error(ours, fd) < 1e-5
+    gn = pnp_pose_jvp(X, KCAM, u, du, dw, weights=wts, xi=xi, hessian="gauss-newton")
+    assert relative_error(gn, fd) > 1e-3
+
+
+def test_pnp_gauss_newton_is_exact_at_zero_residual_and_damping_biases(rng):
+    X, u, wts, xi = _pnp_scene(rng, noise=0.0)
+    du, dw = rng.standard_normal(u.shape), rng.standard_normal(wts.shape)
+    exact = pnp_pose_jvp(X, KCAM, u, du, dw, weights=wts, xi=xi)
+    gn = pnp_pose_jvp(X, KCAM, u, du, dw, weights=wts, xi=xi, hessian="gauss-newton")
+    assert relative_error(gn, exact) < 1e-8
+    damped = pnp_pose_jvp(X, KCAM, u, du, dw, weights=wts, xi=xi, damping=1e3)
+    assert relative_error(damped, exact) > 1e-3
+
+
+def test_pnp_covariance_is_the_jvp_of_pixel_noise(rng):
+    X, u, wts, xi = _pnp_scene(rng)
+    C = pnp_pose_covariance(X, KCAM, u, sigma=0.5, weights=wts, xi=xi)
+    E = rng.standard_normal((200,) + u.shape)
+    zero = np.zeros_like(wts)
+    D = np.array(
+        [pnp_pose_jvp(X, KCAM, u, 0.5 * e, zero, weights=wts, xi=xi) for e in E]
+    )
+    assert np.allclose(C, C.T) and np.all(np.linalg.eigvalsh(C) > 0)
+    assert relative_error(D.T @ D / len(E), C) < 0.3  # 200 samples: a loose check
+
+
+def test_pnp_rules_refuse_unconverged_singular_and_bad_input(rng):
+    X, u, wts, xi = _pnp_scene(rng)
+    G = np.ones(6)
+    with pytest.raises(ValueError, match="did not converge"):
+        pnp_pose_vjp(X, KCAM, u, G, weights=wts, xi=xi + 1e-3)
+    with pytest.raises(ValueError, match="singular"):
+        # three points: six residuals, but at a zero-residual pose far off the
+        # right one the Hessian is still regular; a huge depth flattens it instead
+        Xfar = X.copy()
+        Xfar[2] += 1e9
+        from derivlib.geometry.lie import rodrigues
+
+        p = rodrigues(xi[:3]) @ Xfar + xi[3:, None]
+        ufar = (KCAM @ p)[:2] / p[2]
+        pnp_pose_vjp(X=Xfar, K=KCAM, u=ufar, G=G, xi=xi)
+    with pytest.raises(ValueError, match="weights must be positive"):
+        pnp_pose_vjp(X, KCAM, u, G, weights=-wts, xi=xi)
+    with pytest.raises(ValueError, match="shape"):
+        pnp_pose_jvp(X, KCAM, u, u[:, :3], wts, weights=wts, xi=xi)
+    with pytest.raises(ValueError, match="hessian must be"):
+        pnp_pose_vjp(X, KCAM, u, G, weights=wts, xi=xi, hessian="newton")
