@@ -583,3 +583,127 @@ def pnp_pose_covariance(X, K, u, *, sigma=1.0, weights=None, xi=None, tol=1e-6):
     factors = factor(H, RCOND, "pnp_pose_covariance")
     S = _lu_solve(factors, np.einsum("n,nai->ian", wts, J).reshape(6, -1))
     return sigma**2 * S @ S.T
+
+
+# ----- 8.5 A closed-form argmin: Kabsch / Umeyama -----
+
+# Below this size of lambda_2 + lambda_3 relative to sigma_1 the rotation is refused.
+ALIGN_GAP = 1e-8
+
+
+def _point_pairs(X, Y):
+    X = require_finite(as_float_array(X, "X", ndims=2), "X")
+    Y = require_finite(as_float_array(Y, "Y", ndims=2), "Y")
+    if X.shape[0] != 3 or X.shape != Y.shape:
+        raise ValueError(
+            f"X and Y must be corresponding points as columns, both of shape (3, n), "
+            f"got {X.shape} and {Y.shape}"
+        )
+    if X.shape[1] < 3:
+        raise ValueError(f"alignment needs at least 3 point pairs, got {X.shape[1]}")
+    return X, Y
+
+
+def _alignment(X, Y, with_scale):
+    """The SVD solution of Umeyama's problem, with the gap lambda_i + lambda_j of
+    eq. (8.23) checked. Returns (R, s, t, U, V, lam, mx, Xc, Yc, var)."""
+    n = X.shape[1]
+    mx, my = X.mean(axis=1), Y.mean(axis=1)
+    Xc, Yc = X - mx[:, None], Y - my[:, None]
+    var = float(np.sum(Xc * Xc)) / n
+    if not var > 0:
+        raise ValueError("alignment is degenerate: all points X coincide")
+    M = Yc @ Xc.T / n
+    U, sig, Vt = np.linalg.svd(M)
+    sign = 1.0 if np.linalg.det(U) * np.linalg.det(Vt) >= 0 else -1.0
+    lam = sig * np.array([1.0, 1.0, sign])
+    R = U @ np.diag([1.0, 1.0, sign]) @ Vt
+    gap = lam[1] + lam[2]
+    if not gap > ALIGN_GAP * sig[0]:
+        raise ValueError(
+            f"alignment is degenerate: sigma_2 {'+' if sign > 0 else '-'} sigma_3 = "
+            f"{gap:.3g} <= {ALIGN_GAP:.0e} sigma_1 (sigma = {sig[0]:.3g}, "
+            f"{sig[1]:.3g}, {sig[2]:.3g}): the best rotation with det R = +1 is not "
+            "unique (points on a line, or a reflection as close as the rotation), and "
+            "its derivative "
+            "(8.23) divides by this gap"
+        )
+    s = float(lam.sum()) / var if with_scale else 1.0
+    t = my - s * (R @ mx)
+    return R, s, t, U, Vt.T, lam, mx, Xc, Yc, var
+
+
+def align(X, Y, *, with_scale=True):
+    """Eq. (8.22): the similarity (R, s, t), det R = +1, minimising sum_i |Y_i - (s R
+    X_i + t)|^2 for corresponding points X, Y (3, n) (Umeyama; Kabsch with
+    with_scale=False, s = 1). Raises ValueError when lambda_2 + lambda_3 (sigma_2 -
+    sigma_3 when the SVD's rotation would be a reflection) is below ALIGN_GAP sigma_1,
+    where R is not unique and its derivative blows up."""
+    X, Y = _point_pairs(X, Y)
+    R, s, t = _alignment(X, Y, with_scale)[:3]
+    return R, s, t
+
+
+def align_jvp(X, Y, dX, dY, *, with_scale=True):
+    """Eq. (8.23): the forward rule of `align`: E = S U^T dM V with dM the differential
+    of the cross-covariance, Omega_ij = (E_ij - E_ji) / (lambda_i + lambda_j), dR = R
+    [d omega]x with [d omega]x = V Omega V^T, then ds and dt. Returns (dR (3, 3), ds,
+    dt (3,))."""
+    X, Y = _point_pairs(X, Y)
+    dX, dY = _point_pairs(dX, dY)
+    if dX.shape != X.shape:
+        raise ValueError(f"dX, dY must have the shape of X, {X.shape}, got {dX.shape}")
+    R, s, t, U, V, lam, mx, Xc, Yc, var = _alignment(X, Y, with_scale)
+    n = X.shape[1]
+    dmx, dmy = dX.mean(axis=1), dY.mean(axis=1)
+    dXc, dYc = dX - dmx[:, None], dY - dmy[:, None]
+    dM = (dYc @ Xc.T + Yc @ dXc.T) / n
+    E = np.sign(lam)[:, None] * (U.T @ dM @ V)  # S U^T dM V, S = sign(lam)
+    L = lam[:, None] + lam[None, :]
+    np.fill_diagonal(L, 1.0)
+    Omega = (E - E.T) / L
+    np.fill_diagonal(Omega, 0.0)
+    W = V @ Omega @ V.T  # [d omega]x
+    dR = R @ W
+    if with_scale:
+        dvar = 2.0 * float(np.sum(Xc * dXc)) / n
+        ds = (float(np.sum(R * dM)) - s * dvar) / var
+    else:
+        ds = 0.0
+    dt = dmy - ds * (R @ mx) - s * (dR @ mx) - s * (R @ dmx)
+    return dR, ds, dt
+
+
+def align_vjp(X, Y, G, *, with_scale=True):
+    """Eq. (8.24): the backward rule of `align` for a cotangent G = (G_R (3, 3), G_s,
+    G_t (3,)). Returns (X_bar, Y_bar), both (3, n)."""
+    X, Y = _point_pairs(X, Y)
+    if not isinstance(G, (tuple, list)) or len(G) != 3:
+        raise ValueError("G must be a triple (G_R (3, 3), G_s, G_t (3,)) like align's")
+    GR = require_finite(as_float_array(G[0], "G_R", ndims=2), "G_R")
+    Gs = float(require_finite(as_float_array(G[1], "G_s"), "G_s").reshape(()))
+    Gt = require_finite(as_float_array(G[2], "G_t", ndims=1), "G_t")
+    if GR.shape != (3, 3) or Gt.shape != (3,):
+        raise ValueError(f"G_R must be (3, 3) and G_t (3,), got {GR.shape}, {Gt.shape}")
+    R, s, t, U, V, lam, mx, Xc, Yc, var = _alignment(X, Y, with_scale)
+    n = X.shape[1]
+    RtGt = R.T @ Gt
+    # t = my - s R mx: through s, through R (its right perturbation), through mx
+    Gs_all = (Gs - (R @ mx) @ Gt) if with_scale else 0.0
+    A = R.T @ GR - s * np.outer(RtGt, mx)  # cotangent of [d omega]x in R^T dR
+    Wbar = A - A.T  # <A, W> for a skew W is <(A - A^T) / 2, W>; the 1/2 is below
+    Obar = 0.5 * V.T @ Wbar @ V
+    L = lam[:, None] + lam[None, :]
+    np.fill_diagonal(L, 1.0)
+    Ebar = (Obar - Obar.T) / L
+    np.fill_diagonal(Ebar, 0.0)
+    Mbar = U @ (np.sign(lam)[:, None] * Ebar) @ V.T  # E = S U^T dM V
+    Xc_bar = np.zeros_like(X)
+    if with_scale:
+        Mbar = Mbar + (Gs_all / var) * R
+        Xc_bar -= (2.0 * s * Gs_all / (var * n)) * Xc
+    Yc_bar = Mbar @ Xc / n
+    Xc_bar += Mbar.T @ Yc / n
+    X_bar = Xc_bar - Xc_bar.mean(axis=1, keepdims=True) - (s / n) * RtGt[:, None]
+    Y_bar = Yc_bar - Yc_bar.mean(axis=1, keepdims=True) + Gt[:, None] / n
+    return X_bar, Y_bar

@@ -15,6 +15,9 @@ import pytest
 
 from derivlib.check import check_dot_product, jax_vjp, relative_error
 from derivlib.implicit import (
+    align,
+    align_jvp,
+    align_vjp,
     implicit_jvp,
     implicit_vjp,
     logistic_fit,
@@ -379,3 +382,120 @@ def test_pnp_rules_refuse_unconverged_singular_and_bad_input(rng):
         pnp_pose_jvp(X, KCAM, u, u[:, :3], wts, weights=wts, xi=xi)
     with pytest.raises(ValueError, match="hessian must be"):
         pnp_pose_vjp(X, KCAM, u, G, weights=wts, xi=xi, hessian="newton")
+
+
+# ----- Kabsch / Umeyama -----
+
+
+def _align_jax(X, Y, with_scale=True):
+    """Umeyama's solution written with jnp.linalg.svd, whose derivative JAX takes
+    through the SVD (distinct singular values): an oracle independent of (8.23)."""
+    mx, my = X.mean(axis=1), Y.mean(axis=1)
+    Xc, Yc = X - mx[:, None], Y - my[:, None]
+    n = X.shape[1]
+    U, sig, Vt = jnp.linalg.svd(Yc @ Xc.T / n)
+    S = jnp.diag(jnp.ones(3).at[2].set(jnp.sign(jnp.linalg.det(U @ Vt))))
+    R = U @ S @ Vt
+    s = jnp.trace(jnp.diag(sig) @ S) / (jnp.sum(Xc**2) / n) if with_scale else 1.0
+    return R, s, my - s * R @ mx
+
+
+@partial(jax.jit, static_argnums=4)
+def _align_jax_jvp(X, Y, dX, dY, with_scale):
+    return jax.jvp(lambda a, b: _align_jax(a, b, with_scale), (X, Y), (dX, dY))[1]
+
+
+@partial(jax.jit, static_argnums=3)
+def _align_jax_vjp(X, Y, G, with_scale):
+    return jax.vjp(lambda a, b: _align_jax(a, b, with_scale), X, Y)[1](G)
+
+
+def _align_pair(rng, reflect):
+    from derivlib.geometry.lie import rodrigues
+
+    X = rng.standard_normal((3, 7))
+    Y = 1.7 * rodrigues(np.array([0.3, -1.0, 2.0])) @ X + 0.3 * rng.standard_normal(
+        (3, 7)
+    )
+    if reflect:  # the unconstrained best fit is a reflection: S = diag(1, 1, -1)
+        Y = np.diag([1.0, 1.0, -1.0]) @ Y
+    return X, Y
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+@pytest.mark.parametrize("with_scale", [True, False])
+def test_align_rules_match_jax_through_the_svd(rng, reflect, with_scale):
+    X, Y = _align_pair(rng, reflect)
+    R, s, t = align(X, Y, with_scale=with_scale)
+    assert abs(np.linalg.det(R) - 1) < 1e-12
+    dX, dY = rng.standard_normal(X.shape), rng.standard_normal(Y.shape)
+    theirs = _align_jax_jvp(X, Y, dX, dY, with_scale)
+    ours = align_jvp(X, Y, dX, dY, with_scale=with_scale)
+    for a, b in zip(ours, theirs):
+        assert relative_error(a, np.asarray(b)) < 1e-12
+    G = (
+        rng.standard_normal((3, 3)),
+        0.7 if with_scale else 0.0,
+        rng.standard_normal(3),
+    )
+    G_jax = tuple(jnp.asarray(g, dtype=jnp.float64) for g in G)
+    theirs = [np.asarray(g) for g in _align_jax_vjp(X, Y, G_jax, with_scale)]
+    for a, b in zip(align_vjp(X, Y, G, with_scale=with_scale), theirs):
+        assert relative_error(a, b) < 1e-12
+    check_dot_product(
+        "align_jvp / align_vjp",
+        lambda X, Y, dX, dY: np.concatenate(
+            [np.ravel(v) for v in align_jvp(X, Y, dX, dY, with_scale=with_scale)]
+        ),
+        lambda X, Y, W: align_vjp(
+            X, Y, (W[:9].reshape(3, 3), W[9], W[10:]), with_scale=with_scale
+        ),
+        [((X, Y), (dX, dY), rng.standard_normal(13))],
+    )
+    h = 1e-6
+    central = [
+        (a - b) / (2 * h)
+        for a, b in zip(
+            align(X + h * dX, Y + h * dY, with_scale=with_scale),
+            align(X - h * dX, Y - h * dY, with_scale=with_scale),
+        )
+    ]
+    assert relative_error(ours[0], central[0]) < 1e-7
+
+
+def test_align_planted_rule_without_the_sign_fails_on_a_reflection(rng):
+    X, Y = _align_pair(rng, reflect=True)
+    dX, dY = rng.standard_normal(X.shape), rng.standard_normal(Y.shape)
+    dR = _align_jax_jvp(X, Y, dX, dY, True)[0]
+    # sigma_2 + sigma_3 in place of sigma_2 - sigma_3: the polar factor's rule
+    M = (Y - Y.mean(1, keepdims=True)) @ (X - X.mean(1, keepdims=True)).T / 7
+    U, sig, Vt = np.linalg.svd(M)
+    R = align(X, Y)[0]
+    dM = (
+        (dY - dY.mean(1, keepdims=True)) @ (X - X.mean(1, keepdims=True)).T
+        + (Y - Y.mean(1, keepdims=True)) @ (dX - dX.mean(1, keepdims=True)).T
+    ) / 7
+    E = np.diag([1.0, 1.0, -1.0]) @ U.T @ dM @ Vt.T
+    L = sig[:, None] + sig[None, :]
+    wrong = R @ Vt.T @ ((E - E.T) / L) @ Vt
+    assert relative_error(wrong, np.asarray(dR)) > 1e-2
+    assert relative_error(align_jvp(X, Y, dX, dY)[0], np.asarray(dR)) < 1e-12
+
+
+def test_align_derivative_grows_as_the_gap_closes_and_is_refused_at_it(rng):
+    # planar points seen through a reflection of the plane's normal: sigma_3 = 0
+    # and, with a tiny out-of-plane component, sigma_2 - sigma_3 -> sigma_2 > 0;
+    # points on a line instead close sigma_2 + sigma_3 itself
+    X = np.vstack([rng.standard_normal((1, 6)), np.zeros((2, 6))])
+    sizes = []
+    for eps in (1e-1, 1e-2, 1e-3):
+        Xe = X + eps * rng.standard_normal((3, 6))
+        dX = rng.standard_normal((3, 6))
+        sizes.append(np.linalg.norm(align_jvp(Xe, 2 * Xe, dX, 0 * dX)[0]))
+    assert sizes[1] > 3 * sizes[0] and sizes[2] > 3 * sizes[1]
+    with pytest.raises(ValueError, match="alignment is degenerate: sigma_2"):
+        align(X, 2 * X)
+    with pytest.raises(ValueError, match="all points X coincide"):
+        align(np.ones((3, 4)), rng.standard_normal((3, 4)))
+    with pytest.raises(ValueError, match="shape \\(3, n\\)"):
+        align(np.ones((2, 4)), np.ones((2, 4)))
