@@ -707,3 +707,125 @@ def align_vjp(X, Y, G, *, with_scale=True):
     X_bar = Xc_bar - Xc_bar.mean(axis=1, keepdims=True) - (s / n) * RtGt[:, None]
     Y_bar = Yc_bar - Yc_bar.mean(axis=1, keepdims=True) + Gt[:, None] / n
     return X_bar, Y_bar
+
+
+# ----- 8.6 Sinkhorn's algorithm as a fixed point -----
+
+
+def _sinkhorn_problem(C, eps, a, b):
+    C = require_finite(as_float_array(C, "C", ndims=2), "C")
+    n, m = C.shape
+    if n < 1 or m < 2:
+        raise ValueError(
+            f"C must be (n, m) with n >= 1 and m >= 2, got shape {C.shape}"
+        )
+    eps = float(eps)
+    if not (np.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be finite and positive, got {eps}")
+    a = np.full(n, 1.0 / n) if a is None else as_float_array(a, "a", ndims=1)
+    b = np.full(m, 1.0 / m) if b is None else as_float_array(b, "b", ndims=1)
+    if a.shape != (n,) or b.shape != (m,):
+        raise ValueError(
+            f"a and b must have shapes ({n},) and ({m},), got {a.shape} and {b.shape}"
+        )
+    if not (np.all(a > 0) and np.all(b > 0)) or abs(a.sum() - b.sum()) > 1e-12 * (
+        a.sum()
+    ):
+        raise ValueError(
+            f"a and b must be positive with equal sums, got sums {a.sum():.6g} and "
+            f"{b.sum():.6g}, minima {a.min():.3g} and {b.min():.3g}"
+        )
+    return C, eps, a, b
+
+
+def _logsumexp(Z, axis):
+    top = Z.max(axis=axis, keepdims=True)
+    return (top + np.log(np.exp(Z - top).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+def sinkhorn(C, *, eps, a=None, b=None, tol=1e-12, max_iter=10000):
+    """Eq. (8.25): the entropic transport plan P (n, m) = exp((f_i + g_j - C_ij) /
+    eps) with row sums a and column sums b (uniform when None), by Sinkhorn's
+    iteration in the log domain from f = g = 0 (stable for small eps). Raises
+    ValueError when the row sums are not within tol of a after max_iter iterations."""
+    C, eps, a, b = _sinkhorn_problem(C, eps, a, b)
+    f, g = np.zeros(C.shape[0]), np.zeros(C.shape[1])
+    la, lb = np.log(a), np.log(b)
+    for _ in range(max_iter):
+        f = eps * (la - _logsumexp((g[None, :] - C) / eps, axis=1))
+        g = eps * (lb - _logsumexp((f[:, None] - C) / eps, axis=0))
+        P = np.exp((f[:, None] + g[None, :] - C) / eps)
+        err = float(np.max(np.abs(P.sum(axis=1) - a)))
+        if err <= tol:
+            return P
+    raise ValueError(
+        f"sinkhorn did not converge in {max_iter} iterations at eps = {eps:.3g}: row "
+        f"sums off by {err:.3g} > tol {tol:.0e} (raise max_iter, or eps)"
+    )
+
+
+def _sinkhorn_system(P, C, a, b, eps, tol):
+    """The marginal equations F(f, g[:-1]) = (P 1 - a, (P^T 1 - b)[:-1]) with g_m
+    fixed (the gauge f + c, g - c leaves P unchanged): A = dF/dz, (n + m - 1)
+    square, symmetric, checked for convergence and factorised. P must also have the
+    form exp((f_i + g_j - C_ij) / eps): where P > 0 everywhere, eps log P + C is
+    checked to be a sum f_i + g_j (its double centring vanishes)."""
+    P = require_finite(as_float_array(P, "P", ndims=2), "P")
+    if P.shape != C.shape:
+        raise ValueError(f"P must have the shape of C, {C.shape}, got {P.shape}")
+    _check_converged(
+        np.concatenate([P.sum(axis=1) - a, P.sum(axis=0) - b]), tol, "sinkhorn"
+    )
+    if np.all(P > 0):
+        K = eps * np.log(P) + C
+        K = K - K.mean(axis=1, keepdims=True) - K.mean(axis=0, keepdims=True) + K.mean()
+        _check_converged(
+            K / (1.0 + np.abs(C).max()), 1e3 * tol, "sinkhorn (P against C)"
+        )
+    n, m = P.shape
+    A = np.zeros((n + m - 1, n + m - 1))
+    A[:n, :n] = np.diag(P.sum(axis=1))
+    A[n:, n:] = np.diag(P.sum(axis=0)[:-1])
+    A[:n, n:] = P[:, :-1]
+    A[n:, :n] = P[:, :-1].T
+    return factor(A / eps, RCOND, "sinkhorn")
+
+
+def sinkhorn_jvp(C, dC, *, eps, a=None, b=None, P=None, tol=1e-9):
+    """Eq. (8.26): the forward rule of `sinkhorn` in the cost: A (df, dg) = (rows and
+    columns of P o dC) / eps with dg_m = 0, then dP = P o (df_i + dg_j - dC_ij) / eps.
+    Returns dP (n, m). P is the converged plan (solved when None)."""
+    C, eps, a, b = _sinkhorn_problem(C, eps, a, b)
+    dC = require_finite(as_float_array(dC, "dC", ndims=2), "dC")
+    if dC.shape != C.shape:
+        raise ValueError(f"dC must have the shape of C, {C.shape}, got {dC.shape}")
+    if P is None:
+        P = sinkhorn(C, eps=eps, a=a, b=b)
+    n = C.shape[0]
+    factors = _sinkhorn_system(P, C, a, b, eps, tol)
+    PdC = P * dC
+    dz = _lu_solve(
+        factors, np.concatenate([PdC.sum(axis=1), PdC.sum(axis=0)[:-1]]) / eps
+    )
+    dg = np.append(dz[n:], 0.0)
+    return P * (dz[:n, None] + dg[None, :] - dC) / eps
+
+
+def sinkhorn_vjp(C, G, *, eps, a=None, b=None, P=None, tol=1e-9):
+    """Eq. (8.27): the backward rule of `sinkhorn` for a cotangent G (n, m) on P: Q = G
+    o P / eps, A^T lam = (Q 1, (Q^T 1)[:-1]), C_bar = -Q + P o (lam_f,i + lam_g,j) /
+    eps with lam_g,m = 0. Returns C_bar (n, m)."""
+    C, eps, a, b = _sinkhorn_problem(C, eps, a, b)
+    G = require_finite(as_float_array(G, "G", ndims=2), "G")
+    if G.shape != C.shape:
+        raise ValueError(f"G must have the shape of C, {C.shape}, got {G.shape}")
+    if P is None:
+        P = sinkhorn(C, eps=eps, a=a, b=b)
+    n = C.shape[0]
+    factors = _sinkhorn_system(P, C, a, b, eps, tol)
+    Q = G * P / eps
+    lam = _lu_solve(
+        factors, np.concatenate([Q.sum(axis=1), Q.sum(axis=0)[:-1]]), trans=1
+    )
+    lam_g = np.append(lam[n:], 0.0)
+    return -Q + P * (lam[:n, None] + lam_g[None, :]) / eps

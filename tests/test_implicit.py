@@ -31,6 +31,9 @@ from derivlib.implicit import (
     pnp_pose_hessian,
     pnp_pose_jvp,
     pnp_pose_vjp,
+    sinkhorn,
+    sinkhorn_jvp,
+    sinkhorn_vjp,
     undistort,
     undistort_jvp,
     undistort_vjp,
@@ -499,3 +502,62 @@ def test_align_derivative_grows_as_the_gap_closes_and_is_refused_at_it(rng):
         align(np.ones((3, 4)), rng.standard_normal((3, 4)))
     with pytest.raises(ValueError, match="shape \\(3, n\\)"):
         align(np.ones((2, 4)), np.ones((2, 4)))
+
+
+# ----- Sinkhorn -----
+
+
+@jax.jit
+def _sinkhorn_unrolled_vjp(C, G):
+    """jax.vjp through 300 log-domain Sinkhorn iterations from f = g = 0."""
+
+    def plan(C, eps=0.5):
+        n, m = C.shape
+        la, lb = -jnp.log(n) * jnp.ones(n), -jnp.log(m) * jnp.ones(m)
+
+        def step(_, fg):
+            f = eps * (la - jax.nn.logsumexp((fg[1][None, :] - C) / eps, axis=1))
+            g = eps * (lb - jax.nn.logsumexp((f[:, None] - C) / eps, axis=0))
+            return f, g
+
+        f, g = jax.lax.fori_loop(0, 300, step, (jnp.zeros(n), jnp.zeros(m)))
+        return jnp.exp((f[:, None] + g[None, :] - C) / eps)
+
+    return jax.vjp(plan, C)[1](G)[0]
+
+
+def _sinkhorn_cost(rng):
+    x, y = rng.standard_normal((2, 5)), rng.standard_normal((2, 6))
+    return np.sum((x[:, :, None] - y[:, None, :]) ** 2, axis=0)
+
+
+def test_sinkhorn_rules_match_jax_unrolled_and_finite_differences(rng):
+    C = _sinkhorn_cost(rng)
+    G, dC = rng.standard_normal(C.shape), rng.standard_normal(C.shape)
+    P = sinkhorn(C, eps=0.5)
+    assert np.allclose(P.sum(axis=1), 0.2) and np.allclose(P.sum(axis=0), 1 / 6)
+    ours = sinkhorn_vjp(C, G, eps=0.5, P=P)
+    theirs = np.asarray(_sinkhorn_unrolled_vjp(C, G))
+    assert relative_error(ours, theirs) < 1e-10
+    assert relative_error(-G * P / 0.5, theirs) > 1e-2  # potentials held fixed
+    h = 1e-6
+    central = (sinkhorn(C + h * dC, eps=0.5) - sinkhorn(C - h * dC, eps=0.5)) / (2 * h)
+    assert relative_error(sinkhorn_jvp(C, dC, eps=0.5, P=P), central) < 1e-8
+    check_dot_product(
+        "sinkhorn_jvp / sinkhorn_vjp",
+        lambda C, dC: sinkhorn_jvp(C, dC, eps=0.5),
+        lambda C, G: sinkhorn_vjp(C, G, eps=0.5),
+        [(C, dC, G)],
+    )
+
+
+def test_sinkhorn_refuses_unconverged_and_bad_input(rng):
+    C = _sinkhorn_cost(rng)
+    with pytest.raises(ValueError, match="did not converge"):
+        sinkhorn(C, eps=0.01, max_iter=3)
+    with pytest.raises(ValueError, match="did not converge"):
+        sinkhorn_vjp(C, C, eps=0.5, P=np.full(C.shape, 1 / 30))
+    with pytest.raises(ValueError, match="equal sums"):
+        sinkhorn(C, eps=0.5, a=np.ones(5), b=np.ones(6))
+    with pytest.raises(ValueError, match="eps must be finite and positive"):
+        sinkhorn(C, eps=0.0)
