@@ -1,0 +1,831 @@
+"""Chapter 8, differentiating through solvers: the implicit function theorem read off
+a differential.
+
+If x*(theta) solves F(x, theta) = 0, differentiating the identity F(x*(theta), theta)
+= 0 gives A dx* + B dtheta = 0 with A = dF/dx and B = dF/dtheta (eq. 8.2). The
+forward rule solves A dx* = -B dtheta (eq. 8.3); the backward rule solves A^T lam = G
+and returns -B^T lam (eq. 8.4). For an argmin, F is the gradient and A the Hessian.
+
+Every JVP here is written from the forward differential and every VJP from its
+adjoint, separately, so that the dot-product test compares two derivations. A rule
+refuses a point that is not a solution (the residual F is above tolerance) and a
+singular A (the solution is then not a smooth function of theta).
+"""
+
+import numpy as np
+
+from ._validate import as_float_array, require_finite
+from .losses import (
+    _check_binary_labels,
+    _check_label_columns,
+    fit_logistic,
+    fit_multinomial,
+    logistic_hessian,
+    multinomial_hessian,
+)
+from .vector import sigmoid, sigmoid_derivative, softmax
+
+RCOND = 1e-12  # below this reciprocal condition number, A is refused as singular
+
+
+# ----- 8.1 The theorem from a differential -----
+
+
+def _check_converged(residual, tol, what):
+    """Refuse a point that does not solve F = 0: the theorem holds only at a root."""
+    if residual is None:
+        return
+    r = require_finite(as_float_array(residual, "residual"), "residual")
+    worst = float(np.max(np.abs(r)))
+    if not worst <= tol:
+        raise ValueError(
+            f"{what}: the solver did not converge: max |F(x, theta)| = {worst:.3g} > "
+            f"tol = {tol:.3g}; the implicit function theorem gives the derivative of "
+            "x*(theta) only at a solution of F = 0"
+        )
+
+
+def _square(A, name="A"):
+    A = require_finite(as_float_array(A, name, ndims=2), name)
+    if A.shape[0] != A.shape[1]:
+        raise ValueError(f"{name} = dF/dx must be square, got shape {A.shape}")
+    return A
+
+
+def factor(A, rcond=RCOND, what="implicit differentiation"):
+    """LU-factorise A = dF/dx, refusing a singular A with the smallest pivot and the
+    reciprocal condition number (LAPACK's estimate) in the message. Returns the
+    factorisation for ``scipy.linalg.lu_solve``."""
+    import warnings
+
+    from scipy.linalg import LinAlgWarning, lu_factor
+    from scipy.linalg.lapack import dgecon
+
+    A = _square(A)
+    anorm = float(np.max(np.sum(np.abs(A), axis=0)))
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", LinAlgWarning)  # refused below, with numbers
+        lu, piv = lu_factor(A, check_finite=False)
+    pivots = np.abs(np.diag(lu))
+    smallest = float(pivots.min())
+    estimate = dgecon(lu, anorm, norm="1")[0] if smallest > 0 and anorm > 0 else 0.0
+    if not estimate >= rcond:
+        raise ValueError(
+            f"{what}: A = dF/dx ({A.shape[0]} x {A.shape[1]}) is singular to working "
+            f"precision: smallest LU pivot {smallest:.3g}, reciprocal condition number "
+            f"{estimate:.3g} < {rcond:.0e}; x* is not a locally unique, differentiable "
+            "function of theta (add regularisation, or fix a gauge)"
+        )
+    return lu, piv
+
+
+def _lu_solve(factors, b, trans=0):
+    from scipy.linalg import lu_solve
+
+    return lu_solve(factors, b, trans=trans, check_finite=False)
+
+
+def _linearisation(A, B):
+    A = _square(A)
+    B = require_finite(as_float_array(B, "B", ndims=2), "B")
+    if B.shape[0] != A.shape[0]:
+        raise ValueError(
+            f"B = dF/dtheta must have {A.shape[0]} rows (one per equation of F), got "
+            f"shape {B.shape}"
+        )
+    return A, B
+
+
+def implicit_jvp(A, B, dtheta, *, residual=None, tol=1e-8, rcond=RCOND):
+    """Eq. (8.3): the forward rule dx* = -A^-1 B dtheta of a solution x*(theta) of
+    F(x, theta) = 0, from the linearisation A = dF/dx (m, m), B = dF/dtheta (m, p) at
+    the solution, for a tangent dtheta (p,). Returns dx*, shape (m,).
+
+    `residual`, F at the point, is checked against `tol` (max norm) when given."""
+    A, B = _linearisation(A, B)
+    dtheta = require_finite(as_float_array(dtheta, "dtheta", ndims=1), "dtheta")
+    if dtheta.shape != (B.shape[1],):
+        raise ValueError(
+            f"dtheta must have shape ({B.shape[1]},) (one entry per column of B), got "
+            f"shape {dtheta.shape}"
+        )
+    _check_converged(residual, tol, "implicit_jvp")
+    factors = factor(A, rcond, "implicit_jvp")
+    # A dx + B dtheta = 0, solved for dx
+    return _lu_solve(factors, -(B @ dtheta))
+
+
+def implicit_vjp(A, B, G, *, residual=None, tol=1e-8, rcond=RCOND):
+    """Eq. (8.4): the backward rule theta_bar = -B^T lam with A^T lam = G, for a
+    cotangent G (m,) on x*. Shapes and checks as `implicit_jvp`; returns (p,)."""
+    A, B = _linearisation(A, B)
+    G = require_finite(as_float_array(G, "G", ndims=1), "G")
+    if G.shape != (A.shape[0],):
+        raise ValueError(
+            f"G must have shape ({A.shape[0]},) (shaped like x*), got shape {G.shape}"
+        )
+    _check_converged(residual, tol, "implicit_vjp")
+    factors = factor(A, rcond, "implicit_vjp")
+    # <G, dx> = <G, -A^-1 B dtheta> = <-B^T A^-T G, dtheta>
+    lam = _lu_solve(factors, G, trans=1)
+    return -(B.T @ lam)
+
+
+# ----- 8.2 A fitted model as a layer -----
+
+
+def _log_l2(log_l2):
+    s = as_float_array(log_l2, "log_l2")
+    if s.shape not in ((), (1,)):
+        raise ValueError(f"log_l2 must be a scalar, got shape {s.shape}")
+    s = float(s.reshape(()))
+    with np.errstate(over="ignore"):
+        l2 = np.exp(s)
+    if not np.isfinite(s) or not np.isfinite(l2) or l2 == 0.0:
+        raise ValueError(
+            f"log_l2 must be finite with exp(log_l2) a positive float, got {s}"
+        )
+    return s
+
+
+def _scalar(x, name):
+    s = as_float_array(x, name)
+    if s.shape not in ((), (1,)):
+        raise ValueError(f"{name} must be a scalar, got shape {s.shape}")
+    return float(require_finite(s, name).reshape(()))
+
+
+def logistic_fit(X, log_l2, *, y, tol=1e-10, max_iter=100):
+    """The fitted parameters theta*(X, log l2) of Chapter 3's L2-regularised logistic
+    regression, minimising L(theta) + (l2 / 2) |theta|^2 with l2 = exp(log_l2)
+    (eq. 8.5). X (d, n), y in {0, 1}^n (a constant, keyword-only). Returns (d,)."""
+    return fit_logistic(X, y, l2=np.exp(_log_l2(log_l2)), tol=tol, max_iter=max_iter)
+
+
+def _logistic_point(X, log_l2, y, theta, tol):
+    X = require_finite(as_float_array(X, "X", ndims=2), "X")
+    y = _check_binary_labels(y)
+    if y.shape != (X.shape[1],):
+        raise ValueError(
+            f"y must have one label per column of X, shape ({X.shape[1]},), got shape "
+            f"{y.shape}"
+        )
+    l2 = np.exp(_log_l2(log_l2))
+    if theta is None:
+        theta = fit_logistic(X, y, l2=l2)
+    theta = require_finite(as_float_array(theta, "theta", ndims=1), "theta")
+    if theta.shape != (X.shape[0],):
+        raise ValueError(
+            f"theta must have shape ({X.shape[0]},) (one entry per row of X), got "
+            f"shape {theta.shape}"
+        )
+    z = X.T @ theta
+    e = sigmoid(z) - y  # pi - y
+    grad = X @ e + l2 * theta
+    _check_converged(grad / X.shape[1], tol, "the logistic fit")
+    H = logistic_hessian(theta, X, y, l2=l2)
+    return X, l2, y, theta, z, e, H
+
+
+def logistic_fit_jvp(X, log_l2, dX, dlog_l2, *, y, theta=None, tol=1e-8):
+    """Eq. (8.7): the forward rule of `logistic_fit`, d theta* = -H^-1 [dX (pi - y) +
+    X diag(w) dX^T theta + l2 theta dlog_l2], w = pi o (1 - pi), for tangents dX
+    (d, n) and dlog_l2 (scalar). `theta` is the fit at (X, log_l2) if already known
+    (its gradient / n is checked against `tol`). Returns (d,)."""
+    X, l2, y, theta, z, e, H = _logistic_point(X, log_l2, y, theta, tol)
+    dX = require_finite(as_float_array(dX, "dX", ndims=2), "dX")
+    if dX.shape != X.shape:
+        raise ValueError(f"dX must have the shape of X, {X.shape}, got {dX.shape}")
+    ds = _scalar(dlog_l2, "dlog_l2")
+    w = sigmoid_derivative(z)
+    dF = dX @ e + X @ (w * (dX.T @ theta)) + l2 * ds * theta  # B dtheta
+    return _lu_solve(factor(H, what="logistic_fit_jvp"), -dF)
+
+
+def logistic_fit_vjp(X, log_l2, G, *, y, theta=None, tol=1e-8):
+    """Eq. (8.8): the backward rule of `logistic_fit`: with H lam = G,
+    X_bar = -[lam (pi - y)^T + theta (w o X^T lam)^T] and log_l2_bar = -l2 theta^T lam.
+    G (d,); returns (X_bar (d, n), log_l2_bar (a 0-d array))."""
+    X, l2, y, theta, z, e, H = _logistic_point(X, log_l2, y, theta, tol)
+    G = require_finite(as_float_array(G, "G", ndims=1), "G")
+    if G.shape != theta.shape:
+        raise ValueError(
+            f"G must have the shape of theta, {theta.shape}, got {G.shape}"
+        )
+    lam = _lu_solve(factor(H, what="logistic_fit_vjp"), G, trans=1)
+    w = sigmoid_derivative(z)
+    X_bar = -(np.outer(lam, e) + np.outer(theta, w * (X.T @ lam)))
+    return X_bar, np.array(-l2 * float(theta @ lam))
+
+
+def multinomial_fit(X, log_l2, *, Y, tol=1e-10, max_iter=100):
+    """Theta*(X, log l2) of Chapter 3's L2-regularised multinomial logistic regression
+    (eq. 8.5 with the multinomial loss): X (d, n), Y (k, n) one-hot. Returns (d, k)."""
+    return fit_multinomial(X, Y, l2=np.exp(_log_l2(log_l2)), tol=tol, max_iter=max_iter)
+
+
+def _multinomial_point(X, log_l2, Y, Theta, tol):
+    X = require_finite(as_float_array(X, "X", ndims=2), "X")
+    Y = _check_label_columns(Y)
+    if Y.shape[1] != X.shape[1]:
+        raise ValueError(
+            f"Y must have one column per column of X ({X.shape[1]}), got shape "
+            f"{Y.shape}"
+        )
+    l2 = np.exp(_log_l2(log_l2))
+    if Theta is None:
+        Theta = fit_multinomial(X, Y, l2=l2)
+    Theta = require_finite(as_float_array(Theta, "Theta", ndims=2), "Theta")
+    if Theta.shape != (X.shape[0], Y.shape[0]):
+        raise ValueError(
+            f"Theta must have shape {(X.shape[0], Y.shape[0])}, got {Theta.shape}"
+        )
+    Pi = softmax(Theta.T @ X)
+    grad = X @ (Pi - Y).T + l2 * Theta
+    _check_converged(grad / X.shape[1], tol, "the multinomial fit")
+    H = multinomial_hessian(Theta, X, Y, l2=l2)
+    return X, l2, Y, Theta, Pi, H
+
+
+def _softmax_tangent(Pi, dZ):
+    """The differential of the column-wise softmax: dPi = Pi o dZ - Pi o 1 1^T (Pi o
+    dZ) (eq. 2.10, column by column); self-adjoint."""
+    P = Pi * dZ
+    return P - Pi * P.sum(axis=0)
+
+
+def multinomial_fit_jvp(X, log_l2, dX, dlog_l2, *, Y, Theta=None, tol=1e-8):
+    """Eq. (8.9): the forward rule of `multinomial_fit`: vec dTheta* = -H^-1
+    vec[dX (Pi - Y)^T + X S(Theta^T dX)^T + l2 Theta dlog_l2], with S the softmax
+    differential and H the (dk, dk) Hessian of Chapter 3. Returns (d, k)."""
+    X, l2, Y, Theta, Pi, H = _multinomial_point(X, log_l2, Y, Theta, tol)
+    dX = require_finite(as_float_array(dX, "dX", ndims=2), "dX")
+    if dX.shape != X.shape:
+        raise ValueError(f"dX must have the shape of X, {X.shape}, got {dX.shape}")
+    ds = _scalar(dlog_l2, "dlog_l2")
+    dF = dX @ (Pi - Y).T + X @ _softmax_tangent(Pi, Theta.T @ dX).T + l2 * ds * Theta
+    dvec = _lu_solve(factor(H, what="multinomial_fit_jvp"), -dF.ravel(order="F"))
+    return dvec.reshape(Theta.shape, order="F")
+
+
+def multinomial_fit_vjp(X, log_l2, G, *, Y, Theta=None, tol=1e-8):
+    """Eq. (8.10): the backward rule of `multinomial_fit`: with H vec Lam = vec G,
+    X_bar = -[Lam (Pi - Y) + Theta S(Lam^T X)] and log_l2_bar = -l2 <Theta, Lam>.
+    G (d, k); returns (X_bar (d, n), log_l2_bar (0-d))."""
+    X, l2, Y, Theta, Pi, H = _multinomial_point(X, log_l2, Y, Theta, tol)
+    G = require_finite(as_float_array(G, "G", ndims=2), "G")
+    if G.shape != Theta.shape:
+        raise ValueError(
+            f"G must have the shape of Theta, {Theta.shape}, got {G.shape}"
+        )
+    lam = _lu_solve(factor(H, what="multinomial_fit_vjp"), G.ravel(order="F"), trans=1)
+    Lam = lam.reshape(Theta.shape, order="F")
+    X_bar = -(Lam @ (Pi - Y) + Theta @ _softmax_tangent(Pi, Lam.T @ X))
+    return X_bar, np.array(-l2 * float(np.sum(Theta * Lam)))
+
+
+# ----- 8.3 Fixed points: undistorting image points -----
+#
+# A fixed point x = T(x, theta) is a root of F = x - T: A = I - dT/dx (eq. 8.11).
+
+
+def _distortion(u, k):
+    u = require_finite(as_float_array(u, "u", ndims=2), "u")
+    if u.shape[0] != 2:
+        raise ValueError(
+            f"u must hold normalised image points as columns, shape (2, n), got "
+            f"shape {u.shape}"
+        )
+    k = require_finite(as_float_array(k, "k", ndims=1), "k")
+    if k.shape != (2,):
+        raise ValueError(f"k must be (k1, k2), shape (2,), got shape {k.shape}")
+    return u, k
+
+
+def undistort(u, k, *, tol=1e-13, max_iter=500):
+    """The undistorted normalised points x (2, n) with x (1 + k1 |x|^2 + k2 |x|^4) = u,
+    by the fixed-point iteration x <- u / (1 + k1 |x|^2 + k2 |x|^4) from x = u
+    (eq. 8.12). Raises ValueError when the iteration does not settle to `tol` (max
+    step) within `max_iter` iterations (it is not a contraction there)."""
+    u, k = _distortion(u, k)
+    x = u.copy()
+    for _ in range(max_iter):
+        rho = np.sum(x * x, axis=0)
+        x_new = u / (1.0 + k[0] * rho + k[1] * rho**2)
+        step = float(np.max(np.abs(x_new - x)))
+        x = x_new
+        if not np.all(np.isfinite(x)):
+            break
+        if step <= tol:
+            rho = np.sum(x * x, axis=0)
+            c = 1.0 + k[0] * rho + k[1] * rho**2
+            if np.any(c <= 0):
+                i = int(np.argmin(c))
+                raise ValueError(
+                    f"undistort: the iteration settled at point {i} on a root with "
+                    f"1 + k1 r^2 + k2 r^4 = {c[i]:.3g} <= 0, beyond the fold of the "
+                    "distortion, where no camera images a point"
+                )
+            return x
+    raise ValueError(
+        f"undistort: the fixed-point iteration did not converge in {max_iter} "
+        f"iterations for k = ({k[0]:.3g}, {k[1]:.3g}) (last step {step:.3g} > tol "
+        f"{tol:.0e}): the map x -> u / (1 + k1 r^2 + k2 r^4) is not a contraction there"
+    )
+
+
+def _undistort_point(u, k, x, tol):
+    """Per-point linearisation of F = x c(x) - u: A_i = c_i I + 2 (k1 + 2 k2 rho_i)
+    x_i x_i^T (2 x 2, symmetric), with its determinant checked."""
+    if x is None:
+        x = undistort(u, k)
+    x = require_finite(as_float_array(x, "x", ndims=2), "x")
+    if x.shape != u.shape:
+        raise ValueError(f"x must have the shape of u, {u.shape}, got {x.shape}")
+    rho = np.sum(x * x, axis=0)
+    c = 1.0 + k[0] * rho + k[1] * rho**2
+    _check_converged(x * c - u, tol, "undistort")
+    a = 2.0 * (k[0] + 2.0 * k[1] * rho)
+    A = c[:, None, None] * np.eye(2) + a[:, None, None] * np.einsum("in,jn->nij", x, x)
+    det = np.linalg.det(A)
+    worst = int(np.argmin(np.abs(det)))
+    scale = np.max(np.abs(A), axis=(1, 2)) ** 2
+    if not np.abs(det[worst]) > RCOND * scale[worst]:
+        raise ValueError(
+            f"undistort: A = dF/dx is singular at point {worst} "
+            f"(det {det[worst]:.3g}): "
+            "the distortion folds there, and the undistorted point is not a "
+            "differentiable function of u and k"
+        )
+    return x, rho, A
+
+
+def undistort_jvp(u, k, du, dk, *, x=None, tol=1e-10):
+    """Eq. (8.13): the forward rule of `undistort`, A_i dx_i = du_i - x_i (rho_i dk1 +
+    rho_i^2 dk2), one 2 x 2 solve per point. Returns dx (2, n)."""
+    u, k = _distortion(u, k)
+    du, dk = _distortion(du, dk)
+    if du.shape != u.shape:
+        raise ValueError(f"du must have the shape of u, {u.shape}, got {du.shape}")
+    x, rho, A = _undistort_point(u, k, x, tol)
+    rhs = du - x * (rho * dk[0] + rho**2 * dk[1])
+    return np.linalg.solve(A, rhs.T[:, :, None])[:, :, 0].T
+
+
+def undistort_vjp(u, k, G, *, x=None, tol=1e-10):
+    """Eq. (8.14): the backward rule of `undistort`: lam_i = A_i^-T G_i, u_bar = lam,
+    k_bar = -sum_i (x_i^T lam_i) (rho_i, rho_i^2).
+    Returns (u_bar (2, n), k_bar (2,))."""
+    u, k = _distortion(u, k)
+    G = require_finite(as_float_array(G, "G", ndims=2), "G")
+    if G.shape != u.shape:
+        raise ValueError(f"G must have the shape of u, {u.shape}, got {G.shape}")
+    x, rho, A = _undistort_point(u, k, x, tol)
+    At = np.transpose(A, (0, 2, 1))
+    lam = np.linalg.solve(At, G.T[:, :, None])[:, :, 0].T
+    xl = np.sum(x * lam, axis=0)
+    return lam, -np.array([xl @ rho, xl @ rho**2])
+
+
+# ----- 8.4 Through nonlinear least squares: the PnP pose as a layer -----
+
+
+def _pnp_inputs(X, K, u, weights):
+    from .geometry.solvers import _pnp_problem
+
+    X, K, u = _pnp_problem(X, K, u)
+    n = X.shape[1]
+    if weights is None:
+        return X, K, u, np.ones(n)
+    wts = require_finite(as_float_array(weights, "weights", ndims=1), "weights")
+    if wts.shape != (n,):
+        raise ValueError(
+            f"weights must have shape ({n},) (one per point), got shape {wts.shape}"
+        )
+    if not np.all(wts > 0):
+        raise ValueError(
+            f"weights must be positive, got min {wts.min():.3g} at point "
+            f"{int(np.argmin(wts))}"
+        )
+    return X, K, u, wts
+
+
+def pnp_pose(X, K, u, *, weights=None, xi0=None, tol=1e-12, max_iter=100):
+    """The pose xi = (w, t) minimising E = 1/2 sum_i w_i |pi(R X_i + t) - u_i|^2 (eq.
+    8.15) by Levenberg-Marquardt on the manifold (Chapter 6's `solve_least_squares`
+    with `pose_retract`, each residual scaled by sqrt(w_i)). X (3, n), K (3, 3), u
+    (2, n), weights (n,) positive (all ones when None); start xi0 (6,) or the DLT pose.
+    Returns xi (6,); raises ConvergenceError when the solver does not converge."""
+    from .geometry.linear import dlt_pose
+    from .geometry.solvers import (
+        pose_retract,
+        reprojection_jacobian_right,
+        reprojection_residual,
+        solve_least_squares,
+    )
+
+    X, K, u, wts = _pnp_inputs(X, K, u, weights)
+    if xi0 is None:
+        xi0 = dlt_pose(X, K, u)
+    s = np.repeat(np.sqrt(wts), 2)
+    xi, _ = solve_least_squares(
+        lambda xi: s * reprojection_residual(xi, X, K, u),
+        lambda xi: s[:, None] * reprojection_jacobian_right(xi, X, K),
+        xi0,
+        "lm",
+        tol,
+        max_iter,
+        retract=pose_retract,
+    )
+    return xi
+
+
+def _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping):
+    """At the pose xi: the per-point residuals r (n, 2), their Jacobians in the right
+    perturbation J (n, 2, 6), the gradient check, and the Hessian H (6, 6) of E in
+    the perturbation (eq. 8.17): sum_i w_i J_i^T J_i, plus, when hessian='exact', the
+    second-order term sum_i w_i r_i . Hess r_i (eq. 8.18), plus damping * I."""
+    from .geometry.camera import _project_jacobian, project
+    from .geometry.lie import _hat_many, rodrigues
+    from .geometry.solvers import _pose
+
+    if hessian not in ("exact", "gauss-newton"):
+        raise ValueError(f"hessian must be 'exact' or 'gauss-newton', got {hessian!r}")
+    damping = float(damping)
+    if not (np.isfinite(damping) and damping >= 0):
+        raise ValueError(f"damping must be finite and >= 0, got {damping}")
+    xi = _pose(xi)
+    R = rodrigues(xi[:3])
+    Xc = R @ X
+    p = Xc + xi[3:, None]
+    from .geometry.camera import _in_front
+
+    _in_front(p, "R(w) X + t")
+    r = (project(p, K) - u).T  # (n, 2)
+    Jpi = _project_jacobian(p, K)  # (n, 2, 3)
+    Jp = np.concatenate(
+        [
+            -np.einsum("ab,nbc->nac", R, _hat_many(X)),
+            np.broadcast_to(np.eye(3), Jpi.shape[:1] + (3, 3)),
+        ],
+        axis=2,
+    )  # (n, 3, 6): dp_i / d(delta_w, delta_t)
+    J = Jpi @ Jp  # (n, 2, 6)
+    g = np.einsum("n,nai,na->i", wts, J, r)
+    # relative stationarity: |grad E| against |W^1/2 J| (1 + |W^1/2 r|), unit-free
+    sw = np.sqrt(wts)
+    scale = np.linalg.norm(sw[:, None, None] * J) * (
+        1.0 + np.linalg.norm(sw[:, None] * r)
+    )
+    _check_converged(g / scale, tol, "pnp_pose (relative gradient)")
+    H = np.einsum("n,nai,naj->ij", wts, J, J)
+    if hessian == "exact":
+        a = wts[:, None] * r  # (n, 2): the weight of each residual's Hessian
+        e = np.einsum("ab,na->nb", K[:2, :2], a)  # phi_i = (e1 p1 + e2 p2) / p3
+        m = np.concatenate([e, np.zeros((len(e), 1))], axis=1)  # (n, 3)
+        z = p[2]
+        e3 = np.array([0.0, 0.0, 1.0])
+        mp = np.einsum("nk,kn->n", m, p)
+        Hp = -(m[:, :, None] * e3 + e3[:, None] * m[:, None, :]) / z[
+            :, None, None
+        ] ** 2 + (2 * mp / z**3)[:, None, None] * np.outer(
+            e3, e3
+        )  # (n, 3, 3): Hessian of phi_i in p
+        H += np.einsum("nki,nkl,nlj->ij", Jp, Hp, Jp)
+        b = np.einsum("nak,na->nk", Jpi, a)  # grad of phi_i in p
+        c = b @ R  # R^T b_i, rows
+        Xt = X.T
+        M = 0.5 * (c[:, :, None] * Xt[:, None, :] + Xt[:, :, None] * c[:, None, :])
+        M -= np.einsum("nk,nk->n", c, Xt)[:, None, None] * np.eye(3)
+        H[:3, :3] += M.sum(axis=0)  # the curvature of R Exp(delta_w) X_i
+    H += damping * np.eye(6)
+    return r, J, H
+
+
+def pnp_pose_hessian(X, K, u, *, weights=None, xi=None, hessian="exact", tol=1e-6):
+    """The (6, 6) Hessian of E (eq. 8.15) in the right perturbation of the pose at
+    xi (the solution of `pnp_pose` when None): eq. (8.17), with the second-order term
+    (8.18) when hessian='exact', without it for 'gauss-newton'."""
+    X, K, u, wts = _pnp_inputs(X, K, u, weights)
+    if xi is None:
+        xi = pnp_pose(X, K, u, weights=wts)
+    return _pnp_linearisation(X, K, u, wts, xi, tol, hessian, 0.0)[2]
+
+
+def pnp_pose_jvp(
+    X,
+    K,
+    u,
+    du,
+    dweights,
+    *,
+    weights=None,
+    xi=None,
+    hessian="exact",
+    damping=0.0,
+    tol=1e-6,
+):
+    """Eq. (8.19): the forward rule of `pnp_pose` in u (2, n) and the weights (n,):
+    H delta = sum_i w_i J_i^T du_i - dw_i J_i^T r_i, with delta (6,) the tangent of the
+    pose in its right perturbation (R Exp(delta_w), t + delta_t), rotation first.
+
+    xi is the converged pose (solved when None); its gradient must be below `tol` (max
+    norm), else ValueError. hessian='gauss-newton' drops eq. (8.18) and damping > 0
+    adds damping * I to H: both are the approximations that section 8.4 measures."""
+    X, K, u, wts = _pnp_inputs(X, K, u, weights)
+    du = require_finite(as_float_array(du, "du", ndims=2), "du")
+    if du.shape != u.shape:
+        raise ValueError(f"du must have the shape of u, {u.shape}, got {du.shape}")
+    dw = require_finite(as_float_array(dweights, "dweights", ndims=1), "dweights")
+    if dw.shape != wts.shape:
+        raise ValueError(
+            f"dweights must have shape {wts.shape} (one per point), got {dw.shape}"
+        )
+    if xi is None:
+        xi = pnp_pose(X, K, u, weights=wts)
+    r, J, H = _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping)
+    # d(grad E) = H delta + sum_i J_i^T (dw_i r_i - w_i du_i) = 0
+    dgrad = np.einsum("nai,na->i", J, dw[:, None] * r - wts[:, None] * du.T)
+    return _lu_solve(factor(H, RCOND, "pnp_pose_jvp"), -dgrad)
+
+
+def pnp_pose_vjp(
+    X, K, u, G, *, weights=None, xi=None, hessian="exact", damping=0.0, tol=1e-6
+):
+    """Eq. (8.20): the backward rule of `pnp_pose`: H^T lam = G (6,), then u_bar_i =
+    w_i J_i lam and weights_bar_i = -r_i^T J_i lam. Returns (u_bar (2, n),
+    weights_bar (n,)). Options and checks as `pnp_pose_jvp`."""
+    X, K, u, wts = _pnp_inputs(X, K, u, weights)
+    G = require_finite(as_float_array(G, "G", ndims=1), "G")
+    if G.shape != (6,):
+        raise ValueError(
+            f"G must have shape (6,) (shaped like the pose), got {G.shape}"
+        )
+    if xi is None:
+        xi = pnp_pose(X, K, u, weights=wts)
+    r, J, H = _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping)
+    lam = _lu_solve(factor(H, RCOND, "pnp_pose_vjp"), G, trans=1)
+    Jl = J @ lam  # (n, 2): each point's residual moved by lam
+    return (wts[:, None] * Jl).T, -np.sum(r * Jl, axis=1)
+
+
+def pnp_pose_covariance(X, K, u, *, sigma=1.0, weights=None, xi=None, tol=1e-6):
+    """Eq. (8.21): the first-order covariance (6, 6) of the pose's right perturbation
+    when every image coordinate carries independent noise of standard deviation sigma:
+    sigma^2 H^-1 (sum_i w_i^2 J_i^T J_i) H^-1, with H the exact Hessian (8.17)."""
+    X, K, u, wts = _pnp_inputs(X, K, u, weights)
+    sigma = float(sigma)
+    if not (np.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"sigma must be finite and positive, got {sigma}")
+    if xi is None:
+        xi = pnp_pose(X, K, u, weights=wts)
+    _, J, H = _pnp_linearisation(X, K, u, wts, xi, tol, "exact", 0.0)
+    factors = factor(H, RCOND, "pnp_pose_covariance")
+    S = _lu_solve(factors, np.einsum("n,nai->ian", wts, J).reshape(6, -1))
+    return sigma**2 * S @ S.T
+
+
+# ----- 8.5 A closed-form argmin: Kabsch / Umeyama -----
+
+# Below this size of lambda_2 + lambda_3 relative to sigma_1 the rotation is refused.
+ALIGN_GAP = 1e-8
+
+
+def _point_pairs(X, Y):
+    X = require_finite(as_float_array(X, "X", ndims=2), "X")
+    Y = require_finite(as_float_array(Y, "Y", ndims=2), "Y")
+    if X.shape[0] != 3 or X.shape != Y.shape:
+        raise ValueError(
+            f"X and Y must be corresponding points as columns, both of shape (3, n), "
+            f"got {X.shape} and {Y.shape}"
+        )
+    if X.shape[1] < 3:
+        raise ValueError(f"alignment needs at least 3 point pairs, got {X.shape[1]}")
+    return X, Y
+
+
+def _alignment(X, Y, with_scale):
+    """The SVD solution of Umeyama's problem, with the gap lambda_i + lambda_j of
+    eq. (8.23) checked. Returns (R, s, t, U, V, lam, mx, Xc, Yc, var)."""
+    n = X.shape[1]
+    mx, my = X.mean(axis=1), Y.mean(axis=1)
+    Xc, Yc = X - mx[:, None], Y - my[:, None]
+    var = float(np.sum(Xc * Xc)) / n
+    if not var > 0:
+        raise ValueError("alignment is degenerate: all points X coincide")
+    M = Yc @ Xc.T / n
+    U, sig, Vt = np.linalg.svd(M)
+    sign = 1.0 if np.linalg.det(U) * np.linalg.det(Vt) >= 0 else -1.0
+    lam = sig * np.array([1.0, 1.0, sign])
+    R = U @ np.diag([1.0, 1.0, sign]) @ Vt
+    gap = lam[1] + lam[2]
+    if not gap > ALIGN_GAP * sig[0]:
+        raise ValueError(
+            f"alignment is degenerate: sigma_2 {'+' if sign > 0 else '-'} sigma_3 = "
+            f"{gap:.3g} <= {ALIGN_GAP:.0e} sigma_1 (sigma = {sig[0]:.3g}, "
+            f"{sig[1]:.3g}, {sig[2]:.3g}): the best rotation with det R = +1 is not "
+            "unique (points on a line, or a reflection as close as the rotation), and "
+            "its derivative "
+            "(8.23) divides by this gap"
+        )
+    s = float(lam.sum()) / var if with_scale else 1.0
+    t = my - s * (R @ mx)
+    return R, s, t, U, Vt.T, lam, mx, Xc, Yc, var
+
+
+def align(X, Y, *, with_scale=True):
+    """Eq. (8.22): the similarity (R, s, t), det R = +1, minimising sum_i |Y_i - (s R
+    X_i + t)|^2 for corresponding points X, Y (3, n) (Umeyama; Kabsch with
+    with_scale=False, s = 1). Raises ValueError when lambda_2 + lambda_3 (sigma_2 -
+    sigma_3 when the SVD's rotation would be a reflection) is below ALIGN_GAP sigma_1,
+    where R is not unique and its derivative blows up."""
+    X, Y = _point_pairs(X, Y)
+    R, s, t = _alignment(X, Y, with_scale)[:3]
+    return R, s, t
+
+
+def align_jvp(X, Y, dX, dY, *, with_scale=True):
+    """Eq. (8.23): the forward rule of `align`: E = S U^T dM V with dM the differential
+    of the cross-covariance, Omega_ij = (E_ij - E_ji) / (lambda_i + lambda_j), dR = R
+    [d omega]x with [d omega]x = V Omega V^T, then ds and dt. Returns (dR (3, 3), ds,
+    dt (3,))."""
+    X, Y = _point_pairs(X, Y)
+    dX, dY = _point_pairs(dX, dY)
+    if dX.shape != X.shape:
+        raise ValueError(f"dX, dY must have the shape of X, {X.shape}, got {dX.shape}")
+    R, s, t, U, V, lam, mx, Xc, Yc, var = _alignment(X, Y, with_scale)
+    n = X.shape[1]
+    dmx, dmy = dX.mean(axis=1), dY.mean(axis=1)
+    dXc, dYc = dX - dmx[:, None], dY - dmy[:, None]
+    dM = (dYc @ Xc.T + Yc @ dXc.T) / n
+    E = np.sign(lam)[:, None] * (U.T @ dM @ V)  # S U^T dM V, S = sign(lam)
+    L = lam[:, None] + lam[None, :]
+    np.fill_diagonal(L, 1.0)
+    Omega = (E - E.T) / L
+    np.fill_diagonal(Omega, 0.0)
+    W = V @ Omega @ V.T  # [d omega]x
+    dR = R @ W
+    if with_scale:
+        dvar = 2.0 * float(np.sum(Xc * dXc)) / n
+        ds = (float(np.sum(R * dM)) - s * dvar) / var
+    else:
+        ds = 0.0
+    dt = dmy - ds * (R @ mx) - s * (dR @ mx) - s * (R @ dmx)
+    return dR, ds, dt
+
+
+def align_vjp(X, Y, G, *, with_scale=True):
+    """Eq. (8.24): the backward rule of `align` for a cotangent G = (G_R (3, 3), G_s,
+    G_t (3,)). Returns (X_bar, Y_bar), both (3, n)."""
+    X, Y = _point_pairs(X, Y)
+    if not isinstance(G, (tuple, list)) or len(G) != 3:
+        raise ValueError("G must be a triple (G_R (3, 3), G_s, G_t (3,)) like align's")
+    GR = require_finite(as_float_array(G[0], "G_R", ndims=2), "G_R")
+    Gs = float(require_finite(as_float_array(G[1], "G_s"), "G_s").reshape(()))
+    Gt = require_finite(as_float_array(G[2], "G_t", ndims=1), "G_t")
+    if GR.shape != (3, 3) or Gt.shape != (3,):
+        raise ValueError(f"G_R must be (3, 3) and G_t (3,), got {GR.shape}, {Gt.shape}")
+    R, s, t, U, V, lam, mx, Xc, Yc, var = _alignment(X, Y, with_scale)
+    n = X.shape[1]
+    RtGt = R.T @ Gt
+    # t = my - s R mx: through s, through R (its right perturbation), through mx
+    Gs_all = (Gs - (R @ mx) @ Gt) if with_scale else 0.0
+    A = R.T @ GR - s * np.outer(RtGt, mx)  # cotangent of [d omega]x in R^T dR
+    Wbar = A - A.T  # <A, W> for a skew W is <(A - A^T) / 2, W>; the 1/2 is below
+    Obar = 0.5 * V.T @ Wbar @ V
+    L = lam[:, None] + lam[None, :]
+    np.fill_diagonal(L, 1.0)
+    Ebar = (Obar - Obar.T) / L
+    np.fill_diagonal(Ebar, 0.0)
+    Mbar = U @ (np.sign(lam)[:, None] * Ebar) @ V.T  # E = S U^T dM V
+    Xc_bar = np.zeros_like(X)
+    if with_scale:
+        Mbar = Mbar + (Gs_all / var) * R
+        Xc_bar -= (2.0 * s * Gs_all / (var * n)) * Xc
+    Yc_bar = Mbar @ Xc / n
+    Xc_bar += Mbar.T @ Yc / n
+    X_bar = Xc_bar - Xc_bar.mean(axis=1, keepdims=True) - (s / n) * RtGt[:, None]
+    Y_bar = Yc_bar - Yc_bar.mean(axis=1, keepdims=True) + Gt[:, None] / n
+    return X_bar, Y_bar
+
+
+# ----- 8.6 Sinkhorn's algorithm as a fixed point -----
+
+
+def _sinkhorn_problem(C, eps, a, b):
+    C = require_finite(as_float_array(C, "C", ndims=2), "C")
+    n, m = C.shape
+    if n < 1 or m < 2:
+        raise ValueError(
+            f"C must be (n, m) with n >= 1 and m >= 2, got shape {C.shape}"
+        )
+    eps = float(eps)
+    if not (np.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be finite and positive, got {eps}")
+    a = np.full(n, 1.0 / n) if a is None else as_float_array(a, "a", ndims=1)
+    b = np.full(m, 1.0 / m) if b is None else as_float_array(b, "b", ndims=1)
+    if a.shape != (n,) or b.shape != (m,):
+        raise ValueError(
+            f"a and b must have shapes ({n},) and ({m},), got {a.shape} and {b.shape}"
+        )
+    if not (np.all(a > 0) and np.all(b > 0)) or abs(a.sum() - b.sum()) > 1e-12 * (
+        a.sum()
+    ):
+        raise ValueError(
+            f"a and b must be positive with equal sums, got sums {a.sum():.6g} and "
+            f"{b.sum():.6g}, minima {a.min():.3g} and {b.min():.3g}"
+        )
+    return C, eps, a, b
+
+
+def _logsumexp(Z, axis):
+    top = Z.max(axis=axis, keepdims=True)
+    return (top + np.log(np.exp(Z - top).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+
+def sinkhorn(C, *, eps, a=None, b=None, tol=1e-12, max_iter=10000):
+    """Eq. (8.25): the entropic transport plan P (n, m) = exp((f_i + g_j - C_ij) /
+    eps) with row sums a and column sums b (uniform when None), by Sinkhorn's
+    iteration in the log domain from f = g = 0 (stable for small eps). Raises
+    ValueError when the row sums are not within tol of a after max_iter iterations."""
+    C, eps, a, b = _sinkhorn_problem(C, eps, a, b)
+    f, g = np.zeros(C.shape[0]), np.zeros(C.shape[1])
+    la, lb = np.log(a), np.log(b)
+    for _ in range(max_iter):
+        f = eps * (la - _logsumexp((g[None, :] - C) / eps, axis=1))
+        g = eps * (lb - _logsumexp((f[:, None] - C) / eps, axis=0))
+        P = np.exp((f[:, None] + g[None, :] - C) / eps)
+        err = float(np.max(np.abs(P.sum(axis=1) - a)))
+        if err <= tol:
+            return P
+    raise ValueError(
+        f"sinkhorn did not converge in {max_iter} iterations at eps = {eps:.3g}: row "
+        f"sums off by {err:.3g} > tol {tol:.0e} (raise max_iter, or eps)"
+    )
+
+
+def _sinkhorn_system(P, C, a, b, eps, tol):
+    """The marginal equations F(f, g[:-1]) = (P 1 - a, (P^T 1 - b)[:-1]) with g_m
+    fixed (the gauge f + c, g - c leaves P unchanged): A = dF/dz, (n + m - 1)
+    square, symmetric, checked for convergence and factorised. P must also have the
+    form exp((f_i + g_j - C_ij) / eps): where P > 0 everywhere, eps log P + C is
+    checked to be a sum f_i + g_j (its double centring vanishes)."""
+    P = require_finite(as_float_array(P, "P", ndims=2), "P")
+    if P.shape != C.shape:
+        raise ValueError(f"P must have the shape of C, {C.shape}, got {P.shape}")
+    _check_converged(
+        np.concatenate([P.sum(axis=1) - a, P.sum(axis=0) - b]), tol, "sinkhorn"
+    )
+    if np.all(P > 0):
+        K = eps * np.log(P) + C
+        K = K - K.mean(axis=1, keepdims=True) - K.mean(axis=0, keepdims=True) + K.mean()
+        _check_converged(
+            K / (1.0 + np.abs(C).max()), 1e3 * tol, "sinkhorn (P against C)"
+        )
+    n, m = P.shape
+    A = np.zeros((n + m - 1, n + m - 1))
+    A[:n, :n] = np.diag(P.sum(axis=1))
+    A[n:, n:] = np.diag(P.sum(axis=0)[:-1])
+    A[:n, n:] = P[:, :-1]
+    A[n:, :n] = P[:, :-1].T
+    return factor(A / eps, RCOND, "sinkhorn")
+
+
+def sinkhorn_jvp(C, dC, *, eps, a=None, b=None, P=None, tol=1e-9):
+    """Eq. (8.26): the forward rule of `sinkhorn` in the cost: A (df, dg) = (rows and
+    columns of P o dC) / eps with dg_m = 0, then dP = P o (df_i + dg_j - dC_ij) / eps.
+    Returns dP (n, m). P is the converged plan (solved when None)."""
+    C, eps, a, b = _sinkhorn_problem(C, eps, a, b)
+    dC = require_finite(as_float_array(dC, "dC", ndims=2), "dC")
+    if dC.shape != C.shape:
+        raise ValueError(f"dC must have the shape of C, {C.shape}, got {dC.shape}")
+    if P is None:
+        P = sinkhorn(C, eps=eps, a=a, b=b)
+    n = C.shape[0]
+    factors = _sinkhorn_system(P, C, a, b, eps, tol)
+    PdC = P * dC
+    dz = _lu_solve(
+        factors, np.concatenate([PdC.sum(axis=1), PdC.sum(axis=0)[:-1]]) / eps
+    )
+    dg = np.append(dz[n:], 0.0)
+    return P * (dz[:n, None] + dg[None, :] - dC) / eps
+
+
+def sinkhorn_vjp(C, G, *, eps, a=None, b=None, P=None, tol=1e-9):
+    """Eq. (8.27): the backward rule of `sinkhorn` for a cotangent G (n, m) on P: Q = G
+    o P / eps, A^T lam = (Q 1, (Q^T 1)[:-1]), C_bar = -Q + P o (lam_f,i + lam_g,j) /
+    eps with lam_g,m = 0. Returns C_bar (n, m)."""
+    C, eps, a, b = _sinkhorn_problem(C, eps, a, b)
+    G = require_finite(as_float_array(G, "G", ndims=2), "G")
+    if G.shape != C.shape:
+        raise ValueError(f"G must have the shape of C, {C.shape}, got {G.shape}")
+    if P is None:
+        P = sinkhorn(C, eps=eps, a=a, b=b)
+    n = C.shape[0]
+    factors = _sinkhorn_system(P, C, a, b, eps, tol)
+    Q = G * P / eps
+    lam = _lu_solve(
+        factors, np.concatenate([Q.sum(axis=1), Q.sum(axis=0)[:-1]]), trans=1
+    )
+    lam_g = np.append(lam[n:], 0.0)
+    return -Q + P * (lam[:n, None] + lam_g[None, :]) / eps

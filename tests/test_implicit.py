@@ -1,0 +1,563 @@
+"""Chapter 8 (derivlib.implicit) against jax.vjp of unrolled JAX solvers, finite
+differences of refits, and the dot-product test.
+
+The oracles are JAX solvers run to convergence (Newton's method for the fits, the
+fixed-point iteration for undistortion) and differentiated through every iteration;
+they never call derivlib's derivative code.
+"""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from derivlib.check import check_dot_product, jax_vjp, relative_error
+from derivlib.implicit import (
+    align,
+    align_jvp,
+    align_vjp,
+    implicit_jvp,
+    implicit_vjp,
+    logistic_fit,
+    logistic_fit_jvp,
+    logistic_fit_vjp,
+    multinomial_fit,
+    multinomial_fit_jvp,
+    multinomial_fit_vjp,
+    pnp_pose,
+    pnp_pose_covariance,
+    pnp_pose_hessian,
+    pnp_pose_jvp,
+    pnp_pose_vjp,
+    sinkhorn,
+    sinkhorn_jvp,
+    sinkhorn_vjp,
+    undistort,
+    undistort_jvp,
+    undistort_vjp,
+)
+
+D, N, K = 4, 30, 3
+
+
+def _data(rng):
+    X = rng.standard_normal((D, N))
+    y = (rng.random(N) < 1 / (1 + np.exp(-X[0]))).astype(float)
+    Y = np.eye(K)[:, rng.integers(0, K, N)]
+    return X, y, Y
+
+
+@partial(jax.jit, static_argnums=3)
+def _newton_logistic(X, y, s, k=25):
+    l2 = jnp.exp(s)
+
+    def step(_, th):
+        p = jax.nn.sigmoid(X.T @ th)
+        g = X @ (p - y) + l2 * th
+        H = (X * (p * (1 - p))) @ X.T + l2 * jnp.eye(X.shape[0])
+        return th - jnp.linalg.solve(H, g)
+
+    return jax.lax.fori_loop(0, k, step, jnp.zeros(X.shape[0]))
+
+
+@jax.jit
+def _newton_multinomial(X, Y, s):
+    l2 = jnp.exp(s)
+    d, k = X.shape[0], Y.shape[0]
+
+    def step(_, T):
+        P = jax.nn.softmax(T.T @ X, axis=0)
+        g = (X @ (P - Y).T + l2 * T).ravel(order="F")
+        S = jax.vmap(lambda p: jnp.diag(p) - jnp.outer(p, p), in_axes=1)(P)
+        H = jnp.einsum("nab,cn,en->acbe", S, X, X).reshape(d * k, d * k)
+        H = H + l2 * jnp.eye(d * k)
+        return T - jnp.linalg.solve(H, g).reshape(k, d).T
+
+    return jax.lax.fori_loop(0, 20, step, jnp.zeros((d, k)))
+
+
+# ----- The general pair -----
+
+
+def test_implicit_pair_solves_the_linearised_equation(rng):
+    A = rng.standard_normal((5, 5)) + 3 * np.eye(5)
+    B = rng.standard_normal((5, 3))
+    dtheta, G = rng.standard_normal(3), rng.standard_normal(5)
+    dx = implicit_jvp(A, B, dtheta)
+    assert relative_error(A @ dx, -B @ dtheta) < 1e-12
+    J = -np.linalg.solve(A, B)
+    assert relative_error(implicit_vjp(A, B, G), J.T @ G) < 1e-12
+    check_dot_product(
+        "implicit_jvp / implicit_vjp",
+        lambda theta, dtheta: implicit_jvp(A, B, dtheta),
+        lambda theta, W: implicit_vjp(A, B, W),
+        [((np.zeros(3),), (dtheta,), G)],
+    )
+
+
+def test_singular_A_is_refused_with_its_pivot_and_condition(rng):
+    A = np.outer(rng.standard_normal(4), rng.standard_normal(4))
+    B = rng.standard_normal((4, 2))
+    with pytest.raises(ValueError, match="singular.*smallest LU pivot.*condition"):
+        implicit_jvp(A, B, np.ones(2))
+    with pytest.raises(ValueError, match="singular"):
+        implicit_vjp(A, B, np.ones(4))
+    nearly = np.diag([1.0, 1.0, 1e-14])
+    with pytest.raises(ValueError, match="reciprocal condition number"):
+        implicit_vjp(nearly, np.eye(3), np.ones(3))
+
+
+def test_unconverged_solver_is_refused():
+    A, B = np.eye(2), np.eye(2)
+    with pytest.raises(ValueError, match="did not converge.*0.001"):
+        implicit_jvp(A, B, np.ones(2), residual=np.array([1e-3, 0.0]))
+    assert implicit_vjp(A, B, np.ones(2), residual=np.array([1e-12, 0.0])).shape == (2,)
+
+
+def test_bad_shapes_are_refused(rng):
+    with pytest.raises(ValueError, match="square"):
+        implicit_jvp(np.ones((2, 3)), np.ones((2, 1)), np.ones(1))
+    with pytest.raises(ValueError, match="2 rows"):
+        implicit_vjp(np.eye(2), np.ones((3, 1)), np.ones(2))
+    with pytest.raises(ValueError, match=r"dtheta must have shape \(1,\)"):
+        implicit_jvp(np.eye(2), np.ones((2, 1)), np.ones(2))
+
+
+# ----- Fitted models -----
+
+
+def test_logistic_fit_rules_match_jax_through_newton(rng):
+    X, y, _ = _data(rng)
+    s = np.array(np.log(0.3))
+    G = rng.standard_normal(D)
+    theirs = jax_vjp(lambda X, s: _newton_logistic(X, y, s), (X, s), G)
+    ours = logistic_fit_vjp(X, s, G, y=y)
+    for a, b in zip(ours, theirs):
+        assert relative_error(a, b) < 1e-9
+    points = [
+        ((X, s), (rng.standard_normal((D, N)), np.array(rng.standard_normal())), G)
+        for _ in range(3)
+    ]
+    check_dot_product(
+        "logistic_fit_jvp / _vjp",
+        partial(logistic_fit_jvp, y=y),
+        partial(logistic_fit_vjp, y=y),
+        points,
+    )
+
+
+def test_logistic_hypergradient_matches_finite_differences_of_refits(rng):
+    X, y, _ = _data(rng)
+    s, h, G = np.log(0.5), 1e-5, rng.standard_normal(D)
+    fd = G @ (logistic_fit(X, s + h, y=y) - logistic_fit(X, s - h, y=y)) / (2 * h)
+    assert relative_error(logistic_fit_vjp(X, s, G, y=y)[1], fd) < 1e-7
+
+
+def test_logistic_fit_refuses_an_unconverged_theta(rng):
+    X, y, _ = _data(rng)
+    theta = np.zeros(D)  # the starting point of Newton's method, not a solution
+    with pytest.raises(ValueError, match="logistic fit: the solver did not converge"):
+        logistic_fit_vjp(X, 0.0, np.ones(D), y=y, theta=theta)
+    with pytest.raises(ValueError, match="log_l2 must be finite"):
+        logistic_fit(X, 1e4, y=y)
+    with pytest.raises(ValueError, match="labels in"):
+        logistic_fit_vjp(X, 0.0, np.ones(D), y=2 * y, theta=theta)
+    with pytest.raises(ValueError, match="one label per column"):
+        logistic_fit_jvp(X, 0.0, X, 1.0, y=y[:-1], theta=theta)
+
+
+def test_multinomial_fit_rules_match_jax_through_newton(rng):
+    X, _, Y = _data(rng)
+    s = np.array(np.log(0.7))
+    G = rng.standard_normal((D, K))
+    theirs = jax_vjp(lambda X, s: _newton_multinomial(X, Y, s), (X, s), G)
+    ours = multinomial_fit_vjp(X, s, G, Y=Y)
+    for a, b in zip(ours, theirs):
+        assert relative_error(a, b) < 1e-9
+    assert (
+        relative_error(multinomial_fit(X, s, Y=Y), _newton_multinomial(X, Y, s)) < 1e-9
+    )
+    check_dot_product(
+        "multinomial_fit_jvp / _vjp",
+        partial(multinomial_fit_jvp, Y=Y),
+        partial(multinomial_fit_vjp, Y=Y),
+        [((X, s), (rng.standard_normal((D, N)), np.array(0.3)), G)],
+    )
+
+
+# ----- Fixed points -----
+
+
+@jax.jit
+def _undistort_jax(u, k):
+    def step(_, x):
+        r = jnp.sum(x * x, axis=0)
+        return u / (1 + k[0] * r + k[1] * r**2)
+
+    return jax.lax.fori_loop(0, 200, step, u)
+
+
+def test_undistort_rules_match_jax_through_the_iteration(rng):
+    u, k = 0.4 * rng.standard_normal((2, 6)), np.array([-0.2, 0.05])
+    x = undistort(u, k)
+    rho = np.sum(x * x, axis=0)
+    assert relative_error(x * (1 + k[0] * rho + k[1] * rho**2), u) < 1e-13
+    G = rng.standard_normal((2, 6))
+    for a, b in zip(undistort_vjp(u, k, G), jax_vjp(_undistort_jax, (u, k), G)):
+        assert relative_error(a, b) < 1e-10
+    check_dot_product(
+        "undistort_jvp / _vjp",
+        undistort_jvp,
+        undistort_vjp,
+        [((u, k), (rng.standard_normal((2, 6)), rng.standard_normal(2)), G)],
+    )
+
+
+def test_undistort_refuses_divergence_and_a_fold(rng):
+    with pytest.raises(ValueError, match="did not converge.*not a contraction"):
+        undistort(np.array([[1.5], [0.0]]), np.array([-0.5, 0.0]))  # no root
+    with pytest.raises(ValueError, match="beyond the fold"):
+        undistort(np.array([[2.0], [0.0]]), np.array([-0.5, 0.0]))  # x = -2
+    # at r^2 = 1/3 with k1 = -1 the map x (1 - r^2) folds: d/dr [r (1 - r^2)] = 0
+    x = np.array([[np.sqrt(1 / 3)], [0.0]])
+    u = x * (1 - 1 / 3)
+    with pytest.raises(ValueError, match="singular at point 0"):
+        undistort_vjp(u, np.array([-1.0, 0.0]), np.ones((2, 1)), x=x)
+    with pytest.raises(ValueError, match=r"shape \(2, n\)"):
+        undistort(np.ones((3, 2)), np.zeros(2))
+
+
+# ----- the PnP pose as a layer -----
+
+KCAM = np.array([[500.0, 0.0, 320.0], [0.0, 480.0, 240.0], [0.0, 0.0, 1.0]])
+
+
+def _pnp_scene(rng, n=8, noise=2.0):
+    from derivlib.geometry.lie import rodrigues
+
+    X = rng.uniform(-1, 1, (3, n))
+    p = rodrigues(np.array([0.1, -0.2, 0.15])) @ X + np.array([[0.1], [-0.1], [5.0]])
+    u = (KCAM @ p)[:2] / p[2] + rng.normal(0, noise, (2, n))
+    wts = rng.uniform(0.5, 1.5, n)
+    return X, u, wts, pnp_pose(X, KCAM, u, weights=wts)
+
+
+def _exp_series(w):
+    """Exp by its series to order 4: exact derivatives at w = 0 up to order 3 (the
+    Hessian needs 2), with none of the 0/0 of Rodrigues' formula at the origin."""
+    W = jnp.array([[0.0, -w[2], w[1]], [w[2], 0.0, -w[0]], [-w[1], w[0], 0.0]])
+    out, term = jnp.eye(3), jnp.eye(3)
+    for k in range(1, 5):
+        term = term @ W / k
+        out = out + term
+    return out
+
+
+def _pnp_cost(delta, R0, t0, X, u, wts):
+    p = R0 @ _exp_series(delta[:3]) @ X + (t0 + delta[3:])[:, None]
+    q = (KCAM @ p)[:2] / p[2]
+    return 0.5 * jnp.sum(wts * jnp.sum((q - u) ** 2, axis=0))
+
+
+def _gauss_newton_pnp(R0, t0, X, u, wts):
+    """Ten Gauss-Newton steps on the pose's right perturbation, from the converged
+    pose: jax.vjp through them is the unrolled oracle (each step contracts the error
+    of the derivative by |H_GN^-1 (H - H_GN)|, about 0.02 here)."""
+
+    def residual(delta, u, wts):
+        p = R0 @ _exp_series(delta[:3]) @ X + (t0 + delta[3:])[:, None]
+        return (jnp.sqrt(wts) * ((KCAM @ p)[:2] / p[2] - u)).ravel()
+
+    def step(_, delta):
+        r = residual(delta, u, wts)
+        J = jax.jacfwd(residual)(delta, u, wts)
+        return delta - jnp.linalg.solve(J.T @ J, J.T @ r)
+
+    return jax.lax.fori_loop(0, 10, step, jnp.zeros(6))
+
+
+@jax.jit
+def _gauss_newton_pnp_vjp(R0, t0, X, u, wts, G):
+    _, pullback = jax.vjp(lambda u, w: _gauss_newton_pnp(R0, t0, X, u, w), u, wts)
+    return pullback(G)
+
+
+_pnp_hessian_jax = jax.jit(jax.hessian(_pnp_cost))
+
+
+def test_pnp_hessian_matches_jax_hessian_and_gauss_newton_drops_a_term(rng):
+    from derivlib.geometry.lie import rodrigues
+
+    X, u, wts, xi = _pnp_scene(rng)
+    R0, t0 = rodrigues(xi[:3]), xi[3:]
+    theirs = np.asarray(_pnp_hessian_jax(jnp.zeros(6), R0, t0, X, u, wts))
+    exact = pnp_pose_hessian(X, KCAM, u, weights=wts, xi=xi)
+    gn = pnp_pose_hessian(X, KCAM, u, weights=wts, xi=xi, hessian="gauss-newton")
+    assert relative_error(exact, theirs) < 1e-12
+    assert relative_error(gn, theirs) > 1e-4  # the second-order term is not small
+    zero = pnp_pose_hessian(X, KCAM, u + 0.0, weights=wts, xi=xi)
+    assert np.array_equal(zero, exact)
+
+
+def test_pnp_rules_match_jax_through_unrolled_gauss_newton(rng):
+    from derivlib.geometry.lie import rodrigues
+
+    X, u, wts, xi = _pnp_scene(rng)
+    R0, t0 = rodrigues(xi[:3]), xi[3:]
+    G = rng.standard_normal(6)
+    theirs = [np.asarray(g) for g in _gauss_newton_pnp_vjp(R0, t0, X, u, wts, G)]
+    ours = pnp_pose_vjp(X, KCAM, u, G, weights=wts, xi=xi)
+    for a, b in zip(ours, theirs):
+        # the pose is stationary to the solver's tolerance, not exactly
+        assert relative_error(a, b) < 1e-7
+    gn = pnp_pose_vjp(X, KCAM, u, G, weights=wts, xi=xi, hessian="gauss-newton")
+    assert relative_error(gn[0], theirs[0]) > 1e-4  # the check has teeth
+    du, dw = rng.standard_normal(u.shape), rng.standard_normal(wts.shape)
+    check_dot_product(
+        "pnp_pose_jvp / pnp_pose_vjp",
+        lambda u, w, du, dw: pnp_pose_jvp(X, KCAM, u, du, dw, weights=w, xi=xi),
+        lambda u, w, G: pnp_pose_vjp(X, KCAM, u, G, weights=w, xi=xi),
+        [((u, wts), (du, dw), G)],
+    )
+
+
+def test_pnp_jvp_matches_finite_differences_of_resolves(rng):
+    from derivlib.geometry.lie import rodrigues, so3_log
+
+    X, u, wts, xi = _pnp_scene(rng)
+    R0 = rodrigues(xi[:3])
+    du, dw = rng.standard_normal(u.shape), rng.standard_normal(wts.shape)
+    eps = 1e-3
+
+    def local(e):
+        x = pnp_pose(X, KCAM, u + e * du, weights=wts + e * dw, tol=1e-20)
+        return np.concatenate([so3_log(R0.T @ rodrigues(x[:3])), x[3:] - xi[3:]])
+
+    fd = (local(eps) - local(-eps)) / (2 * eps)
+    ours = pnp_pose_jvp(X, KCAM, u, du, dw, weights=wts, xi=xi)
+    assert relative_error(ours, fd) < 1e-5
+    gn = pnp_pose_jvp(X, KCAM, u, du, dw, weights=wts, xi=xi, hessian="gauss-newton")
+    assert relative_error(gn, fd) > 1e-3
+
+
+def test_pnp_gauss_newton_is_exact_at_zero_residual_and_damping_biases(rng):
+    X, u, wts, xi = _pnp_scene(rng, noise=0.0)
+    du, dw = rng.standard_normal(u.shape), rng.standard_normal(wts.shape)
+    exact = pnp_pose_jvp(X, KCAM, u, du, dw, weights=wts, xi=xi)
+    gn = pnp_pose_jvp(X, KCAM, u, du, dw, weights=wts, xi=xi, hessian="gauss-newton")
+    assert relative_error(gn, exact) < 1e-8
+    damped = pnp_pose_jvp(X, KCAM, u, du, dw, weights=wts, xi=xi, damping=1e3)
+    assert relative_error(damped, exact) > 1e-3
+
+
+def test_pnp_covariance_is_the_jvp_of_pixel_noise(rng):
+    X, u, wts, xi = _pnp_scene(rng)
+    C = pnp_pose_covariance(X, KCAM, u, sigma=0.5, weights=wts, xi=xi)
+    E = rng.standard_normal((200,) + u.shape)
+    zero = np.zeros_like(wts)
+    D = np.array(
+        [pnp_pose_jvp(X, KCAM, u, 0.5 * e, zero, weights=wts, xi=xi) for e in E]
+    )
+    assert np.allclose(C, C.T) and np.all(np.linalg.eigvalsh(C) > 0)
+    assert relative_error(D.T @ D / len(E), C) < 0.3  # 200 samples: a loose check
+
+
+def test_pnp_rules_refuse_unconverged_singular_and_bad_input(rng):
+    X, u, wts, xi = _pnp_scene(rng)
+    G = np.ones(6)
+    with pytest.raises(ValueError, match="did not converge"):
+        pnp_pose_vjp(X, KCAM, u, G, weights=wts, xi=xi + 1e-3)
+    with pytest.raises(ValueError, match="singular"):
+        # points a billion units away: a translation moves no image point
+        # measurably, so H is singular to working precision
+        from derivlib.geometry.lie import rodrigues
+
+        Xfar = X.copy()
+        Xfar[2] += 1e9
+        p = rodrigues(xi[:3]) @ Xfar + xi[3:, None]
+        ufar = (KCAM @ p)[:2] / p[2]
+        pnp_pose_vjp(X=Xfar, K=KCAM, u=ufar, G=G, xi=xi)
+    with pytest.raises(ValueError, match="weights must be positive"):
+        pnp_pose_vjp(X, KCAM, u, G, weights=-wts, xi=xi)
+    with pytest.raises(ValueError, match="shape"):
+        pnp_pose_jvp(X, KCAM, u, u[:, :3], wts, weights=wts, xi=xi)
+    with pytest.raises(ValueError, match="hessian must be"):
+        pnp_pose_vjp(X, KCAM, u, G, weights=wts, xi=xi, hessian="newton")
+
+
+# ----- Kabsch / Umeyama -----
+
+
+def _align_jax(X, Y, with_scale=True):
+    """Umeyama's solution written with jnp.linalg.svd, whose derivative JAX takes
+    through the SVD (distinct singular values): an oracle independent of (8.23)."""
+    mx, my = X.mean(axis=1), Y.mean(axis=1)
+    Xc, Yc = X - mx[:, None], Y - my[:, None]
+    n = X.shape[1]
+    U, sig, Vt = jnp.linalg.svd(Yc @ Xc.T / n)
+    S = jnp.diag(jnp.ones(3).at[2].set(jnp.sign(jnp.linalg.det(U @ Vt))))
+    R = U @ S @ Vt
+    s = jnp.trace(jnp.diag(sig) @ S) / (jnp.sum(Xc**2) / n) if with_scale else 1.0
+    return R, s, my - s * R @ mx
+
+
+@partial(jax.jit, static_argnums=4)
+def _align_jax_jvp(X, Y, dX, dY, with_scale):
+    return jax.jvp(lambda a, b: _align_jax(a, b, with_scale), (X, Y), (dX, dY))[1]
+
+
+@partial(jax.jit, static_argnums=3)
+def _align_jax_vjp(X, Y, G, with_scale):
+    return jax.vjp(lambda a, b: _align_jax(a, b, with_scale), X, Y)[1](G)
+
+
+def _align_pair(rng, reflect):
+    from derivlib.geometry.lie import rodrigues
+
+    X = rng.standard_normal((3, 7))
+    Y = 1.7 * rodrigues(np.array([0.3, -1.0, 2.0])) @ X + 0.3 * rng.standard_normal(
+        (3, 7)
+    )
+    if reflect:  # the unconstrained best fit is a reflection: S = diag(1, 1, -1)
+        Y = np.diag([1.0, 1.0, -1.0]) @ Y
+    return X, Y
+
+
+@pytest.mark.parametrize("reflect", [False, True])
+@pytest.mark.parametrize("with_scale", [True, False])
+def test_align_rules_match_jax_through_the_svd(rng, reflect, with_scale):
+    X, Y = _align_pair(rng, reflect)
+    R, s, t = align(X, Y, with_scale=with_scale)
+    assert abs(np.linalg.det(R) - 1) < 1e-12
+    dX, dY = rng.standard_normal(X.shape), rng.standard_normal(Y.shape)
+    theirs = _align_jax_jvp(X, Y, dX, dY, with_scale)
+    ours = align_jvp(X, Y, dX, dY, with_scale=with_scale)
+    for a, b in zip(ours, theirs):
+        assert relative_error(a, np.asarray(b)) < 1e-12
+    G = (
+        rng.standard_normal((3, 3)),
+        0.7 if with_scale else 0.0,
+        rng.standard_normal(3),
+    )
+    G_jax = tuple(jnp.asarray(g, dtype=jnp.float64) for g in G)
+    theirs = [np.asarray(g) for g in _align_jax_vjp(X, Y, G_jax, with_scale)]
+    for a, b in zip(align_vjp(X, Y, G, with_scale=with_scale), theirs):
+        assert relative_error(a, b) < 1e-12
+    check_dot_product(
+        "align_jvp / align_vjp",
+        lambda X, Y, dX, dY: np.concatenate(
+            [np.ravel(v) for v in align_jvp(X, Y, dX, dY, with_scale=with_scale)]
+        ),
+        lambda X, Y, W: align_vjp(
+            X, Y, (W[:9].reshape(3, 3), W[9], W[10:]), with_scale=with_scale
+        ),
+        [((X, Y), (dX, dY), rng.standard_normal(13))],
+    )
+    h = 1e-6
+    central = [
+        (a - b) / (2 * h)
+        for a, b in zip(
+            align(X + h * dX, Y + h * dY, with_scale=with_scale),
+            align(X - h * dX, Y - h * dY, with_scale=with_scale),
+        )
+    ]
+    assert relative_error(ours[0], central[0]) < 1e-7
+
+
+def test_align_planted_rule_without_the_sign_fails_on_a_reflection(rng):
+    X, Y = _align_pair(rng, reflect=True)
+    dX, dY = rng.standard_normal(X.shape), rng.standard_normal(Y.shape)
+    dR = _align_jax_jvp(X, Y, dX, dY, True)[0]
+    # sigma_2 + sigma_3 in place of sigma_2 - sigma_3: the polar factor's rule
+    M = (Y - Y.mean(1, keepdims=True)) @ (X - X.mean(1, keepdims=True)).T / 7
+    U, sig, Vt = np.linalg.svd(M)
+    R = align(X, Y)[0]
+    dM = (
+        (dY - dY.mean(1, keepdims=True)) @ (X - X.mean(1, keepdims=True)).T
+        + (Y - Y.mean(1, keepdims=True)) @ (dX - dX.mean(1, keepdims=True)).T
+    ) / 7
+    E = np.diag([1.0, 1.0, -1.0]) @ U.T @ dM @ Vt.T
+    L = sig[:, None] + sig[None, :]
+    wrong = R @ Vt.T @ ((E - E.T) / L) @ Vt
+    assert relative_error(wrong, np.asarray(dR)) > 1e-2
+    assert relative_error(align_jvp(X, Y, dX, dY)[0], np.asarray(dR)) < 1e-12
+
+
+def test_align_derivative_grows_as_the_gap_closes_and_is_refused_at_it(rng):
+    # planar points seen through a reflection of the plane's normal: sigma_3 = 0
+    # and, with a tiny out-of-plane component, sigma_2 - sigma_3 -> sigma_2 > 0;
+    # points on a line instead close sigma_2 + sigma_3 itself
+    X = np.vstack([rng.standard_normal((1, 6)), np.zeros((2, 6))])
+    sizes = []
+    for eps in (1e-1, 1e-2, 1e-3):
+        Xe = X + eps * rng.standard_normal((3, 6))
+        dX = rng.standard_normal((3, 6))
+        sizes.append(np.linalg.norm(align_jvp(Xe, 2 * Xe, dX, 0 * dX)[0]))
+    assert sizes[1] > 3 * sizes[0] and sizes[2] > 3 * sizes[1]
+    with pytest.raises(ValueError, match="alignment is degenerate: sigma_2"):
+        align(X, 2 * X)
+    with pytest.raises(ValueError, match="all points X coincide"):
+        align(np.ones((3, 4)), rng.standard_normal((3, 4)))
+    with pytest.raises(ValueError, match="shape \\(3, n\\)"):
+        align(np.ones((2, 4)), np.ones((2, 4)))
+
+
+# ----- Sinkhorn -----
+
+
+@jax.jit
+def _sinkhorn_unrolled_vjp(C, G):
+    """jax.vjp through 300 log-domain Sinkhorn iterations from f = g = 0."""
+
+    def plan(C, eps=0.5):
+        n, m = C.shape
+        la, lb = -jnp.log(n) * jnp.ones(n), -jnp.log(m) * jnp.ones(m)
+
+        def step(_, fg):
+            f = eps * (la - jax.nn.logsumexp((fg[1][None, :] - C) / eps, axis=1))
+            g = eps * (lb - jax.nn.logsumexp((f[:, None] - C) / eps, axis=0))
+            return f, g
+
+        f, g = jax.lax.fori_loop(0, 300, step, (jnp.zeros(n), jnp.zeros(m)))
+        return jnp.exp((f[:, None] + g[None, :] - C) / eps)
+
+    return jax.vjp(plan, C)[1](G)[0]
+
+
+def _sinkhorn_cost(rng):
+    x, y = rng.standard_normal((2, 5)), rng.standard_normal((2, 6))
+    return np.sum((x[:, :, None] - y[:, None, :]) ** 2, axis=0)
+
+
+def test_sinkhorn_rules_match_jax_unrolled_and_finite_differences(rng):
+    C = _sinkhorn_cost(rng)
+    G, dC = rng.standard_normal(C.shape), rng.standard_normal(C.shape)
+    P = sinkhorn(C, eps=0.5)
+    assert np.allclose(P.sum(axis=1), 0.2) and np.allclose(P.sum(axis=0), 1 / 6)
+    ours = sinkhorn_vjp(C, G, eps=0.5, P=P)
+    theirs = np.asarray(_sinkhorn_unrolled_vjp(C, G))
+    assert relative_error(ours, theirs) < 1e-10
+    assert relative_error(-G * P / 0.5, theirs) > 1e-2  # potentials held fixed
+    h = 1e-6
+    central = (sinkhorn(C + h * dC, eps=0.5) - sinkhorn(C - h * dC, eps=0.5)) / (2 * h)
+    assert relative_error(sinkhorn_jvp(C, dC, eps=0.5, P=P), central) < 1e-8
+    check_dot_product(
+        "sinkhorn_jvp / sinkhorn_vjp",
+        lambda C, dC: sinkhorn_jvp(C, dC, eps=0.5),
+        lambda C, G: sinkhorn_vjp(C, G, eps=0.5),
+        [(C, dC, G)],
+    )
+
+
+def test_sinkhorn_refuses_unconverged_and_bad_input(rng):
+    C = _sinkhorn_cost(rng)
+    with pytest.raises(ValueError, match="did not converge"):
+        sinkhorn(C, eps=0.01, max_iter=3)
+    with pytest.raises(ValueError, match="did not converge"):
+        sinkhorn_vjp(C, C, eps=0.5, P=np.full(C.shape, 1 / 30))
+    with pytest.raises(ValueError, match="equal sums"):
+        sinkhorn(C, eps=0.5, a=np.ones(5), b=np.ones(6))
+    with pytest.raises(ValueError, match="eps must be finite and positive"):
+        sinkhorn(C, eps=0.0)
