@@ -351,3 +351,44 @@ __all__ = [
     "unvec",
     "vec",
 ]
+
+# ----- Chapter 9: images as functions -----
+from .images import (  # noqa: E402
+    AlignResult,
+    affine_grid,
+    align,
+    bilinear,
+    bilinear_hessian,
+    bilinear_jvp,
+    bilinear_vjp,
+    corner_error,
+    homography_from_corners,
+    make_pair,
+    stn_sample,
+    stn_sample_jvp,
+    stn_sample_vjp,
+    warp,
+    warp_jacobian,
+    warp_matrix,
+    warp_params,
+)
+
+__all__ += [
+    "AlignResult",
+    "affine_grid",
+    "align",
+    "bilinear",
+    "bilinear_hessian",
+    "bilinear_jvp",
+    "bilinear_vjp",
+    "corner_error",
+    "homography_from_corners",
+    "make_pair",
+    "stn_sample",
+    "stn_sample_jvp",
+    "stn_sample_vjp",
+    "warp",
+    "warp_jacobian",
+    "warp_matrix",
+    "warp_params",
+]
