@@ -369,11 +369,12 @@ def blur(I):
     return I
 
 
-def pyramid(I, levels):
+def pyramid(I, levels, smooth=True):
     """[blur(I), reduce(I), ...]: each level blurred and subsampled by 2, so pixel
-    (x, y) of level l + 1 sits at (2x, 2y) of level l. The finest level is blurred
-    too: it damps the noise in the gradients."""
-    out = [blur(I)]
+    (x, y) of level l + 1 sits at (2x, 2y) of level l. With `smooth` the finest level
+    is blurred too: it damps the noise in the gradients."""
+    I = np.asarray(I, dtype=np.float64)
+    out = [blur(I) if smooth else I]
     for _ in range(levels - 1):
         out.append(blur(out[-1])[::2, ::2])
     return out
@@ -544,6 +545,7 @@ def align(
     photometric=True,
     robust=None,
     min_overlap=0.75,
+    smooth=True,
 ):
     """Lucas-Kanade alignment: find p with I(W(x; p)) ~ T(x) over the template's
     pixels x (template coordinates, (0, 0) its top-left pixel), by Gauss-Newton.
@@ -554,7 +556,8 @@ def align(
     reweights the pixels (IRLS). Stops when the template's corners move less than
     `tol` pixels. Refuses a textureless template (singular Hessian) and a warp that
     sends more than 1 - `min_overlap` of the template outside the image, with
-    ValueError. Both T (h, w) and I (H, W) are gray images."""
+    ValueError. Both T (h, w) and I (H, W) are gray images; `smooth` blurs both
+    (binomial, 5 taps) at the finest level too."""
     T, I = _image(T, "T"), _image(I, "I")
     if T.ndim != 2 or I.ndim != 2:
         raise ValueError(
@@ -571,7 +574,7 @@ def align(
             f"a template of shape {T.shape} is too small for {levels} pyramid levels"
         )
     M = warp_matrix(kind, p0)
-    Ts, Is = pyramid(T, levels), pyramid(I, levels)
+    Ts, Is = pyramid(T, levels, smooth), pyramid(I, levels, smooth)
     S = np.diag([0.5 ** (levels - 1), 0.5 ** (levels - 1), 1.0])
     M = S @ M @ np.linalg.inv(S)
     total, steps = 0, []
