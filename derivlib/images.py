@@ -70,7 +70,8 @@ def _cell(I, P):
     if np.any(outside):
         k = int(np.argmax(outside))
         raise ValueError(
-            f"position {k}, (x, y) = ({x[k]:.6g}, {y[k]:.6g}), is outside the image: "
+            f"position {k}, (x, y) = ({float(x[k])!r}, {float(y[k])!r}), is outside "
+            "the image: "
             f"expected 0 <= x <= {W - 1} and 0 <= y <= {H - 1}"
         )
     x0 = np.minimum(np.floor(x), W - 2).astype(np.intp)
@@ -254,25 +255,39 @@ def stn_sample_jvp(U, theta, dU, dtheta, out_shape=None):
 def stn_sample_vjp(U, theta, G, out_shape=None):
     """The backward rule (9.9) of the sampler: U_bar is a scatter of G times the
     weights (entries outside the image are dropped), theta_bar = sum over pixels of
-    P_bar [x, y, 1]. Returns (U_bar, theta_bar)."""
+    P_bar [x, y, 1]. Returns (U_bar, theta_bar).
+
+    Works channels-last: the four corners of a position are read for all channels at
+    once, and the position gradient is formed from sum_c G U_k (it is linear in U),
+    before the weights are applied."""
     U, out_shape, fx, fy, idx, ok = _stn_setup(U, theta, out_shape)
     N, C, H, W = U.shape
     n = out_shape[0] * out_shape[1]
     G = _same(G, (N, C) + out_shape, "G").reshape(N, C, n)
-    U00, U10, U01, U11 = _stn_gather(U, idx, ok)
-    fx3, fy3 = fx[:, None], fy[:, None]
-    gx = np.sum(G * ((1 - fy3) * (U10 - U00) + fy3 * (U11 - U01)), axis=1)
-    gy = np.sum(G * ((1 - fx3) * (U01 - U00) + fx3 * (U11 - U10)), axis=1)
+    Ut = U.reshape(N, C, H * W).transpose(0, 2, 1).reshape(N * H * W, C)
+    Gt = G.transpose(0, 2, 1).reshape(N * n, C)
+    base = (np.arange(N) * (H * W))[:, None]
+    flat = [(base + i).ravel() for i in idx]  # corner k of every position
+    ok = [m.ravel() for m in ok]
+    # s_k = sum_c G U_k, zero where corner k is outside the image
+    s00, s10, s01, s11 = (
+        np.einsum("ij,ij->i", Gt, Ut[f]) * m for f, m in zip(flat, ok)
+    )
+    fx, fy = fx.ravel(), fy.ravel()
+    gx = (s10 - s00) + fy * ((s11 - s01) - (s10 - s00))
+    gy = (s01 - s00) + fx * ((s11 - s10) - (s01 - s00))
     Ho, Wo = out_shape
     ys, xs = np.mgrid[0:Ho, 0:Wo]
     Xh = np.stack([xs.ravel(), ys.ravel(), np.ones(n)]).astype(np.float64)
-    theta_bar = np.stack([gx, gy], axis=1) @ Xh.T
+    theta_bar = np.stack([gx.reshape(N, n), gy.reshape(N, n)], axis=1) @ Xh.T
     w = [(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy]
-    offset = (np.arange(N * C) * (H * W)).reshape(N, C, 1)
-    flat = np.concatenate([(offset + i[:, None, :]).ravel() for i in idx])  # (4 N C n,)
-    vals = np.concatenate([(G * (wk * m)[:, None]).ravel() for wk, m in zip(w, ok)])
-    U_bar = np.bincount(flat, weights=vals, minlength=N * C * H * W)
-    return U_bar.reshape(U.shape), theta_bar
+    weights = np.concatenate([(wk * m)[:, None] * Gt for wk, m in zip(w, ok)])
+    target = np.concatenate(flat)[:, None] * C + np.arange(C)
+    U_bar = np.bincount(
+        target.ravel(), weights=weights.ravel(), minlength=N * H * W * C
+    )
+    U_bar = U_bar.reshape(N, H * W, C).transpose(0, 2, 1).reshape(U.shape)
+    return np.ascontiguousarray(U_bar), theta_bar
 
 
 # ----- Warps and their Jacobians, (9.10)-(9.13) -----
@@ -441,7 +456,13 @@ def _project(S, T):
     """S minus its least-squares fit by [1, T]: the part of each column that a change
     of gain and bias cannot absorb (9.20)."""
     Q = np.stack([np.ones_like(T), T - T.mean()], axis=1)
-    Q = Q / np.sqrt(np.sum(Q * Q, axis=0))
+    norms = np.sqrt(np.sum(Q * Q, axis=0))
+    if not norms[1] > 1e-12 * norms[0]:
+        raise ValueError(
+            "the template is constant (textureless): its gain cannot be fitted and "
+            "no warp can be estimated"
+        )
+    Q = Q / norms
     return S - Q @ (Q.T @ S)
 
 
