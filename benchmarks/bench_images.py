@@ -137,7 +137,10 @@ def alignment_rows():
             start = time.perf_counter()
             M = run(T, image, M0)
             times[name] += time.perf_counter() - start
-            err = np.inf if M is None else dl.corner_error(M, M_true, T.shape)
+            try:
+                err = np.inf if M is None else dl.corner_error(M, M_true, T.shape)
+            except ValueError:  # a corner sent through infinity: a failure
+                err = np.inf
             errors[name].append(err)
     rows = []
     for name in METHODS:

@@ -257,9 +257,9 @@ def stn_sample_vjp(U, theta, G, out_shape=None):
     weights (entries outside the image are dropped), theta_bar = sum over pixels of
     P_bar [x, y, 1]. Returns (U_bar, theta_bar).
 
-    Works channels-last: the four corners of a position are read for all channels at
-    once, and the position gradient is formed from sum_c G U_k (it is linear in U),
-    before the weights are applied."""
+    The position gradient reads the four corners of a position for all channels at
+    once (channels-last) and forms sum_c G U_k before the weights (it is linear in
+    U); the scatter to U runs one corner at a time."""
     U, out_shape, fx, fy, idx, ok = _stn_setup(U, theta, out_shape)
     N, C, H, W = U.shape
     n = out_shape[0] * out_shape[1]
@@ -281,13 +281,16 @@ def stn_sample_vjp(U, theta, G, out_shape=None):
     Xh = np.stack([xs.ravel(), ys.ravel(), np.ones(n)]).astype(np.float64)
     theta_bar = np.stack([gx.reshape(N, n), gy.reshape(N, n)], axis=1) @ Xh.T
     w = [(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy]
-    weights = np.concatenate([(wk * m)[:, None] * Gt for wk, m in zip(w, ok)])
-    target = np.concatenate(flat)[:, None] * C + np.arange(C)
-    U_bar = np.bincount(
-        target.ravel(), weights=weights.ravel(), minlength=N * H * W * C
-    )
-    U_bar = U_bar.reshape(N, H * W, C).transpose(0, 2, 1).reshape(U.shape)
-    return np.ascontiguousarray(U_bar), theta_bar
+    start = (np.arange(N * C) * (H * W)).reshape(N, C, 1)  # of image k, channel c
+    U_bar = np.zeros(N * C * H * W)
+    for i, wk, m in zip(idx, w, ok):  # the scatter (9.4), one corner at a time
+        weights = G * (wk * m).reshape(N, 1, n)
+        U_bar += np.bincount(
+            (start + i[:, None, :]).ravel(),
+            weights=weights.ravel(),
+            minlength=N * C * H * W,
+        )
+    return U_bar.reshape(U.shape), theta_bar
 
 
 # ----- Warps and their Jacobians, (9.10)-(9.13) -----
@@ -376,11 +379,15 @@ def warp_jacobian(kind, p, X):
 def blur(I):
     """Separable binomial blur [1, 4, 6, 4, 1] / 16 with the border replicated."""
     I = np.asarray(I, dtype=np.float64)
-    k = np.array([1, 4, 6, 4, 1]) / 16
-    for axis in (0, 1):
-        Ip = np.pad(I, [(2, 2) if a == axis else (0, 0) for a in (0, 1)], mode="edge")
-        n = I.shape[axis]
-        I = sum(k[i] * np.take(Ip, np.arange(i, i + n), axis=axis) for i in range(5))
+    H, W = I.shape
+    Ip = np.concatenate([I[:1], I[:1], I, I[-1:], I[-1:]])  # rows, border replicated
+    I = (Ip[0:H] + Ip[4 : H + 4] + 4 * (Ip[1 : H + 1] + Ip[3 : H + 3])) / 16 + (
+        6 / 16
+    ) * Ip[2 : H + 2]
+    Ip = np.concatenate([I[:, :1], I[:, :1], I, I[:, -1:], I[:, -1:]], axis=1)
+    I = (Ip[:, 0:W] + Ip[:, 4 : W + 4] + 4 * (Ip[:, 1 : W + 1] + Ip[:, 3 : W + 3])) / (
+        16
+    ) + (6 / 16) * Ip[:, 2 : W + 2]
     return I
 
 
@@ -466,15 +473,7 @@ def _project(S, T):
     return S - Q @ (Q.T @ S)
 
 
-def _huber_weights(r, k=1.345):
-    s = 1.4826 * np.median(np.abs(r - np.median(r)))
-    if s == 0:
-        return np.ones_like(r)
-    a = np.abs(r) / (k * s)
-    return np.where(a <= 1, 1.0, 1 / np.maximum(a, 1e-300))
-
-
-def _level(T, I, M, kind, method, max_iter, tol, photometric, robust, min_overlap):
+def _level(T, I, M, kind, method, max_iter, tol, photometric, min_overlap):
     h, w = T.shape
     H, W = I.shape
     X = _grid(h, w)
@@ -504,10 +503,9 @@ def _level(T, I, M, kind, method, max_iter, tol, photometric, robust, min_overla
         if photometric:
             a, b = _photometric(Iw, Tv[ok])
         e = (Iw - b) / a - Tv[ok]  # the error image, photometrically corrected
-        wts = _huber_weights(e) if robust == "huber" else None
         # the cost, scale-free: 1 - (correlation)^2 under the photometric fit
         Iwc = (Iw - Iw.mean()) / a if photometric else Tv[ok]
-        cost = float(np.sum(_row(wts, e) * e * e) / np.sum(Iwc * Iwc))
+        cost = float(np.sum(e * e) / np.sum(Iwc * Iwc))
         if best is not None and cost > best[1]:  # Levenberg-Marquardt: reject
             M, lam = best[0], max(10 * lam, 1e-4)
             A, g, best_ab = best[2], best[3], best[4]
@@ -515,8 +513,8 @@ def _level(T, I, M, kind, method, max_iter, tol, photometric, robust, min_overla
             lam = lam / 10 if lam > 1e-6 else 0.0
             if method == "ic":
                 S = SD[ok] if ok.all() or not photometric else _project(SD[ok], Tv[ok])
-                A = Hess if wts is None and ok.all() else S.T @ (S * _col(wts, S))
-                g = S.T @ (e * _row(wts, e))
+                A = Hess if ok.all() else S.T @ S
+                g = S.T @ e
             else:
                 J = warp_jacobian(kind, warp_params(kind, M), X[:, ok])
                 gxw = _bilinear(Ix, P[:, ok]) / a
@@ -524,9 +522,9 @@ def _level(T, I, M, kind, method, max_iter, tol, photometric, robust, min_overla
                 S = gxw[:, None] * J[:, 0] + gyw[:, None] * J[:, 1]  # (9.15)
                 if photometric:
                     S = _project(S, Tv[ok])
-                A = S.T @ (S * _col(wts, S))
+                A = S.T @ S
                 _refuse_singular(A, "the warped image")
-                g = -S.T @ (e * _row(wts, e))
+                g = -S.T @ e
             best_ab = (a, b)
             best = (M, cost, A, g, best_ab)
         dp = np.linalg.solve(A + lam * np.diag(np.diag(A)), g)
@@ -546,14 +544,6 @@ def _level(T, I, M, kind, method, max_iter, tol, photometric, robust, min_overla
     return best[0], converged, it, a, b, steps
 
 
-def _col(wts, S):
-    return 1.0 if wts is None else wts[:, None]
-
-
-def _row(wts, e):
-    return 1.0 if wts is None else wts
-
-
 def align(
     T,
     I,
@@ -562,23 +552,27 @@ def align(
     method="ic",
     levels=1,
     max_iter=50,
-    tol=1e-3,
+    tol=1e-2,
     photometric=True,
-    robust=None,
     min_overlap=0.75,
     smooth=True,
+    reach=None,
 ):
     """Lucas-Kanade alignment: find p with I(W(x; p)) ~ T(x) over the template's
     pixels x (template coordinates, (0, 0) its top-left pixel), by Gauss-Newton.
 
     method "ic" is inverse-compositional (9.17)-(9.19), "fa" forward-additive
     (9.14)-(9.16). `levels` > 1 runs coarse to fine on a pyramid. `photometric`
-    fits a gain and bias of the image to the template at each step; `robust="huber"`
-    reweights the pixels (IRLS). Stops when the template's corners move less than
-    `tol` pixels. Refuses a textureless template (singular Hessian) and a warp that
-    sends more than 1 - `min_overlap` of the template outside the image, with
-    ValueError. Both T (h, w) and I (H, W) are gray images; `smooth` blurs both
-    (binomial, 5 taps) at the finest level too."""
+    fits a gain and bias of the image to the template at each step (9.20); a step
+    that raises the error is rejected and damped (Levenberg-Marquardt). Stops when
+    the template's corners move less than `tol` pixels (at the finest level; 10 `tol`
+    at coarser ones) and returns the last accepted warp. Refuses a textureless
+    template (singular Hessian) and a warp that sends more than 1 - `min_overlap` of
+    the template outside the image, with ValueError. Both T (h, w) and I (H, W) are
+    gray images; `smooth` blurs both (binomial, 5 taps) at the finest level too.
+    Only the part of I within `reach` pixels (default: half the template's larger
+    side) of the box the start warp sends the template to is used; beyond it counts
+    as outside."""
     T, I = _image(T, "T"), _image(I, "I")
     if T.ndim != 2 or I.ndim != 2:
         raise ValueError(
@@ -586,8 +580,6 @@ def align(
         )
     if method not in ("ic", "fa"):
         raise ValueError(f"method must be 'ic' or 'fa', got {method!r}")
-    if robust not in (None, "huber"):
-        raise ValueError(f"robust must be None or 'huber', got {robust!r}")
     if not (isinstance(levels, int) and levels >= 1):
         raise ValueError(f"levels must be a positive integer, got {levels!r}")
     if min(T.shape) >> (levels - 1) < 4:
@@ -595,19 +587,32 @@ def align(
             f"a template of shape {T.shape} is too small for {levels} pyramid levels"
         )
     M = warp_matrix(kind, p0)
+    # look only within `reach` pixels of where the start puts the template
+    h, w = T.shape
+    reach = max(h, w) // 2 if reach is None else int(reach)
+    corners = np.array([[0, w - 1, w - 1, 0], [0, 0, h - 1, h - 1]], dtype=float)
+    box = _apply(M, corners)[0]
+    x_lo = int(np.clip(np.floor(box[0].min()) - reach, 0, I.shape[1] - 2))
+    y_lo = int(np.clip(np.floor(box[1].min()) - reach, 0, I.shape[0] - 2))
+    x_hi = int(np.clip(np.ceil(box[0].max()) + reach, x_lo + 1, I.shape[1] - 1))
+    y_hi = int(np.clip(np.ceil(box[1].max()) + reach, y_lo + 1, I.shape[0] - 1))
+    I = I[y_lo : y_hi + 1, x_lo : x_hi + 1]
+    shift = warp_matrix("translation", np.array([x_lo, y_lo], dtype=float))
+    M = np.linalg.inv(shift) @ M
     Ts, Is = pyramid(T, levels, smooth), pyramid(I, levels, smooth)
     S = np.diag([0.5 ** (levels - 1), 0.5 ** (levels - 1), 1.0])
     M = S @ M @ np.linalg.inv(S)
     total, steps = 0, []
     for lev in range(levels - 1, -1, -1):
         M, converged, it, a, b, st = _level(
-            Ts[lev], Is[lev], M, kind, method, max_iter, tol * 0.5**lev,
-            photometric, robust, min_overlap,
+            Ts[lev], Is[lev], M, kind, method, max_iter, tol if lev == 0 else 10 * tol,
+            photometric, min_overlap,
         )  # fmt: skip
         total, steps = total + it, steps + st
         if lev:
             S2 = np.diag([2.0, 2.0, 1.0])
             M = S2 @ M @ np.linalg.inv(S2)
+    M = shift @ M
     M = M / M[2, 2]
     return AlignResult(warp_params(kind, M), M, converged, total, a, b, steps)
 
