@@ -491,7 +491,8 @@ def _level(T, I, M, kind, method, max_iter, tol, photometric, min_overlap):
         Ix, Iy = image_gradient(I)
     a, b, steps, converged, it = 1.0, 0.0, [], False, 0
     best, lam = None, 0.0
-    for it in range(1, max_iter + 1):
+
+    def evaluate(M):
         P, _ = _apply(M, X)
         ok = _inside(P, H, W)
         if ok.mean() < min_overlap:
@@ -500,15 +501,24 @@ def _level(T, I, M, kind, method, max_iter, tol, photometric, min_overlap):
                 f"the image (at most {100 * (1 - min_overlap):.0f}% allowed)"
             )
         Iw = _bilinear(I, P[:, ok])
-        if photometric:
-            a, b = _photometric(Iw, Tv[ok])
+        a, b = _photometric(Iw, Tv[ok]) if photometric else (1.0, 0.0)
         e = (Iw - b) / a - Tv[ok]  # the error image, photometrically corrected
         # the cost, scale-free: 1 - (correlation)^2 under the photometric fit
         Iwc = (Iw - Iw.mean()) / a if photometric else Tv[ok]
-        cost = float(np.sum(e * e) / np.sum(Iwc * Iwc))
-        if best is not None and cost > best[1]:  # Levenberg-Marquardt: reject
+        return P, ok, a, b, e, float(np.sum(e * e) / np.sum(Iwc * Iwc))
+
+    for it in range(1, max_iter + 1):
+        try:
+            P, ok, a, b, e, cost = evaluate(M)
+        except ValueError:
+            if best is None:  # the start itself: refuse
+                raise
+            cost = np.inf  # a trial step through infinity or out of the image
+        if best is not None and not cost < best[1]:  # Levenberg-Marquardt: reject
             M, lam = best[0], max(10 * lam, 1e-4)
-            A, g, best_ab = best[2], best[3], best[4]
+            A, g = best[2], best[3]
+            if lam > 1e12:
+                break
         else:
             lam = lam / 10 if lam > 1e-6 else 0.0
             if method == "ic":
@@ -525,17 +535,19 @@ def _level(T, I, M, kind, method, max_iter, tol, photometric, min_overlap):
                 A = S.T @ S
                 _refuse_singular(A, "the warped image")
                 g = -S.T @ e
-            best_ab = (a, b)
-            best = (M, cost, A, g, best_ab)
+            best = (M, cost, A, g, (a, b))
         dp = np.linalg.solve(A + lam * np.diag(np.diag(A)), g)
         if method == "ic":
             M_new = M @ np.linalg.inv(warp_matrix(kind, dp))  # (9.19)
         else:
             M_new = warp_matrix(kind, warp_params(kind, M) + dp)
-        M_new = M_new / M_new[2, 2]
-        step = np.max(np.linalg.norm(_apply(M_new, corners)[0] - _apply(M, corners)[0],
-                                     axis=0))  # fmt: skip
-        steps.append(float(step))
+        try:
+            M_new = M_new / M_new[2, 2]
+            moved = _apply(M_new, corners)[0] - _apply(M, corners)[0]
+            step = float(np.max(np.linalg.norm(moved, axis=0)))
+        except (ValueError, ZeroDivisionError, FloatingPointError):
+            step = np.inf
+        steps.append(step)
         if step < tol:
             converged = True
             break
