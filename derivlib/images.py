@@ -448,9 +448,11 @@ def _refuse_singular(A, what):
 
 
 def _photometric(Iw, T):
-    """Gain a and bias b with Iw ~ a T + b (least squares); returns (a, b)."""
-    Tc = T - T.mean()
-    a = float(np.sum(Tc * (Iw - Iw.mean())) / np.sum(Tc * Tc))
+    """Gain a and bias b with T ~ (Iw - b) / a, by least squares of the template on
+    the warped image: a weak correlation shrinks the corrected error rather than
+    inflating it. Returns (a, b)."""
+    Tc, Ic = T - T.mean(), Iw - Iw.mean()
+    a = float(np.sum(Ic * Ic) / np.sum(Tc * Ic))
     if not a > 0:
         raise ValueError(
             f"the warped image is not positively correlated with the template "
@@ -503,7 +505,7 @@ def _level(T, I, M, kind, method, max_iter, tol, photometric, min_overlap):
         Iw = _bilinear(I, P[:, ok])
         a, b = _photometric(Iw, Tv[ok]) if photometric else (1.0, 0.0)
         e = (Iw - b) / a - Tv[ok]  # the error image, photometrically corrected
-        # the cost, scale-free: 1 - (correlation)^2 under the photometric fit
+        # the cost, scale-free: (1 - rho^2) / rho^2, rho the correlation
         Iwc = (Iw - Iw.mean()) / a if photometric else Tv[ok]
         return P, ok, a, b, e, float(np.sum(e * e) / np.sum(Iwc * Iwc))
 
