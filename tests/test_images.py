@@ -184,3 +184,17 @@ def test_align_refuses_textureless_and_outside(rng):
         im.align(I[:20, :20], I, np.array([50.0, 50.0]), kind="translation")
     with pytest.raises(ValueError, match="gray images"):
         im.align(np.zeros((3, 20, 20)), I, p0, kind="affine")
+
+
+@pytest.mark.parametrize("kind", ["translation", "affine"])
+def test_align_recovers_translation_and_affine(rng, kind):
+    I = smooth_image(80, 80)
+    X = np.stack(np.meshgrid(np.arange(32.0), np.arange(32.0))).reshape(2, -1)
+    p_true = np.array([22.6, 25.3]) if kind == "translation" else None
+    if kind == "affine":
+        p_true = np.array([0.04, -0.05, 22.6, 0.03, -0.02, 25.3])
+    T = im.bilinear(I, im.warp(kind, p_true, X)).reshape(32, 32)
+    p0 = np.round(p_true) if kind == "translation" else np.array([0, 0, 24.0, 0, 0, 24])
+    res = im.align(T, I, p0, kind=kind, tol=1e-8, smooth=False, photometric=False)
+    assert res.converged
+    np.testing.assert_allclose(res.p, p_true, atol=1e-6)
