@@ -175,6 +175,102 @@ def bilinear_hessian(I, P):
     return Hs if I.ndim == 3 else Hs[0]
 
 
+# ----- A smoother interpolant: Keys's bicubic, (9.21)-(9.22) -----
+
+KEYS_A = -0.5
+
+
+def keys_kernel(t, a=KEYS_A):
+    """Keys's cubic convolution kernel (9.21): C1, zero outside |t| < 2."""
+    t = np.abs(t)
+    inner = ((a + 2) * t - (a + 3)) * t * t + 1
+    outer = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    return np.where(t <= 1, inner, np.where(t < 2, outer, 0.0))
+
+
+def keys_kernel_derivative(t, a=KEYS_A):
+    """The derivative of `keys_kernel` in t (odd, continuous)."""
+    s, t = np.sign(t), np.abs(t)
+    inner = (3 * (a + 2) * t - 2 * (a + 3)) * t
+    outer = (3 * a * t - 10 * a) * t + 8 * a
+    return s * np.where(t <= 1, inner, np.where(t < 2, outer, 0.0))
+
+
+def _bicubic_setup(I, P):
+    I, P = _image(I), _positions(P)
+    I3 = I if I.ndim == 3 else I[None]
+    H, W = I3.shape[-2:]
+    if H < 4 or W < 4:
+        raise ValueError(f"bicubic needs at least 4 x 4 pixels, got {I.shape}")
+    x, y = P
+    outside = (x < 1) | (x > W - 2) | (y < 1) | (y > H - 2)
+    if np.any(outside):
+        k = int(np.argmax(outside))
+        raise ValueError(
+            f"position {k}, (x, y) = ({float(x[k])!r}, {float(y[k])!r}), is outside "
+            f"the bicubic domain: expected 1 <= x <= {W - 2} and 1 <= y <= {H - 2} "
+            "(a 4 x 4 neighbourhood)"
+        )
+    x0 = np.minimum(np.floor(x), W - 3).astype(np.intp)
+    y0 = np.minimum(np.floor(y), H - 3).astype(np.intp)
+    return I, I3, P, x0, y0, x - x0, y - y0
+
+
+def bicubic(I, P):
+    """Keys's bicubic interpolation (9.22) of I at the positions P (2, n): the sum
+    over the 4 x 4 pixels around P of k(fx - i) k(fy - j) I[y0 + j, x0 + i],
+    i, j in {-1, 0, 1, 2}. Positions outside [1, W - 2] x [1, H - 2] raise
+    ValueError; the cell rule on grid lines is that of `bilinear`."""
+    I, I3, P, x0, y0, fx, fy = _bicubic_setup(I, P)
+    v = 0.0
+    for j in range(-1, 3):
+        for i in range(-1, 3):
+            w = keys_kernel(fx - i) * keys_kernel(fy - j)
+            v = v + w * I3[:, y0 + j, x0 + i]
+    return v if I.ndim == 3 else v[0]
+
+
+def bicubic_jvp(I, P, dI, dP):
+    """The differential of (9.22): the interpolant of dI plus the position gradient,
+    sum of k'(fx - i) k(fy - j) I and k(fx - i) k'(fy - j) I, applied to dP."""
+    I, I3, P, x0, y0, fx, fy = _bicubic_setup(I, P)
+    dI, dP = _same(dI, I.shape, "dI"), _same(dP, P.shape, "dP")
+    dI3 = dI if dI.ndim == 3 else dI[None]
+    dv = 0.0
+    for j in range(-1, 3):
+        for i in range(-1, 3):
+            kx, ky = keys_kernel(fx - i), keys_kernel(fy - j)
+            dkx, dky = keys_kernel_derivative(fx - i), keys_kernel_derivative(fy - j)
+            Iij = I3[:, y0 + j, x0 + i]
+            dv = dv + kx * ky * dI3[:, y0 + j, x0 + i]
+            dv = dv + (dkx * ky * dP[0] + kx * dky * dP[1]) * Iij
+    return dv if I.ndim == 3 else dv[0]
+
+
+def bicubic_vjp(I, P, G):
+    """The backward rule of (9.22): a scatter of G times the 16 weights to the image,
+    and the position gradient summed over channels. Returns (I_bar, P_bar)."""
+    I, I3, P, x0, y0, fx, fy = _bicubic_setup(I, P)
+    n = P.shape[1]
+    G = _same(G, (I.shape[0], n) if I.ndim == 3 else (n,), "G")
+    G3 = G if G.ndim == 2 else G[None]
+    C, H, W = I3.shape
+    I_bar = np.zeros((C, H * W))
+    P_bar = np.zeros((2, n))
+    for j in range(-1, 3):
+        for i in range(-1, 3):
+            kx, ky = keys_kernel(fx - i), keys_kernel(fy - j)
+            dkx, dky = keys_kernel_derivative(fx - i), keys_kernel_derivative(fy - j)
+            gI = np.sum(G3 * I3[:, y0 + j, x0 + i], axis=0)
+            P_bar[0] += dkx * ky * gI
+            P_bar[1] += kx * dky * gI
+            flat = (y0 + j) * W + (x0 + i)
+            for c in range(C):
+                I_bar[c] += np.bincount(flat, weights=kx * ky * G3[c], minlength=H * W)
+    I_bar = I_bar.reshape(C, H, W)
+    return (I_bar if I.ndim == 3 else I_bar[0]), P_bar
+
+
 # ----- The spatial transformer's sampler, (9.7)-(9.9) -----
 
 

@@ -198,3 +198,43 @@ def test_align_recovers_translation_and_affine(rng, kind):
     res = im.align(T, I, p0, kind=kind, tol=1e-8, smooth=False, photometric=False)
     assert res.converged
     np.testing.assert_allclose(res.p, p_true, atol=1e-6)
+
+
+def keys_jax(t, a=-0.5):
+    t = jnp.abs(t)
+    inner = (a + 2) * t**3 - (a + 3) * t**2 + 1
+    outer = a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a
+    return jnp.where(t <= 1, inner, jnp.where(t < 2, outer, 0.0))
+
+
+@jax.jit
+def bicubic_jax(I, P):
+    H, W = I.shape[-2:]
+    x0 = jnp.minimum(jnp.floor(P[0]), W - 3)
+    y0 = jnp.minimum(jnp.floor(P[1]), H - 3)
+    fx, fy = P[0] - x0, P[1] - y0
+    x0, y0 = x0.astype(int), y0.astype(int)
+    return sum(
+        keys_jax(fx - i) * keys_jax(fy - j) * I[..., y0 + j, x0 + i]
+        for i in range(-1, 3)
+        for j in range(-1, 3)
+    )
+
+
+def test_bicubic_against_jax_and_c1_on_grid_lines(rng):
+    I = rng.standard_normal((2, 7, 8))
+    P = np.stack([rng.uniform(1, 6, 5), rng.uniform(1, 5, 5)])
+    G = rng.standard_normal((2, 5))
+    check.check_close("bicubic", im.bicubic(I, P), np.asarray(bicubic_jax(I, P)))
+    check.check_vjp("bicubic_vjp", im.bicubic_vjp, bicubic_jax, (I, P), G)
+    tangents = (rng.standard_normal(I.shape), rng.standard_normal(P.shape))
+    check.check_dot_product(
+        "bicubic", im.bicubic_jvp, im.bicubic_vjp, [((I, P), tangents, G)]
+    )
+    I0, p, h = I[0], np.array([[3.0], [2.4]]), 1e-6
+    right = (im.bicubic(I0, p + [[h], [0]]) - im.bicubic(I0, p))[0] / h
+    left = (im.bicubic(I0, p) - im.bicubic(I0, p - [[h], [0]]))[0] / h
+    d = im.bicubic_jvp(I0, p, np.zeros_like(I0), np.array([[1.0], [0.0]]))[0]
+    assert abs(right - d) < 1e-4 and abs(left - d) < 1e-4
+    with pytest.raises(ValueError, match="bicubic domain"):
+        im.bicubic(I0, np.array([[0.5], [2.0]]))
