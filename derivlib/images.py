@@ -102,6 +102,17 @@ def _bilinear(I, P):
     return top + fy * (bottom - top)
 
 
+def _bilinear_table(F, H, W, P):
+    """`_bilinear` of k images at once, given as one table F (H W, k): (n, k)."""
+    x0 = np.minimum(np.floor(P[0]), W - 2).astype(np.intp)
+    y0 = np.minimum(np.floor(P[1]), H - 2).astype(np.intp)
+    fx, fy = (P[0] - x0)[:, None], (P[1] - y0)[:, None]
+    i = y0 * W + x0
+    top = F[i] + fx * (F[i + 1] - F[i])
+    bottom = F[i + W] + fx * (F[i + W + 1] - F[i + W])
+    return top + fy * (bottom - top)
+
+
 def bilinear(I, P):
     """Bilinear interpolation (9.1) of the image I at the positions P (2, n).
 
@@ -585,20 +596,24 @@ def _level(T, I, M, kind, method, max_iter, tol, photometric, min_overlap):
             SD = _project(SD, Tv)
         Hess = SD.T @ SD  # (9.18): computed once, before the loop
         _refuse_singular(Hess, "the template")
-    else:
-        Ix, Iy = image_gradient(I)
+    else:  # the image and its gradient as one (H W, 3) table: one gather for all
+        F = np.stack([I, *image_gradient(I)], axis=-1).reshape(H * W, 3)
     a, b, steps, converged, it = 1.0, 0.0, [], False, 0
-    best, lam = None, 0.0
+    best, lam, grad = None, 0.0, [None]
 
     def evaluate(M):
-        P, _ = _apply(M, X)
+        P, u3 = _apply(M, X)
         ok = _inside(P, H, W)
         if ok.mean() < min_overlap:
             raise ValueError(
                 f"the warp sends {100 * (1 - ok.mean()):.0f}% of the template outside "
                 f"the image (at most {100 * (1 - min_overlap):.0f}% allowed)"
             )
-        Iw = _bilinear(I, P[:, ok])
+        if method == "ic":
+            Iw = _bilinear(I, P[:, ok])
+        else:  # the warped image and its warped gradient (9.15), one gather
+            Fw = _bilinear_table(F, H, W, P[:, ok])
+            Iw, grad[0] = Fw[:, 0], (Fw[:, 1:], u3[ok])
         a, b = _photometric(Iw, Tv[ok]) if photometric else (1.0, 0.0)
         e = (Iw - b) / a - Tv[ok]  # the error image, photometrically corrected
         # the cost, scale-free: (1 - rho^2) / rho^2, rho the correlation
@@ -624,10 +639,13 @@ def _level(T, I, M, kind, method, max_iter, tol, photometric, min_overlap):
                 A = Hess if ok.all() else S.T @ S
                 g = S.T @ e
             else:
-                J = warp_jacobian(kind, warp_params(kind, M), X[:, ok])
-                gxw = _bilinear(Ix, P[:, ok]) / a
-                gyw = _bilinear(Iy, P[:, ok]) / a
-                S = gxw[:, None] * J[:, 0] + gyw[:, None] * J[:, 1]  # (9.15)
+                # (9.15) written out: the gradient row times dW/dp of (9.13)
+                Gw, u = grad[0]
+                gxw, gyw = Gw[:, 0] / (a * u), Gw[:, 1] / (a * u)
+                (x, y), (Wx, Wy) = X[:, ok], P[:, ok]
+                r = -(gxw * Wx + gyw * Wy)
+                cols = [gxw * x, gxw * y, gxw, gyw * x, gyw * y, gyw, r * x, r * y]
+                S = np.stack([cols[c] for c in _COLUMNS[kind]], axis=1)
                 if photometric:
                     S = _project(S, Tv[ok])
                 A = S.T @ S
@@ -667,6 +685,7 @@ def align(
     min_overlap=0.75,
     smooth=True,
     reach=None,
+    polish=None,
 ):
     """Lucas-Kanade alignment: find p with I(W(x; p)) ~ T(x) over the template's
     pixels x (template coordinates, (0, 0) its top-left pixel), by Gauss-Newton.
@@ -682,7 +701,14 @@ def align(
     gray images; `smooth` blurs both (binomial, 5 taps) at the finest level too.
     Only the part of I within `reach` pixels (default: half the template's larger
     side) of the box the start warp sends the template to is used; beyond it counts
-    as outside."""
+    as outside.
+
+    `polish` (default: on for "ic" with `smooth` and `levels` > 1) solves the finest
+    level forward-additively on the unblurred images instead, from the
+    inverse-compositional answer of the coarser levels: the inverse-compositional
+    step uses the gradient of the (noisy) template, exact only where the warped
+    image equals it, and with the blur of the finest level it stops short of the
+    true warp; the forward-additive step uses the gradient of the warped image."""
     T, I = _image(T, "T"), _image(I, "I")
     if T.ndim != 2 or I.ndim != 2:
         raise ValueError(
@@ -709,11 +735,14 @@ def align(
     I = I[y_lo : y_hi + 1, x_lo : x_hi + 1]
     shift = warp_matrix("translation", np.array([x_lo, y_lo], dtype=float))
     M = np.linalg.inv(shift) @ M
+    polish = (method == "ic" and smooth and levels > 1) if polish is None else polish
     Ts, Is = pyramid(T, levels, smooth), pyramid(I, levels, smooth)
     S = np.diag([0.5 ** (levels - 1), 0.5 ** (levels - 1), 1.0])
     M = S @ M @ np.linalg.inv(S)
     total, steps = 0, []
     for lev in range(levels - 1, -1, -1):
+        if lev == 0 and polish:
+            break
         M, converged, it, a, b, st = _level(
             Ts[lev], Is[lev], M, kind, method, max_iter, tol if lev == 0 else 10 * tol,
             photometric, min_overlap,
@@ -722,6 +751,11 @@ def align(
         if lev:
             S2 = np.diag([2.0, 2.0, 1.0])
             M = S2 @ M @ np.linalg.inv(S2)
+    if polish:
+        M, converged, it, a, b, st = _level(
+            T, I, M, kind, "fa", max_iter, tol, photometric, min_overlap
+        )
+        total, steps = total + it, steps + st
     M = shift @ M
     M = M / M[2, 2]
     return AlignResult(warp_params(kind, M), M, converged, total, a, b, steps)
