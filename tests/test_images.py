@@ -237,3 +237,16 @@ def test_bicubic_against_jax_and_c1_on_grid_lines(rng):
     assert abs(right - d) < 1e-4 and abs(left - d) < 1e-4
     with pytest.raises(ValueError, match="bicubic domain"):
         im.bicubic(I0, np.array([[0.5], [2.0]]))
+
+
+def test_align_polish_removes_the_blur_of_the_finest_level(rng):
+    # noise-free pair: the polished finish (forward additive, unblurred) is exact,
+    # the pure inverse-compositional pyramid on the blurred finest level is not
+    I = smooth_image(80, 80)
+    T, M_true, M0 = im.make_pair(I, (24, 24), 32, 3, rng, noise=0.0)
+    p0 = im.warp_params("homography", M0)
+    polished = im.align(T, I, p0, levels=2, tol=1e-6)
+    plain = im.align(T, I, p0, levels=2, tol=1e-6, polish=False)
+    assert polished.converged
+    assert im.corner_error(polished.M, M_true, T.shape) < 1e-5
+    assert im.corner_error(plain.M, M_true, T.shape) > 1e-2
