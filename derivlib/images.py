@@ -102,17 +102,6 @@ def _bilinear(I, P):
     return top + fy * (bottom - top)
 
 
-def _bilinear_table(F, H, W, P):
-    """`_bilinear` of k images at once, given as one table F (H W, k): (n, k)."""
-    x0 = np.minimum(np.floor(P[0]), W - 2).astype(np.intp)
-    y0 = np.minimum(np.floor(P[1]), H - 2).astype(np.intp)
-    fx, fy = (P[0] - x0)[:, None], (P[1] - y0)[:, None]
-    i = y0 * W + x0
-    top = F[i] + fx * (F[i + 1] - F[i])
-    bottom = F[i + W] + fx * (F[i + W + 1] - F[i + W])
-    return top + fy * (bottom - top)
-
-
 def bilinear(I, P):
     """Bilinear interpolation (9.1) of the image I at the positions P (2, n).
 
@@ -596,10 +585,10 @@ def _level(T, I, M, kind, method, max_iter, tol, photometric, min_overlap):
             SD = _project(SD, Tv)
         Hess = SD.T @ SD  # (9.18): computed once, before the loop
         _refuse_singular(Hess, "the template")
-    else:  # the image and its gradient as one (H W, 3) table: one gather for all
-        F = np.stack([I, *image_gradient(I)], axis=-1).reshape(H * W, 3)
+    else:
+        Ix, Iy = image_gradient(I)
     a, b, steps, converged, it = 1.0, 0.0, [], False, 0
-    best, lam, grad = None, 0.0, [None]
+    best, lam, u3_ok = None, 0.0, [None]
 
     def evaluate(M):
         P, u3 = _apply(M, X)
@@ -609,11 +598,8 @@ def _level(T, I, M, kind, method, max_iter, tol, photometric, min_overlap):
                 f"the warp sends {100 * (1 - ok.mean()):.0f}% of the template outside "
                 f"the image (at most {100 * (1 - min_overlap):.0f}% allowed)"
             )
-        if method == "ic":
-            Iw = _bilinear(I, P[:, ok])
-        else:  # the warped image and its warped gradient (9.15), one gather
-            Fw = _bilinear_table(F, H, W, P[:, ok])
-            Iw, grad[0] = Fw[:, 0], (Fw[:, 1:], u3[ok])
+        Iw = _bilinear(I, P[:, ok])
+        u3_ok[0] = u3[ok]
         a, b = _photometric(Iw, Tv[ok]) if photometric else (1.0, 0.0)
         e = (Iw - b) / a - Tv[ok]  # the error image, photometrically corrected
         # the cost, scale-free: (1 - rho^2) / rho^2, rho the correlation
@@ -640,9 +626,8 @@ def _level(T, I, M, kind, method, max_iter, tol, photometric, min_overlap):
                 g = S.T @ e
             else:
                 # (9.15) written out: the gradient row times dW/dp of (9.13)
-                Gw, u = grad[0]
-                gxw, gyw = Gw[:, 0] / (a * u), Gw[:, 1] / (a * u)
-                (x, y), (Wx, Wy) = X[:, ok], P[:, ok]
+                (x, y), (Wx, Wy), u = X[:, ok], P[:, ok], a * u3_ok[0]
+                gxw, gyw = _bilinear(Ix, P[:, ok]) / u, _bilinear(Iy, P[:, ok]) / u
                 r = -(gxw * Wx + gyw * Wy)
                 cols = [gxw * x, gxw * y, gxw, gyw * x, gyw * y, gyw, r * x, r * y]
                 S = np.stack([cols[c] for c in _COLUMNS[kind]], axis=1)
