@@ -1,0 +1,790 @@
+"""Chapter 9: images as functions. Bilinear interpolation and its differentials, the
+sampler of a spatial transformer, warps and their Jacobians, and Lucas-Kanade
+alignment (forward-additive and inverse-compositional).
+
+Layout, stated once: an image is a float64 array ``(H, W)`` or ``(C, H, W)``; a batch
+is ``(N, C, H, W)``. Pixel centres sit at integer coordinates, and a position is
+``(x, y) = (column, row)``: pixel ``I[r, c]`` is the value at ``x = c, y = r``.
+Positions are columns, ``P`` of shape ``(2, n)``.
+
+Grid lines and border (equations (9.1)-(9.6)):
+
+- ``bilinear`` refuses a position outside ``[0, W - 1] x [0, H - 1]`` with
+  ``ValueError``. Inside, the cell of ``x`` is ``floor(x)``, except on the last
+  column ``x = W - 1``, which belongs to the cell on its left. So on an interior grid
+  line the derivatives are the one-sided limits from the right (from below for
+  ``y``: the side of larger coordinates), and on the last line from the left.
+- ``stn_sample`` (the spatial transformer's sampler) extends the image by zeros
+  outside, as a spatial transformer does, and always takes the cell ``floor(x)``, so
+  its derivatives on every grid line are the limits from the side of larger
+  coordinates.
+"""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+# ----- Validation -----
+
+
+def _image(I, name="I"):
+    I = np.asarray(I)
+    if I.dtype.kind not in "fiu":
+        raise ValueError(f"{name} must be a real array, got dtype {I.dtype}")
+    if I.ndim not in (2, 3):
+        raise ValueError(f"{name} must have shape (H, W) or (C, H, W), got {I.shape}")
+    if I.shape[-1] < 2 or I.shape[-2] < 2:
+        raise ValueError(
+            f"{name} needs at least 2 x 2 pixels to interpolate, got {I.shape}"
+        )
+    I = I.astype(np.float64)
+    if not np.all(np.isfinite(I)):
+        raise ValueError(f"{name} has non-finite values")
+    return I
+
+
+def _positions(P, name="P"):
+    P = np.asarray(P, dtype=np.float64)
+    if P.ndim != 2 or P.shape[0] != 2:
+        raise ValueError(f"{name} must be positions as columns (2, n), got {P.shape}")
+    if not np.all(np.isfinite(P)):
+        raise ValueError(f"{name} has non-finite positions")
+    return P
+
+
+def _same(A, shape, name):
+    A = np.asarray(A, dtype=np.float64)
+    if A.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {A.shape}")
+    return A
+
+
+# ----- Bilinear interpolation, (9.1)-(9.6) -----
+
+
+def _cell(I, P):
+    """Cell corners (x0, y0) and fractions (fx, fy) under the refusal rule."""
+    H, W = I.shape[-2:]
+    x, y = P
+    outside = (x < 0) | (x > W - 1) | (y < 0) | (y > H - 1)
+    if np.any(outside):
+        k = int(np.argmax(outside))
+        raise ValueError(
+            f"position {k}, (x, y) = ({float(x[k])!r}, {float(y[k])!r}), is outside "
+            "the image: "
+            f"expected 0 <= x <= {W - 1} and 0 <= y <= {H - 1}"
+        )
+    x0 = np.minimum(np.floor(x), W - 2).astype(np.intp)
+    y0 = np.minimum(np.floor(y), H - 2).astype(np.intp)
+    return x0, y0, x - x0, y - y0
+
+
+def _corners(I3, x0, y0):
+    """The four corner values (C, n): I00 = I[y0, x0], I10 = I[y0, x0 + 1], ..."""
+    return (
+        I3[:, y0, x0],
+        I3[:, y0, x0 + 1],
+        I3[:, y0 + 1, x0],
+        I3[:, y0 + 1, x0 + 1],
+    )
+
+
+def _bilinear(I, P):
+    """bilinear for a checked gray image (H, W) and positions inside it."""
+    H, W = I.shape
+    x0 = np.minimum(np.floor(P[0]), W - 2).astype(np.intp)
+    y0 = np.minimum(np.floor(P[1]), H - 2).astype(np.intp)
+    fx, fy = P[0] - x0, P[1] - y0
+    i = y0 * W + x0
+    F = I.ravel()
+    top = F[i] + fx * (F[i + 1] - F[i])
+    bottom = F[i + W] + fx * (F[i + W + 1] - F[i + W])
+    return top + fy * (bottom - top)
+
+
+def bilinear(I, P):
+    """Bilinear interpolation (9.1) of the image I at the positions P (2, n).
+
+    Returns (n,) for an image (H, W), (C, n) for (C, H, W). Positions outside the
+    image raise ValueError (see the module's docstring for the grid-line rule)."""
+    I, P = _image(I), _positions(P)
+    I3 = I if I.ndim == 3 else I[None]
+    x0, y0, fx, fy = _cell(I3, P)
+    I00, I10, I01, I11 = _corners(I3, x0, y0)
+    v = (1 - fx) * (1 - fy) * I00 + fx * (1 - fy) * I10
+    v = v + (1 - fx) * fy * I01 + fx * fy * I11
+    return v if I.ndim == 3 else v[0]
+
+
+def bilinear_jvp(I, P, dI, dP):
+    """The differential (9.3): dv = sum of the weights times dI at the corners plus
+    the position gradient (9.2) applied to dP. Shapes as `bilinear`."""
+    I, P = _image(I), _positions(P)
+    dI, dP = _same(dI, I.shape, "dI"), _same(dP, P.shape, "dP")
+    I3 = I if I.ndim == 3 else I[None]
+    dI3 = dI if dI.ndim == 3 else dI[None]
+    x0, y0, fx, fy = _cell(I3, P)
+    I00, I10, I01, I11 = _corners(I3, x0, y0)
+    d00, d10, d01, d11 = _corners(dI3, x0, y0)
+    dv = (1 - fx) * (1 - fy) * d00 + fx * (1 - fy) * d10
+    dv = dv + (1 - fx) * fy * d01 + fx * fy * d11
+    vx = (1 - fy) * (I10 - I00) + fy * (I11 - I01)
+    vy = (1 - fx) * (I01 - I00) + fx * (I11 - I10)
+    dv = dv + vx * dP[0] + vy * dP[1]
+    return dv if I.ndim == 3 else dv[0]
+
+
+def bilinear_vjp(I, P, G):
+    """The backward rule (9.4)-(9.5): the gradient to the image is a scatter of G
+    times the four weights onto the corners; the gradient to the positions is
+    sum over channels of G times the position gradient. Returns (I_bar, P_bar)."""
+    I, P = _image(I), _positions(P)
+    n = P.shape[1]
+    G = _same(G, (I.shape[0], n) if I.ndim == 3 else (n,), "G")
+    I3 = I if I.ndim == 3 else I[None]
+    G3 = G if G.ndim == 2 else G[None]
+    C, H, W = I3.shape
+    x0, y0, fx, fy = _cell(I3, P)
+    I00, I10, I01, I11 = _corners(I3, x0, y0)
+    P_bar = np.stack(
+        [
+            np.sum(G3 * ((1 - fy) * (I10 - I00) + fy * (I11 - I01)), axis=0),
+            np.sum(G3 * ((1 - fx) * (I01 - I00) + fx * (I11 - I10)), axis=0),
+        ]
+    )
+    idx = np.concatenate([y0 * W + x0, y0 * W + x0 + 1, (y0 + 1) * W + x0])
+    idx = np.concatenate([idx, (y0 + 1) * W + x0 + 1])
+    w = np.concatenate([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy])
+    I_bar = np.stack(
+        [np.bincount(idx, weights=np.tile(g, 4) * w, minlength=H * W) for g in G3]
+    ).reshape(C, H, W)
+    return (I_bar if I.ndim == 3 else I_bar[0]), P_bar
+
+
+def bilinear_hessian(I, P):
+    """The second derivative (9.6) in the position, (n, 2, 2) or (C, n, 2, 2): zero
+    on the diagonal (bilinear is affine in x and in y separately) and the mixed term
+    I00 - I10 - I01 + I11 off it."""
+    I, P = _image(I), _positions(P)
+    I3 = I if I.ndim == 3 else I[None]
+    x0, y0, _, _ = _cell(I3, P)
+    I00, I10, I01, I11 = _corners(I3, x0, y0)
+    m = I00 - I10 - I01 + I11
+    Hs = np.zeros(m.shape + (2, 2))
+    Hs[..., 0, 1] = Hs[..., 1, 0] = m
+    return Hs if I.ndim == 3 else Hs[0]
+
+
+# ----- A smoother interpolant: Keys's bicubic, (9.21)-(9.22) -----
+
+KEYS_A = -0.5
+
+
+def keys_kernel(t, a=KEYS_A):
+    """Keys's cubic convolution kernel (9.21): C1, zero outside |t| < 2."""
+    t = np.abs(t)
+    inner = ((a + 2) * t - (a + 3)) * t * t + 1
+    outer = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
+    return np.where(t <= 1, inner, np.where(t < 2, outer, 0.0))
+
+
+def keys_kernel_derivative(t, a=KEYS_A):
+    """The derivative of `keys_kernel` in t (odd, continuous)."""
+    s, t = np.sign(t), np.abs(t)
+    inner = (3 * (a + 2) * t - 2 * (a + 3)) * t
+    outer = (3 * a * t - 10 * a) * t + 8 * a
+    return s * np.where(t <= 1, inner, np.where(t < 2, outer, 0.0))
+
+
+def _bicubic_setup(I, P):
+    I, P = _image(I), _positions(P)
+    I3 = I if I.ndim == 3 else I[None]
+    H, W = I3.shape[-2:]
+    if H < 4 or W < 4:
+        raise ValueError(f"bicubic needs at least 4 x 4 pixels, got {I.shape}")
+    x, y = P
+    outside = (x < 1) | (x > W - 2) | (y < 1) | (y > H - 2)
+    if np.any(outside):
+        k = int(np.argmax(outside))
+        raise ValueError(
+            f"position {k}, (x, y) = ({float(x[k])!r}, {float(y[k])!r}), is outside "
+            f"the bicubic domain: expected 1 <= x <= {W - 2} and 1 <= y <= {H - 2} "
+            "(a 4 x 4 neighbourhood)"
+        )
+    x0 = np.minimum(np.floor(x), W - 3).astype(np.intp)
+    y0 = np.minimum(np.floor(y), H - 3).astype(np.intp)
+    return I, I3, P, x0, y0, x - x0, y - y0
+
+
+def bicubic(I, P):
+    """Keys's bicubic interpolation (9.22) of I at the positions P (2, n): the sum
+    over the 4 x 4 pixels around P of k(fx - i) k(fy - j) I[y0 + j, x0 + i],
+    i, j in {-1, 0, 1, 2}. Positions outside [1, W - 2] x [1, H - 2] raise
+    ValueError; the cell rule on grid lines is that of `bilinear`."""
+    I, I3, P, x0, y0, fx, fy = _bicubic_setup(I, P)
+    v = 0.0
+    for j in range(-1, 3):
+        for i in range(-1, 3):
+            w = keys_kernel(fx - i) * keys_kernel(fy - j)
+            v = v + w * I3[:, y0 + j, x0 + i]
+    return v if I.ndim == 3 else v[0]
+
+
+def bicubic_jvp(I, P, dI, dP):
+    """The differential of (9.22): the interpolant of dI plus the position gradient,
+    sum of k'(fx - i) k(fy - j) I and k(fx - i) k'(fy - j) I, applied to dP."""
+    I, I3, P, x0, y0, fx, fy = _bicubic_setup(I, P)
+    dI, dP = _same(dI, I.shape, "dI"), _same(dP, P.shape, "dP")
+    dI3 = dI if dI.ndim == 3 else dI[None]
+    dv = 0.0
+    for j in range(-1, 3):
+        for i in range(-1, 3):
+            kx, ky = keys_kernel(fx - i), keys_kernel(fy - j)
+            dkx, dky = keys_kernel_derivative(fx - i), keys_kernel_derivative(fy - j)
+            Iij = I3[:, y0 + j, x0 + i]
+            dv = dv + kx * ky * dI3[:, y0 + j, x0 + i]
+            dv = dv + (dkx * ky * dP[0] + kx * dky * dP[1]) * Iij
+    return dv if I.ndim == 3 else dv[0]
+
+
+def bicubic_vjp(I, P, G):
+    """The backward rule of (9.22): a scatter of G times the 16 weights to the image,
+    and the position gradient summed over channels. Returns (I_bar, P_bar)."""
+    I, I3, P, x0, y0, fx, fy = _bicubic_setup(I, P)
+    n = P.shape[1]
+    G = _same(G, (I.shape[0], n) if I.ndim == 3 else (n,), "G")
+    G3 = G if G.ndim == 2 else G[None]
+    C, H, W = I3.shape
+    I_bar = np.zeros((C, H * W))
+    P_bar = np.zeros((2, n))
+    for j in range(-1, 3):
+        for i in range(-1, 3):
+            kx, ky = keys_kernel(fx - i), keys_kernel(fy - j)
+            dkx, dky = keys_kernel_derivative(fx - i), keys_kernel_derivative(fy - j)
+            gI = np.sum(G3 * I3[:, y0 + j, x0 + i], axis=0)
+            P_bar[0] += dkx * ky * gI
+            P_bar[1] += kx * dky * gI
+            flat = (y0 + j) * W + (x0 + i)
+            for c in range(C):
+                I_bar[c] += np.bincount(flat, weights=kx * ky * G3[c], minlength=H * W)
+    I_bar = I_bar.reshape(C, H, W)
+    return (I_bar if I.ndim == 3 else I_bar[0]), P_bar
+
+
+# ----- The spatial transformer's sampler, (9.7)-(9.9) -----
+
+
+def affine_grid(theta, out_shape):
+    """Sampling positions (N, 2, Ho * Wo) of an affine spatial transformer: output
+    pixel (x, y) (row-major order) samples the input at theta_k [x, y, 1]^T, in pixel
+    coordinates. theta is (N, 2, 3)."""
+    theta = np.asarray(theta, dtype=np.float64)
+    if theta.ndim != 3 or theta.shape[1:] != (2, 3):
+        raise ValueError(f"theta must have shape (N, 2, 3), got {theta.shape}")
+    Ho, Wo = out_shape
+    ys, xs = np.mgrid[0:Ho, 0:Wo]
+    X = np.stack([xs.ravel(), ys.ravel(), np.ones(Ho * Wo)]).astype(np.float64)
+    return theta @ X
+
+
+def _stn_setup(U, theta, out_shape):
+    U = np.asarray(U, dtype=np.float64)
+    if U.ndim != 4:
+        raise ValueError(f"U must be a batch (N, C, H, W), got shape {U.shape}")
+    if theta is not None and np.asarray(theta).shape != (U.shape[0], 2, 3):
+        raise ValueError(
+            f"theta must have shape {(U.shape[0], 2, 3)}, got {np.shape(theta)}"
+        )
+    out_shape = U.shape[2:] if out_shape is None else tuple(out_shape)
+    P = affine_grid(theta, out_shape)
+    N, C, H, W = U.shape
+    x0f, y0f = np.floor(P[:, 0]), np.floor(P[:, 1])
+    fx, fy = P[:, 0] - x0f, P[:, 1] - y0f
+    x0, y0 = x0f.astype(np.intp), y0f.astype(np.intp)
+    idx, ok = [], []
+    for dy in (0, 1):
+        for dx in (0, 1):
+            xc, yc = x0 + dx, y0 + dy
+            inside = (xc >= 0) & (xc < W) & (yc >= 0) & (yc < H)
+            idx.append(np.where(inside, yc * W + xc, 0))
+            ok.append(inside.astype(np.float64))
+    return U, out_shape, fx, fy, idx, ok
+
+
+def _stn_gather(U, idx, ok):
+    N, C, H, W = U.shape
+    Uf = U.reshape(N, C, H * W)
+    return [np.take_along_axis(Uf, i[:, None, :], axis=2) * m[:, None] for i, m in
+            zip(idx, ok)]  # fmt: skip
+
+
+def stn_sample(U, theta, out_shape=None):
+    """The bilinear sampler of a spatial transformer (9.7): V[k, c] at output pixel
+    (x, y) is the bilinear value of U[k, c] at theta_k [x, y, 1]^T, with zeros outside
+    the image. U (N, C, H, W), theta (N, 2, 3); returns (N, C, Ho, Wo)."""
+    U, out_shape, fx, fy, idx, ok = _stn_setup(U, theta, out_shape)
+    U00, U10, U01, U11 = _stn_gather(U, idx, ok)
+    fx, fy = fx[:, None], fy[:, None]
+    V = (1 - fx) * (1 - fy) * U00 + fx * (1 - fy) * U10
+    V = V + (1 - fx) * fy * U01 + fx * fy * U11
+    return V.reshape(U.shape[:2] + out_shape)
+
+
+def stn_sample_jvp(U, theta, dU, dtheta, out_shape=None):
+    """The differential (9.8) of the sampler: the sampler applied to dU plus the
+    position gradient times dP = dtheta [x, y, 1]^T."""
+    U, out_shape, fx, fy, idx, ok = _stn_setup(U, theta, out_shape)
+    dU = _same(dU, U.shape, "dU")
+    dtheta = _same(dtheta, np.shape(theta), "dtheta")
+    U00, U10, U01, U11 = _stn_gather(U, idx, ok)
+    d00, d10, d01, d11 = _stn_gather(dU, idx, ok)
+    dP = affine_grid(dtheta, out_shape)
+    fx, fy = fx[:, None], fy[:, None]
+    dV = (1 - fx) * (1 - fy) * d00 + fx * (1 - fy) * d10
+    dV = dV + (1 - fx) * fy * d01 + fx * fy * d11
+    Vx = (1 - fy) * (U10 - U00) + fy * (U11 - U01)
+    Vy = (1 - fx) * (U01 - U00) + fx * (U11 - U10)
+    dV = dV + Vx * dP[:, None, 0] + Vy * dP[:, None, 1]
+    return dV.reshape(U.shape[:2] + out_shape)
+
+
+def stn_sample_vjp(U, theta, G, out_shape=None):
+    """The backward rule (9.9) of the sampler: U_bar is a scatter of G times the
+    weights (entries outside the image are dropped), theta_bar = sum over pixels of
+    P_bar [x, y, 1]. Returns (U_bar, theta_bar).
+
+    The position gradient reads the four corners of a position for all channels at
+    once (channels-last) and forms sum_c G U_k before the weights (it is linear in
+    U); the scatter to U runs one corner at a time."""
+    U, out_shape, fx, fy, idx, ok = _stn_setup(U, theta, out_shape)
+    N, C, H, W = U.shape
+    n = out_shape[0] * out_shape[1]
+    G = _same(G, (N, C) + out_shape, "G").reshape(N, C, n)
+    Ut = U.reshape(N, C, H * W).transpose(0, 2, 1).reshape(N * H * W, C)
+    Gt = G.transpose(0, 2, 1).reshape(N * n, C)
+    base = (np.arange(N) * (H * W))[:, None]
+    flat = [(base + i).ravel() for i in idx]  # corner k of every position
+    ok = [m.ravel() for m in ok]
+    # s_k = sum_c G U_k, zero where corner k is outside the image
+    s00, s10, s01, s11 = (
+        np.einsum("ij,ij->i", Gt, Ut[f]) * m for f, m in zip(flat, ok)
+    )
+    fx, fy = fx.ravel(), fy.ravel()
+    gx = (s10 - s00) + fy * ((s11 - s01) - (s10 - s00))
+    gy = (s01 - s00) + fx * ((s11 - s10) - (s01 - s00))
+    Ho, Wo = out_shape
+    ys, xs = np.mgrid[0:Ho, 0:Wo]
+    Xh = np.stack([xs.ravel(), ys.ravel(), np.ones(n)]).astype(np.float64)
+    theta_bar = np.stack([gx.reshape(N, n), gy.reshape(N, n)], axis=1) @ Xh.T
+    w = [(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy]
+    start = (np.arange(N * C) * (H * W)).reshape(N, C, 1)  # of image k, channel c
+    U_bar = np.zeros(N * C * H * W)
+    for i, wk, m in zip(idx, w, ok):  # the scatter (9.4), one corner at a time
+        weights = G * (wk * m).reshape(N, 1, n)
+        U_bar += np.bincount(
+            (start + i[:, None, :]).ravel(),
+            weights=weights.ravel(),
+            minlength=N * C * H * W,
+        )
+    return U_bar.reshape(U.shape), theta_bar
+
+
+# ----- Warps and their Jacobians, (9.10)-(9.13) -----
+
+_KINDS = {"translation": 2, "affine": 6, "homography": 8}
+_COLUMNS = {
+    "translation": [2, 5],
+    "affine": list(range(6)),
+    "homography": list(range(8)),
+}
+
+
+def _kind(kind):
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {sorted(_KINDS)}, got {kind!r}")
+    return kind
+
+
+def _params(kind, p):
+    p = np.asarray(p, dtype=np.float64)
+    if p.shape != (_KINDS[_kind(kind)],):
+        raise ValueError(
+            f"a {kind} warp has {_KINDS[kind]} parameters, got shape {p.shape}"
+        )
+    return p
+
+
+def warp_matrix(kind, p):
+    """The 3 x 3 matrix of a warp: translation [I t; 0 1] with p = t; affine
+    I + [p0 p1 p2; p3 p4 p5; 0 0 0]; homography I + [p0 p1 p2; p3 p4 p5; p6 p7 0]."""
+    p = _params(kind, p)
+    full = np.zeros(8)
+    full[_COLUMNS[kind]] = p
+    return np.eye(3) + np.append(full, 0.0).reshape(3, 3)
+
+
+def warp_params(kind, M):
+    """The parameters of the warp with matrix M, scaled so that M[2, 2] = 1. Raises
+    ValueError when M is not of that kind."""
+    M = _same(M, (3, 3), "M")
+    if M[2, 2] == 0:
+        raise ValueError("a warp matrix needs M[2, 2] != 0")
+    M = M / M[2, 2]
+    A = M - np.eye(3)
+    full = A.ravel()[:8]
+    rest = np.delete(full, _COLUMNS[_kind(kind)])
+    if np.any(np.abs(rest) > 1e-12 * max(1.0, np.abs(full).max())):
+        raise ValueError(f"M is not a {kind} warp matrix: {np.round(M, 6).tolist()}")
+    return full[_COLUMNS[kind]]
+
+
+def _apply(M, X):
+    u = M[:, :2] @ X + M[:, 2:]
+    if np.any(u[2] <= 0):
+        raise ValueError(
+            "the homography sends a point to infinity or through it (third "
+            "homogeneous coordinate <= 0)"
+        )
+    return u[:2] / u[2], u[2]
+
+
+def warp(kind, p, X):
+    """W(X; p) (9.10): the warp of the points X (2, n)."""
+    return _apply(warp_matrix(kind, p), _positions(X, "X"))[0]
+
+
+def warp_jacobian(kind, p, X):
+    """dW/dp (9.11)-(9.13) at each point, shape (n, 2, k): row i of J[j] is the
+    gradient of coordinate i of W(x_j; p)."""
+    X = _positions(X, "X")
+    Wx, u3 = _apply(warp_matrix(kind, p), X)
+    x, y = X
+    n = X.shape[1]
+    J = np.zeros((n, 2, 8))
+    J[:, 0, 0], J[:, 0, 1], J[:, 0, 2] = x, y, 1.0
+    J[:, 1, 3], J[:, 1, 4], J[:, 1, 5] = x, y, 1.0
+    J[:, :, 6] = -Wx.T * x[:, None]
+    J[:, :, 7] = -Wx.T * y[:, None]
+    J = J / u3[:, None, None]
+    return J[:, :, _COLUMNS[kind]]
+
+
+# ----- Lucas-Kanade, (9.14)-(9.20) -----
+
+
+def blur(I):
+    """Separable binomial blur [1, 4, 6, 4, 1] / 16 with the border replicated."""
+    I = np.asarray(I, dtype=np.float64)
+    H, W = I.shape
+    Ip = np.concatenate([I[:1], I[:1], I, I[-1:], I[-1:]])  # rows, border replicated
+    I = (Ip[0:H] + Ip[4 : H + 4] + 4 * (Ip[1 : H + 1] + Ip[3 : H + 3])) / 16 + (
+        6 / 16
+    ) * Ip[2 : H + 2]
+    Ip = np.concatenate([I[:, :1], I[:, :1], I, I[:, -1:], I[:, -1:]], axis=1)
+    I = (Ip[:, 0:W] + Ip[:, 4 : W + 4] + 4 * (Ip[:, 1 : W + 1] + Ip[:, 3 : W + 3])) / (
+        16
+    ) + (6 / 16) * Ip[:, 2 : W + 2]
+    return I
+
+
+def pyramid(I, levels, smooth=True):
+    """[blur(I), reduce(I), ...]: each level blurred and subsampled by 2, so pixel
+    (x, y) of level l + 1 sits at (2x, 2y) of level l. With `smooth` the finest level
+    is blurred too: it damps the noise in the gradients."""
+    I = np.asarray(I, dtype=np.float64)
+    out = [blur(I) if smooth else I]
+    for _ in range(levels - 1):
+        out.append(blur(out[-1])[::2, ::2])
+    return out
+
+
+def image_gradient(I):
+    """Central differences (one-sided at the border): (gx, gy), each shaped like I."""
+    gy, gx = np.gradient(np.asarray(I, dtype=np.float64))
+    return gx, gy
+
+
+@dataclass
+class AlignResult:
+    """The warp found by `align`: parameters p, matrix M, and what happened."""
+
+    p: np.ndarray
+    M: np.ndarray
+    converged: bool
+    iterations: int
+    gain: float = 1.0
+    bias: float = 0.0
+    steps: list = field(default_factory=list)
+
+
+def _grid(h, w):
+    ys, xs = np.mgrid[0:h, 0:w]
+    return np.stack([xs.ravel(), ys.ravel()]).astype(np.float64)
+
+
+def _inside(P, H, W):
+    return (P[0] >= 0) & (P[0] <= W - 1) & (P[1] >= 0) & (P[1] <= H - 1)
+
+
+def _refuse_singular(A, what):
+    d = np.diag(A)
+    if not np.all(d > 0):
+        raise ValueError(
+            f"the Gauss-Newton Hessian of {what} is singular (a parameter moves no "
+            "pixel of texture): the template is textureless along some warp direction"
+        )
+    s = 1 / np.sqrt(d)
+    lam = np.linalg.eigvalsh(A * s[:, None] * s[None, :])
+    if lam[0] < 1e-10 * lam[-1]:
+        raise ValueError(
+            f"the Gauss-Newton Hessian of {what} is singular (scaled condition "
+            f"number {lam[-1] / max(lam[0], 1e-300):.1e} > 1e10): the template is "
+            "textureless along some warp direction"
+        )
+
+
+def _photometric(Iw, T):
+    """Gain a and bias b with T ~ (Iw - b) / a, by least squares of the template on
+    the warped image: a weak correlation shrinks the corrected error rather than
+    inflating it. Returns (a, b)."""
+    Tc, Ic = T - T.mean(), Iw - Iw.mean()
+    a = float(np.sum(Ic * Ic) / np.sum(Tc * Ic))
+    if not a > 0:
+        raise ValueError(
+            f"the warped image is not positively correlated with the template "
+            f"(gain {a:.3g}): the alignment has failed"
+        )
+    return a, float(Iw.mean() - a * T.mean())
+
+
+def _project(S, T):
+    """S minus its least-squares fit by [1, T]: the part of each column that a change
+    of gain and bias cannot absorb (9.20)."""
+    Q = np.stack([np.ones_like(T), T - T.mean()], axis=1)
+    norms = np.sqrt(np.sum(Q * Q, axis=0))
+    if not norms[1] > 1e-12 * norms[0]:
+        raise ValueError(
+            "the template is constant (textureless): its gain cannot be fitted and "
+            "no warp can be estimated"
+        )
+    Q = Q / norms
+    return S - Q @ (Q.T @ S)
+
+
+def _level(T, I, M, kind, method, max_iter, tol, photometric, min_overlap):
+    h, w = T.shape
+    H, W = I.shape
+    X = _grid(h, w)
+    Tv = T.ravel()
+    corners = np.array([[0, w - 1, w - 1, 0], [0, 0, h - 1, h - 1]], dtype=float)
+    if method == "ic":
+        gx, gy = image_gradient(T)
+        J = warp_jacobian(kind, np.zeros(_KINDS[kind]), X)
+        SD = gx.ravel()[:, None] * J[:, 0] + gy.ravel()[:, None] * J[:, 1]
+        if photometric:
+            SD = _project(SD, Tv)
+        Hess = SD.T @ SD  # (9.18): computed once, before the loop
+        _refuse_singular(Hess, "the template")
+    else:
+        Ix, Iy = image_gradient(I)
+    a, b, steps, converged, it = 1.0, 0.0, [], False, 0
+    best, lam, u3_ok = None, 0.0, [None]
+
+    def evaluate(M):
+        P, u3 = _apply(M, X)
+        ok = _inside(P, H, W)
+        if ok.mean() < min_overlap:
+            raise ValueError(
+                f"the warp sends {100 * (1 - ok.mean()):.0f}% of the template outside "
+                f"the image (at most {100 * (1 - min_overlap):.0f}% allowed)"
+            )
+        Iw = _bilinear(I, P[:, ok])
+        u3_ok[0] = u3[ok]
+        a, b = _photometric(Iw, Tv[ok]) if photometric else (1.0, 0.0)
+        e = (Iw - b) / a - Tv[ok]  # the error image, photometrically corrected
+        # the cost, scale-free: (1 - rho^2) / rho^2, rho the correlation
+        Iwc = (Iw - Iw.mean()) / a if photometric else Tv[ok]
+        return P, ok, a, b, e, float(np.sum(e * e) / np.sum(Iwc * Iwc))
+
+    for it in range(1, max_iter + 1):
+        try:
+            P, ok, a, b, e, cost = evaluate(M)
+        except ValueError:
+            if best is None:  # the start itself: refuse
+                raise
+            cost = np.inf  # a trial step through infinity or out of the image
+        if best is not None and not cost < best[1]:  # Levenberg-Marquardt: reject
+            M, lam = best[0], max(10 * lam, 1e-4)
+            A, g = best[2], best[3]
+            if lam > 1e12:
+                break
+        else:
+            lam = lam / 10 if lam > 1e-6 else 0.0
+            if method == "ic":
+                S = SD[ok] if ok.all() or not photometric else _project(SD[ok], Tv[ok])
+                A = Hess if ok.all() else S.T @ S
+                g = S.T @ e
+            else:
+                # (9.15) written out: the gradient row times dW/dp of (9.13)
+                (x, y), (Wx, Wy), u = X[:, ok], P[:, ok], a * u3_ok[0]
+                gxw, gyw = _bilinear(Ix, P[:, ok]) / u, _bilinear(Iy, P[:, ok]) / u
+                r = -(gxw * Wx + gyw * Wy)
+                cols = [gxw * x, gxw * y, gxw, gyw * x, gyw * y, gyw, r * x, r * y]
+                S = np.stack([cols[c] for c in _COLUMNS[kind]], axis=1)
+                if photometric:
+                    S = _project(S, Tv[ok])
+                A = S.T @ S
+                _refuse_singular(A, "the warped image")
+                g = -S.T @ e
+            best = (M, cost, A, g, (a, b))
+        dp = np.linalg.solve(A + lam * np.diag(np.diag(A)), g)
+        if method == "ic":
+            M_new = M @ np.linalg.inv(warp_matrix(kind, dp))  # (9.19)
+        else:
+            M_new = warp_matrix(kind, warp_params(kind, M) + dp)
+        try:
+            M_new = M_new / M_new[2, 2]
+            moved = _apply(M_new, corners)[0] - _apply(M, corners)[0]
+            step = float(np.max(np.linalg.norm(moved, axis=0)))
+        except (ValueError, ZeroDivisionError, FloatingPointError):
+            step = np.inf
+        steps.append(step)
+        if step < tol:
+            converged = True
+            break
+        M = M_new
+    a, b = best[4]
+    return best[0], converged, it, a, b, steps
+
+
+def align(
+    T,
+    I,
+    p0,
+    kind="homography",
+    method="ic",
+    levels=1,
+    max_iter=50,
+    tol=1e-2,
+    photometric=True,
+    min_overlap=0.75,
+    smooth=True,
+    reach=None,
+    polish=None,
+):
+    """Lucas-Kanade alignment: find p with I(W(x; p)) ~ T(x) over the template's
+    pixels x (template coordinates, (0, 0) its top-left pixel), by Gauss-Newton.
+
+    method "ic" is inverse-compositional (9.17)-(9.19), "fa" forward-additive
+    (9.14)-(9.16). `levels` > 1 runs coarse to fine on a pyramid. `photometric`
+    fits a gain and bias of the image to the template at each step (9.20); a step
+    that raises the error is rejected and damped (Levenberg-Marquardt). Stops when
+    the template's corners move less than `tol` pixels (at the finest level; 10 `tol`
+    at coarser ones) and returns the last accepted warp. Refuses a textureless
+    template (singular Hessian) and a warp that sends more than 1 - `min_overlap` of
+    the template outside the image, with ValueError. Both T (h, w) and I (H, W) are
+    gray images; `smooth` blurs both (binomial, 5 taps) at the finest level too.
+    Only the part of I within `reach` pixels (default: half the template's larger
+    side) of the box the start warp sends the template to is used; beyond it counts
+    as outside.
+
+    `polish` (default: on for "ic" with `smooth` and `levels` > 1) solves the finest
+    level forward-additively on the unblurred images instead, from the
+    inverse-compositional answer of the coarser levels: the inverse-compositional
+    step uses the gradient of the (noisy) template, exact only where the warped
+    image equals it, and with the blur of the finest level it stops short of the
+    true warp; the forward-additive step uses the gradient of the warped image."""
+    T, I = _image(T, "T"), _image(I, "I")
+    if T.ndim != 2 or I.ndim != 2:
+        raise ValueError(
+            f"align needs gray images (h, w) and (H, W), got {T.shape}, {I.shape}"
+        )
+    if method not in ("ic", "fa"):
+        raise ValueError(f"method must be 'ic' or 'fa', got {method!r}")
+    if not (isinstance(levels, int) and levels >= 1):
+        raise ValueError(f"levels must be a positive integer, got {levels!r}")
+    if min(T.shape) >> (levels - 1) < 4:
+        raise ValueError(
+            f"a template of shape {T.shape} is too small for {levels} pyramid levels"
+        )
+    M = warp_matrix(kind, p0)
+    # look only within `reach` pixels of where the start puts the template
+    h, w = T.shape
+    reach = max(h, w) // 2 if reach is None else int(reach)
+    corners = np.array([[0, w - 1, w - 1, 0], [0, 0, h - 1, h - 1]], dtype=float)
+    box = _apply(M, corners)[0]
+    x_lo = int(np.clip(np.floor(box[0].min()) - reach, 0, I.shape[1] - 2))
+    y_lo = int(np.clip(np.floor(box[1].min()) - reach, 0, I.shape[0] - 2))
+    x_hi = int(np.clip(np.ceil(box[0].max()) + reach, x_lo + 1, I.shape[1] - 1))
+    y_hi = int(np.clip(np.ceil(box[1].max()) + reach, y_lo + 1, I.shape[0] - 1))
+    I = I[y_lo : y_hi + 1, x_lo : x_hi + 1]
+    shift = warp_matrix("translation", np.array([x_lo, y_lo], dtype=float))
+    M = np.linalg.inv(shift) @ M
+    polish = (method == "ic" and smooth and levels > 1) if polish is None else polish
+    Ts, Is = pyramid(T, levels, smooth), pyramid(I, levels, smooth)
+    S = np.diag([0.5 ** (levels - 1), 0.5 ** (levels - 1), 1.0])
+    M = S @ M @ np.linalg.inv(S)
+    total, steps = 0, []
+    for lev in range(levels - 1, -1, -1):
+        if lev == 0 and polish:
+            break
+        M, converged, it, a, b, st = _level(
+            Ts[lev], Is[lev], M, kind, method, max_iter, tol if lev == 0 else 10 * tol,
+            photometric, min_overlap,
+        )  # fmt: skip
+        total, steps = total + it, steps + st
+        if lev:
+            S2 = np.diag([2.0, 2.0, 1.0])
+            M = S2 @ M @ np.linalg.inv(S2)
+    if polish:
+        M, converged, it, a, b, st = _level(
+            T, I, M, kind, "fa", max_iter, tol, photometric, min_overlap
+        )
+        total, steps = total + it, steps + st
+    M = shift @ M
+    M = M / M[2, 2]
+    return AlignResult(warp_params(kind, M), M, converged, total, a, b, steps)
+
+
+def corner_error(M_est, M_true, shape):
+    """Mean distance (pixels) between the template's four corners mapped by the two
+    warps; `shape` is the template's (h, w)."""
+    h, w = shape
+    corners = np.array([[0, w - 1, w - 1, 0], [0, 0, h - 1, h - 1]], dtype=float)
+    a, _ = _apply(np.asarray(M_est, dtype=float), corners)
+    b, _ = _apply(np.asarray(M_true, dtype=float), corners)
+    return float(np.mean(np.linalg.norm(a - b, axis=0)))
+
+
+def homography_from_corners(src, dst):
+    """The homography (3 x 3, M[2, 2] = 1) sending the 4 points src (2, 4) to dst
+    (2, 4), by the direct linear transform."""
+    src, dst = _same(src, (2, 4), "src"), _same(dst, (2, 4), "dst")
+    A, rhs = [], []
+    for (x, y), (u, v) in zip(src.T, dst.T):
+        A.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
+        A.append([0, 0, 0, x, y, 1, -v * x, -v * y])
+        rhs += [u, v]
+    h = np.linalg.solve(np.array(A), np.array(rhs))
+    return np.append(h, 1.0).reshape(3, 3)
+
+
+def make_pair(I, origin, size, max_shift, rng, noise=0.02, gain=(0.8, 1.2),
+              bias=(-0.1, 0.1)):  # fmt: skip
+    """A template cut from the photograph I by a random homography: the corners of
+    the square of side `size` at `origin` (x, y) are each moved by up to `max_shift`
+    pixels in x and y; the template is gain * I(W(x; p_true)) + bias + noise.
+
+    Returns (T, M_true, M_start), M_start being the unperturbed translation."""
+    I = _image(I)
+    s = size - 1
+    sq = np.array([[0, s, s, 0], [0, 0, s, s]], dtype=float)
+    dst = sq + np.asarray(origin, dtype=float)[:, None]
+    dst = dst + rng.uniform(-max_shift, max_shift, size=(2, 4))
+    M_true = homography_from_corners(sq, dst)
+    P, _ = _apply(M_true, _grid(size, size))
+    T = bilinear(I, P).reshape(size, size)
+    T = rng.uniform(*gain) * T + rng.uniform(*bias)
+    T = T + noise * rng.standard_normal(T.shape)
+    M_start = warp_matrix("translation", np.asarray(origin, dtype=float))
+    return T, M_true, M_start

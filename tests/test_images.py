@@ -1,0 +1,252 @@
+"""Chapter 9: bilinear interpolation, the spatial transformer's sampler, warps and
+Lucas-Kanade, against few-line JAX implementations and finite differences."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from derivlib import check
+from derivlib import images as im
+
+
+@jax.jit
+def bilinear_jax(I, P):
+    H, W = I.shape[-2:]
+    x, y = P
+    x0 = jnp.minimum(jnp.floor(x), W - 2)
+    y0 = jnp.minimum(jnp.floor(y), H - 2)
+    fx, fy = x - x0, y - y0
+    x0, y0 = x0.astype(int), y0.astype(int)
+
+    def at(a, b):
+        return I[..., b, a]
+
+    top = (1 - fx) * at(x0, y0) + fx * at(x0 + 1, y0)
+    bottom = (1 - fx) * at(x0, y0 + 1) + fx * at(x0 + 1, y0 + 1)
+    return (1 - fy) * top + fy * bottom
+
+
+@jax.jit
+def stn_jax(U, theta):
+    N, C, H, W = U.shape
+    ys, xs = jnp.mgrid[0:H, 0:W]
+    X = jnp.stack([xs.ravel(), ys.ravel(), jnp.ones(H * W)])
+    P = theta @ X
+    x, y = P[:, 0], P[:, 1]
+    x0, y0 = jnp.floor(x), jnp.floor(y)
+    fx, fy = x - x0, y - y0
+    x0, y0 = x0.astype(int), y0.astype(int)
+
+    def at(a, b):
+        ok = (a >= 0) & (a < W) & (b >= 0) & (b < H)
+        a, b = jnp.clip(a, 0, W - 1), jnp.clip(b, 0, H - 1)
+        v = jax.vmap(lambda Uk, ak, bk: Uk[:, bk, ak])(U, a, b)
+        return v * ok[:, None]
+
+    w = [(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy]
+    V = w[0][:, None] * at(x0, y0) + w[1][:, None] * at(x0 + 1, y0)
+    V = V + w[2][:, None] * at(x0, y0 + 1) + w[3][:, None] * at(x0 + 1, y0 + 1)
+    return V.reshape(N, C, H, W)
+
+
+def off_grid(rng, n, H, W):
+    P = np.stack([rng.uniform(0, W - 1, n), rng.uniform(0, H - 1, n)])
+    return P + 1e-3 * (np.abs(P - np.round(P)) < 1e-3)
+
+
+@pytest.mark.parametrize("shape", [(5, 6), (3, 5, 6)])
+def test_bilinear_against_jax(rng, shape):
+    I = rng.standard_normal(shape)
+    P = off_grid(rng, 7, *shape[-2:])
+    out = (shape[0], 7) if len(shape) == 3 else (7,)
+    G = rng.standard_normal(out)
+    check.check_close("bilinear", im.bilinear(I, P), np.asarray(bilinear_jax(I, P)))
+    check.check_vjp("bilinear_vjp", im.bilinear_vjp, bilinear_jax, (I, P), G)
+    tangents = (rng.standard_normal(shape), rng.standard_normal(P.shape))
+    check.check_dot_product(
+        "bilinear", im.bilinear_jvp, im.bilinear_vjp, [((I, P), tangents, G)]
+    )
+    jac = jax.jit(jax.jacobian(bilinear_jax, argnums=1))(I, P)
+    dP = tangents[1]
+    expected = np.einsum("...kij,ij->...k", np.asarray(jac), dP)
+    got = im.bilinear_jvp(I, P, np.zeros(shape), dP)
+    check.check_close("bilinear_jvp in P", got, expected)
+
+
+def test_bilinear_hessian_against_jax(rng):
+    I = rng.standard_normal((5, 6))
+    P = off_grid(rng, 4, 5, 6)
+    ours = im.bilinear_hessian(I, P)
+    hessian = jax.jit(jax.hessian(lambda p: bilinear_jax(I, p.reshape(2, 1))[0]))
+    for k in range(4):
+        Hk = hessian(P[:, k])
+        check.check_close("bilinear_hessian", ours[k], np.asarray(Hk), "jax.hessian")
+        assert ours[k][0, 0] == 0 and ours[k][1, 1] == 0
+
+
+def test_grid_lines_take_the_larger_side_and_the_last_line_the_smaller(rng):
+    I = rng.standard_normal((4, 5))
+    h = 1e-6
+    for x, side in [(2.0, +1), (4.0, -1), (0.0, +1)]:
+        P = np.array([[x], [1.3]])
+        fd = (im.bilinear(I, P + [[side * h], [0]]) - im.bilinear(I, P)) / (side * h)
+        other = 0 if x in (0.0, 4.0) else 1
+        got = im.bilinear_jvp(I, P, np.zeros_like(I), np.array([[1.0], [0.0]]))
+        assert abs(got[0] - fd[0]) < 1e-6
+        if other:
+            fd_left = (im.bilinear(I, P) - im.bilinear(I, P - [[h], [0]])) / h
+            assert abs(got[0] - fd_left[0]) > 1e-3  # the two limits differ here
+
+
+def test_bilinear_refuses_outside_and_bad_input(rng):
+    I = rng.standard_normal((4, 5))
+    with pytest.raises(ValueError, match="outside the image"):
+        im.bilinear(I, np.array([[4.0 + 1e-9], [1.0]]))
+    with pytest.raises(ValueError, match="outside the image"):
+        im.bilinear(I, np.array([[1.0], [-1e-9]]))
+    assert np.isfinite(im.bilinear(I, np.array([[4.0], [3.0]])))[0]
+    with pytest.raises(ValueError, match=r"\(H, W\) or \(C, H, W\)"):
+        im.bilinear(np.zeros(5), np.zeros((2, 1)))
+    with pytest.raises(ValueError, match="dtype"):
+        im.bilinear(np.zeros((4, 5), dtype=complex), np.zeros((2, 1)))
+    with pytest.raises(ValueError, match=r"\(2, n\)"):
+        im.bilinear(I, np.zeros((3, 1)))
+    with pytest.raises(ValueError, match="non-finite"):
+        im.bilinear(I, np.array([[np.nan], [1.0]]))
+
+
+def test_stn_sampler_against_jax(rng):
+    U = rng.standard_normal((2, 3, 6, 7))
+    theta = np.array(
+        [[[0.9, 0.2, 0.3], [-0.1, 1.1, -0.4]], [[1.2, -0.3, 1.5], [0.2, 0.8, 0.7]]]
+    )
+    theta = theta + 1e-3 * rng.standard_normal(theta.shape)
+    G = rng.standard_normal(U.shape)
+    check.check_close(
+        "stn_sample", im.stn_sample(U, theta), np.asarray(stn_jax(U, theta))
+    )
+    check.check_vjp("stn_sample_vjp", im.stn_sample_vjp, stn_jax, (U, theta), G)
+    tangents = (rng.standard_normal(U.shape), rng.standard_normal(theta.shape))
+    check.check_dot_product(
+        "stn_sample", im.stn_sample_jvp, im.stn_sample_vjp, [((U, theta), tangents, G)]
+    )
+    with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
+        im.stn_sample(U[0], theta)
+
+
+@pytest.mark.parametrize("kind", ["translation", "affine", "homography"])
+def test_warp_jacobian_against_jax(rng, kind):
+    k = {"translation": 2, "affine": 6, "homography": 8}[kind]
+    p = 0.01 * rng.standard_normal(k)
+    X = rng.uniform(0, 20, (2, 5))
+    cols = jnp.array(im._COLUMNS[kind])
+
+    def warp_jax(p):
+        M = jnp.eye(3) + jnp.zeros(9).at[cols].set(p).reshape(3, 3)
+        u = M[:, :2] @ X + M[:, 2:]
+        return (u[:2] / u[2]).T
+
+    expected = np.asarray(jax.jit(jax.jacobian(warp_jax))(jnp.asarray(p)))
+    check.check_close(kind, im.warp_jacobian(kind, p, X), expected)
+    np.testing.assert_allclose(im.warp(kind, p, X), np.asarray(warp_jax(p)).T)
+    assert np.allclose(im.warp_params(kind, im.warp_matrix(kind, p)), p)
+
+
+def smooth_image(H, W):
+    ys, xs = np.mgrid[0:H, 0:W] / 7.0
+    return (
+        0.5
+        + 0.2 * np.sin(xs + 0.3 * ys) * np.cos(0.7 * ys - 0.2 * xs)
+        + 0.1 * (np.sin(2.1 * xs) * np.sin(1.7 * ys))
+    )
+
+
+@pytest.mark.parametrize("method", ["ic", "fa"])
+def test_align_recovers_a_homography(rng, method):
+    I = smooth_image(80, 80)
+    T, M_true, M0 = im.make_pair(I, (24, 24), 32, 3, rng, noise=0.0)
+    p0 = im.warp_params("homography", M0)
+    res = im.align(T, I, p0, method=method, tol=1e-6, smooth=False)
+    assert res.converged
+    assert im.corner_error(res.M, M_true, T.shape) < 1e-6
+
+
+def test_align_refuses_textureless_and_outside(rng):
+    I = smooth_image(60, 60)
+    p0 = np.array([10.0, 10, 0, 0, 0, 0])
+    with pytest.raises(ValueError, match="textureless"):
+        im.align(np.full((20, 20), 0.3), I, np.zeros(8) + [0, 0, 10, 0, 0, 10, 0, 0])
+    stripes = np.tile(np.sin(np.arange(20.0)), (20, 1))  # varies along x only
+    with pytest.raises(ValueError, match="textureless"):
+        im.align(stripes, I, p0, kind="affine")
+    with pytest.raises(ValueError, match="outside the image"):
+        im.align(I[:20, :20], I, np.array([50.0, 50.0]), kind="translation")
+    with pytest.raises(ValueError, match="gray images"):
+        im.align(np.zeros((3, 20, 20)), I, p0, kind="affine")
+
+
+@pytest.mark.parametrize("kind", ["translation", "affine"])
+def test_align_recovers_translation_and_affine(rng, kind):
+    I = smooth_image(80, 80)
+    X = np.stack(np.meshgrid(np.arange(32.0), np.arange(32.0))).reshape(2, -1)
+    p_true = np.array([22.6, 25.3]) if kind == "translation" else None
+    if kind == "affine":
+        p_true = np.array([0.04, -0.05, 22.6, 0.03, -0.02, 25.3])
+    T = im.bilinear(I, im.warp(kind, p_true, X)).reshape(32, 32)
+    p0 = np.round(p_true) if kind == "translation" else np.array([0, 0, 24.0, 0, 0, 24])
+    res = im.align(T, I, p0, kind=kind, tol=1e-8, smooth=False, photometric=False)
+    assert res.converged
+    np.testing.assert_allclose(res.p, p_true, atol=1e-6)
+
+
+def keys_jax(t, a=-0.5):
+    t = jnp.abs(t)
+    inner = (a + 2) * t**3 - (a + 3) * t**2 + 1
+    outer = a * t**3 - 5 * a * t**2 + 8 * a * t - 4 * a
+    return jnp.where(t <= 1, inner, jnp.where(t < 2, outer, 0.0))
+
+
+@jax.jit
+def bicubic_jax(I, P):
+    H, W = I.shape[-2:]
+    x0 = jnp.minimum(jnp.floor(P[0]), W - 3)
+    y0 = jnp.minimum(jnp.floor(P[1]), H - 3)
+    fx, fy = P[0] - x0, P[1] - y0
+    x0, y0 = x0.astype(int), y0.astype(int)
+    offsets = jnp.arange(-1, 3)[:, None]
+    kx, ky = keys_jax(fx - offsets), keys_jax(fy - offsets)
+    patch = I[..., y0 + offsets[:, None], x0 + offsets]
+    return jnp.einsum("...jin,jn,in->...n", patch, ky, kx)
+
+
+def test_bicubic_against_jax_and_c1_on_grid_lines(rng):
+    I = rng.standard_normal((2, 7, 8))
+    P = np.stack([rng.uniform(1, 6, 5), rng.uniform(1, 5, 5)])
+    G = rng.standard_normal((2, 5))
+    check.check_close("bicubic", im.bicubic(I, P), np.asarray(bicubic_jax(I, P)))
+    check.check_vjp("bicubic_vjp", im.bicubic_vjp, bicubic_jax, (I, P), G)
+    tangents = (rng.standard_normal(I.shape), rng.standard_normal(P.shape))
+    check.check_dot_product(
+        "bicubic", im.bicubic_jvp, im.bicubic_vjp, [((I, P), tangents, G)]
+    )
+    I0, p, h = I[0], np.array([[3.0], [2.4]]), 1e-6
+    right = (im.bicubic(I0, p + [[h], [0]]) - im.bicubic(I0, p))[0] / h
+    left = (im.bicubic(I0, p) - im.bicubic(I0, p - [[h], [0]]))[0] / h
+    d = im.bicubic_jvp(I0, p, np.zeros_like(I0), np.array([[1.0], [0.0]]))[0]
+    assert abs(right - d) < 1e-4 and abs(left - d) < 1e-4
+    with pytest.raises(ValueError, match="bicubic domain"):
+        im.bicubic(I0, np.array([[0.5], [2.0]]))
+
+
+def test_align_polish_removes_the_blur_of_the_finest_level(rng):
+    # noise-free pair: the polished finish (forward additive, unblurred) is exact,
+    # the pure inverse-compositional pyramid on the blurred finest level is not
+    I = smooth_image(80, 80)
+    T, M_true, M0 = im.make_pair(I, (24, 24), 32, 3, rng, noise=0.0)
+    p0 = im.warp_params("homography", M0)
+    polished = im.align(T, I, p0, levels=2, tol=1e-6)
+    plain = im.align(T, I, p0, levels=2, tol=1e-6, polish=False)
+    assert polished.converged
+    assert im.corner_error(polished.M, M_true, T.shape) < 1e-5
+    assert im.corner_error(plain.M, M_true, T.shape) > 1e-2
