@@ -420,9 +420,9 @@ __all__ = [
 
 # ----- Chapter 8: differentiating through solvers -----
 from .implicit import (  # noqa: E402
-    align,
-    align_jvp,
-    align_vjp,
+    umeyama,
+    umeyama_jvp,
+    umeyama_vjp,
     implicit_jvp,
     implicit_vjp,
     logistic_fit,
@@ -445,9 +445,9 @@ from .implicit import (  # noqa: E402
 )
 
 __all__ += [
-    "align",
-    "align_jvp",
-    "align_vjp",
+    "umeyama",
+    "umeyama_jvp",
+    "umeyama_vjp",
     "implicit_jvp",
     "implicit_vjp",
     "logistic_fit",

@@ -633,7 +633,7 @@ def _alignment(X, Y, with_scale):
     return R, s, t, U, Vt.T, lam, mx, Xc, Yc, var
 
 
-def align(X, Y, *, with_scale=True):
+def umeyama(X, Y, *, with_scale=True):
     """Eq. (8.22): the similarity (R, s, t), det R = +1, minimising sum_i |Y_i - (s R
     X_i + t)|^2 for corresponding points X, Y (3, n) (Umeyama; Kabsch with
     with_scale=False, s = 1). Raises ValueError when lambda_2 + lambda_3 (sigma_2 -
@@ -644,11 +644,11 @@ def align(X, Y, *, with_scale=True):
     return R, s, t
 
 
-def align_jvp(X, Y, dX, dY, *, with_scale=True):
-    """Eq. (8.23): the forward rule of `align`: E = S U^T dM V with dM the differential
-    of the cross-covariance, Omega_ij = (E_ij - E_ji) / (lambda_i + lambda_j), dR = R
-    [d omega]x with [d omega]x = V Omega V^T, then ds and dt. Returns (dR (3, 3), ds,
-    dt (3,))."""
+def umeyama_jvp(X, Y, dX, dY, *, with_scale=True):
+    """Eq. (8.23): the forward rule of `umeyama`: E = S U^T dM V with dM the
+    differential of the cross-covariance, Omega_ij = (E_ij - E_ji) / (lambda_i +
+    lambda_j), dR = R [d omega]x with [d omega]x = V Omega V^T, then ds and dt.
+    Returns (dR (3, 3), ds, dt (3,))."""
     X, Y = _point_pairs(X, Y)
     dX, dY = _point_pairs(dX, dY)
     if dX.shape != X.shape:
@@ -674,12 +674,14 @@ def align_jvp(X, Y, dX, dY, *, with_scale=True):
     return dR, ds, dt
 
 
-def align_vjp(X, Y, G, *, with_scale=True):
-    """Eq. (8.24): the backward rule of `align` for a cotangent G = (G_R (3, 3), G_s,
+def umeyama_vjp(X, Y, G, *, with_scale=True):
+    """Eq. (8.24): the backward rule of `umeyama` for a cotangent G = (G_R (3, 3), G_s,
     G_t (3,)). Returns (X_bar, Y_bar), both (3, n)."""
     X, Y = _point_pairs(X, Y)
     if not isinstance(G, (tuple, list)) or len(G) != 3:
-        raise ValueError("G must be a triple (G_R (3, 3), G_s, G_t (3,)) like align's")
+        raise ValueError(
+            "G must be a triple (G_R (3, 3), G_s, G_t (3,)) like umeyama's"
+        )
     GR = require_finite(as_float_array(G[0], "G_R", ndims=2), "G_R")
     Gs = float(require_finite(as_float_array(G[1], "G_s"), "G_s").reshape(()))
     Gt = require_finite(as_float_array(G[2], "G_t", ndims=1), "G_t")

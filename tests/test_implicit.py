@@ -15,9 +15,9 @@ import pytest
 
 from derivlib.check import check_dot_product, jax_vjp, relative_error
 from derivlib.implicit import (
-    align,
-    align_jvp,
-    align_vjp,
+    umeyama,
+    umeyama_jvp,
+    umeyama_vjp,
     implicit_jvp,
     implicit_vjp,
     logistic_fit,
@@ -429,11 +429,11 @@ def _align_pair(rng, reflect):
 @pytest.mark.parametrize("with_scale", [True, False])
 def test_align_rules_match_jax_through_the_svd(rng, reflect, with_scale):
     X, Y = _align_pair(rng, reflect)
-    R, s, t = align(X, Y, with_scale=with_scale)
+    R, s, t = umeyama(X, Y, with_scale=with_scale)
     assert abs(np.linalg.det(R) - 1) < 1e-12
     dX, dY = rng.standard_normal(X.shape), rng.standard_normal(Y.shape)
     theirs = _align_jax_jvp(X, Y, dX, dY, with_scale)
-    ours = align_jvp(X, Y, dX, dY, with_scale=with_scale)
+    ours = umeyama_jvp(X, Y, dX, dY, with_scale=with_scale)
     for a, b in zip(ours, theirs):
         assert relative_error(a, np.asarray(b)) < 1e-12
     G = (
@@ -443,14 +443,14 @@ def test_align_rules_match_jax_through_the_svd(rng, reflect, with_scale):
     )
     G_jax = tuple(jnp.asarray(g, dtype=jnp.float64) for g in G)
     theirs = [np.asarray(g) for g in _align_jax_vjp(X, Y, G_jax, with_scale)]
-    for a, b in zip(align_vjp(X, Y, G, with_scale=with_scale), theirs):
+    for a, b in zip(umeyama_vjp(X, Y, G, with_scale=with_scale), theirs):
         assert relative_error(a, b) < 1e-12
     check_dot_product(
         "align_jvp / align_vjp",
         lambda X, Y, dX, dY: np.concatenate(
-            [np.ravel(v) for v in align_jvp(X, Y, dX, dY, with_scale=with_scale)]
+            [np.ravel(v) for v in umeyama_jvp(X, Y, dX, dY, with_scale=with_scale)]
         ),
-        lambda X, Y, W: align_vjp(
+        lambda X, Y, W: umeyama_vjp(
             X, Y, (W[:9].reshape(3, 3), W[9], W[10:]), with_scale=with_scale
         ),
         [((X, Y), (dX, dY), rng.standard_normal(13))],
@@ -459,8 +459,8 @@ def test_align_rules_match_jax_through_the_svd(rng, reflect, with_scale):
     central = [
         (a - b) / (2 * h)
         for a, b in zip(
-            align(X + h * dX, Y + h * dY, with_scale=with_scale),
-            align(X - h * dX, Y - h * dY, with_scale=with_scale),
+            umeyama(X + h * dX, Y + h * dY, with_scale=with_scale),
+            umeyama(X - h * dX, Y - h * dY, with_scale=with_scale),
         )
     ]
     assert relative_error(ours[0], central[0]) < 1e-7
@@ -473,7 +473,7 @@ def test_align_planted_rule_without_the_sign_fails_on_a_reflection(rng):
     # sigma_2 + sigma_3 in place of sigma_2 - sigma_3: the polar factor's rule
     M = (Y - Y.mean(1, keepdims=True)) @ (X - X.mean(1, keepdims=True)).T / 7
     U, sig, Vt = np.linalg.svd(M)
-    R = align(X, Y)[0]
+    R = umeyama(X, Y)[0]
     dM = (
         (dY - dY.mean(1, keepdims=True)) @ (X - X.mean(1, keepdims=True)).T
         + (Y - Y.mean(1, keepdims=True)) @ (dX - dX.mean(1, keepdims=True)).T
@@ -482,7 +482,7 @@ def test_align_planted_rule_without_the_sign_fails_on_a_reflection(rng):
     L = sig[:, None] + sig[None, :]
     wrong = R @ Vt.T @ ((E - E.T) / L) @ Vt
     assert relative_error(wrong, np.asarray(dR)) > 1e-2
-    assert relative_error(align_jvp(X, Y, dX, dY)[0], np.asarray(dR)) < 1e-12
+    assert relative_error(umeyama_jvp(X, Y, dX, dY)[0], np.asarray(dR)) < 1e-12
 
 
 def test_align_derivative_grows_as_the_gap_closes_and_is_refused_at_it(rng):
@@ -494,14 +494,14 @@ def test_align_derivative_grows_as_the_gap_closes_and_is_refused_at_it(rng):
     for eps in (1e-1, 1e-2, 1e-3):
         Xe = X + eps * rng.standard_normal((3, 6))
         dX = rng.standard_normal((3, 6))
-        sizes.append(np.linalg.norm(align_jvp(Xe, 2 * Xe, dX, 0 * dX)[0]))
+        sizes.append(np.linalg.norm(umeyama_jvp(Xe, 2 * Xe, dX, 0 * dX)[0]))
     assert sizes[1] > 3 * sizes[0] and sizes[2] > 3 * sizes[1]
     with pytest.raises(ValueError, match="alignment is degenerate: sigma_2"):
-        align(X, 2 * X)
+        umeyama(X, 2 * X)
     with pytest.raises(ValueError, match="all points X coincide"):
-        align(np.ones((3, 4)), rng.standard_normal((3, 4)))
+        umeyama(np.ones((3, 4)), rng.standard_normal((3, 4)))
     with pytest.raises(ValueError, match="shape \\(3, n\\)"):
-        align(np.ones((2, 4)), np.ones((2, 4)))
+        umeyama(np.ones((2, 4)), np.ones((2, 4)))
 
 
 # ----- Sinkhorn -----
