@@ -281,6 +281,12 @@ def affine_grid(theta, out_shape):
     theta = np.asarray(theta, dtype=np.float64)
     if theta.ndim != 3 or theta.shape[1:] != (2, 3):
         raise ValueError(f"theta must have shape (N, 2, 3), got {theta.shape}")
+    if len(out_shape) != 2 or not all(
+        isinstance(s, (int, np.integer)) and s >= 1 for s in out_shape
+    ):
+        raise ValueError(
+            f"out_shape must be two positive integers (Ho, Wo), got {out_shape!r}"
+        )
     Ho, Wo = out_shape
     ys, xs = np.mgrid[0:Ho, 0:Wo]
     X = np.stack([xs.ravel(), ys.ravel(), np.ones(Ho * Wo)]).astype(np.float64)
@@ -288,13 +294,20 @@ def affine_grid(theta, out_shape):
 
 
 def _stn_setup(U, theta, out_shape):
-    U = np.asarray(U, dtype=np.float64)
+    U = np.asarray(U)
+    if U.dtype.kind not in "fiu":
+        raise ValueError(f"U must be a real array, got dtype {U.dtype}")
     if U.ndim != 4:
         raise ValueError(f"U must be a batch (N, C, H, W), got shape {U.shape}")
-    if theta is not None and np.asarray(theta).shape != (U.shape[0], 2, 3):
+    U = U.astype(np.float64)
+    if not np.all(np.isfinite(U)):
+        raise ValueError("U has non-finite values")
+    if np.shape(theta) != (U.shape[0], 2, 3):
         raise ValueError(
             f"theta must have shape {(U.shape[0], 2, 3)}, got {np.shape(theta)}"
         )
+    if not np.all(np.isfinite(np.asarray(theta, dtype=np.float64))):
+        raise ValueError("theta has non-finite entries")
     out_shape = U.shape[2:] if out_shape is None else tuple(out_shape)
     P = affine_grid(theta, out_shape)
     N, C, H, W = U.shape
@@ -411,6 +424,8 @@ def _params(kind, p):
         raise ValueError(
             f"a {kind} warp has {_KINDS[kind]} parameters, got shape {p.shape}"
         )
+    if not np.all(np.isfinite(p)):
+        raise ValueError(f"the {kind} parameters are not finite: {p.tolist()}")
     return p
 
 
@@ -427,6 +442,8 @@ def warp_params(kind, M):
     """The parameters of the warp with matrix M, scaled so that M[2, 2] = 1. Raises
     ValueError when M is not of that kind."""
     M = _same(M, (3, 3), "M")
+    if not np.all(np.isfinite(M)):
+        raise ValueError("a warp matrix needs finite entries")
     if M[2, 2] == 0:
         raise ValueError("a warp matrix needs M[2, 2] != 0")
     M = M / M[2, 2]
@@ -548,6 +565,11 @@ def _photometric(Iw, T):
     the warped image: a weak correlation shrinks the corrected error rather than
     inflating it. Returns (a, b)."""
     Tc, Ic = T - T.mean(), Iw - Iw.mean()
+    if not np.sum(Ic * Ic) > 1e-24 * np.sum(Iw * Iw):
+        raise ValueError(
+            "the warped image is constant over the template: its gain cannot be "
+            "fitted and no warp can be estimated"
+        )
     a = float(np.sum(Ic * Ic) / np.sum(Tc * Ic))
     if not a > 0:
         raise ValueError(
@@ -703,10 +725,21 @@ def align(
         raise ValueError(f"method must be 'ic' or 'fa', got {method!r}")
     if not (isinstance(levels, int) and levels >= 1):
         raise ValueError(f"levels must be a positive integer, got {levels!r}")
+    if not (isinstance(max_iter, (int, np.integer)) and max_iter >= 1):
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    if not (np.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a positive number of pixels, got {tol!r}")
+    if not 0 < min_overlap <= 1:
+        raise ValueError(f"min_overlap must be in (0, 1], got {min_overlap!r}")
     if min(T.shape) >> (levels - 1) < 4:
         raise ValueError(
             f"a template of shape {T.shape} is too small for {levels} pyramid levels"
         )
+    # a common power of two brings the values near 1 (exact: it changes no digit)
+    # so that squares neither overflow nor underflow; the bias is scaled back
+    top = max(np.abs(T).max(), np.abs(I).max())
+    scale = 2.0 ** np.floor(np.log2(top)) if top > 0 else 1.0
+    T, I = T / scale, I / scale
     M = warp_matrix(kind, p0)
     # look only within `reach` pixels of where the start puts the template
     h, w = T.shape
@@ -743,16 +776,19 @@ def align(
         total, steps = total + it, steps + st
     M = shift @ M
     M = M / M[2, 2]
-    return AlignResult(warp_params(kind, M), M, converged, total, a, b, steps)
+    return AlignResult(warp_params(kind, M), M, converged, total, a, b * scale, steps)
 
 
 def corner_error(M_est, M_true, shape):
     """Mean distance (pixels) between the template's four corners mapped by the two
     warps; `shape` is the template's (h, w)."""
+    M_est, M_true = _same(M_est, (3, 3), "M_est"), _same(M_true, (3, 3), "M_true")
+    if not (np.all(np.isfinite(M_est)) and np.all(np.isfinite(M_true))):
+        raise ValueError("corner_error needs finite warp matrices")
     h, w = shape
     corners = np.array([[0, w - 1, w - 1, 0], [0, 0, h - 1, h - 1]], dtype=float)
-    a, _ = _apply(np.asarray(M_est, dtype=float), corners)
-    b, _ = _apply(np.asarray(M_true, dtype=float), corners)
+    a, _ = _apply(M_est, corners)
+    b, _ = _apply(M_true, corners)
     return float(np.mean(np.linalg.norm(a - b, axis=0)))
 
 
@@ -760,6 +796,18 @@ def homography_from_corners(src, dst):
     """The homography (3 x 3, M[2, 2] = 1) sending the 4 points src (2, 4) to dst
     (2, 4), by the direct linear transform."""
     src, dst = _same(src, (2, 4), "src"), _same(dst, (2, 4), "dst")
+    for name, Q in (("src", src), ("dst", dst)):
+        if not np.all(np.isfinite(Q)):
+            raise ValueError(f"{name} has non-finite coordinates")
+        side = max(np.ptp(Q[0]), np.ptp(Q[1]))
+        for k in range(4):  # the triangle left when point k is dropped
+            a, b, c = np.delete(Q, k, axis=1).T
+            area = (b[0] - a[0]) * (c[1] - a[1]) - (b[1] - a[1]) * (c[0] - a[0])
+            if not abs(area) > 1e-9 * side**2:
+                raise ValueError(
+                    f"three of the {name} points are collinear (or coincide): "
+                    f"no homography is determined, got {Q.tolist()}"
+                )
     A, rhs = [], []
     for (x, y), (u, v) in zip(src.T, dst.T):
         A.append([x, y, 1, 0, 0, 0, -u * x, -u * y])

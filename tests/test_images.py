@@ -250,3 +250,49 @@ def test_align_polish_removes_the_blur_of_the_finest_level(rng):
     assert polished.converged
     assert im.corner_error(polished.M, M_true, T.shape) < 1e-5
     assert im.corner_error(plain.M, M_true, T.shape) > 1e-2
+
+
+def test_refusals_of_the_sampler_warps_and_corners(rng):
+    U, theta = rng.standard_normal((1, 1, 5, 5)), np.array([[[1.0, 0, 0], [0, 1, 0]]])
+    with pytest.raises(ValueError, match="non-finite"):
+        im.stn_sample(np.full((1, 1, 5, 5), np.nan), theta)
+    with pytest.raises(ValueError, match="non-finite"):
+        im.stn_sample(U, theta * np.nan)
+    with pytest.raises(ValueError, match="dtype"):
+        im.stn_sample(U > 0, theta)
+    with pytest.raises(ValueError, match="out_shape"):
+        im.stn_sample(U, theta, (0, 4))
+    with pytest.raises(ValueError, match="not finite"):
+        im.warp("affine", np.full(6, np.nan), np.zeros((2, 3)))
+    with pytest.raises(ValueError, match="finite"):
+        im.warp_params("homography", np.full((3, 3), np.inf))
+    with pytest.raises(ValueError, match="finite"):
+        im.corner_error(np.full((3, 3), np.nan), np.eye(3), (4, 4))
+    square = np.array([[0.0, 1, 1, 0], [0, 0, 1, 1]])
+    with pytest.raises(ValueError, match="collinear"):
+        im.homography_from_corners(np.array([[0.0, 1, 2, 3], [0, 1, 2, 5]]), square)
+    with pytest.raises(ValueError, match="collinear"):
+        im.homography_from_corners(square, np.array([[0.0, 0, 1, 1], [0, 0, 0, 1]]))
+
+
+def test_align_refuses_bad_options_and_a_constant_image_and_scales(rng):
+    I = smooth_image(60, 60)
+    T, p0 = I[10:30, 10:30], np.array([10.0, 10.0])
+    for options, word in [
+        ({"max_iter": 0}, "max_iter"),
+        ({"tol": -1.0}, "tol"),
+        ({"min_overlap": 0.0}, "min_overlap"),
+        ({"min_overlap": np.nan}, "min_overlap"),
+    ]:
+        with pytest.raises(ValueError, match=word):
+            im.align(T, I, p0, kind="translation", **options)
+    for method in ("ic", "fa"):
+        with pytest.raises(ValueError, match="warped image is constant"):
+            im.align(T, np.full((60, 60), 0.3), p0, kind="translation", method=method)
+    # the same problem at 1e-200 and 1e300: the same warp, the bias scaled
+    start = np.array([11.0, 9.5])
+    ref = im.align(T, I, start, kind="translation", tol=1e-6, smooth=False)
+    for s in (1e-200, 1e300):
+        res = im.align(s * T, s * I, start, kind="translation", tol=1e-6, smooth=False)
+        np.testing.assert_allclose(res.p, ref.p, rtol=0, atol=1e-9)
+        assert np.isclose(res.gain, ref.gain) and np.isclose(res.bias / s, ref.bias)
