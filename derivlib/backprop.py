@@ -207,13 +207,17 @@ def softmax_cross_entropy(Z, Y):
 
 
 def softmax_cross_entropy_jvp(Z, Y, dZ, dY):
-    """Eq. 4.11: dl = <S o (1 1^T Y) - Y, dZ> - <log softmax(Z), dY>, a scalar."""
+    """Eq. 4.11, first form: dl = -<Y, d log softmax(Z)> - <log softmax(Z), dY>, a
+    scalar, with d log softmax(Z) = dZ - 1 1^T (S o dZ) of eq. 4.10, S = softmax(Z).
+
+    Written from the forward differential, independently of the VJP's gradient
+    S o (1 1^T Y) - Y, so that the dot-product test compares two derivations."""
     Z, Y = _logits_and_targets(Z, Y)
     dZ, dY = _tangent(dZ, Z.shape, "dZ"), _tangent(dY, Y.shape, "dY")
     axis = softmax_axis(Z.shape)
     log_S = _finite_log_softmax(Z, axis)
-    Zbar = softmax(Z) * Y.sum(axis=axis, keepdims=True) - Y
-    return float(np.sum(Zbar * dZ) - np.sum(log_S * dY))
+    d_log_S = dZ - (softmax(Z) * dZ).sum(axis=axis, keepdims=True)
+    return float(-np.sum(Y * d_log_S) - np.sum(log_S * dY))
 
 
 def softmax_cross_entropy_vjp(Z, Y, g):
