@@ -19,7 +19,8 @@ ValueError naming the argument at fault (``dX``, ``dK``, ``G``, ...).
 
 Max pooling: where a window holds its maximum more than once, the whole derivative
 goes to the first maximum in row-major order inside the window, as in JAX's
-``lax.reduce_window`` max and its derivatives."""
+``lax.reduce_window`` max and its VJP (JAX's JVP does the same without padding, but
+with padding it can give a tied window the increment of another of its maxima)."""
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -311,7 +312,8 @@ def max_pool(X, *, size=2, stride=None, padding=0):
     stride None means size. `padding` rows and columns of -inf on every side (eq.
     5.24; at most size // 2, so that every window holds an entry of X). Its
     derivatives (`max_pool_jvp`, `max_pool_vjp`, `max_pool_matrix`) give a tied
-    window's whole derivative to its first maximum in row-major order, as JAX does."""
+    window's whole derivative to its first maximum in row-major order, as JAX's VJP
+    does."""
     X = _images(X, "X")
     size, stride, padding = _pool_geometry(X.shape, size, stride, padding)
     return _windows(_pad(X, padding, -np.inf), size, stride).max(axis=(-2, -1))
@@ -322,7 +324,7 @@ def max_pool_argmax(X, *, size=2, stride=None, padding=0):
     W'), offsets counted in the padded image.
 
     Ties go to the first maximum in row-major order inside the window, as in JAX's
-    reduce_window and its derivatives."""
+    reduce_window and its VJP."""
     X = _images(X, "X")
     size, stride, padding = _pool_geometry(X.shape, size, stride, padding)
     win = _windows(_pad(X, padding, -np.inf), size, stride)
@@ -541,7 +543,9 @@ def batch_norm_eval(X, gamma, beta, *, mean, var, eps=1e-5):
     axis 1); gamma, beta, mean and var have one entry per feature or channel."""
     X, gamma, beta, mean, s = _eval_args(X, gamma, beta, mean, var, eps)
     b = _feature_shape(X)
-    return (gamma / s).reshape(b) * (X - mean.reshape(b)) + beta.reshape(b)
+    with np.errstate(over="ignore", invalid="ignore"):
+        Y = (gamma / s).reshape(b) * (X - mean.reshape(b)) + beta.reshape(b)
+    return _finite_eval(Y, "Y", s)
 
 
 def batch_norm_eval_jvp(X, gamma, beta, dX, dgamma, dbeta, *, mean, var, eps=1e-5):
@@ -551,12 +555,14 @@ def batch_norm_eval_jvp(X, gamma, beta, dX, dgamma, dbeta, *, mean, var, eps=1e-
     dX = _like(dX, X, "dX")
     dgamma, dbeta = _like(dgamma, gamma, "dgamma"), _like(dbeta, beta, "dbeta")
     b = _feature_shape(X)
-    Xhat = (X - mean.reshape(b)) / s.reshape(b)
-    return (
-        gamma.reshape(b) * dX / s.reshape(b)
-        + dgamma.reshape(b) * Xhat
-        + dbeta.reshape(b)
-    )
+    with np.errstate(over="ignore", invalid="ignore"):
+        Xhat = (X - mean.reshape(b)) / s.reshape(b)
+        dY = (
+            gamma.reshape(b) * dX / s.reshape(b)
+            + dgamma.reshape(b) * Xhat
+            + dbeta.reshape(b)
+        )
+    return _finite_eval(dY, "dY", s)
 
 
 def batch_norm_eval_vjp(X, gamma, beta, G, *, mean, var, eps=1e-5):
@@ -566,8 +572,26 @@ def batch_norm_eval_vjp(X, gamma, beta, G, *, mean, var, eps=1e-5):
     G = _cotangent(G, X.shape)
     b = _feature_shape(X)
     axes = (1,) if X.ndim == 2 else (0, 2, 3)  # all but the feature axis
-    Xhat = (X - mean.reshape(b)) / s.reshape(b)
-    return (gamma / s).reshape(b) * G, (G * Xhat).sum(axis=axes), G.sum(axis=axes)
+    with np.errstate(over="ignore", invalid="ignore"):
+        Xhat = (X - mean.reshape(b)) / s.reshape(b)
+        Xbar, gbar = (gamma / s).reshape(b) * G, (G * Xhat).sum(axis=axes)
+    return (
+        _finite_eval(Xbar, "Xbar", s),
+        _finite_eval(gbar, "gammabar", s),
+        G.sum(axis=axes),
+    )
+
+
+def _finite_eval(A, name, s):
+    """A, or a ValueError if it overflowed float64 (a standard deviation sqrt(var +
+    eps) so small, or an input so large, that the affine map of eq. 5.21 leaves the
+    floats): never an infinity or a NaN."""
+    if not np.all(np.isfinite(A)):
+        raise ValueError(
+            f"{name} overflows float64: the smallest sqrt(var + eps) is {s.min():.3g}; "
+            f"use a larger eps or smaller inputs"
+        )
+    return A
 
 
 def batch_norm_running_stats(X, mean, var, *, momentum=0.1):
@@ -585,11 +609,19 @@ def batch_norm_running_stats(X, mean, var, *, momentum=0.1):
         )
     mean = as_array_of_shape(mean, "mean", (d,), "{name} must have shape")
     var = as_array_of_shape(var, "var", (d,), "{name} must have shape")
-    if not (0 <= momentum <= 1):
-        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    if np.any(var < 0):
+        raise ValueError(f"var must be non-negative, got {var.min():.3g}")
+    if not (_is_real_number(momentum) and 0 <= momentum <= 1):
+        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
     mu = rows.mean(axis=1)
-    v = ((rows - mu[:, None]) ** 2).sum(axis=1) / (n - 1)
-    return (1 - momentum) * mean + momentum * mu, (1 - momentum) * var + momentum * v
+    with np.errstate(over="ignore", invalid="ignore"):
+        v = ((rows - mu[:, None]) ** 2).sum(axis=1) / (n - 1)
+        new_var = (1 - momentum) * var + momentum * v
+    if not np.all(np.isfinite(new_var)):
+        raise ValueError(
+            f"the variance of X overflows float64 (largest |X| = {np.abs(X).max():.3g})"
+        )
+    return (1 - momentum) * mean + momentum * mu, new_var
 
 
 def _feature_shape(X):
@@ -613,9 +645,8 @@ def _eval_args(X, gamma, beta, mean, var, eps):
     gamma, beta, mean, var = args
     if np.any(var < 0):
         raise ValueError(f"var must be non-negative, got {var.min():.3g}")
-    if not (np.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be finite and non-negative, got {eps}")
-    s = np.sqrt(var + float(eps))
+    eps = _eps(eps)
+    s = np.sqrt(var + eps)
     if np.any(s == 0):
         raise ValueError("var + eps must be positive for every feature; use eps > 0")
     return X, gamma, beta, mean, s
@@ -1058,6 +1089,17 @@ def _norm_args(X, gamma, beta, eps):
                 f"{name} must have shape {(X.shape[0],)} (one per row of X {X.shape}), "
                 f"got {v.shape}"
             )
-    if not (np.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be finite and non-negative, got {eps}")
-    return X, gamma, beta, float(eps)
+    return X, gamma, beta, _eps(eps)
+
+
+def _is_real_number(value):
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, bool
+    )
+
+
+def _eps(eps):
+    """eps as a float, if it is a finite, non-negative real number; else ValueError."""
+    if not (_is_real_number(eps) and np.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite, non-negative number, got {eps!r}")
+    return float(eps)

@@ -422,8 +422,13 @@ def test_norm_extremes_and_errors():
         match=r"gamma must have shape \(2,\) \(one per row of X \(2, 4\)\), got \(4,\)",
     ):
         L.layer_norm(X, np.ones(4), np.zeros(2))
-    with pytest.raises(ValueError, match="eps must be finite and non-negative, got -1"):
+    with pytest.raises(ValueError, match="eps must be a finite, non-negative number"):
         L.batch_norm(X, np.ones(2), np.zeros(2), eps=-1)
+    for eps in ("1e-5", None, np.nan):
+        with pytest.raises(ValueError, match=r"eps must be a finite, non-negative"):
+            L.batch_norm_eval(
+                X, np.ones(2), np.zeros(2), mean=[0, 0], var=[1, 1], eps=eps
+            )
 
 
 @pytest.mark.parametrize("n", [3, 7])
@@ -880,6 +885,19 @@ def test_batch_norm_eval_is_training_mode_frozen_at_the_batch_statistics(rng):
     assert relative_error(Xbar_eval, L.batch_norm_vjp(X, g, b, G)[0]) > 0.1
 
 
+def test_batch_norm_eval_refuses_an_overflow_rather_than_return_inf_or_nan():
+    tiny = {"mean": [0.0], "var": [1e-300], "eps": 0.0}  # sqrt(var + eps) = 1e-150
+    X, G = np.array([[1e200, 1.0]]), np.array([[0.0, 1.0]])
+    with pytest.raises(ValueError, match="Y overflows float64"):
+        L.batch_norm_eval(X, [1.0], [0.0], **tiny)
+    with pytest.raises(ValueError, match="Xbar overflows float64"):
+        L.batch_norm_eval_vjp(np.ones((1, 2)), [1e300], [0.0], G, **tiny)
+    with pytest.raises(ValueError, match="dY overflows float64"):
+        L.batch_norm_eval_jvp(np.ones((1, 2)), [1e300], [0.0], G, [0.0], [0.0], **tiny)
+    Y = L.batch_norm_eval(np.ones((1, 2)), [1.0], [0.0], **tiny)  # small but finite
+    close(Y, np.full((1, 2), 1e150))
+
+
 def test_batch_norm_running_stats(rng):
     X = rng.standard_normal((2, 3, 4, 5))
     m0, v0 = np.zeros(3), np.ones(3)
@@ -889,8 +907,13 @@ def test_batch_norm_running_stats(rng):
     close(v1, 0.75 + 0.25 * rows.var(axis=1, ddof=1))
     with pytest.raises(ValueError, match="at least 2 values per feature"):
         L.batch_norm_running_stats(np.ones((3, 1)), m0, v0)
-    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\], got 2"):
-        L.batch_norm_running_stats(X, m0, v0, momentum=2)
+    for momentum in (2, -0.1, np.nan, "0.1", True):
+        with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\]"):
+            L.batch_norm_running_stats(X, m0, v0, momentum=momentum)
+    with pytest.raises(ValueError, match="var must be non-negative"):
+        L.batch_norm_running_stats(X, m0, -v0)
+    with pytest.raises(ValueError, match="the variance of X overflows float64"):
+        L.batch_norm_running_stats(X * 1e300, m0, v0)
 
 
 def test_batch_norm2d_refuses_one_value_per_channel_and_names_arguments():
