@@ -387,7 +387,11 @@ def avg_pool(X, *, size=2, stride=None, padding=0):
     the mean: every window divides by size^2."""
     X = _images(X, "X")
     size, stride, padding = _pool_geometry(X.shape, size, stride, padding)
-    return _windows(_pad(X, padding, 0.0), size, stride).mean(axis=(-2, -1))
+    # scaled by a power of two near max |X| (exact), so that a window's sum cannot
+    # overflow where its mean is a float (entries near 1.8e308)
+    scale = np.ldexp(1.0, int(np.frexp(np.abs(X).max())[1]) - 1)
+    windows = _windows(_pad(X / scale, padding, 0.0), size, stride)
+    return scale * windows.mean(axis=(-2, -1))
 
 
 def avg_pool_jvp(X, dX, *, size=2, stride=None, padding=0):

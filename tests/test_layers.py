@@ -337,6 +337,17 @@ def test_avg_pool_matches_jax(pool, seed):
     )
 
 
+def test_avg_pool_of_entries_near_the_largest_float_does_not_overflow():
+    big = np.finfo(float).max
+    X = np.full((1, 1, 3, 3), big)
+    same = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-15, atol=0)  # noqa: E731
+    same(L.avg_pool(X, size=3), np.full((1, 1, 1, 1), big))  # not inf
+    Y = L.avg_pool(X, size=3, padding=1)  # zeros of the padding count in the mean
+    same(Y[0, 0, 0, 0], big / 9 * 4)
+    same(L.avg_pool_jvp(X, X, size=2, stride=1), np.full((1, 1, 2, 2), big))
+    same(L.avg_pool(np.full((1, 1, 2, 2), 5e-324)), np.full((1, 1, 1, 1), 5e-324))
+
+
 def test_pool_errors_name_the_argument():
     with pytest.raises(ValueError, match="size must be a positive integer, got 0"):
         L.max_pool(np.zeros((1, 1, 4, 4)), size=0)
