@@ -5,8 +5,9 @@ differential dY = L(dX) (the forward rule) and ``<name>_vjp(*primals, G, **optio
 its adjoint L*(G), the gradient with respect to the inputs of the scalar <G, Y> (eq.
 4.2); options are keyword-only. Each JVP is written from the forward differential,
 independently of its VJP (they share forward values, never a derivative helper), so
-the dot-product test compares two derivations. Every rule refuses a non-finite
-primal, tangent or cotangent and names the argument at fault. Both take and
+the dot-product test compares two derivations; the one exception is the element-wise
+rule, which is given f' and applies it in both directions. Every rule refuses a
+non-finite primal, tangent or cotangent and names the argument at fault. Both take and
 return arrays in the shapes of the forward function (never vec layout), so they drop
 into a training loop; with several inputs the VJP returns a tuple, one gradient per
 input. A scalar output has a scalar cotangent, written ``g``.
