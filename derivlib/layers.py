@@ -602,7 +602,9 @@ def batch_norm_running_stats(X, mean, var, *, momentum=0.1):
     """Eq. 5.22: the running statistics after one training batch X, (1 - momentum)
     times the old plus momentum times the batch's: its mean, and its unbiased variance
     (the biased variance of eq. 5.11 times n / (n - 1), n values per feature), as
-    Ioffe and Szegedy's inference rule. X is (d, n) or NCHW; returns (mean, var)."""
+    PyTorch's BatchNorm stores it and as Ioffe and Szegedy's inference rule uses it
+    (Flax's BatchNorm averages the biased variance instead). X is (d, n) or NCHW;
+    returns (mean, var)."""
     X = as_finite_array(X, "X", (2, 4))
     rows = X if X.ndim == 2 else _channel_rows(X)
     d, n = rows.shape
