@@ -22,6 +22,8 @@ goes to the first maximum in row-major order inside the window, as in JAX's
 ``lax.reduce_window`` max and its VJP (JAX's JVP does the same without padding, but
 with padding it can give a tied window the increment of another of its maxima)."""
 
+import functools
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -34,6 +36,40 @@ from ._validate import (
 )
 from .backprop import matmul_vjp
 from .vector import _log_softmax, softmax
+
+
+def _finite_results(rule):
+    """Run `rule` without overflow warnings and refuse a result that is not finite.
+
+    With finite inputs (every rule checks them), an infinity or a NaN in the result
+    means that a product or a sum left float64 (entries near 1e154 and above); the
+    rule then raises ValueError rather than return inf, or NaN from inf - inf."""
+
+    @functools.wraps(rule)
+    def checked(*args, **options):
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = rule(*args, **options)
+        parts = out if isinstance(out, tuple) else (out,)
+        if not all(np.all(np.isfinite(a)) for a in parts if a is not None):
+            largest = max(
+                (float(np.max(np.abs(a))) for a in map(_as_floats, args) if a.size),
+                default=float("nan"),
+            )
+            raise ValueError(
+                f"{rule.__name__} overflows float64: its result is not finite (the "
+                f"largest input entry is {largest:.3g})"
+            )
+        return out
+
+    return checked
+
+
+def _as_floats(a):
+    try:
+        return np.asarray(a, dtype=np.float64)
+    except (TypeError, ValueError):
+        return np.empty(0)
+
 
 # ----- Layout: NCHW images and the matrices of the derivations -----
 
@@ -126,6 +162,7 @@ def im2col_matrix(x_shape, kh, kw, *, stride=1, padding=0, dilation=1):
     return phis.reshape(n, P, -1).transpose(0, 2, 1).reshape(n, -1).T.copy()
 
 
+@_finite_results
 def conv2d(X, K, *, stride=1, padding=0, dilation=1, groups=1):
     """Cross-correlation (no kernel flip) with zero padding, eqs. 5.1, 5.2 and 5.25.
 
@@ -149,6 +186,7 @@ def conv2d(X, K, *, stride=1, padding=0, dilation=1, groups=1):
     return Y
 
 
+@_finite_results
 def conv2d_jvp(X, K, dX, dK, *, stride=1, padding=0, dilation=1, groups=1):
     """dY = conv(dX, K) + conv(X, dK): the layer is bilinear (eqs. 5.4 and 5.25)."""
     X, K, groups = _conv_pair(X, K, groups)
@@ -162,6 +200,7 @@ def conv2d_jvp(X, K, dX, dK, *, stride=1, padding=0, dilation=1, groups=1):
     return conv2d(dX, K, **geometry) + conv2d(X, dK, **geometry)
 
 
+@_finite_results
 def conv2d_vjp(X, K, G, *, stride=1, padding=0, dilation=1, groups=1, input_grad=True):
     """The backward rules of eqs. 5.5, 5.6 and 5.25: (Xbar, Kbar) for the cotangent G
     (N, O, H', W').
@@ -204,6 +243,7 @@ def _conv2d_vjp_im2col(X, K, G, stride, padding, input_grad=True, dilation=1, gr
     return Xbar, Kbar
 
 
+@_finite_results
 def conv2d_bias(X, K, b, *, stride=1, padding=0, dilation=1, groups=1):
     """Eq. 5.25: conv2d(X, K, ...) + b, the bias b (O,) added to every pixel of output
     channel o."""
@@ -212,6 +252,7 @@ def conv2d_bias(X, K, b, *, stride=1, padding=0, dilation=1, groups=1):
     return conv2d(X, K, groups=groups, **geometry) + b[None, :, None, None]
 
 
+@_finite_results
 def conv2d_bias_jvp(X, K, b, dX, dK, db, *, stride=1, padding=0, dilation=1, groups=1):
     """Eq. 5.25: dY = conv(dX, K) + conv(X, dK) + db at every pixel."""
     X, K, b = _conv_bias_args(X, K, b)
@@ -221,6 +262,7 @@ def conv2d_bias_jvp(X, K, b, dX, dK, db, *, stride=1, padding=0, dilation=1, gro
     return dY + db[None, :, None, None]
 
 
+@_finite_results
 def conv2d_bias_vjp(
     X, K, b, G, *, stride=1, padding=0, dilation=1, groups=1, input_grad=True
 ):
@@ -753,6 +795,7 @@ def _finite_over_s(A, s, name):
 # ----- Attention -----
 
 
+@_finite_results
 def attention(Q, K, V, *, mask=None):
     """O = P V with P = softmax_rows(Q K^T / sqrt(d)), eq. 5.17.
 
@@ -773,6 +816,7 @@ def attention_probs(Q, K, *, mask=None):
     )[0]
 
 
+@_finite_results
 def attention_jvp(Q, K, V, dQ, dK, dV, *, mask=None):
     """Eq. 5.18: dO = dP V + P dV, dP = P o (dS - (P o dS) 1 1^T), dS = (dQ K^T + Q
     dK^T) / sqrt(d)."""
@@ -783,6 +827,7 @@ def attention_jvp(Q, K, V, dQ, dK, dV, *, mask=None):
     return dP @ V + P @ dV
 
 
+@_finite_results
 def attention_vjp(Q, K, V, G, *, mask=None):
     """Eq. 5.19: (Qbar, Kbar, Vbar) = (Sbar K / sqrt(d), Sbar^T Q / sqrt(d), P^T G),
     with Pbar = G V^T and Sbar = P o (Pbar - (P o Pbar) 1 1^T). Masked entries, and

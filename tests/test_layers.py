@@ -909,6 +909,19 @@ def test_batch_norm_eval_refuses_an_overflow_rather_than_return_inf_or_nan():
     close(Y, np.full((1, 2), 1e150))
 
 
+def test_conv_and_attention_refuse_a_result_that_overflows():
+    big = np.full((1, 1, 3, 3), 1e200)  # products of 1e400: inf, and inf - inf = NaN
+    with pytest.raises(ValueError, match=r"^conv2d overflows float64.*1e\+200"):
+        L.conv2d(big, -big)
+    with pytest.raises(ValueError, match="^conv2d_vjp overflows float64"):
+        L.conv2d_vjp([[[[1.0, 2.0]]]], [[[[1e200]]]], [[[[1e200, 1.0]]]])  # Xbar
+    Q, K, V = draw(np.random.default_rng(0), (3, 2), (4, 2), (4, 2))
+    with pytest.raises(ValueError, match="^attention_vjp overflows float64"):
+        L.attention_vjp(Q, 10 * K, V, np.full((3, 2), 1e308))
+    with pytest.raises(ValueError, match="^attention_jvp overflows float64"):
+        L.attention_jvp(Q, 10 * K, V, 1e308 * Q, 0 * K, 0 * V)
+
+
 def test_batch_norm_running_stats(rng):
     X = rng.standard_normal((2, 3, 4, 5))
     m0, v0 = np.zeros(3), np.ones(3)
