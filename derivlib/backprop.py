@@ -5,8 +5,9 @@ differential dY = L(dX) (the forward rule) and ``<name>_vjp(*primals, G, **optio
 its adjoint L*(G), the gradient with respect to the inputs of the scalar <G, Y> (eq.
 4.2); options are keyword-only. Each JVP is written from the forward differential,
 independently of its VJP (they share forward values, never a derivative helper), so
-the dot-product test compares two derivations. Every rule refuses a non-finite
-primal, tangent or cotangent and names the argument at fault. Both take and
+the dot-product test compares two derivations; the one exception is the element-wise
+rule, which is given f' and applies it in both directions. Every rule refuses a
+non-finite primal, tangent or cotangent and names the argument at fault. Both take and
 return arrays in the shapes of the forward function (never vec layout), so they drop
 into a training loop; with several inputs the VJP returns a tuple, one gradient per
 input. A scalar output has a scalar cotangent, written ``g``.
@@ -215,13 +216,17 @@ def softmax_cross_entropy(Z, Y):
 
 
 def softmax_cross_entropy_jvp(Z, Y, dZ, dY):
-    """Eq. 4.11: dl = <S o (1 1^T Y) - Y, dZ> - <log softmax(Z), dY>, a scalar."""
+    """Eq. 4.11, first form: dl = -<Y, d log softmax(Z)> - <log softmax(Z), dY>, a
+    scalar, with d log softmax(Z) = dZ - 1 1^T (S o dZ) of eq. 4.10, S = softmax(Z).
+
+    Written from the forward differential, independently of the VJP's gradient
+    S o (1 1^T Y) - Y, so that the dot-product test compares two derivations."""
     Z, Y = _logits_and_targets(Z, Y)
     dZ, dY = _tangent(dZ, Z.shape, "dZ"), _tangent(dY, Y.shape, "dY")
     axis = softmax_axis(Z.shape)
     log_S = _finite_log_softmax(Z, axis)
-    Zbar = softmax(Z) * Y.sum(axis=axis, keepdims=True) - Y
-    return float(np.sum(Zbar * dZ) - np.sum(log_S * dY))
+    d_log_S = dZ - (softmax(Z) * dZ).sum(axis=axis, keepdims=True)
+    return float(-np.sum(Y * d_log_S) - np.sum(log_S * dY))
 
 
 def softmax_cross_entropy_vjp(Z, Y, g):

@@ -19,7 +19,10 @@ ValueError naming the argument at fault (``dX``, ``dK``, ``G``, ...).
 
 Max pooling: where a window holds its maximum more than once, the whole derivative
 goes to the first maximum in row-major order inside the window, as in JAX's
-``lax.reduce_window`` max and its derivatives."""
+``lax.reduce_window`` max and its VJP (JAX's JVP does the same without padding, but
+with padding it can give a tied window the increment of another of its maxima)."""
+
+import functools
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -37,6 +40,40 @@ from ._validate import (
 )
 from .backprop import matmul_vjp
 from .vector import _log_softmax, softmax
+
+
+def _finite_results(rule):
+    """Run `rule` without overflow warnings and refuse a result that is not finite.
+
+    With finite inputs (every rule checks them), an infinity or a NaN in the result
+    means that a product or a sum left float64 (entries near 1e154 and above); the
+    rule then raises ValueError rather than return inf, or NaN from inf - inf."""
+
+    @functools.wraps(rule)
+    def checked(*args, **options):
+        with np.errstate(over="ignore", invalid="ignore"):
+            out = rule(*args, **options)
+        parts = out if isinstance(out, tuple) else (out,)
+        if not all(np.all(np.isfinite(a)) for a in parts if a is not None):
+            largest = max(
+                (float(np.max(np.abs(a))) for a in map(_as_floats, args) if a.size),
+                default=float("nan"),
+            )
+            raise ValueError(
+                f"{rule.__name__} overflows float64: its result is not finite (the "
+                f"largest input entry is {largest:.3g})"
+            )
+        return out
+
+    return checked
+
+
+def _as_floats(a):
+    try:
+        return np.asarray(a, dtype=np.float64)
+    except (TypeError, ValueError):
+        return np.empty(0)
+
 
 # ----- Layout: NCHW images and the matrices of the derivations -----
 
@@ -129,6 +166,7 @@ def im2col_matrix(x_shape, kh, kw, *, stride=1, padding=0, dilation=1):
     return phis.reshape(n, P, -1).transpose(0, 2, 1).reshape(n, -1).T.copy()
 
 
+@_finite_results
 def conv2d(X, K, *, stride=1, padding=0, dilation=1, groups=1):
     """Cross-correlation (no kernel flip) with zero padding, eqs. 5.1, 5.2 and 5.25.
 
@@ -152,6 +190,7 @@ def conv2d(X, K, *, stride=1, padding=0, dilation=1, groups=1):
     return Y
 
 
+@_finite_results
 def conv2d_jvp(X, K, dX, dK, *, stride=1, padding=0, dilation=1, groups=1):
     """dY = conv(dX, K) + conv(X, dK): the layer is bilinear (eqs. 5.4 and 5.25)."""
     X, K, groups = _conv_pair(X, K, groups)
@@ -165,6 +204,7 @@ def conv2d_jvp(X, K, dX, dK, *, stride=1, padding=0, dilation=1, groups=1):
     return conv2d(dX, K, **geometry) + conv2d(X, dK, **geometry)
 
 
+@_finite_results
 def conv2d_vjp(X, K, G, *, stride=1, padding=0, dilation=1, groups=1, input_grad=True):
     """The backward rules of eqs. 5.5, 5.6 and 5.25: (Xbar, Kbar) for the cotangent G
     (N, O, H', W').
@@ -207,6 +247,7 @@ def _conv2d_vjp_im2col(X, K, G, stride, padding, input_grad=True, dilation=1, gr
     return Xbar, Kbar
 
 
+@_finite_results
 def conv2d_bias(X, K, b, *, stride=1, padding=0, dilation=1, groups=1):
     """Eq. 5.25: conv2d(X, K, ...) + b, the bias b (O,) added to every pixel of output
     channel o."""
@@ -215,6 +256,7 @@ def conv2d_bias(X, K, b, *, stride=1, padding=0, dilation=1, groups=1):
     return conv2d(X, K, groups=groups, **geometry) + b[None, :, None, None]
 
 
+@_finite_results
 def conv2d_bias_jvp(X, K, b, dX, dK, db, *, stride=1, padding=0, dilation=1, groups=1):
     """Eq. 5.25: dY = conv(dX, K) + conv(X, dK) + db at every pixel."""
     X, K, b = _conv_bias_args(X, K, b)
@@ -224,6 +266,7 @@ def conv2d_bias_jvp(X, K, b, dX, dK, db, *, stride=1, padding=0, dilation=1, gro
     return dY + db[None, :, None, None]
 
 
+@_finite_results
 def conv2d_bias_vjp(
     X, K, b, G, *, stride=1, padding=0, dilation=1, groups=1, input_grad=True
 ):
@@ -315,7 +358,8 @@ def max_pool(X, *, size=2, stride=None, padding=0):
     stride None means size. `padding` rows and columns of -inf on every side (eq.
     5.24; at most size // 2, so that every window holds an entry of X). Its
     derivatives (`max_pool_jvp`, `max_pool_vjp`, `max_pool_matrix`) give a tied
-    window's whole derivative to its first maximum in row-major order, as JAX does."""
+    window's whole derivative to its first maximum in row-major order, as JAX's VJP
+    does."""
     X = _images(X, "X")
     size, stride, padding = _pool_geometry(X.shape, size, stride, padding)
     return _windows(_pad(X, padding, -np.inf), size, stride).max(axis=(-2, -1))
@@ -326,7 +370,7 @@ def max_pool_argmax(X, *, size=2, stride=None, padding=0):
     W'), offsets counted in the padded image.
 
     Ties go to the first maximum in row-major order inside the window, as in JAX's
-    reduce_window and its derivatives."""
+    reduce_window and its VJP."""
     X = _images(X, "X")
     size, stride, padding = _pool_geometry(X.shape, size, stride, padding)
     win = _windows(_pad(X, padding, -np.inf), size, stride)
@@ -389,7 +433,11 @@ def avg_pool(X, *, size=2, stride=None, padding=0):
     the mean: every window divides by size^2."""
     X = _images(X, "X")
     size, stride, padding = _pool_geometry(X.shape, size, stride, padding)
-    return _windows(_pad(X, padding, 0.0), size, stride).mean(axis=(-2, -1))
+    # scaled by a power of two near max |X| (exact), so that a window's sum cannot
+    # overflow where its mean is a float (entries near 1.8e308)
+    scale = np.ldexp(1.0, int(np.frexp(np.abs(X).max())[1]) - 1)
+    windows = _windows(_pad(X / scale, padding, 0.0), size, stride)
+    return scale * windows.mean(axis=(-2, -1))
 
 
 def avg_pool_jvp(X, dX, *, size=2, stride=None, padding=0):
@@ -545,7 +593,9 @@ def batch_norm_eval(X, gamma, beta, *, mean, var, eps=1e-5):
     axis 1); gamma, beta, mean and var have one entry per feature or channel."""
     X, gamma, beta, mean, s = _eval_args(X, gamma, beta, mean, var, eps)
     b = _feature_shape(X)
-    return (gamma / s).reshape(b) * (X - mean.reshape(b)) + beta.reshape(b)
+    with np.errstate(over="ignore", invalid="ignore"):
+        Y = (gamma / s).reshape(b) * (X - mean.reshape(b)) + beta.reshape(b)
+    return _finite_eval(Y, "Y", s)
 
 
 def batch_norm_eval_jvp(X, gamma, beta, dX, dgamma, dbeta, *, mean, var, eps=1e-5):
@@ -555,12 +605,14 @@ def batch_norm_eval_jvp(X, gamma, beta, dX, dgamma, dbeta, *, mean, var, eps=1e-
     dX = _like(dX, X, "dX")
     dgamma, dbeta = _like(dgamma, gamma, "dgamma"), _like(dbeta, beta, "dbeta")
     b = _feature_shape(X)
-    Xhat = (X - mean.reshape(b)) / s.reshape(b)
-    return (
-        gamma.reshape(b) * dX / s.reshape(b)
-        + dgamma.reshape(b) * Xhat
-        + dbeta.reshape(b)
-    )
+    with np.errstate(over="ignore", invalid="ignore"):
+        Xhat = (X - mean.reshape(b)) / s.reshape(b)
+        dY = (
+            gamma.reshape(b) * dX / s.reshape(b)
+            + dgamma.reshape(b) * Xhat
+            + dbeta.reshape(b)
+        )
+    return _finite_eval(dY, "dY", s)
 
 
 def batch_norm_eval_vjp(X, gamma, beta, G, *, mean, var, eps=1e-5):
@@ -570,15 +622,35 @@ def batch_norm_eval_vjp(X, gamma, beta, G, *, mean, var, eps=1e-5):
     G = _cotangent(G, X.shape)
     b = _feature_shape(X)
     axes = (1,) if X.ndim == 2 else (0, 2, 3)  # all but the feature axis
-    Xhat = (X - mean.reshape(b)) / s.reshape(b)
-    return (gamma / s).reshape(b) * G, (G * Xhat).sum(axis=axes), G.sum(axis=axes)
+    with np.errstate(over="ignore", invalid="ignore"):
+        Xhat = (X - mean.reshape(b)) / s.reshape(b)
+        Xbar, gbar = (gamma / s).reshape(b) * G, (G * Xhat).sum(axis=axes)
+    return (
+        _finite_eval(Xbar, "Xbar", s),
+        _finite_eval(gbar, "gammabar", s),
+        G.sum(axis=axes),
+    )
+
+
+def _finite_eval(A, name, s):
+    """A, or a ValueError if it overflowed float64 (a standard deviation sqrt(var +
+    eps) so small, or an input so large, that the affine map of eq. 5.21 leaves the
+    floats): never an infinity or a NaN."""
+    if not np.all(np.isfinite(A)):
+        raise ValueError(
+            f"{name} overflows float64: the smallest sqrt(var + eps) is {s.min():.3g}; "
+            f"use a larger eps or smaller inputs"
+        )
+    return A
 
 
 def batch_norm_running_stats(X, mean, var, *, momentum=0.1):
     """Eq. 5.22: the running statistics after one training batch X, (1 - momentum)
     times the old plus momentum times the batch's: its mean, and its unbiased variance
     (the biased variance of eq. 5.11 times n / (n - 1), n values per feature), as
-    Ioffe and Szegedy's inference rule. X is (d, n) or NCHW; returns (mean, var)."""
+    PyTorch's BatchNorm stores it and as Ioffe and Szegedy's inference rule uses it
+    (Flax's BatchNorm averages the biased variance instead). X is (d, n) or NCHW;
+    returns (mean, var)."""
     X = as_finite_array(X, "X", (2, 4))
     rows = X if X.ndim == 2 else _channel_rows(X)
     d, n = rows.shape
@@ -589,11 +661,19 @@ def batch_norm_running_stats(X, mean, var, *, momentum=0.1):
         )
     mean = as_array_of_shape(mean, "mean", (d,), "{name} must have shape")
     var = as_array_of_shape(var, "var", (d,), "{name} must have shape")
-    if not (0 <= momentum <= 1):
-        raise ValueError(f"momentum must be in [0, 1], got {momentum}")
+    if np.any(var < 0):
+        raise ValueError(f"var must be non-negative, got {var.min():.3g}")
+    if not (_is_real_number(momentum) and 0 <= momentum <= 1):
+        raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
     mu = rows.mean(axis=1)
-    v = ((rows - mu[:, None]) ** 2).sum(axis=1) / (n - 1)
-    return (1 - momentum) * mean + momentum * mu, (1 - momentum) * var + momentum * v
+    with np.errstate(over="ignore", invalid="ignore"):
+        v = ((rows - mu[:, None]) ** 2).sum(axis=1) / (n - 1)
+        new_var = (1 - momentum) * var + momentum * v
+    if not np.all(np.isfinite(new_var)):
+        raise ValueError(
+            f"the variance of X overflows float64 (largest |X| = {np.abs(X).max():.3g})"
+        )
+    return (1 - momentum) * mean + momentum * mu, new_var
 
 
 def _feature_shape(X):
@@ -617,9 +697,8 @@ def _eval_args(X, gamma, beta, mean, var, eps):
     gamma, beta, mean, var = args
     if np.any(var < 0):
         raise ValueError(f"var must be non-negative, got {var.min():.3g}")
-    if not (np.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be finite and non-negative, got {eps}")
-    s = np.sqrt(var + float(eps))
+    eps = _eps(eps)
+    s = np.sqrt(var + eps)
     if np.any(s == 0):
         raise ValueError("var + eps must be positive for every feature; use eps > 0")
     return X, gamma, beta, mean, s
@@ -720,6 +799,7 @@ def _finite_over_s(A, s, name):
 # ----- Attention -----
 
 
+@_finite_results
 def attention(Q, K, V, *, mask=None):
     """O = P V with P = softmax_rows(Q K^T / sqrt(d)), eq. 5.17.
 
@@ -740,6 +820,7 @@ def attention_probs(Q, K, *, mask=None):
     )[0]
 
 
+@_finite_results
 def attention_jvp(Q, K, V, dQ, dK, dV, *, mask=None):
     """Eq. 5.18: dO = dP V + P dV, dP = P o (dS - (P o dS) 1 1^T), dS = (dQ K^T + Q
     dK^T) / sqrt(d)."""
@@ -750,6 +831,7 @@ def attention_jvp(Q, K, V, dQ, dK, dV, *, mask=None):
     return dP @ V + P @ dV
 
 
+@_finite_results
 def attention_vjp(Q, K, V, G, *, mask=None):
     """Eq. 5.19: (Qbar, Kbar, Vbar) = (Sbar K / sqrt(d), Sbar^T Q / sqrt(d), P^T G),
     with Pbar = G V^T and Sbar = P o (Pbar - (P o Pbar) 1 1^T). Masked entries, and
@@ -1088,6 +1170,17 @@ def _norm_args(X, gamma, beta, eps):
                 f"{name} must have shape {(X.shape[0],)} (one per row of X {X.shape}), "
                 f"got {v.shape}"
             )
-    if not (np.isfinite(eps) and eps >= 0):
-        raise ValueError(f"eps must be finite and non-negative, got {eps}")
-    return X, gamma, beta, float(eps)
+    return X, gamma, beta, _eps(eps)
+
+
+def _is_real_number(value):
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, bool
+    )
+
+
+def _eps(eps):
+    """eps as a float, if it is a finite, non-negative real number; else ValueError."""
+    if not (_is_real_number(eps) and np.isfinite(eps) and eps >= 0):
+        raise ValueError(f"eps must be a finite, non-negative number, got {eps!r}")
+    return float(eps)

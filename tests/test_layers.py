@@ -337,6 +337,17 @@ def test_avg_pool_matches_jax(pool, seed):
     )
 
 
+def test_avg_pool_of_entries_near_the_largest_float_does_not_overflow():
+    big = np.finfo(float).max
+    X = np.full((1, 1, 3, 3), big)
+    same = lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-15, atol=0)  # noqa: E731
+    same(L.avg_pool(X, size=3), np.full((1, 1, 1, 1), big))  # not inf
+    Y = L.avg_pool(X, size=3, padding=1)  # zeros of the padding count in the mean
+    same(Y[0, 0, 0, 0], big / 9 * 4)
+    same(L.avg_pool_jvp(X, X, size=2, stride=1), np.full((1, 1, 2, 2), big))
+    same(L.avg_pool(np.full((1, 1, 2, 2), 5e-324)), np.full((1, 1, 1, 1), 5e-324))
+
+
 def test_pool_errors_name_the_argument():
     with pytest.raises(ValueError, match="size must be a positive integer, got 0"):
         L.max_pool(np.zeros((1, 1, 4, 4)), size=0)
@@ -422,8 +433,13 @@ def test_norm_extremes_and_errors():
         match=r"gamma must have shape \(2,\) \(one per row of X \(2, 4\)\), got \(4,\)",
     ):
         L.layer_norm(X, np.ones(4), np.zeros(2))
-    with pytest.raises(ValueError, match="eps must be finite and non-negative, got -1"):
+    with pytest.raises(ValueError, match="eps must be a finite, non-negative number"):
         L.batch_norm(X, np.ones(2), np.zeros(2), eps=-1)
+    for eps in ("1e-5", None, np.nan):
+        with pytest.raises(ValueError, match=r"eps must be a finite, non-negative"):
+            L.batch_norm_eval(
+                X, np.ones(2), np.zeros(2), mean=[0, 0], var=[1, 1], eps=eps
+            )
 
 
 @pytest.mark.parametrize("n", [3, 7])
@@ -880,6 +896,32 @@ def test_batch_norm_eval_is_training_mode_frozen_at_the_batch_statistics(rng):
     assert relative_error(Xbar_eval, L.batch_norm_vjp(X, g, b, G)[0]) > 0.1
 
 
+def test_batch_norm_eval_refuses_an_overflow_rather_than_return_inf_or_nan():
+    tiny = {"mean": [0.0], "var": [1e-300], "eps": 0.0}  # sqrt(var + eps) = 1e-150
+    X, G = np.array([[1e200, 1.0]]), np.array([[0.0, 1.0]])
+    with pytest.raises(ValueError, match="Y overflows float64"):
+        L.batch_norm_eval(X, [1.0], [0.0], **tiny)
+    with pytest.raises(ValueError, match="Xbar overflows float64"):
+        L.batch_norm_eval_vjp(np.ones((1, 2)), [1e300], [0.0], G, **tiny)
+    with pytest.raises(ValueError, match="dY overflows float64"):
+        L.batch_norm_eval_jvp(np.ones((1, 2)), [1e300], [0.0], G, [0.0], [0.0], **tiny)
+    Y = L.batch_norm_eval(np.ones((1, 2)), [1.0], [0.0], **tiny)  # small but finite
+    close(Y, np.full((1, 2), 1e150))
+
+
+def test_conv_and_attention_refuse_a_result_that_overflows():
+    big = np.full((1, 1, 3, 3), 1e200)  # products of 1e400: inf, and inf - inf = NaN
+    with pytest.raises(ValueError, match=r"^conv2d overflows float64.*1e\+200"):
+        L.conv2d(big, -big)
+    with pytest.raises(ValueError, match="^conv2d_vjp overflows float64"):
+        L.conv2d_vjp([[[[1.0, 2.0]]]], [[[[1e200]]]], [[[[1e200, 1.0]]]])  # Xbar
+    Q, K, V = draw(np.random.default_rng(0), (3, 2), (4, 2), (4, 2))
+    with pytest.raises(ValueError, match="^attention_vjp overflows float64"):
+        L.attention_vjp(Q, 10 * K, V, np.full((3, 2), 1e308))
+    with pytest.raises(ValueError, match="^attention_jvp overflows float64"):
+        L.attention_jvp(Q, 10 * K, V, 1e308 * Q, 0 * K, 0 * V)
+
+
 def test_batch_norm_running_stats(rng):
     X = rng.standard_normal((2, 3, 4, 5))
     m0, v0 = np.zeros(3), np.ones(3)
@@ -889,8 +931,13 @@ def test_batch_norm_running_stats(rng):
     close(v1, 0.75 + 0.25 * rows.var(axis=1, ddof=1))
     with pytest.raises(ValueError, match="at least 2 values per feature"):
         L.batch_norm_running_stats(np.ones((3, 1)), m0, v0)
-    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\], got 2"):
-        L.batch_norm_running_stats(X, m0, v0, momentum=2)
+    for momentum in (2, -0.1, np.nan, "0.1", True):
+        with pytest.raises(ValueError, match=r"momentum must be a number in \[0, 1\]"):
+            L.batch_norm_running_stats(X, m0, v0, momentum=momentum)
+    with pytest.raises(ValueError, match="var must be non-negative"):
+        L.batch_norm_running_stats(X, m0, -v0)
+    with pytest.raises(ValueError, match="the variance of X overflows float64"):
+        L.batch_norm_running_stats(X * 1e300, m0, v0)
 
 
 def test_batch_norm2d_refuses_one_value_per_channel_and_names_arguments():
