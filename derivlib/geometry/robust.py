@@ -22,7 +22,7 @@ from .solvers import (
     _finished,
     _lm_update,
     _pnp_problem,
-    _pose,
+    _pnp_start,
     _stationary,
     _stuck,
     pose_retract,
@@ -243,17 +243,7 @@ def solve_pnp_robust(
     pass a start then). Returns (xi, LeastSquaresHistory). Degenerate problems are
     refused as in `solve_pnp`."""
     X, K, u = _pnp_problem(X, K, u)
-    if xi0 is None:
-        from .linear import dlt_pose
-
-        try:
-            xi0 = dlt_pose(X, K, u)
-        except ValueError as exc:
-            raise ValueError(
-                f"solve_pnp_robust has no start: xi0 is None and the DLT start fails "
-                f"({exc}); pass xi0"
-            ) from None
-    xi0 = _pose(xi0, "xi0")
+    xi0 = _pnp_start(X, K, u, xi0, "solve_pnp_robust")
     return solve_robust_least_squares(
         lambda xi: reprojection_residual(xi, X, K, u),
         lambda xi: reprojection_jacobian_right(xi, X, K),

@@ -323,17 +323,7 @@ def solve_pnp(X, K, u, *, xi0=None, method="lm", tol=1e-12, max_iter=100):
     Raises ValueError before solving for a degenerate problem: fewer than 3 points,
     points on one line, or all image points equal (the points on one ray)."""
     X, K, u = _pnp_problem(X, K, u)
-    if xi0 is None:
-        from .linear import dlt_pose
-
-        try:
-            xi0 = dlt_pose(X, K, u)
-        except ValueError as exc:
-            raise ValueError(
-                f"solve_pnp has no start: xi0 is None and the DLT start fails ({exc}); "
-                f"pass xi0"
-            ) from None
-    xi0 = _pose(xi0, "xi0")
+    xi0 = _pnp_start(X, K, u, xi0, "solve_pnp")
     return solve_least_squares(
         lambda xi: reprojection_residual(xi, X, K, u),
         lambda xi: reprojection_jacobian_right(xi, X, K),
@@ -343,3 +333,19 @@ def solve_pnp(X, K, u, *, xi0=None, method="lm", tol=1e-12, max_iter=100):
         max_iter,
         retract=pose_retract,
     )
+
+
+def _pnp_start(X, K, u, xi0, what):
+    """xi0 checked as a pose, or the DLT pose (eq. 6.39) when xi0 is None; a ValueError
+    naming `what` when the DLT cannot give a start."""
+    if xi0 is None:
+        from .linear import dlt_pose
+
+        try:
+            xi0 = dlt_pose(X, K, u)
+        except ValueError as exc:
+            raise ValueError(
+                f"{what} has no start: xi0 is None and the DLT start fails ({exc}); "
+                f"pass xi0"
+            ) from None
+    return _pose(xi0, "xi0")
