@@ -158,7 +158,10 @@ def test_logistic_hypergradient_matches_finite_differences_of_refits(rng):
 def test_logistic_fit_refuses_an_unconverged_theta(rng):
     X, y, _ = _data(rng)
     theta = np.zeros(D)  # the starting point of Newton's method, not a solution
-    with pytest.raises(ValueError, match="logistic fit: the solver did not converge"):
+    with pytest.raises(
+        ValueError,
+        match=r"logistic fit: the solver did not converge: max \|gradient\| / n",
+    ):
         logistic_fit_vjp(X, 0.0, np.ones(D), y=y, theta=theta)
     with pytest.raises(ValueError, match="log_l2 must be finite"):
         logistic_fit(X, 1e4, y=y)
@@ -367,8 +370,9 @@ def test_pnp_covariance_is_the_jvp_of_pixel_noise(rng):
 def test_pnp_rules_refuse_unconverged_singular_and_bad_input(rng):
     X, u, wts, xi = _pnp_scene(rng)
     G = np.ones(6)
-    with pytest.raises(ValueError, match="did not converge"):
-        pnp_pose_vjp(X, KCAM, u, G, weights=wts, xi=xi + 1e-3)
+    for c in (1e-12, 1.0, 1e12):  # scaling every weight leaves the pose, and the test
+        with pytest.raises(ValueError, match="did not converge: the relative gradient"):
+            pnp_pose_vjp(X, KCAM, u, G, weights=c * wts, xi=xi + 1e-3)
     with pytest.raises(ValueError, match="singular"):
         # points a billion units away: a translation moves no image point
         # measurably, so H is singular to working precision
@@ -502,6 +506,9 @@ def test_align_derivative_grows_as_the_gap_closes_and_is_refused_at_it(rng):
         align(np.ones((3, 4)), rng.standard_normal((3, 4)))
     with pytest.raises(ValueError, match="shape \\(3, n\\)"):
         align(np.ones((2, 4)), np.ones((2, 4)))
+    X, Y = rng.standard_normal((3, 5)), rng.standard_normal((3, 5))
+    with pytest.raises(ValueError, match=r"G_s must be a scalar, got shape \(2,\)"):
+        align_vjp(X, Y, (np.eye(3), np.ones(2), np.ones(3)))
 
 
 # ----- Sinkhorn -----
@@ -555,8 +562,13 @@ def test_sinkhorn_refuses_unconverged_and_bad_input(rng):
     C = _sinkhorn_cost(rng)
     with pytest.raises(ValueError, match="did not converge"):
         sinkhorn(C, eps=0.01, max_iter=3)
-    with pytest.raises(ValueError, match="did not converge"):
+    with pytest.raises(ValueError, match=r"did not converge: max \|\(P 1 - a"):
+        sinkhorn_vjp(C, C, eps=0.5, P=np.full(C.shape, 1 / 25))
+    # the right marginals, but not the plan of this C
+    with pytest.raises(ValueError, match="P is not of the form"):
         sinkhorn_vjp(C, C, eps=0.5, P=np.full(C.shape, 1 / 30))
+    with pytest.raises(ValueError, match="a must be finite"):
+        sinkhorn(C, eps=0.5, a=np.r_[np.inf, np.ones(4)], b=np.r_[np.inf, np.ones(5)])
     with pytest.raises(ValueError, match="equal sums"):
         sinkhorn(C, eps=0.5, a=np.ones(5), b=np.ones(6))
     with pytest.raises(ValueError, match="eps must be finite and positive"):
