@@ -491,9 +491,7 @@ def test_align_planted_rule_without_the_sign_fails_on_a_reflection(rng):
 
 
 def test_align_derivative_grows_as_the_gap_closes_and_is_refused_at_it(rng):
-    # planar points seen through a reflection of the plane's normal: sigma_3 = 0
-    # and, with a tiny out-of-plane component, sigma_2 - sigma_3 -> sigma_2 > 0;
-    # points on a line instead close sigma_2 + sigma_3 itself
+    # points near a line, mapped to twice themselves: sigma_2 + sigma_3 closes
     X = np.vstack([rng.standard_normal((1, 6)), np.zeros((2, 6))])
     sizes = []
     for eps in (1e-1, 1e-2, 1e-3):
@@ -503,6 +501,28 @@ def test_align_derivative_grows_as_the_gap_closes_and_is_refused_at_it(rng):
     assert sizes[1] > 3 * sizes[0] and sizes[2] > 3 * sizes[1]
     with pytest.raises(ValueError, match="alignment is degenerate: sigma_2"):
         align(X, 2 * X)
+    # the best orthogonal fit a reflection, M with singular values (3, 1 + delta, 1):
+    # lambda_2 + lambda_3 = sigma_2 - sigma_3 = delta closes; as a rotation it does not
+    Xw = rng.standard_normal((3, 8))
+    Xw -= Xw.mean(axis=1, keepdims=True)
+    Xw = np.linalg.solve(np.linalg.cholesky(Xw @ Xw.T / 8), Xw)
+    U, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+    V, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+    dX, dY = rng.standard_normal((3, 8)), rng.standard_normal((3, 8))
+    for sign, grows in ((-1.0, True), (1.0, False)):
+        sizes = []
+        for delta in (1e-1, 1e-2, 1e-3):
+            Y = (
+                U
+                @ np.diag([3.0, 1.0 + delta, sign * np.linalg.det(U @ V.T)])
+                @ V.T
+                @ Xw
+            )
+            sizes.append(np.linalg.norm(align_jvp(Xw, Y, dX, dY)[0]))
+        assert (sizes[2] > 50 * sizes[0]) == grows
+    Y = U @ np.diag([3.0, 1.0, -np.linalg.det(U @ V.T)]) @ V.T @ Xw
+    with pytest.raises(ValueError, match="degenerate: sigma_2 - sigma_3"):
+        align(Xw, Y)
     with pytest.raises(ValueError, match="all points X coincide"):
         align(np.ones((3, 4)), rng.standard_normal((3, 4)))
     with pytest.raises(ValueError, match="shape \\(3, n\\)"):
