@@ -31,15 +31,17 @@ RCOND = 1e-12  # below this reciprocal condition number, A is refused as singula
 # ----- 8.1 The theorem from a differential -----
 
 
-def _check_converged(residual, tol, what):
-    """Refuse a point that does not solve F = 0: the theorem holds only at a root."""
+def _check_converged(residual, tol, what, tested="max |F(x, theta)|"):
+    """Refuse a point that does not solve F = 0: the theorem holds only at a root.
+    `residual` is the quantity compared with `tol` (max norm), and `tested` names it in
+    the message: F itself, or a scaled form of it."""
     if residual is None:
         return
     r = require_finite(as_float_array(residual, "residual"), "residual")
     worst = float(np.max(np.abs(r)))
     if not worst <= tol:
         raise ValueError(
-            f"{what}: the solver did not converge: max |F(x, theta)| = {worst:.3g} > "
+            f"{what}: the solver did not converge: {tested} = {worst:.3g} > "
             f"tol = {tol:.3g}; the implicit function theorem gives the derivative of "
             "x*(theta) only at a solution of F = 0"
         )
@@ -182,7 +184,12 @@ def _logistic_point(X, log_l2, y, theta, tol):
     z = X.T @ theta
     e = sigmoid(z) - y  # pi - y
     grad = X @ e + l2 * theta
-    _check_converged(grad / X.shape[1], tol, "the logistic fit")
+    _check_converged(
+        grad / X.shape[1],
+        tol,
+        "the logistic fit",
+        "max |gradient| / n (n = columns of X)",
+    )
     H = logistic_hessian(theta, X, y, l2=l2)
     return X, l2, y, theta, z, e, H
 
@@ -242,7 +249,12 @@ def _multinomial_point(X, log_l2, Y, Theta, tol):
         )
     Pi = softmax(Theta.T @ X)
     grad = X @ (Pi - Y).T + l2 * Theta
-    _check_converged(grad / X.shape[1], tol, "the multinomial fit")
+    _check_converged(
+        grad / X.shape[1],
+        tol,
+        "the multinomial fit",
+        "max |gradient| / n (n = columns of X)",
+    )
     H = multinomial_hessian(Theta, X, Y, l2=l2)
     return X, l2, Y, Theta, Pi, H
 
@@ -344,7 +356,7 @@ def _undistort_point(u, k, x, tol):
         raise ValueError(f"x must have the shape of u, {u.shape}, got {x.shape}")
     rho = np.sum(x * x, axis=0)
     c = 1.0 + k[0] * rho + k[1] * rho**2
-    _check_converged(x * c - u, tol, "undistort")
+    _check_converged(x * c - u, tol, "undistort", "max |x c(x) - u|")
     a = 2.0 * (k[0] + 2.0 * k[1] * rho)
     A = c[:, None, None] * np.eye(2) + a[:, None, None] * np.einsum("in,jn->nij", x, x)
     det = np.linalg.det(A)
@@ -472,12 +484,21 @@ def _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping):
     )  # (n, 3, 6): dp_i / d(delta_w, delta_t)
     J = Jpi @ Jp  # (n, 2, 6)
     g = np.einsum("n,nai,na->i", wts, J, r)
-    # relative stationarity: |grad E| against |W^1/2 J| (1 + |W^1/2 r|), unit-free
-    sw = np.sqrt(wts)
+    # relative stationarity: |grad E| against |W^1/2 J| (1 + |W^1/2 r|), with the
+    # weights divided by their mean, so that scaling every weight (which leaves the
+    # pose unchanged) leaves the test unchanged too
+    wbar = float(np.mean(wts))
+    sw = np.sqrt(wts / wbar)
     scale = np.linalg.norm(sw[:, None, None] * J) * (
         1.0 + np.linalg.norm(sw[:, None] * r)
     )
-    _check_converged(g / scale, tol, "pnp_pose (relative gradient)")
+    _check_converged(
+        g / (wbar * scale),
+        tol,
+        "pnp_pose",
+        "the relative gradient max |g| / (|W^1/2 J| (1 + |W^1/2 r|)) (W the weights "
+        "over their mean)",
+    )
     H = np.einsum("n,nai,naj->ij", wts, J, J)
     if hessian == "exact":
         a = wts[:, None] * r  # (n, 2): the weight of each residual's Hessian
@@ -529,8 +550,9 @@ def pnp_pose_jvp(
     H delta = sum_i w_i J_i^T du_i - dw_i J_i^T r_i, with delta (6,) the tangent of the
     pose in its right perturbation (R Exp(delta_w), t + delta_t), rotation first.
 
-    xi is the converged pose (solved when None); its gradient must be below `tol` (max
-    norm), else ValueError. hessian='gauss-newton' drops eq. (8.18) and damping > 0
+    xi is the converged pose (solved when None); its relative gradient, max |g| /
+    (|W^1/2 J| (1 + |W^1/2 r|)) with the weights W over their mean, must be below
+    `tol`, else ValueError. hessian='gauss-newton' drops eq. (8.18) and damping > 0
     adds damping * I to H: both are the approximations that section 8.4 measures."""
     X, K, u, wts = _pnp_inputs(X, K, u, weights)
     du = require_finite(as_float_array(du, "du", ndims=2), "du")
@@ -624,9 +646,8 @@ def _alignment(X, Y, with_scale):
             f"alignment is degenerate: sigma_2 {'+' if sign > 0 else '-'} sigma_3 = "
             f"{gap:.3g} <= {ALIGN_GAP:.0e} sigma_1 (sigma = {sig[0]:.3g}, "
             f"{sig[1]:.3g}, {sig[2]:.3g}): the best rotation with det R = +1 is not "
-            "unique (points on a line, or a reflection as close as the rotation), and "
-            "its derivative "
-            "(8.23) divides by this gap"
+            "unique (points on a line, or sigma_2 = sigma_3 where the best orthogonal "
+            "fit is a reflection), and its derivative (8.23) divides by this gap"
         )
     s = float(lam.sum()) / var if with_scale else 1.0
     t = my - s * (R @ mx)
@@ -683,7 +704,7 @@ def umeyama_vjp(X, Y, G, *, with_scale=True):
             "G must be a triple (G_R (3, 3), G_s, G_t (3,)) like umeyama's"
         )
     GR = require_finite(as_float_array(G[0], "G_R", ndims=2), "G_R")
-    Gs = float(require_finite(as_float_array(G[1], "G_s"), "G_s").reshape(()))
+    Gs = _scalar(G[1], "G_s")
     Gt = require_finite(as_float_array(G[2], "G_t", ndims=1), "G_t")
     if GR.shape != (3, 3) or Gt.shape != (3,):
         raise ValueError(f"G_R must be (3, 3) and G_t (3,), got {GR.shape}, {Gt.shape}")
@@ -726,6 +747,7 @@ def _sinkhorn_problem(C, eps, a, b):
         raise ValueError(f"eps must be finite and positive, got {eps}")
     a = np.full(n, 1.0 / n) if a is None else as_float_array(a, "a", ndims=1)
     b = np.full(m, 1.0 / m) if b is None else as_float_array(b, "b", ndims=1)
+    a, b = require_finite(a, "a"), require_finite(b, "b")
     if a.shape != (n,) or b.shape != (m,):
         raise ValueError(
             f"a and b must have shapes ({n},) and ({m},), got {a.shape} and {b.shape}"
@@ -776,14 +798,22 @@ def _sinkhorn_system(P, C, a, b, eps, tol):
     if P.shape != C.shape:
         raise ValueError(f"P must have the shape of C, {C.shape}, got {P.shape}")
     _check_converged(
-        np.concatenate([P.sum(axis=1) - a, P.sum(axis=0) - b]), tol, "sinkhorn"
+        np.concatenate([P.sum(axis=1) - a, P.sum(axis=0) - b]),
+        tol,
+        "sinkhorn",
+        "max |(P 1 - a, P^T 1 - b)|",
     )
     if np.all(P > 0):
         K = eps * np.log(P) + C
         K = K - K.mean(axis=1, keepdims=True) - K.mean(axis=0, keepdims=True) + K.mean()
-        _check_converged(
-            K / (1.0 + np.abs(C).max()), 1e3 * tol, "sinkhorn (P against C)"
-        )
+        off = float(np.max(np.abs(K))) / (1.0 + np.abs(C).max())
+        if not off <= 1e3 * tol:
+            raise ValueError(
+                "sinkhorn: P is not of the form exp((f_i + g_j - C_ij) / eps) for "
+                "this C: eps log P + C, centred by rows and columns, is "
+                f"{off:.3g} (max |.| / (1 + max |C|)) > {1e3 * tol:.3g}; the rule "
+                "differentiates the plan of this C only"
+            )
     n, m = P.shape
     A = np.zeros((n + m - 1, n + m - 1))
     A[:n, :n] = np.diag(P.sum(axis=1))

@@ -158,7 +158,10 @@ def test_logistic_hypergradient_matches_finite_differences_of_refits(rng):
 def test_logistic_fit_refuses_an_unconverged_theta(rng):
     X, y, _ = _data(rng)
     theta = np.zeros(D)  # the starting point of Newton's method, not a solution
-    with pytest.raises(ValueError, match="logistic fit: the solver did not converge"):
+    with pytest.raises(
+        ValueError,
+        match=r"logistic fit: the solver did not converge: max \|gradient\| / n",
+    ):
         logistic_fit_vjp(X, 0.0, np.ones(D), y=y, theta=theta)
     with pytest.raises(ValueError, match="log_l2 must be finite"):
         logistic_fit(X, 1e4, y=y)
@@ -297,8 +300,9 @@ def test_pnp_hessian_matches_jax_hessian_and_gauss_newton_drops_a_term(rng):
     gn = pnp_pose_hessian(X, KCAM, u, weights=wts, xi=xi, hessian="gauss-newton")
     assert relative_error(exact, theirs) < 1e-12
     assert relative_error(gn, theirs) > 1e-4  # the second-order term is not small
-    zero = pnp_pose_hessian(X, KCAM, u + 0.0, weights=wts, xi=xi)
-    assert np.array_equal(zero, exact)
+    # E, and so H, is linear in the weights
+    tripled = pnp_pose_hessian(X, KCAM, u, weights=3 * wts, xi=xi)
+    assert relative_error(tripled, 3 * exact) < 1e-12
 
 
 def test_pnp_rules_match_jax_through_unrolled_gauss_newton(rng):
@@ -367,8 +371,9 @@ def test_pnp_covariance_is_the_jvp_of_pixel_noise(rng):
 def test_pnp_rules_refuse_unconverged_singular_and_bad_input(rng):
     X, u, wts, xi = _pnp_scene(rng)
     G = np.ones(6)
-    with pytest.raises(ValueError, match="did not converge"):
-        pnp_pose_vjp(X, KCAM, u, G, weights=wts, xi=xi + 1e-3)
+    for c in (1e-12, 1.0, 1e12):  # scaling every weight leaves the pose, and the test
+        with pytest.raises(ValueError, match="did not converge: the relative gradient"):
+            pnp_pose_vjp(X, KCAM, u, G, weights=c * wts, xi=xi + 1e-3)
     with pytest.raises(ValueError, match="singular"):
         # points a billion units away: a translation moves no image point
         # measurably, so H is singular to working precision
@@ -486,9 +491,7 @@ def test_align_planted_rule_without_the_sign_fails_on_a_reflection(rng):
 
 
 def test_align_derivative_grows_as_the_gap_closes_and_is_refused_at_it(rng):
-    # planar points seen through a reflection of the plane's normal: sigma_3 = 0
-    # and, with a tiny out-of-plane component, sigma_2 - sigma_3 -> sigma_2 > 0;
-    # points on a line instead close sigma_2 + sigma_3 itself
+    # points near a line, mapped to twice themselves: sigma_2 + sigma_3 closes
     X = np.vstack([rng.standard_normal((1, 6)), np.zeros((2, 6))])
     sizes = []
     for eps in (1e-1, 1e-2, 1e-3):
@@ -498,10 +501,35 @@ def test_align_derivative_grows_as_the_gap_closes_and_is_refused_at_it(rng):
     assert sizes[1] > 3 * sizes[0] and sizes[2] > 3 * sizes[1]
     with pytest.raises(ValueError, match="alignment is degenerate: sigma_2"):
         umeyama(X, 2 * X)
+    # the best orthogonal fit a reflection, M with singular values (3, 1 + delta, 1):
+    # lambda_2 + lambda_3 = sigma_2 - sigma_3 = delta closes; as a rotation it does not
+    Xw = rng.standard_normal((3, 8))
+    Xw -= Xw.mean(axis=1, keepdims=True)
+    Xw = np.linalg.solve(np.linalg.cholesky(Xw @ Xw.T / 8), Xw)
+    U, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+    V, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+    dX, dY = rng.standard_normal((3, 8)), rng.standard_normal((3, 8))
+    for sign, grows in ((-1.0, True), (1.0, False)):
+        sizes = []
+        for delta in (1e-1, 1e-2, 1e-3):
+            Y = (
+                U
+                @ np.diag([3.0, 1.0 + delta, sign * np.linalg.det(U @ V.T)])
+                @ V.T
+                @ Xw
+            )
+            sizes.append(np.linalg.norm(umeyama_jvp(Xw, Y, dX, dY)[0]))
+        assert (sizes[2] > 50 * sizes[0]) == grows
+    Y = U @ np.diag([3.0, 1.0, -np.linalg.det(U @ V.T)]) @ V.T @ Xw
+    with pytest.raises(ValueError, match="degenerate: sigma_2 - sigma_3"):
+        umeyama(Xw, Y)
     with pytest.raises(ValueError, match="all points X coincide"):
         umeyama(np.ones((3, 4)), rng.standard_normal((3, 4)))
     with pytest.raises(ValueError, match="shape \\(3, n\\)"):
         umeyama(np.ones((2, 4)), np.ones((2, 4)))
+    X, Y = rng.standard_normal((3, 5)), rng.standard_normal((3, 5))
+    with pytest.raises(ValueError, match=r"G_s must be a scalar, got shape \(2,\)"):
+        umeyama_vjp(X, Y, (np.eye(3), np.ones(2), np.ones(3)))
 
 
 # ----- Sinkhorn -----
@@ -555,8 +583,13 @@ def test_sinkhorn_refuses_unconverged_and_bad_input(rng):
     C = _sinkhorn_cost(rng)
     with pytest.raises(ValueError, match="did not converge"):
         sinkhorn(C, eps=0.01, max_iter=3)
-    with pytest.raises(ValueError, match="did not converge"):
+    with pytest.raises(ValueError, match=r"did not converge: max \|\(P 1 - a"):
+        sinkhorn_vjp(C, C, eps=0.5, P=np.full(C.shape, 1 / 25))
+    # the right marginals, but not the plan of this C
+    with pytest.raises(ValueError, match="P is not of the form"):
         sinkhorn_vjp(C, C, eps=0.5, P=np.full(C.shape, 1 / 30))
+    with pytest.raises(ValueError, match="a must be finite"):
+        sinkhorn(C, eps=0.5, a=np.r_[np.inf, np.ones(4)], b=np.r_[np.inf, np.ones(5)])
     with pytest.raises(ValueError, match="equal sums"):
         sinkhorn(C, eps=0.5, a=np.ones(5), b=np.ones(6))
     with pytest.raises(ValueError, match="eps must be finite and positive"):
