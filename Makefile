@@ -41,6 +41,7 @@ WORKERS ?= auto
 # two browser files are not the first two: both wait for the one build of the book, and
 # a second worker that starts with a notebook is not idle while the first builds it.
 SLOWEST_FIRST := tests/test_browser.py book/04_reverse_mode.ipynb tests/test_browser_chapters.py \
+	tests/test_losses.py book/B_differentials.ipynb book/06_camera_geometry.ipynb \
 	book/03_loss_functions.ipynb
 
 .PHONY: book test browser-deps notebooks benchmark clean pdf pdf-deps test-pdf test-lab lab
