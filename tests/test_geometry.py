@@ -578,6 +578,36 @@ def test_bundle_adjustment_without_noise_recovers_the_truth():
     assert np.max(np.abs(x_hat - scene.problem.pack(scene.poses, scene.X))) < 1e-10
 
 
+def test_bundle_adjust_refuses_a_degenerate_problem(small_scene):
+    """Observations that cannot determine the unknowns are refused before solving,
+    with a ValueError naming the camera or point at fault (a point seen once used to
+    'converge' anywhere along its ray; an unseen camera raised LinAlgError)."""
+    pr, x0 = small_scene.problem, small_scene.x0
+
+    def sub(keep):
+        return dl.BundleProblem.create(
+            pr.K, pr.cam[keep], pr.point[keep], pr.u[:, keep], pr.m, pr.n
+        )
+
+    once = np.ones(pr.cam.size, dtype=bool)
+    once[np.flatnonzero(pr.point == 0)[1:]] = False
+    with pytest.raises(ValueError, match="point 0 is seen by 1 camera"):
+        dl.bundle_adjust(sub(once), x0)
+    with pytest.raises(ValueError, match="camera 2 has 0 observation"):
+        dl.bundle_adjust(sub(pr.cam != 2), x0)
+    bad = x0.copy()
+    bad[-1] = np.nan
+    with pytest.raises(ValueError, match="x0 must be finite"):
+        dl.bundle_adjust(pr, bad)
+    # two cameras at one centre see every point along one ray: each V_i is singular
+    two = dl.make_scene(m=2, n=12, noise=1.0, seed=4)
+    poses, X = two.problem.unpack(two.x0)
+    c0 = -dl.rodrigues(poses[0, :3]).T @ poses[0, 3:]
+    poses[1, 3:] = -dl.rodrigues(poses[1, :3]) @ c0
+    with pytest.raises(ValueError, match="do not determine point"):
+        dl.bundle_adjust(two.problem, two.problem.pack(poses, X), check_gauge=False)
+
+
 @given(
     log_t=st.floats(-12.0, np.log10(3.1)),
     near_pi=st.booleans(),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._validate import as_float_array
+from .._validate import as_float_array, require_finite
 from ..losses import ConvergenceError
 from .camera import _in_front, _intrinsics, _points, _project_jacobian
 from .lie import _hat, _hat_many, right_jacobian, rodrigues, rotation_coefficients
@@ -320,6 +320,38 @@ def _predicted_decrease(U, W, V, gc, gp, dc, dp):
     return -(2 * (dc @ gc + dp @ gp) + float(dHd))
 
 
+def _refuse_degenerate_bundle(problem):
+    """Refuse, before solving, a problem whose observations cannot determine its
+    unknowns: a camera with fewer residuals than free pose parameters, a point seen
+    by fewer than two cameras (each pair is observed once, so its observations are
+    by distinct cameras), or fewer residuals than unknowns."""
+    m, n = problem.m, problem.n
+    n_free = problem.free.reshape(m, 6).sum(axis=1)
+    per_cam = np.bincount(problem.cam, minlength=m)
+    few = np.flatnonzero(2 * per_cam < n_free)
+    if few.size:
+        j = int(few[0])
+        raise ValueError(
+            f"camera {j} has {per_cam[j]} observation(s) ({2 * per_cam[j]} residuals) "
+            f"for {n_free[j]} free pose parameters; {few.size} camera(s) have fewer "
+            f"residuals than free parameters"
+        )
+    per_point = np.bincount(problem.point, minlength=n)
+    lonely = np.flatnonzero(per_point < 2)
+    if lonely.size:
+        i = int(lonely[0])
+        raise ValueError(
+            f"point {i} is seen by {per_point[i]} camera(s): a point needs at least 2 "
+            f"to be triangulated; {lonely.size} point(s) are seen by fewer than 2"
+        )
+    unknowns = int(problem.free.sum()) + 3 * n
+    if 2 * problem.cam.size < unknowns:
+        raise ValueError(
+            f"{2 * problem.cam.size} residuals for {unknowns} unknowns: bundle "
+            f"adjustment needs at least as many residuals as unknowns"
+        )
+
+
 def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-3, check_gauge=True):
     """Levenberg-Marquardt for bundle adjustment with the Schur complement (eqs.
     6.18-6.21).
@@ -331,9 +363,14 @@ def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-3, check_gauge=T
     leave a gauge direction free at x0 (gauge_is_fixed), as the default `fixed` does
     when camera 1's centre is straight ahead of or behind camera 0 as seen from
     camera 1 (forward motion); pass check_gauge=False to run without a fixed gauge on
-    purpose. Returns (x, LeastSquaresHistory)."""
-    x = as_float_array(x0, "x0", ndims=1).copy()
+    purpose. Before solving it also raises ValueError when x0 is not finite, a camera
+    has fewer residuals than free pose parameters, a point is seen by fewer than two
+    cameras, there are fewer residuals than unknowns, or a point's 3 x 3 block V_i is
+    singular at x0 (its cameras see it along one ray). Returns (x,
+    LeastSquaresHistory)."""
+    x = require_finite(as_float_array(x0, "x0", ndims=1).copy(), "x0")
     problem.unpack(x)
+    _refuse_degenerate_bundle(problem)
     if check_gauge and not gauge_is_fixed(problem, x):
         raise ValueError(
             f"the fixed pose parameters (fixed = "
@@ -344,6 +381,7 @@ def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-3, check_gauge=T
             f"non-zero x component; hold another coordinate of camera 1 "
             f"(BundleProblem.create(fixed=...)), or pass check_gauge=False"
         )
+    _refuse_singular_points(problem, ba_jacobian_blocks(problem, x)[1])
     hist = LeastSquaresHistory(n_residual=1)
     r = ba_residual(problem, x)
     E = float(r @ r)
