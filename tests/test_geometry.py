@@ -608,6 +608,41 @@ def test_bundle_adjust_refuses_a_degenerate_problem(small_scene):
         dl.bundle_adjust(two.problem, two.problem.pack(poses, X), check_gauge=False)
 
 
+def test_solver_options_and_degenerate_cameras_are_refused(small_scene):
+    """tol, max_iter and lam0 a solver cannot run with, a NaN start, a camera matrix
+    with a zero focal length and scene parameters outside their range give a
+    ValueError naming the argument, where they used to run into ConvergenceError,
+    LinAlgError or a silent result."""
+    pr, x0 = small_scene.problem, small_scene.x0
+    X = np.random.default_rng(0).uniform(-1, 1, (3, 8))
+    xi = np.array([0.1, 0.2, 0.3, 0.0, 0.0, 5.0])
+    K = pr.K
+    u = dl.project(dl.transform(xi, X), K)
+    for kwargs, name in [
+        (dict(tol=np.nan), "tol"),
+        (dict(tol=-1.0), "tol"),
+        (dict(max_iter=0), "max_iter"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            dl.solve_pnp(X, K, u, xi0=xi, **kwargs)
+        with pytest.raises(ValueError, match=name):
+            dl.bundle_adjust(pr, x0, **kwargs)
+    with pytest.raises(ValueError, match="lam0"):
+        dl.bundle_adjust(pr, x0, lam0=-1.0)
+    with pytest.raises(ValueError, match="x0 must be finite"):
+        dl.solve_least_squares(
+            lambda x: x, lambda x: np.eye(2), np.array([np.nan, 1.0])
+        )
+    with pytest.raises(ValueError, match="K must be invertible"):
+        dl.solve_pnp(X, np.diag([0.0, 500.0, 1.0]), u, xi0=xi)
+    with pytest.raises(ValueError, match="n must be a positive integer"):
+        dl.BundleProblem.create(pr.K, pr.cam, pr.point, pr.u, pr.m, 12.5)
+    with pytest.raises(ValueError, match="noise"):
+        dl.make_scene(m=3, n=10, noise=-1.0)
+    with pytest.raises(ValueError, match="visibility"):
+        dl.make_scene(m=3, n=10, visibility=1.5)
+
+
 @given(
     log_t=st.floats(-12.0, np.log10(3.1)),
     near_pi=st.booleans(),

@@ -11,7 +11,13 @@ from .._validate import as_float_array, require_finite
 from ..losses import ConvergenceError
 from .camera import _in_front, _intrinsics, _points, _project_jacobian
 from .lie import _hat, _hat_many, right_jacobian, rodrigues, rotation_coefficients
-from .solvers import LeastSquaresHistory, _finished, _lm_steps, _observations
+from .solvers import (
+    LeastSquaresHistory,
+    _finished,
+    _lm_steps,
+    _observations,
+    _solver_options,
+)
 
 
 @dataclass
@@ -45,6 +51,12 @@ class BundleProblem:
         not, and J stays rank-deficient; `bundle_adjust` checks this at its start
         (gauge_is_fixed)."""
         K = _intrinsics(K)
+        for name, size in (("m", m), ("n", n)):
+            if not (isinstance(size, (int, np.integer)) and size >= 1):
+                raise ValueError(
+                    f"{name} must be a positive integer (the number of "
+                    f"{'cameras' if name == 'm' else 'points'}), got {size!r}"
+                )
         cam = np.asarray(cam)
         point = np.asarray(point)
         if cam.ndim != 1 or point.shape != cam.shape:
@@ -368,6 +380,7 @@ def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-3, check_gauge=T
     cameras, there are fewer residuals than unknowns, or a point's 3 x 3 block V_i is
     singular at x0 (its cameras see it along one ray). Returns (x,
     LeastSquaresHistory)."""
+    _solver_options(tol, max_iter, lam0)
     x = require_finite(as_float_array(x0, "x0", ndims=1).copy(), "x0")
     problem.unpack(x)
     _refuse_degenerate_bundle(problem)
