@@ -641,6 +641,11 @@ def test_solver_options_and_degenerate_cameras_are_refused(small_scene):
         dl.make_scene(m=3, n=10, noise=-1.0)
     with pytest.raises(ValueError, match="visibility"):
         dl.make_scene(m=3, n=10, visibility=1.5)
+    # a finite rotation vector too long for float64 is named, without an overflow
+    # warning (it used to blame the angle t = inf)
+    with pytest.raises(ValueError, match=r"w must have components of size at most"):
+        dl.rotate_jacobian(1e160 * np.array([0.6, 0.8, 0.0]), np.ones(3))
+    assert np.isfinite(dl.right_jacobian(1e100 * np.array([0.6, 0.8, 0.0]))).all()
 
 
 @given(
