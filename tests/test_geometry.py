@@ -646,6 +646,18 @@ def test_solver_options_and_degenerate_cameras_are_refused(small_scene):
     with pytest.raises(ValueError, match=r"w must have components of size at most"):
         dl.rotate_jacobian(1e160 * np.array([0.6, 0.8, 0.0]), np.ones(3))
     assert np.isfinite(dl.right_jacobian(1e100 * np.array([0.6, 0.8, 0.0]))).all()
+    A, B = dl.ba_jacobian_blocks(pr, x0)
+    U, W, V, gc, gp = dl.ba_normal_equations(pr, A, B, dl.ba_residual(pr, x0))
+    with pytest.raises(ValueError, match="schur_solve needs"):
+        dl.schur_solve(U, W, V, gc, gp[:-1], pr.free)
+    V0 = V.copy()
+    V0[3] = 0.0
+    with pytest.raises(ValueError, match="V_3 of point 3 is singular"):
+        dl.schur_solve(U, W, V0, gc, gp, pr.free)
+    U2, W2 = U.copy(), W.copy()  # camera 2 with no information at all: S singular
+    U2[12:18], U2[:, 12:18], W2[12:18] = 0.0, 0.0, 0.0
+    with pytest.raises(ValueError, match="reduced camera system"):
+        dl.schur_solve(U2, W2, V, gc, gp, pr.free)
 
 
 @given(

@@ -272,9 +272,39 @@ def ba_normal_equations(problem, A, B, r):
 def schur_solve(U, W, V, gc, gp, free):
     """Solve [[U, W], [W^T, blockdiag V]] [dc; dp] = -[gc; gp] by eliminating the points
     (eq. 6.20): S = U - W V^-1 W^T, S dc = -(gc - W V^-1 gp), dp = -V^-1 (gp + W^T dc).
-    Pose parameters outside `free` are held at zero. Returns (dc (6m,), dp (3n,))."""
-    n = V.shape[0]
-    Vinv = np.linalg.inv(V)  # (n, 3, 3)
+    Pose parameters outside `free` are held at zero. Returns (dc (6m,), dp (3n,)).
+
+    Raises ValueError when the shapes do not fit U (6m, 6m), W (6m, 3n), V (n, 3, 3),
+    gc (6m,), gp (3n,) and free (6m,) of booleans, or when a block V_i or the reduced
+    system S on the free parameters is singular (a point or a camera parameter that
+    the observations do not determine)."""
+    U, W, V, gc, gp = (np.asarray(a, dtype=np.float64) for a in (U, W, V, gc, gp))
+    free = np.asarray(free)
+    c = U.shape[0] if U.ndim == 2 else -1
+    n = V.shape[0] if V.ndim == 3 else -1
+    if (
+        U.shape != (c, c)
+        or V.shape != (n, 3, 3)
+        or W.shape != (c, 3 * n)
+        or gc.shape != (c,)
+        or gp.shape != (3 * n,)
+        or free.shape != (c,)
+        or free.dtype != bool
+    ):
+        raise ValueError(
+            f"schur_solve needs U (6m, 6m), W (6m, 3n), V (n, 3, 3), gc (6m,), gp "
+            f"(3n,) and a boolean free (6m,), got U {U.shape}, W {W.shape}, V "
+            f"{V.shape}, gc {gc.shape}, gp {gp.shape}, free {free.shape} of "
+            f"{free.dtype}"
+        )
+    try:
+        Vinv = np.linalg.inv(V)  # (n, 3, 3)
+    except np.linalg.LinAlgError:
+        i = int(np.flatnonzero(np.linalg.matrix_rank(V) < 3)[0])
+        raise ValueError(
+            f"the 3 x 3 block V_{i} of point {i} is singular: its observations do not "
+            f"determine it (fewer than two cameras, or all along one ray)"
+        ) from None
     # Y = W V^-1, block column by block column: n products of (6m, 3) by (3, 3)
     Y = (
         (W.reshape(-1, n, 3).transpose(1, 0, 2) @ Vinv)
@@ -285,7 +315,14 @@ def schur_solve(U, W, V, gc, gp, free):
     rhs = -(gc - Y @ gp)
     dc = np.zeros_like(gc)
     f = np.flatnonzero(free)
-    dc[f] = np.linalg.solve(S[np.ix_(f, f)], rhs[f])
+    try:
+        dc[f] = np.linalg.solve(S[np.ix_(f, f)], rhs[f])
+    except np.linalg.LinAlgError:
+        raise ValueError(
+            "the reduced camera system S = U - W V^-1 W^T is singular on the free pose "
+            "parameters: the observations do not determine them (a gauge direction "
+            "left free, or a camera with too few observations)"
+        ) from None
     dp = -(Vinv @ (gp + W.T @ dc).reshape(n, 3, 1)).ravel()
     return dc, dp
 
