@@ -578,6 +578,88 @@ def test_bundle_adjustment_without_noise_recovers_the_truth():
     assert np.max(np.abs(x_hat - scene.problem.pack(scene.poses, scene.X))) < 1e-10
 
 
+def test_bundle_adjust_refuses_a_degenerate_problem(small_scene):
+    """Observations that cannot determine the unknowns are refused before solving,
+    with a ValueError naming the camera or point at fault (a point seen once used to
+    'converge' anywhere along its ray; an unseen camera raised LinAlgError)."""
+    pr, x0 = small_scene.problem, small_scene.x0
+
+    def sub(keep):
+        return dl.BundleProblem.create(
+            pr.K, pr.cam[keep], pr.point[keep], pr.u[:, keep], pr.m, pr.n
+        )
+
+    once = np.ones(pr.cam.size, dtype=bool)
+    once[np.flatnonzero(pr.point == 0)[1:]] = False
+    with pytest.raises(ValueError, match="point 0 is seen by 1 camera"):
+        dl.bundle_adjust(sub(once), x0)
+    with pytest.raises(ValueError, match="camera 2 has 0 observation"):
+        dl.bundle_adjust(sub(pr.cam != 2), x0)
+    bad = x0.copy()
+    bad[-1] = np.nan
+    with pytest.raises(ValueError, match="x0 must be finite"):
+        dl.bundle_adjust(pr, bad)
+    # two cameras at one centre see every point along one ray: each V_i is singular
+    two = dl.make_scene(m=2, n=12, noise=1.0, seed=4)
+    poses, X = two.problem.unpack(two.x0)
+    c0 = -dl.rodrigues(poses[0, :3]).T @ poses[0, 3:]
+    poses[1, 3:] = -dl.rodrigues(poses[1, :3]) @ c0
+    with pytest.raises(ValueError, match="do not determine point"):
+        dl.bundle_adjust(two.problem, two.problem.pack(poses, X), check_gauge=False)
+
+
+def test_solver_options_and_degenerate_cameras_are_refused(small_scene):
+    """tol, max_iter and lam0 a solver cannot run with, a NaN start, a camera matrix
+    with a zero focal length and scene parameters outside their range give a
+    ValueError naming the argument, where they used to run into ConvergenceError,
+    LinAlgError or a silent result."""
+    pr, x0 = small_scene.problem, small_scene.x0
+    X = np.random.default_rng(0).uniform(-1, 1, (3, 8))
+    xi = np.array([0.1, 0.2, 0.3, 0.0, 0.0, 5.0])
+    K = pr.K
+    u = dl.project(dl.transform(xi, X), K)
+    for kwargs, name in [
+        (dict(tol=np.nan), "tol"),
+        (dict(tol=-1.0), "tol"),
+        (dict(max_iter=0), "max_iter"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            dl.solve_pnp(X, K, u, xi0=xi, **kwargs)
+        with pytest.raises(ValueError, match=name):
+            dl.bundle_adjust(pr, x0, **kwargs)
+    with pytest.raises(ValueError, match="lam0"):
+        dl.bundle_adjust(pr, x0, lam0=-1.0)
+    with pytest.raises(ValueError, match="x0 must be finite"):
+        dl.solve_least_squares(
+            lambda x: x, lambda x: np.eye(2), np.array([np.nan, 1.0])
+        )
+    with pytest.raises(ValueError, match="K must be invertible"):
+        dl.solve_pnp(X, np.diag([0.0, 500.0, 1.0]), u, xi0=xi)
+    with pytest.raises(ValueError, match="n must be a positive integer"):
+        dl.BundleProblem.create(pr.K, pr.cam, pr.point, pr.u, pr.m, 12.5)
+    with pytest.raises(ValueError, match="noise"):
+        dl.make_scene(m=3, n=10, noise=-1.0)
+    with pytest.raises(ValueError, match="visibility"):
+        dl.make_scene(m=3, n=10, visibility=1.5)
+    # a finite rotation vector too long for float64 is named, without an overflow
+    # warning (it used to blame the angle t = inf)
+    with pytest.raises(ValueError, match=r"w must have components of size at most"):
+        dl.rotate_jacobian(1e160 * np.array([0.6, 0.8, 0.0]), np.ones(3))
+    assert np.isfinite(dl.right_jacobian(1e100 * np.array([0.6, 0.8, 0.0]))).all()
+    A, B = dl.ba_jacobian_blocks(pr, x0)
+    U, W, V, gc, gp = dl.ba_normal_equations(pr, A, B, dl.ba_residual(pr, x0))
+    with pytest.raises(ValueError, match="schur_solve needs"):
+        dl.schur_solve(U, W, V, gc, gp[:-1], pr.free)
+    V0 = V.copy()
+    V0[3] = 0.0
+    with pytest.raises(ValueError, match="V_3 of point 3 is singular"):
+        dl.schur_solve(U, W, V0, gc, gp, pr.free)
+    U2, W2 = U.copy(), W.copy()  # camera 2 with no information at all: S singular
+    U2[12:18], U2[:, 12:18], W2[12:18] = 0.0, 0.0, 0.0
+    with pytest.raises(ValueError, match="reduced camera system"):
+        dl.schur_solve(U2, W2, V, gc, gp, pr.free)
+
+
 @given(
     log_t=st.floats(-12.0, np.log10(3.1)),
     near_pi=st.booleans(),

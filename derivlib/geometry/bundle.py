@@ -7,11 +7,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._validate import as_float_array
+from .._validate import as_float_array, require_finite
 from ..losses import ConvergenceError
 from .camera import _in_front, _intrinsics, _points, _project_jacobian
 from .lie import _hat, _hat_many, right_jacobian, rodrigues, rotation_coefficients
-from .solvers import LeastSquaresHistory, _finished, _lm_steps, _observations
+from .solvers import (
+    LeastSquaresHistory,
+    _finished,
+    _lm_steps,
+    _observations,
+    _solver_options,
+)
 
 
 @dataclass
@@ -45,6 +51,12 @@ class BundleProblem:
         not, and J stays rank-deficient; `bundle_adjust` checks this at its start
         (gauge_is_fixed)."""
         K = _intrinsics(K)
+        for name, size in (("m", m), ("n", n)):
+            if not (isinstance(size, (int, np.integer)) and size >= 1):
+                raise ValueError(
+                    f"{name} must be a positive integer (the number of "
+                    f"{'cameras' if name == 'm' else 'points'}), got {size!r}"
+                )
         cam = np.asarray(cam)
         point = np.asarray(point)
         if cam.ndim != 1 or point.shape != cam.shape:
@@ -260,9 +272,39 @@ def ba_normal_equations(problem, A, B, r):
 def schur_solve(U, W, V, gc, gp, free):
     """Solve [[U, W], [W^T, blockdiag V]] [dc; dp] = -[gc; gp] by eliminating the points
     (eq. 6.20): S = U - W V^-1 W^T, S dc = -(gc - W V^-1 gp), dp = -V^-1 (gp + W^T dc).
-    Pose parameters outside `free` are held at zero. Returns (dc (6m,), dp (3n,))."""
-    n = V.shape[0]
-    Vinv = np.linalg.inv(V)  # (n, 3, 3)
+    Pose parameters outside `free` are held at zero. Returns (dc (6m,), dp (3n,)).
+
+    Raises ValueError when the shapes do not fit U (6m, 6m), W (6m, 3n), V (n, 3, 3),
+    gc (6m,), gp (3n,) and free (6m,) of booleans, or when a block V_i or the reduced
+    system S on the free parameters is singular (a point or a camera parameter that
+    the observations do not determine)."""
+    U, W, V, gc, gp = (np.asarray(a, dtype=np.float64) for a in (U, W, V, gc, gp))
+    free = np.asarray(free)
+    c = U.shape[0] if U.ndim == 2 else -1
+    n = V.shape[0] if V.ndim == 3 else -1
+    if (
+        U.shape != (c, c)
+        or V.shape != (n, 3, 3)
+        or W.shape != (c, 3 * n)
+        or gc.shape != (c,)
+        or gp.shape != (3 * n,)
+        or free.shape != (c,)
+        or free.dtype != bool
+    ):
+        raise ValueError(
+            f"schur_solve needs U (6m, 6m), W (6m, 3n), V (n, 3, 3), gc (6m,), gp "
+            f"(3n,) and a boolean free (6m,), got U {U.shape}, W {W.shape}, V "
+            f"{V.shape}, gc {gc.shape}, gp {gp.shape}, free {free.shape} of "
+            f"{free.dtype}"
+        )
+    try:
+        Vinv = np.linalg.inv(V)  # (n, 3, 3)
+    except np.linalg.LinAlgError:
+        i = int(np.flatnonzero(np.linalg.matrix_rank(V) < 3)[0])
+        raise ValueError(
+            f"the 3 x 3 block V_{i} of point {i} is singular: its observations do not "
+            f"determine it (fewer than two cameras, or all along one ray)"
+        ) from None
     # Y = W V^-1, block column by block column: n products of (6m, 3) by (3, 3)
     Y = (
         (W.reshape(-1, n, 3).transpose(1, 0, 2) @ Vinv)
@@ -273,7 +315,14 @@ def schur_solve(U, W, V, gc, gp, free):
     rhs = -(gc - Y @ gp)
     dc = np.zeros_like(gc)
     f = np.flatnonzero(free)
-    dc[f] = np.linalg.solve(S[np.ix_(f, f)], rhs[f])
+    try:
+        dc[f] = np.linalg.solve(S[np.ix_(f, f)], rhs[f])
+    except np.linalg.LinAlgError:
+        raise ValueError(
+            "the reduced camera system S = U - W V^-1 W^T is singular on the free pose "
+            "parameters: the observations do not determine them (a gauge direction "
+            "left free, or a camera with too few observations)"
+        ) from None
     dp = -(Vinv @ (gp + W.T @ dc).reshape(n, 3, 1)).ravel()
     return dc, dp
 
@@ -320,6 +369,38 @@ def _predicted_decrease(U, W, V, gc, gp, dc, dp):
     return -(2 * (dc @ gc + dp @ gp) + float(dHd))
 
 
+def _refuse_degenerate_bundle(problem):
+    """Refuse, before solving, a problem whose observations cannot determine its
+    unknowns: a camera with fewer residuals than free pose parameters, a point seen
+    by fewer than two cameras (each pair is observed once, so its observations are
+    by distinct cameras), or fewer residuals than unknowns."""
+    m, n = problem.m, problem.n
+    n_free = problem.free.reshape(m, 6).sum(axis=1)
+    per_cam = np.bincount(problem.cam, minlength=m)
+    few = np.flatnonzero(2 * per_cam < n_free)
+    if few.size:
+        j = int(few[0])
+        raise ValueError(
+            f"camera {j} has {per_cam[j]} observation(s) ({2 * per_cam[j]} residuals) "
+            f"for {n_free[j]} free pose parameters; {few.size} camera(s) have fewer "
+            f"residuals than free parameters"
+        )
+    per_point = np.bincount(problem.point, minlength=n)
+    lonely = np.flatnonzero(per_point < 2)
+    if lonely.size:
+        i = int(lonely[0])
+        raise ValueError(
+            f"point {i} is seen by {per_point[i]} camera(s): a point needs at least 2 "
+            f"to be triangulated; {lonely.size} point(s) are seen by fewer than 2"
+        )
+    unknowns = int(problem.free.sum()) + 3 * n
+    if 2 * problem.cam.size < unknowns:
+        raise ValueError(
+            f"{2 * problem.cam.size} residuals for {unknowns} unknowns: bundle "
+            f"adjustment needs at least as many residuals as unknowns"
+        )
+
+
 def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-3, check_gauge=True):
     """Levenberg-Marquardt for bundle adjustment with the Schur complement (eqs.
     6.18-6.21).
@@ -331,9 +412,15 @@ def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-3, check_gauge=T
     leave a gauge direction free at x0 (gauge_is_fixed), as the default `fixed` does
     when camera 1's centre is straight ahead of or behind camera 0 as seen from
     camera 1 (forward motion); pass check_gauge=False to run without a fixed gauge on
-    purpose. Returns (x, LeastSquaresHistory)."""
-    x = as_float_array(x0, "x0", ndims=1).copy()
+    purpose. Before solving it also raises ValueError when x0 is not finite, a camera
+    has fewer residuals than free pose parameters, a point is seen by fewer than two
+    cameras, there are fewer residuals than unknowns, or a point's 3 x 3 block V_i is
+    singular at x0 (its cameras see it along one ray). Returns (x,
+    LeastSquaresHistory)."""
+    _solver_options(tol, max_iter, lam0)
+    x = require_finite(as_float_array(x0, "x0", ndims=1).copy(), "x0")
     problem.unpack(x)
+    _refuse_degenerate_bundle(problem)
     if check_gauge and not gauge_is_fixed(problem, x):
         raise ValueError(
             f"the fixed pose parameters (fixed = "
@@ -344,6 +431,7 @@ def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-3, check_gauge=T
             f"non-zero x component; hold another coordinate of camera 1 "
             f"(BundleProblem.create(fixed=...)), or pass check_gauge=False"
         )
+    _refuse_singular_points(problem, ba_jacobian_blocks(problem, x)[1])
     hist = LeastSquaresHistory(n_residual=1)
     r = ba_residual(problem, x)
     E = float(r @ r)

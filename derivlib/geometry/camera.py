@@ -38,6 +38,11 @@ def _intrinsics(K):
             f"K must be upper triangular with K[2, 2] = 1, got last row "
             f"{K[2].tolist()} and K[1, 0] = {K[1, 0]}"
         )
+    if K[0, 0] == 0 or K[1, 1] == 0:
+        raise ValueError(
+            f"K must be invertible (focal lengths f_x = K[0, 0] and f_y = K[1, 1] "
+            f"non-zero), got f_x = {K[0, 0]} and f_y = {K[1, 1]}"
+        )
     return K
 
 

@@ -8,13 +8,25 @@ from .._validate import as_float_array, require_finite
 from .camera import _points
 
 
+# Above this size a component of w makes [w]x^2 (and |w|^2) overflow float64.
+MAX_ROTATION_VECTOR = 1e150
+
+
 def _rotation_vector(w, name="w"):
     w = as_float_array(w, name, ndims=1)
     if w.shape != (3,):
         raise ValueError(
             f"{name} must be a rotation vector of shape (3,), got shape {w.shape}"
         )
-    return require_finite(w, name)
+    require_finite(w, name)
+    if np.max(np.abs(w)) > MAX_ROTATION_VECTOR:
+        raise ValueError(
+            f"{name} must have components of size at most {MAX_ROTATION_VECTOR:.0e} "
+            f"(beyond that |{name}|^2 and [{name}]x^2 overflow float64), got "
+            f"max |{name}_i| = {np.max(np.abs(w)):.3g}; reduce the angle modulo 2 pi "
+            f"along its axis first"
+        )
+    return w
 
 
 def hat(w):

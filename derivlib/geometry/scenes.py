@@ -32,6 +32,11 @@ def make_scene(m=6, n=200, noise=1.0, seed=0, visibility=0.7, perturbation=1.0):
         raise ValueError(
             f"a scene needs m >= 2 cameras and n >= 1 points, got m = {m}, n = {n}"
         )
+    for name, value in (("noise", noise), ("perturbation", perturbation)):
+        if not (np.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    if not 0 <= visibility <= 1:
+        raise ValueError(f"visibility is a probability in [0, 1], got {visibility!r}")
     rng = np.random.default_rng(seed)
     K = np.array([[500.0, 0.0, 320.0], [0.0, 500.0, 240.0], [0.0, 0.0, 1.0]])
     X = rng.standard_normal((3, n))

@@ -160,6 +160,19 @@ def _lm_steps(residual, trial, x, E, lam, nu, tol, hist, what, retract=None):
             raise _stuck(E, lam, what)
 
 
+def _solver_options(tol, max_iter, lam0):
+    """Refuse options a solver cannot run with: tol a finite number >= 0, max_iter an
+    integer >= 1, lam0 a finite number >= 0."""
+    if not (isinstance(tol, (int, float, np.number)) and np.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    if not (isinstance(max_iter, (int, np.integer)) and max_iter >= 1):
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    if not (
+        isinstance(lam0, (int, float, np.number)) and np.isfinite(lam0) and lam0 >= 0
+    ):
+        raise ValueError(f"lam0 must be a finite number >= 0, got {lam0!r}")
+
+
 def solve_least_squares(
     residual,
     jacobian,
@@ -193,7 +206,8 @@ def solve_least_squares(
     must be the Jacobian with respect to that delta at delta = 0."""
     if method not in ("gn", "lm"):
         raise ValueError(f"method must be 'gn' or 'lm', got {method!r}")
-    x = np.array(x0, dtype=np.float64)
+    _solver_options(tol, max_iter, lam0)
+    x = require_finite(as_float_array(x0, "x0", ndims=1).copy(), "x0")
     hist = LeastSquaresHistory(n_residual=1)
 
     def move(x, delta):
