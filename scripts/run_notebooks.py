@@ -50,7 +50,7 @@ def colab_cell():
         "\n"
         'if "google.colab" in sys.modules:\n'
         f'    source = "git+{url}@{repo["branch"]}"\n'
-        '    %pip install --quiet "derivlib[check] @ {source}"'
+        '    %pip install --quiet "derivlib[check,book] @ {source}"'
     )
     cell = nbformat.v4.new_code_cell(source)
     cell.metadata = {"tags": ["remove-cell", COLAB_TAG]}
