@@ -331,7 +331,7 @@ def _stn_gather(U, idx, ok):
             zip(idx, ok)]  # fmt: skip
 
 
-def stn_sample(U, theta, out_shape=None):
+def stn_sample(U, theta, *, out_shape=None):
     """The bilinear sampler of a spatial transformer (9.7): V[k, c] at output pixel
     (x, y) is the bilinear value of U[k, c] at theta_k [x, y, 1]^T, with zeros outside
     the image. U (N, C, H, W), theta (N, 2, 3); returns (N, C, Ho, Wo)."""
@@ -343,7 +343,7 @@ def stn_sample(U, theta, out_shape=None):
     return V.reshape(U.shape[:2] + out_shape)
 
 
-def stn_sample_jvp(U, theta, dU, dtheta, out_shape=None):
+def stn_sample_jvp(U, theta, dU, dtheta, *, out_shape=None):
     """The differential (9.8) of the sampler: the sampler applied to dU plus the
     position gradient times dP = dtheta [x, y, 1]^T."""
     U, out_shape, fx, fy, idx, ok = _stn_setup(U, theta, out_shape)
@@ -361,7 +361,7 @@ def stn_sample_jvp(U, theta, dU, dtheta, out_shape=None):
     return dV.reshape(U.shape[:2] + out_shape)
 
 
-def stn_sample_vjp(U, theta, G, out_shape=None):
+def stn_sample_vjp(U, theta, G, *, out_shape=None):
     """The backward rule (9.9) of the sampler: U_bar is a scatter of G times the
     weights (entries outside the image are dropped), theta_bar = sum over pixels of
     P_bar [x, y, 1]. Returns (U_bar, theta_bar).

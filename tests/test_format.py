@@ -54,3 +54,41 @@ def test_a_wide_line_is_caught(tmp_path, kind):
         "check", "--select", "E501", "--output-format", "concise", ".", cwd=tmp_path
     )
     assert result.returncode == 1 and "E501" in result.stdout, result.stdout
+
+
+def rules_with_positional_options(namespace):
+    """(rule, option) for each option of a public `_jvp` / `_vjp` rule that can be
+    passed by position: the book's convention is `<name>_jvp(*primals, *tangents,
+    **options)` and `<name>_vjp(*primals, G, **options)`, options keyword-only."""
+    import inspect
+
+    found = []
+    for name in namespace.__all__:
+        if not name.endswith(("_jvp", "_vjp")):
+            continue
+        for p in inspect.signature(getattr(namespace, name)).parameters.values():
+            if p.default is not p.empty and p.kind is not p.KEYWORD_ONLY:
+                found.append((name, p.name))
+    return found
+
+
+def test_every_rule_takes_its_options_by_keyword():
+    import derivlib
+
+    assert sum(n.endswith(("_jvp", "_vjp")) for n in derivlib.__all__) > 50
+    assert rules_with_positional_options(derivlib) == []
+
+
+def test_a_positional_option_is_caught():
+    import types
+
+    def planted_vjp(X, G, eps=1e-5):
+        return X
+
+    def fine_jvp(X, dX, *, eps=1e-5):
+        return dX
+
+    namespace = types.SimpleNamespace(
+        __all__=["planted_vjp", "fine_jvp"], planted_vjp=planted_vjp, fine_jvp=fine_jvp
+    )
+    assert rules_with_positional_options(namespace) == [("planted_vjp", "eps")]

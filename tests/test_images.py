@@ -261,7 +261,7 @@ def test_refusals_of_the_sampler_warps_and_corners(rng):
     with pytest.raises(ValueError, match="dtype"):
         im.stn_sample(U > 0, theta)
     with pytest.raises(ValueError, match="out_shape"):
-        im.stn_sample(U, theta, (0, 4))
+        im.stn_sample(U, theta, out_shape=(0, 4))
     with pytest.raises(ValueError, match="not finite"):
         im.warp("affine", np.full(6, np.nan), np.zeros((2, 3)))
     with pytest.raises(ValueError, match="finite"):
