@@ -369,6 +369,20 @@ def _predicted_decrease(U, W, V, gc, gp, dc, dp):
     return -(2 * (dc @ gc + dp @ gp) + float(dHd))
 
 
+def _refuse_lonely_points(cam, point, m, n):
+    """Refuse a point seen by fewer than two distinct cameras (two observations of a
+    point by one camera do not triangulate it), for observations (cam, point) of n
+    points by m cameras."""
+    per_point = np.bincount(np.unique(point * m + cam) // m, minlength=n)
+    lonely = np.flatnonzero(per_point < 2)
+    if lonely.size:
+        i = int(lonely[0])
+        raise ValueError(
+            f"point {i} is seen by {per_point[i]} camera(s): a point needs at least 2 "
+            f"to be triangulated; {lonely.size} point(s) are seen by fewer than 2"
+        )
+
+
 def _refuse_degenerate_bundle(problem):
     """Refuse, before solving, a problem whose observations cannot determine its
     unknowns: a camera with fewer residuals than free pose parameters, a point seen
@@ -385,14 +399,7 @@ def _refuse_degenerate_bundle(problem):
             f"for {n_free[j]} free pose parameters; {few.size} camera(s) have fewer "
             f"residuals than free parameters"
         )
-    per_point = np.bincount(problem.point, minlength=n)
-    lonely = np.flatnonzero(per_point < 2)
-    if lonely.size:
-        i = int(lonely[0])
-        raise ValueError(
-            f"point {i} is seen by {per_point[i]} camera(s): a point needs at least 2 "
-            f"to be triangulated; {lonely.size} point(s) are seen by fewer than 2"
-        )
+    _refuse_lonely_points(problem.cam, problem.point, m, n)
     unknowns = int(problem.free.sum()) + 3 * n
     if 2 * problem.cam.size < unknowns:
         raise ValueError(
@@ -616,17 +623,7 @@ def _refuse_underdetermined(recon, free):
             f"for {free[j].sum()} free parameters: it needs at least {need[j]}; "
             f"{few.size} camera(s) are underdetermined"
         )
-    # distinct cameras per point: two observations of a point by one camera do not
-    # triangulate it
-    pairs = np.unique(recon.point * m + recon.cam)
-    per_point = np.bincount(pairs // m, minlength=n)
-    lonely = np.flatnonzero(per_point < 2)
-    if lonely.size:
-        i = int(lonely[0])
-        raise ValueError(
-            f"point {i} is seen by {per_point[i]} camera(s): a point needs at least 2 "
-            f"to be triangulated; {lonely.size} point(s) are seen by fewer than 2"
-        )
+    _refuse_lonely_points(recon.cam, recon.point, m, n)
     unknowns = int(free.sum()) + 3 * n
     if 2 * recon.cam.size < unknowns:
         raise ValueError(
