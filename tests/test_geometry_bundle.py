@@ -328,3 +328,74 @@ def test_refuses_intrinsics_that_the_points_leave_undetermined():
     start = SparseBundleState(truth.R, truth.t, truth.intrinsics, X)
     with pytest.raises(ValueError, match=r"(f|k1|k2) of camera 3: .* 2 direction"):
         sparse_bundle_adjust(ring, start)
+
+
+def test_fast_blocks_match_bundlers_products():
+    """The solver's entry-by-entry Jacobian and residual-only projection equal
+    bundler._blocks (the same formulas through small matrix products) and the
+    residual of bundler_residual, on a scene with distortion."""
+    from derivlib.geometry.bundler import _blocks
+
+    recon, _, start = make_bundler_scene(m=4, n=40, views=3, seed=5)
+    r, A, B = bundle._sparse_blocks(recon, start)
+    u, A6, B0, C = _blocks(
+        start.R[recon.cam],
+        start.t[recon.cam],
+        start.intrinsics[recon.cam],
+        start.X[:, recon.point],
+    )
+    assert check.relative_error(r, (u - recon.u).ravel(order="F")) < 1e-14
+    assert check.relative_error(A, np.concatenate([A6, C], axis=2)) < 1e-14
+    assert check.relative_error(B, B0) < 1e-14
+    assert check.relative_error(bundle._sparse_residual(recon, start), r) < 1e-14
+
+
+def test_closed_form_inverse_of_the_point_blocks():
+    """_inv3 against np.linalg.inv on badly scaled blocks, and a singular block
+    refused by name."""
+    rng = np.random.default_rng(0)
+    M = rng.standard_normal((50, 3, 5))
+    D = np.array([1e-2, 1.0, 1e2])
+    V = D[:, None] * (M @ M.transpose(0, 2, 1)) * D  # D M M^T D, scales 1e-4..1e4
+    assert check.relative_error(bundle._inv3(V), np.linalg.inv(V)) < 1e-12
+    V[7] = np.outer([1.0, 2.0, 3.0], [1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="V_7 of point 7 is singular"):
+        bundle._inv3(V)
+
+
+def test_reduced_system_in_any_order_of_observations():
+    """The same S whether the observations come camera by camera or shuffled,
+    and whether the pairs are summed in one chunk or many."""
+    from dataclasses import replace
+
+    recon, _, start = make_bundler_scene(m=5, n=60, views=3, seed=6)
+    perm = np.random.default_rng(1).permutation(recon.cam.size)
+    shuffled = replace(
+        recon, cam=recon.cam[perm], point=recon.point[perm], u=recon.u[:, perm]
+    )
+    S1, b1, _ = reduced_camera_system(recon, *_blocks_of(recon, start), lam=0.01)
+    old = bundle._PAIR_CHUNK
+    bundle._PAIR_CHUNK = 7
+    try:
+        S2, b2, _ = reduced_camera_system(
+            shuffled, *_blocks_of(shuffled, start), lam=0.01
+        )
+    finally:
+        bundle._PAIR_CHUNK = old
+    assert check.relative_error(S2, S1) < 1e-12
+    assert check.relative_error(b2, b1) < 1e-12
+
+
+def _blocks_of(recon, state):
+    r, A, B = bundle._sparse_blocks(recon, state)
+    return A, B, r
+
+
+def test_the_stopping_rule():
+    """A decrease below tol E stops; so does a geometric tail below it after a
+    clean step; a rejected step or a growing decrease does not."""
+    assert bundle._settled([10.0, 5.0, 5.0 - 1e-12], 1e-10, clean=False)
+    tail = [10.0, 5.0, 4.99, 4.99 - 1e-7]  # the tail after it: about 1e-12
+    assert bundle._settled(tail, 1e-10, clean=True)
+    assert not bundle._settled(tail, 1e-10, clean=False)
+    assert not bundle._settled([10.0, 9.0, 8.0, 7.0], 1e-10, clean=True)
