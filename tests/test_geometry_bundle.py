@@ -399,3 +399,18 @@ def test_the_stopping_rule():
     assert bundle._settled(tail, 1e-10, clean=True)
     assert not bundle._settled(tail, 1e-10, clean=False)
     assert not bundle._settled([10.0, 9.0, 8.0, 7.0], 1e-10, clean=True)
+
+
+def test_vectorised_exp_matches_rodrigues():
+    """_so3_exp_many, all rows at once, equals rodrigues row by row on both sides
+    of the series' switch, and refuses what rodrigues refuses."""
+    from derivlib.geometry import rodrigues
+
+    rng = np.random.default_rng(2)
+    D = np.concatenate(
+        [rng.standard_normal((20, 3)) * s for s in (0.0, 1e-9, 4e-3, 2e-2, 1.0, 3.0)]
+    )
+    many = bundle._so3_exp_many(D)
+    assert np.abs(many - np.stack([rodrigues(d) for d in D])).max() < 1e-15 * 4
+    with pytest.raises(ValueError, match="finite"):
+        bundle._so3_exp_many(np.array([[np.nan, 0.0, 0.0]]))

@@ -522,8 +522,30 @@ class SparseBundleHistory:
 
 
 def _so3_exp_many(D):
-    """Exp([delta]x) for each row of D (m, 3), by Rodrigues' formula."""
-    return np.stack([rodrigues(d) for d in D])
+    """Exp([delta]x) for each row of D (m, 3), by Rodrigues' formula (eq. 6.5) with
+    the coefficients of lie.rotation_coefficients (Taylor series below its
+    SMALL_ANGLE, 2 sin^2(t / 2) above), all rows at once."""
+    from .lie import MAX_ROTATION_VECTOR, SMALL_ANGLE
+
+    D = np.asarray(D, dtype=np.float64)
+    if D.size and not (
+        np.all(np.isfinite(D)) and np.abs(D).max() <= MAX_ROTATION_VECTOR
+    ):
+        return np.stack([rodrigues(d) for d in D])  # its ValueError names the fault
+    t2 = np.einsum("ij,ij->i", D, D)
+    t = np.sqrt(t2)
+    small = t < SMALL_ANGLE
+    ts = np.where(small, 1.0, t)
+    a = np.where(
+        small, 1.0 - t2 / 6.0 * (1.0 - t2 / 20.0 * (1.0 - t2 / 42.0)), np.sin(ts) / ts
+    )
+    b = np.where(
+        small,
+        0.5 - t2 / 24.0 * (1.0 - t2 / 30.0 * (1.0 - t2 / 56.0)),
+        2.0 * (np.sin(0.5 * ts) / ts) ** 2,
+    )
+    W = _hat_many(D.T)
+    return np.eye(3) + a[:, None, None] * W + b[:, None, None] * (W @ W)
 
 
 def _sparse_residual(recon, state):
@@ -636,8 +658,19 @@ def _refuse_singular_points(recon, B):
     V = _sum_by(recon, "point", np.ascontiguousarray(B.transpose(0, 2, 1)) @ B)
     d = np.sqrt(np.abs(np.einsum("nii->ni", V)))
     d[d == 0] = 1.0
-    w = np.linalg.eigvalsh(V / d[:, :, None] / d[:, None, :])
-    bad = np.flatnonzero(w[:, 0] <= 1e-12 * w[:, -1])
+    M = V / d[:, :, None] / d[:, None, :]
+    # fast path: M has a unit diagonal, so its eigenvalues sum to at most 3 and the
+    # two largest multiply to at most 9 / 4: det(M) > 27 / 4 * 1e-12 proves the
+    # smallest above 1e-12 times the largest; the rest go to eigvalsh
+    det = (
+        M[:, 0, 0] * (M[:, 1, 1] * M[:, 2, 2] - M[:, 1, 2] * M[:, 2, 1])
+        - M[:, 0, 1] * (M[:, 1, 0] * M[:, 2, 2] - M[:, 1, 2] * M[:, 2, 0])
+        + M[:, 0, 2] * (M[:, 1, 0] * M[:, 2, 1] - M[:, 1, 1] * M[:, 2, 0])
+    )
+    bad = np.flatnonzero(~(det > 6.75e-12))
+    if bad.size:
+        w = np.linalg.eigvalsh(M[bad])
+        bad = bad[w[:, 0] <= 1e-12 * w[:, -1]]
     if bad.size:
         i = int(bad[0])
         raise ValueError(
@@ -956,7 +989,6 @@ def sparse_bundle_adjust(
     the relative decrease of E or the relative step falls below tol; raises
     ConvergenceError after max_iter iterations.
     Returns (SparseBundleState, SparseBundleHistory)."""
-    from scipy.linalg import cho_factor, cho_solve
 
     if state0 is None:
         state0 = SparseBundleState(recon.R, recon.t, recon.intrinsics, recon.X)
@@ -989,6 +1021,43 @@ def sparse_bundle_adjust(
         for j in range(m)
         for q in ["delta_x", "delta_y", "delta_z", "t_x", "t_y", "t_z", "f", "k1", "k2"]
     ]
+    with _one_blas_thread(free_idx.size):
+        return _sparse_lm(recon, state, free_idx, names, tol, max_iter, lam0)
+
+
+# Above this many free camera parameters S is left to the BLAS's threads; below, its
+# Cholesky factor takes milliseconds and every product in an iteration is small, so a
+# second thread only synchronises (and on a busy machine waits for its core)
+_THREADED_SIZE = 2000
+_controller = []
+
+
+def _one_blas_thread(size):
+    """A context that runs the BLAS on one thread while solving a system of `size`
+    free camera parameters between 64 (below which OpenBLAS factors on one thread
+    anyway) and _THREADED_SIZE, through threadpoolctl when it is installed; otherwise
+    (or outside that range) it changes nothing."""
+    from contextlib import nullcontext
+
+    if not 64 <= size <= _THREADED_SIZE:
+        return nullcontext()
+    if not _controller:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _controller.append(None)
+        else:
+            _controller.append(ThreadpoolController())
+    if _controller[0] is None:
+        return nullcontext()
+    return _controller[0].limit(limits=1, user_api="blas")
+
+
+def _sparse_lm(recon, state, free_idx, names, tol, max_iter, lam0):
+    """sparse_bundle_adjust's iterations, after its checks."""
+    from scipy.linalg import cho_factor, cho_solve
+
+    m = recon.m
     recon = _sorted_by_camera(recon)
     r, A, B = _sparse_blocks(recon, state)
     _refuse_singular_points(recon, B)
@@ -1025,15 +1094,14 @@ def sparse_bundle_adjust(
                 state.intrinsics + d[:, 6:],
                 state.X + dp.T,
             )
-            # predicted decrease -(2 delta^T g + delta^T J^T J delta), from the blocks
-            dcb, dpb = d, dp
-            Wdp = np.einsum("kab,kb->ka", W, dpb[recon.point])
-            dHd = (
-                np.einsum("ma,mab,mb->", dcb, U, dcb)
-                + 2 * np.einsum("ka,ka->", dcb[recon.cam], Wdp)
-                + np.einsum("na,nab,nb->", dpb, V, dpb)
+            # predicted decrease -(2 delta^T g + delta^T J^T J delta); the step
+            # solves (J^T J + lam D) delta = -g on the free parameters (and is 0 on
+            # the others), so delta^T J^T J delta = -delta^T g - lam delta^T D delta
+            # with D the diagonals of U and V
+            pred = -(np.sum(d * gc) + np.sum(dp * gp)) + lam * (
+                np.sum(np.einsum("mii->mi", U) * d * d)
+                + np.sum(np.einsum("nii->ni", V) * dp * dp)
             )
-            pred = -(2 * (np.sum(dcb * gc) + np.sum(dpb * gp)) + dHd)
             try:
                 r_new = _sparse_residual(recon, trial)
                 E_new = float(r_new @ r_new)
@@ -1051,7 +1119,7 @@ def sparse_bundle_adjust(
                 return state, hist
         step = np.linalg.norm(dc) + np.linalg.norm(dp)
         size = np.linalg.norm(state.t) + np.linalg.norm(state.X) + 1.0
-        state, r, E_old, E = trial, r_new, E, E_new
+        state, r, E = trial, r_new, E_new
         hist.n_iter += 1
         hist.cost.append(E)
         if _settled(hist.cost, tol, rejected_before == hist.n_rejected) or (
