@@ -408,26 +408,64 @@ def _refuse_degenerate_bundle(problem):
         )
 
 
-def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-3, check_gauge=True):
-    """Levenberg-Marquardt for bundle adjustment with the Schur complement (eqs.
-    6.18-6.21).
+def _ba_right_blocks(problem, x):
+    """The Jacobian blocks for the update of `bundle_adjust`, R_j Exp(delta_j) and
+    t_j + dt_j (eq. 6.36): A_k = J_pi [-R_j [X_i]x | I] (N, 2, 6), (6.18) without
+    J_r, and B_k = J_pi R_j (N, 2, 3). With B_k from ba_jacobian_blocks, each row b
+    of J_pi R_j gives b^T [X_i]x = (b x X_i)^T."""
+    A, B = ba_jacobian_blocks(problem, x)
+    X = x[6 * problem.m :].reshape(problem.n, 3)
+    A[:, :, :3] = -np.cross(B, X[problem.point][:, None, :])
+    return A, B
 
-    Damps the normal equations by lam diag(J^T J), eliminates the points, and holds
-    the pose parameters outside problem.free at their values in x0 (the gauge).
-    Stops, and raises ConvergenceError, as `solve_least_squares` does. With
-    check_gauge (the default) it first raises ValueError if the fixed parameters
-    leave a gauge direction free at x0 (gauge_is_fixed), as the default `fixed` does
-    when camera 1's centre is straight ahead of or behind camera 0 as seen from
-    camera 1 (forward motion); pass check_gauge=False to run without a fixed gauge on
-    purpose. Before solving it also raises ValueError when x0 is not finite, a camera
-    has fewer residuals than free pose parameters, a point is seen by fewer than two
-    cameras, there are fewer residuals than unknowns, or a point's 3 x 3 block V_i is
-    singular at x0 (its cameras see it along one ray). Returns (x,
-    LeastSquaresHistory)."""
+
+def _pose_update(problem, x, delta):
+    """x after the step delta: R(w_j) Exp(delta_w) stored as its logarithm (|w| <=
+    pi, eq. 6.31) for each camera whose rotation moves, t + delta_t, X + delta_X."""
+    from .lie import so3_log
+
+    m = problem.m
+    out = x + delta
+    D = delta[: 6 * m].reshape(m, 6)[:, :3]
+    moving = np.flatnonzero(np.any(D != 0, axis=1))
+    w = x[: 6 * m].reshape(m, 6)[moving, :3]
+    R = _so3_exp_many(w) @ _so3_exp_many(D[moving])
+    out[6 * moving[:, None] + np.arange(3)] = [so3_log(Rj) for Rj in R]
+    return out
+
+
+def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-6, check_gauge=True):
+    """Levenberg-Marquardt for bundle adjustment with the Schur complement (eqs.
+    6.18-6.21), each rotation updated on the right, R_j Exp(delta_j) (eq. 6.36).
+
+    Damps the normal equations by lam diag(J^T J), eliminates the points with W
+    kept as one block per observation (as `reduced_camera_system` does), and holds
+    the pose parameters outside problem.free at their values in x0 (the gauge); a
+    camera's rotation is held whole or not at all. The rotation vectors of x are
+    logarithms of the updated rotations (|w| <= pi) once they move. Stops, and
+    raises ConvergenceError, as `solve_least_squares` does, and also when the
+    decrease still to come, estimated from the last two as a geometric series, is
+    below tol * E. With check_gauge (the default) it first raises ValueError if the
+    fixed parameters leave a gauge direction free at x0 (gauge_is_fixed), as the
+    default `fixed` does when camera 1's centre is straight ahead of or behind
+    camera 0 as seen from camera 1 (forward motion); pass check_gauge=False to run
+    without a fixed gauge on purpose. Before solving it also raises ValueError when
+    x0 is not finite, a camera has fewer residuals than free pose parameters, a
+    point is seen by fewer than two cameras, there are fewer residuals than
+    unknowns, or a point's 3 x 3 block V_i is singular at x0 (its cameras see it
+    along one ray). Returns (x, LeastSquaresHistory)."""
     _solver_options(tol, max_iter, lam0)
     x = require_finite(as_float_array(x0, "x0", ndims=1).copy(), "x0")
     problem.unpack(x)
     _refuse_degenerate_bundle(problem)
+    rot_free = problem.free.reshape(problem.m, 6)[:, :3].sum(axis=1)
+    partial = np.flatnonzero((rot_free > 0) & (rot_free < 3))
+    if partial.size:
+        raise ValueError(
+            f"bundle_adjust updates each rotation on the right, R Exp(delta), so a "
+            f"camera's rotation is held whole or not at all; camera {partial[0]} has "
+            f"{rot_free[partial[0]]} of its 3 rotation parameters free"
+        )
     if check_gauge and not gauge_is_fixed(problem, x):
         raise ValueError(
             f"the fixed pose parameters (fixed = "
@@ -438,33 +476,48 @@ def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-3, check_gauge=T
             f"non-zero x component; hold another coordinate of camera 1 "
             f"(BundleProblem.create(fixed=...)), or pass check_gauge=False"
         )
-    _refuse_singular_points(problem, ba_jacobian_blocks(problem, x)[1])
+    A, B = _ba_right_blocks(problem, x)
+    _refuse_singular_points(problem, B)
+    free_idx = np.flatnonzero(problem.free)
     hist = LeastSquaresHistory(n_residual=1)
     r = ba_residual(problem, x)
     E = float(r @ r)
     lam, nu = lam0, 2.0
     hist.cost.append(E)
-    for _ in range(max_iter):
-        A, B = ba_jacobian_blocks(problem, x)
+    for it in range(max_iter):
+        if it:
+            A, B = _ba_right_blocks(problem, x)
         hist.n_jacobian += 1
         hist.damping.append(lam)
-        U, W, V, gc, gp = ba_normal_equations(problem, A, B, r)
-        gc = gc * problem.free
-        dU, dV = np.diag(U).copy(), np.einsum("nii->ni", V).copy()
+        blocks = _camera_blocks(problem, A, B, r)
+        WT, U, V, gc, gp = blocks
+        dU, dV = np.einsum("mii->mi", U).ravel(), np.einsum("nii->ni", V).ravel()
+        predicted = []
 
         def trial(lam):
-            dc, dp = schur_solve(
-                U + lam * np.diag(dU),
-                W,
-                V + lam * dV[:, :, None] * np.eye(3),
-                gc,
-                gp,
-                problem.free,
+            S, rhs, Vinv, _ = _reduce(problem, blocks, lam)
+            dc = np.zeros(6 * problem.m)
+            try:
+                dc[free_idx] = np.linalg.solve(
+                    S[np.ix_(free_idx, free_idx)], rhs[free_idx]
+                )
+            except np.linalg.LinAlgError:
+                raise ValueError(
+                    "the reduced camera system S = U - W V^-1 W^T is singular on the "
+                    "free pose parameters: the observations do not determine them (a "
+                    "gauge direction left free, or a camera with too few "
+                    "observations)"
+                ) from None
+            dp = _back_substitute(problem, WT.transpose(0, 2, 1), Vinv, gp, dc).ravel()
+            # the step solves (J^T J + lam D) delta = -g on the free parameters, so
+            # E - ||r + J delta||^2 = -delta^T g + lam delta^T D delta
+            pred = -(dc @ gc.ravel() + dp @ gp.ravel()) + lam * (
+                dU @ (dc * dc) + dV @ (dp * dp)
             )
-            return np.concatenate([dc, dp]), _predicted_decrease(
-                U, W, V, gc, gp, dc, dp
-            )
+            predicted.append(float(pred))
+            return np.concatenate([dc, dp]), predicted[-1]
 
+        trials = hist.n_residual
         delta, r_new, E_new, lam, nu, stationary = _lm_steps(
             lambda y: ba_residual(problem, y),
             trial,
@@ -475,13 +528,23 @@ def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-3, check_gauge=T
             tol,
             hist,
             "bundle adjustment",
+            lambda y, d: _pose_update(problem, y, d),
         )
-        done = stationary or _finished(E, E_new, delta, x, tol)
-        if not stationary:
-            x, r, E = x + delta, r_new, E_new
         hist.n_iter += 1
+        clean = hist.n_residual == trials + 1
+        if clean and not stationary:
+            # the first step tried was taken: if its model gain is at most tol * E
+            # (it moves E by rounding only), x is a minimum to the tolerance, as
+            # when such a step is rejected (_stationary)
+            stationary = predicted[-1] <= tol * E
+        if stationary:
+            hist.cost.append(E)
+            hist.converged = True
+            return x, hist
+        short = np.linalg.norm(delta) <= tol * (np.linalg.norm(x) + tol)
+        x, r, E = _pose_update(problem, x, delta), r_new, E_new
         hist.cost.append(E)
-        if done:
+        if short or _settled(hist.cost, tol, clean):
             hist.converged = True
             return x, hist
     raise ConvergenceError(
@@ -823,7 +886,7 @@ def _camera_blocks(recon, A, B, r):
     and g_p (n, 3), as batched products over the N observations; U_j and g_c are
     one product per camera of
     its contiguous (2 N_j, 9) stack when the observations are sorted by camera."""
-    m = recon.m
+    m, c = recon.m, A.shape[2]
     r2 = r.reshape(-1, 2)
     Bt = np.ascontiguousarray(B.transpose(0, 2, 1))
     WT = Bt @ A
@@ -831,12 +894,12 @@ def _camera_blocks(recon, A, B, r):
     gp = _sum_by(recon, "point", (Bt @ r2[:, :, None])[:, :, 0])
     del Bt
     order, cstart = _by_camera(recon)
-    U = np.empty((m, 9, 9))
-    gc = np.empty((m, 9))
+    U = np.empty((m, c, c))
+    gc = np.empty((m, c))
     for j in range(m):  # U_j = A_j^T A_j with A_j the (2 N_j, 9) stack of camera j
         sl = slice(cstart[j], cstart[j + 1])
         idx = sl if order is None else order[sl]
-        Aj = A[idx].reshape(-1, 9)
+        Aj = A[idx].reshape(-1, c)
         U[j] = _gram(Aj, Aj)
         gc[j] = Aj.T @ r2[idx].ravel()
     return WT, U, V, gc, gp
@@ -849,18 +912,18 @@ def _reduce(recon, blocks, lam):
     (9, 3p) @ (3p, 9) per camera pair over the p points both see, on blocks
     gathered in chunks of pairs."""
     WT, U, V, gc, gp = blocks
-    m, point = recon.m, recon.point
+    m, point, c = recon.m, recon.point, U.shape[1]
     Vd = V + lam * np.einsum("nii->ni", V)[:, :, None] * np.eye(3)
     Vinv = _inv3(Vd, "V")
     YT = Vinv[point] @ WT
     order, cstart = _by_camera(recon)
-    S = np.zeros((m, 9, m, 9))
+    S = np.zeros((m, c, m, c))
     diag = np.einsum("mii->mi", U)
     for j in range(m):
         sl = slice(cstart[j], cstart[j + 1])
         idx = sl if order is None else order[sl]
-        S[j, :, j, :] = U[j] - _gram(YT[idx].reshape(-1, 9), WT[idx].reshape(-1, 9))
-        S[j, np.arange(9), j, np.arange(9)] += lam * diag[j]
+        S[j, :, j, :] = U[j] - _gram(YT[idx].reshape(-1, c), WT[idx].reshape(-1, c))
+        S[j, np.arange(c), j, np.arange(c)] += lam * diag[j]
     k, l, runs, pairs = _point_pairs(recon)
     r0 = 0
     while r0 < pairs.size:  # chunks of whole runs, about _PAIR_CHUNK pairs each
@@ -868,8 +931,8 @@ def _reduce(recon, blocks, lam):
             int(np.searchsorted(runs, runs[r0] + _PAIR_CHUNK, "right")) - 1, r0 + 1
         )
         s0, s1 = runs[r0], runs[r1]
-        Yk = YT[k[s0:s1]].reshape(-1, 9)
-        Wl = WT[l[s0:s1]].reshape(-1, 9)
+        Yk = YT[k[s0:s1]].reshape(-1, c)
+        Wl = WT[l[s0:s1]].reshape(-1, c)
         for s, e, jl in zip(runs[r0:r1] - s0, runs[r0 + 1 : r1 + 1] - s0, pairs[r0:r1]):
             j, q = divmod(int(jl), m)
             block = _gram(Yk[3 * s : 3 * e], Wl[3 * s : 3 * e])
@@ -877,7 +940,7 @@ def _reduce(recon, blocks, lam):
             if j != q:
                 S[q, :, j, :] -= block.T
         r0 = r1
-    S = S.reshape(9 * m, 9 * m)
+    S = S.reshape(c * m, c * m)
     rhs = -(gc - _sum_by(recon, "cam", np.einsum("kab,ka->kb", YT, gp[point])))
     return S, rhs.ravel(), Vinv, YT
 
@@ -912,7 +975,7 @@ def reduced_camera_system(recon, A, B, r, lam=0.0):
 
 def _back_substitute(recon, W, Vinv, gp, dc):
     """dp_i = -V_i^-1 (g_i + sum_k W_k^T dc_j) over the observations k of point i."""
-    Wt_dc = np.einsum("kab,ka->kb", W, dc.reshape(-1, 9)[recon.cam])
+    Wt_dc = np.einsum("kab,ka->kb", W, dc.reshape(-1, W.shape[1])[recon.cam])
     return -np.einsum("nab,nb->na", Vinv, gp + _sum_by(recon, "point", Wt_dc))
 
 
