@@ -931,8 +931,8 @@ def _reduce(recon, blocks, lam):
             int(np.searchsorted(runs, runs[r0] + _PAIR_CHUNK, "right")) - 1, r0 + 1
         )
         s0, s1 = runs[r0], runs[r1]
-        Yk = YT[k[s0:s1]].reshape(-1, c)
-        Wl = WT[l[s0:s1]].reshape(-1, c)
+        Yk = np.take(YT.reshape(YT.shape[0], -1), k[s0:s1], axis=0).reshape(-1, c)
+        Wl = np.take(WT.reshape(WT.shape[0], -1), l[s0:s1], axis=0).reshape(-1, c)
         for s, e, jl in zip(runs[r0:r1] - s0, runs[r0 + 1 : r1 + 1] - s0, pairs[r0:r1]):
             j, q = divmod(int(jl), m)
             block = _gram(Yk[3 * s : 3 * e], Wl[3 * s : 3 * e])
