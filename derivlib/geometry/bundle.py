@@ -495,7 +495,7 @@ def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-6, check_gauge=T
         predicted = []
 
         def trial(lam):
-            S, rhs, Vinv, _ = _reduce(problem, blocks, lam)
+            S, rhs, Vinv = _reduce(problem, blocks, lam)
             dc = np.zeros(6 * problem.m)
             try:
                 dc[free_idx] = np.linalg.solve(
@@ -877,7 +877,7 @@ def _gram(X, Y):
 
 # pairs of observations per chunk of the reduced camera system: bounds the memory
 # of the gathered blocks (2 x 27 numbers a pair) whatever the problem's size
-_PAIR_CHUNK = 1 << 14
+_PAIR_CHUNK = 1 << 12
 
 
 def _camera_blocks(recon, A, B, r):
@@ -907,10 +907,11 @@ def _camera_blocks(recon, A, B, r):
 
 def _reduce(recon, blocks, lam):
     """S and rhs of eq. 6.47 at the damping lam from _camera_blocks' output, and
-    Vinv (n, 3, 3), YT_k = V_i^-1 W_k^T (N, 3, 9). The diagonal blocks S_jj are one
-    product per camera over its observations; the blocks S_jl, j < l, one product
-    (9, 3p) @ (3p, 9) per camera pair over the p points both see, on blocks
-    gathered in chunks of pairs."""
+    Vinv (n, 3, 3), through YT_k = V_i^-1 W_k^T (N, 3, c) for camera blocks of width
+    c (9, or 6 for bundle_adjust's poses). The diagonal blocks S_jj are one product
+    per camera over its observations; the blocks S_jl, j < l, one product
+    (c, 3p) @ (3p, c) per camera pair over the p points both see, on blocks gathered
+    in chunks of at most _PAIR_CHUNK pairs (whole camera pairs)."""
     WT, U, V, gc, gp = blocks
     m, point, c = recon.m, recon.point, U.shape[1]
     Vd = V + lam * np.einsum("nii->ni", V)[:, :, None] * np.eye(3)
@@ -942,7 +943,7 @@ def _reduce(recon, blocks, lam):
         r0 = r1
     S = S.reshape(c * m, c * m)
     rhs = -(gc - _sum_by(recon, "cam", np.einsum("kab,ka->kb", YT, gp[point])))
-    return S, rhs.ravel(), Vinv, YT
+    return S, rhs.ravel(), Vinv
 
 
 def reduced_camera_system(recon, A, B, r, lam=0.0):
@@ -969,7 +970,7 @@ def reduced_camera_system(recon, A, B, r, lam=0.0):
         )
     blocks = _camera_blocks(recon, A, B, r)
     WT, U, V, gc, gp = blocks
-    S, rhs, Vinv, _ = _reduce(recon, blocks, lam)
+    S, rhs, Vinv = _reduce(recon, blocks, lam)
     return S, rhs, (WT.transpose(0, 2, 1), Vinv, gp, U, V, gc)
 
 
@@ -1132,13 +1133,14 @@ def _sparse_lm(recon, state, free_idx, names, tol, max_iter, lam0):
         hist.damping.append(lam)
         rejected_before = hist.n_rejected
         blocks = _camera_blocks(recon, A, B, r)
+        del A, B  # the blocks hold what the iteration needs: keep the peak low
         WT, U, V, gc, gp = blocks
         W = WT.transpose(0, 2, 1)
         if first:  # one validation per solve, on the undamped system
             _check_determined(_reduce(recon, blocks, 0.0)[0], free_idx, names)
             first = False
         while True:
-            S, rhs, Vinv, _ = _reduce(recon, blocks, lam)
+            S, rhs, Vinv = _reduce(recon, blocks, lam)
             dc = np.zeros(9 * m)
             Sf = S[np.ix_(free_idx, free_idx)]
             try:
@@ -1190,6 +1192,7 @@ def _sparse_lm(recon, state, free_idx, names, tol, max_iter, lam0):
         ):
             hist.converged = True
             return state, hist
+        del blocks, WT, W
         r, A, B = _sparse_blocks(recon, state)
     raise ConvergenceError(
         f"sparse bundle adjustment did not converge in {max_iter} iterations "
