@@ -816,11 +816,11 @@ def _sorted_by_camera(recon):
     """recon with its observations reordered camera by camera (the same cameras,
     points and observations: only the order of the sum E changes), so that each
     camera's blocks are one contiguous slice."""
-    from dataclasses import replace
+    from dataclasses import is_dataclass, replace
 
     cam = np.asarray(recon.cam)
-    if cam.size < 2 or np.all(cam[1:] >= cam[:-1]):
-        return recon
+    if cam.size < 2 or np.all(cam[1:] >= cam[:-1]) or not is_dataclass(recon):
+        return recon  # (any other object is solved in its own order)
     order = np.argsort(cam, kind="stable")
     return replace(
         recon,
