@@ -99,6 +99,8 @@ from .solvers import (  # noqa: F401
 )
 from .robust import (  # noqa: F401
     LOSSES,
+    BundlerChart,
+    robust_rescaling,
     robust_cost,
     robust_loss,
     robust_weights,

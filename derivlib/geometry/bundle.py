@@ -11,6 +11,7 @@ from .._validate import as_float_array, require_finite
 from ..losses import ConvergenceError
 from .camera import _in_front, _intrinsics, _points, _project_jacobian
 from .lie import _hat, _hat_many, right_jacobian, rodrigues, rotation_coefficients
+from .robust import _robust_hooks
 from .solvers import (
     LeastSquaresHistory,
     _finished,
@@ -511,8 +512,9 @@ class SparseBundleState:
 
 @dataclass
 class SparseBundleHistory:
-    """cost E = ||r||^2 after each iteration (the start first), damping lam, and the
-    counts of iterations and of rejected steps."""
+    """cost E = ||r||^2 (E_rho of eq. 6.37 with a robust loss) after each iteration
+    (the start first), damping lam, and the counts of iterations and of rejected
+    steps."""
 
     cost: list
     damping: list
@@ -752,8 +754,29 @@ def _check_determined(S, free_idx, names):
         )
 
 
+def _weigh_blocks(r, A, B, rescale):
+    """The blocks of the rescaled problem of eq. 6.49: each of the 2N residuals r and
+    its row of A (N, 2, 9) and B (N, 2, 3) scaled by rescale(r) = (s_r, s_J)
+    (robust._robust_hooks), so that the normal equations built from them are Triggs'
+    (eq. 6.38). rescale None (the plain cost) leaves them as they are."""
+    if rescale is None:
+        return r, A, B
+    s_r, s_J = rescale(r)
+    s = s_J.reshape(-1, 2, 1)
+    return s_r * r, s * A, s * B
+
+
 def sparse_bundle_adjust(
-    recon, state0=None, free=None, tol=1e-10, max_iter=100, lam0=1e-6
+    recon,
+    state0=None,
+    free=None,
+    tol=1e-10,
+    max_iter=100,
+    lam0=1e-6,
+    *,
+    loss="linear",
+    f_scale=1.0,
+    weighting="triggs",
 ):
     """Levenberg-Marquardt bundle adjustment of Bundler's model with per-camera
     intrinsics (eqs. 6.46-6.48), W held as per-observation blocks.
@@ -771,6 +794,14 @@ def sparse_bundle_adjust(
     image centre, where only f rho is determined). Stops when
     the relative decrease of E or the relative step falls below tol; raises
     ConvergenceError after max_iter iterations.
+
+    loss ('linear', 'huber' or 'cauchy') with the scale f_scale (pixels) minimises
+    the robust cost E_rho of eq. 6.37 over the 2N residuals instead of E, by
+    Triggs' corrected normal equations (weighting='triggs') or iteratively
+    reweighted least squares ('irls') (eq. 6.38), as the plain normal equations of
+    the rescaled problem of eq. 6.49; E_rho is twice the cost of
+    scipy.optimize.least_squares with the same loss and f_scale. ValueError for an
+    unknown loss or weighting, or an f_scale that is not finite and > 0.
     Returns (SparseBundleState, SparseBundleHistory)."""
     from scipy.linalg import cho_factor, cho_solve
 
@@ -795,6 +826,7 @@ def sparse_bundle_adjust(
     if not (np.isfinite(tol) and tol >= 0):
         raise ValueError(f"tol must be a finite number >= 0, got {tol}")
     _check_observations(recon)
+    cost, rescale = _robust_hooks(loss, f_scale, weighting)
     free = default_gauge(state) if free is None else np.asarray(free, dtype=bool)
     if free.shape != (m, 9):
         raise ValueError(f"free must have shape ({m}, 9), got {free.shape}")
@@ -807,14 +839,17 @@ def sparse_bundle_adjust(
     ]
     r, A, B = _sparse_blocks(recon, state)
     _refuse_singular_points(recon, B)
-    E = float(r @ r)
+    E = cost(r)
     hist = SparseBundleHistory(cost=[E], damping=[])
     lam, nu = lam0, 2.0
     first = True
     for _ in range(max_iter):
         hist.damping.append(lam)
+        rw, Aw, Bw = _weigh_blocks(r, A, B, rescale)
         while True:
-            S, rhs, (W, Vinv, gp, U, V, gc) = reduced_camera_system(recon, A, B, r, lam)
+            S, rhs, (W, Vinv, gp, U, V, gc) = reduced_camera_system(
+                recon, Aw, Bw, rw, lam
+            )
             if first:
                 S0, *_ = reduced_camera_system(recon, A, B, r, 0.0)
                 _check_determined(S0, free_idx, names)
@@ -846,7 +881,7 @@ def sparse_bundle_adjust(
             pred = -(2 * (np.sum(dcb * gc) + np.sum(dpb * gp)) + dHd)
             try:
                 r_new = _sparse_residual(recon, trial)
-                E_new = float(r_new @ r_new)
+                E_new = cost(r_new)
             except ValueError:  # a point went behind a camera: reject the step
                 E_new = np.inf
             if E_new < E and pred > 0:
@@ -857,6 +892,13 @@ def sparse_bundle_adjust(
             hist.n_rejected += 1
             lam, nu = lam * nu, 2 * nu
             if lam > 1e16:
+                if rescale is not None:  # a robust model that no damping fixes
+                    raise ConvergenceError(
+                        f"robust sparse bundle adjustment is stuck: no step lowered "
+                        f"E_rho = {E:.6g} with the damping raised to {lam:.3g} (with "
+                        f"weighting='triggs', residuals beyond f_scale have almost "
+                        f"no curvature; try weighting='irls')"
+                    )
                 hist.converged = True
                 return state, hist
         step = np.linalg.norm(dc) + np.linalg.norm(dp)

@@ -255,3 +255,117 @@ def solve_pnp_robust(
         max_iter=max_iter,
         retract=pose_retract,
     )
+
+
+# ----- Robust bundle adjustment (eqs. 6.38, 6.49) -----
+
+
+def robust_rescaling(r, loss, f_scale=1.0, weighting="triggs"):
+    """The factors (s_r, s_J), each (N,) like r, that turn the robust normal
+    equations (eq. 6.38) into the plain normal equations of a rescaled problem (eq.
+    6.49): with r~ = s_r o r and J~ = diag(s_J) J, J~^T J~ = J^T diag(h) J and J~^T r~
+    = J^T diag(b) r, for s_J = sqrt(h) and s_r = b / sqrt(h), (b, h) from
+    `robust_weights`. Triggs' h is at least MIN_CURVATURE, so the division is safe;
+    a weight that underflows to 0 (IRLS, Cauchy, |r| / c above about 1e154) gives
+    s_r = s_J = 0. scipy.optimize.least_squares rescales its residuals and Jacobian
+    the same way for its loss."""
+    b, h = robust_weights(r, loss, f_scale, weighting)
+    s = np.sqrt(h)
+    return np.divide(b, s, out=np.zeros_like(b), where=s > 0), s
+
+
+def _robust_hooks(loss, f_scale, weighting):
+    """Validate a robust cost once and return (cost, rescale) for a solver's loop:
+    cost(r) = E_rho (eq. 6.37), and rescale(r) = (s_r, s_J) of eq. 6.49, or None for
+    loss='linear', whose cost is r^T r (the plain solver, unchanged)."""
+    c = _scale(f_scale)
+    robust_weights(np.zeros(1), loss, c, weighting)  # validates loss and weighting
+    if loss == "linear":
+        return (lambda r: float(r @ r)), None
+
+    def cost(r):
+        return float(_robust_terms(r, c, loss)[0].sum())
+
+    def rescale(r):
+        _, d1, h = _robust_terms(r, c, loss)
+        h = d1 if weighting == "irls" else np.maximum(h, MIN_CURVATURE)
+        s = np.sqrt(h)
+        return np.divide(d1, s, out=np.zeros_like(d1), where=s > 0), s
+
+    return cost, rescale
+
+
+class BundlerChart:
+    """The free parameters of a Bundler-model problem as one vector, for solvers
+    that update additively (scipy.optimize.least_squares): x = [the free (delta, t,
+    f, k1, k2) of each camera, in camera order (free (m, 9), default_gauge(start));
+    vec of the point offsets (3 per point)], with the cameras at R0 Exp(delta), t0 +
+    dt, ..., and the points at X0 + dX. x = 0 is the start."""
+
+    def __init__(self, recon, start, free=None):
+        from .bundle import default_gauge
+
+        self.recon, self.start = recon, start
+        self.free = default_gauge(start) if free is None else np.asarray(free, bool)
+        if self.free.shape != (recon.m, 9):
+            raise ValueError(
+                f"free must have shape ({recon.m}, 9), got {self.free.shape}"
+            )
+        self.n_cam = int(self.free.sum())
+        self.x0 = np.zeros(self.n_cam + 3 * recon.n)
+
+    def state(self, x):
+        """The SparseBundleState at x."""
+        from .bundle import SparseBundleState, _so3_exp_many
+
+        d = np.zeros((self.recon.m, 9))
+        d[self.free] = x[: self.n_cam]
+        s = self.start
+        return SparseBundleState(
+            s.R @ _so3_exp_many(d[:, :3]),
+            s.t + d[:, 3:6],
+            s.intrinsics + d[:, 6:],
+            s.X + x[self.n_cam :].reshape(-1, 3).T,
+        )
+
+    def residual(self, x):
+        """The residuals of bundler_residual at x, (2N,); all inf when a point is
+        not in front of a camera that sees it (scipy's trust-region solver then
+        rejects the step and shrinks its region)."""
+        from .bundle import _sparse_residual
+
+        try:
+            return _sparse_residual(self.recon, self.state(x))
+        except ValueError:  # Bundler's model raises ValueError for P_z >= 0
+            return np.full(2 * self.recon.cam.size, np.inf)
+
+    def jacobian(self, x):
+        """The (2N, len(x)) Jacobian of residual at x, scipy.sparse CSR: the blocks
+        [A_k | C_k] and B_k of eq. 6.46, each rotation column block times J_r(delta_j)
+        (d/d delta of R0 Exp(delta) is R0 Exp(delta) [J_r(delta) d delta]x)."""
+        from scipy.sparse import csr_matrix
+
+        from .bundle import _sparse_blocks
+        from .lie import right_jacobian
+
+        recon, m = self.recon, self.recon.m
+        d = np.zeros((m, 9))
+        d[self.free] = x[: self.n_cam]
+        _, A, B = _sparse_blocks(recon, self.state(x))
+        Jr = np.stack([right_jacobian(w) for w in d[:, :3]])
+        A = A.copy()
+        A[:, :, :3] = A[:, :, :3] @ Jr[recon.cam]
+        col = -np.ones(9 * m, dtype=np.intp)
+        col[self.free.ravel()] = np.arange(self.n_cam)
+        N = recon.cam.size
+        cam_cols = col[9 * recon.cam[:, None] + np.arange(9)]  # (N, 9), -1 if held
+        pt_cols = self.n_cam + 3 * recon.point[:, None] + np.arange(3)
+        cols = np.concatenate([cam_cols, pt_cols], axis=1)  # (N, 12)
+        vals = np.concatenate([A, B], axis=2)  # (N, 2, 12)
+        rows = np.broadcast_to(2 * np.arange(N)[:, None, None] + np.arange(2)[:, None],
+                               vals.shape)  # fmt: skip
+        cols = np.broadcast_to(cols[:, None, :], vals.shape)
+        keep = cols >= 0
+        return csr_matrix(
+            (vals[keep], (rows[keep], cols[keep])), shape=(2 * N, self.x0.size)
+        )
