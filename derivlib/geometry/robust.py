@@ -15,16 +15,12 @@ import numpy as np
 
 from .._validate import as_float_array, require_finite
 from ..losses import ConvergenceError
-from .camera import BehindCameraError
 from .solvers import (
     LeastSquaresHistory,
-    MAX_DAMPING,
     _finished,
-    _lm_update,
+    _lm_steps,
     _pnp_problem,
     _pnp_start,
-    _stationary,
-    _stuck,
     pose_retract,
     reprojection_jacobian_right,
     reprojection_residual,
@@ -182,32 +178,24 @@ def solve_robust_least_squares(
         hist.damping.append(lam)
         b, h = robust_weights(r, loss, c, weighting)
         g, H = J.T @ (b * r), J.T @ (h[:, None] * J)
-        first = True
-        while True:
+
+        def trial(lam):
             delta = np.linalg.solve(H + lam * np.diag(np.diag(H)), -g)
-            predicted = -float(delta @ (2 * g + H @ delta))
-            try:
-                r_new = residual(move(x, delta))
-                E_new = cost(r_new)
-            except BehindCameraError:
-                r_new, E_new = None, np.inf
-            hist.n_residual += 1
-            rho = (E - E_new) / predicted if predicted > 0 else -1.0
-            if rho > 0:
-                lam, nu = _lm_update(lam, nu, rho)
-                stationary = False
-                break
-            if (
-                first
-                and np.isfinite(E_new)
-                and _stationary(E, predicted, delta, x, tol)
-            ):
-                stationary = True
-                break
-            first = False
-            lam, nu = _lm_update(lam, nu, rho)
-            if lam > MAX_DAMPING:
-                raise _stuck(E, lam, "robust Levenberg-Marquardt")
+            return delta, -float(delta @ (2 * g + H @ delta))
+
+        delta, r_new, E_new, lam, nu, stationary = _lm_steps(
+            residual,
+            trial,
+            x,
+            E,
+            lam,
+            nu,
+            tol,
+            hist,
+            "robust Levenberg-Marquardt",
+            retract,
+            cost,
+        )
         done = stationary or _finished(E, E_new, delta, x, tol)
         if not stationary:
             x, r, E = move(x, delta), r_new, E_new
