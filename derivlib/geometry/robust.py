@@ -357,3 +357,57 @@ class BundlerChart:
         return csr_matrix(
             (vals[keep], (rows[keep], cols[keep])), shape=(2 * N, self.x0.size)
         )
+
+
+def corrupt_observations(recon, fraction, seed=0, low=20.0, high=60.0):
+    """A copy of recon with round(fraction N) of its N observations, drawn without
+    replacement, each moved by a distance uniform in [low, high] pixels in a
+    direction uniform on the circle: outliers for robust bundle adjustment. Returns
+    (Reconstruction, outlier (N,) bool)."""
+    from .io import Reconstruction
+
+    if not (0 <= fraction <= 1):
+        raise ValueError(f"fraction must lie in [0, 1], got {fraction!r}")
+    if not (0 <= low <= high and np.isfinite(high)):
+        raise ValueError(f"need 0 <= low <= high < inf pixels, got {low!r}, {high!r}")
+    rng = np.random.default_rng(seed)
+    N = recon.cam.size
+    bad = rng.choice(N, int(round(fraction * N)), replace=False)
+    angle = rng.uniform(0, 2 * np.pi, bad.size)
+    size = rng.uniform(low, high, bad.size)
+    u = np.array(recon.u, dtype=np.float64)
+    u[:, bad] += size * np.array([np.cos(angle), np.sin(angle)])
+    outlier = np.zeros(N, dtype=bool)
+    outlier[bad] = True
+    return (
+        Reconstruction(
+            recon.R, recon.t, recon.intrinsics, recon.X, recon.cam, recon.point, u
+        ),
+        outlier,
+    )
+
+
+def first_points(recon, state, n):
+    """The sub-problem of the first n points of recon and their observations, with
+    every camera: (Reconstruction, SparseBundleState of state restricted to it, kept
+    (N,) bool over recon's observations)."""
+    from .bundle import SparseBundleState
+    from .io import Reconstruction
+
+    if not (isinstance(n, (int, np.integer)) and 1 <= n <= recon.n):
+        raise ValueError(f"n must be an integer in 1..{recon.n}, got {n!r}")
+    kept = recon.point < n
+    sub = Reconstruction(
+        recon.R,
+        recon.t,
+        recon.intrinsics,
+        recon.X[:, :n],
+        recon.cam[kept],
+        recon.point[kept],
+        recon.u[:, kept],
+    )
+    return (
+        sub,
+        SparseBundleState(state.R, state.t, state.intrinsics, state.X[:, :n]),
+        kept,
+    )
