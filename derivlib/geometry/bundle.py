@@ -801,7 +801,10 @@ def sparse_bundle_adjust(
     reweighted least squares ('irls') (eq. 6.38), as the plain normal equations of
     the rescaled problem of eq. 6.49; E_rho is twice the cost of
     scipy.optimize.least_squares with the same loss and f_scale. ValueError for an
-    unknown loss or weighting, or an f_scale that is not finite and > 0.
+    unknown loss or weighting, or an f_scale that is not finite and > 0. From a start
+    where most residuals exceed f_scale, Triggs' curvature (clamped at eps there) can
+    leave no step that lowers E_rho: then ConvergenceError (stuck), never a
+    "converged" start; run weighting='irls' to a loose tol first, then 'triggs'.
     Returns (SparseBundleState, SparseBundleHistory)."""
     from scipy.linalg import cho_factor, cho_solve
 

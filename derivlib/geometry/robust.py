@@ -8,8 +8,10 @@ scale (scipy's f_scale) and rho(z) = z for the plain cost:
 so E_rho = ||r||^2 = E of eq. 6.14 for rho(z) = z, and scipy.optimize.least_squares
 reports E_rho / 2 as its `cost` (it applies rho to each residual, as here). Its gradient
 is 2 J^T diag(rho'(z)) r; its Hessian, without the second derivatives of r, is
-2 J^T diag(rho'(z) + 2 z rho''(z)) J (eq. 6.38). The conventions of the chapter are
-stated once, in derivlib/geometry/__init__.py."""
+2 J^T diag(rho'(z) + 2 z rho''(z)) J (eq. 6.38). Bundle adjustment solves those as
+the plain normal equations of a rescaled problem (eq. 6.49, `robust_rescaling`,
+`sparse_bundle_adjust(loss=...)`). The conventions of the chapter are stated once, in
+derivlib/geometry/__init__.py."""
 
 import numpy as np
 
