@@ -352,8 +352,8 @@ class BundlerChart:
         pt_cols = self.n_cam + 3 * recon.point[:, None] + np.arange(3)
         cols = np.concatenate([cam_cols, pt_cols], axis=1)  # (N, 12)
         vals = np.concatenate([A, B], axis=2)  # (N, 2, 12)
-        rows = np.broadcast_to(2 * np.arange(N)[:, None, None] + np.arange(2)[:, None],
-                               vals.shape)  # fmt: skip
+        rows = 2 * np.arange(N)[:, None, None] + np.arange(2)[:, None]  # (N, 2, 1)
+        rows = np.broadcast_to(rows, vals.shape)
         cols = np.broadcast_to(cols[:, None, :], vals.shape)
         keep = cols >= 0
         return csr_matrix(
