@@ -99,6 +99,10 @@ from .solvers import (  # noqa: F401
 )
 from .robust import (  # noqa: F401
     LOSSES,
+    BundlerChart,
+    corrupt_observations,
+    first_points,
+    robust_rescaling,
     robust_cost,
     robust_loss,
     robust_weights,

@@ -11,6 +11,7 @@ from .._validate import as_float_array, require_finite
 from ..losses import ConvergenceError
 from .camera import _in_front, _intrinsics, _points, _project_jacobian
 from .lie import _hat, _hat_many, right_jacobian, rodrigues, rotation_coefficients
+from .robust import _robust_hooks
 from .solvers import (
     LeastSquaresHistory,
     _finished,
@@ -574,8 +575,9 @@ class SparseBundleState:
 
 @dataclass
 class SparseBundleHistory:
-    """cost E = ||r||^2 after each iteration (the start first), damping lam, and the
-    counts of iterations and of rejected steps."""
+    """cost E = ||r||^2 (E_rho of eq. 6.37 with a robust loss) after each iteration
+    (the start first), damping lam, and the counts of iterations and of rejected
+    steps."""
 
     cost: list
     damping: list
@@ -1033,8 +1035,29 @@ def _check_determined(S, free_idx, names):
         )
 
 
+def _weigh_blocks(r, A, B, rescale):
+    """The blocks of the rescaled problem of eq. 6.49: each of the 2N residuals r and
+    its row of A (N, 2, 9) and B (N, 2, 3) scaled by rescale(r) = (s_r, s_J)
+    (robust._robust_hooks), so that the normal equations built from them are Triggs'
+    (eq. 6.38). rescale None (the plain cost) leaves them as they are."""
+    if rescale is None:
+        return r, A, B
+    s_r, s_J = rescale(r)
+    s = s_J.reshape(-1, 2, 1)
+    return s_r * r, s * A, s * B
+
+
 def sparse_bundle_adjust(
-    recon, state0=None, free=None, tol=1e-10, max_iter=100, lam0=1e-6
+    recon,
+    state0=None,
+    free=None,
+    tol=1e-10,
+    max_iter=100,
+    lam0=1e-6,
+    *,
+    loss="linear",
+    f_scale=1.0,
+    weighting="triggs",
 ):
     """Levenberg-Marquardt bundle adjustment of Bundler's model with per-camera
     intrinsics (eqs. 6.46-6.48), W held as per-observation blocks.
@@ -1052,6 +1075,17 @@ def sparse_bundle_adjust(
     image centre, where only f rho is determined). Stops when
     the relative decrease of E or the relative step falls below tol; raises
     ConvergenceError after max_iter iterations.
+
+    loss ('linear', 'huber' or 'cauchy') with the scale f_scale (pixels) minimises
+    the robust cost E_rho of eq. 6.37 over the 2N residuals instead of E, by
+    Triggs' corrected normal equations (weighting='triggs') or iteratively
+    reweighted least squares ('irls') (eq. 6.38), as the plain normal equations of
+    the rescaled problem of eq. 6.49; E_rho is twice the cost of
+    scipy.optimize.least_squares with the same loss and f_scale. ValueError for an
+    unknown loss or weighting, or an f_scale that is not finite and > 0. From a start
+    where most residuals exceed f_scale, Triggs' curvature (clamped at eps there) can
+    leave no step that lowers E_rho: then ConvergenceError (stuck), never a
+    "converged" start; run weighting='irls' to a loose tol first, then 'triggs'.
     Returns (SparseBundleState, SparseBundleHistory)."""
 
     if state0 is None:
@@ -1075,6 +1109,7 @@ def sparse_bundle_adjust(
     if not (np.isfinite(tol) and tol >= 0):
         raise ValueError(f"tol must be a finite number >= 0, got {tol}")
     _check_observations(recon)
+    cost, rescale = _robust_hooks(loss, f_scale, weighting)
     free = default_gauge(state) if free is None else np.asarray(free, dtype=bool)
     if free.shape != (m, 9):
         raise ValueError(f"free must have shape ({m}, 9), got {free.shape}")
@@ -1086,7 +1121,9 @@ def sparse_bundle_adjust(
         for q in ["delta_x", "delta_y", "delta_z", "t_x", "t_y", "t_z", "f", "k1", "k2"]
     ]
     with _one_blas_thread(free_idx.size):
-        return _sparse_lm(recon, state, free_idx, names, tol, max_iter, lam0)
+        return _sparse_lm(
+            recon, state, free_idx, names, tol, max_iter, lam0, cost, rescale
+        )
 
 
 # Above this many free camera parameters S is left to the BLAS's threads; below, its
@@ -1117,7 +1154,7 @@ def _one_blas_thread(size):
     return _controller[0].limit(limits=1, user_api="blas")
 
 
-def _sparse_lm(recon, state, free_idx, names, tol, max_iter, lam0):
+def _sparse_lm(recon, state, free_idx, names, tol, max_iter, lam0, cost, rescale):
     """sparse_bundle_adjust's iterations, after its checks."""
     from scipy.linalg import cho_factor, cho_solve
 
@@ -1125,20 +1162,23 @@ def _sparse_lm(recon, state, free_idx, names, tol, max_iter, lam0):
     recon = _sorted_by_camera(recon)
     r, A, B = _sparse_blocks(recon, state)
     _refuse_singular_points(recon, B)
-    E = float(r @ r)
+    E = cost(r)
     hist = SparseBundleHistory(cost=[E], damping=[])
     lam, nu = lam0, 2.0
     first = True
     for _ in range(max_iter):
         hist.damping.append(lam)
         rejected_before = hist.n_rejected
-        blocks = _camera_blocks(recon, A, B, r)
-        del A, B  # the blocks hold what the iteration needs: keep the peak low
+        rw, Aw, Bw = _weigh_blocks(r, A, B, rescale)
+        blocks = _camera_blocks(recon, Aw, Bw, rw)
+        if first:  # one validation per solve, on the undamped, unweighted system
+            plain = blocks if rescale is None else _camera_blocks(recon, A, B, r)
+            _check_determined(_reduce(recon, plain, 0.0)[0], free_idx, names)
+            del plain
+            first = False
+        del A, B, Aw, Bw  # the blocks hold what the iteration needs: keep the peak low
         WT, U, V, gc, gp = blocks
         W = WT.transpose(0, 2, 1)
-        if first:  # one validation per solve, on the undamped system
-            _check_determined(_reduce(recon, blocks, 0.0)[0], free_idx, names)
-            first = False
         while True:
             S, rhs, Vinv = _reduce(recon, blocks, lam)
             dc = np.zeros(9 * m)
@@ -1169,7 +1209,7 @@ def _sparse_lm(recon, state, free_idx, names, tol, max_iter, lam0):
             )
             try:
                 r_new = _sparse_residual(recon, trial)
-                E_new = float(r_new @ r_new)
+                E_new = cost(r_new)
             except ValueError:  # a point went behind a camera: reject the step
                 E_new = np.inf
             if E_new < E and pred > 0:
@@ -1180,6 +1220,13 @@ def _sparse_lm(recon, state, free_idx, names, tol, max_iter, lam0):
             hist.n_rejected += 1
             lam, nu = lam * nu, 2 * nu
             if lam > 1e16:
+                if rescale is not None:  # a robust model that no damping fixes
+                    raise ConvergenceError(
+                        f"robust sparse bundle adjustment is stuck: no step lowered "
+                        f"E_rho = {E:.6g} with the damping raised to {lam:.3g} (with "
+                        f"weighting='triggs', residuals beyond f_scale have almost "
+                        f"no curvature; try weighting='irls')"
+                    )
                 hist.converged = True
                 return state, hist
         step = np.linalg.norm(dc) + np.linalg.norm(dp)

@@ -8,23 +8,21 @@ scale (scipy's f_scale) and rho(z) = z for the plain cost:
 so E_rho = ||r||^2 = E of eq. 6.14 for rho(z) = z, and scipy.optimize.least_squares
 reports E_rho / 2 as its `cost` (it applies rho to each residual, as here). Its gradient
 is 2 J^T diag(rho'(z)) r; its Hessian, without the second derivatives of r, is
-2 J^T diag(rho'(z) + 2 z rho''(z)) J (eq. 6.38). The conventions of the chapter are
-stated once, in derivlib/geometry/__init__.py."""
+2 J^T diag(rho'(z) + 2 z rho''(z)) J (eq. 6.38). Bundle adjustment solves those as
+the plain normal equations of a rescaled problem (eq. 6.49, `robust_rescaling`,
+`sparse_bundle_adjust(loss=...)`). The conventions of the chapter are stated once, in
+derivlib/geometry/__init__.py."""
 
 import numpy as np
 
 from .._validate import as_float_array, require_finite
 from ..losses import ConvergenceError
-from .camera import BehindCameraError
 from .solvers import (
     LeastSquaresHistory,
-    MAX_DAMPING,
     _finished,
-    _lm_update,
+    _lm_steps,
     _pnp_problem,
     _pnp_start,
-    _stationary,
-    _stuck,
     pose_retract,
     reprojection_jacobian_right,
     reprojection_residual,
@@ -182,32 +180,24 @@ def solve_robust_least_squares(
         hist.damping.append(lam)
         b, h = robust_weights(r, loss, c, weighting)
         g, H = J.T @ (b * r), J.T @ (h[:, None] * J)
-        first = True
-        while True:
+
+        def trial(lam):
             delta = np.linalg.solve(H + lam * np.diag(np.diag(H)), -g)
-            predicted = -float(delta @ (2 * g + H @ delta))
-            try:
-                r_new = residual(move(x, delta))
-                E_new = cost(r_new)
-            except BehindCameraError:
-                r_new, E_new = None, np.inf
-            hist.n_residual += 1
-            rho = (E - E_new) / predicted if predicted > 0 else -1.0
-            if rho > 0:
-                lam, nu = _lm_update(lam, nu, rho)
-                stationary = False
-                break
-            if (
-                first
-                and np.isfinite(E_new)
-                and _stationary(E, predicted, delta, x, tol)
-            ):
-                stationary = True
-                break
-            first = False
-            lam, nu = _lm_update(lam, nu, rho)
-            if lam > MAX_DAMPING:
-                raise _stuck(E, lam, "robust Levenberg-Marquardt")
+            return delta, -float(delta @ (2 * g + H @ delta))
+
+        delta, r_new, E_new, lam, nu, stationary = _lm_steps(
+            residual,
+            trial,
+            x,
+            E,
+            lam,
+            nu,
+            tol,
+            hist,
+            "robust Levenberg-Marquardt",
+            retract,
+            cost,
+        )
         done = stationary or _finished(E, E_new, delta, x, tol)
         if not stationary:
             x, r, E = move(x, delta), r_new, E_new
@@ -254,4 +244,172 @@ def solve_pnp_robust(
         tol=tol,
         max_iter=max_iter,
         retract=pose_retract,
+    )
+
+
+# ----- Robust bundle adjustment (eqs. 6.38, 6.49) -----
+
+
+def robust_rescaling(r, loss, f_scale=1.0, weighting="triggs"):
+    """The factors (s_r, s_J), each (N,) like r, that turn the robust normal
+    equations (eq. 6.38) into the plain normal equations of a rescaled problem (eq.
+    6.49): with r~ = s_r o r and J~ = diag(s_J) J, J~^T J~ = J^T diag(h) J and J~^T r~
+    = J^T diag(b) r, for s_J = sqrt(h) and s_r = b / sqrt(h), (b, h) from
+    `robust_weights`. Triggs' h is at least MIN_CURVATURE, so the division is safe;
+    a weight that underflows to 0 (IRLS, Cauchy, |r| / c above about 1e154) gives
+    s_r = s_J = 0. scipy.optimize.least_squares rescales its residuals and Jacobian
+    the same way for its loss."""
+    b, h = robust_weights(r, loss, f_scale, weighting)
+    s = np.sqrt(h)
+    return np.divide(b, s, out=np.zeros_like(b), where=s > 0), s
+
+
+def _robust_hooks(loss, f_scale, weighting):
+    """Validate a robust cost once and return (cost, rescale) for a solver's loop:
+    cost(r) = E_rho (eq. 6.37), and rescale(r) = (s_r, s_J) of eq. 6.49, or None for
+    loss='linear', whose cost is r^T r (the plain solver, unchanged)."""
+    c = _scale(f_scale)
+    robust_weights(np.zeros(1), loss, c, weighting)  # validates loss and weighting
+    if loss == "linear":
+        return (lambda r: float(r @ r)), None
+
+    def cost(r):
+        return float(_robust_terms(r, c, loss)[0].sum())
+
+    def rescale(r):
+        _, d1, h = _robust_terms(r, c, loss)
+        h = d1 if weighting == "irls" else np.maximum(h, MIN_CURVATURE)
+        s = np.sqrt(h)
+        return np.divide(d1, s, out=np.zeros_like(d1), where=s > 0), s
+
+    return cost, rescale
+
+
+class BundlerChart:
+    """The free parameters of a Bundler-model problem as one vector, for solvers
+    that update additively (scipy.optimize.least_squares): x = [the free (delta, t,
+    f, k1, k2) of each camera, in camera order (free (m, 9), default_gauge(start));
+    vec of the point offsets (3 per point)], with the cameras at R0 Exp(delta), t0 +
+    dt, ..., and the points at X0 + dX. x = 0 is the start."""
+
+    def __init__(self, recon, start, free=None):
+        from .bundle import default_gauge
+
+        self.recon, self.start = recon, start
+        self.free = default_gauge(start) if free is None else np.asarray(free, bool)
+        if self.free.shape != (recon.m, 9):
+            raise ValueError(
+                f"free must have shape ({recon.m}, 9), got {self.free.shape}"
+            )
+        self.n_cam = int(self.free.sum())
+        self.x0 = np.zeros(self.n_cam + 3 * recon.n)
+
+    def state(self, x):
+        """The SparseBundleState at x."""
+        from .bundle import SparseBundleState, _so3_exp_many
+
+        d = np.zeros((self.recon.m, 9))
+        d[self.free] = x[: self.n_cam]
+        s = self.start
+        return SparseBundleState(
+            s.R @ _so3_exp_many(d[:, :3]),
+            s.t + d[:, 3:6],
+            s.intrinsics + d[:, 6:],
+            s.X + x[self.n_cam :].reshape(-1, 3).T,
+        )
+
+    def residual(self, x):
+        """The residuals of bundler_residual at x, (2N,); all inf when a point is
+        not in front of a camera that sees it (scipy's trust-region solver then
+        rejects the step and shrinks its region)."""
+        from .bundle import _sparse_residual
+
+        try:
+            return _sparse_residual(self.recon, self.state(x))
+        except ValueError:  # Bundler's model raises ValueError for P_z >= 0
+            return np.full(2 * self.recon.cam.size, np.inf)
+
+    def jacobian(self, x):
+        """The (2N, len(x)) Jacobian of residual at x, scipy.sparse CSR: the blocks
+        [A_k | C_k] and B_k of eq. 6.46, each rotation column block times J_r(delta_j)
+        (d/d delta of R0 Exp(delta) is R0 Exp(delta) [J_r(delta) d delta]x)."""
+        from scipy.sparse import csr_matrix
+
+        from .bundle import _sparse_blocks
+        from .lie import right_jacobian
+
+        recon, m = self.recon, self.recon.m
+        d = np.zeros((m, 9))
+        d[self.free] = x[: self.n_cam]
+        _, A, B = _sparse_blocks(recon, self.state(x))
+        Jr = np.stack([right_jacobian(w) for w in d[:, :3]])
+        A = A.copy()
+        A[:, :, :3] = A[:, :, :3] @ Jr[recon.cam]
+        col = -np.ones(9 * m, dtype=np.intp)
+        col[self.free.ravel()] = np.arange(self.n_cam)
+        N = recon.cam.size
+        cam_cols = col[9 * recon.cam[:, None] + np.arange(9)]  # (N, 9), -1 if held
+        pt_cols = self.n_cam + 3 * recon.point[:, None] + np.arange(3)
+        cols = np.concatenate([cam_cols, pt_cols], axis=1)  # (N, 12)
+        vals = np.concatenate([A, B], axis=2)  # (N, 2, 12)
+        rows = 2 * np.arange(N)[:, None, None] + np.arange(2)[:, None]  # (N, 2, 1)
+        rows = np.broadcast_to(rows, vals.shape)
+        cols = np.broadcast_to(cols[:, None, :], vals.shape)
+        keep = cols >= 0
+        return csr_matrix(
+            (vals[keep], (rows[keep], cols[keep])), shape=(2 * N, self.x0.size)
+        )
+
+
+def corrupt_observations(recon, fraction, seed=0, low=20.0, high=60.0):
+    """A copy of recon with round(fraction N) of its N observations, drawn without
+    replacement, each moved by a distance uniform in [low, high] pixels in a
+    direction uniform on the circle: outliers for robust bundle adjustment. Returns
+    (Reconstruction, outlier (N,) bool)."""
+    from .io import Reconstruction
+
+    if not (0 <= fraction <= 1):
+        raise ValueError(f"fraction must lie in [0, 1], got {fraction!r}")
+    if not (0 <= low <= high and np.isfinite(high)):
+        raise ValueError(f"need 0 <= low <= high < inf pixels, got {low!r}, {high!r}")
+    rng = np.random.default_rng(seed)
+    N = recon.cam.size
+    bad = rng.choice(N, int(round(fraction * N)), replace=False)
+    angle = rng.uniform(0, 2 * np.pi, bad.size)
+    size = rng.uniform(low, high, bad.size)
+    u = np.array(recon.u, dtype=np.float64)
+    u[:, bad] += size * np.array([np.cos(angle), np.sin(angle)])
+    outlier = np.zeros(N, dtype=bool)
+    outlier[bad] = True
+    return (
+        Reconstruction(
+            recon.R, recon.t, recon.intrinsics, recon.X, recon.cam, recon.point, u
+        ),
+        outlier,
+    )
+
+
+def first_points(recon, state, n):
+    """The sub-problem of the first n points of recon and their observations, with
+    every camera: (Reconstruction, SparseBundleState of state restricted to it, kept
+    (N,) bool over recon's observations)."""
+    from .bundle import SparseBundleState
+    from .io import Reconstruction
+
+    if not (isinstance(n, (int, np.integer)) and 1 <= n <= recon.n):
+        raise ValueError(f"n must be an integer in 1..{recon.n}, got {n!r}")
+    kept = recon.point < n
+    sub = Reconstruction(
+        recon.R,
+        recon.t,
+        recon.intrinsics,
+        recon.X[:, :n],
+        recon.cam[kept],
+        recon.point[kept],
+        recon.u[:, kept],
+    )
+    return (
+        sub,
+        SparseBundleState(state.R, state.t, state.intrinsics, state.X[:, :n]),
+        kept,
     )

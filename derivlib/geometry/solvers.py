@@ -129,7 +129,7 @@ def _stuck(E, lam, what):
     )
 
 
-def _lm_steps(residual, trial, x, E, lam, nu, tol, hist, what, retract=None):
+def _lm_steps(residual, trial, x, E, lam, nu, tol, hist, what, retract=None, cost=None):
     """One Levenberg-Marquardt iteration at x, of cost E: try the step of trial(lam),
     which returns (delta, E - ||r + J delta||^2 predicted by the linear model), and
     raise the damping until a step lowers E (gain ratio rho > 0). A step that puts a
@@ -138,13 +138,13 @@ def _lm_steps(residual, trial, x, E, lam, nu, tol, hist, what, retract=None):
     first step tried is rejected but the model says x is already a minimum to tol
     (_stationary), and then delta must not be taken. Raises ConvergenceError (stuck)
     when lam passes MAX_DAMPING. The trial point is retract(x, delta), x + delta by
-    default."""
+    default; E of a residual is cost(r), r^T r by default (a robust cost's E_rho)."""
     first = True
     while True:
         delta, predicted = trial(lam)
         try:
             r_new = residual(x + delta if retract is None else retract(x, delta))
-            E_new = float(r_new @ r_new)
+            E_new = float(r_new @ r_new) if cost is None else cost(r_new)
         except BehindCameraError:
             E_new = np.inf
         hist.n_residual += 1
