@@ -261,8 +261,8 @@ def _log_dd(a, b):
         cancels = np.abs(L) <= _LOG_CANCELS * np.abs(la) + _LOG_CANCELS * np.abs(lb)
         L /= a - b
     if cancels.any():
-        a, b = np.broadcast_arrays(a, b)
-        L[cancels] = _log_dd_careful(a[cancels], b[cancels])
+        *stack, i, j = np.nonzero(cancels)  # a is (..., n, 1), b is (..., 1, n)
+        L[(*stack, i, j)] = _log_dd_careful(a[(*stack, i, 0)], b[(*stack, 0, j)])
     return L
 
 
@@ -274,6 +274,16 @@ def _log_dd_careful(a, b):
     digits). Where that ratio overflows, |log a - log b| > 700 and the plain difference
     loses nothing."""
     d = a - b
+    with np.errstate(over="ignore"):
+        s = a + b
+    x = d / s
+    # the usual case: the artanh form at every pair (and a + b finite)
+    if (np.abs(x) < 0.5).all() and (s < np.inf).all():
+        L = 2.0 * np.arctanh(x)
+        tie = d == 0
+        np.divide(L, d, out=L, where=~tie)
+        np.copyto(L, np.broadcast_to(1.0 / a, L.shape), where=tie)
+        return L
     with np.errstate(over="ignore", under="ignore", divide="ignore"):
         s = a + b
         x = np.where(np.isfinite(s), d / s, (0.5 * d) / (0.5 * a + 0.5 * b))
@@ -647,7 +657,7 @@ def _finite_result(out, what, where="", fix="rescale the input"):
     an infinity or a NaN. `where` describes the point (see `_spectrum`), or is a
     function that returns the description, called only to write the message."""
     parts = out if isinstance(out, tuple) else (out,)
-    if not all(np.all(np.isfinite(a)) for a in parts):
+    if not all(np.isfinite(a).all() for a in parts):
         where = where() if callable(where) else where
         raise ValueError(f"{what}: the result overflows float64{where}; {fix}")
     return out
