@@ -5,12 +5,12 @@ usage: JAX_PLATFORMS=cpu python benchmarks/bench_layers.py [--repeats N] [--all-
 derivlib.conv2d_vjp (at stride 1, eq. 5.20, a cache-sized group of images at a time, in
 the form chosen by shape) against jax.jit(lambda X, K, G: jax.vjp(conv, X, K)[1](G))
 with conv = lax.conv_general_dilated, both in float64, both returning (Xbar, Kbar) from
-(X, K, G). The peer runs in the faster of two layouts, timed first: NCHW images with
-OIHW kernels (JAX's default, derivlib's) and NHWC images with HWIO kernels (XLA's
-preferred layout on the CPU), its inputs given to it in that layout and its results
-compared after transposing back. JAX is timed after compilation. Both run side by side
-in this one process, interleaved, and the best of several repeats is kept. A ratio above
-1 means derivlib is faster.
+(X, K, G). The peer runs in two layouts, NCHW images with OIHW kernels (JAX's
+default, derivlib's) and NHWC images with HWIO kernels (XLA's preferred layout on the
+CPU), each given its inputs in its layout, and the faster of the two is its time (its
+results are compared after transposing back). JAX is timed after compilation. All three
+run side by side in this one process, taking turns in every round, and the best of
+several repeats is kept. A ratio above 1 means derivlib is faster.
 
 By default both run on one thread (OpenBLAS for NumPy, XLA's CPU backend for JAX), so
 that on a shared machine neither waits for a helper thread that has been descheduled;
@@ -32,6 +32,7 @@ im2col form against the input.
 import argparse
 import os
 import sys
+import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 ONE_THREAD = "--all-threads" not in sys.argv
@@ -51,7 +52,7 @@ from derivlib.layers import (  # noqa: E402
     _conv2d_vjp_shifts,
     conv2d_vjp,
 )
-from timing import best_of, best_times  # noqa: E402
+from timing import best_of  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
@@ -78,31 +79,40 @@ def jax_conv_vjp(dimension_numbers):
     return jax.jit(lambda X, K, G: jax.vjp(conv, X, K)[1](G))
 
 
-def fastest_peer(X, K, G, repeats):
-    """The peer in its faster layout: (name, a function of no arguments returning
-    (Xbar, Kbar) in NCHW / OIHW, the function that times it)."""
-    best = None
+def peers(X, K, G):
+    """The peer in each layout: {name: (a function of no arguments that runs it, one
+    that returns its (Xbar, Kbar) in NCHW / OIHW)}, compiled."""
+    out = {}
     for name, (numbers, x_axes, k_axes) in LAYOUTS.items():
         peer = jax_conv_vjp(numbers)
-        args = [jax.device_put(a.transpose(x_axes)) for a in (X, G)]
-        Xj, Gj, Kj = args[0], args[1], jax.device_put(K.transpose(k_axes))
+        Xj, Gj = (jax.device_put(a.transpose(x_axes)) for a in (X, G))
+        Kj = jax.device_put(K.transpose(k_axes))
         jax.block_until_ready(peer(Xj, Kj, Gj))  # compile
 
         def run(peer=peer, Xj=Xj, Kj=Kj, Gj=Gj):
             return jax.block_until_ready(peer(Xj, Kj, Gj))
 
-        t = best_of(run, repeats)
-        if best is None or t < best[0]:
-            back_x, back_k = np.argsort(x_axes), np.argsort(k_axes)
+        def results(run=run, x_axes=x_axes, k_axes=k_axes):
+            Xbar, Kbar = run()
+            return (
+                np.asarray(Xbar).transpose(np.argsort(x_axes)),
+                np.asarray(Kbar).transpose(np.argsort(k_axes)),
+            )
 
-            def results(run=run, back_x=back_x, back_k=back_k):
-                Xbar, Kbar = run()
-                return np.asarray(Xbar).transpose(back_x), np.asarray(Kbar).transpose(
-                    back_k
-                )
+        out[name] = (run, results)
+    return out
 
-            best = (t, name, run, results)
-    return best[1:]
+
+def interleaved(fns, repeats):
+    """The fastest of `repeats` runs of each function (seconds), the functions taking
+    turns in every round, so that a burst of other work slows all of them."""
+    best = [np.inf] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            start = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - start)
+    return best
 
 
 def bench(label, x_shape, filters, repeats):
@@ -110,11 +120,14 @@ def bench(label, x_shape, filters, repeats):
     X = rng.standard_normal(x_shape)
     K = rng.standard_normal((filters, x_shape[1], 3, 3))
     G = rng.standard_normal((x_shape[0], filters) + x_shape[2:])
-    layout, run_peer, peer_results = fastest_peer(X, K, G, repeats)
-    t_ours, t_peer, ours, _ = best_times(
-        lambda: conv2d_vjp(X, K, G, padding=1), run_peer, repeats
+    layouts = peers(X, K, G)
+    t_ours, *t_layouts = interleaved(
+        [lambda: conv2d_vjp(X, K, G, padding=1)] + [run for run, _ in layouts.values()],
+        repeats,
     )
-    theirs = peer_results()
+    # the peer at its best: the faster of its layouts in this run
+    t_peer, layout = min(zip(t_layouts, layouts))
+    ours, theirs = conv2d_vjp(X, K, G, padding=1), layouts[layout][1]()
     err = max(
         np.linalg.norm(a - np.asarray(b)) / np.linalg.norm(b)
         for a, b in zip(ours, theirs)
