@@ -5,7 +5,8 @@ usage: JAX_PLATFORMS=cpu python benchmarks/bench_matfun.py [--repeats N]
 
 The task is the gradient of <G, log S> for an SPD S (n x n) and a symmetric G, at
 n = 64 and n = 256. derivlib's `logm_spd_vjp` is the Daleckii-Krein rule (eq. 7.14) with
-divided differences free of cancellation (eq. 7.15); the peer is
+divided differences free of cancellation (the literal quotient of the logarithms, and eq.
+7.15 at the pairs where those cancel, found by a mask); the peer is
 `jax.jit(lambda S, G: jax.vjp(f, S)[1](G))` with f(S) = Q diag(log lam) Q^T from
 `jnp.linalg.eigh`, compiled before timing. Both compute one eigendecomposition.
 
@@ -17,6 +18,10 @@ Accuracy is measured against the reference Q (L o Q^T G Q) Q^T with the Q and la
 to build S and L from 40-digit decimal divided differences
 (`derivlib.check.spd_function_vjp_reference`). The best of several interleaved repeats
 is kept; a ratio above 1 means derivlib is faster.
+
+Then where derivlib's time goes at the generic spectrum, each part timed alone: the
+eigendecomposition (dsyevd), the Loewner matrix, and the four matrix products of eq. 7.14
+with the Hadamard product.
 
 Covariance pooling (section 7.5): the gradients (F_bar, W_bar) of <G, covariance_pool(F, W,
 eps)> for a batch of N images with d features at p pixels, projected to k, at the size the
@@ -44,9 +49,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from derivlib import covariance_pool_vjp, logm_spd_vjp  # noqa: E402
+from derivlib import covariance_pool_vjp, logm_spd_vjp, matfun  # noqa: E402
 from derivlib.check import relative_error, spd_function_vjp_reference  # noqa: E402
-from timing import best_times  # noqa: E402
+from timing import best_of, best_times  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
@@ -105,6 +110,21 @@ def bench(n, kind, repeats):
     )
 
 
+def parts(n, repeats):
+    """derivlib's logm_spd_vjp in its parts (ms), at the generic spectrum."""
+    S, G, _, _ = problem(n, "generic")
+    S = matfun.sym(S)
+    lam, Q = matfun._eigh(S.copy())
+    Qt, X = Q.T, matfun.sym(G)
+    L = matfun._loewner(lam, "log")
+    return {
+        "total": best_of(lambda: logm_spd_vjp(S, G), repeats),
+        "dsyevd": best_of(lambda: matfun._eigh(S.copy(), overwrite=True), repeats),
+        "Loewner matrix": best_of(lambda: matfun._loewner(lam, "log"), repeats),
+        "products": best_of(lambda: Q @ (L * (Qt @ X @ Q)) @ Qt, repeats),
+    }
+
+
 def pool_through_eigh(F, W, eps):
     M = W @ (F - F.mean(axis=-1, keepdims=True))
     C = M @ jnp.swapaxes(M, -1, -2) / F.shape[-1] + eps * jnp.eye(W.shape[0])
@@ -159,6 +179,12 @@ def main():
         print(
             f"{task:<22} {t_ours * 1e3:>7.2f}ms {t_peer * 1e3:>7.2f}ms {t_peer / t_ours:>5.2f}x  "
             f"{e_ours:>14}  {e_peer:>10}{'' if ok_ours else '  (derivlib error TOO LARGE)'}"
+        )
+    print("\nwhere derivlib's time goes, generic spectrum (each part timed alone, ms):")
+    for n in (64, 256):
+        timed = parts(n, args.repeats)
+        print(
+            f"  n={n:<4} " + "  ".join(f"{k} {v * 1e3:.3f}" for k, v in timed.items())
         )
     pools = [
         bench_pool(64, 8, 64, 4, args.repeats),

@@ -211,8 +211,11 @@ def conv2d_vjp(X, K, G, *, stride=1, padding=0, dilation=1, groups=1, input_grad
 
     Kbar: F bar = phi(X)^T G (images stacked).  Xbar: vec xbar = Phi^T vec(G F^T),
     i.e. col2im of G F^T; group by group. With stride 1, dilation 1, one group and
-    the same padding on every side the same sums are taken one kernel offset at a
-    time, without forming phi(X) (eq. 5.20). With input_grad=False, Xbar is not
+    the same padding on every side the same sums are taken by eq. 5.20, a group of
+    images at a time, in a form chosen by shape (`_conv2d_vjp_shifts`): with C kh kw
+    >= 36 patch rows one kernel offset at a time, without forming phi(X); with fewer
+    (one input channel, as for the digits) through the patch matrix of the group,
+    one matrix product per rule. With input_grad=False, Xbar is not
     computed and None is returned in its place (for a first layer, whose input is
     data)."""
     X, K, groups = _conv_pair(X, K, groups)
@@ -280,43 +283,89 @@ def conv2d_bias_vjp(
     return Xbar, Kbar, np.asarray(G, dtype=np.float64).sum(axis=(0, 2, 3))
 
 
-def _conv2d_vjp_shifts(X, K, G, padding, input_grad=True):
-    """Eq. 5.20, stride 1: the padded images of the batch laid end to end, one row
-    per channel (a strip); the patch entries of kernel offset (u, v) are then the
-    strip shifted by u W_p + v, a slice, and G sits at the top-left H' x W' of each
-    padded frame (zeros elsewhere). Both rules become k_h k_w products with slices:
-    no copies."""
+# The forms of eq. 5.20 and the size of the pieces it is taken in (see
+# `_conv2d_vjp_shifts`): the patch form below this many patch rows C kh kw, the
+# offset form from it on; and the bytes of the arrays one group of images works in,
+# a quarter of a core's level-2 cache on the machine we measured (2 MiB), so that the
+# products read what the copies have just written.
+_PATCH_ROWS_MAX = 36
+_CHUNK_BYTES = 1 << 19
+
+
+def _conv2d_vjp_shifts(X, K, G, padding, input_grad=True, *, form=None):
+    """Eq. 5.20, stride 1: the padded images laid end to end, one row per channel (a
+    strip); the patch entries of kernel offset (u, v) are then the strip shifted by
+    u W_p + v, a slice, and G sits at the top-left H' x W' of each padded frame
+    (zeros elsewhere).
+
+    The batch is taken a group of images at a time, as many as keep the group's strips
+    and products within `_CHUNK_BYTES`, so that each strip is read from the cache by
+    the products that follow its copy. Within a group, one of two forms, chosen by
+    shape (`form` None), or forced with form="offsets" or form="patches":
+
+    - "offsets", for C kh kw >= `_PATCH_ROWS_MAX` patch rows: k_h k_w products per
+      rule with the shifted slices, no copies (eq. 5.20 as written);
+    - "patches", for fewer (one input channel, as for the digits): with C small,
+      those products are matrix-vector products, so the k_h k_w shifted slices are
+      copied into the group's patch matrix (C k_h k_w rows, im2col of the group), and
+      each rule is one matrix product: K bar += G~ phi^T, and D = F G~ (the patch
+      gradients) added back slice by slice."""
     N, C, H, W = X.shape
     O, _, kh, kw = K.shape
+    if form is None:
+        form = "patches" if C * kh * kw < _PATCH_ROWS_MAX else "offsets"
     Hp, Wp = H + 2 * padding, W + 2 * padding
     Ho, Wo, frame = Hp - kh + 1, Wp - kw + 1, Hp * Wp
-    T = N * frame - (kh - 1) * Wp - (kw - 1)  # strip positions with a whole patch
-    Xs = np.zeros((C, N, Hp, Wp))
-    Xs[:, :, padding : padding + H, padding : padding + W] = X.transpose(1, 0, 2, 3)
-    Xs = Xs.reshape(C, N * frame)
-    Gs = np.zeros((O, N, Hp, Wp))
-    Gs[:, :, :Ho, :Wo] = G.transpose(1, 0, 2, 3)
-    Gs = Gs.reshape(O, N * frame)[:, :T]
-    Kbar, Xbar_s, block = np.empty(K.shape), np.zeros((C, N * frame)), np.empty((C, T))
-    for u in range(kh):
-        for v in range(kw):
-            shift = u * Wp + v
-            Kbar[:, :, u, v] = (
-                Gs @ Xs[:, shift : shift + T].T
-            )  # rows (., u, v) of phi^T G
+    halo = (kh - 1) * Wp + (kw - 1)  # strip positions at the end without a patch
+    # bytes per image: the strips of X, G and X bar, then the patch matrix and the
+    # patch gradients (patches) or one product's block (offsets)
+    work = 2 * C * kh * kw if form == "patches" else C
+    per_image = 8 * frame * (2 * C + O + work)
+    b = int(max(1, min(N, _CHUNK_BYTES // per_image)))
+    Xs_b, Gs_b = np.zeros((C, b, Hp, Wp)), np.zeros((O, b, Hp, Wp))
+    inner = (slice(None), slice(None), slice(padding, padding + H))
+    inner += (slice(padding, padding + W),)
+    Kbar = np.zeros((O, C * kh * kw) if form == "patches" else K.shape)
+    Xbar = np.empty(X.shape) if input_grad else None
+    if form == "patches":
+        F = K.reshape(O, C * kh * kw)
+    else:
+        KT = np.ascontiguousarray(K.transpose(2, 3, 1, 0))  # K[:, :, u, v]^T
+    for n0 in range(0, N, b):
+        m = min(b, N - n0)
+        T = m * frame
+        L = T - halo  # positions t whose patch fits: every output pixel among them
+        Xs, Gs = Xs_b[:, :m], Gs_b[:, :m]  # the padding stays zero across groups
+        Xs[inner] = X[n0 : n0 + m].transpose(1, 0, 2, 3)
+        Gs[:, :, :Ho, :Wo] = G[n0 : n0 + m].transpose(1, 0, 2, 3)
+        Xs, Gl = Xs.reshape(C, T), Gs.reshape(O, T)[:, :L]
+        Xb = np.zeros((C, T)) if input_grad else None
+        if form == "patches":
+            P = np.empty((C, kh * kw, L))
+            for u in range(kh):
+                for v in range(kw):
+                    P[:, u * kw + v] = Xs[:, u * Wp + v : u * Wp + v + L]
+            Kbar += Gl @ P.reshape(C * kh * kw, L).T  # phi^T G, eq. 5.5
             if input_grad:
-                np.matmul(
-                    K[:, :, u, v].T, Gs, out=block
-                )  # columns (., u, v) of G F^T ...
-                Xbar_s[:, shift : shift + T] += (
-                    block  # ... added back where they came from
-                )
-    if not input_grad:
-        return None, Kbar
-    Xbar = Xbar_s.reshape(C, N, Hp, Wp)[
-        :, :, padding : padding + H, padding : padding + W
-    ]
-    return Xbar.transpose(1, 0, 2, 3).copy(), Kbar
+                D = (F.T @ Gl).reshape(C, kh * kw, L)  # G F^T, eq. 5.6 ...
+                for u in range(kh):
+                    for v in range(kw):
+                        shift = u * Wp + v
+                        Xb[:, shift : shift + L] += D[:, u * kw + v]  # ... Phi^T
+        else:
+            block = np.empty((C, L)) if input_grad else None
+            for u in range(kh):
+                for v in range(kw):
+                    shift = u * Wp + v
+                    # rows (., u, v) of phi^T G
+                    Kbar[:, :, u, v] += Gl @ Xs[:, shift : shift + L].T
+                    if input_grad:
+                        # columns (., u, v) of G F^T, added back where they came from
+                        np.matmul(KT[u, v], Gl, out=block)
+                        Xb[:, shift : shift + L] += block
+        if input_grad:
+            Xbar[n0 : n0 + m] = Xb.reshape(C, m, Hp, Wp)[inner].transpose(1, 0, 2, 3)
+    return Xbar, Kbar.reshape(K.shape)
 
 
 # ----- ReLU -----

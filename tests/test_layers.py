@@ -124,20 +124,17 @@ def test_conv2d_forward_vjp_and_dot_product(cfg, seed):
     Xbar, Kbar = L.conv2d_vjp(X, K, G, stride=s, padding=p)
     close(Xbar, np.asarray(Xj))
     close(Kbar, np.asarray(Kj))
-    # both ways of taking the sums: eq. 5.5-5.6 with phi(X), and at stride 1 eq. 5.20
-    paths = [L._conv2d_vjp_im2col(X, K, G, s, p)] + (
-        [L._conv2d_vjp_shifts(X, K, G, p)] if s == 1 else []
-    )
-    for Xbar_, Kbar_ in paths:
+    # every way of taking the sums: eq. 5.5-5.6 with phi(X), and at stride 1 eq. 5.20
+    # in both of its forms (offset by offset, and the patch matrix of a group of images)
+    paths = {"im2col": lambda X, K, G: L._conv2d_vjp_im2col(X, K, G, s, p)}
+    if s == 1:
+        for form in ["offsets", "patches"]:
+            paths[form] = functools.partial(L._conv2d_vjp_shifts, padding=p, form=form)
+    for Xbar_, Kbar_ in (path(X, K, G) for path in paths.values()):
         close(Xbar_, np.asarray(Xj))
         close(Kbar_, np.asarray(Kj))
     tangents = draw(rng, X.shape, K.shape)
-    for path in [L._conv2d_vjp_im2col] + ([L._conv2d_vjp_shifts] if s == 1 else []):
-        vjp = (
-            (lambda X, K, G: path(X, K, G, s, p))
-            if path is L._conv2d_vjp_im2col
-            else (lambda X, K, G: path(X, K, G, p))
-        )
+    for name, vjp in paths.items():
         gap = dot_product_gap(
             lambda X, K, dX, dK: L.conv2d_jvp(X, K, dX, dK, stride=s, padding=p),
             vjp,
@@ -145,7 +142,7 @@ def test_conv2d_forward_vjp_and_dot_product(cfg, seed):
             tangents,
             G,
         )
-        assert gap < 1e-12, (path.__name__, gap)
+        assert gap < 1e-12, (name, gap)
     assert L.conv2d_vjp(X, K, G, stride=s, padding=p, input_grad=False)[0] is None
     close(
         L.conv2d_vjp(X, K, G, stride=s, padding=p, input_grad=False)[1], np.asarray(Kj)
@@ -204,6 +201,24 @@ def test_conv2d_vjp_takes_eq_5_20_at_stride_1_and_can_skip_xbar(rng, monkeypatch
     close(Kbar, np.asarray(Kj))
     none, Kbar = L.conv2d_vjp(X, K, G, padding=1, input_grad=False)
     assert none is None and len(calls) == 2
+    close(Kbar, np.asarray(Kj))
+
+
+@pytest.mark.parametrize("form", ["offsets", "patches"])
+def test_conv2d_vjp_in_groups_of_images(rng, monkeypatch, form):
+    """Eq. 5.20 takes the batch a group of images at a time (as many as fit in
+    _CHUNK_BYTES): with room for two images of five, the groups are 2, 2 and 1, and
+    the gradients are those of jax.vjp, with and without X bar."""
+    X, K = draw(rng, (5, 2, 6, 7), (3, 2, 3, 3))
+    (G,) = draw(rng, (5, 3, 6, 7))
+    Yj, (Xj, Kj) = jax_conv(1, 1)(X, K, G)
+    work = 2 * 2 * 9 if form == "patches" else 2
+    monkeypatch.setattr(L, "_CHUNK_BYTES", 2 * 8 * 8 * 9 * (2 * 2 + 3 + work))
+    Xbar, Kbar = L._conv2d_vjp_shifts(X, K, G, 1, form=form)
+    close(Xbar, np.asarray(Xj))
+    close(Kbar, np.asarray(Kj))
+    none, Kbar = L._conv2d_vjp_shifts(X, K, G, 1, False, form=form)
+    assert none is None
     close(Kbar, np.asarray(Kj))
 
 

@@ -392,6 +392,27 @@ def test_log_divided_difference_at_large_and_small_scales(a, b):
     np.testing.assert_array_equal(L, L.T)
 
 
+@pytest.mark.parametrize("kind", ["clustered", "equal"])
+def test_logm_spd_vjp_within_1e_14_at_clustered_and_equal_eigenvalues(kind):
+    """The VJP's Loewner matrix takes the plain quotient of the logarithms where they do
+    not cancel and (7.15) where they do: with a third of the spectrum in a cluster
+    1e-13 apart, or exactly repeated, the gradient is within 1e-14 of the 40-digit
+    reference and every divided difference within 2e-15 (relative), far pairs, close
+    pairs and ties alike."""
+    rng = np.random.default_rng(7)
+    n = 24
+    lam = np.linspace(1.0, 10.0, n)
+    lam[:8] = 3.0 + (1e-13 * np.arange(8) if kind == "clustered" else 0.0)
+    lam = np.sort(lam)
+    S, Q = spd_with_spectrum(rng, lam)
+    G = symmetric(rng, n)
+    reference = spd_function_vjp_reference(Q, lam, G, "log")
+    assert relative_error(matfun.logm_spd_vjp(S, G), reference) < 1e-14
+    L = loewner_matrix(lam, "log")
+    entrywise = np.abs(L / divided_differences_reference(lam, "log") - 1)
+    assert entrywise.max() < 2e-15
+
+
 @pytest.mark.parametrize(
     "lam, message",
     [
