@@ -504,14 +504,30 @@ def blur(I):
     return I
 
 
+def _reduce(I):
+    """blur(I)[::2, ::2], computing only the samples kept."""
+    H, W = I.shape
+    Ip = np.concatenate([I[:1], I[:1], I, I[-1:], I[-1:]])  # rows, border replicated
+    I = (
+        Ip[0:H:2] + Ip[4 : H + 4 : 2] + 4 * (Ip[1 : H + 1 : 2] + Ip[3 : H + 3 : 2])
+    ) / (16) + (6 / 16) * Ip[2 : H + 2 : 2]
+    Ip = np.concatenate([I[:, :1], I[:, :1], I, I[:, -1:], I[:, -1:]], axis=1)
+    return (
+        Ip[:, 0:W:2]
+        + Ip[:, 4 : W + 4 : 2]
+        + 4 * (Ip[:, 1 : W + 1 : 2] + Ip[:, 3 : W + 3 : 2])
+    ) / 16 + (6 / 16) * Ip[:, 2 : W + 2 : 2]
+
+
 def pyramid(I, levels, smooth=True):
     """[blur(I), reduce(I), ...]: each level blurred and subsampled by 2, so pixel
     (x, y) of level l + 1 sits at (2x, 2y) of level l. With `smooth` the finest level
-    is blurred too: it damps the noise in the gradients."""
+    is blurred too (it damps the noise in the gradients, but a blur does not commute
+    with a warp)."""
     I = np.asarray(I, dtype=np.float64)
     out = [blur(I) if smooth else I]
     for _ in range(levels - 1):
-        out.append(blur(out[-1])[::2, ::2])
+        out.append(_reduce(out[-1]))
     return out
 
 
@@ -535,8 +551,10 @@ class AlignResult:
 
 
 def _grid(h, w):
-    ys, xs = np.mgrid[0:h, 0:w]
-    return np.stack([xs.ravel(), ys.ravel()]).astype(np.float64)
+    X = np.empty((2, h * w))
+    X[0] = np.tile(np.arange(w, dtype=np.float64), h)
+    X[1] = np.repeat(np.arange(h, dtype=np.float64), w)
+    return X
 
 
 def _inside(P, H, W):
@@ -593,22 +611,14 @@ def _project(S, T):
     return S - Q @ (Q.T @ S)
 
 
-def _level(T, I, M, kind, method, max_iter, tol, photometric, min_overlap):
+def _level_fa(T, I, M, kind, max_iter, tol, photometric, min_overlap):
+    """One pyramid level of forward-additive Lucas-Kanade (9.14)-(9.16)."""
     h, w = T.shape
     H, W = I.shape
     X = _grid(h, w)
     Tv = T.ravel()
     corners = np.array([[0, w - 1, w - 1, 0], [0, 0, h - 1, h - 1]], dtype=float)
-    if method == "ic":
-        gx, gy = image_gradient(T)
-        J = warp_jacobian(kind, np.zeros(_KINDS[kind]), X)
-        SD = gx.ravel()[:, None] * J[:, 0] + gy.ravel()[:, None] * J[:, 1]
-        if photometric:
-            SD = _project(SD, Tv)
-        Hess = SD.T @ SD  # (9.18): computed once, before the loop
-        _refuse_singular(Hess, "the template")
-    else:
-        Ix, Iy = image_gradient(I)
+    Ix, Iy = image_gradient(I)
     a, b, steps, converged, it = 1.0, 0.0, [], False, 0
     best, lam, u3_ok = None, 0.0, [None]
 
@@ -642,28 +652,20 @@ def _level(T, I, M, kind, method, max_iter, tol, photometric, min_overlap):
                 break
         else:
             lam = lam / 10 if lam > 1e-6 else 0.0
-            if method == "ic":
-                S = SD[ok] if ok.all() or not photometric else _project(SD[ok], Tv[ok])
-                A = Hess if ok.all() else S.T @ S
-                g = S.T @ e
-            else:
-                # (9.15) written out: the gradient row times dW/dp of (9.13)
-                (x, y), (Wx, Wy), u = X[:, ok], P[:, ok], a * u3_ok[0]
-                gxw, gyw = _bilinear(Ix, P[:, ok]) / u, _bilinear(Iy, P[:, ok]) / u
-                r = -(gxw * Wx + gyw * Wy)
-                cols = [gxw * x, gxw * y, gxw, gyw * x, gyw * y, gyw, r * x, r * y]
-                S = np.stack([cols[c] for c in _COLUMNS[kind]], axis=1)
-                if photometric:
-                    S = _project(S, Tv[ok])
-                A = S.T @ S
-                _refuse_singular(A, "the warped image")
-                g = -S.T @ e
+            # (9.15) written out: the gradient row times dW/dp of (9.13)
+            (x, y), (Wx, Wy), u = X[:, ok], P[:, ok], a * u3_ok[0]
+            gxw, gyw = _bilinear(Ix, P[:, ok]) / u, _bilinear(Iy, P[:, ok]) / u
+            r = -(gxw * Wx + gyw * Wy)
+            cols = [gxw * x, gxw * y, gxw, gyw * x, gyw * y, gyw, r * x, r * y]
+            S = np.stack([cols[c] for c in _COLUMNS[kind]], axis=1)
+            if photometric:
+                S = _project(S, Tv[ok])
+            A = S.T @ S
+            _refuse_singular(A, "the warped image")
+            g = -S.T @ e
             best = (M, cost, A, g, (a, b))
         dp = np.linalg.solve(A + lam * np.diag(np.diag(A)), g)
-        if method == "ic":
-            M_new = M @ np.linalg.inv(warp_matrix(kind, dp))  # (9.19)
-        else:
-            M_new = warp_matrix(kind, warp_params(kind, M) + dp)
+        M_new = warp_matrix(kind, warp_params(kind, M) + dp)
         try:
             M_new = M_new / M_new[2, 2]
             moved = _apply(M_new, corners)[0] - _apply(M, corners)[0]
@@ -679,6 +681,219 @@ def _level(T, I, M, kind, method, max_iter, tol, photometric, min_overlap):
     return best[0], converged, it, a, b, steps
 
 
+def _sd(gx, gy, X, kind, out=None):
+    """The steepest-descent rows s = grad^T dW/dp(x; 0) (9.18), transposed: (k, n)
+    for gradients gx, gy (n,) at the points X (2, n), as dW/dp at p = 0 is (9.12)
+    with u3 = 1 and W = x. Written into the first k rows of `out` when given."""
+    x, y = X
+    cols = _COLUMNS[kind]
+    out = np.empty((len(cols), x.size)) if out is None else out
+    if kind == "translation":
+        out[0], out[1] = gx, gy
+        return out[:2]
+    np.multiply(gx, x, out=out[0])
+    np.multiply(gx, y, out=out[1])
+    out[2] = gx
+    np.multiply(gy, x, out=out[3])
+    np.multiply(gy, y, out=out[4])
+    out[5] = gy
+    if kind == "homography":
+        r = -(out[0] + out[4])  # -(gx x + gy y)
+        np.multiply(r, x, out=out[6])
+        np.multiply(r, y, out=out[7])
+    return out[: len(cols)]
+
+
+def _gather(I, px, py):
+    """Bilinear interpolation (9.1) of I (H, W) at (px, py), all inside, unchecked:
+    one fused gather of the four corners."""
+    H, W = I.shape
+    x0 = np.minimum(px.astype(np.intp), W - 2)  # floor: px >= 0
+    y0 = np.minimum(py.astype(np.intp), H - 2)
+    fx, fy = px - x0, py - y0
+    i = y0 * W + x0
+    F = I.ravel()
+    top = F[i] + fx * (F[i + 1] - F[i])
+    bottom = F[i + W] + fx * (F[i + W + 1] - F[i + W])
+    return top + fy * (bottom - top)
+
+
+def _sample(I, M, X, min_overlap):
+    """I(W(x)) at the template's pixels X for the warp matrix M, with no validation
+    of I or X (done once in `align`). Returns (Iw, ok): ok is None when every pixel
+    lands inside the image, else the mask of those that do (Iw is then sampled at the
+    positions clamped to the image, for a finite-difference gradient). Raises
+    ValueError when a pixel goes through infinity or too few land inside."""
+    H, W = I.shape
+    x, y = X
+    u3 = M[2, 0] * x + M[2, 1] * y + M[2, 2]
+    if not u3.min() > 0:
+        raise ValueError(
+            "the homography sends a point to infinity or through it (third "
+            "homogeneous coordinate <= 0)"
+        )
+    px = (M[0, 0] * x + M[0, 1] * y + M[0, 2]) / u3
+    py = (M[1, 0] * x + M[1, 1] * y + M[1, 2]) / u3
+    if px.min() >= 0 and py.min() >= 0 and px.max() <= W - 1 and py.max() <= H - 1:
+        return _gather(I, px, py), None
+    ok = (px >= 0) & (px <= W - 1) & (py >= 0) & (py <= H - 1)
+    if ok.mean() < min_overlap:
+        raise ValueError(
+            f"the warp sends {100 * (1 - ok.mean()):.0f}% of the template outside "
+            f"the image (at most {100 * (1 - min_overlap):.0f}% allowed)"
+        )
+    return _gather(I, np.clip(px, 0, W - 1), np.clip(py, 0, H - 1)), ok
+
+
+def _centred(T):
+    """T minus its mean, and the norm of that."""
+    Tc = T - T.mean()
+    return Tc, np.sqrt(Tc @ Tc)
+
+
+def _normalise(Iw, Tc, nT):
+    """The error of the correlation criterion (9.21): the warped image made zero-mean
+    with the template's norm, minus the zero-mean template Tc (norm nT). Returns
+    (e, Ic, nI, rho); refuses a constant or anti-correlated warped image."""
+    Ic = Iw - Iw.mean()
+    nI = np.sqrt(Ic @ Ic)
+    if not nI > 1e-12 * np.sqrt(Iw @ Iw):
+        raise ValueError(
+            "the warped image is constant over the template: its gain cannot be "
+            "fitted and no warp can be estimated"
+        )
+    rho = float(Ic @ Tc) / (nI * nT)
+    if not rho > 0:
+        raise ValueError(
+            f"the warped image is not positively correlated with the template "
+            f"(correlation {rho:.3g}): the alignment has failed"
+        )
+    return Ic * (nT / nI) - Tc, Ic, nI, rho
+
+
+_REJECT = 3.0
+_FCL = 2
+
+
+def _level_ic(T, I, M, kind, max_iter, tol, photometric, min_overlap, finish, first):
+    """One pyramid level of inverse-compositional (9.17)-(9.19) Lucas-Kanade, or with
+    `finish` forward-compositional (9.22)-(9.23), on the criterion (9.21). At the
+    `first` (coarsest) level the template's Hessian is checked before any step.
+
+    Returns (M, converged, iterations, gain, bias, steps)."""
+    h, w = T.shape
+    X = _grid(h, w)
+    Tv = T.ravel()
+    k = _KINDS[kind]
+    corners = np.array([[0, w - 1, w - 1, 0], [0, 0, h - 1, h - 1], [1, 1, 1, 1.0]])
+    cols = np.array(_COLUMNS[kind])
+    if not finish or first:  # (9.18): the steepest-descent rows and Hessian
+        gx, gy = image_gradient(T)
+        SD = _sd(gx.ravel(), gy.ravel(), X, kind)
+        if photometric:
+            SD = np.ascontiguousarray(_project(SD.T, Tv).T)
+        Hess = SD @ SD.T
+        _refuse_singular(Hess, "the template")  # before any step
+    if finish:
+        Hess = None  # the forward-compositional Hessian, from the first step
+    if finish and photometric and not np.ptp(Tv) > 1e-12 * np.abs(Tv).max():
+        raise ValueError(
+            "the template is constant (textureless): its gain cannot be fitted and "
+            "no warp can be estimated"
+        )
+    Tc0, nT0 = _centred(Tv)
+    best, lam, steps, converged, it = None, 0.0, [], False, 0
+    for it in range(1, max_iter + 1):
+        try:
+            if not np.all(np.isfinite(M)):  # a step that went through infinity
+                raise ValueError("the warp matrix is not finite")
+            Iw, ok = _sample(I, M, X, min_overlap)
+            Tk, Iwk = (Tv, Iw) if ok is None else (Tv[ok], Iw[ok])
+            if photometric:
+                Tc, nT = (Tc0, nT0) if ok is None else _centred(Tk)
+                e, Ic, nI, rho = _normalise(Iwk, Tc, nT)
+                cost = 2 - 2 * rho  # = |e|^2 / |Tc|^2
+            else:
+                e = Iwk - Tk
+                cost = float(e @ e) / e.size
+        except ValueError:
+            if best is None:  # the start itself: refuse
+                raise
+            cost = np.inf  # a trial step through infinity or out of the image
+        if best is not None and not cost < best[1]:  # Levenberg-Marquardt: reject
+            M, lam = best[0], max(10 * lam, 1e-4)
+            A, g = best[2], best[3]
+            if finish:
+                Hess = None  # rebuilt at the next accepted step
+            if lam > 1e12 or steps[-1] < _REJECT * tol:
+                break
+        else:
+            lam = lam / 10 if lam > 1e-6 else 0.0
+            if not finish:  # (9.19)
+                if ok is None:
+                    A, g = Hess, SD @ e
+                else:
+                    S = SD[:, ok]
+                    if photometric:
+                        S = _project(S.T, Tk).T
+                    A, g = S @ S.T, S @ e
+            else:  # (9.23): the warped image's own gradient, by finite differences
+                gy, gx = np.gradient(Iw.reshape(h, w))
+                gx, gy, Xk = gx.ravel(), gy.ravel(), X
+                if ok is not None:
+                    gx, gy, Xk = gx[ok], gy[ok], X[:, ok]
+                C = np.empty((k + 3, e.size))
+                _sd(gx, gy, Xk, kind, out=C)
+                C[k], C[k + 1], C[k + 2] = 1 / np.sqrt(e.size), e, 0.0
+                if photometric:
+                    C[k + 2] = Ic / nI  # [1, Ic], orthonormal: (9.23) projects them out
+                slow = len(steps) > 1 and steps[-1] > steps[-2] / 2
+                if Hess is None or ok is not None or slow:  # refreshed when it lags
+                    G = C @ C.T
+                    A, Cq = G[:k, :k], G[:k, k:]
+                else:
+                    A, Cq = Hess, C[:k] @ C[k:].T  # s^T [1, e, Ic / nI]
+                g = -Cq[:, 1]
+                if photometric:
+                    s, Qe = nT / nI, (C[k::2] @ e)
+                    QS = Cq[:, ::2].T
+                    if A is not Hess:
+                        A = s * s * (A - QS.T @ QS)
+                    g = s * (g + QS.T @ Qe)
+                if A is not Hess:
+                    _refuse_singular(A, "the warped image")
+                    Hess = A if ok is None else Hess
+            ab = (1.0, 0.0)
+            if photometric:
+                a = nI / (rho * nT)  # the fit of T on I(W): T ~ (I(W) - b) / a
+                ab = (a, float(Iwk.mean() - a * Tk.mean()))
+            best = (M, cost, A, g, ab)
+        dp = np.linalg.solve(A + lam * np.diag(np.diag(A)), g)
+        Mdp = np.eye(3)
+        Mdp.flat[cols] += dp  # M(dp) of (9.10)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            if not finish:
+                d = np.linalg.det(Mdp)
+                Mdp = np.linalg.inv(Mdp) if abs(d) > 1e-12 else np.full((3, 3), np.nan)
+            M_new = M @ Mdp  # (9.22), or (9.19) with the inverse
+            M_new = M_new / M_new[2, 2]
+            u, v = M_new @ corners, M @ corners
+        if np.all(np.isfinite(u)) and np.all(u[2] > 0):
+            moved = u[:2] / u[2] - v[:2] / v[2]
+            step = float(np.sqrt(np.max(moved[0] ** 2 + moved[1] ** 2)))
+        else:  # a corner through infinity: a step to reject
+            step = np.inf
+        steps.append(step)
+        if step < tol:  # the last step is below tol pixels: take it and stop
+            converged = True
+            M = M_new
+            break
+        M = M_new
+    if not converged:
+        M = best[0]
+    return M, converged, it, best[4][0], best[4][1], steps
+
+
 def align(
     T,
     I,
@@ -690,39 +905,40 @@ def align(
     tol=1e-2,
     photometric=True,
     min_overlap=0.75,
-    smooth=True,
+    smooth=False,
     reach=None,
     polish=None,
 ):
     """Lucas-Kanade alignment: find p with I(W(x; p)) ~ T(x) over the template's
     pixels x (template coordinates, (0, 0) its top-left pixel), by Gauss-Newton.
 
-    method "ic" is inverse-compositional (9.17)-(9.19), "fa" forward-additive
-    (9.14)-(9.16). `levels` > 1 runs coarse to fine on a pyramid. `photometric`
-    fits a gain and bias of the image to the template at each step (9.20); a step
-    that raises the error is rejected and damped (Levenberg-Marquardt). Stops when
-    the template's corners move less than `tol` pixels (at the finest level; 10 `tol`
-    at coarser ones) and returns the last accepted warp. Refuses a textureless
-    template (singular Hessian) and a warp that sends more than 1 - `min_overlap` of
-    the template outside the image, with ValueError. Both T (h, w) and I (H, W) are
-    gray images; `smooth` blurs both (binomial, 5 taps) at the finest level too.
-    Only the part of I within `reach` pixels (default: half the template's larger
-    side) of the box the start warp sends the template to is used; beyond it counts
-    as outside.
+    method "ic" is inverse-compositional (9.17)-(9.19), "fc" forward-compositional
+    (9.22)-(9.23), "fa" forward-additive (9.14)-(9.16). `levels` > 1 runs coarse to
+    fine on a pyramid (each coarser level blurred and halved). With `photometric`
+    the error is that of the correlation criterion (9.21), blind to a gain and bias
+    of the image (for "fa": a gain and bias fitted at each step, (9.20)); without
+    it, the plain difference (9.14). A step that raises the error is rejected and
+    damped (Levenberg-Marquardt). A level stops when a step moves the template's
+    corners less than `tol` pixels (10 `tol` at coarser levels), and takes that step.
+    Refuses a textureless template (singular Hessian) and a warp that sends more than
+    1 - `min_overlap` of the template outside the image, with ValueError. Both T
+    (h, w) and I (H, W) are gray images; `smooth` blurs the finest level too
+    (binomial, 5 taps; off by default: a blur does not commute with a warp). Only
+    the part of I within `reach` pixels (default: half the template's larger side) of
+    the box the start warp sends the template to is used; beyond it counts as
+    outside.
 
-    `polish` (default: on for "ic" with `smooth` and `levels` > 1) solves the finest
-    level forward-additively on the unblurred images instead, from the
-    inverse-compositional answer of the coarser levels: the inverse-compositional
-    step uses the gradient of the (noisy) template, exact only where the warped
-    image equals it, and with the blur of the finest level it stops short of the
-    true warp; the forward-additive step uses the gradient of the warped image."""
+    `polish` (default: on for "ic") solves the finest level forward-compositionally:
+    the inverse-compositional step rests on the template's gradient, noisy when the
+    template is, and its fixed point carries that noise; the forward-compositional
+    step uses the gradient of the warped image."""
     T, I = _image(T, "T"), _image(I, "I")
     if T.ndim != 2 or I.ndim != 2:
         raise ValueError(
             f"align needs gray images (h, w) and (H, W), got {T.shape}, {I.shape}"
         )
-    if method not in ("ic", "fa"):
-        raise ValueError(f"method must be 'ic' or 'fa', got {method!r}")
+    if method not in ("ic", "fc", "fa"):
+        raise ValueError(f"method must be 'ic', 'fc' or 'fa', got {method!r}")
     if not (isinstance(levels, int) and levels >= 1):
         raise ValueError(f"levels must be a positive integer, got {levels!r}")
     if not (isinstance(max_iter, (int, np.integer)) and max_iter >= 1):
@@ -753,27 +969,24 @@ def align(
     I = I[y_lo : y_hi + 1, x_lo : x_hi + 1]
     shift = warp_matrix("translation", np.array([x_lo, y_lo], dtype=float))
     M = np.linalg.inv(shift) @ M
-    polish = (method == "ic" and smooth and levels > 1) if polish is None else polish
+    polish = (method == "ic") if polish is None else bool(polish)
     Ts, Is = pyramid(T, levels, smooth), pyramid(I, levels, smooth)
     S = np.diag([0.5 ** (levels - 1), 0.5 ** (levels - 1), 1.0])
     M = S @ M @ np.linalg.inv(S)
     total, steps = 0, []
     for lev in range(levels - 1, -1, -1):
-        if lev == 0 and polish:
-            break
-        M, converged, it, a, b, st = _level(
-            Ts[lev], Is[lev], M, kind, method, max_iter, tol if lev == 0 else 10 * tol,
-            photometric, min_overlap,
-        )  # fmt: skip
+        options = (max_iter, tol if lev == 0 else 10 * tol, photometric, min_overlap)
+        if method == "fa":
+            M, converged, it, a, b, st = _level_fa(Ts[lev], Is[lev], M, kind, *options)
+        else:
+            finish = method == "fc" or (polish and lev < _FCL)
+            M, converged, it, a, b, st = _level_ic(
+                Ts[lev], Is[lev], M, kind, *options, finish, lev == levels - 1
+            )
         total, steps = total + it, steps + st
         if lev:
             S2 = np.diag([2.0, 2.0, 1.0])
             M = S2 @ M @ np.linalg.inv(S2)
-    if polish:
-        M, converged, it, a, b, st = _level(
-            T, I, M, kind, "fa", max_iter, tol, photometric, min_overlap
-        )
-        total, steps = total + it, steps + st
     M = shift @ M
     M = M / M[2, 2]
     return AlignResult(warp_params(kind, M), M, converged, total, a, b * scale, steps)
