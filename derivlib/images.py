@@ -548,6 +548,7 @@ class AlignResult:
     gain: float = 1.0
     bias: float = 0.0
     steps: list = field(default_factory=list)
+    weights: np.ndarray = None
 
 
 def _grid(h, w):
@@ -771,14 +772,45 @@ def _normalise(Iw, Tc, nT):
     return Ic * (nT / nI) - Tc, Ic, nI, rho
 
 
+ROBUST = {"huber": 1.345, "tukey": 4.685}  # 95% efficiency at Gaussian noise
+
+
+def _scale(e, T):
+    """A robust scale of the residuals: 1.4826 times their median absolute value,
+    floored at 1e-12 of the template's spread so that an exact fit divides by no 0."""
+    mad = 1.4826 * float(np.median(np.abs(e)))
+    return max(mad, 1e-12 * float(np.ptp(T)) + 1e-300)
+
+
+def _robust_rho(kind, r):
+    """rho(r) of (9.24): Huber's or Tukey's biweight, at the constant ROBUST[kind]."""
+    c = ROBUST[kind]
+    a = np.abs(r)
+    if kind == "huber":
+        return np.where(a <= c, 0.5 * r * r, c * a - 0.5 * c * c)
+    return (c * c / 6) * (1 - np.clip(1 - (r / c) ** 2, 0, None) ** 3)
+
+
+def _robust_weights(kind, r):
+    """The weights w(r) = rho'(r) / r of (9.25)."""
+    c = ROBUST[kind]
+    a = np.abs(r)
+    if kind == "huber":
+        return np.minimum(1.0, c / np.maximum(a, 1e-300))
+    return np.clip(1 - (r / c) ** 2, 0, None) ** 2
+
+
 _REJECT = 3.0
 _FCL = 2
 
 
-def _level_ic(T, I, M, kind, max_iter, tol, photometric, min_overlap, finish, first):
+def _level_ic(
+    T, I, M, kind, max_iter, tol, photometric, min_overlap, finish, first, robust
+):
     """One pyramid level of inverse-compositional (9.17)-(9.19) Lucas-Kanade, or with
     `finish` forward-compositional (9.22)-(9.23), on the criterion (9.21). At the
     `first` (coarsest) level the template's Hessian is checked before any step.
+    With `robust` ("huber" or "tukey") each step is reweighted, (9.24)-(9.25).
 
     Returns (M, converged, iterations, gain, bias, steps)."""
     h, w = T.shape
@@ -802,7 +834,7 @@ def _level_ic(T, I, M, kind, max_iter, tol, photometric, min_overlap, finish, fi
             "no warp can be estimated"
         )
     Tc0, nT0 = _centred(Tv)
-    best, lam, steps, converged, it = None, 0.0, [], False, 0
+    best, lam, steps, converged, it, sigma = None, 0.0, [], False, 0, None
     for it in range(1, max_iter + 1):
         try:
             if not np.all(np.isfinite(M)):  # a step that went through infinity
@@ -816,6 +848,9 @@ def _level_ic(T, I, M, kind, max_iter, tol, photometric, min_overlap, finish, fi
             else:
                 e = Iwk - Tk
                 cost = float(e @ e) / e.size
+            if robust is not None:  # (9.24), at the scale of the last accepted step
+                sigma = _scale(e, Tk) if sigma is None else sigma
+                cost = float(np.mean(_robust_rho(robust, e / sigma)))
         except ValueError:
             if best is None:  # the start itself: refuse
                 raise
@@ -829,7 +864,17 @@ def _level_ic(T, I, M, kind, max_iter, tol, photometric, min_overlap, finish, fi
                 break
         else:
             lam = lam / 10 if lam > 1e-6 else 0.0
-            if not finish:  # (9.19)
+            if robust is not None:  # the scale and weights of this step (9.25)
+                sigma = _scale(e, Tk)
+                cost = float(np.mean(_robust_rho(robust, e / sigma)))
+                wts = _robust_weights(robust, e / sigma)
+            if robust is not None and not finish:
+                S = SD if ok is None else SD[:, ok]
+                if photometric and ok is not None:
+                    S = _project(S.T, Tk).T
+                A, g = (S * wts) @ S.T, S @ (wts * e)
+                _refuse_singular(A, "the weighted template")
+            elif not finish:  # (9.19)
                 if ok is None:
                     A, g = Hess, SD @ e
                 else:
@@ -848,26 +893,33 @@ def _level_ic(T, I, M, kind, max_iter, tol, photometric, min_overlap, finish, fi
                 if photometric:
                     C[k + 2] = Ic / nI  # [1, Ic], orthonormal: (9.23) projects them out
                 slow = len(steps) > 1 and steps[-1] > steps[-2] / 2
-                if Hess is None or ok is not None or slow:  # refreshed when it lags
-                    G = C @ C.T
-                    A, Cq = G[:k, :k], G[:k, k:]
+                if robust is not None:  # (9.25) with (9.23)'s rows, projected
+                    S, s = C[:k], (nT / nI if photometric else 1.0)
+                    if photometric:
+                        S = S - (S @ C[k::2].T) @ C[k::2]
+                    A, g = s * s * ((S * wts) @ S.T), -s * (S @ (wts * e))
+                    _refuse_singular(A, "the weighted warped image")
                 else:
-                    A, Cq = Hess, C[:k] @ C[k:].T  # s^T [1, e, Ic / nI]
-                g = -Cq[:, 1]
-                if photometric:
-                    s, Qe = nT / nI, (C[k::2] @ e)
-                    QS = Cq[:, ::2].T
+                    if Hess is None or ok is not None or slow:  # refreshed if it lags
+                        G = C @ C.T
+                        A, Cq = G[:k, :k], G[:k, k:]
+                    else:
+                        A, Cq = Hess, C[:k] @ C[k:].T  # s^T [1, e, Ic / nI]
+                    g = -Cq[:, 1]
+                    if photometric:
+                        s, Qe = nT / nI, (C[k::2] @ e)
+                        QS = Cq[:, ::2].T
+                        if A is not Hess:
+                            A = s * s * (A - QS.T @ QS)
+                        g = s * (g + QS.T @ Qe)
                     if A is not Hess:
-                        A = s * s * (A - QS.T @ QS)
-                    g = s * (g + QS.T @ Qe)
-                if A is not Hess:
-                    _refuse_singular(A, "the warped image")
-                    Hess = A if ok is None else Hess
+                        _refuse_singular(A, "the warped image")
+                        Hess = A if ok is None else Hess
             ab = (1.0, 0.0)
             if photometric:
                 a = nI / (rho * nT)  # the fit of T on I(W): T ~ (I(W) - b) / a
                 ab = (a, float(Iwk.mean() - a * Tk.mean()))
-            best = (M, cost, A, g, ab)
+            best = (M, cost, A, g, ab, None if robust is None else (wts, ok))
         dp = np.linalg.solve(A + lam * np.diag(np.diag(A)), g)
         Mdp = np.eye(3)
         Mdp.flat[cols] += dp  # M(dp) of (9.10)
@@ -891,7 +943,7 @@ def _level_ic(T, I, M, kind, max_iter, tol, photometric, min_overlap, finish, fi
         M = M_new
     if not converged:
         M = best[0]
-    return M, converged, it, best[4][0], best[4][1], steps
+    return M, converged, it, best[4][0], best[4][1], steps, best[5]
 
 
 def align(
@@ -908,6 +960,7 @@ def align(
     smooth=False,
     reach=None,
     polish=None,
+    robust=None,
 ):
     """Lucas-Kanade alignment: find p with I(W(x; p)) ~ T(x) over the template's
     pixels x (template coordinates, (0, 0) its top-left pixel), by Gauss-Newton.
@@ -931,7 +984,13 @@ def align(
     `polish` (default: on for "ic") solves the finest level forward-compositionally:
     the inverse-compositional step rests on the template's gradient, noisy when the
     template is, and its fixed point carries that noise; the forward-compositional
-    step uses the gradient of the warped image."""
+    step uses the gradient of the warped image. The two finest levels are solved so
+    (the finest alone when `levels` is 1).
+
+    `robust` ("huber" or "tukey", not with "fa") reweights every step by the
+    residuals (9.24)-(9.25), so that occluded or changed pixels count less; the
+    result's `weights` are those of the last accepted step at the finest level
+    (0 outside the image)."""
     T, I = _image(T, "T"), _image(I, "I")
     if T.ndim != 2 or I.ndim != 2:
         raise ValueError(
@@ -939,6 +998,11 @@ def align(
         )
     if method not in ("ic", "fc", "fa"):
         raise ValueError(f"method must be 'ic', 'fc' or 'fa', got {method!r}")
+    if robust is not None and (robust not in ROBUST or method == "fa"):
+        raise ValueError(
+            f"robust must be None or one of {sorted(ROBUST)} (with method 'ic' or "
+            f"'fc'), got {robust!r} with method {method!r}"
+        )
     if not (isinstance(levels, int) and levels >= 1):
         raise ValueError(f"levels must be a positive integer, got {levels!r}")
     if not (isinstance(max_iter, (int, np.integer)) and max_iter >= 1):
@@ -980,16 +1044,23 @@ def align(
             M, converged, it, a, b, st = _level_fa(Ts[lev], Is[lev], M, kind, *options)
         else:
             finish = method == "fc" or (polish and lev < _FCL)
-            M, converged, it, a, b, st = _level_ic(
-                Ts[lev], Is[lev], M, kind, *options, finish, lev == levels - 1
+            M, converged, it, a, b, st, wts = _level_ic(
+                Ts[lev], Is[lev], M, kind, *options, finish, lev == levels - 1, robust
             )
         total, steps = total + it, steps + st
         if lev:
             S2 = np.diag([2.0, 2.0, 1.0])
             M = S2 @ M @ np.linalg.inv(S2)
+    weights = None
+    if robust is not None:
+        weights = np.zeros(T.size)
+        weights[slice(None) if wts[1] is None else wts[1]] = wts[0]
+        weights = weights.reshape(T.shape)
     M = shift @ M
     M = M / M[2, 2]
-    return AlignResult(warp_params(kind, M), M, converged, total, a, b * scale, steps)
+    return AlignResult(
+        warp_params(kind, M), M, converged, total, a, b * scale, steps, weights
+    )
 
 
 def corner_error(M_est, M_true, shape):

@@ -305,3 +305,37 @@ def test_align_refuses_bad_options_and_a_constant_image_and_scales(rng):
         res = im.align(s * T, s * I, start, kind="translation", tol=1e-6, smooth=False)
         np.testing.assert_allclose(res.p, ref.p, rtol=0, atol=1e-9)
         assert np.isclose(res.gain, ref.gain) and np.isclose(res.bias / s, ref.bias)
+
+
+@pytest.mark.parametrize("kind", ["huber", "tukey"])
+def test_robust_weights_are_rho_prime_over_r(kind):
+    c = im.ROBUST[kind]
+
+    def rho(r):  # (9.24) in JAX
+        if kind == "huber":
+            return jnp.where(jnp.abs(r) <= c, 0.5 * r * r, c * jnp.abs(r) - 0.5 * c * c)
+        return (c * c / 6) * (1 - jnp.clip(1 - (r / c) ** 2, 0, None) ** 3)
+
+    r = np.linspace(-3 * c, 3 * c, 61) + 1e-3  # no point exactly at 0 or +-c
+    np.testing.assert_allclose(im._robust_rho(kind, r), np.asarray(rho(jnp.asarray(r))))
+    drho = np.asarray(jax.vmap(jax.grad(rho))(jnp.asarray(r)))
+    check.check_close(f"{kind} weights", im._robust_weights(kind, r) * r, drho)
+
+
+def test_robust_align_survives_an_occluder_and_refuses_bad_options(rng):
+    rng = np.random.default_rng(0)
+    I = smooth_image(100, 100)
+    T, M_true, M0 = im.make_pair(I, (24, 24), 48, 3, rng, noise=0.01)
+    T[4:22, 6:24] = 0.5  # an occluding patch over 14% of the template
+    p0 = im.warp_params("homography", M0)
+    plain = im.align(T, I, p0)
+    robust = im.align(T, I, p0, robust="tukey")
+    assert im.corner_error(robust.M, M_true, T.shape) < 0.1
+    assert im.corner_error(plain.M, M_true, T.shape) > 1
+    assert robust.weights.shape == T.shape
+    inside = np.zeros(T.shape, dtype=bool)
+    inside[4:22, 6:24] = True  # the patch's pixels weigh less than the others
+    assert robust.weights[inside].mean() < 0.5 * robust.weights[~inside].mean()
+    for robust, method in (("cauchy", "ic"), ("huber", "fa")):
+        with pytest.raises(ValueError, match="robust"):
+            im.align(T, I, p0, robust=robust, method=method)
