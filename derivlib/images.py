@@ -20,6 +20,7 @@ Grid lines and border (equations (9.1)-(9.6)):
   coordinates.
 """
 
+import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -946,6 +947,46 @@ def _level_ic(
     return M, converged, it, best[4][0], best[4][1], steps, best[5]
 
 
+def _pyramid_levels(
+    Ts, Is, M, kind, method, polish, robust, max_iter, tol, photometric, min_overlap
+):
+    """Coarse to fine over the pyramids Ts, Is from the coarsest level's warp M."""
+    levels, total, steps, wts = len(Ts), 0, [], None
+    for lev in range(levels - 1, -1, -1):
+        options = (max_iter, tol if lev == 0 else 10 * tol, photometric, min_overlap)
+        if method == "fa":
+            M, converged, it, a, b, st = _level_fa(Ts[lev], Is[lev], M, kind, *options)
+        else:
+            finish = method == "fc" or (polish and lev < _FCL)
+            M, converged, it, a, b, st, wts = _level_ic(
+                Ts[lev], Is[lev], M, kind, *options, finish, lev == levels - 1, robust
+            )
+        total, steps = total + it, steps + st
+        if lev:
+            S2 = np.diag([2.0, 2.0, 1.0])
+            M = S2 @ M @ np.linalg.inv(S2)
+    return M, converged, total, a, b, steps, wts
+
+
+_BLAS = []
+
+
+def _one_blas_thread():
+    """A context in which BLAS runs on one thread (when threadpoolctl is installed):
+    the products of `align` are k x n by n x k with k <= 11, too small for a second
+    thread to pay for its start, and on a busy machine it waits for a core."""
+    if not _BLAS:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS.append(ThreadpoolController())
+        except ImportError:  # optional: without it BLAS keeps its threads
+            _BLAS.append(None)
+    if _BLAS[0] is None:
+        return contextlib.nullcontext()
+    return _BLAS[0].limit(limits=1, user_api="blas")
+
+
 def align(
     T,
     I,
@@ -1037,20 +1078,11 @@ def align(
     Ts, Is = pyramid(T, levels, smooth), pyramid(I, levels, smooth)
     S = np.diag([0.5 ** (levels - 1), 0.5 ** (levels - 1), 1.0])
     M = S @ M @ np.linalg.inv(S)
-    total, steps = 0, []
-    for lev in range(levels - 1, -1, -1):
-        options = (max_iter, tol if lev == 0 else 10 * tol, photometric, min_overlap)
-        if method == "fa":
-            M, converged, it, a, b, st = _level_fa(Ts[lev], Is[lev], M, kind, *options)
-        else:
-            finish = method == "fc" or (polish and lev < _FCL)
-            M, converged, it, a, b, st, wts = _level_ic(
-                Ts[lev], Is[lev], M, kind, *options, finish, lev == levels - 1, robust
-            )
-        total, steps = total + it, steps + st
-        if lev:
-            S2 = np.diag([2.0, 2.0, 1.0])
-            M = S2 @ M @ np.linalg.inv(S2)
+    with _one_blas_thread():
+        M, converged, total, a, b, steps, wts = _pyramid_levels(
+            Ts, Is, M, kind, method, polish, robust, max_iter, tol, photometric,
+            min_overlap,
+        )  # fmt: skip
     weights = None
     if robust is not None:
         weights = np.zeros(T.size)
