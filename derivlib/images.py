@@ -176,13 +176,13 @@ def bilinear_hessian(I, P):
     return Hs if I.ndim == 3 else Hs[0]
 
 
-# ----- A smoother interpolant: Keys's bicubic, (9.21)-(9.22) -----
+# ----- A smoother interpolant: Keys's bicubic, (9.26)-(9.27) -----
 
 KEYS_A = -0.5
 
 
 def keys_kernel(t, a=KEYS_A):
-    """Keys's cubic convolution kernel (9.21): C1, zero outside |t| < 2."""
+    """Keys's cubic convolution kernel (9.26): C1, zero outside |t| < 2."""
     t = np.abs(t)
     inner = ((a + 2) * t - (a + 3)) * t * t + 1
     outer = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
@@ -218,7 +218,7 @@ def _bicubic_setup(I, P):
 
 
 def bicubic(I, P):
-    """Keys's bicubic interpolation (9.22) of I at the positions P (2, n): the sum
+    """Keys's bicubic interpolation (9.27) of I at the positions P (2, n): the sum
     over the 4 x 4 pixels around P of k(fx - i) k(fy - j) I[y0 + j, x0 + i],
     i, j in {-1, 0, 1, 2}. Positions outside [1, W - 2] x [1, H - 2] raise
     ValueError; the cell rule on grid lines is that of `bilinear`."""
@@ -232,7 +232,7 @@ def bicubic(I, P):
 
 
 def bicubic_jvp(I, P, dI, dP):
-    """The differential of (9.22): the interpolant of dI plus the position gradient,
+    """The differential of (9.27): the interpolant of dI plus the position gradient,
     sum of k'(fx - i) k(fy - j) I and k(fx - i) k'(fy - j) I, applied to dP."""
     I, I3, P, x0, y0, fx, fy = _bicubic_setup(I, P)
     dI, dP = _same(dI, I.shape, "dI"), _same(dP, P.shape, "dP")
@@ -249,7 +249,7 @@ def bicubic_jvp(I, P, dI, dP):
 
 
 def bicubic_vjp(I, P, G):
-    """The backward rule of (9.22): a scatter of G times the 16 weights to the image,
+    """The backward rule of (9.27): a scatter of G times the 16 weights to the image,
     and the position gradient summed over channels. Returns (I_bar, P_bar)."""
     I, I3, P, x0, y0, fx, fy = _bicubic_setup(I, P)
     n = P.shape[1]
@@ -487,7 +487,7 @@ def warp_jacobian(kind, p, X):
     return J[:, :, _COLUMNS[kind]]
 
 
-# ----- Lucas-Kanade, (9.14)-(9.20) -----
+# ----- Lucas-Kanade, (9.14)-(9.25) -----
 
 
 def blur(I):
@@ -861,7 +861,10 @@ def _level_ic(
             A, g = best[2], best[3]
             if finish:
                 Hess = None  # rebuilt at the next accepted step
-            if lam > 1e12 or steps[-1] < _REJECT * tol:
+            if lam > 1e12:
+                break
+            if steps[-1] < _REJECT * tol:  # too short to lower the error: done
+                converged = True
                 break
         else:
             lam = lam / 10 if lam > 1e-6 else 0.0
@@ -1013,7 +1016,9 @@ def align(
     of the image (for "fa": a gain and bias fitted at each step, (9.20)); without
     it, the plain difference (9.14). A step that raises the error is rejected and
     damped (Levenberg-Marquardt). A level stops when a step moves the template's
-    corners less than `tol` pixels (10 `tol` at coarser levels), and takes that step.
+    corners less than `tol` pixels (10 `tol` at coarser levels), and takes that step,
+    or when a rejected step was shorter than 3 `tol` (no step that short lowers the
+    error: also counted as converged, for "ic" and "fc").
     Refuses a textureless template (singular Hessian) and a warp that sends more than
     1 - `min_overlap` of the template outside the image, with ValueError. Both T
     (h, w) and I (H, W) are gray images; `smooth` blurs the finest level too
