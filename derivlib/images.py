@@ -176,13 +176,13 @@ def bilinear_hessian(I, P):
     return Hs if I.ndim == 3 else Hs[0]
 
 
-# ----- A smoother interpolant: Keys's bicubic, (9.26)-(9.27) -----
+# ----- A smoother interpolant: Keys's bicubic, (9.27)-(9.28) -----
 
 KEYS_A = -0.5
 
 
 def keys_kernel(t, a=KEYS_A):
-    """Keys's cubic convolution kernel (9.26): C1, zero outside |t| < 2."""
+    """Keys's cubic convolution kernel (9.27): C1, zero outside |t| < 2."""
     t = np.abs(t)
     inner = ((a + 2) * t - (a + 3)) * t * t + 1
     outer = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
@@ -218,7 +218,7 @@ def _bicubic_setup(I, P):
 
 
 def bicubic(I, P):
-    """Keys's bicubic interpolation (9.27) of I at the positions P (2, n): the sum
+    """Keys's bicubic interpolation (9.28) of I at the positions P (2, n): the sum
     over the 4 x 4 pixels around P of k(fx - i) k(fy - j) I[y0 + j, x0 + i],
     i, j in {-1, 0, 1, 2}. Positions outside [1, W - 2] x [1, H - 2] raise
     ValueError; the cell rule on grid lines is that of `bilinear`."""
@@ -232,7 +232,7 @@ def bicubic(I, P):
 
 
 def bicubic_jvp(I, P, dI, dP):
-    """The differential of (9.27): the interpolant of dI plus the position gradient,
+    """The differential of (9.28): the interpolant of dI plus the position gradient,
     sum of k'(fx - i) k(fy - j) I and k(fx - i) k'(fy - j) I, applied to dP."""
     I, I3, P, x0, y0, fx, fy = _bicubic_setup(I, P)
     dI, dP = _same(dI, I.shape, "dI"), _same(dP, P.shape, "dP")
@@ -249,7 +249,7 @@ def bicubic_jvp(I, P, dI, dP):
 
 
 def bicubic_vjp(I, P, G):
-    """The backward rule of (9.27): a scatter of G times the 16 weights to the image,
+    """The backward rule of (9.28): a scatter of G times the 16 weights to the image,
     and the position gradient summed over channels. Returns (I_bar, P_bar)."""
     I, I3, P, x0, y0, fx, fy = _bicubic_setup(I, P)
     n = P.shape[1]
@@ -485,6 +485,49 @@ def warp_jacobian(kind, p, X):
     J[:, :, 7] = -Wx.T * y[:, None]
     J = J / u3[:, None, None]
     return J[:, :, _COLUMNS[kind]]
+
+
+# ----- The sl(3) parametrisation of a homography, (9.26) -----
+
+# a basis of sl(3), the traceless 3 x 3 matrices: translations in x and y, the two
+# shears, an anisotropic and an isotropic scaling, and the two projective terms
+SL3_GENERATORS = np.zeros((8, 3, 3))
+for _i, (_r, _c) in enumerate([(0, 2), (1, 2), (0, 1), (1, 0)]):
+    SL3_GENERATORS[_i, _r, _c] = 1.0
+SL3_GENERATORS[4] = np.diag([1.0, -1.0, 0.0])
+SL3_GENERATORS[5] = np.diag([0.0, 1.0, -1.0])
+SL3_GENERATORS[6, 2, 0] = SL3_GENERATORS[7, 2, 1] = 1.0
+
+
+def _expm3(A):
+    """exp(A) for a 3 x 3 matrix: Taylor series on A / 2^s, then s squarings."""
+    norm = np.abs(A).sum(axis=0).max()
+    s = max(0, int(np.ceil(np.log2(norm / 0.25)))) if norm > 0.25 else 0
+    B = A / 2.0**s
+    E, term = np.eye(3), np.eye(3)
+    for k in range(1, 18):
+        term = term @ B / k
+        E = E + term
+    for _ in range(s):
+        E = E @ E
+    return E
+
+
+def sl3_matrix(p):
+    """The homography exp(sum_i p_i G_i) (9.26) of the 8 sl(3) parameters p, with
+    the generators SL3_GENERATORS; its determinant is 1 (the generators are traceless).
+    """
+    p = _params("homography", p)
+    return _expm3(np.einsum("i,ijk->jk", p, SL3_GENERATORS))
+
+
+def sl3_jacobian(X):
+    """dW/dp (9.26) at p = 0 of the sl(3) warp, at the points X (2, n): (n, 2, 8).
+    Column i is (G_i x~)_{1:2} - x (G_i x~)_3, the quotient rule (9.11) at u = x~."""
+    X = _positions(X, "X")
+    Xh = np.vstack([X, np.ones(X.shape[1])])
+    du = np.einsum("ijk,kn->nji", SL3_GENERATORS, Xh)  # (n, 3, 8)
+    return du[:, :2] - X.T[:, :, None] * du[:, 2:3]
 
 
 # ----- Lucas-Kanade, (9.14)-(9.25) -----

@@ -339,3 +339,28 @@ def test_robust_align_survives_an_occluder_and_refuses_bad_options(rng):
     for robust, method in (("cauchy", "ic"), ("huber", "fa")):
         with pytest.raises(ValueError, match="robust"):
             im.align(T, I, p0, robust=robust, method=method)
+
+
+def test_sl3_matrix_and_jacobian_against_jax_and_scipy(rng):
+    import scipy.linalg
+
+    X = rng.uniform(0, 30, (2, 7))
+    G = jnp.asarray(im.SL3_GENERATORS)
+
+    def warp_sl3(p):  # (9.26) in JAX
+        u = jax.scipy.linalg.expm(jnp.einsum("i,ijk->jk", p, G))[:, :2] @ X
+        u = u + jax.scipy.linalg.expm(jnp.einsum("i,ijk->jk", p, G))[:, 2:]
+        return (u[:2] / u[2]).T
+
+    expected = np.asarray(jax.jacobian(warp_sl3)(jnp.zeros(8)))
+    check.check_close("sl3_jacobian", im.sl3_jacobian(X), expected)
+    assert np.max(np.abs(im.sl3_jacobian(X) - im.warp_jacobian("homography",
+                  np.zeros(8), X))) > 1  # fmt: skip
+    for scale in (0.01, 1.0, 5.0):
+        p = scale * rng.standard_normal(8)
+        A = np.einsum("i,ijk->jk", p, im.SL3_GENERATORS)
+        M = im.sl3_matrix(p)
+        np.testing.assert_allclose(M, scipy.linalg.expm(A), rtol=1e-12, atol=1e-14)
+        assert np.isclose(np.linalg.det(M), 1.0, rtol=1e-12)
+    with pytest.raises(ValueError, match="8 parameters"):
+        im.sl3_matrix(np.zeros(6))
