@@ -844,8 +844,8 @@ def _robust_weights(kind, r):
     return np.clip(1 - (r / c) ** 2, 0, None) ** 2
 
 
-_REJECT = 3.0
-_FCL = 2
+_STALL = 3.0  # a rejected step shorter than _STALL * tol ends a level
+_POLISHED = 2  # how many of the finest levels `polish` solves by (9.23)
 
 
 def _level_ic(
@@ -906,7 +906,7 @@ def _level_ic(
                 Hess = None  # rebuilt at the next accepted step
             if lam > 1e12:
                 break
-            if steps[-1] < _REJECT * tol:  # too short to lower the error: done
+            if steps[-1] < _STALL * tol:  # too short to lower the error: done
                 converged = True
                 break
         else:
@@ -1003,7 +1003,7 @@ def _pyramid_levels(
         if method == "fa":
             M, converged, it, a, b, st = _level_fa(Ts[lev], Is[lev], M, kind, *options)
         else:
-            finish = method == "fc" or (polish and lev < _FCL)
+            finish = method == "fc" or (polish and lev < _POLISHED)
             M, converged, it, a, b, st, wts = _level_ic(
                 Ts[lev], Is[lev], M, kind, *options, finish, lev == levels - 1, robust
             )
