@@ -583,7 +583,8 @@ def image_gradient(I):
 
 @dataclass
 class AlignResult:
-    """The warp found by `align`: parameters p, matrix M, and what happened."""
+    """The warp found by `align`: parameters p, matrix M, and what happened (the
+    robust weights of the finest level, shaped like the template, when asked for)."""
 
     p: np.ndarray
     M: np.ndarray
@@ -1070,11 +1071,11 @@ def align(
     the box the start warp sends the template to is used; beyond it counts as
     outside.
 
-    `polish` (default: on for "ic") solves the finest level forward-compositionally:
-    the inverse-compositional step rests on the template's gradient, noisy when the
-    template is, and its fixed point carries that noise; the forward-compositional
-    step uses the gradient of the warped image. The two finest levels are solved so
-    (the finest alone when `levels` is 1).
+    `polish` (default: on for "ic") solves the two finest levels (the finest alone
+    when `levels` is 1) forward-compositionally: the inverse-compositional step rests
+    on the template's gradient, noisy when the template is, and its fixed point
+    carries that noise; the forward-compositional step uses the gradient of the
+    warped image. BLAS runs on one thread inside (see `_one_blas_thread`).
 
     `robust` ("huber" or "tukey", not with "fa") reweights every step by the
     residuals (9.24)-(9.25), so that occluded or changed pixels count less; the
