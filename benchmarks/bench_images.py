@@ -4,11 +4,13 @@
    120 pairs (20 per photograph), each a 128 x 128 template cut through a random
    homography (the four corners of a square moved by up to 16 px in x and y), with a
    gain in [0.8, 1.2], a bias in [-0.1, 0.1] and noise of standard deviation 0.02.
-   derivlib's `align` (inverse compositional and forward additive, 4-level pyramid;
-   the inverse-compositional run with and without its forward-additive polish of the
-   finest level on the unblurred images)
-   against OpenCV's `findTransformECC` (MOTION_HOMOGRAPHY) at several settings, all
-   from the same start (the unmoved square). Success: mean corner error < 1 px.
+   derivlib's `align` (4-level pyramid: inverse compositional on the coarse levels,
+   the two finest solved forward-compositionally, on the correlation criterion; also
+   pure inverse compositional and forward additive) against OpenCV's
+   `findTransformECC` (MOTION_HOMOGRAPHY) at several settings, all from the same start
+   (the unmoved square). Success: mean corner error < 1 px. The last columns compare
+   the accuracy on the pairs that every method solves, and the time per pair with
+   that of ECC at its best setting here (3 levels, gaussFiltSize 1).
 2. The spatial transformer's sampler, backward pass to the image and to the affine
    parameters: `stn_sample_vjp` against `jax.jit` of `jax.vjp` of the same sampler, on
    a batch of 32 images of 64 x 64 with 8 channels.
@@ -118,17 +120,24 @@ def ours(method, **options):
 
 
 METHODS = {
-    "derivlib align, inverse compositional": ours("ic"),
-    "derivlib align, inverse compositional, no polish": ours("ic", polish=False),
+    "derivlib align, ic + fc finish, tol 0.02 px": ours("ic", tol=0.02),
+    "derivlib align, ic + fc finish, tol 0.01 px (default)": ours("ic"),
+    "derivlib align, inverse compositional only": ours("ic", polish=False),
     "derivlib align, forward additive": ours("fa"),
     "ECC, 1 level, filter 5": lambda T, I, M0: ecc(T, I, M0, levels=1),
     "ECC, 3 levels, filter 5": lambda T, I, M0: ecc(T, I, M0, levels=3),
     "ECC, 3 levels, filter 1": lambda T, I, M0: ecc(T, I, M0, levels=3, filt=1),
+    "ECC, 4 levels, filter 1": lambda T, I, M0: ecc(T, I, M0, levels=4, filt=1),
     "ECC, 4 levels, filter 5": lambda T, I, M0: ecc(T, I, M0, levels=4),
+    "ECC, 3 levels, filter 3": lambda T, I, M0: ecc(T, I, M0, levels=3, filt=3),
+    "ECC, 3 levels, filter 1, 200 it, eps 1e-7": lambda T, I, M0: ecc(
+        T, I, M0, levels=3, iterations=200, eps=1e-7, filt=1
+    ),
     "ECC, 3 levels, filter 5, 200 it, eps 1e-7": lambda T, I, M0: ecc(
         T, I, M0, levels=3, iterations=200, eps=1e-7
     ),
 }
+BEST_ECC = "ECC, 3 levels, filter 1"
 
 
 def alignment_rows():
@@ -146,13 +155,22 @@ def alignment_rows():
                 err = np.inf
             errors[name].append(err)
     rows = []
+    every = np.all([np.array(errors[name]) < 1 for name in METHODS], axis=0)
     for name in METHODS:
         e = np.array(errors[name])
         ok = e < 1
         rows.append(
-            (name, ok.mean(), np.mean(e[ok]), np.median(e), times[name] / len(data))
+            (
+                name,
+                ok.mean(),
+                np.mean(e[ok]),
+                np.median(e),
+                np.mean(e[every]),
+                times[name] / len(data),
+                times[name] / times[BEST_ECC],
+            )
         )
-    return len(data), rows
+    return len(data), int(every.sum()), rows
 
 
 # ----- The sampler's backward pass -----
@@ -221,20 +239,21 @@ def report():
         f"{t_peer / t_ours:.2f} |"
     )
     print(f"\nlargest relative difference of the two gradients: {err:.1e}")
-    n, rows = alignment_rows()
+    n, common, rows = alignment_rows()
     print(
         f"\n## Homography alignment, {n} pairs, corners moved up to {SHIFT} px, "
         f"template {SIZE} x {SIZE} ({threads})\n"
     )
     print(
         "| method | success (< 1 px) | mean corner error of successes (px) | "
-        "median corner error (px) | time per pair (ms) |"
+        f"median corner error (px) | mean error on the {common} pairs all solve (px) "
+        f"| time per pair (ms) | time / {BEST_ECC} |"
     )
-    print("| --- | --- | --- | --- | --- |")
-    for name, success, mean, median, t in rows:
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name, success, mean, median, common_mean, t, ratio in rows:
         print(
             f"| {name} | {100 * success:.1f}% | {mean:.3f} | {median:.3f} | "
-            f"{1e3 * t:.1f} |"
+            f"{common_mean:.4f} | {1e3 * t:.1f} | {ratio:.2f} |"
         )
 
 

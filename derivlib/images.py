@@ -20,6 +20,7 @@ Grid lines and border (equations (9.1)-(9.6)):
   coordinates.
 """
 
+import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -175,13 +176,13 @@ def bilinear_hessian(I, P):
     return Hs if I.ndim == 3 else Hs[0]
 
 
-# ----- A smoother interpolant: Keys's bicubic, (9.21)-(9.22) -----
+# ----- A smoother interpolant: Keys's bicubic, (9.27)-(9.28) -----
 
 KEYS_A = -0.5
 
 
 def keys_kernel(t, a=KEYS_A):
-    """Keys's cubic convolution kernel (9.21): C1, zero outside |t| < 2."""
+    """Keys's cubic convolution kernel (9.27): C1, zero outside |t| < 2."""
     t = np.abs(t)
     inner = ((a + 2) * t - (a + 3)) * t * t + 1
     outer = ((a * t - 5 * a) * t + 8 * a) * t - 4 * a
@@ -217,7 +218,7 @@ def _bicubic_setup(I, P):
 
 
 def bicubic(I, P):
-    """Keys's bicubic interpolation (9.22) of I at the positions P (2, n): the sum
+    """Keys's bicubic interpolation (9.28) of I at the positions P (2, n): the sum
     over the 4 x 4 pixels around P of k(fx - i) k(fy - j) I[y0 + j, x0 + i],
     i, j in {-1, 0, 1, 2}. Positions outside [1, W - 2] x [1, H - 2] raise
     ValueError; the cell rule on grid lines is that of `bilinear`."""
@@ -231,7 +232,7 @@ def bicubic(I, P):
 
 
 def bicubic_jvp(I, P, dI, dP):
-    """The differential of (9.22): the interpolant of dI plus the position gradient,
+    """The differential of (9.28): the interpolant of dI plus the position gradient,
     sum of k'(fx - i) k(fy - j) I and k(fx - i) k'(fy - j) I, applied to dP."""
     I, I3, P, x0, y0, fx, fy = _bicubic_setup(I, P)
     dI, dP = _same(dI, I.shape, "dI"), _same(dP, P.shape, "dP")
@@ -248,7 +249,7 @@ def bicubic_jvp(I, P, dI, dP):
 
 
 def bicubic_vjp(I, P, G):
-    """The backward rule of (9.22): a scatter of G times the 16 weights to the image,
+    """The backward rule of (9.28): a scatter of G times the 16 weights to the image,
     and the position gradient summed over channels. Returns (I_bar, P_bar)."""
     I, I3, P, x0, y0, fx, fy = _bicubic_setup(I, P)
     n = P.shape[1]
@@ -486,7 +487,50 @@ def warp_jacobian(kind, p, X):
     return J[:, :, _COLUMNS[kind]]
 
 
-# ----- Lucas-Kanade, (9.14)-(9.20) -----
+# ----- The sl(3) parametrisation of a homography, (9.26) -----
+
+# a basis of sl(3), the traceless 3 x 3 matrices: translations in x and y, the two
+# shears, an anisotropic and an isotropic scaling, and the two projective terms
+SL3_GENERATORS = np.zeros((8, 3, 3))
+for _i, (_r, _c) in enumerate([(0, 2), (1, 2), (0, 1), (1, 0)]):
+    SL3_GENERATORS[_i, _r, _c] = 1.0
+SL3_GENERATORS[4] = np.diag([1.0, -1.0, 0.0])
+SL3_GENERATORS[5] = np.diag([0.0, 1.0, -1.0])
+SL3_GENERATORS[6, 2, 0] = SL3_GENERATORS[7, 2, 1] = 1.0
+
+
+def _expm3(A):
+    """exp(A) for a 3 x 3 matrix: Taylor series on A / 2^s, then s squarings."""
+    norm = np.abs(A).sum(axis=0).max()
+    s = max(0, int(np.ceil(np.log2(norm / 0.25)))) if norm > 0.25 else 0
+    B = A / 2.0**s
+    E, term = np.eye(3), np.eye(3)
+    for k in range(1, 18):
+        term = term @ B / k
+        E = E + term
+    for _ in range(s):
+        E = E @ E
+    return E
+
+
+def sl3_matrix(p):
+    """The homography exp(sum_i p_i G_i) (9.26) of the 8 sl(3) parameters p, with
+    the generators SL3_GENERATORS; its determinant is 1 (the generators are traceless).
+    """
+    p = _params("homography", p)
+    return _expm3(np.einsum("i,ijk->jk", p, SL3_GENERATORS))
+
+
+def sl3_jacobian(X):
+    """dW/dp (9.26) at p = 0 of the sl(3) warp, at the points X (2, n): (n, 2, 8).
+    Column i is (G_i x~)_{1:2} - x (G_i x~)_3, the quotient rule (9.11) at u = x~."""
+    X = _positions(X, "X")
+    Xh = np.vstack([X, np.ones(X.shape[1])])
+    du = np.einsum("ijk,kn->nji", SL3_GENERATORS, Xh)  # (n, 3, 8)
+    return du[:, :2] - X.T[:, :, None] * du[:, 2:3]
+
+
+# ----- Lucas-Kanade, (9.14)-(9.25) -----
 
 
 def blur(I):
@@ -504,14 +548,30 @@ def blur(I):
     return I
 
 
+def _reduce(I):
+    """blur(I)[::2, ::2], computing only the samples kept."""
+    H, W = I.shape
+    Ip = np.concatenate([I[:1], I[:1], I, I[-1:], I[-1:]])  # rows, border replicated
+    I = (
+        Ip[0:H:2] + Ip[4 : H + 4 : 2] + 4 * (Ip[1 : H + 1 : 2] + Ip[3 : H + 3 : 2])
+    ) / (16) + (6 / 16) * Ip[2 : H + 2 : 2]
+    Ip = np.concatenate([I[:, :1], I[:, :1], I, I[:, -1:], I[:, -1:]], axis=1)
+    return (
+        Ip[:, 0:W:2]
+        + Ip[:, 4 : W + 4 : 2]
+        + 4 * (Ip[:, 1 : W + 1 : 2] + Ip[:, 3 : W + 3 : 2])
+    ) / 16 + (6 / 16) * Ip[:, 2 : W + 2 : 2]
+
+
 def pyramid(I, levels, smooth=True):
     """[blur(I), reduce(I), ...]: each level blurred and subsampled by 2, so pixel
     (x, y) of level l + 1 sits at (2x, 2y) of level l. With `smooth` the finest level
-    is blurred too: it damps the noise in the gradients."""
+    is blurred too (it damps the noise in the gradients, but a blur does not commute
+    with a warp)."""
     I = np.asarray(I, dtype=np.float64)
     out = [blur(I) if smooth else I]
     for _ in range(levels - 1):
-        out.append(blur(out[-1])[::2, ::2])
+        out.append(_reduce(out[-1]))
     return out
 
 
@@ -523,7 +583,8 @@ def image_gradient(I):
 
 @dataclass
 class AlignResult:
-    """The warp found by `align`: parameters p, matrix M, and what happened."""
+    """The warp found by `align`: parameters p, matrix M, and what happened (the
+    robust weights of the finest level, shaped like the template, when asked for)."""
 
     p: np.ndarray
     M: np.ndarray
@@ -532,11 +593,14 @@ class AlignResult:
     gain: float = 1.0
     bias: float = 0.0
     steps: list = field(default_factory=list)
+    weights: np.ndarray = None
 
 
 def _grid(h, w):
-    ys, xs = np.mgrid[0:h, 0:w]
-    return np.stack([xs.ravel(), ys.ravel()]).astype(np.float64)
+    X = np.empty((2, h * w))
+    X[0] = np.tile(np.arange(w, dtype=np.float64), h)
+    X[1] = np.repeat(np.arange(h, dtype=np.float64), w)
+    return X
 
 
 def _inside(P, H, W):
@@ -593,22 +657,14 @@ def _project(S, T):
     return S - Q @ (Q.T @ S)
 
 
-def _level(T, I, M, kind, method, max_iter, tol, photometric, min_overlap):
+def _level_fa(T, I, M, kind, max_iter, tol, photometric, min_overlap):
+    """One pyramid level of forward-additive Lucas-Kanade (9.14)-(9.16)."""
     h, w = T.shape
     H, W = I.shape
     X = _grid(h, w)
     Tv = T.ravel()
     corners = np.array([[0, w - 1, w - 1, 0], [0, 0, h - 1, h - 1]], dtype=float)
-    if method == "ic":
-        gx, gy = image_gradient(T)
-        J = warp_jacobian(kind, np.zeros(_KINDS[kind]), X)
-        SD = gx.ravel()[:, None] * J[:, 0] + gy.ravel()[:, None] * J[:, 1]
-        if photometric:
-            SD = _project(SD, Tv)
-        Hess = SD.T @ SD  # (9.18): computed once, before the loop
-        _refuse_singular(Hess, "the template")
-    else:
-        Ix, Iy = image_gradient(I)
+    Ix, Iy = image_gradient(I)
     a, b, steps, converged, it = 1.0, 0.0, [], False, 0
     best, lam, u3_ok = None, 0.0, [None]
 
@@ -642,28 +698,20 @@ def _level(T, I, M, kind, method, max_iter, tol, photometric, min_overlap):
                 break
         else:
             lam = lam / 10 if lam > 1e-6 else 0.0
-            if method == "ic":
-                S = SD[ok] if ok.all() or not photometric else _project(SD[ok], Tv[ok])
-                A = Hess if ok.all() else S.T @ S
-                g = S.T @ e
-            else:
-                # (9.15) written out: the gradient row times dW/dp of (9.13)
-                (x, y), (Wx, Wy), u = X[:, ok], P[:, ok], a * u3_ok[0]
-                gxw, gyw = _bilinear(Ix, P[:, ok]) / u, _bilinear(Iy, P[:, ok]) / u
-                r = -(gxw * Wx + gyw * Wy)
-                cols = [gxw * x, gxw * y, gxw, gyw * x, gyw * y, gyw, r * x, r * y]
-                S = np.stack([cols[c] for c in _COLUMNS[kind]], axis=1)
-                if photometric:
-                    S = _project(S, Tv[ok])
-                A = S.T @ S
-                _refuse_singular(A, "the warped image")
-                g = -S.T @ e
+            # (9.15) written out: the gradient row times dW/dp of (9.13)
+            (x, y), (Wx, Wy), u = X[:, ok], P[:, ok], a * u3_ok[0]
+            gxw, gyw = _bilinear(Ix, P[:, ok]) / u, _bilinear(Iy, P[:, ok]) / u
+            r = -(gxw * Wx + gyw * Wy)
+            cols = [gxw * x, gxw * y, gxw, gyw * x, gyw * y, gyw, r * x, r * y]
+            S = np.stack([cols[c] for c in _COLUMNS[kind]], axis=1)
+            if photometric:
+                S = _project(S, Tv[ok])
+            A = S.T @ S
+            _refuse_singular(A, "the warped image")
+            g = -S.T @ e
             best = (M, cost, A, g, (a, b))
         dp = np.linalg.solve(A + lam * np.diag(np.diag(A)), g)
-        if method == "ic":
-            M_new = M @ np.linalg.inv(warp_matrix(kind, dp))  # (9.19)
-        else:
-            M_new = warp_matrix(kind, warp_params(kind, M) + dp)
+        M_new = warp_matrix(kind, warp_params(kind, M) + dp)
         try:
             M_new = M_new / M_new[2, 2]
             moved = _apply(M_new, corners)[0] - _apply(M, corners)[0]
@@ -679,6 +727,313 @@ def _level(T, I, M, kind, method, max_iter, tol, photometric, min_overlap):
     return best[0], converged, it, a, b, steps
 
 
+def _sd(gx, gy, X, kind, out=None):
+    """The steepest-descent rows s = grad^T dW/dp(x; 0) (9.18), transposed: (k, n)
+    for gradients gx, gy (n,) at the points X (2, n), as dW/dp at p = 0 is (9.12)
+    with u3 = 1 and W = x. Written into the first k rows of `out` when given."""
+    x, y = X
+    cols = _COLUMNS[kind]
+    out = np.empty((len(cols), x.size)) if out is None else out
+    if kind == "translation":
+        out[0], out[1] = gx, gy
+        return out[:2]
+    np.multiply(gx, x, out=out[0])
+    np.multiply(gx, y, out=out[1])
+    out[2] = gx
+    np.multiply(gy, x, out=out[3])
+    np.multiply(gy, y, out=out[4])
+    out[5] = gy
+    if kind == "homography":
+        r = -(out[0] + out[4])  # -(gx x + gy y)
+        np.multiply(r, x, out=out[6])
+        np.multiply(r, y, out=out[7])
+    return out[: len(cols)]
+
+
+def _gather(I, px, py):
+    """Bilinear interpolation (9.1) of I (H, W) at (px, py), all inside, unchecked:
+    one fused gather of the four corners."""
+    H, W = I.shape
+    x0 = np.minimum(px.astype(np.intp), W - 2)  # floor: px >= 0
+    y0 = np.minimum(py.astype(np.intp), H - 2)
+    fx, fy = px - x0, py - y0
+    i = y0 * W + x0
+    F = I.ravel()
+    top = F[i] + fx * (F[i + 1] - F[i])
+    bottom = F[i + W] + fx * (F[i + W + 1] - F[i + W])
+    return top + fy * (bottom - top)
+
+
+def _sample(I, M, X, min_overlap):
+    """I(W(x)) at the template's pixels X for the warp matrix M, with no validation
+    of I or X (done once in `align`). Returns (Iw, ok): ok is None when every pixel
+    lands inside the image, else the mask of those that do (Iw is then sampled at the
+    positions clamped to the image, for a finite-difference gradient). Raises
+    ValueError when a pixel goes through infinity or too few land inside."""
+    H, W = I.shape
+    x, y = X
+    u3 = M[2, 0] * x + M[2, 1] * y + M[2, 2]
+    if not u3.min() > 0:
+        raise ValueError(
+            "the homography sends a point to infinity or through it (third "
+            "homogeneous coordinate <= 0)"
+        )
+    px = (M[0, 0] * x + M[0, 1] * y + M[0, 2]) / u3
+    py = (M[1, 0] * x + M[1, 1] * y + M[1, 2]) / u3
+    if px.min() >= 0 and py.min() >= 0 and px.max() <= W - 1 and py.max() <= H - 1:
+        return _gather(I, px, py), None
+    ok = (px >= 0) & (px <= W - 1) & (py >= 0) & (py <= H - 1)
+    if ok.mean() < min_overlap:
+        raise ValueError(
+            f"the warp sends {100 * (1 - ok.mean()):.0f}% of the template outside "
+            f"the image (at most {100 * (1 - min_overlap):.0f}% allowed)"
+        )
+    return _gather(I, np.clip(px, 0, W - 1), np.clip(py, 0, H - 1)), ok
+
+
+def _centred(T):
+    """T minus its mean, and the norm of that."""
+    Tc = T - T.mean()
+    return Tc, np.sqrt(Tc @ Tc)
+
+
+def _normalise(Iw, Tc, nT):
+    """The error of the correlation criterion (9.21): the warped image made zero-mean
+    with the template's norm, minus the zero-mean template Tc (norm nT). Returns
+    (e, Ic, nI, rho); refuses a constant or anti-correlated warped image."""
+    Ic = Iw - Iw.mean()
+    nI = np.sqrt(Ic @ Ic)
+    if not nI > 1e-12 * np.sqrt(Iw @ Iw):
+        raise ValueError(
+            "the warped image is constant over the template: its gain cannot be "
+            "fitted and no warp can be estimated"
+        )
+    rho = float(Ic @ Tc) / (nI * nT)
+    if not rho > 0:
+        raise ValueError(
+            f"the warped image is not positively correlated with the template "
+            f"(correlation {rho:.3g}): the alignment has failed"
+        )
+    return Ic * (nT / nI) - Tc, Ic, nI, rho
+
+
+ROBUST = {"huber": 1.345, "tukey": 4.685}  # 95% efficiency at Gaussian noise
+
+
+def _scale(e, T):
+    """A robust scale of the residuals: 1.4826 times their median absolute value,
+    floored at 1e-12 of the template's spread so that an exact fit divides by no 0."""
+    mad = 1.4826 * float(np.median(np.abs(e)))
+    return max(mad, 1e-12 * float(np.ptp(T)) + 1e-300)
+
+
+def _robust_rho(kind, r):
+    """rho(r) of (9.24): Huber's or Tukey's biweight, at the constant ROBUST[kind]."""
+    c = ROBUST[kind]
+    a = np.abs(r)
+    if kind == "huber":
+        return np.where(a <= c, 0.5 * r * r, c * a - 0.5 * c * c)
+    return (c * c / 6) * (1 - np.clip(1 - (r / c) ** 2, 0, None) ** 3)
+
+
+def _robust_weights(kind, r):
+    """The weights w(r) = rho'(r) / r of (9.25)."""
+    c = ROBUST[kind]
+    a = np.abs(r)
+    if kind == "huber":
+        return np.minimum(1.0, c / np.maximum(a, 1e-300))
+    return np.clip(1 - (r / c) ** 2, 0, None) ** 2
+
+
+_STALL = 3.0  # a rejected step shorter than _STALL * tol ends a level
+_POLISHED = 2  # how many of the finest levels `polish` solves by (9.23)
+
+
+def _level_ic(
+    T, I, M, kind, max_iter, tol, photometric, min_overlap, finish, first, robust
+):
+    """One pyramid level of inverse-compositional (9.17)-(9.19) Lucas-Kanade, or with
+    `finish` forward-compositional (9.22)-(9.23), on the criterion (9.21). At the
+    `first` (coarsest) level the template's Hessian is checked before any step.
+    With `robust` ("huber" or "tukey") each step is reweighted, (9.24)-(9.25).
+
+    Returns (M, converged, iterations, gain, bias, steps)."""
+    h, w = T.shape
+    X = _grid(h, w)
+    Tv = T.ravel()
+    k = _KINDS[kind]
+    corners = np.array([[0, w - 1, w - 1, 0], [0, 0, h - 1, h - 1], [1, 1, 1, 1.0]])
+    cols = np.array(_COLUMNS[kind])
+    if not finish or first:  # (9.18): the steepest-descent rows and Hessian
+        gx, gy = image_gradient(T)
+        SD = _sd(gx.ravel(), gy.ravel(), X, kind)
+        if photometric:
+            SD = np.ascontiguousarray(_project(SD.T, Tv).T)
+        Hess = SD @ SD.T
+        _refuse_singular(Hess, "the template")  # before any step
+    if finish:
+        Hess = None  # the forward-compositional Hessian, from the first step
+    if finish and photometric and not np.ptp(Tv) > 1e-12 * np.abs(Tv).max():
+        raise ValueError(
+            "the template is constant (textureless): its gain cannot be fitted and "
+            "no warp can be estimated"
+        )
+    Tc0, nT0 = _centred(Tv)
+    best, lam, steps, converged, it, sigma = None, 0.0, [], False, 0, None
+    for it in range(1, max_iter + 1):
+        try:
+            if not np.all(np.isfinite(M)):  # a step that went through infinity
+                raise ValueError("the warp matrix is not finite")
+            Iw, ok = _sample(I, M, X, min_overlap)
+            Tk, Iwk = (Tv, Iw) if ok is None else (Tv[ok], Iw[ok])
+            if photometric:
+                Tc, nT = (Tc0, nT0) if ok is None else _centred(Tk)
+                e, Ic, nI, rho = _normalise(Iwk, Tc, nT)
+                cost = 2 - 2 * rho  # = |e|^2 / |Tc|^2
+            else:
+                e = Iwk - Tk
+                cost = float(e @ e) / e.size
+            if robust is not None:  # (9.24), at the scale of the last accepted step
+                sigma = _scale(e, Tk) if sigma is None else sigma
+                cost = float(np.mean(_robust_rho(robust, e / sigma)))
+        except ValueError:
+            if best is None:  # the start itself: refuse
+                raise
+            cost = np.inf  # a trial step through infinity or out of the image
+        if best is not None and not cost < best[1]:  # Levenberg-Marquardt: reject
+            M, lam = best[0], max(10 * lam, 1e-4)
+            A, g = best[2], best[3]
+            if finish:
+                Hess = None  # rebuilt at the next accepted step
+            if lam > 1e12:
+                break
+            if steps[-1] < _STALL * tol:  # too short to lower the error: done
+                converged = True
+                break
+        else:
+            lam = lam / 10 if lam > 1e-6 else 0.0
+            if robust is not None:  # the scale and weights of this step (9.25)
+                sigma = _scale(e, Tk)
+                cost = float(np.mean(_robust_rho(robust, e / sigma)))
+                wts = _robust_weights(robust, e / sigma)
+            if robust is not None and not finish:
+                S = SD if ok is None else SD[:, ok]
+                if photometric and ok is not None:
+                    S = _project(S.T, Tk).T
+                A, g = (S * wts) @ S.T, S @ (wts * e)
+                _refuse_singular(A, "the weighted template")
+            elif not finish:  # (9.19)
+                if ok is None:
+                    A, g = Hess, SD @ e
+                else:
+                    S = SD[:, ok]
+                    if photometric:
+                        S = _project(S.T, Tk).T
+                    A, g = S @ S.T, S @ e
+            else:  # (9.23): the warped image's own gradient, by finite differences
+                gy, gx = np.gradient(Iw.reshape(h, w))
+                gx, gy, Xk = gx.ravel(), gy.ravel(), X
+                if ok is not None:
+                    gx, gy, Xk = gx[ok], gy[ok], X[:, ok]
+                C = np.empty((k + 3, e.size))
+                _sd(gx, gy, Xk, kind, out=C)
+                C[k], C[k + 1], C[k + 2] = 1 / np.sqrt(e.size), e, 0.0
+                if photometric:
+                    C[k + 2] = Ic / nI  # [1, Ic], orthonormal: (9.23) projects them out
+                slow = len(steps) > 1 and steps[-1] > steps[-2] / 2
+                if robust is not None:  # (9.25) with (9.23)'s rows, projected
+                    S, s = C[:k], (nT / nI if photometric else 1.0)
+                    if photometric:
+                        S = S - (S @ C[k::2].T) @ C[k::2]
+                    A, g = s * s * ((S * wts) @ S.T), -s * (S @ (wts * e))
+                    _refuse_singular(A, "the weighted warped image")
+                else:
+                    if Hess is None or ok is not None or slow:  # refreshed if it lags
+                        G = C @ C.T
+                        A, Cq = G[:k, :k], G[:k, k:]
+                    else:
+                        A, Cq = Hess, C[:k] @ C[k:].T  # s^T [1, e, Ic / nI]
+                    g = -Cq[:, 1]
+                    if photometric:
+                        s, Qe = nT / nI, (C[k::2] @ e)
+                        QS = Cq[:, ::2].T
+                        if A is not Hess:
+                            A = s * s * (A - QS.T @ QS)
+                        g = s * (g + QS.T @ Qe)
+                    if A is not Hess:
+                        _refuse_singular(A, "the warped image")
+                        Hess = A if ok is None else Hess
+            ab = (1.0, 0.0)
+            if photometric:
+                a = nI / (rho * nT)  # the fit of T on I(W): T ~ (I(W) - b) / a
+                ab = (a, float(Iwk.mean() - a * Tk.mean()))
+            best = (M, cost, A, g, ab, None if robust is None else (wts, ok))
+        dp = np.linalg.solve(A + lam * np.diag(np.diag(A)), g)
+        Mdp = np.eye(3)
+        Mdp.flat[cols] += dp  # M(dp) of (9.10)
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            if not finish:
+                d = np.linalg.det(Mdp)
+                Mdp = np.linalg.inv(Mdp) if abs(d) > 1e-12 else np.full((3, 3), np.nan)
+            M_new = M @ Mdp  # (9.22), or (9.19) with the inverse
+            M_new = M_new / M_new[2, 2]
+            u, v = M_new @ corners, M @ corners
+        if np.all(np.isfinite(u)) and np.all(u[2] > 0):
+            moved = u[:2] / u[2] - v[:2] / v[2]
+            step = float(np.sqrt(np.max(moved[0] ** 2 + moved[1] ** 2)))
+        else:  # a corner through infinity: a step to reject
+            step = np.inf
+        steps.append(step)
+        if step < tol:  # the last step is below tol pixels: take it and stop
+            converged = True
+            M = M_new
+            break
+        M = M_new
+    if not converged:
+        M = best[0]
+    return M, converged, it, best[4][0], best[4][1], steps, best[5]
+
+
+def _pyramid_levels(
+    Ts, Is, M, kind, method, polish, robust, max_iter, tol, photometric, min_overlap
+):
+    """Coarse to fine over the pyramids Ts, Is from the coarsest level's warp M."""
+    levels, total, steps, wts = len(Ts), 0, [], None
+    for lev in range(levels - 1, -1, -1):
+        options = (max_iter, tol if lev == 0 else 10 * tol, photometric, min_overlap)
+        if method == "fa":
+            M, converged, it, a, b, st = _level_fa(Ts[lev], Is[lev], M, kind, *options)
+        else:
+            finish = method == "fc" or (polish and lev < _POLISHED)
+            M, converged, it, a, b, st, wts = _level_ic(
+                Ts[lev], Is[lev], M, kind, *options, finish, lev == levels - 1, robust
+            )
+        total, steps = total + it, steps + st
+        if lev:
+            S2 = np.diag([2.0, 2.0, 1.0])
+            M = S2 @ M @ np.linalg.inv(S2)
+    return M, converged, total, a, b, steps, wts
+
+
+_BLAS = []
+
+
+def _one_blas_thread():
+    """A context in which BLAS runs on one thread (when threadpoolctl is installed):
+    the products of `align` are k x n by n x k with k <= 11, too small for a second
+    thread to pay for its start, and on a busy machine it waits for a core."""
+    if not _BLAS:
+        try:
+            from threadpoolctl import ThreadpoolController
+
+            _BLAS.append(ThreadpoolController())
+        except ImportError:  # optional: without it BLAS keeps its threads
+            _BLAS.append(None)
+    if _BLAS[0] is None:
+        return contextlib.nullcontext()
+    return _BLAS[0].limit(limits=1, user_api="blas")
+
+
 def align(
     T,
     I,
@@ -690,39 +1045,54 @@ def align(
     tol=1e-2,
     photometric=True,
     min_overlap=0.75,
-    smooth=True,
+    smooth=False,
     reach=None,
     polish=None,
+    robust=None,
 ):
     """Lucas-Kanade alignment: find p with I(W(x; p)) ~ T(x) over the template's
     pixels x (template coordinates, (0, 0) its top-left pixel), by Gauss-Newton.
 
-    method "ic" is inverse-compositional (9.17)-(9.19), "fa" forward-additive
-    (9.14)-(9.16). `levels` > 1 runs coarse to fine on a pyramid. `photometric`
-    fits a gain and bias of the image to the template at each step (9.20); a step
-    that raises the error is rejected and damped (Levenberg-Marquardt). Stops when
-    the template's corners move less than `tol` pixels (at the finest level; 10 `tol`
-    at coarser ones) and returns the last accepted warp. Refuses a textureless
-    template (singular Hessian) and a warp that sends more than 1 - `min_overlap` of
-    the template outside the image, with ValueError. Both T (h, w) and I (H, W) are
-    gray images; `smooth` blurs both (binomial, 5 taps) at the finest level too.
-    Only the part of I within `reach` pixels (default: half the template's larger
-    side) of the box the start warp sends the template to is used; beyond it counts
-    as outside.
+    method "ic" is inverse-compositional (9.17)-(9.19), "fc" forward-compositional
+    (9.22)-(9.23), "fa" forward-additive (9.14)-(9.16). `levels` > 1 runs coarse to
+    fine on a pyramid (each coarser level blurred and halved). With `photometric`
+    the error is that of the correlation criterion (9.21), blind to a gain and bias
+    of the image (for "fa": a gain and bias fitted at each step, (9.20)); without
+    it, the plain difference (9.14). A step that raises the error is rejected and
+    damped (Levenberg-Marquardt). A level stops when a step moves the template's
+    corners less than `tol` pixels (10 `tol` at coarser levels), and takes that step,
+    or when a rejected step was shorter than 3 `tol` (no step that short lowers the
+    error: also counted as converged, for "ic" and "fc").
+    Refuses a textureless template (singular Hessian) and a warp that sends more than
+    1 - `min_overlap` of the template outside the image, with ValueError. Both T
+    (h, w) and I (H, W) are gray images; `smooth` blurs the finest level too
+    (binomial, 5 taps; off by default: a blur does not commute with a warp). Only
+    the part of I within `reach` pixels (default: half the template's larger side) of
+    the box the start warp sends the template to is used; beyond it counts as
+    outside.
 
-    `polish` (default: on for "ic" with `smooth` and `levels` > 1) solves the finest
-    level forward-additively on the unblurred images instead, from the
-    inverse-compositional answer of the coarser levels: the inverse-compositional
-    step uses the gradient of the (noisy) template, exact only where the warped
-    image equals it, and with the blur of the finest level it stops short of the
-    true warp; the forward-additive step uses the gradient of the warped image."""
+    `polish` (default: on for "ic") solves the two finest levels (the finest alone
+    when `levels` is 1) forward-compositionally: the inverse-compositional step rests
+    on the template's gradient, noisy when the template is, and its fixed point
+    carries that noise; the forward-compositional step uses the gradient of the
+    warped image. BLAS runs on one thread inside (see `_one_blas_thread`).
+
+    `robust` ("huber" or "tukey", not with "fa") reweights every step by the
+    residuals (9.24)-(9.25), so that occluded or changed pixels count less; the
+    result's `weights` are those of the last accepted step at the finest level
+    (0 outside the image)."""
     T, I = _image(T, "T"), _image(I, "I")
     if T.ndim != 2 or I.ndim != 2:
         raise ValueError(
             f"align needs gray images (h, w) and (H, W), got {T.shape}, {I.shape}"
         )
-    if method not in ("ic", "fa"):
-        raise ValueError(f"method must be 'ic' or 'fa', got {method!r}")
+    if method not in ("ic", "fc", "fa"):
+        raise ValueError(f"method must be 'ic', 'fc' or 'fa', got {method!r}")
+    if robust is not None and (robust not in ROBUST or method == "fa"):
+        raise ValueError(
+            f"robust must be None or one of {sorted(ROBUST)} (with method 'ic' or "
+            f"'fc'), got {robust!r} with method {method!r}"
+        )
     if not (isinstance(levels, int) and levels >= 1):
         raise ValueError(f"levels must be a positive integer, got {levels!r}")
     if not (isinstance(max_iter, (int, np.integer)) and max_iter >= 1):
@@ -753,30 +1123,25 @@ def align(
     I = I[y_lo : y_hi + 1, x_lo : x_hi + 1]
     shift = warp_matrix("translation", np.array([x_lo, y_lo], dtype=float))
     M = np.linalg.inv(shift) @ M
-    polish = (method == "ic" and smooth and levels > 1) if polish is None else polish
+    polish = (method == "ic") if polish is None else bool(polish)
     Ts, Is = pyramid(T, levels, smooth), pyramid(I, levels, smooth)
     S = np.diag([0.5 ** (levels - 1), 0.5 ** (levels - 1), 1.0])
     M = S @ M @ np.linalg.inv(S)
-    total, steps = 0, []
-    for lev in range(levels - 1, -1, -1):
-        if lev == 0 and polish:
-            break
-        M, converged, it, a, b, st = _level(
-            Ts[lev], Is[lev], M, kind, method, max_iter, tol if lev == 0 else 10 * tol,
-            photometric, min_overlap,
+    with _one_blas_thread():
+        M, converged, total, a, b, steps, wts = _pyramid_levels(
+            Ts, Is, M, kind, method, polish, robust, max_iter, tol, photometric,
+            min_overlap,
         )  # fmt: skip
-        total, steps = total + it, steps + st
-        if lev:
-            S2 = np.diag([2.0, 2.0, 1.0])
-            M = S2 @ M @ np.linalg.inv(S2)
-    if polish:
-        M, converged, it, a, b, st = _level(
-            T, I, M, kind, "fa", max_iter, tol, photometric, min_overlap
-        )
-        total, steps = total + it, steps + st
+    weights = None
+    if robust is not None:
+        weights = np.zeros(T.size)
+        weights[slice(None) if wts[1] is None else wts[1]] = wts[0]
+        weights = weights.reshape(T.shape)
     M = shift @ M
     M = M / M[2, 2]
-    return AlignResult(warp_params(kind, M), M, converged, total, a, b * scale, steps)
+    return AlignResult(
+        warp_params(kind, M), M, converged, total, a, b * scale, steps, weights
+    )
 
 
 def corner_error(M_est, M_true, shape):

@@ -239,17 +239,26 @@ def test_bicubic_against_jax_and_c1_on_grid_lines(rng):
         im.bicubic(I0, np.array([[0.5], [2.0]]))
 
 
-def test_align_polish_removes_the_blur_of_the_finest_level(rng):
-    # noise-free pair: the polished finish (forward additive, unblurred) is exact,
-    # the pure inverse-compositional pyramid on the blurred finest level is not
-    I = smooth_image(80, 80)
+def test_align_polish_removes_the_template_noise_from_the_fixed_point():
+    # noise-free: both endings are exact; with a noisy template the inverse-
+    # compositional fixed point carries the noise of the template's gradient, the
+    # forward-compositional finish (the warped image's gradient) does not
+    rng = np.random.default_rng(0)
+    I = smooth_image(100, 100)
     T, M_true, M0 = im.make_pair(I, (24, 24), 32, 3, rng, noise=0.0)
     p0 = im.warp_params("homography", M0)
-    polished = im.align(T, I, p0, levels=2, tol=1e-6)
-    plain = im.align(T, I, p0, levels=2, tol=1e-6, polish=False)
-    assert polished.converged
-    assert im.corner_error(polished.M, M_true, T.shape) < 1e-5
-    assert im.corner_error(plain.M, M_true, T.shape) > 1e-2
+    for polish in (True, False):
+        res = im.align(T, I, p0, levels=2, tol=1e-6, polish=polish)
+        assert res.converged
+        assert im.corner_error(res.M, M_true, T.shape) < 1e-6
+    errors = {True: [], False: []}
+    for _ in range(6):
+        T, M_true, M0 = im.make_pair(I, (24, 24), 48, 3, rng, noise=0.05)
+        for polish in (True, False):
+            res = im.align(T, I, im.warp_params("homography", M0), levels=2,
+                           tol=1e-4, polish=polish)  # fmt: skip
+            errors[polish].append(im.corner_error(res.M, M_true, T.shape))
+    assert np.mean(errors[True]) < 0.8 * np.mean(errors[False])
 
 
 def test_refusals_of_the_sampler_warps_and_corners(rng):
@@ -296,3 +305,70 @@ def test_align_refuses_bad_options_and_a_constant_image_and_scales(rng):
         res = im.align(s * T, s * I, start, kind="translation", tol=1e-6, smooth=False)
         np.testing.assert_allclose(res.p, ref.p, rtol=0, atol=1e-9)
         assert np.isclose(res.gain, ref.gain) and np.isclose(res.bias / s, ref.bias)
+
+
+@pytest.mark.parametrize("kind", ["huber", "tukey"])
+def test_robust_weights_are_rho_prime_over_r(kind):
+    c = im.ROBUST[kind]
+
+    def rho(r):  # (9.24) in JAX
+        if kind == "huber":
+            return jnp.where(jnp.abs(r) <= c, 0.5 * r * r, c * jnp.abs(r) - 0.5 * c * c)
+        return (c * c / 6) * (1 - jnp.clip(1 - (r / c) ** 2, 0, None) ** 3)
+
+    r = np.linspace(-3 * c, 3 * c, 61) + 1e-3  # no point exactly at 0 or +-c
+    rho_and_slope = jax.jit(lambda r: (rho(r), jax.vmap(jax.grad(rho))(r)))
+    values, drho = (np.asarray(a) for a in rho_and_slope(jnp.asarray(r)))
+    np.testing.assert_allclose(im._robust_rho(kind, r), values)
+    check.check_close(f"{kind} weights", im._robust_weights(kind, r) * r, drho)
+
+
+def test_robust_align_survives_an_occluder_and_refuses_bad_options(rng):
+    rng = np.random.default_rng(0)
+    I = smooth_image(100, 100)
+    T, M_true, M0 = im.make_pair(I, (24, 24), 48, 3, rng, noise=0.01)
+    T[4:22, 6:24] = 0.5  # an occluding patch over 14% of the template
+    p0 = im.warp_params("homography", M0)
+    plain = im.align(T, I, p0)
+    robust = im.align(T, I, p0, robust="tukey")
+    assert im.corner_error(robust.M, M_true, T.shape) < 0.1
+    assert im.corner_error(plain.M, M_true, T.shape) > 1
+    assert robust.weights.shape == T.shape
+    inside = np.zeros(T.shape, dtype=bool)
+    inside[4:22, 6:24] = True  # the patch's pixels weigh less than the others
+    assert robust.weights[inside].mean() < 0.5 * robust.weights[~inside].mean()
+    for robust, method in (("cauchy", "ic"), ("huber", "fa")):
+        with pytest.raises(ValueError, match="robust"):
+            im.align(T, I, p0, robust=robust, method=method)
+
+
+def test_sl3_matrix_and_jacobian_against_jax_and_scipy(rng):
+    import scipy.linalg
+
+    X = rng.uniform(0, 30, (2, 7))
+    G = jnp.asarray(im.SL3_GENERATORS)
+
+    def expm_series(A):  # its first terms: exact in value and slope at A = 0
+        E, term = jnp.eye(3), jnp.eye(3)
+        for k in range(1, 4):
+            term = term @ A / k
+            E = E + term
+        return E
+
+    def warp_sl3(p):  # (9.26) in JAX
+        M = expm_series(jnp.einsum("i,ijk->jk", p, G))
+        u = M[:, :2] @ X + M[:, 2:]
+        return (u[:2] / u[2]).T
+
+    expected = np.asarray(jax.jit(jax.jacobian(warp_sl3))(jnp.zeros(8)))
+    check.check_close("sl3_jacobian", im.sl3_jacobian(X), expected)
+    assert np.max(np.abs(im.sl3_jacobian(X) - im.warp_jacobian("homography",
+                  np.zeros(8), X))) > 1  # fmt: skip
+    for scale in (0.01, 1.0, 5.0):
+        p = scale * rng.standard_normal(8)
+        A = np.einsum("i,ijk->jk", p, im.SL3_GENERATORS)
+        M = im.sl3_matrix(p)
+        np.testing.assert_allclose(M, scipy.linalg.expm(A), rtol=1e-12, atol=1e-14)
+        assert np.isclose(np.linalg.det(M), 1.0, rtol=1e-12)
+    with pytest.raises(ValueError, match="8 parameters"):
+        im.sl3_matrix(np.zeros(6))
