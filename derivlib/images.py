@@ -24,6 +24,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+try:  # the sparse scatter of the backward rules; NumPy's bincount without it
+    import scipy.sparse as _sparse
+except ImportError:  # pragma: no cover
+    _sparse = None
+
 # ----- Validation -----
 
 
@@ -134,6 +139,26 @@ def bilinear_jvp(I, P, dI, dP):
     return dv if I.ndim == 3 else dv[0]
 
 
+def _scatter_rows(F, w, Y, size):
+    """S^T Y for the sparse S (m, size) whose row i holds w[i, k] in column F[i, k]:
+    row i of Y, weighted, added into rows F[i, :] of a (size, c) result. This is the
+    scatter of (9.4) for all channels at once (Y channels-last). scipy's sparse
+    product when scipy is installed; otherwise one bincount per channel."""
+    m, c = Y.shape
+    if _sparse is not None:
+        S = _sparse.csc_array(
+            (w.ravel(), F.ravel(), np.arange(0, F.size + 1, F.shape[1])),
+            shape=(size, m),
+        )  # the transpose of S, built directly; each column holds one row of S
+        return S @ Y
+    Ff = F.ravel()
+    return np.stack(
+        [np.bincount(Ff, weights=(w * Y[:, j : j + 1]).ravel(), minlength=size)
+         for j in range(c)],
+        axis=1,
+    )  # fmt: skip
+
+
 def bilinear_vjp(I, P, G):
     """The backward rule (9.4)-(9.5): the gradient to the image is a scatter of G
     times the four weights onto the corners; the gradient to the positions is
@@ -152,12 +177,10 @@ def bilinear_vjp(I, P, G):
             np.sum(G3 * ((1 - fx) * (I01 - I00) + fx * (I11 - I10)), axis=0),
         ]
     )
-    idx = np.concatenate([y0 * W + x0, y0 * W + x0 + 1, (y0 + 1) * W + x0])
-    idx = np.concatenate([idx, (y0 + 1) * W + x0 + 1])
-    w = np.concatenate([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy])
-    I_bar = np.stack(
-        [np.bincount(idx, weights=np.tile(g, 4) * w, minlength=H * W) for g in G3]
-    ).reshape(C, H, W)
+    i = y0 * W + x0
+    F = np.stack([i, i + 1, i + W, i + W + 1], axis=1)
+    w = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], axis=1)
+    I_bar = _scatter_rows(F, w, G3.T, H * W).T.reshape(C, H, W)
     return (I_bar if I.ndim == 3 else I_bar[0]), P_bar
 
 
@@ -366,9 +389,11 @@ def stn_sample_vjp(U, theta, G, *, out_shape=None):
     weights (entries outside the image are dropped), theta_bar = sum over pixels of
     P_bar [x, y, 1]. Returns (U_bar, theta_bar).
 
-    The position gradient reads the four corners of a position for all channels at
-    once (channels-last) and forms sum_c G U_k before the weights (it is linear in
-    U); the scatter to U runs one corner at a time."""
+    The positions are shared by the channels of an image, so everything runs
+    channels-last, once per position: the four corners of a position are read for all
+    channels in one gather and the position gradient forms sum_c G U_k before the
+    weights (it is linear in U); the scatter to U is one sparse product S^T G, S
+    holding the four weights of each position, for all channels and images."""
     U, out_shape, fx, fy, idx, ok = _stn_setup(U, theta, out_shape)
     N, C, H, W = U.shape
     n = out_shape[0] * out_shape[1]
@@ -376,12 +401,11 @@ def stn_sample_vjp(U, theta, G, *, out_shape=None):
     Ut = U.reshape(N, C, H * W).transpose(0, 2, 1).reshape(N * H * W, C)
     Gt = G.transpose(0, 2, 1).reshape(N * n, C)
     base = (np.arange(N) * (H * W))[:, None]
-    flat = [(base + i).ravel() for i in idx]  # corner k of every position
-    ok = [m.ravel() for m in ok]
+    F = np.stack([(base + i).ravel() for i in idx], axis=1)  # (N n, 4) corners
+    m = np.stack([k.ravel() for k in ok], axis=1)  # 1 inside the image, else 0
     # s_k = sum_c G U_k, zero where corner k is outside the image
-    s00, s10, s01, s11 = (
-        np.einsum("ij,ij->i", Gt, Ut[f]) * m for f, m in zip(flat, ok)
-    )
+    s = np.matmul(np.take(Ut, F, axis=0), Gt[:, :, None])[:, :, 0] * m
+    s00, s10, s01, s11 = s.T
     fx, fy = fx.ravel(), fy.ravel()
     gx = (s10 - s00) + fy * ((s11 - s01) - (s10 - s00))
     gy = (s01 - s00) + fx * ((s11 - s10) - (s01 - s00))
@@ -389,16 +413,9 @@ def stn_sample_vjp(U, theta, G, *, out_shape=None):
     ys, xs = np.mgrid[0:Ho, 0:Wo]
     Xh = np.stack([xs.ravel(), ys.ravel(), np.ones(n)]).astype(np.float64)
     theta_bar = np.stack([gx.reshape(N, n), gy.reshape(N, n)], axis=1) @ Xh.T
-    w = [(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy]
-    start = (np.arange(N * C) * (H * W)).reshape(N, C, 1)  # of image k, channel c
-    U_bar = np.zeros(N * C * H * W)
-    for i, wk, m in zip(idx, w, ok):  # the scatter (9.4), one corner at a time
-        weights = G * (wk * m).reshape(N, 1, n)
-        U_bar += np.bincount(
-            (start + i[:, None, :]).ravel(),
-            weights=weights.ravel(),
-            minlength=N * C * H * W,
-        )
+    w = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], axis=1)
+    U_bar = _scatter_rows(F, w * m, Gt, N * H * W)  # the scatter (9.4)
+    U_bar = U_bar.reshape(N, H * W, C).transpose(0, 2, 1)
     return U_bar.reshape(U.shape), theta_bar
 
 
