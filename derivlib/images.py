@@ -853,3 +853,206 @@ def make_pair(I, origin, size, max_shift, rng, noise=0.02, gain=(0.8, 1.2),
     T = T + noise * rng.standard_normal(T.shape)
     M_start = warp_matrix("translation", np.asarray(origin, dtype=float))
     return T, M_true, M_start
+
+
+# ----- Dense motion: windowed Lucas-Kanade at every pixel, (9.23)-(9.27) -----
+
+
+@dataclass
+class FlowResult:
+    """The flow found by `lucas_kanade_flow`.
+
+    flow (2, H, W): flow[0] = u (along x, columns), flow[1] = v (along y, rows), so
+    that I1(x + u, y + v) ~ I0(x, y). min_eigenvalue (H, W): the smaller eigenvalue
+    (9.26) of each pixel's structure tensor at the last step of the finest level.
+    reported (H, W), bool: the pixels where it was below `threshold` there (the
+    aperture problem (9.27)): their flow is only the part the tensor determines (the
+    normal flow on an edge, the coarser level's flow on a textureless patch).
+    levels: the pyramid's levels used."""
+
+    flow: np.ndarray
+    min_eigenvalue: np.ndarray
+    reported: np.ndarray
+    threshold: float
+    levels: int
+
+
+def _flow_kernel(window, radius):
+    """The window's weights along one axis, j = -radius..radius, summing to 1: the
+    2-D window w of (9.23) is their outer product."""
+    t = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.ones_like(t) if window == "box" else np.exp(-0.5 * (t / (radius / 2)) ** 2)
+    return k / k.sum()
+
+
+def _flow_filter(A, k):
+    """Separable correlation of the last two axes of A with the symmetric 1-D kernel
+    k, zeros outside the image: the window sums of (9.25) over the pixels inside the
+    image only. Shifted slices, the taps at +-j added before the one multiply."""
+    r = len(k) // 2
+    for axis in (A.ndim - 2, A.ndim - 1):
+        n = A.shape[axis]
+        pad = [(0, 0)] * A.ndim
+        pad[axis] = (r, r)
+        P = np.moveaxis(np.pad(A, pad), axis, 0)
+        out = k[r] * P[r : r + n]
+        tmp = np.empty_like(out)
+        for j in range(r):
+            np.add(P[j : j + n], P[2 * r - j : 2 * r - j + n], out=tmp)
+            tmp *= k[j]
+            out += tmp
+        A = np.moveaxis(out, 0, axis)
+    return A
+
+
+def _flow_reduce(I):
+    """Blur with the binomial kernel [1, 4, 6, 4, 1] / 16 (border replicated) and
+    keep every other pixel: the next level of the pyramid."""
+    k = np.array([1, 4, 6, 4, 1]) / 16
+    P = np.pad(I, 2, mode="edge")
+    H, W = I.shape
+    P = sum(kj * P[j : j + H, :] for j, kj in enumerate(k))
+    P = sum(kj * P[:, j : j + W] for j, kj in enumerate(k))
+    return P[::2, ::2]
+
+
+def _flow_sample(I, X, Y):
+    """Bilinear value (9.1) of I at (X, Y), the positions clamped to the image, and
+    a mask of the positions that needed no clamping."""
+    H, W = I.shape
+    inside = (X >= 0) & (X <= W - 1) & (Y >= 0) & (Y <= H - 1)
+    X, Y = np.clip(X, 0, W - 1), np.clip(Y, 0, H - 1)
+    x0 = np.minimum(np.floor(X), W - 2).astype(np.intp)
+    y0 = np.minimum(np.floor(Y), H - 2).astype(np.intp)
+    fx, fy = X - x0, Y - y0
+    F = I.ravel()
+    i = y0 * W + x0
+    top = F[i] + fx * (F[i + 1] - F[i])
+    bottom = F[i + W] + fx * (F[i + W + 1] - F[i + W])
+    return top + fy * (bottom - top), inside
+
+
+def _flow_step(I0, I1, flow, k, threshold):
+    """One Gauss-Newton step at every pixel: the window sums (9.25) of the structure
+    tensor A and of the right side, A delta = h, solved (9.27) in the eigenbasis of
+    the 2 x 2 tensor, a direction whose eigenvalue is below `threshold` left out.
+    Returns (delta, lambda_min)."""
+    H, W = I0.shape
+    ys, xs = np.mgrid[0:H, 0:W]
+    Iw, inside = _flow_sample(I1, xs + flow[0], ys + flow[1])
+    gy, gx = np.gradient(Iw)  # g: the gradient of I1 at x + u0(x), central differences
+    m = inside.astype(np.float64)  # a match outside the image leaves the window
+    gx, gy = gx * m, gy * m
+    t = (gx * flow[0] + gy * flow[1] - (Iw - I0)) * m  # g^T u0 - e of (9.25)
+    a, b, c, cx, cy = _flow_filter(
+        np.stack([gx * gx, gx * gy, gy * gy, gx * t, gy * t]), k
+    )
+    hx = cx - (a * flow[0] + b * flow[1])  # h = c - A u0(x)
+    hy = cy - (b * flow[0] + c * flow[1])
+    half, gap = (a + c) / 2, np.sqrt(((a - c) / 2) ** 2 + b * b)
+    lmax, lmin = half + gap, half - gap  # (9.26)
+    # the eigenvector of lmax: (b, lmax - a) or (lmax - c, b), the longer of the two
+    p1, q1, p2, q2 = b, lmax - a, lmax - c, b
+    n1, n2 = np.hypot(p1, q1), np.hypot(p2, q2)
+    p, q, nrm = (
+        np.where(n1 >= n2, p1, p2),
+        np.where(n1 >= n2, q1, q2),
+        np.maximum(n1, n2),
+    )
+    iso = nrm == 0  # A is a multiple of the identity: any basis, take x and y
+    p, q, nrm = np.where(iso, 1.0, p), np.where(iso, 0.0, q), np.where(iso, 1.0, nrm)
+    p, q = p / nrm, q / nrm  # v1 = (p, q) of lmax; v2 = (-q, p) of lmin
+    with np.errstate(divide="ignore", invalid="ignore"):
+        c1 = np.where(lmax >= threshold, (p * hx + q * hy) / lmax, 0.0)
+        c2 = np.where(lmin >= threshold, (p * hy - q * hx) / lmin, 0.0)
+    return np.stack([c1 * p - c2 * q, c1 * q + c2 * p]), lmin
+
+
+def lucas_kanade_flow(
+    I0,
+    I1,
+    *,
+    radius=7,
+    window="gaussian",
+    levels=None,
+    iterations=10,
+    rtol=1e-5,
+    flow0=None,
+):
+    """Dense optical flow by windowed Lucas-Kanade at every pixel (9.23)-(9.27),
+    coarse to fine with warping: the flow (u, v) with I1(x + u, y + v) ~ I0(x, y).
+
+    Each pixel's flow minimises the window-weighted brightness-constancy error (9.23)
+    over the pixels around it; a Gauss-Newton step linearises each pixel of the
+    window about where the current flow sends it (9.24) and solves the 2 x 2 normal
+    equations (9.25) with the structure tensor summed over the window. A direction
+    whose eigenvalue (9.26) is below `rtol` times the largest trace of the structure
+    tensor of I0 over the image is not updated (9.27), and its pixels are reported in
+    the result (`reported`), never filled with NaN.
+
+    I0, I1: gray images (H, W), the same shape. radius: the window has 2 radius + 1
+    pixels a side; window "gaussian" (sigma = radius / 2, cut at radius) or "box".
+    levels: the pyramid's levels (default: halve while the smaller side stays at
+    least 16 pixels and the window fits). iterations: Gauss-Newton steps (warps) per
+    level. flow0: the starting flow (2, H, W) at full size (default zero).
+    Returns a `FlowResult`."""
+    I0, I1 = _image(I0, "I0"), _image(I1, "I1")
+    if I0.ndim != 2 or I1.ndim != 2:
+        raise ValueError(
+            f"lucas_kanade_flow needs gray images (H, W), got {I0.shape} and {I1.shape}"
+        )
+    if I0.shape != I1.shape:
+        raise ValueError(
+            f"I0 and I1 must have the same shape, got {I0.shape} and {I1.shape}"
+        )
+    if window not in ("gaussian", "box"):
+        raise ValueError(f"window must be 'gaussian' or 'box', got {window!r}")
+    if not (isinstance(radius, (int, np.integer)) and radius >= 1):
+        raise ValueError(f"radius must be a positive integer, got {radius!r}")
+    size = 2 * radius + 1
+    if size > min(I0.shape):
+        raise ValueError(
+            f"a window of {size} x {size} pixels (radius {radius}) does not fit in "
+            f"an image of shape {I0.shape}"
+        )
+    if not (isinstance(iterations, (int, np.integer)) and iterations >= 1):
+        raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
+    if not (np.isfinite(rtol) and 0 < rtol < 1):
+        raise ValueError(f"rtol must be in (0, 1), got {rtol!r}")
+    if levels is None:
+        levels = 1
+        while min(I0.shape) >> levels >= max(16, size):
+            levels += 1
+    if not (isinstance(levels, (int, np.integer)) and levels >= 1):
+        raise ValueError(f"levels must be a positive integer, got {levels!r}")
+    if min(I0.shape) >> (levels - 1) < size:
+        raise ValueError(
+            f"an image of shape {I0.shape} is too small for {levels} levels with a "
+            f"window of {size} x {size} pixels"
+        )
+    if flow0 is not None:
+        flow0 = _same(flow0, (2,) + I0.shape, "flow0")
+        if not np.all(np.isfinite(flow0)):
+            raise ValueError("flow0 has non-finite entries")
+    k = _flow_kernel(window, radius)
+    P0, P1 = [I0], [I1]
+    for _ in range(levels - 1):
+        P0.append(_flow_reduce(P0[-1]))
+        P1.append(_flow_reduce(P1[-1]))
+    if flow0 is None:
+        flow = np.zeros((2,) + P0[-1].shape)
+    else:  # the start, sampled at the coarsest level's pixels and scaled with them
+        step = 2 ** (levels - 1)
+        flow = flow0[:, ::step, ::step] / step
+    for lev in range(levels - 1, -1, -1):
+        J0, J1 = P0[lev], P1[lev]
+        if flow.shape[1:] != J0.shape:  # from the coarser level: twice the flow
+            ys, xs = np.mgrid[0 : J0.shape[0], 0 : J0.shape[1]] / 2
+            flow = 2 * np.stack([_flow_sample(f, xs, ys)[0] for f in flow])
+        gy, gx = np.gradient(J0)
+        trace = _flow_filter((gx * gx + gy * gy)[None], k)[0]
+        threshold = rtol * float(trace.max()) if trace.max() > 0 else np.inf
+        for _ in range(iterations):
+            delta, lmin = _flow_step(J0, J1, flow, k, threshold)
+            flow = flow + delta
+    return FlowResult(flow, lmin, lmin < threshold, threshold, levels)
