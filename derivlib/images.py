@@ -322,7 +322,7 @@ def _stn_setup(U, theta, out_shape):
         raise ValueError(f"U must be a real array, got dtype {U.dtype}")
     if U.ndim != 4:
         raise ValueError(f"U must be a batch (N, C, H, W), got shape {U.shape}")
-    U = U.astype(np.float64)
+    U = np.asarray(U, dtype=np.float64)  # no copy when it is float64 already
     if not np.all(np.isfinite(U)):
         raise ValueError("U has non-finite values")
     if np.shape(theta) != (U.shape[0], 2, 3):
