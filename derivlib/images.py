@@ -28,6 +28,10 @@ try:  # the sparse scatter of the backward rules; NumPy's bincount without it
     import scipy.sparse as _sparse
 except ImportError:  # pragma: no cover
     _sparse = None
+try:  # the window sums of the dense flow; shifted slices without it
+    import scipy.ndimage as _ndimage
+except ImportError:  # pragma: no cover
+    _ndimage = None
 
 # ----- Validation -----
 
@@ -888,9 +892,13 @@ def _flow_kernel(window, radius):
 def _flow_filter(A, k):
     """Separable correlation of the last two axes of A with the symmetric 1-D kernel
     k, zeros outside the image: the window sums of (9.25) over the pixels inside the
-    image only. Shifted slices, the taps at +-j added before the one multiply."""
+    image only. scipy.ndimage's correlate1d when scipy is installed; otherwise
+    shifted slices, the taps at +-j added before the one multiply."""
     r = len(k) // 2
     for axis in (A.ndim - 2, A.ndim - 1):
+        if _ndimage is not None:
+            A = _ndimage.correlate1d(A, k, axis=axis, mode="constant", cval=0.0)
+            continue
         n = A.shape[axis]
         pad = [(0, 0)] * A.ndim
         pad[axis] = (r, r)
@@ -934,9 +942,9 @@ def _flow_sample(I, X, Y):
 
 def _flow_step(I0, I1, flow, k, threshold):
     """One Gauss-Newton step at every pixel: the window sums (9.25) of the structure
-    tensor A and of the right side, A delta = h, solved (9.27) in the eigenbasis of
-    the 2 x 2 tensor, a direction whose eigenvalue is below `threshold` left out.
-    Returns (delta, lambda_min)."""
+    tensor A and of the right side h, and the step (9.27): A^-1 h where both
+    eigenvalues (9.26) reach `threshold`, the component along v1 alone where only
+    the larger does, nothing where neither does. Returns (delta, lambda_min)."""
     H, W = I0.shape
     ys, xs = np.mgrid[0:H, 0:W]
     Iw, inside = _flow_sample(I1, xs + flow[0], ys + flow[1])
@@ -951,21 +959,23 @@ def _flow_step(I0, I1, flow, k, threshold):
     hy = cy - (b * flow[0] + c * flow[1])
     half, gap = (a + c) / 2, np.sqrt(((a - c) / 2) ** 2 + b * b)
     lmax, lmin = half + gap, half - gap  # (9.26)
-    # the eigenvector of lmax: (b, lmax - a) or (lmax - c, b), the longer of the two
-    p1, q1, p2, q2 = b, lmax - a, lmax - c, b
-    n1, n2 = np.hypot(p1, q1), np.hypot(p2, q2)
-    p, q, nrm = (
-        np.where(n1 >= n2, p1, p2),
-        np.where(n1 >= n2, q1, q2),
-        np.maximum(n1, n2),
-    )
-    iso = nrm == 0  # A is a multiple of the identity: any basis, take x and y
-    p, q, nrm = np.where(iso, 1.0, p), np.where(iso, 0.0, q), np.where(iso, 1.0, nrm)
-    p, q = p / nrm, q / nrm  # v1 = (p, q) of lmax; v2 = (-q, p) of lmin
-    with np.errstate(divide="ignore", invalid="ignore"):
-        c1 = np.where(lmax >= threshold, (p * hx + q * hy) / lmax, 0.0)
-        c2 = np.where(lmin >= threshold, (p * hy - q * hx) / lmin, 0.0)
-    return np.stack([c1 * p - c2 * q, c1 * q + c2 * p]), lmin
+    # both eigenvalues above the threshold (most pixels): (9.27) is A^-1 h
+    full = lmin >= threshold
+    det = np.where(full, a * c - b * b, 1.0)
+    dx = np.where(full, (c * hx - b * hy) / det, 0.0)
+    dy = np.where(full, (a * hy - b * hx) / det, 0.0)
+    one = ~full & (lmax >= threshold)  # only v1 determined: the normal flow
+    if one.any():
+        a, b, c, hx, hy, l1 = a[one], b[one], c[one], hx[one], hy[one], lmax[one]
+        # v1 is along (b, l1 - a) or (l1 - c, b), the longer of the two
+        p1, q1, p2, q2 = b, l1 - a, l1 - c, b
+        n1, n2 = np.hypot(p1, q1), np.hypot(p2, q2)
+        first = n1 >= n2
+        p = np.where(first, p1, p2) / np.maximum(n1, n2)
+        q = np.where(first, q1, q2) / np.maximum(n1, n2)
+        c1 = (p * hx + q * hy) / l1
+        dx[one], dy[one] = c1 * p, c1 * q
+    return np.stack([dx, dy]), lmin
 
 
 def lucas_kanade_flow(

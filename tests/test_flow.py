@@ -161,3 +161,17 @@ def test_input_rules(rng):
         flow(I, I, rtol=0.0)
     with pytest.raises(ValueError, match=r"flow0 must have shape \(2, 20, 24\)"):
         flow(I, I, flow0=np.zeros((20, 24)))
+
+
+def test_window_sums_without_scipy_agree(rng, monkeypatch):
+    """The window sums run through scipy.ndimage when it is installed and through
+    shifted slices otherwise: the two paths give the same flow."""
+    I0 = smooth_image(rng, (24, 30))
+    I1 = np.roll(I0, 2, axis=1)
+    with_scipy = im.lucas_kanade_flow(I0, I1, radius=3, levels=2)
+    monkeypatch.setattr(im, "_ndimage", None)
+    without = im.lucas_kanade_flow(I0, I1, radius=3, levels=2)
+    check.check_close(
+        "flow, shifted slices", without.flow, with_scipy.flow, oracle="scipy.ndimage"
+    )
+    assert (without.reported == with_scipy.reported).all()
