@@ -34,6 +34,7 @@ BOTH_ITSELF = {
     "bench_bundle.py",
     "bench_implicit.py",
     "bench_images.py",
+    "bench_flow.py",
 }
 # The flag that lets a script, which holds one thread by default, use the default.
 DEFAULT_FLAGS = {

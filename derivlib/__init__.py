@@ -519,3 +519,8 @@ __all__ += [
     "warp_matrix",
     "warp_params",
 ]
+
+# Chapter 9, dense motion (section 9.6)
+from .images import FlowResult, lucas_kanade_flow  # noqa: E402
+
+__all__ += ["FlowResult", "lucas_kanade_flow"]

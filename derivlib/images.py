@@ -25,6 +25,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+try:  # the sparse scatter of the backward rules; NumPy's bincount without it
+    import scipy.sparse as _sparse
+except ImportError:  # pragma: no cover
+    _sparse = None
+try:  # the window sums of the dense flow; shifted slices without it
+    import scipy.ndimage as _ndimage
+except ImportError:  # pragma: no cover
+    _ndimage = None
+
 # ----- Validation -----
 
 
@@ -135,6 +144,26 @@ def bilinear_jvp(I, P, dI, dP):
     return dv if I.ndim == 3 else dv[0]
 
 
+def _scatter_rows(F, w, Y, size):
+    """S^T Y for the sparse S (m, size) whose row i holds w[i, k] in column F[i, k]:
+    row i of Y, weighted, added into rows F[i, :] of a (size, c) result. This is the
+    scatter of (9.4) for all channels at once (Y channels-last). scipy's sparse
+    product when scipy is installed; otherwise one bincount per channel."""
+    m, c = Y.shape
+    if _sparse is not None:
+        S = _sparse.csc_array(
+            (w.ravel(), F.ravel(), np.arange(0, F.size + 1, F.shape[1])),
+            shape=(size, m),
+        )  # the transpose of S, built directly; each column holds one row of S
+        return S @ Y
+    Ff = F.ravel()
+    return np.stack(
+        [np.bincount(Ff, weights=(w * Y[:, j : j + 1]).ravel(), minlength=size)
+         for j in range(c)],
+        axis=1,
+    )  # fmt: skip
+
+
 def bilinear_vjp(I, P, G):
     """The backward rule (9.4)-(9.5): the gradient to the image is a scatter of G
     times the four weights onto the corners; the gradient to the positions is
@@ -153,12 +182,10 @@ def bilinear_vjp(I, P, G):
             np.sum(G3 * ((1 - fx) * (I01 - I00) + fx * (I11 - I10)), axis=0),
         ]
     )
-    idx = np.concatenate([y0 * W + x0, y0 * W + x0 + 1, (y0 + 1) * W + x0])
-    idx = np.concatenate([idx, (y0 + 1) * W + x0 + 1])
-    w = np.concatenate([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy])
-    I_bar = np.stack(
-        [np.bincount(idx, weights=np.tile(g, 4) * w, minlength=H * W) for g in G3]
-    ).reshape(C, H, W)
+    i = y0 * W + x0
+    F = np.stack([i, i + 1, i + W, i + W + 1], axis=1)
+    w = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], axis=1)
+    I_bar = _scatter_rows(F, w, G3.T, H * W).T.reshape(C, H, W)
     return (I_bar if I.ndim == 3 else I_bar[0]), P_bar
 
 
@@ -300,7 +327,7 @@ def _stn_setup(U, theta, out_shape):
         raise ValueError(f"U must be a real array, got dtype {U.dtype}")
     if U.ndim != 4:
         raise ValueError(f"U must be a batch (N, C, H, W), got shape {U.shape}")
-    U = U.astype(np.float64)
+    U = np.asarray(U, dtype=np.float64)  # no copy when it is float64 already
     if not np.all(np.isfinite(U)):
         raise ValueError("U has non-finite values")
     if np.shape(theta) != (U.shape[0], 2, 3):
@@ -367,9 +394,11 @@ def stn_sample_vjp(U, theta, G, *, out_shape=None):
     weights (entries outside the image are dropped), theta_bar = sum over pixels of
     P_bar [x, y, 1]. Returns (U_bar, theta_bar).
 
-    The position gradient reads the four corners of a position for all channels at
-    once (channels-last) and forms sum_c G U_k before the weights (it is linear in
-    U); the scatter to U runs one corner at a time."""
+    The positions are shared by the channels of an image, so everything runs
+    channels-last, once per position: the four corners of a position are read for all
+    channels in one gather and the position gradient forms sum_c G U_k before the
+    weights (it is linear in U); the scatter to U is one sparse product S^T G, S
+    holding the four weights of each position, for all channels and images."""
     U, out_shape, fx, fy, idx, ok = _stn_setup(U, theta, out_shape)
     N, C, H, W = U.shape
     n = out_shape[0] * out_shape[1]
@@ -377,12 +406,11 @@ def stn_sample_vjp(U, theta, G, *, out_shape=None):
     Ut = U.reshape(N, C, H * W).transpose(0, 2, 1).reshape(N * H * W, C)
     Gt = G.transpose(0, 2, 1).reshape(N * n, C)
     base = (np.arange(N) * (H * W))[:, None]
-    flat = [(base + i).ravel() for i in idx]  # corner k of every position
-    ok = [m.ravel() for m in ok]
+    F = np.stack([(base + i).ravel() for i in idx], axis=1)  # (N n, 4) corners
+    m = np.stack([k.ravel() for k in ok], axis=1)  # 1 inside the image, else 0
     # s_k = sum_c G U_k, zero where corner k is outside the image
-    s00, s10, s01, s11 = (
-        np.einsum("ij,ij->i", Gt, Ut[f]) * m for f, m in zip(flat, ok)
-    )
+    s = np.matmul(np.take(Ut, F, axis=0), Gt[:, :, None])[:, :, 0] * m
+    s00, s10, s01, s11 = s.T
     fx, fy = fx.ravel(), fy.ravel()
     gx = (s10 - s00) + fy * ((s11 - s01) - (s10 - s00))
     gy = (s01 - s00) + fx * ((s11 - s10) - (s01 - s00))
@@ -390,16 +418,9 @@ def stn_sample_vjp(U, theta, G, *, out_shape=None):
     ys, xs = np.mgrid[0:Ho, 0:Wo]
     Xh = np.stack([xs.ravel(), ys.ravel(), np.ones(n)]).astype(np.float64)
     theta_bar = np.stack([gx.reshape(N, n), gy.reshape(N, n)], axis=1) @ Xh.T
-    w = [(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy]
-    start = (np.arange(N * C) * (H * W)).reshape(N, C, 1)  # of image k, channel c
-    U_bar = np.zeros(N * C * H * W)
-    for i, wk, m in zip(idx, w, ok):  # the scatter (9.4), one corner at a time
-        weights = G * (wk * m).reshape(N, 1, n)
-        U_bar += np.bincount(
-            (start + i[:, None, :]).ravel(),
-            weights=weights.ravel(),
-            minlength=N * C * H * W,
-        )
+    w = np.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], axis=1)
+    U_bar = _scatter_rows(F, w * m, Gt, N * H * W)  # the scatter (9.4)
+    U_bar = U_bar.reshape(N, H * W, C).transpose(0, 2, 1)
     return U_bar.reshape(U.shape), theta_bar
 
 
@@ -1201,3 +1222,212 @@ def make_pair(I, origin, size, max_shift, rng, noise=0.02, gain=(0.8, 1.2),
     T = T + noise * rng.standard_normal(T.shape)
     M_start = warp_matrix("translation", np.asarray(origin, dtype=float))
     return T, M_true, M_start
+
+
+# ----- Dense motion: windowed Lucas-Kanade at every pixel, (9.23)-(9.27) -----
+
+
+@dataclass
+class FlowResult:
+    """The flow found by `lucas_kanade_flow`.
+
+    flow (2, H, W): flow[0] = u (along x, columns), flow[1] = v (along y, rows), so
+    that I1(x + u, y + v) ~ I0(x, y). min_eigenvalue (H, W): the smaller eigenvalue
+    (9.26) of each pixel's structure tensor at the last step of the finest level.
+    reported (H, W), bool: the pixels where it was below `threshold` there (the
+    aperture problem (9.27)): their flow is only the part the tensor determines (the
+    normal flow on an edge, the coarser level's flow on a textureless patch).
+    levels: the pyramid's levels used."""
+
+    flow: np.ndarray
+    min_eigenvalue: np.ndarray
+    reported: np.ndarray
+    threshold: float
+    levels: int
+
+
+def _flow_kernel(window, radius):
+    """The window's weights along one axis, j = -radius..radius, summing to 1: the
+    2-D window w of (9.23) is their outer product."""
+    t = np.arange(-radius, radius + 1, dtype=np.float64)
+    k = np.ones_like(t) if window == "box" else np.exp(-0.5 * (t / (radius / 2)) ** 2)
+    return k / k.sum()
+
+
+def _flow_filter(A, k):
+    """Separable correlation of the last two axes of A with the symmetric 1-D kernel
+    k, zeros outside the image: the window sums of (9.25) over the pixels inside the
+    image only. scipy.ndimage's correlate1d when scipy is installed; otherwise
+    shifted slices, the taps at +-j added before the one multiply."""
+    r = len(k) // 2
+    for axis in (A.ndim - 2, A.ndim - 1):
+        if _ndimage is not None:
+            A = _ndimage.correlate1d(A, k, axis=axis, mode="constant", cval=0.0)
+            continue
+        n = A.shape[axis]
+        pad = [(0, 0)] * A.ndim
+        pad[axis] = (r, r)
+        P = np.moveaxis(np.pad(A, pad), axis, 0)
+        out = k[r] * P[r : r + n]
+        tmp = np.empty_like(out)
+        for j in range(r):
+            np.add(P[j : j + n], P[2 * r - j : 2 * r - j + n], out=tmp)
+            tmp *= k[j]
+            out += tmp
+        A = np.moveaxis(out, 0, axis)
+    return A
+
+
+def _flow_reduce(I):
+    """Blur with the binomial kernel [1, 4, 6, 4, 1] / 16 (border replicated) and
+    keep every other pixel: the next level of the pyramid."""
+    k = np.array([1, 4, 6, 4, 1]) / 16
+    P = np.pad(I, 2, mode="edge")
+    H, W = I.shape
+    P = sum(kj * P[j : j + H, :] for j, kj in enumerate(k))
+    P = sum(kj * P[:, j : j + W] for j, kj in enumerate(k))
+    return P[::2, ::2]
+
+
+def _flow_sample(I, X, Y):
+    """Bilinear value (9.1) of I at (X, Y), the positions clamped to the image, and
+    a mask of the positions that needed no clamping."""
+    H, W = I.shape
+    inside = (X >= 0) & (X <= W - 1) & (Y >= 0) & (Y <= H - 1)
+    X, Y = np.clip(X, 0, W - 1), np.clip(Y, 0, H - 1)
+    x0 = np.minimum(np.floor(X), W - 2).astype(np.intp)
+    y0 = np.minimum(np.floor(Y), H - 2).astype(np.intp)
+    fx, fy = X - x0, Y - y0
+    F = I.ravel()
+    i = y0 * W + x0
+    top = F[i] + fx * (F[i + 1] - F[i])
+    bottom = F[i + W] + fx * (F[i + W + 1] - F[i + W])
+    return top + fy * (bottom - top), inside
+
+
+def _flow_step(I0, I1, flow, k, threshold):
+    """One Gauss-Newton step at every pixel: the window sums (9.25) of the structure
+    tensor A and of the right side h, and the step (9.27): A^-1 h where both
+    eigenvalues (9.26) reach `threshold`, the component along v1 alone where only
+    the larger does, nothing where neither does. Returns (delta, lambda_min)."""
+    H, W = I0.shape
+    ys, xs = np.mgrid[0:H, 0:W]
+    Iw, inside = _flow_sample(I1, xs + flow[0], ys + flow[1])
+    gy, gx = np.gradient(Iw)  # g: the gradient of I1 at x + u0(x), central differences
+    m = inside.astype(np.float64)  # a match outside the image leaves the window
+    gx, gy = gx * m, gy * m
+    t = (gx * flow[0] + gy * flow[1] - (Iw - I0)) * m  # g^T u0 - e of (9.25)
+    a, b, c, cx, cy = _flow_filter(
+        np.stack([gx * gx, gx * gy, gy * gy, gx * t, gy * t]), k
+    )
+    hx = cx - (a * flow[0] + b * flow[1])  # h = c - A u0(x)
+    hy = cy - (b * flow[0] + c * flow[1])
+    half, gap = (a + c) / 2, np.sqrt(((a - c) / 2) ** 2 + b * b)
+    lmax, lmin = half + gap, half - gap  # (9.26)
+    # both eigenvalues above the threshold (most pixels): (9.27) is A^-1 h
+    full = lmin >= threshold
+    det = np.where(full, a * c - b * b, 1.0)
+    dx = np.where(full, (c * hx - b * hy) / det, 0.0)
+    dy = np.where(full, (a * hy - b * hx) / det, 0.0)
+    one = ~full & (lmax >= threshold)  # only v1 determined: the normal flow
+    if one.any():
+        a, b, c, hx, hy, l1 = a[one], b[one], c[one], hx[one], hy[one], lmax[one]
+        # v1 is along (b, l1 - a) or (l1 - c, b), the longer of the two
+        p1, q1, p2, q2 = b, l1 - a, l1 - c, b
+        n1, n2 = np.hypot(p1, q1), np.hypot(p2, q2)
+        first = n1 >= n2
+        p = np.where(first, p1, p2) / np.maximum(n1, n2)
+        q = np.where(first, q1, q2) / np.maximum(n1, n2)
+        c1 = (p * hx + q * hy) / l1
+        dx[one], dy[one] = c1 * p, c1 * q
+    return np.stack([dx, dy]), lmin
+
+
+def lucas_kanade_flow(
+    I0,
+    I1,
+    *,
+    radius=7,
+    window="gaussian",
+    levels=None,
+    iterations=10,
+    rtol=1e-5,
+    flow0=None,
+):
+    """Dense optical flow by windowed Lucas-Kanade at every pixel (9.23)-(9.27),
+    coarse to fine with warping: the flow (u, v) with I1(x + u, y + v) ~ I0(x, y).
+
+    Each pixel's flow minimises the window-weighted brightness-constancy error (9.23)
+    over the pixels around it; a Gauss-Newton step linearises each pixel of the
+    window about where the current flow sends it (9.24) and solves the 2 x 2 normal
+    equations (9.25) with the structure tensor summed over the window. A direction
+    whose eigenvalue (9.26) is below `rtol` times the largest trace of the structure
+    tensor of I0 over the image is not updated (9.27), and its pixels are reported in
+    the result (`reported`), never filled with NaN.
+
+    I0, I1: gray images (H, W), the same shape. radius: the window has 2 radius + 1
+    pixels a side; window "gaussian" (sigma = radius / 2, cut at radius) or "box".
+    levels: the pyramid's levels (default: halve while the smaller side stays at
+    least 16 pixels and the window fits). iterations: Gauss-Newton steps (warps) per
+    level. flow0: the starting flow (2, H, W) at full size (default zero).
+    Returns a `FlowResult`."""
+    I0, I1 = _image(I0, "I0"), _image(I1, "I1")
+    if I0.ndim != 2 or I1.ndim != 2:
+        raise ValueError(
+            f"lucas_kanade_flow needs gray images (H, W), got {I0.shape} and {I1.shape}"
+        )
+    if I0.shape != I1.shape:
+        raise ValueError(
+            f"I0 and I1 must have the same shape, got {I0.shape} and {I1.shape}"
+        )
+    if window not in ("gaussian", "box"):
+        raise ValueError(f"window must be 'gaussian' or 'box', got {window!r}")
+    if not (isinstance(radius, (int, np.integer)) and radius >= 1):
+        raise ValueError(f"radius must be a positive integer, got {radius!r}")
+    size = 2 * radius + 1
+    if size > min(I0.shape):
+        raise ValueError(
+            f"a window of {size} x {size} pixels (radius {radius}) does not fit in "
+            f"an image of shape {I0.shape}"
+        )
+    if not (isinstance(iterations, (int, np.integer)) and iterations >= 1):
+        raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
+    if not (np.isfinite(rtol) and 0 < rtol < 1):
+        raise ValueError(f"rtol must be in (0, 1), got {rtol!r}")
+    if levels is None:
+        levels = 1
+        while min(I0.shape) >> levels >= max(16, size):
+            levels += 1
+    if not (isinstance(levels, (int, np.integer)) and levels >= 1):
+        raise ValueError(f"levels must be a positive integer, got {levels!r}")
+    if min(I0.shape) >> (levels - 1) < size:
+        raise ValueError(
+            f"an image of shape {I0.shape} is too small for {levels} levels with a "
+            f"window of {size} x {size} pixels"
+        )
+    if flow0 is not None:
+        flow0 = _same(flow0, (2,) + I0.shape, "flow0")
+        if not np.all(np.isfinite(flow0)):
+            raise ValueError("flow0 has non-finite entries")
+    k = _flow_kernel(window, radius)
+    P0, P1 = [I0], [I1]
+    for _ in range(levels - 1):
+        P0.append(_flow_reduce(P0[-1]))
+        P1.append(_flow_reduce(P1[-1]))
+    if flow0 is None:
+        flow = np.zeros((2,) + P0[-1].shape)
+    else:  # the start, sampled at the coarsest level's pixels and scaled with them
+        step = 2 ** (levels - 1)
+        flow = flow0[:, ::step, ::step] / step
+    for lev in range(levels - 1, -1, -1):
+        J0, J1 = P0[lev], P1[lev]
+        if flow.shape[1:] != J0.shape:  # from the coarser level: twice the flow
+            ys, xs = np.mgrid[0 : J0.shape[0], 0 : J0.shape[1]] / 2
+            flow = 2 * np.stack([_flow_sample(f, xs, ys)[0] for f in flow])
+        gy, gx = np.gradient(J0)
+        trace = _flow_filter((gx * gx + gy * gy)[None], k)[0]
+        threshold = rtol * float(trace.max()) if trace.max() > 0 else np.inf
+        for _ in range(iterations):
+            delta, lmin = _flow_step(J0, J1, flow, k, threshold)
+            flow = flow + delta
+    return FlowResult(flow, lmin, lmin < threshold, threshold, levels)

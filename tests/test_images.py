@@ -135,6 +135,33 @@ def test_stn_sampler_against_jax(rng):
         im.stn_sample(U[0], theta)
 
 
+def test_scatter_without_scipy_agrees(rng, monkeypatch):
+    """The backward rules scatter through scipy.sparse when it is installed and
+    through NumPy's bincount otherwise: the two paths agree, and against JAX."""
+    U = rng.standard_normal((2, 3, 6, 7))
+    theta = np.array(
+        [[[0.9, 0.2, 0.3], [-0.1, 1.1, -0.4]], [[1.2, -0.3, 1.5], [0.2, 0.8, 0.7]]]
+    )
+    G = rng.standard_normal((2, 3, 4, 5))
+    I, P = U[0], off_grid(rng, 9, 6, 7)
+    Gb = rng.standard_normal((3, 9))
+    with_scipy = (
+        im.stn_sample_vjp(U, theta, G, out_shape=(4, 5)),
+        im.bilinear_vjp(I, P, Gb),
+    )
+    monkeypatch.setattr(im, "_sparse", None)
+    without = (
+        im.stn_sample_vjp(U, theta, G, out_shape=(4, 5)),
+        im.bilinear_vjp(I, P, Gb),
+    )
+    for a, b in zip(with_scipy, without):
+        for x, y in zip(a, b):
+            check.check_close("scatter, bincount", y, x, oracle="scipy.sparse")
+    check.check_vjp(
+        "bilinear_vjp (bincount)", im.bilinear_vjp, bilinear_jax, (I, P), Gb
+    )
+
+
 @pytest.mark.parametrize("kind", ["translation", "affine", "homography"])
 def test_warp_jacobian_against_jax(rng, kind):
     k = {"translation": 2, "affine": 6, "homography": 8}[kind]
