@@ -35,6 +35,7 @@ from ._validate import (
     as_positive_float,
     as_positive_int,
     as_seed,
+    require_finite,
 )
 from ._validate import as_cotangent as _cotangent
 from .vector import _log_softmax, softmax, softmax_axis
@@ -146,39 +147,68 @@ def softmax_jvp(X, dX):
     return dE / s - E * (ds / (s * s))
 
 
-def _softmax(X, axis):
-    """The softmax along `axis` of a checked X, in two temporary arrays."""
-    S = X - X.max(axis=axis, keepdims=True)
-    np.exp(S, out=S)
-    S /= S.sum(axis=axis, keepdims=True)
-    return S
-
-
 def softmax_vjp(X, G):
     """Eq. 4.9: Xbar = S o (G - 1 1^T (S o G)), S = softmax(X), shape of X.
 
     Column i is (diag(s_i) - s_i s_i^T) g_i, the transposed Jacobian block of column i
     applied to g_i. Costs O(mn) operations and memory: the (mn, mn) Jacobian is never
-    formed.
+    formed. X and G are checked for NaN and infinity once, inside the passes that
+    compute the result (see `_softmax_vjp_columns`).
     """
-    X = _logits(X, "X")
-    G = _cotangent(G, X.shape)
-    axis = softmax_axis(X.shape)
-    return _softmax_vjp_from_output(_softmax(X, axis), G, axis)
+    X = as_float_array(X, "X", (1, 2))
+    G = _cotangent(G, X.shape, finite=False)
+    if softmax_axis(X.shape) == 0 and X.ndim == 2:
+        return _softmax_vjp_columns(X, G)
+    # a vector (m,) or a row (1, n): one softmax, computed as a single column
+    column = (X.size, 1)
+    return _softmax_vjp_columns(X.reshape(column), G.reshape(column)).reshape(X.shape)
 
 
-def _softmax_vjp_from_output(S, G, axis=0):
-    """S o (G - 1 1^T (S o G)) along `axis`, from the softmax values S (the VJP only).
-    The sums 1^T (S o G) come from einsum, which never forms S o G: two passes over
-    arrays of the size of S and one new array, the result."""
-    if S.ndim == 1:
-        sums = np.dot(S, G)
-    elif axis == 0:
-        sums = np.einsum("ij,ij->j", S, G)
-    else:
-        sums = np.einsum("ij,ij->i", S, G)[:, None]
-    out = np.subtract(G, sums)
-    out *= S
+_BLOCK = 1 << 16  # entries in a block of rows: 512 KB, three blocks fit in L2 cache
+
+
+def _softmax_vjp_columns(X, G):
+    """Eq. 4.9 down the columns of X (m, n), with G (m, n), in three passes over memory.
+
+    With M the column maxima of X, E = exp[X - 1 M^T], s = 1^T E and d = 1^T (E o G):
+    S = E diag(s)^-1 and 1^T (S o G) = d / s, so Xbar = E o (G - 1 (d / s)^T) / s,
+    column by column. Pass 1 reads X for M; pass 2 reads X and G a block of rows at a
+    time, writes E into the result and adds the block's rows into s and d while the
+    block is in cache; pass 3 reads G and E and overwrites E with Xbar. The only new
+    array of the size of X is the result.
+
+    X and G are checked for NaN and infinity on the way, without a pass of their own:
+    1^T (X - 1 M^T) is finite only if X is (an infinity in X makes M or X - 1 M^T
+    infinite or NaN), and d only if G is (an infinity times E in [0, 1] is infinite or
+    NaN). Only when one of them is not finite (or a sum overflowed) are X and G scanned,
+    in that order, so that the error names the argument at fault.
+    """
+    m, n = X.shape
+    rows = max(1, _BLOCK // n)
+    out = np.empty((m, n))
+    work = np.empty((min(rows, m), n))
+    s, d, x_sums, part = np.zeros(n), np.zeros(n), np.zeros(n), np.empty(n)
+    with np.errstate(over="ignore", invalid="ignore"):
+        M = X.max(axis=0)
+        for start in range(0, m, rows):
+            E, Gb = out[start : start + rows], G[start : start + rows]
+            T = work[: E.shape[0]]
+            np.subtract(X[start : start + rows], M, out=E)
+            x_sums += np.add.reduce(E, axis=0, out=part)
+            np.exp(E, out=E)
+            s += np.add.reduce(E, axis=0, out=part)
+            d += np.add.reduce(np.multiply(E, Gb, out=T), axis=0, out=part)
+        if not (np.isfinite(x_sums).all() and np.isfinite(d).all()):
+            require_finite(X, "X")
+            require_finite(G, "G")
+        r = 1.0 / s
+        d *= r  # d / s = 1^T (S o G)
+        for start in range(0, m, rows):
+            E = out[start : start + rows]
+            T = work[: E.shape[0]]
+            np.subtract(G[start : start + rows], d, out=T)
+            E *= T
+            E *= r
     return out
 
 
