@@ -775,3 +775,17 @@ def test_softmax_vjp_with_logits_far_apart_is_finite():
         expected = _softmax_vjp_plain(X, G)
     np.testing.assert_allclose(Xbar, expected, rtol=1e-14, atol=0)
     assert np.all(np.isfinite(Xbar))
+
+
+@pytest.mark.parametrize("name", ["W1", "b1", "W2", "b2", "X", "Y"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_mlp_loss_and_grad_names_a_non_finite_argument(name, bad):
+    """The one scan of the folded copies catches a NaN or an infinity in any parameter
+    or input, and the error names it."""
+    P, X, Y = small_problem(0)
+    args = {**{k: np.array(v, dtype=float) for k, v in P.items()}, "X": X, "Y": Y}
+    args = {k: np.array(v, dtype=float) for k, v in args.items()}
+    args[name].flat[-1] = bad
+    params = {k: args[k] for k in bp.MLP_PARAMETERS}
+    with pytest.raises(ValueError, match=rf"^{name} must be finite"):
+        bp.mlp_loss_and_grad(params, args["X"], args["Y"])
