@@ -20,12 +20,13 @@ above 1 means derivlib is faster. Everything is float64.
    default checks of every input for NaN and infinity, and with check_finite=False,
    which is how fit_mlp calls it inside its training loop after checking the data once.
 
-Then the memory traffic of item 1 (Chapter 4, Section "Why XLA wins the softmax
-VJP"): the time of one pass over an 8 MB array (a read, a copy, a copy into a new array,
-an exp in place), the kernels of XLA's compiled pullback with the (m, n) arrays each
-reads and writes (from the compiled HLO), and those times converted into the memory
-traffic of softmax_vjp's three passes, of XLA's kernels, and of the three arrays that
-any implementation must move.
+Then the memory traffic of item 1 (Chapter 4, "Passes over memory"): the formula (4.9)
+in plain NumPy (nine passes) timed against the same jax.jit(jax.vjp); the time of one
+pass over an 8 MB array (a read, a copy, a copy into a new array, an exp in place);
+the kernels of XLA's compiled pullback with the (m, n) arrays each reads and writes
+(from the compiled HLO); and those times converted into the memory traffic of
+softmax_vjp's three passes, of XLA's kernels, and of the three arrays that any
+implementation must move.
 
 The last lines print the log-log slopes of wall time against the size m of a vector
 softmax, for forming the Jacobian and multiplying and for the VJP (the chapter's figure
@@ -96,6 +97,39 @@ def bench_softmax_jax(repeats):
     err = relative_error(ours, theirs)
     return (
         "softmax_vjp m=n=1000",
+        "jax.jit(jax.vjp)",
+        t_ours,
+        t_peer,
+        f"relative diff = {err:.1e}",
+        err < 1e-12,
+    )
+
+
+def softmax_vjp_numpy(X, G):
+    """(4.9) in NumPy, one operation at a time (Chapter 4's cell in "Passes over
+    memory"): nine passes over whole arrays."""
+    S = np.exp(X - X.max(axis=0))
+    S /= S.sum(axis=0)
+    return S * (G - (S * G).sum(axis=0))
+
+
+def bench_softmax_numpy_jax(repeats):
+    """The same comparison as bench_softmax_jax, with the formula in plain NumPy on
+    derivlib's side: what fusing the passes is worth."""
+    X, G = softmax_problem()
+    pullback = jax.jit(
+        lambda X, G: jax.vjp(lambda Y: jax.nn.softmax(Y, axis=0), X)[1](G)[0]
+    )
+    Xj, Gj = jnp.asarray(X), jnp.asarray(G)
+    pullback(Xj, Gj).block_until_ready()  # compile
+    t_ours, t_peer, ours, theirs = best_times(
+        lambda: softmax_vjp_numpy(X, G),
+        lambda: pullback(Xj, Gj).block_until_ready(),
+        repeats,
+    )
+    err = relative_error(ours, theirs)
+    return (
+        "(4.9) in plain NumPy m=n=1000",
         "jax.jit(jax.vjp)",
         t_ours,
         t_peer,
@@ -313,6 +347,7 @@ def main():
 def run(args):
     rows = [
         bench_softmax_jax(args.repeats),
+        bench_softmax_numpy_jax(args.repeats),
         bench_softmax_blocks(args.repeats),
         bench_mlp_step(args.repeats, check_finite=True),
         bench_mlp_step(args.repeats, check_finite=False),
