@@ -164,7 +164,7 @@ def softmax_vjp(X, G):
     return _softmax_vjp_columns(X.reshape(column), G.reshape(column)).reshape(X.shape)
 
 
-_BLOCK = 1 << 16  # entries in a block of rows: 512 KB, three blocks fit in L2 cache
+_BLOCK = 1 << 16  # entries in a block of rows (512 KB): a pass's blocks stay in cache
 
 
 def _softmax_vjp_columns(X, G):
