@@ -15,10 +15,18 @@ above 1 means derivlib is faster. Everything is float64.
    would take 8 GB). It takes seconds, so it runs once.
 3. One gradient evaluation of the MLP of eq. 4.19 (digits, 64 -> 64 tanh -> 10
    softmax, batch of 256 training images): derivlib's loss and backward pass
-   (eq. 4.20, mlp_loss_and_grad) against jax.jit(jax.grad(loss)) of the same loss
-   written in jax.numpy, timed after compilation. Twice: with derivlib's default
-   checks of every input for NaN and infinity, and with check_finite=False, which is
-   how fit_mlp calls it inside its training loop after checking the data once.
+   (eq. 4.20, mlp_loss_and_grad) against jax.jit(jax.value_and_grad(loss)) of the
+   same loss written in jax.numpy, timed after compilation. Twice: with derivlib's
+   default checks of every input for NaN and infinity, and with check_finite=False,
+   which is how fit_mlp calls it inside its training loop after checking the data once.
+
+Then the memory traffic of item 1 (Chapter 4, "Passes over memory"): the formula (4.9)
+in plain NumPy (nine passes) timed against the same jax.jit(jax.vjp); the time of one
+pass over an 8 MB array (a read, a copy, a copy into a new array, an exp in place);
+the kernels of XLA's compiled pullback with the (m, n) arrays each reads and writes
+(from the compiled HLO); and those times converted into the memory traffic of
+softmax_vjp's three passes, of XLA's kernels, and of the three arrays that any
+implementation must move.
 
 The last lines print the log-log slopes of wall time against the size m of a vector
 softmax, for forming the Jacobian and multiplying and for the VJP (the chapter's figure
@@ -36,6 +44,7 @@ runs seeds 0 to 2); that takes a few seconds per seed.
 import argparse
 import contextlib
 import os
+import re
 import sys
 import warnings
 
@@ -83,7 +92,7 @@ def bench_softmax_jax(repeats):
     t_ours, t_peer, ours, theirs = best_times(
         lambda: dl.softmax_vjp(X, G),
         lambda: pullback(Xj, Gj).block_until_ready(),
-        repeats,
+        5 * repeats,  # 5 ms each: more samples for the best of
     )
     err = relative_error(ours, theirs)
     return (
@@ -93,6 +102,100 @@ def bench_softmax_jax(repeats):
         t_peer,
         f"relative diff = {err:.1e}",
         err < 1e-12,
+    )
+
+
+def softmax_vjp_numpy(X, G):
+    """(4.9) in NumPy, one operation at a time (Chapter 4's cell in "Passes over
+    memory"): nine passes over whole arrays."""
+    S = np.exp(X - X.max(axis=0))
+    S /= S.sum(axis=0)
+    return S * (G - (S * G).sum(axis=0))
+
+
+def bench_softmax_numpy_jax(repeats):
+    """The same comparison as bench_softmax_jax, with the formula in plain NumPy on
+    derivlib's side: what fusing the passes is worth."""
+    X, G = softmax_problem()
+    pullback = jax.jit(
+        lambda X, G: jax.vjp(lambda Y: jax.nn.softmax(Y, axis=0), X)[1](G)[0]
+    )
+    Xj, Gj = jnp.asarray(X), jnp.asarray(G)
+    pullback(Xj, Gj).block_until_ready()  # compile
+    t_ours, t_peer, ours, theirs = best_times(
+        lambda: softmax_vjp_numpy(X, G),
+        lambda: pullback(Xj, Gj).block_until_ready(),
+        5 * repeats,  # 5 ms each: more samples for the best of
+    )
+    err = relative_error(ours, theirs)
+    return (
+        "(4.9) in plain NumPy m=n=1000",
+        "jax.jit(jax.vjp)",
+        t_ours,
+        t_peer,
+        f"relative diff = {err:.1e}",
+        err < 1e-12,
+    )
+
+
+def xla_kernels(pullback, Xj, Gj):
+    """The kernels of the compiled pullback (the ops of its entry computation) and, for
+    each, how many arrays of the size of X it reads and writes: a lower bound on its
+    passes over memory (a kernel may read an operand more than once)."""
+    text = pullback.lower(Xj, Gj).compile().as_text()
+    entry = text[text.index("\nENTRY") :].splitlines()[1:]
+    big = f"f64[{Xj.shape[0]},{Xj.shape[1]}]"
+    shapes, kernels = {}, []
+    for line in entry:
+        found = re.match(
+            r"\s*(?:ROOT )?%(\S+) = (\S+?)(?:\{[^}]*\})? (\w+)\((.*?)\)", line
+        )
+        if not found:
+            continue
+        name, shape, op, args = found.groups()
+        shapes[name] = shape
+        if op in ("parameter", "constant"):
+            continue
+        reads = sum(shapes.get(a.strip().lstrip("%")) == big for a in args.split(","))
+        kernels.append((name, reads, int(shape == big)))
+    return kernels
+
+
+def memory_passes(repeats):
+    """The time of one pass over an 8 MB array (X of the softmax problem), and what
+    memory bandwidth alone allows a softmax VJP: any implementation reads X and G and
+    writes Xbar, three arrays of 8 MB."""
+    X, G = softmax_problem()
+    out = np.empty_like(X)
+    t_read = best_of(lambda: np.add.reduce(X, axis=None), repeats * 3)
+    t_copy = best_of(lambda: np.copyto(out, X), repeats * 3)
+    t_fresh = best_of(lambda: X.copy(), repeats * 3)
+    t_exp = best_of(lambda: np.exp(X, out=out), repeats * 3)
+    pullback = jax.jit(
+        lambda X, G: jax.vjp(lambda Y: jax.nn.softmax(Y, axis=0), X)[1](G)[0]
+    )
+    kernels = xla_kernels(pullback, jnp.asarray(X), jnp.asarray(G))
+    mb = X.nbytes / 1e6
+    print(f"\none pass over an {mb:.0f} MB array (X of the softmax problem):")
+    for what, t, moved in [
+        ("read (sum of X)", t_read, mb),
+        ("read and write (copy into an array)", t_copy, 2 * mb),
+        ("read and write into a new array", t_fresh, 2 * mb),
+        ("exp of every entry, in place", t_exp, 2 * mb),
+    ]:
+        print(f"  {what:<37} {t * 1e3:6.2f} ms, {moved / t / 1e3:5.1f} GB/s")
+    transfers = sum(r + w for _, r, w in kernels)
+    print(
+        f"XLA's pullback: {len(kernels)} kernels, "
+        f"{sum(1 for _, r, w in kernels if r + w)} of them over (m, n) arrays, "
+        f"reading or writing at least {transfers} arrays of {mb:.0f} MB"
+    )
+    per_array = t_copy / 2  # one array read or written, at the copy's rate
+    print(
+        f"softmax_vjp: 3 passes, 7 arrays of {mb:.0f} MB read or written; "
+        f"at the copy's rate {7 * per_array * 1e3:.2f} ms of memory traffic, XLA's "
+        f"{transfers * per_array * 1e3:.2f} ms; any implementation moves at least 3 "
+        f"arrays: {3 * per_array * 1e3:.2f} ms"
     )
 
 
@@ -138,23 +241,24 @@ def bench_mlp_step(repeats, check_finite):
     X = np.ascontiguousarray(D_train[:256].T)
     Y = np.eye(10)[:, digit_train[:256]]
     params = dl.mlp_init(64, 64, 10, np.random.default_rng(0))
-    grad_jax = jax.jit(jax.grad(mlp_loss_jax))
+    grad_jax = jax.jit(jax.value_and_grad(mlp_loss_jax))
     Pj, Xj, Yj = (
         {k: jnp.asarray(v) for k, v in params.items()},
         jnp.asarray(X),
         jnp.asarray(Y),
     )
     jax.block_until_ready(grad_jax(Pj, Xj, Yj))  # compile
-    t_ours, t_peer, (_, ours), theirs = best_times(
+    t_ours, t_peer, (loss, ours), (loss_jax, theirs) = best_times(
         lambda: dl.mlp_loss_and_grad(params, X, Y, check_finite=check_finite),
         lambda: jax.block_until_ready(grad_jax(Pj, Xj, Yj)),
         repeats * 30,
     )
     err = max(relative_error(ours[k], theirs[k]) for k in dl.backprop.MLP_PARAMETERS)
+    err = max(err, relative_error(loss, loss_jax))
     task = "MLP gradient, batch 256" + ("" if check_finite else ", unchecked")
     return (
         task,
-        "jax.jit(jax.grad(loss))",
+        "jax.jit(jax.value_and_grad)",
         t_ours,
         t_peer,
         f"max relative diff = {err:.1e}",
@@ -243,13 +347,14 @@ def main():
 def run(args):
     rows = [
         bench_softmax_jax(args.repeats),
+        bench_softmax_numpy_jax(args.repeats),
         bench_softmax_blocks(args.repeats),
         bench_mlp_step(args.repeats, check_finite=True),
         bench_mlp_step(args.repeats, check_finite=False),
     ]
     threads = "one thread each" if args.threads == 1 else "default threads"
     print(
-        f"best of {args.repeats} repeats (Jacobian blocks: 1 run; MLP: {30 * args.repeats}), {threads}; "
+        f"best of {5 * args.repeats} runs (Jacobian blocks: 1 run; MLP: {30 * args.repeats}), {threads}; "
         "ratio = peer time / derivlib time (> 1: derivlib faster)\n"
     )
     header = f"{'task':<32} {'peer':<28} {'derivlib':>10} {'peer':>10} {'ratio':>7}  agreement"
@@ -263,6 +368,7 @@ def run(args):
     print()
     for task, peer, t_ours, t_peer, *_ in rows:
         print(f"ratio {task} vs {peer}: {t_peer / t_ours:.2f}x")
+    memory_passes(args.repeats)
     sizes_j, slope_j, sizes_v, slope_v = wall_time_slopes(args.repeats)
     print(
         f"\nwall-time log-log slopes for a vector softmax of size m: form J then J^T g {slope_j:.1f} "

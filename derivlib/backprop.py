@@ -35,6 +35,7 @@ from ._validate import (
     as_positive_float,
     as_positive_int,
     as_seed,
+    require_finite,
 )
 from ._validate import as_cotangent as _cotangent
 from .vector import _log_softmax, softmax, softmax_axis
@@ -146,39 +147,68 @@ def softmax_jvp(X, dX):
     return dE / s - E * (ds / (s * s))
 
 
-def _softmax(X, axis):
-    """The softmax along `axis` of a checked X, in two temporary arrays."""
-    S = X - X.max(axis=axis, keepdims=True)
-    np.exp(S, out=S)
-    S /= S.sum(axis=axis, keepdims=True)
-    return S
-
-
 def softmax_vjp(X, G):
     """Eq. 4.9: Xbar = S o (G - 1 1^T (S o G)), S = softmax(X), shape of X.
 
     Column i is (diag(s_i) - s_i s_i^T) g_i, the transposed Jacobian block of column i
     applied to g_i. Costs O(mn) operations and memory: the (mn, mn) Jacobian is never
-    formed.
+    formed. X and G are checked for NaN and infinity once, inside the passes that
+    compute the result (see `_softmax_vjp_columns`).
     """
-    X = _logits(X, "X")
-    G = _cotangent(G, X.shape)
-    axis = softmax_axis(X.shape)
-    return _softmax_vjp_from_output(_softmax(X, axis), G, axis)
+    X = as_float_array(X, "X", (1, 2))
+    G = _cotangent(G, X.shape, finite=False)
+    if softmax_axis(X.shape) == 0 and X.ndim == 2:
+        return _softmax_vjp_columns(X, G)
+    # a vector (m,) or a row (1, n): one softmax, computed as a single column
+    column = (X.size, 1)
+    return _softmax_vjp_columns(X.reshape(column), G.reshape(column)).reshape(X.shape)
 
 
-def _softmax_vjp_from_output(S, G, axis=0):
-    """S o (G - 1 1^T (S o G)) along `axis`, from the softmax values S (the VJP only).
-    The sums 1^T (S o G) come from einsum, which never forms S o G: two passes over
-    arrays of the size of S and one new array, the result."""
-    if S.ndim == 1:
-        sums = np.dot(S, G)
-    elif axis == 0:
-        sums = np.einsum("ij,ij->j", S, G)
-    else:
-        sums = np.einsum("ij,ij->i", S, G)[:, None]
-    out = np.subtract(G, sums)
-    out *= S
+_BLOCK = 1 << 16  # entries in a block of rows (512 KB): a pass's blocks stay in cache
+
+
+def _softmax_vjp_columns(X, G):
+    """Eq. 4.9 down the columns of X (m, n), with G (m, n), in three passes over memory.
+
+    With M the column maxima of X, E = exp[X - 1 M^T], s = 1^T E and d = 1^T (E o G):
+    S = E diag(s)^-1 and 1^T (S o G) = d / s, so Xbar = E o (G - 1 (d / s)^T) / s,
+    column by column. Pass 1 reads X for M; pass 2 reads X and G a block of rows at a
+    time, writes E into the result and adds the block's rows into s and d while the
+    block is in cache; pass 3 reads G and E and overwrites E with Xbar. The only new
+    array of the size of X is the result.
+
+    X and G are checked for NaN and infinity on the way, without a pass of their own:
+    1^T (X - 1 M^T) is finite only if X is (an infinity in X makes M or X - 1 M^T
+    infinite or NaN), and d only if G is (an infinity times E in [0, 1] is infinite or
+    NaN). Only when one of them is not finite (or a sum overflowed) are X and G scanned,
+    in that order, so that the error names the argument at fault.
+    """
+    m, n = X.shape
+    rows = max(1, _BLOCK // n)
+    out = np.empty((m, n))
+    work = np.empty((min(rows, m), n))
+    s, d, x_sums, part = np.zeros(n), np.zeros(n), np.zeros(n), np.empty(n)
+    with np.errstate(over="ignore", invalid="ignore"):
+        M = X.max(axis=0)
+        for start in range(0, m, rows):
+            E, Gb = out[start : start + rows], G[start : start + rows]
+            T = work[: E.shape[0]]
+            np.subtract(X[start : start + rows], M, out=E)
+            x_sums += np.add.reduce(E, axis=0, out=part)
+            np.exp(E, out=E)
+            s += np.add.reduce(E, axis=0, out=part)
+            d += np.add.reduce(np.multiply(E, Gb, out=T), axis=0, out=part)
+        if not (np.isfinite(x_sums).all() and np.isfinite(d).all()):
+            require_finite(X, "X")
+            require_finite(G, "G")
+        r = 1.0 / s
+        d *= r  # d / s = 1^T (S o G)
+        for start in range(0, m, rows):
+            E = out[start : start + rows]
+            T = work[: E.shape[0]]
+            np.subtract(G[start : start + rows], d, out=T)
+            E *= T
+            E *= r
     return out
 
 
@@ -491,14 +521,29 @@ def mlp_loss_and_grad(params, X, Y, *, check_finite=True):
     by the backward pass: the rules of eqs. 4.6, 4.8, 4.11 and 4.18 applied from the
     loss back to W1. Returns (L, grads), grads a dict shaped like `params`.
 
-    Shapes are always checked. ``check_finite=False`` skips the scan of every array
-    for NaN and infinity (as in SciPy's linear algebra), for a training loop that has
-    checked its data once: a non-finite input then gives non-finite results.
+    Shapes are always checked. Every array is scanned once for NaN and infinity, in
+    the copies with the biases folded in (`_fold_bias`); ``check_finite=False`` skips
+    that scan (as in SciPy's linear algebra), for a training loop that has checked its
+    data once: a non-finite input then gives non-finite or wrong results (an infinite
+    weight saturates tanh, and its gradient is a finite 0).
     """
-    params = _mlp_params(params, check_finite)
-    X = _mlp_inputs(params, X, "X", check_finite)
-    Y = _mlp_targets(params, X, Y, "Y", check_finite)
-    return _mlp_loss_and_grad(params, X, Y)
+    checked = _mlp_params(params, False)
+    X_checked = _mlp_inputs(checked, X, "X", False)
+    Y_checked = _mlp_targets(checked, X_checked, Y, "Y", False)
+    W1b, W2b = (
+        _fold_bias(checked["W1"], checked["b1"]),
+        _fold_bias(checked["W2"], checked["b2"]),
+    )
+    Xb = _append_ones(X_checked)
+    if check_finite and not all(
+        np.isfinite(a).all() for a in (W1b, W2b, Xb, Y_checked)
+    ):
+        # one scan of the folded copies; when it fails, the checks that name the
+        # argument at fault, in the order params, X, Y
+        checked = _mlp_params(params)
+        _mlp_targets(checked, _mlp_inputs(checked, X), Y)
+    loss, G1b, G2b = _mlp_loss_and_grad(W1b, W2b, Xb, Y_checked)
+    return loss, _unfold_bias(G1b, G2b)
 
 
 def _mlp_forward(params, X):
@@ -510,15 +555,46 @@ def _mlp_forward(params, X):
     return H, Z
 
 
-def _mlp_loss_and_grad(params, X, Y):
-    """Eqs. 4.19 and 4.20 on checked inputs. The loss and the softmax share one
-    exponential: with Z shifted by its column maxima, E = exp[Z], s = 1^T E,
-    log softmax(Z) = Z - 1 log[s]^T and Pi = E diag(s)^-1. Every array of the shape
-    of H or Z is overwritten in place once it is not needed again, and the sums over
-    the k rows of Z are products with 1 (BLAS), faster than a strided reduction."""
-    n = X.shape[1]
-    W2 = params["W2"]
-    H, Z = _mlp_forward(params, X)
+def _fold_bias(W, b):
+    """[W b]: the weights with the bias as one more column, so that W x + b is one
+    product [W b] [x; 1] (eq. 4.18 folded into eq. 4.6)."""
+    Wb = np.empty((W.shape[0], W.shape[1] + 1))
+    Wb[:, :-1], Wb[:, -1] = W, b
+    return Wb
+
+
+def _append_ones(X):
+    """[X; 1^T]: the observations with a row of ones appended, for `_fold_bias`."""
+    Xb = np.empty((X.shape[0] + 1, X.shape[1]))
+    Xb[:-1], Xb[-1] = X, 1.0
+    return Xb
+
+
+def _unfold_bias(G1b, G2b):
+    """The gradients of [W1 b1] and [W2 b2] as the dict of `mlp_loss_and_grad`."""
+    return {"W1": G1b[:, :-1], "b1": G1b[:, -1], "W2": G2b[:, :-1], "b2": G2b[:, -1]}
+
+
+def _mlp_loss_and_grad(W1b, W2b, Xb, Y):
+    """Eqs. 4.19 and 4.20 on checked inputs, with the biases folded into the products:
+    W1b = [W1 b1], W2b = [W2 b2] and Xb = [X; 1^T] (`_fold_bias`, `_append_ones`), so
+    that A = W1b Xb, Z = W2b [H; 1^T], and the gradients of the folded weights,
+    Zbar [H; 1^T]^T = [W2bar b2bar] and Abar Xb^T = [W1bar b1bar], carry the bias
+    gradients Zbar 1 and Abar 1 (eq. 4.18) as their last columns. Returns (L, [W1bar
+    b1bar], [W2bar b2bar]).
+
+    The loss and the softmax share one exponential: with Z shifted by its column
+    maxima, E = exp[Z], s = 1^T E, log softmax(Z) = Z - 1 log[s]^T and Pi = E
+    diag(s)^-1. Every array of the shape of H or Z is overwritten in place once it is
+    not needed again, and the sums over the k rows of Z are products with 1 (BLAS),
+    faster than a strided reduction."""
+    h, n = W1b.shape[0], Xb.shape[1]
+    Hb = np.empty((h + 1, n))
+    H = Hb[:h]
+    np.matmul(W1b, Xb, out=H)  # A = W1 X + b1 1^T
+    np.tanh(H, out=H)  # H = tanh[A]; A itself is not needed again
+    Hb[h] = 1.0
+    Z = W2b @ Hb  # Z = W2 H + b2 1^T
     Z -= Z.max(axis=0)
     E = np.exp(Z)
     ones = np.ones(Z.shape[0])
@@ -532,17 +608,12 @@ def _mlp_loss_and_grad(params, X, Y):
     E *= sums
     E -= np.multiply(Y, 1.0 / n, out=Z)  # Z is not needed again
     Zbar = E  # eq. 4.11 with g = 1/n: (Pi o 1 1^T Y - Y) / n
-    Abar = W2.T @ Zbar  # eq. 4.6: Hbar, the gradient of W2 H with respect to H
-    grads = {
-        "W2": Zbar @ H.T,
-        "b2": Zbar.sum(axis=1),
-    }  # eqs. 4.6 and 4.18, second layer
+    Abar = W2b[:, :h].T @ Zbar  # eq. 4.6: Hbar, the gradient of W2 H with respect to H
+    G2b = Zbar @ Hb.T  # eqs. 4.6 and 4.18, second layer: [W2bar b2bar]
     np.multiply(H, H, out=H)
     np.subtract(1.0, H, out=H)
     Abar *= H  # eq. 4.8: Hbar o (1 - H o H); H is not needed again
-    grads["W1"] = Abar @ X.T  # eq. 4.6
-    grads["b1"] = Abar.sum(axis=1)  # eq. 4.18
-    return loss, grads
+    return loss, Abar @ Xb.T, G2b  # eqs. 4.6 and 4.18: [W1bar b1bar]
 
 
 def fit_mlp(
@@ -593,6 +664,14 @@ def fit_mlp(
         X_test = _mlp_inputs(params, X_test, "X_test")
         Y_test = _mlp_targets(params, X_test, Y_test, "Y_test")
     history = {"train_loss": [], "test_loss": []} if have_test else {"train_loss": []}
+    # The loop works on the folded weights [W1 b1], [W2 b2] and [X; 1^T]
+    # (`_fold_bias`): one product per layer and one update per layer.
+    W1b, W2b = (
+        _fold_bias(params["W1"], params["b1"]),
+        _fold_bias(params["W2"], params["b2"]),
+    )
+    Xb = _append_ones(X)
+    Xb_test = _append_ones(X_test) if have_test else None
     n = X.shape[1]
     for epoch in range(1, epochs + 1):
         order = rng.permutation(n)
@@ -601,15 +680,14 @@ def fit_mlp(
         ):  # divergence is reported below
             for start in range(0, n, batch_size):
                 batch = order[start : start + batch_size]
-                _, grads = _mlp_loss_and_grad(params, X[:, batch], Y[:, batch])
-                for name in (
-                    MLP_PARAMETERS
-                ):  # the parameters are fit_mlp's own arrays: update in place
-                    grads[name] *= learning_rate
-                    params[name] -= grads[name]
-            loss = _mlp_loss_and_grad(params, X, Y)[0]
+                _, G1b, G2b = _mlp_loss_and_grad(W1b, W2b, Xb[:, batch], Y[:, batch])
+                G1b *= learning_rate
+                W1b -= G1b
+                G2b *= learning_rate
+                W2b -= G2b
+            loss = _mlp_loss_and_grad(W1b, W2b, Xb, Y)[0]
         if not (
-            np.isfinite(loss) and all(np.all(np.isfinite(v)) for v in params.values())
+            np.isfinite(loss) and np.isfinite(W1b).all() and np.isfinite(W2b).all()
         ):
             raise ValueError(
                 f"training diverged in epoch {epoch} (the loss or a parameter is not "
@@ -617,7 +695,15 @@ def fit_mlp(
             )
         history["train_loss"].append(loss)
         if have_test:
-            history["test_loss"].append(_mlp_loss_and_grad(params, X_test, Y_test)[0])
+            history["test_loss"].append(
+                _mlp_loss_and_grad(W1b, W2b, Xb_test, Y_test)[0]
+            )
+    params = {
+        "W1": W1b[:, :-1].copy(),
+        "b1": W1b[:, -1].copy(),
+        "W2": W2b[:, :-1].copy(),
+        "b2": W2b[:, -1].copy(),
+    }
     return params, history
 
 

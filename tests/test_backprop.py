@@ -666,8 +666,8 @@ PLANTS = {
         "tanh",
     ),
     "softmax": (
-        "_softmax_vjp_from_output",
-        lambda S, G, axis=0: S * G,  # the projection 1 1^T (S o G) dropped
+        "_softmax_vjp_columns",
+        lambda X, G: dl.softmax(X) * G,  # the projection 1 1^T (S o G) dropped
         "softmax",
     ),
 }
@@ -719,3 +719,73 @@ def test_every_rule_names_the_non_finite_argument(name, kind, which):
     f = jvp if kind == "jvp" else vjp
     with pytest.raises(ValueError, match=rf"^{_arg_names(f)[which]} must be finite"):
         f(*args)
+
+
+# ----- softmax_vjp in blocks of rows: the same result, every entry checked -----
+
+
+def _softmax_vjp_plain(X, G):
+    """Eq. 4.9 in whole-array NumPy, along derivlib's softmax axis."""
+    axis = dl.vector.softmax_axis(np.shape(X))
+    S = dl.softmax(X)
+    return S * (G - (S * G).sum(axis=axis, keepdims=True))
+
+
+BLOCK_SHAPES = [(7, 3), (13, 5), (6, 1), (1, 9), (11,), (4, 6)]
+
+
+@pytest.mark.parametrize("shape", BLOCK_SHAPES)
+def test_softmax_vjp_in_blocks_of_rows_matches_the_plain_formula(shape, monkeypatch):
+    """With blocks of 2 or 6 entries (so of one to three rows), several blocks and a
+    short last one: the blocked passes give the whole-array formula to rounding."""
+    rng = np.random.default_rng(3)
+    X, G = 3 * rng.standard_normal(shape), rng.standard_normal(shape)
+    expected = _softmax_vjp_plain(X, G)
+    for block in (2, 6, 1 << 16):
+        monkeypatch.setattr(bp, "_BLOCK", block)
+        np.testing.assert_allclose(bp.softmax_vjp(X, G), expected, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("shape", BLOCK_SHAPES)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_softmax_vjp_in_blocks_refuses_every_non_finite_entry(shape, bad, monkeypatch):
+    """A NaN or an infinity at any entry of X or of G, in any block, is refused and
+    named; -inf in X (whose exponential is a harmless 0) and an infinity in G where
+    the softmax underflows to 0 (0 * inf) included."""
+    monkeypatch.setattr(bp, "_BLOCK", 2)
+    rng = np.random.default_rng(4)
+    X, G = rng.standard_normal(shape), rng.standard_normal(shape)
+    X.flat[0] = -800.0  # exp(-800 - max) = 0: an infinity of G there is times 0
+    for name in ("X", "G"):
+        for i in range(X.size):
+            args = {"X": X.copy(), "G": G.copy()}
+            args[name].flat[i] = bad
+            with pytest.raises(ValueError, match=rf"^{name} must be finite, got"):
+                bp.softmax_vjp(args["X"], args["G"])
+
+
+def test_softmax_vjp_with_logits_far_apart_is_finite():
+    """Logits 1.5e308 apart overflow the check's sum of X - max X, which then scans X,
+    finds it finite and returns the (finite) gradient."""
+    X = np.array([[1.5e308, 0.0], [-1.5e308, 1.0], [-1.5e308, 2.0]])
+    G = np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    with np.errstate(all="raise"):  # no floating-point warning escapes
+        Xbar = bp.softmax_vjp(X, G)
+    with np.errstate(over="ignore"):  # X - max X = -inf, whose exponential is 0
+        expected = _softmax_vjp_plain(X, G)
+    np.testing.assert_allclose(Xbar, expected, rtol=1e-14, atol=0)
+    assert np.all(np.isfinite(Xbar))
+
+
+@pytest.mark.parametrize("name", ["W1", "b1", "W2", "b2", "X", "Y"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_mlp_loss_and_grad_names_a_non_finite_argument(name, bad):
+    """The one scan of the folded copies catches a NaN or an infinity in any parameter
+    or input, and the error names it."""
+    P, X, Y = small_problem(0)
+    args = {**{k: np.array(v, dtype=float) for k, v in P.items()}, "X": X, "Y": Y}
+    args = {k: np.array(v, dtype=float) for k, v in args.items()}
+    args[name].flat[-1] = bad
+    params = {k: args[k] for k in bp.MLP_PARAMETERS}
+    with pytest.raises(ValueError, match=rf"^{name} must be finite"):
+        bp.mlp_loss_and_grad(params, args["X"], args["Y"])
