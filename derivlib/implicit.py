@@ -861,3 +861,156 @@ def sinkhorn_vjp(C, G, *, eps, a=None, b=None, P=None, tol=1e-9):
     )
     lam_g = np.append(lam[n:], 0.0)
     return -Q + P * (lam[:n, None] + lam_g[None, :]) / eps
+
+
+# ----- 8.8 Bundle adjustment: a gradient modulo the gauge -----
+
+# Above this part of |G| along the gauge directions, bundle_adjust_vjp refuses G.
+GAUGE_TOL = 1e-8
+
+
+def _bundle_point(problem, x, tol):
+    """At a solution x of `bundle_adjust`: the residuals r (2N,), the dense Jacobian
+    J (2N, P) in x (P = 6m + 3n), and the exact Hessian H (P, P) of E = 1/2 |r|^2 in
+    x (eqs. 8.31, 8.32). The relative gradient max |J^T r| / (|J| (1 + |r|)) must be
+    below tol."""
+    from .geometry.bundle import ba_jacobian, ba_jacobian_blocks, ba_residual
+    from .geometry.lie import _hat_many, right_jacobian, rodrigues
+
+    x = require_finite(as_float_array(x, "x", ndims=1), "x")
+    poses, X = problem.unpack(x)
+    r = ba_residual(problem, x)
+    J = ba_jacobian(problem, x).toarray()
+    g = J.T @ r
+    scale = np.linalg.norm(J) * (1.0 + np.linalg.norm(r))
+    _check_converged(
+        g / scale,
+        tol,
+        "bundle adjustment",
+        "the relative gradient max |J^T r| / (|J| (1 + |r|))",
+    )
+    m, n, cam, point, K = problem.m, problem.n, problem.cam, problem.point, problem.K
+    R = np.stack([rodrigues(w) for w in poses[:, :3]])
+    Rk, Xk = R[cam], X[:, point].T  # (N, 3, 3), (N, 3)
+    p = np.einsum("kab,kb->ka", Rk, Xk) + poses[cam, 3:]  # (N, 3)
+    a = r.reshape(-1, 2)  # the weight of each residual's Hessian
+    e = a @ K[:2, :2]  # phi_k = (e1 p1 + e2 p2) / p3 + const
+    mvec = np.concatenate([e, np.zeros((len(e), 1))], axis=1)
+    z = p[:, 2]
+    mp = np.sum(mvec * p, axis=1)
+    e3 = np.array([0.0, 0.0, 1.0])
+    Phi = -(mvec[:, :, None] * e3 + e3[:, None] * mvec[:, None, :]) / z[
+        :, None, None
+    ] ** 2 + (2 * mp / z**3)[:, None, None] * np.outer(e3, e3)  # (N, 3, 3)
+    # dp_k / d(delta_w, delta_t, delta_X) = P_k = [-R [X]x, I, R] (N, 3, 9)
+    P = np.concatenate(
+        [-Rk @ _hat_many(Xk.T), np.broadcast_to(np.eye(3), Rk.shape), Rk], axis=2
+    )
+    S = np.einsum("kai,kab,kbj->kij", P, Phi, P)
+    b = e / z[:, None]  # J_pi^T a_k, the gradient of phi_k in p
+    b = np.concatenate(
+        [b, -np.sum(b * p[:, :2], axis=1, keepdims=True) / z[:, None]], 1
+    )
+    c = np.einsum("kab,ka->kb", Rk, b)  # R^T b
+    M = 0.5 * (c[:, :, None] * Xk[:, None, :] + Xk[:, :, None] * c[:, None, :])
+    M -= np.sum(c * Xk, axis=1)[:, None, None] * np.eye(3)
+    S[:, :3, :3] += M  # the curvature of R Exp(delta_w) X
+    C = -_hat_many(c.T)  # c^T [dw]x dX = dw^T C dX
+    S[:, :3, 6:] += C
+    S[:, 6:, :3] += np.transpose(C, (0, 2, 1))
+    idx = np.concatenate(
+        [6 * cam[:, None] + np.arange(6), 6 * m + 3 * point[:, None] + np.arange(3)],
+        axis=1,
+    )
+    size = 6 * m + 3 * n
+    Sd = np.zeros((size, size))
+    np.add.at(Sd, (idx[:, :, None], idx[:, None, :]), S)
+    # to x: delta_w = J_r(w) dw at a stationary point (the term in g vanishes)
+    Tinv = np.eye(size)
+    for j in range(m):
+        Tinv[6 * j : 6 * j + 3, 6 * j : 6 * j + 3] = right_jacobian(poses[j, :3])
+    H = J.T @ J + Tinv.T @ Sd @ Tinv
+    return r, J, H
+
+
+def bundle_adjust_hessian(problem, x, *, hessian="exact", tol=1e-6):
+    """The (P, P) Hessian of E = 1/2 |r(x)|^2 (eq. 8.31) at a solution x of
+    `bundle_adjust` (P = 6m + 3n, in the layout of x): J^T J plus, when
+    hessian='exact', the second-order term (8.32). It is singular: H N = 0 for the 7
+    gauge directions N = `gauge_directions(problem, x)`."""
+    if hessian not in ("exact", "gauss-newton"):
+        raise ValueError(f"hessian must be 'exact' or 'gauss-newton', got {hessian!r}")
+    r, J, H = _bundle_point(problem, x, tol)
+    return H if hessian == "exact" else J.T @ J
+
+
+def _gauge_basis(problem, x):
+    from .geometry.bundle import gauge_directions
+
+    Q, _ = np.linalg.qr(gauge_directions(problem, x))
+    return Q
+
+
+def bundle_adjust_jvp(problem, x, du, *, tol=1e-6):
+    """Eq. (8.34): the forward rule of the gauge-fixed solution x*(u) of
+    `bundle_adjust` (the pose parameters outside problem.free held, as the solver
+    holds them): H_ff dx_f = (J^T du)_f, dx = 0 on the fixed parameters. du (2, N) is
+    the tangent of the image points problem.u. Returns dx (6m + 3n,). Raises
+    ValueError when the fixed parameters do not fix the gauge (gauge_is_fixed)."""
+    from .geometry.bundle import gauge_is_fixed
+
+    du = require_finite(as_float_array(du, "du", ndims=2), "du")
+    if du.shape != problem.u.shape:
+        raise ValueError(
+            f"du must have the shape of problem.u, {problem.u.shape}, got {du.shape}"
+        )
+    r, J, H = _bundle_point(problem, x, tol)
+    if not gauge_is_fixed(problem, x):
+        raise ValueError(
+            "bundle_adjust_jvp: the fixed pose parameters (fixed = "
+            f"{np.flatnonzero(~problem.free).tolist()}) do not fix the gauge at x, so "
+            "the solution is not a function of u; fix it (BundleProblem.create(fixed="
+            "...))"
+        )
+    f = np.flatnonzero(problem.free_mask())
+    # dg = H dx - J^T du = 0 on the free rows, dx = 0 on the fixed ones
+    rhs = J.T @ du.ravel(order="F")
+    dx = np.zeros(H.shape[0])
+    dx[f] = _lu_solve(factor(H[np.ix_(f, f)], RCOND, "bundle_adjust_jvp"), rhs[f])
+    return dx
+
+
+def bundle_adjust_vjp(problem, x, G, *, tol=1e-6, gauge_tol=GAUGE_TOL):
+    """Eq. (8.33): the backward rule of the solution of `bundle_adjust` for a
+    cotangent G (6m + 3n,) on x that does not see the gauge: H lam = G with lam
+    orthogonal to the gauge directions N, then u_bar_k = J_k lam (2, N). The result
+    does not depend on how the gauge is fixed.
+
+    G must be orthogonal to the 7 gauge directions N = gauge_directions(problem, x)
+    (the gradient of a loss invariant to rotating, shifting and scaling the whole
+    scene): |Q^T G| <= gauge_tol |G| with Q an orthonormal basis of N, else
+    ValueError, since the gradient of a loss that sees the gauge depends on the
+    choice of gauge (bundle_adjust_jvp differentiates one choice)."""
+    r, J, H = _bundle_point(problem, x, tol)
+    G = require_finite(as_float_array(G, "G", ndims=1), "G")
+    if G.shape != (H.shape[0],):
+        raise ValueError(
+            f"G must have the shape of x, ({H.shape[0]},), got shape {G.shape}"
+        )
+    Q = _gauge_basis(problem, x)
+    size = float(np.linalg.norm(G))
+    seen = float(np.linalg.norm(Q.T @ G))
+    if not seen <= gauge_tol * size:
+        raise ValueError(
+            f"bundle_adjust_vjp: G sees the gauge: its part along the 7 gauge "
+            f"directions (eq. 6.21) is {seen / size:.3g} of |G| > gauge_tol = "
+            f"{gauge_tol:.0e}. A loss that changes when the whole scene is rotated, "
+            "shifted or scaled has no gradient in u until a gauge is chosen, and then "
+            "one per choice; differentiate a gauge-invariant loss (relative rotations, "
+            "ratios of distances), or one gauge-fixed solution with bundle_adjust_jvp"
+        )
+    # H is singular along N only: (H + alpha Q Q^T) lam = G has the solution of
+    # H lam = G orthogonal to N, since G and H lam are both orthogonal to N
+    alpha = float(np.trace(H)) / H.shape[0]
+    lam = _lu_solve(factor(H + alpha * Q @ Q.T, RCOND, "bundle_adjust_vjp"), G)
+    return (J @ lam).reshape(-1, 2).T
