@@ -424,32 +424,120 @@ def _pnp_inputs(X, K, u, weights):
 
 def pnp_pose(X, K, u, *, weights=None, xi0=None, tol=1e-12, max_iter=100):
     """The pose xi = (w, t) minimising E = 1/2 sum_i w_i |pi(R X_i + t) - u_i|^2 (eq.
-    8.15) by Levenberg-Marquardt on the manifold (Chapter 6's `solve_least_squares`
-    with `pose_retract`, each residual scaled by sqrt(w_i)). X (3, n), K (3, 3), u
-    (2, n), weights (n,) positive (all ones when None); start xi0 (6,) or the DLT pose.
-    Returns xi (6,); raises ConvergenceError when the solver does not converge."""
+    8.15) by Levenberg-Marquardt on the manifold (the iteration of Chapter 6's
+    `solve_least_squares` with `pose_retract`, each residual scaled by sqrt(w_i);
+    see `_pnp_lm`). X (3, n), K (3, 3), u (2, n), weights (n,) positive (all ones
+    when None); start xi0 (6,) or the DLT pose. Returns xi (6,); raises
+    ConvergenceError when the solver does not converge."""
     from .geometry.linear import dlt_pose
-    from .geometry.solvers import (
-        pose_retract,
-        reprojection_jacobian_right,
-        reprojection_residual,
-        solve_least_squares,
-    )
+    from .geometry.solvers import _pose, _solver_options
 
     X, K, u, wts = _pnp_inputs(X, K, u, weights)
-    if xi0 is None:
-        xi0 = dlt_pose(X, K, u)
-    s = np.repeat(np.sqrt(wts), 2)
-    xi, _ = solve_least_squares(
-        lambda xi: s * reprojection_residual(xi, X, K, u),
-        lambda xi: s[:, None] * reprojection_jacobian_right(xi, X, K),
-        xi0,
-        "lm",
-        tol,
-        max_iter,
-        retract=pose_retract,
+    _solver_options(tol, max_iter, 1e-3)
+    xi0 = dlt_pose(X, K, u) if xi0 is None else _pose(xi0, "xi0")
+    return _pnp_lm(X, K, u, np.sqrt(wts), xi0, tol, max_iter)
+
+
+def _pnp_lm(X, K, u, sw, xi0, tol, max_iter, lam0=1e-3):
+    """Chapter 6's Levenberg-Marquardt (`solve_least_squares(method="lm",
+    retract=pose_retract)`: the same damping, updates and stopping rules) on the
+    residuals sqrt(w_i) r_i, for inputs validated once by the caller: the rotation is
+    kept as a matrix, R <- R Exp(delta_w), and the residual and its Jacobian in the
+    right perturbation, sqrt(w_i) J_pi(p_i) [-R [X_i]x | I], are computed for all
+    points at once, with no per-step checks. A step that puts a point behind the
+    camera (or whose image overflows) counts as raising E. Returns xi (6,)."""
+    from .geometry.lie import _hat_many, rotation_coefficients
+
+    K12, k3 = K[:2, :2], K[:2, 2:3]
+    hatX = _hat_many(X)  # (n, 3, 3)
+    eye = np.eye(3)
+
+    def exp(w):  # Rodrigues' formula, with Chapter 6's coefficients near 0
+        a, b, _ = rotation_coefficients(np.sqrt(w @ w))
+        W = np.array([[0.0, -w[2], w[1]], [w[2], 0.0, -w[0]], [-w[1], w[0], 0.0]])
+        return eye + a * W + b * (W @ W)
+
+    def residual(R, t):  # (2n,) in the order of vec(r), and the points p (3, n)
+        p = R @ X + t[:, None]
+        if not np.all(p[2] > 0):
+            return None, p
+        r = ((K12 @ (p[:2] / p[2]) + k3 - u) * sw).ravel(order="F")
+        return (r if np.isfinite(r @ r) else None), p
+
+    def jacobian(R, p):  # (2n, 6)
+        z = p[2]
+        D = np.zeros((p.shape[1], 2, 3))
+        D[:, 0, 0] = D[:, 1, 1] = sw / z
+        D[:, :, 2] = -(p[:2] / z**2 * sw).T
+        Jpi = K12 @ D  # (n, 2, 3), scaled by sqrt(w_i)
+        Jw = -(Jpi @ R) @ hatX
+        return np.concatenate([Jw, Jpi], axis=2).reshape(-1, 6)
+
+    def norm_x(R, t):  # |(w, t)| with w = Log R, |w| <= pi
+        v = 0.5 * np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]])
+        angle = np.arctan2(np.sqrt(v @ v), 0.5 * (R[0, 0] + R[1, 1] + R[2, 2] - 1.0))
+        return np.sqrt(angle**2 + t @ t)
+
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        return _pnp_lm_loop(exp, residual, jacobian, norm_x, xi0, tol, max_iter, lam0)
+
+
+def _pnp_lm_loop(exp, residual, jacobian, norm_x, xi0, tol, max_iter, lam0):
+    """The iteration of `_pnp_lm` (overflow in a trial step is caught as a
+    non-finite cost, so NumPy's warnings are off here)."""
+    from .geometry.camera import BehindCameraError, _in_front
+    from .geometry.lie import so3_log
+    from .geometry.solvers import (
+        MAX_DAMPING,
+        _finished,
+        _lm_update,
+        _stationary,
+        _stuck,
     )
-    return xi
+    from .losses import ConvergenceError
+
+    R, t = exp(xi0[:3]), xi0[3:].copy()
+    r, p = residual(R, t)
+    if r is None:
+        _in_front(p, "R(w) X + t")
+        raise BehindCameraError("the image of R(w) X + t overflows at the start xi0")
+    E, lam, nu = float(r @ r), lam0, 2.0
+    for _ in range(max_iter):
+        J = jacobian(R, p)
+        g, H = J.T @ r, J.T @ J
+        diag = np.diag(np.diag(H))
+        x_size = norm_x(R, t)
+        first = True
+        while True:
+            delta = np.linalg.solve(H + lam * diag, -g)
+            predicted = -float(delta @ (2 * g + H @ delta))
+            R_new, t_new = R @ exp(delta[:3]), t + delta[3:]
+            r_new, p_new = residual(R_new, t_new)
+            E_new = np.inf if r_new is None else float(r_new @ r_new)
+            rho = (E - E_new) / predicted if predicted > 0 else -1.0
+            if rho > 0:
+                lam, nu = _lm_update(lam, nu, rho)
+                stationary = False
+                break
+            if (
+                first
+                and np.isfinite(E_new)
+                and _stationary(E, predicted, delta, np.array([x_size]), tol)
+            ):
+                stationary = True
+                break
+            first = False
+            lam, nu = _lm_update(lam, nu, rho)
+            if lam > MAX_DAMPING:
+                raise _stuck(E, lam, "Levenberg-Marquardt")
+        done = stationary or _finished(E, E_new, delta, np.array([x_size]), tol)
+        if not stationary and E_new <= E:
+            R, t, r, p, E = R_new, t_new, r_new, p_new, E_new
+        if done:
+            return np.concatenate([so3_log(R), t])
+    raise ConvergenceError(
+        f"lm did not converge in {max_iter} iterations (cost {E:.6g})"
+    )
 
 
 def _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping):
@@ -473,17 +561,18 @@ def _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping):
     from .geometry.camera import _in_front
 
     _in_front(p, "R(w) X + t")
-    r = (project(p, K) - u).T  # (n, 2)
+    with np.errstate(over="ignore", invalid="ignore"):
+        r = (K[:2, :2] @ (p[:2] / p[2]) + K[:2, 2:3] - u).T  # (n, 2)
+    if not np.isfinite(r).all():
+        project(p, K)  # raises, naming the point whose image overflows
     Jpi = _project_jacobian(p, K)  # (n, 2, 3)
     Jp = np.concatenate(
-        [
-            -np.einsum("ab,nbc->nac", R, _hat_many(X)),
-            np.broadcast_to(np.eye(3), Jpi.shape[:1] + (3, 3)),
-        ],
+        [-(R @ _hat_many(X)), np.broadcast_to(np.eye(3), Jpi.shape[:1] + (3, 3))],
         axis=2,
     )  # (n, 3, 6): dp_i / d(delta_w, delta_t)
     J = Jpi @ Jp  # (n, 2, 6)
-    g = np.einsum("n,nai,na->i", wts, J, r)
+    Jf = J.reshape(-1, 6)  # rows 2i, 2i + 1: point i
+    g = (wts[:, None] * r).ravel() @ Jf
     # relative stationarity: |grad E| against |W^1/2 J| (1 + |W^1/2 r|), with the
     # weights divided by their mean, so that scaling every weight (which leaves the
     # pose unchanged) leaves the test unchanged too
@@ -499,25 +588,25 @@ def _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping):
         "the relative gradient max |g| / (|W^1/2 J| (1 + |W^1/2 r|)) (W the weights "
         "over their mean)",
     )
-    H = np.einsum("n,nai,naj->ij", wts, J, J)
+    H = (np.repeat(wts, 2)[:, None] * Jf).T @ Jf
     if hessian == "exact":
         a = wts[:, None] * r  # (n, 2): the weight of each residual's Hessian
-        e = np.einsum("ab,na->nb", K[:2, :2], a)  # phi_i = (e1 p1 + e2 p2) / p3
+        e = a @ K[:2, :2]  # phi_i = (e1 p1 + e2 p2) / p3
         m = np.concatenate([e, np.zeros((len(e), 1))], axis=1)  # (n, 3)
         z = p[2]
         e3 = np.array([0.0, 0.0, 1.0])
-        mp = np.einsum("nk,kn->n", m, p)
+        mp = np.sum(m * p.T, axis=1)
         Hp = -(m[:, :, None] * e3 + e3[:, None] * m[:, None, :]) / z[
             :, None, None
         ] ** 2 + (2 * mp / z**3)[:, None, None] * np.outer(
             e3, e3
         )  # (n, 3, 3): Hessian of phi_i in p
-        H += np.einsum("nki,nkl,nlj->ij", Jp, Hp, Jp)
-        b = np.einsum("nak,na->nk", Jpi, a)  # grad of phi_i in p
+        H += (np.transpose(Jp, (0, 2, 1)) @ (Hp @ Jp)).sum(axis=0)
+        b = (a[:, None, :] @ Jpi)[:, 0]  # grad of phi_i in p
         c = b @ R  # R^T b_i, rows
         Xt = X.T
         M = 0.5 * (c[:, :, None] * Xt[:, None, :] + Xt[:, :, None] * c[:, None, :])
-        M -= np.einsum("nk,nk->n", c, Xt)[:, None, None] * np.eye(3)
+        M -= np.sum(c * Xt, axis=1)[:, None, None] * np.eye(3)
         H[:3, :3] += M.sum(axis=0)  # the curvature of R Exp(delta_w) X_i
     H += damping * np.eye(6)
     return r, J, H
