@@ -594,20 +594,19 @@ def _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping):
         e = a @ K[:2, :2]  # phi_i = (e1 p1 + e2 p2) / p3
         m = np.concatenate([e, np.zeros((len(e), 1))], axis=1)  # (n, 3)
         z = p[2]
-        e3 = np.array([0.0, 0.0, 1.0])
         mp = np.sum(m * p.T, axis=1)
-        Hp = -(m[:, :, None] * e3 + e3[:, None] * m[:, None, :]) / z[
-            :, None, None
-        ] ** 2 + (2 * mp / z**3)[:, None, None] * np.outer(
-            e3, e3
-        )  # (n, 3, 3): Hessian of phi_i in p
-        H += (np.transpose(Jp, (0, 2, 1)) @ (Hp @ Jp)).sum(axis=0)
+        # Hessian of phi_i in p: -(m e3^T + e3 m^T) / z^2 + (2 m^T p / z^3) e3 e3^T,
+        # so P_i^T (.) P_i = -(v q^T + q v^T) / z^2 + (2 m^T p / z^3) q q^T with
+        # v = P_i^T m and q = P_i^T e3 (the third row of P_i)
+        v = (m[:, None, :] @ Jp)[:, 0] / (z**2)[:, None]  # (n, 6)
+        q = Jp[:, 2, :]  # (n, 6)
+        H += (q * (2 * mp / z**3)[:, None]).T @ q - v.T @ q - q.T @ v
         b = (a[:, None, :] @ Jpi)[:, 0]  # grad of phi_i in p
         c = b @ R  # R^T b_i, rows
         Xt = X.T
-        M = 0.5 * (c[:, :, None] * Xt[:, None, :] + Xt[:, :, None] * c[:, None, :])
-        M -= np.sum(c * Xt, axis=1)[:, None, None] * np.eye(3)
-        H[:3, :3] += M.sum(axis=0)  # the curvature of R Exp(delta_w) X_i
+        CX = c.T @ Xt  # sum_i c_i X_i^T
+        # the curvature of R Exp(delta_w) X_i, summed over i
+        H[:3, :3] += 0.5 * (CX + CX.T) - np.trace(CX) * np.eye(3)
     H += damping * np.eye(6)
     return r, J, H
 
