@@ -760,3 +760,63 @@ def test_bundle_rules_refuse_a_gauge_dependent_loss_and_bad_input(bundle, rng):
     )
     with pytest.raises(ValueError, match="do not fix the gauge"):
         bundle_adjust_jvp(loose, x, rng.standard_normal(problem.u.shape))
+
+
+def test_bundle_vjp_refuses_bad_options_and_scales_extreme_cotangents(bundle):
+    from derivlib.implicit import bundle_adjust_hessian, bundle_adjust_vjp
+
+    problem, x = bundle
+    G = _shape_gradient(problem, x)
+    u_bar = bundle_adjust_vjp(problem, x, G)
+    for s in (1e-300, 1e300):  # |G| would underflow / overflow unscaled
+        assert relative_error(bundle_adjust_vjp(problem, x, s * G) / s, u_bar) < 1e-12
+    sees = np.zeros_like(x)
+    sees[6 * problem.m] = 1e-300  # tiny, and still a loss that sees the gauge
+    with pytest.raises(ValueError, match="G sees the gauge"):
+        bundle_adjust_vjp(problem, x, sees)
+    for bad in (-1.0, np.nan):
+        with pytest.raises(ValueError, match="gauge_tol must be finite"):
+            bundle_adjust_vjp(problem, x, G, gauge_tol=bad)
+    with pytest.raises(ValueError, match="problem must be a BundleProblem"):
+        bundle_adjust_hessian("problem", x)
+
+
+def test_pnp_pose_gives_chapter_6_solvers_answer(rng):
+    # pnp_pose runs Chapter 6's Levenberg-Marquardt (solve_least_squares with
+    # pose_retract) on validated inputs; the two round differently, so they agree to
+    # the solver's accuracy, not bit for bit
+    from derivlib import (
+        pose_retract,
+        reprojection_jacobian_right,
+        reprojection_residual,
+        rodrigues,
+        so3_log,
+        solve_least_squares,
+    )
+
+    Kc = np.array([[500.0, 0.0, 320.0], [0.0, 480.0, 240.0], [0.0, 0.0, 1.0]])
+    for trial in range(20):
+        n = int(rng.integers(5, 30))
+        X = rng.uniform(-1.0, 1.0, (3, n))
+        xi_true = np.concatenate(
+            [rng.normal(0.0, 1.0, 3), rng.normal(0.0, 0.3, 2), [rng.uniform(3, 8)]]
+        )
+        p = _rot(xi_true[:3]) @ X + xi_true[3:, None]
+        u = (Kc @ p)[:2] / p[2] + rng.standard_normal((2, n))
+        u[:, : n // 4] += rng.uniform(-60.0, 60.0, (2, n // 4))  # outliers
+        w = rng.uniform(0.01, 2.0, n)
+        start = xi_true + rng.normal(0.0, 0.2, 6)
+        s = np.repeat(np.sqrt(w), 2)
+        theirs = solve_least_squares(
+            lambda xi: s * reprojection_residual(xi, X, Kc, u),
+            lambda xi: s[:, None] * reprojection_jacobian_right(xi, X, Kc),
+            start,
+            "lm",
+            1e-12,
+            100,
+            retract=pose_retract,
+        )[0]
+        ours = pnp_pose(X, Kc, u, weights=w, xi0=start)
+        dw = so3_log(rodrigues(theirs[:3]).T @ rodrigues(ours[:3]))
+        gap = np.linalg.norm(np.concatenate([dw, ours[3:] - theirs[3:]]))
+        assert gap < 1e-8 * np.linalg.norm(theirs), (trial, gap)
