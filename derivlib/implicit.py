@@ -435,7 +435,9 @@ def pnp_pose(X, K, u, *, weights=None, xi0=None, tol=1e-12, max_iter=100):
     X, K, u, wts = _pnp_inputs(X, K, u, weights)
     _solver_options(tol, max_iter, 1e-3)
     xi0 = dlt_pose(X, K, u) if xi0 is None else _pose(xi0, "xi0")
-    return _pnp_lm(X, K, u, np.sqrt(wts), xi0, tol, max_iter)
+    # the minimiser does not change when every weight is scaled: divide by the largest,
+    # so that extreme weights neither overflow nor underflow E
+    return _pnp_lm(X, K, u, np.sqrt(wts / np.max(wts)), xi0, tol, max_iter)
 
 
 def _pnp_lm(X, K, u, sw, xi0, tol, max_iter, lam0=1e-3):
@@ -547,7 +549,9 @@ def _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping):
     """At the pose xi: the per-point residuals r (n, 2), their Jacobians in the right
     perturbation J (n, 2, 6), the gradient check, and the Hessian H (6, 6) of E in
     the perturbation (eq. 8.17): sum_i w_i J_i^T J_i, plus, when hessian='exact', the
-    second-order term sum_i w_i r_i . Hess r_i (eq. 8.18), plus damping * I."""
+    second-order term sum_i w_i r_i . Hess r_i (eq. 8.18), plus damping * I. The
+    weights are divided by s = max w_i first, so that extreme weights neither overflow
+    nor underflow: the H returned is the Hessian over s, and s is returned too."""
     from .geometry.camera import _project_jacobian, project
     from .geometry.lie import _hat_many, rodrigues
     from .geometry.solvers import _pose
@@ -558,6 +562,8 @@ def _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping):
     if not (np.isfinite(damping) and damping >= 0):
         raise ValueError(f"damping must be finite and >= 0, got {damping}")
     xi = _pose(xi)
+    s_w = float(np.max(wts))
+    wts = wts / s_w
     R = rodrigues(xi[:3])
     Xc = R @ X
     p = Xc + xi[3:, None]
@@ -610,8 +616,8 @@ def _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping):
         CX = c.T @ Xt  # sum_i c_i X_i^T
         # the curvature of R Exp(delta_w) X_i, summed over i
         H[:3, :3] += 0.5 * (CX + CX.T) - np.trace(CX) * np.eye(3)
-    H += damping * np.eye(6)
-    return r, J, H
+    H += (damping / s_w) * np.eye(6)
+    return r, J, H, s_w
 
 
 def pnp_pose_hessian(X, K, u, *, weights=None, xi=None, hessian="exact", tol=1e-6):
@@ -621,7 +627,9 @@ def pnp_pose_hessian(X, K, u, *, weights=None, xi=None, hessian="exact", tol=1e-
     X, K, u, wts = _pnp_inputs(X, K, u, weights)
     if xi is None:
         xi = pnp_pose(X, K, u, weights=wts)
-    return _pnp_linearisation(X, K, u, wts, xi, tol, hessian, 0.0)[2]
+    _, _, H, s_w = _pnp_linearisation(X, K, u, wts, xi, tol, hessian, 0.0)
+    with np.errstate(over="ignore"):  # inf only where the Hessian passes the floats
+        return s_w * H
 
 
 def pnp_pose_jvp(
@@ -656,9 +664,11 @@ def pnp_pose_jvp(
         )
     if xi is None:
         xi = pnp_pose(X, K, u, weights=wts)
-    r, J, H = _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping)
-    # d(grad E) = H delta + sum_i J_i^T (dw_i r_i - w_i du_i) = 0
-    dgrad = np.einsum("nai,na->i", J, dw[:, None] * r - wts[:, None] * du.T)
+    r, J, H, s_w = _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping)
+    # d(grad E) = H delta + sum_i J_i^T (dw_i r_i - w_i du_i) = 0, all over s_w
+    dgrad = np.einsum(
+        "nai,na->i", J, (dw / s_w)[:, None] * r - (wts / s_w)[:, None] * du.T
+    )
     return _lu_solve(factor(H, RCOND, "pnp_pose_jvp"), -dgrad)
 
 
@@ -676,10 +686,11 @@ def pnp_pose_vjp(
         )
     if xi is None:
         xi = pnp_pose(X, K, u, weights=wts)
-    r, J, H = _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping)
-    lam = _lu_solve(factor(H, RCOND, "pnp_pose_vjp"), G, trans=1)
+    r, J, H, s_w = _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping)
+    lam = _lu_solve(factor(H, RCOND, "pnp_pose_vjp"), G, trans=1)  # s_w times lam
     Jl = J @ lam  # (n, 2): each point's residual moved by lam
-    return (wts[:, None] * Jl).T, -np.sum(r * Jl, axis=1)
+    with np.errstate(over="ignore"):  # inf only where weights_bar passes the floats
+        return ((wts / s_w)[:, None] * Jl).T, -np.sum(r * Jl, axis=1) / s_w
 
 
 def pnp_pose_covariance(X, K, u, *, sigma=1.0, weights=None, xi=None, tol=1e-6):
@@ -692,9 +703,9 @@ def pnp_pose_covariance(X, K, u, *, sigma=1.0, weights=None, xi=None, tol=1e-6):
         raise ValueError(f"sigma must be finite and positive, got {sigma}")
     if xi is None:
         xi = pnp_pose(X, K, u, weights=wts)
-    _, J, H = _pnp_linearisation(X, K, u, wts, xi, tol, "exact", 0.0)
+    _, J, H, s_w = _pnp_linearisation(X, K, u, wts, xi, tol, "exact", 0.0)
     factors = factor(H, RCOND, "pnp_pose_covariance")
-    S = _lu_solve(factors, np.einsum("n,nai->ian", wts, J).reshape(6, -1))
+    S = _lu_solve(factors, np.einsum("n,nai->ian", wts / s_w, J).reshape(6, -1))
     return sigma**2 * S @ S.T
 
 

@@ -820,3 +820,21 @@ def test_pnp_pose_gives_chapter_6_solvers_answer(rng):
         dw = so3_log(rodrigues(theirs[:3]).T @ rodrigues(ours[:3]))
         gap = np.linalg.norm(np.concatenate([dw, ours[3:] - theirs[3:]]))
         assert gap < 1e-8 * np.linalg.norm(theirs), (trial, gap)
+
+
+def test_pnp_rules_are_unchanged_by_scaling_every_weight(rng):
+    # the minimiser of (8.15) does not see a common scale of the weights; extreme
+    # scales must neither overflow nor underflow (u_bar is unchanged, w_bar / s)
+    Kc = np.array([[500.0, 0.0, 320.0], [0.0, 480.0, 240.0], [0.0, 0.0, 1.0]])
+    X = rng.uniform(-1.0, 1.0, (3, 8))
+    xi_true = np.array([0.1, -0.2, 0.15, 0.1, -0.1, 5.0])
+    p = _rot(xi_true[:3]) @ X + xi_true[3:, None]
+    u = (Kc @ p)[:2] / p[2] + 2.0 * rng.standard_normal((2, 8))
+    w, G = rng.uniform(0.5, 1.5, 8), rng.standard_normal(6)
+    xi = pnp_pose(X, Kc, u, weights=w)
+    u_bar, w_bar = pnp_pose_vjp(X, Kc, u, G, weights=w, xi=xi)
+    for s in (1e-300, 1e306):
+        assert relative_error(pnp_pose(X, Kc, u, weights=s * w), xi) < 1e-12
+        a, b = pnp_pose_vjp(X, Kc, u, G, weights=s * w, xi=xi)
+        assert relative_error(a, u_bar) < 1e-12
+        assert relative_error(b * s, w_bar) < 1e-12
