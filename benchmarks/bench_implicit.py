@@ -28,8 +28,11 @@ NumPy and JAX are imported).
    `undistort_vjp` against jax.jit of jax.vjp through 60 iterations of the same map
    (enough for the same accuracy).
 3. The PnP pose (section 8.4), 50 points, 1 pixel of noise, from the DLT start: the
-   gradient in u of L = <G_R, R> + <G_t, t>. derivlib: `pnp_pose` (Levenberg-Marquardt
-   on the manifold, tol 1e-12) and `pnp_pose_vjp` (the exact Hessian, eq. 8.20).
+   gradient in u of L = <G_R, R> + <G_t, t>. derivlib: `pnp_pose` (Chapter 6's
+   Levenberg-Marquardt on the manifold, tol 1e-12, run on inputs validated once per
+   call, with the Jacobian of all points in one vectorised product) and `pnp_pose_vjp`
+   (the exact Hessian, eq. 8.20; it validates its inputs again, as every public call
+   does).
    jaxopt: `custom_root` (the gradient of the cost in (w, t) as optimality condition,
    `solve_cholesky`) around 8 Gauss-Newton steps in JAX from the same start, which reach
    the same cost; unrolled: jax.grad through the same 8 steps. jax.jit throughout.

@@ -420,6 +420,9 @@ __all__ = [
 
 # ----- Chapter 8: differentiating through solvers -----
 from .implicit import (  # noqa: E402
+    bundle_adjust_hessian,
+    bundle_adjust_jvp,
+    bundle_adjust_vjp,
     umeyama,
     umeyama_jvp,
     umeyama_vjp,
@@ -445,6 +448,9 @@ from .implicit import (  # noqa: E402
 )
 
 __all__ += [
+    "bundle_adjust_hessian",
+    "bundle_adjust_jvp",
+    "bundle_adjust_vjp",
     "umeyama",
     "umeyama_jvp",
     "umeyama_vjp",

@@ -424,39 +424,134 @@ def _pnp_inputs(X, K, u, weights):
 
 def pnp_pose(X, K, u, *, weights=None, xi0=None, tol=1e-12, max_iter=100):
     """The pose xi = (w, t) minimising E = 1/2 sum_i w_i |pi(R X_i + t) - u_i|^2 (eq.
-    8.15) by Levenberg-Marquardt on the manifold (Chapter 6's `solve_least_squares`
-    with `pose_retract`, each residual scaled by sqrt(w_i)). X (3, n), K (3, 3), u
-    (2, n), weights (n,) positive (all ones when None); start xi0 (6,) or the DLT pose.
-    Returns xi (6,); raises ConvergenceError when the solver does not converge."""
+    8.15) by Levenberg-Marquardt on the manifold (the iteration of Chapter 6's
+    `solve_least_squares` with `pose_retract`, each residual scaled by sqrt(w_i);
+    see `_pnp_lm`). X (3, n), K (3, 3), u (2, n), weights (n,) positive (all ones
+    when None); start xi0 (6,) or the DLT pose. Returns xi (6,); raises
+    ConvergenceError when the solver does not converge."""
     from .geometry.linear import dlt_pose
-    from .geometry.solvers import (
-        pose_retract,
-        reprojection_jacobian_right,
-        reprojection_residual,
-        solve_least_squares,
-    )
+    from .geometry.solvers import _pose, _solver_options
 
     X, K, u, wts = _pnp_inputs(X, K, u, weights)
-    if xi0 is None:
-        xi0 = dlt_pose(X, K, u)
-    s = np.repeat(np.sqrt(wts), 2)
-    xi, _ = solve_least_squares(
-        lambda xi: s * reprojection_residual(xi, X, K, u),
-        lambda xi: s[:, None] * reprojection_jacobian_right(xi, X, K),
-        xi0,
-        "lm",
-        tol,
-        max_iter,
-        retract=pose_retract,
+    _solver_options(tol, max_iter, 1e-3)
+    xi0 = dlt_pose(X, K, u) if xi0 is None else _pose(xi0, "xi0")
+    # the minimiser does not change when every weight is scaled: divide by the largest,
+    # so that extreme weights neither overflow nor underflow E
+    return _pnp_lm(X, K, u, np.sqrt(wts / np.max(wts)), xi0, tol, max_iter)
+
+
+def _pnp_lm(X, K, u, sw, xi0, tol, max_iter, lam0=1e-3):
+    """Chapter 6's Levenberg-Marquardt (`solve_least_squares(method="lm",
+    retract=pose_retract)`: the same damping, updates and stopping rules) on the
+    residuals sqrt(w_i) r_i, for inputs validated once by the caller: the rotation is
+    kept as a matrix, R <- R Exp(delta_w), and the residual and its Jacobian in the
+    right perturbation, sqrt(w_i) J_pi(p_i) [-R [X_i]x | I], are computed for all
+    points at once, with no per-step checks. A step that puts a point behind the
+    camera (or whose image overflows) counts as raising E. Returns xi (6,). The two
+    round differently, so near the stopping rule they may stop an iteration apart:
+    the poses agree to the solver's accuracy (tested below 1e-8 relative at tol =
+    1e-12), not bit for bit."""
+    from .geometry.lie import _hat_many, rotation_coefficients
+
+    K12, k3 = K[:2, :2], K[:2, 2:3]
+    hatX = _hat_many(X)  # (n, 3, 3)
+    eye = np.eye(3)
+
+    def exp(w):  # Rodrigues' formula, with Chapter 6's coefficients near 0
+        a, b, _ = rotation_coefficients(np.sqrt(w @ w))
+        W = np.array([[0.0, -w[2], w[1]], [w[2], 0.0, -w[0]], [-w[1], w[0], 0.0]])
+        return eye + a * W + b * (W @ W)
+
+    def residual(R, t):  # (2n,) in the order of vec(r), and the points p (3, n)
+        p = R @ X + t[:, None]
+        if not np.all(p[2] > 0):
+            return None, p
+        r = ((K12 @ (p[:2] / p[2]) + k3 - u) * sw).ravel(order="F")
+        return (r if np.isfinite(r @ r) else None), p
+
+    def jacobian(R, p):  # (2n, 6)
+        z = p[2]
+        D = np.zeros((p.shape[1], 2, 3))
+        D[:, 0, 0] = D[:, 1, 1] = sw / z
+        D[:, :, 2] = -(p[:2] / z**2 * sw).T
+        Jpi = K12 @ D  # (n, 2, 3), scaled by sqrt(w_i)
+        Jw = -(Jpi @ R) @ hatX
+        return np.concatenate([Jw, Jpi], axis=2).reshape(-1, 6)
+
+    def norm_x(R, t):  # |(w, t)| with w = Log R, |w| <= pi
+        v = 0.5 * np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]])
+        angle = np.arctan2(np.sqrt(v @ v), 0.5 * (R[0, 0] + R[1, 1] + R[2, 2] - 1.0))
+        return np.sqrt(angle**2 + t @ t)
+
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        return _pnp_lm_loop(exp, residual, jacobian, norm_x, xi0, tol, max_iter, lam0)
+
+
+def _pnp_lm_loop(exp, residual, jacobian, norm_x, xi0, tol, max_iter, lam0):
+    """The iteration of `_pnp_lm` (overflow in a trial step is caught as a
+    non-finite cost, so NumPy's warnings are off here)."""
+    from .geometry.camera import BehindCameraError, _in_front
+    from .geometry.lie import so3_log
+    from .geometry.solvers import (
+        MAX_DAMPING,
+        _finished,
+        _lm_update,
+        _stationary,
+        _stuck,
     )
-    return xi
+    from .losses import ConvergenceError
+
+    R, t = exp(xi0[:3]), xi0[3:].copy()
+    r, p = residual(R, t)
+    if r is None:
+        _in_front(p, "R(w) X + t")
+        raise BehindCameraError("the image of R(w) X + t overflows at the start xi0")
+    E, lam, nu = float(r @ r), lam0, 2.0
+    for _ in range(max_iter):
+        J = jacobian(R, p)
+        g, H = J.T @ r, J.T @ J
+        diag = np.diag(np.diag(H))
+        x_size = norm_x(R, t)
+        first = True
+        while True:
+            delta = np.linalg.solve(H + lam * diag, -g)
+            predicted = -float(delta @ (2 * g + H @ delta))
+            R_new, t_new = R @ exp(delta[:3]), t + delta[3:]
+            r_new, p_new = residual(R_new, t_new)
+            E_new = np.inf if r_new is None else float(r_new @ r_new)
+            rho = (E - E_new) / predicted if predicted > 0 else -1.0
+            if rho > 0:
+                lam, nu = _lm_update(lam, nu, rho)
+                stationary = False
+                break
+            if (
+                first
+                and np.isfinite(E_new)
+                and _stationary(E, predicted, delta, np.array([x_size]), tol)
+            ):
+                stationary = True
+                break
+            first = False
+            lam, nu = _lm_update(lam, nu, rho)
+            if lam > MAX_DAMPING:
+                raise _stuck(E, lam, "Levenberg-Marquardt")
+        done = stationary or _finished(E, E_new, delta, np.array([x_size]), tol)
+        if not stationary and E_new <= E:
+            R, t, r, p, E = R_new, t_new, r_new, p_new, E_new
+        if done:
+            return np.concatenate([so3_log(R), t])
+    raise ConvergenceError(
+        f"lm did not converge in {max_iter} iterations (cost {E:.6g})"
+    )
 
 
 def _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping):
     """At the pose xi: the per-point residuals r (n, 2), their Jacobians in the right
     perturbation J (n, 2, 6), the gradient check, and the Hessian H (6, 6) of E in
     the perturbation (eq. 8.17): sum_i w_i J_i^T J_i, plus, when hessian='exact', the
-    second-order term sum_i w_i r_i . Hess r_i (eq. 8.18), plus damping * I."""
+    second-order term sum_i w_i r_i . Hess r_i (eq. 8.18), plus damping * I. The
+    weights are divided by s = max w_i first, so that extreme weights neither overflow
+    nor underflow: the H returned is the Hessian over s, and s is returned too."""
     from .geometry.camera import _project_jacobian, project
     from .geometry.lie import _hat_many, rodrigues
     from .geometry.solvers import _pose
@@ -467,23 +562,26 @@ def _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping):
     if not (np.isfinite(damping) and damping >= 0):
         raise ValueError(f"damping must be finite and >= 0, got {damping}")
     xi = _pose(xi)
+    s_w = float(np.max(wts))
+    wts = wts / s_w
     R = rodrigues(xi[:3])
     Xc = R @ X
     p = Xc + xi[3:, None]
     from .geometry.camera import _in_front
 
     _in_front(p, "R(w) X + t")
-    r = (project(p, K) - u).T  # (n, 2)
+    with np.errstate(over="ignore", invalid="ignore"):
+        r = (K[:2, :2] @ (p[:2] / p[2]) + K[:2, 2:3] - u).T  # (n, 2)
+    if not np.isfinite(r).all():
+        project(p, K)  # raises, naming the point whose image overflows
     Jpi = _project_jacobian(p, K)  # (n, 2, 3)
     Jp = np.concatenate(
-        [
-            -np.einsum("ab,nbc->nac", R, _hat_many(X)),
-            np.broadcast_to(np.eye(3), Jpi.shape[:1] + (3, 3)),
-        ],
+        [-(R @ _hat_many(X)), np.broadcast_to(np.eye(3), Jpi.shape[:1] + (3, 3))],
         axis=2,
     )  # (n, 3, 6): dp_i / d(delta_w, delta_t)
     J = Jpi @ Jp  # (n, 2, 6)
-    g = np.einsum("n,nai,na->i", wts, J, r)
+    Jf = J.reshape(-1, 6)  # rows 2i, 2i + 1: point i
+    g = (wts[:, None] * r).ravel() @ Jf
     # relative stationarity: |grad E| against |W^1/2 J| (1 + |W^1/2 r|), with the
     # weights divided by their mean, so that scaling every weight (which leaves the
     # pose unchanged) leaves the test unchanged too
@@ -499,28 +597,27 @@ def _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping):
         "the relative gradient max |g| / (|W^1/2 J| (1 + |W^1/2 r|)) (W the weights "
         "over their mean)",
     )
-    H = np.einsum("n,nai,naj->ij", wts, J, J)
+    H = (np.repeat(wts, 2)[:, None] * Jf).T @ Jf
     if hessian == "exact":
         a = wts[:, None] * r  # (n, 2): the weight of each residual's Hessian
-        e = np.einsum("ab,na->nb", K[:2, :2], a)  # phi_i = (e1 p1 + e2 p2) / p3
+        e = a @ K[:2, :2]  # phi_i = (e1 p1 + e2 p2) / p3
         m = np.concatenate([e, np.zeros((len(e), 1))], axis=1)  # (n, 3)
         z = p[2]
-        e3 = np.array([0.0, 0.0, 1.0])
-        mp = np.einsum("nk,kn->n", m, p)
-        Hp = -(m[:, :, None] * e3 + e3[:, None] * m[:, None, :]) / z[
-            :, None, None
-        ] ** 2 + (2 * mp / z**3)[:, None, None] * np.outer(
-            e3, e3
-        )  # (n, 3, 3): Hessian of phi_i in p
-        H += np.einsum("nki,nkl,nlj->ij", Jp, Hp, Jp)
-        b = np.einsum("nak,na->nk", Jpi, a)  # grad of phi_i in p
+        mp = np.sum(m * p.T, axis=1)
+        # Hessian of phi_i in p: -(m e3^T + e3 m^T) / z^2 + (2 m^T p / z^3) e3 e3^T,
+        # so P_i^T (.) P_i = -(v q^T + q v^T) / z^2 + (2 m^T p / z^3) q q^T with
+        # v = P_i^T m and q = P_i^T e3 (the third row of P_i)
+        v = (m[:, None, :] @ Jp)[:, 0] / (z**2)[:, None]  # (n, 6)
+        q = Jp[:, 2, :]  # (n, 6)
+        H += (q * (2 * mp / z**3)[:, None]).T @ q - v.T @ q - q.T @ v
+        b = (a[:, None, :] @ Jpi)[:, 0]  # grad of phi_i in p
         c = b @ R  # R^T b_i, rows
         Xt = X.T
-        M = 0.5 * (c[:, :, None] * Xt[:, None, :] + Xt[:, :, None] * c[:, None, :])
-        M -= np.einsum("nk,nk->n", c, Xt)[:, None, None] * np.eye(3)
-        H[:3, :3] += M.sum(axis=0)  # the curvature of R Exp(delta_w) X_i
-    H += damping * np.eye(6)
-    return r, J, H
+        CX = c.T @ Xt  # sum_i c_i X_i^T
+        # the curvature of R Exp(delta_w) X_i, summed over i
+        H[:3, :3] += 0.5 * (CX + CX.T) - np.trace(CX) * np.eye(3)
+    H += (damping / s_w) * np.eye(6)
+    return r, J, H, s_w
 
 
 def pnp_pose_hessian(X, K, u, *, weights=None, xi=None, hessian="exact", tol=1e-6):
@@ -530,7 +627,9 @@ def pnp_pose_hessian(X, K, u, *, weights=None, xi=None, hessian="exact", tol=1e-
     X, K, u, wts = _pnp_inputs(X, K, u, weights)
     if xi is None:
         xi = pnp_pose(X, K, u, weights=wts)
-    return _pnp_linearisation(X, K, u, wts, xi, tol, hessian, 0.0)[2]
+    _, _, H, s_w = _pnp_linearisation(X, K, u, wts, xi, tol, hessian, 0.0)
+    with np.errstate(over="ignore"):  # inf only where the Hessian passes the floats
+        return s_w * H
 
 
 def pnp_pose_jvp(
@@ -565,9 +664,11 @@ def pnp_pose_jvp(
         )
     if xi is None:
         xi = pnp_pose(X, K, u, weights=wts)
-    r, J, H = _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping)
-    # d(grad E) = H delta + sum_i J_i^T (dw_i r_i - w_i du_i) = 0
-    dgrad = np.einsum("nai,na->i", J, dw[:, None] * r - wts[:, None] * du.T)
+    r, J, H, s_w = _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping)
+    # d(grad E) = H delta + sum_i J_i^T (dw_i r_i - w_i du_i) = 0, all over s_w
+    dgrad = np.einsum(
+        "nai,na->i", J, (dw / s_w)[:, None] * r - (wts / s_w)[:, None] * du.T
+    )
     return _lu_solve(factor(H, RCOND, "pnp_pose_jvp"), -dgrad)
 
 
@@ -585,10 +686,11 @@ def pnp_pose_vjp(
         )
     if xi is None:
         xi = pnp_pose(X, K, u, weights=wts)
-    r, J, H = _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping)
-    lam = _lu_solve(factor(H, RCOND, "pnp_pose_vjp"), G, trans=1)
+    r, J, H, s_w = _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping)
+    lam = _lu_solve(factor(H, RCOND, "pnp_pose_vjp"), G, trans=1)  # s_w times lam
     Jl = J @ lam  # (n, 2): each point's residual moved by lam
-    return (wts[:, None] * Jl).T, -np.sum(r * Jl, axis=1)
+    with np.errstate(over="ignore"):  # inf only where weights_bar passes the floats
+        return ((wts / s_w)[:, None] * Jl).T, -np.sum(r * Jl, axis=1) / s_w
 
 
 def pnp_pose_covariance(X, K, u, *, sigma=1.0, weights=None, xi=None, tol=1e-6):
@@ -601,9 +703,9 @@ def pnp_pose_covariance(X, K, u, *, sigma=1.0, weights=None, xi=None, tol=1e-6):
         raise ValueError(f"sigma must be finite and positive, got {sigma}")
     if xi is None:
         xi = pnp_pose(X, K, u, weights=wts)
-    _, J, H = _pnp_linearisation(X, K, u, wts, xi, tol, "exact", 0.0)
+    _, J, H, s_w = _pnp_linearisation(X, K, u, wts, xi, tol, "exact", 0.0)
     factors = factor(H, RCOND, "pnp_pose_covariance")
-    S = _lu_solve(factors, np.einsum("n,nai->ian", wts, J).reshape(6, -1))
+    S = _lu_solve(factors, np.einsum("n,nai->ian", wts / s_w, J).reshape(6, -1))
     return sigma**2 * S @ S.T
 
 
@@ -861,3 +963,173 @@ def sinkhorn_vjp(C, G, *, eps, a=None, b=None, P=None, tol=1e-9):
     )
     lam_g = np.append(lam[n:], 0.0)
     return -Q + P * (lam[:n, None] + lam_g[None, :]) / eps
+
+
+# ----- 8.8 Bundle adjustment: a gradient modulo the gauge -----
+
+# Above this part of |G| along the gauge directions, bundle_adjust_vjp refuses G.
+GAUGE_TOL = 1e-8
+
+
+def _bundle_point(problem, x, tol):
+    """At a solution x of `bundle_adjust`: the residuals r (2N,), the dense Jacobian
+    J (2N, P) in x (P = 6m + 3n), and the exact Hessian H (P, P) of E = 1/2 |r|^2 in
+    x (eqs. 8.31, 8.32). The relative gradient max |J^T r| / (|J| (1 + |r|)) must be
+    below tol."""
+    from .geometry.bundle import (
+        BundleProblem,
+        ba_jacobian,
+        ba_residual,
+    )
+    from .geometry.lie import _hat_many, right_jacobian, rodrigues
+
+    if not isinstance(problem, BundleProblem):
+        raise ValueError(
+            "problem must be a BundleProblem (BundleProblem.create or make_scene), "
+            f"got {type(problem).__name__}"
+        )
+    x = require_finite(as_float_array(x, "x", ndims=1), "x")
+    poses, X = problem.unpack(x)
+    r = ba_residual(problem, x)
+    J = ba_jacobian(problem, x).toarray()
+    g = J.T @ r
+    scale = np.linalg.norm(J) * (1.0 + np.linalg.norm(r))
+    _check_converged(
+        g / scale,
+        tol,
+        "bundle adjustment",
+        "the relative gradient max |J^T r| / (|J| (1 + |r|))",
+    )
+    m, n, cam, point, K = problem.m, problem.n, problem.cam, problem.point, problem.K
+    R = np.stack([rodrigues(w) for w in poses[:, :3]])
+    Rk, Xk = R[cam], X[:, point].T  # (N, 3, 3), (N, 3)
+    p = np.einsum("kab,kb->ka", Rk, Xk) + poses[cam, 3:]  # (N, 3)
+    a = r.reshape(-1, 2)  # the weight of each residual's Hessian
+    e = a @ K[:2, :2]  # phi_k = (e1 p1 + e2 p2) / p3 + const
+    mvec = np.concatenate([e, np.zeros((len(e), 1))], axis=1)
+    z = p[:, 2]
+    mp = np.sum(mvec * p, axis=1)
+    e3 = np.array([0.0, 0.0, 1.0])
+    Phi = -(mvec[:, :, None] * e3 + e3[:, None] * mvec[:, None, :]) / z[
+        :, None, None
+    ] ** 2 + (2 * mp / z**3)[:, None, None] * np.outer(e3, e3)  # (N, 3, 3)
+    # dp_k / d(delta_w, delta_t, delta_X) = P_k = [-R [X]x, I, R] (N, 3, 9)
+    P = np.concatenate(
+        [-Rk @ _hat_many(Xk.T), np.broadcast_to(np.eye(3), Rk.shape), Rk], axis=2
+    )
+    S = np.einsum("kai,kab,kbj->kij", P, Phi, P)
+    b = e / z[:, None]  # J_pi^T a_k, the gradient of phi_k in p
+    b = np.concatenate(
+        [b, -np.sum(b * p[:, :2], axis=1, keepdims=True) / z[:, None]], 1
+    )
+    c = np.einsum("kab,ka->kb", Rk, b)  # R^T b
+    M = 0.5 * (c[:, :, None] * Xk[:, None, :] + Xk[:, :, None] * c[:, None, :])
+    M -= np.sum(c * Xk, axis=1)[:, None, None] * np.eye(3)
+    S[:, :3, :3] += M  # the curvature of R Exp(delta_w) X
+    C = -_hat_many(c.T)  # c^T [dw]x dX = dw^T C dX
+    S[:, :3, 6:] += C
+    S[:, 6:, :3] += np.transpose(C, (0, 2, 1))
+    idx = np.concatenate(
+        [6 * cam[:, None] + np.arange(6), 6 * m + 3 * point[:, None] + np.arange(3)],
+        axis=1,
+    )
+    size = 6 * m + 3 * n
+    Sd = np.zeros((size, size))
+    np.add.at(Sd, (idx[:, :, None], idx[:, None, :]), S)
+    # to x: delta_w = J_r(w) dw at a stationary point (the term in g vanishes)
+    Tinv = np.eye(size)
+    for j in range(m):
+        Tinv[6 * j : 6 * j + 3, 6 * j : 6 * j + 3] = right_jacobian(poses[j, :3])
+    H = J.T @ J + Tinv.T @ Sd @ Tinv
+    return r, J, H
+
+
+def bundle_adjust_hessian(problem, x, *, hessian="exact", tol=1e-6):
+    """The (P, P) Hessian of E = 1/2 |r(x)|^2 (eq. 8.31) at a solution x of
+    `bundle_adjust` (P = 6m + 3n, in the layout of x): J^T J plus, when
+    hessian='exact', the second-order term (8.32). It is singular: H N = 0 for the 7
+    gauge directions N = `gauge_directions(problem, x)`."""
+    if hessian not in ("exact", "gauss-newton"):
+        raise ValueError(f"hessian must be 'exact' or 'gauss-newton', got {hessian!r}")
+    r, J, H = _bundle_point(problem, x, tol)
+    return H if hessian == "exact" else J.T @ J
+
+
+def _gauge_basis(problem, x):
+    from .geometry.bundle import gauge_directions
+
+    Q, _ = np.linalg.qr(gauge_directions(problem, x))
+    return Q
+
+
+def bundle_adjust_jvp(problem, x, du, *, tol=1e-6):
+    """Eq. (8.34): the forward rule of the gauge-fixed solution x*(u) of
+    `bundle_adjust` (the pose parameters outside problem.free held, as the solver
+    holds them): H_ff dx_f = (J^T du)_f, dx = 0 on the fixed parameters. du (2, N) is
+    the tangent of the image points problem.u. Returns dx (6m + 3n,). Raises
+    ValueError when the fixed parameters do not fix the gauge (gauge_is_fixed)."""
+    from .geometry.bundle import gauge_is_fixed
+
+    du = require_finite(as_float_array(du, "du", ndims=2), "du")
+    if du.shape != problem.u.shape:
+        raise ValueError(
+            f"du must have the shape of problem.u, {problem.u.shape}, got {du.shape}"
+        )
+    r, J, H = _bundle_point(problem, x, tol)
+    if not gauge_is_fixed(problem, x):
+        raise ValueError(
+            "bundle_adjust_jvp: the fixed pose parameters (fixed = "
+            f"{np.flatnonzero(~problem.free).tolist()}) do not fix the gauge at x, so "
+            "the solution is not a function of u; fix it (BundleProblem.create(fixed="
+            "...))"
+        )
+    f = np.flatnonzero(problem.free_mask())
+    # dg = H dx - J^T du = 0 on the free rows, dx = 0 on the fixed ones
+    rhs = J.T @ du.ravel(order="F")
+    dx = np.zeros(H.shape[0])
+    dx[f] = _lu_solve(factor(H[np.ix_(f, f)], RCOND, "bundle_adjust_jvp"), rhs[f])
+    return dx
+
+
+def bundle_adjust_vjp(problem, x, G, *, tol=1e-6, gauge_tol=GAUGE_TOL):
+    """Eq. (8.33): the backward rule of the solution of `bundle_adjust` for a
+    cotangent G (6m + 3n,) on x that does not see the gauge: H lam = G with lam
+    orthogonal to the gauge directions N, then u_bar_k = J_k lam (2, N). The result
+    does not depend on how the gauge is fixed.
+
+    G must be orthogonal to the 7 gauge directions N = gauge_directions(problem, x)
+    (the gradient of a loss invariant to rotating, shifting and scaling the whole
+    scene): |Q^T G| <= gauge_tol |G| with Q an orthonormal basis of N, else
+    ValueError, since the gradient of a loss that sees the gauge depends on the
+    choice of gauge (bundle_adjust_jvp differentiates one choice)."""
+    r, J, H = _bundle_point(problem, x, tol)
+    G = require_finite(as_float_array(G, "G", ndims=1), "G")
+    if G.shape != (H.shape[0],):
+        raise ValueError(
+            f"G must have the shape of x, ({H.shape[0]},), got shape {G.shape}"
+        )
+    gauge_tol = float(gauge_tol)
+    if not (np.isfinite(gauge_tol) and gauge_tol >= 0):
+        raise ValueError(f"gauge_tol must be finite and >= 0, got {gauge_tol}")
+    top = float(np.max(np.abs(G)))
+    if top == 0:
+        return np.zeros_like(problem.u)
+    G = G / top  # so that |G| neither underflows nor overflows; scaled back below
+    Q = _gauge_basis(problem, x)
+    size = float(np.linalg.norm(G))
+    seen = float(np.linalg.norm(Q.T @ G))
+    if not seen <= gauge_tol * size:
+        raise ValueError(
+            f"bundle_adjust_vjp: G sees the gauge: its part along the 7 gauge "
+            f"directions (eq. 6.21) is {seen / size:.3g} of |G| > gauge_tol = "
+            f"{gauge_tol:.0e}. A loss that changes when the whole scene is rotated, "
+            "shifted or scaled has no gradient in u until a gauge is chosen, and then "
+            "one per choice; differentiate a gauge-invariant loss (relative rotations, "
+            "ratios of distances), or one gauge-fixed solution with bundle_adjust_jvp"
+        )
+    # H is singular along N only: (H + alpha Q Q^T) lam = G has the solution of
+    # H lam = G orthogonal to N, since G and H lam are both orthogonal to N
+    alpha = float(np.trace(H)) / H.shape[0]
+    lam = _lu_solve(factor(H + alpha * Q @ Q.T, RCOND, "bundle_adjust_vjp"), G)
+    with np.errstate(over="ignore"):  # a G near the largest float: u_bar may be inf
+        return top * (J @ lam).reshape(-1, 2).T

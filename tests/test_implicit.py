@@ -594,3 +594,247 @@ def test_sinkhorn_refuses_unconverged_and_bad_input(rng):
         sinkhorn(C, eps=0.5, a=np.ones(5), b=np.ones(6))
     with pytest.raises(ValueError, match="eps must be finite and positive"):
         sinkhorn(C, eps=0.0)
+
+
+# ----- 8.7 weights trained through the pose -----
+
+
+def _rot(w):
+    from derivlib.geometry.lie import rodrigues
+
+    return rodrigues(w)
+
+
+def _rot_jax(w):  # Rodrigues' formula in JAX (w away from 0)
+    th2 = w @ w
+    th = jnp.sqrt(th2)
+    W = jnp.array([[0.0, -w[2], w[1]], [w[2], 0.0, -w[0]], [-w[1], w[0], 0.0]])
+    return jnp.eye(3) + jnp.sin(th) / th * W + (1 - jnp.cos(th)) / th2 * W @ W
+
+
+def test_training_gradient_through_pnp_weights_matches_finite_differences(rng):
+    # theta_bar = sum_i w_bar_i w_i (1 - w_i) z_i (8.30) for the pose error loss
+    # (8.29), against central differences of re-solves
+    Kc = np.array([[500.0, 0.0, 320.0], [0.0, 480.0, 240.0], [0.0, 0.0, 1.0]])
+    X = rng.uniform(-1.0, 1.0, (3, 12))
+    xi_true = np.array([0.1, -0.2, 0.15, 0.1, -0.1, 5.0])
+    p = _rot(xi_true[:3]) @ X + xi_true[3:, None]
+    u = (Kc @ p)[:2] / p[2] + rng.standard_normal((2, 12))
+    u[:, :3] += 30.0
+    Z = np.vstack([np.ones(12), rng.random(12)])
+
+    from derivlib import rodrigues, so3_log
+
+    def sig(a):
+        return 1.0 / (1.0 + np.exp(-a))
+
+    def loss(theta, grad=False):
+        w = sig(theta @ Z)
+        xi = pnp_pose(X, Kc, u, weights=w, xi0=xi_true)
+        e_R = so3_log(rodrigues(xi_true[:3]).T @ rodrigues(xi[:3]))
+        e_t = xi[3:] - xi_true[3:]
+        if not grad:
+            return 0.5 * (e_R @ e_R + e_t @ e_t)
+        G = np.concatenate([e_R, e_t])
+        w_bar = pnp_pose_vjp(X, Kc, u, G, weights=w, xi=xi)[1]
+        return Z @ (w_bar * w * (1 - w))
+
+    theta = np.array([0.3, -0.5])
+    central = np.array(
+        [(loss(theta + 1e-4 * e) - loss(theta - 1e-4 * e)) / 2e-4 for e in np.eye(2)]
+    )
+    assert relative_error(loss(theta, grad=True), central) < 1e-6
+
+
+# ----- 8.8 bundle adjustment modulo the gauge -----
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    from derivlib import bundle_adjust, make_scene
+
+    scene = make_scene(m=3, n=8, noise=1.0, seed=5, visibility=1.0)
+    x = bundle_adjust(scene.problem, scene.x0)[0]
+    return scene.problem, x
+
+
+def _shape_gradient(problem, x):  # of |X_0 - X_1|^2 / |X_2 - X_3|^2, gauge-invariant
+    X = problem.unpack(x)[1]
+    a, b = X[:, 0] - X[:, 1], X[:, 2] - X[:, 3]
+    L = (a @ a) / (b @ b)
+    G = np.zeros_like(x)
+    s = 6 * problem.m
+    G[s : s + 12] = np.concatenate([a, -a, -L * b, L * b]) * 2 / (b @ b)
+    return G
+
+
+def _resolve(problem, x, du, h, fixed=None):
+    from derivlib import BundleProblem, bundle_adjust
+
+    moved = BundleProblem.create(
+        problem.K,
+        problem.cam,
+        problem.point,
+        problem.u + h * du,
+        problem.m,
+        problem.n,
+        fixed=fixed,
+    )
+    return bundle_adjust(moved, x, tol=1e-14)[0]
+
+
+def test_bundle_hessian_matches_jax_and_is_singular_along_the_gauge(bundle, rng):
+    from derivlib import gauge_directions
+    from derivlib.implicit import bundle_adjust_hessian
+
+    problem, x = bundle
+    m, n, cam, point, K = problem.m, problem.n, problem.cam, problem.point, problem.K
+
+    def E(x):
+        poses, X = x[: 6 * m].reshape(m, 6), x[6 * m :].reshape(n, 3).T
+        Rs = jax.vmap(_rot_jax)(poses[:, :3])
+        p = jnp.einsum("kab,bk->ak", Rs[cam], X[:, point]) + poses[cam, 3:].T
+        r = K[:2, :2] @ (p[:2] / p[2]) + K[:2, 2:3] - problem.u
+        return 0.5 * jnp.sum(r**2)
+
+    V = rng.standard_normal((x.size, 2))
+    hvp = jax.jit(lambda v: jax.jvp(jax.grad(E), (x,), (v,))[1])
+    HV = np.stack([np.asarray(hvp(v)) for v in V.T], axis=1)
+    H = bundle_adjust_hessian(problem, x)
+    assert relative_error(H @ V, HV) < 1e-10
+    gn = bundle_adjust_hessian(problem, x, hessian="gauss-newton")
+    assert relative_error(gn @ V, HV) > 1e-5
+    N = gauge_directions(problem, x)
+    # H N = 0 at an exact minimum; here to the solver's residual gradient
+    assert np.linalg.norm(H @ N) < 1e-10 * np.linalg.norm(H) * np.linalg.norm(N)
+    assert np.sum(np.abs(np.linalg.eigvalsh(H)) < 1e-10 * np.linalg.norm(H, 2)) == 7
+
+
+def test_bundle_vjp_of_an_invariant_loss_is_the_same_under_two_gauges(bundle, rng):
+    from derivlib.implicit import bundle_adjust_jvp, bundle_adjust_vjp
+
+    problem, x = bundle
+    G = _shape_gradient(problem, x)
+    du = rng.standard_normal(problem.u.shape)
+    expected = np.sum(bundle_adjust_vjp(problem, x, G) * du)
+    for fixed in (None, [6, 7, 8, 9, 10, 11, 15]):
+        xp, xm = (_resolve(problem, x, du, h, fixed) for h in (1e-3, -1e-3))
+        assert relative_error(G @ (xp - xm) / 2e-3, expected) < 1e-5
+    xp, xm = (_resolve(problem, x, du, h) for h in (1e-3, -1e-3))
+    dx = bundle_adjust_jvp(problem, x, du)
+    assert relative_error(dx, (xp - xm) / 2e-3) < 1e-4
+    check_dot_product(
+        "bundle_adjust_jvp / bundle_adjust_vjp",
+        lambda u, du: bundle_adjust_jvp(problem, x, du),
+        lambda u, G: bundle_adjust_vjp(problem, x, G),
+        [(problem.u, du, G)],
+        tol=1e-9,  # H N = 0 and the two solves hold to the solver's tolerance
+    )
+
+
+def test_bundle_rules_refuse_a_gauge_dependent_loss_and_bad_input(bundle, rng):
+    from derivlib import BundleProblem
+    from derivlib.implicit import bundle_adjust_jvp, bundle_adjust_vjp
+
+    problem, x = bundle
+    G = np.zeros_like(x)
+    G[6 * problem.m] = 1.0  # the x coordinate of point 0 sees the gauge
+    with pytest.raises(ValueError, match="G sees the gauge"):
+        bundle_adjust_vjp(problem, x, G)
+    u_bar = bundle_adjust_vjp(problem, x, np.zeros_like(x))
+    assert u_bar.shape == problem.u.shape and not np.any(u_bar)
+    with pytest.raises(ValueError, match="did not converge"):
+        bundle_adjust_vjp(problem, x + 1e-3, _shape_gradient(problem, x))
+    with pytest.raises(ValueError, match="G must have the shape of x"):
+        bundle_adjust_vjp(problem, x, np.ones(3))
+    with pytest.raises(ValueError, match="du must have the shape"):
+        bundle_adjust_jvp(problem, x, np.ones((2, 3)))
+    loose = BundleProblem.create(
+        problem.K,
+        problem.cam,
+        problem.point,
+        problem.u,
+        problem.m,
+        problem.n,
+        fixed=[0, 1, 2],
+    )
+    with pytest.raises(ValueError, match="do not fix the gauge"):
+        bundle_adjust_jvp(loose, x, rng.standard_normal(problem.u.shape))
+
+
+def test_bundle_vjp_refuses_bad_options_and_scales_extreme_cotangents(bundle):
+    from derivlib.implicit import bundle_adjust_hessian, bundle_adjust_vjp
+
+    problem, x = bundle
+    G = _shape_gradient(problem, x)
+    u_bar = bundle_adjust_vjp(problem, x, G)
+    for s in (1e-300, 1e300):  # |G| would underflow / overflow unscaled
+        assert relative_error(bundle_adjust_vjp(problem, x, s * G) / s, u_bar) < 1e-12
+    sees = np.zeros_like(x)
+    sees[6 * problem.m] = 1e-300  # tiny, and still a loss that sees the gauge
+    with pytest.raises(ValueError, match="G sees the gauge"):
+        bundle_adjust_vjp(problem, x, sees)
+    for bad in (-1.0, np.nan):
+        with pytest.raises(ValueError, match="gauge_tol must be finite"):
+            bundle_adjust_vjp(problem, x, G, gauge_tol=bad)
+    with pytest.raises(ValueError, match="problem must be a BundleProblem"):
+        bundle_adjust_hessian("problem", x)
+
+
+def test_pnp_pose_gives_chapter_6_solvers_answer(rng):
+    # pnp_pose runs Chapter 6's Levenberg-Marquardt (solve_least_squares with
+    # pose_retract) on validated inputs; the two round differently, so they agree to
+    # the solver's accuracy, not bit for bit
+    from derivlib import (
+        pose_retract,
+        reprojection_jacobian_right,
+        reprojection_residual,
+        rodrigues,
+        so3_log,
+        solve_least_squares,
+    )
+
+    Kc = np.array([[500.0, 0.0, 320.0], [0.0, 480.0, 240.0], [0.0, 0.0, 1.0]])
+    for trial in range(20):
+        n = int(rng.integers(5, 30))
+        X = rng.uniform(-1.0, 1.0, (3, n))
+        xi_true = np.concatenate(
+            [rng.normal(0.0, 1.0, 3), rng.normal(0.0, 0.3, 2), [rng.uniform(3, 8)]]
+        )
+        p = _rot(xi_true[:3]) @ X + xi_true[3:, None]
+        u = (Kc @ p)[:2] / p[2] + rng.standard_normal((2, n))
+        u[:, : n // 4] += rng.uniform(-60.0, 60.0, (2, n // 4))  # outliers
+        w = rng.uniform(0.01, 2.0, n)
+        start = xi_true + rng.normal(0.0, 0.2, 6)
+        s = np.repeat(np.sqrt(w), 2)
+        theirs = solve_least_squares(
+            lambda xi: s * reprojection_residual(xi, X, Kc, u),
+            lambda xi: s[:, None] * reprojection_jacobian_right(xi, X, Kc),
+            start,
+            "lm",
+            1e-12,
+            100,
+            retract=pose_retract,
+        )[0]
+        ours = pnp_pose(X, Kc, u, weights=w, xi0=start)
+        dw = so3_log(rodrigues(theirs[:3]).T @ rodrigues(ours[:3]))
+        gap = np.linalg.norm(np.concatenate([dw, ours[3:] - theirs[3:]]))
+        assert gap < 1e-8 * np.linalg.norm(theirs), (trial, gap)
+
+
+def test_pnp_rules_are_unchanged_by_scaling_every_weight(rng):
+    # the minimiser of (8.15) does not see a common scale of the weights; extreme
+    # scales must neither overflow nor underflow (u_bar is unchanged, w_bar / s)
+    Kc = np.array([[500.0, 0.0, 320.0], [0.0, 480.0, 240.0], [0.0, 0.0, 1.0]])
+    X = rng.uniform(-1.0, 1.0, (3, 8))
+    xi_true = np.array([0.1, -0.2, 0.15, 0.1, -0.1, 5.0])
+    p = _rot(xi_true[:3]) @ X + xi_true[3:, None]
+    u = (Kc @ p)[:2] / p[2] + 2.0 * rng.standard_normal((2, 8))
+    w, G = rng.uniform(0.5, 1.5, 8), rng.standard_normal(6)
+    xi = pnp_pose(X, Kc, u, weights=w)
+    u_bar, w_bar = pnp_pose_vjp(X, Kc, u, G, weights=w, xi=xi)
+    for s in (1e-300, 1e306):
+        assert relative_error(pnp_pose(X, Kc, u, weights=s * w), xi) < 1e-12
+        a, b = pnp_pose_vjp(X, Kc, u, G, weights=s * w, xi=xi)
+        assert relative_error(a, u_bar) < 1e-12
+        assert relative_error(b * s, w_bar) < 1e-12
