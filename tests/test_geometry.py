@@ -494,8 +494,9 @@ def test_a_stuck_bundle_adjustment_raises(small_scene, monkeypatch):
 
 def test_evaluation_counts_and_a_restart_at_the_minimum(small_scene, rng):
     """The history counts every residual and Jacobian evaluation; restarted at its own
-    minimum, bundle adjustment rejects its first step as stationary and stops without
-    moving, after one Jacobian and one trial residual."""
+    solution, bundle adjustment stops after one iteration (one Jacobian and one trial
+    residual), whose step lowers the cost by at most tol * E and moves x by rounding
+    and the solution's own error only."""
     X, u, xi = pnp_problem(rng, noise=0.5)
     calls = {"r": 0, "J": 0}
 
@@ -514,11 +515,8 @@ def test_evaluation_counts_and_a_restart_at_the_minimum(small_scene, rng):
     pr = small_scene.problem
     x_hat, _ = dl.bundle_adjust(pr, small_scene.x0)
     x_again, hist = dl.bundle_adjust(pr, x_hat)
-    assert (
-        hist.converged
-        and np.array_equal(x_again, x_hat)
-        and hist.cost[-1] == hist.cost[0]
-    )
+    assert hist.converged and 0 <= hist.cost[0] - hist.cost[-1] <= 1e-12 * hist.cost[0]
+    assert np.linalg.norm(x_again - x_hat) <= 1e-8 * np.linalg.norm(x_hat)
     assert (hist.n_iter, hist.n_jacobian, hist.n_residual) == (1, 1, 2)
 
 

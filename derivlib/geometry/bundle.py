@@ -439,22 +439,24 @@ def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-6, check_gauge=T
     """Levenberg-Marquardt for bundle adjustment with the Schur complement (eqs.
     6.18-6.21), each rotation updated on the right, R_j Exp(delta_j) (eq. 6.36).
 
-    Damps the normal equations by lam diag(J^T J), eliminates the points with W
-    kept as one block per observation (as `reduced_camera_system` does), and holds
-    the pose parameters outside problem.free at their values in x0 (the gauge); a
+    Damps the normal equations by lam diag(J^T J), eliminates the points with W kept
+    as one block per observation (as `reduced_camera_system` does), and holds the
+    pose parameters outside problem.free at their values in x0 (the gauge); a
     camera's rotation is held whole or not at all. The rotation vectors of x are
     logarithms of the updated rotations (|w| <= pi) once they move. Stops, and
-    raises ConvergenceError, as `solve_least_squares` does, and also when the
-    decrease still to come, estimated from the last two as a geometric series, is
-    below tol * E. With check_gauge (the default) it first raises ValueError if the
-    fixed parameters leave a gauge direction free at x0 (gauge_is_fixed), as the
-    default `fixed` does when camera 1's centre is straight ahead of or behind
-    camera 0 as seen from camera 1 (forward motion); pass check_gauge=False to run
-    without a fixed gauge on purpose. Before solving it also raises ValueError when
-    x0 is not finite, a camera has fewer residuals than free pose parameters, a
-    point is seen by fewer than two cameras, there are fewer residuals than
-    unknowns, or a point's 3 x 3 block V_i is singular at x0 (its cameras see it
-    along one ray). Returns (x, LeastSquaresHistory)."""
+    raises ConvergenceError, as `solve_least_squares` does: after the step that
+    lowered E by at most tol * E. Unlike `sparse_bundle_adjust` it does not stop
+    early on a predicted decrease: the step that reaches the tolerance is taken, for
+    an x as close to the minimum as the cost can tell (Chapter 8 differentiates
+    through x by re-solves). With check_gauge (the default) it first raises
+    ValueError if the fixed parameters leave a gauge direction free at x0
+    (gauge_is_fixed), as the default `fixed` does when camera 1's centre is straight
+    ahead of or behind camera 0 as seen from camera 1 (forward motion); pass
+    check_gauge=False to run without a fixed gauge on purpose. Before solving it
+    also raises ValueError when x0 is not finite, a camera has fewer residuals than
+    free pose parameters, a point is seen by fewer than two cameras, there are fewer
+    residuals than unknowns, or a point's 3 x 3 block V_i is singular at x0 (its
+    cameras see it along one ray). Returns (x, LeastSquaresHistory)."""
     _solver_options(tol, max_iter, lam0)
     x = require_finite(as_float_array(x0, "x0", ndims=1).copy(), "x0")
     problem.unpack(x)
@@ -518,7 +520,6 @@ def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-6, check_gauge=T
             predicted.append(float(pred))
             return np.concatenate([dc, dp]), predicted[-1]
 
-        trials = hist.n_residual
         delta, r_new, E_new, lam, nu, stationary = _lm_steps(
             lambda y: ba_residual(problem, y),
             trial,
@@ -532,12 +533,6 @@ def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-6, check_gauge=T
             lambda y, d: _pose_update(problem, y, d),
         )
         hist.n_iter += 1
-        clean = hist.n_residual == trials + 1
-        if clean and not stationary:
-            # the first step tried was taken: if its model gain is at most tol * E
-            # (it moves E by rounding only), x is a minimum to the tolerance, as
-            # when such a step is rejected (_stationary)
-            stationary = predicted[-1] <= tol * E
         if stationary:
             hist.cost.append(E)
             hist.converged = True
@@ -545,7 +540,7 @@ def bundle_adjust(problem, x0, tol=1e-12, max_iter=200, lam0=1e-6, check_gauge=T
         short = np.linalg.norm(delta) <= tol * (np.linalg.norm(x) + tol)
         x, r, E = _pose_update(problem, x, delta), r_new, E_new
         hist.cost.append(E)
-        if short or _settled(hist.cost, tol, clean):
+        if short or _settled(hist.cost, tol, False):
             hist.converged = True
             return x, hist
     raise ConvergenceError(
