@@ -164,7 +164,8 @@ def softmax_vjp(X, G):
     return _softmax_vjp_columns(X.reshape(column), G.reshape(column)).reshape(X.shape)
 
 
-_BLOCK = 1 << 16  # entries in a block of rows (512 KB): a pass's blocks stay in cache
+# entries in a block of rows (512 KiB), so that a pass's blocks can stay in cache
+_BLOCK = 1 << 16
 
 
 def _softmax_vjp_columns(X, G):
