@@ -25,8 +25,8 @@ in plain NumPy (nine passes) timed against the same jax.jit(jax.vjp); the time o
 pass over an 8 MB array (a read, a copy, a copy into a new array, an exp in place);
 the kernels of XLA's compiled pullback with the (m, n) arrays each reads and writes
 (from the compiled HLO); and those times converted into the memory traffic of
-softmax_vjp's three passes, of XLA's kernels, and of the three arrays that any
-implementation must move.
+softmax_vjp's three passes, of XLA's kernels, of the NumPy formula's nine passes (17
+arrays), and of the three arrays that any implementation must move.
 
 The last lines print the log-log slopes of wall time against the size m of a vector
 softmax, for forming the Jacobian and multiplying and for the VJP (the chapter's figure
@@ -194,7 +194,8 @@ def memory_passes(repeats):
     print(
         f"softmax_vjp: 3 passes, 7 arrays of {mb:.0f} MB read or written; "
         f"at the copy's rate {7 * per_array * 1e3:.2f} ms of memory traffic, XLA's "
-        f"{transfers * per_array * 1e3:.2f} ms; any implementation moves at least 3 "
+        f"{transfers * per_array * 1e3:.2f} ms, the NumPy formula's (17 arrays) "
+        f"{17 * per_array * 1e3:.2f} ms; any implementation moves at least 3 "
         f"arrays: {3 * per_array * 1e3:.2f} ms"
     )
 

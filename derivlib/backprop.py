@@ -164,7 +164,8 @@ def softmax_vjp(X, G):
     return _softmax_vjp_columns(X.reshape(column), G.reshape(column)).reshape(X.shape)
 
 
-_BLOCK = 1 << 16  # entries in a block of rows (512 KB): a pass's blocks stay in cache
+# entries in a block of rows (512 KiB), so that a pass's blocks can stay in cache
+_BLOCK = 1 << 16
 
 
 def _softmax_vjp_columns(X, G):
@@ -181,7 +182,10 @@ def _softmax_vjp_columns(X, G):
     1^T (X - 1 M^T) is finite only if X is (an infinity in X makes M or X - 1 M^T
     infinite or NaN), and d only if G is (an infinity times E in [0, 1] is infinite or
     NaN). Only when one of them is not finite (or a sum overflowed) are X and G scanned,
-    in that order, so that the error names the argument at fault.
+    in that order, so that the error names the argument at fault. When both are finite
+    and d overflowed (entries of G near the largest float, in a column whose E has
+    several entries near 1), 1^T (S o G) is summed again from E / s, whose terms are no
+    larger than G's: one more pass, only then.
     """
     m, n = X.shape
     rows = max(1, _BLOCK // n)
@@ -202,7 +206,15 @@ def _softmax_vjp_columns(X, G):
             require_finite(X, "X")
             require_finite(G, "G")
         r = 1.0 / s
-        d *= r  # d / s = 1^T (S o G)
+        if np.isfinite(d).all():
+            d *= r  # d / s = 1^T (S o G)
+        else:  # X and G are finite, but a sum 1^T (E o G) overflowed
+            d[:] = 0.0
+            for start in range(0, m, rows):
+                T = work[: min(rows, m - start)]
+                np.multiply(out[start : start + rows], r, out=T)  # S
+                T *= G[start : start + rows]
+                d += np.add.reduce(T, axis=0, out=part)
         for start in range(0, m, rows):
             E = out[start : start + rows]
             T = work[: E.shape[0]]

@@ -292,6 +292,13 @@ _PATCH_ROWS_MAX = 36
 _CHUNK_BYTES = 1 << 19
 
 
+def _conv2d_form(C, kh, kw):
+    """The form of eq. 5.20 that `_conv2d_vjp_shifts` takes for C channels under a
+    kh x kw kernel: "patches" below `_PATCH_ROWS_MAX` patch rows C kh kw, else
+    "offsets"."""
+    return "patches" if C * kh * kw < _PATCH_ROWS_MAX else "offsets"
+
+
 def _conv2d_vjp_shifts(X, K, G, padding, input_grad=True, *, form=None):
     """Eq. 5.20, stride 1: the padded images laid end to end, one row per channel (a
     strip); the patch entries of kernel offset (u, v) are then the strip shifted by
@@ -313,7 +320,7 @@ def _conv2d_vjp_shifts(X, K, G, padding, input_grad=True, *, form=None):
     N, C, H, W = X.shape
     O, _, kh, kw = K.shape
     if form is None:
-        form = "patches" if C * kh * kw < _PATCH_ROWS_MAX else "offsets"
+        form = _conv2d_form(C, kh, kw)
     Hp, Wp = H + 2 * padding, W + 2 * padding
     Ho, Wo, frame = Hp - kh + 1, Wp - kw + 1, Hp * Wp
     halo = (kh - 1) * Wp + (kw - 1)  # strip positions at the end without a patch

@@ -789,3 +789,36 @@ def test_mlp_loss_and_grad_names_a_non_finite_argument(name, bad):
     params = {k: args[k] for k in bp.MLP_PARAMETERS}
     with pytest.raises(ValueError, match=rf"^{name} must be finite"):
         bp.mlp_loss_and_grad(params, args["X"], args["Y"])
+
+
+@pytest.mark.parametrize(
+    "column, g, name",
+    [
+        ([np.inf, np.nan, 0.0], [1.0, 1.0, 1.0], "X"),  # a NaN where the max is inf
+        ([np.nan, np.inf, 0.0], [1.0, 1.0, 1.0], "X"),
+        ([-np.inf, -np.inf, -np.inf], [1.0, 1.0, 1.0], "X"),  # -inf everywhere
+        ([0.0, -800.0, 0.0], [1.0, np.inf, 1.0], "G"),  # inf where the softmax is 0
+        ([0.0, -800.0, 0.0], [1.0, np.nan, 1.0], "G"),
+        ([0.0, 0.0, 0.0], [np.inf, 1.0, -np.inf], "G"),  # infinities of both signs
+        ([np.inf, 0.0, 0.0], [np.nan, 1.0, 1.0], "X"),  # both at fault: X is named
+    ],
+)
+def test_softmax_vjp_refuses_non_finite_columns(column, g, name):
+    """Whole columns of the corner cases: the check inside the passes sees them all."""
+    X, G = np.zeros((3, 2)), np.ones((3, 2))
+    X[:, 1], G[:, 1] = column, g
+    with pytest.raises(ValueError, match=rf"^{name} must be finite, got"):
+        bp.softmax_vjp(X, G)
+
+
+def test_softmax_vjp_with_a_cotangent_near_the_largest_float_is_finite():
+    """1^T (E o G) overflows when a column of G is near the largest float and many
+    entries of E are 1; the sum is then taken again from S = E / s, and the gradient
+    (0 for a constant column of G) is finite."""
+    X, G = np.zeros((1000, 3)), np.full((1000, 3), 1e308)
+    G[:, 2] = np.linspace(-1.0, 1.0, 1000) * 1e308
+    Xbar = bp.softmax_vjp(X, G)
+    assert np.all(np.isfinite(Xbar))
+    S = np.full((1000, 3), 1e-3)
+    expected = S * (G - (S * G).sum(axis=0))
+    np.testing.assert_allclose(Xbar, expected, rtol=0, atol=1e-15 * 1e308 * 1e-3)

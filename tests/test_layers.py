@@ -100,7 +100,9 @@ def jax_attention_vjp(Q, K, V, mask, G):
 
 # ----- Convolution -----
 
-# (N, C, H, W, O, k, stride, padding): strides 1-3, paddings 0-2, 1-3 channels, non-square
+# (N, C, H, W, O, k, stride, padding): strides 1-3, paddings 0-2, 1-4 channels, non-square;
+# at stride 1, conv2d_vjp takes the patch form of eq. 5.20 below C k k = 36 and the
+# offset form from 36 on (the last line)
 CONV = [
     (2, 3, 7, 5, 4, 3, 2, 1),
     (1, 1, 6, 6, 2, 2, 1, 0),
@@ -108,6 +110,7 @@ CONV = [
     (2, 2, 9, 7, 1, 3, 3, 0),
     (2, 1, 8, 8, 3, 5, 2, 2),
     (2, 2, 6, 7, 3, 3, 1, 1),
+    (2, 4, 5, 6, 3, 3, 1, 1),
 ]
 
 
@@ -202,6 +205,26 @@ def test_conv2d_vjp_takes_eq_5_20_at_stride_1_and_can_skip_xbar(rng, monkeypatch
     none, Kbar = L.conv2d_vjp(X, K, G, padding=1, input_grad=False)
     assert none is None and len(calls) == 2
     close(Kbar, np.asarray(Kj))
+
+
+@pytest.mark.parametrize("C, form", [(1, "patches"), (3, "patches"), (4, "offsets")])
+def test_conv2d_vjp_chooses_the_form_of_eq_5_20_by_shape(rng, monkeypatch, C, form):
+    """Under a 3 x 3 kernel, C k k = 9 and 27 patch rows take the patch form and 36
+    the offset form: conv2d_vjp takes that form, returns exactly what the form forced
+    by name returns, and the gradients of jax.vjp."""
+    X, K = draw(rng, (3, C, 6, 5), (2, C, 3, 3))
+    (G,) = draw(rng, (3, 2, 6, 5))
+    Yj, (Xj, Kj) = jax_conv(1, 1)(X, K, G)
+    taken, original = [], L._conv2d_form
+    monkeypatch.setattr(
+        L, "_conv2d_form", lambda *a: taken.append(original(*a)) or taken[-1]
+    )
+    chosen = L.conv2d_vjp(X, K, G, padding=1)
+    assert taken == [form]
+    forced = L._conv2d_vjp_shifts(X, K, G, 1, form=form)
+    for a, b, ref in zip(chosen, forced, (Xj, Kj)):
+        np.testing.assert_array_equal(a, b)
+        close(a, np.asarray(ref))
 
 
 @pytest.mark.parametrize("form", ["offsets", "patches"])
