@@ -1,6 +1,8 @@
 """Chapter 9: images as functions. Bilinear interpolation and its differentials, the
-sampler of a spatial transformer, warps and their Jacobians, and Lucas-Kanade
-alignment (forward-additive and inverse-compositional).
+sampler of a spatial transformer, warps and their Jacobians (and the sl(3)
+parametrisation), Lucas-Kanade alignment (forward-additive, inverse-compositional and
+forward-compositional, on the correlation criterion, optionally robust), Keys's
+bicubic interpolant, and dense motion by windowed Lucas-Kanade at every pixel.
 
 Layout, stated once: an image is a float64 array ``(H, W)`` or ``(C, H, W)``; a batch
 is ``(N, C, H, W)``. Pixel centres sit at integer coordinates, and a position is
@@ -511,7 +513,8 @@ def warp_jacobian(kind, p, X):
 # ----- The sl(3) parametrisation of a homography, (9.26) -----
 
 # a basis of sl(3), the traceless 3 x 3 matrices: translations in x and y, the two
-# shears, an anisotropic and an isotropic scaling, and the two projective terms
+# shears, two scalings (diag(1, -1, 0) and diag(0, 1, -1)), and the two projective
+# terms
 SL3_GENERATORS = np.zeros((8, 3, 3))
 for _i, (_r, _c) in enumerate([(0, 2), (1, 2), (0, 1), (1, 0)]):
     SL3_GENERATORS[_i, _r, _c] = 1.0
@@ -1114,8 +1117,10 @@ def align(
             f"robust must be None or one of {sorted(ROBUST)} (with method 'ic' or "
             f"'fc'), got {robust!r} with method {method!r}"
         )
-    if not (isinstance(levels, int) and levels >= 1):
+    if not (isinstance(levels, (int, np.integer)) and levels >= 1):
         raise ValueError(f"levels must be a positive integer, got {levels!r}")
+    if polish not in (None, True, False):
+        raise ValueError(f"polish must be None, True or False, got {polish!r}")
     if not (isinstance(max_iter, (int, np.integer)) and max_iter >= 1):
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
     if not (np.isfinite(tol) and tol > 0):
@@ -1237,7 +1242,10 @@ class FlowResult:
     reported (H, W), bool: the pixels where it was below `threshold` there (the
     aperture problem (9.33)): their flow is only the part the tensor determines (the
     normal flow on an edge, the coarser level's flow on a textureless patch).
-    levels: the pyramid's levels used."""
+    threshold: rtol times the largest trace of I0's structure tensor. levels: the
+    pyramid's levels used. min_eigenvalue and threshold are in the units of the
+    images squared; for images near the limits of float64 they can overflow to inf or
+    underflow to 0, but `reported` is decided on the images scaled near 1."""
 
     flow: np.ndarray
     min_eigenvalue: np.ndarray
@@ -1394,6 +1402,11 @@ def lucas_kanade_flow(
         raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
     if not (np.isfinite(rtol) and 0 < rtol < 1):
         raise ValueError(f"rtol must be in (0, 1), got {rtol!r}")
+    # a common power of two brings the values near 1 (exact: it changes no digit of
+    # the flow) so that products of gradients neither overflow nor underflow
+    top = max(np.abs(I0).max(), np.abs(I1).max())
+    scale = 2.0 ** np.floor(np.log2(top)) if top > 0 else 1.0
+    I0, I1 = I0 / scale, I1 / scale
     if levels is None:
         levels = 1
         while min(I0.shape) >> levels >= max(16, size):
@@ -1430,4 +1443,7 @@ def lucas_kanade_flow(
         for _ in range(iterations):
             delta, lmin = _flow_step(J0, J1, flow, k, threshold)
             flow = flow + delta
-    return FlowResult(flow, lmin, lmin < threshold, threshold, levels)
+    reported = lmin < threshold
+    with np.errstate(over="ignore", under="ignore"):  # in the units of I0 squared
+        lmin, threshold = lmin * scale * scale, threshold * scale * scale
+    return FlowResult(flow, lmin, reported, threshold, levels)

@@ -114,6 +114,22 @@ def test_recovers_a_translation():
         assert np.median(err) < median and err.max() < worst, (true, err.max())
 
 
+def test_extreme_scales_give_the_same_flow():
+    """Images near the limits of float64: the products of gradients would overflow
+    or underflow (NaN, or texture taken for none); the flow is the same at any scale."""
+    ys, xs = np.mgrid[0:30, 0:40].astype(float)
+    I0 = np.sin(0.31 * xs + 0.13 * ys) + np.cos(0.17 * xs - 0.23 * ys)
+    I1 = np.sin(0.31 * (xs - 3.4) + 0.13 * (ys + 1.7)) + np.cos(
+        0.17 * (xs - 3.4) - 0.23 * (ys + 1.7)
+    )
+    ref = im.lucas_kanade_flow(I0, I1, radius=3, levels=2)
+    for s in (2.0**-1000, 2.0**-500, 2.0**500, 2.0**1000):
+        with np.errstate(all="raise"):
+            R = im.lucas_kanade_flow(s * I0, s * I1, radius=3, levels=2)
+        np.testing.assert_allclose(R.flow, ref.flow, rtol=0, atol=1e-12)
+        assert (R.reported == ref.reported).all()
+
+
 def test_aperture_and_textureless_are_reported(rng):
     x = np.arange(32.0)
     stripes = np.tile(np.sin(0.7 * x), (24, 1))  # depends on x only: an edge

@@ -367,6 +367,8 @@ def test_robust_align_survives_an_occluder_and_refuses_bad_options(rng):
     for robust, method in (("cauchy", "ic"), ("huber", "fa")):
         with pytest.raises(ValueError, match="robust"):
             im.align(T, I, p0, robust=robust, method=method)
+    with pytest.raises(ValueError, match="polish must be None, True or False"):
+        im.align(T, I, p0, polish="no")
 
 
 def test_sl3_matrix_and_jacobian_against_jax_and_scipy(rng):
