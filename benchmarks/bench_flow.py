@@ -14,7 +14,8 @@ derivlib's `lucas_kanade_flow` (Gaussian window of radius 7; and a box window of
 7, scikit-image's default window) against `skimage.registration.optical_flow_ilk` at its
 default settings (box window of radius 7, 10 warps per level) and with its Gaussian
 window, and `optical_flow_tvl1` at its default settings, all on the same gray images
-(float64 in [0, 1]). Times are the best of 3, interleaved. derivlib's default `rtol`
+(float64 in [0, 1]; scikit-image's two compute in float32, their default `dtype`, and
+derivlib in float64). Times are the best of 3, interleaved. derivlib's default `rtol`
 (1e-5, the eigenvalue below which a direction is left out, relative to the largest
 trace of the structure tensor) was chosen on this pair; the rows at 1e-4 and 1e-6 show
 how much the result depends on it.
