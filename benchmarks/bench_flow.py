@@ -5,8 +5,9 @@ scikit-image: nothing downloads) against its ground-truth disparity.
 
 The flow is from the left image I0 to the right image I1, I1(x + u, y + v) ~ I0(x, y).
 The ground truth is indexed by the left image's pixels, and the matching pixel of the
-right image sits at x - d (scikit-image's docstring, written the other way round, is
-checked here on the data: see `sign_check`), so the estimated disparity is -u.
+right image sits at x - d, checked here on the data (see `sign_check`); scikit-image's
+docstring says the same from the right image (img_left[10, 10 + disp[10, 10]] matches
+img_right[10, 10]). So the estimated disparity is -u.
 Errors are |-u - d| over the pixels with finite ground truth; the vertical flow is not
 scored (it is zero in truth: the pair is rectified).
 
