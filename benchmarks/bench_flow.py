@@ -5,8 +5,9 @@ scikit-image: nothing downloads) against its ground-truth disparity.
 
 The flow is from the left image I0 to the right image I1, I1(x + u, y + v) ~ I0(x, y).
 The ground truth is indexed by the left image's pixels, and the matching pixel of the
-right image sits at x - d (scikit-image's docstring, written the other way round, is
-checked here on the data: see `sign_check`), so the estimated disparity is -u.
+right image sits at x - d, checked here on the data (see `sign_check`); scikit-image's
+docstring says the same from the right image (img_left[10, 10 + disp[10, 10]] matches
+img_right[10, 10]). So the estimated disparity is -u.
 Errors are |-u - d| over the pixels with finite ground truth; the vertical flow is not
 scored (it is zero in truth: the pair is rectified).
 
@@ -14,7 +15,8 @@ derivlib's `lucas_kanade_flow` (Gaussian window of radius 7; and a box window of
 7, scikit-image's default window) against `skimage.registration.optical_flow_ilk` at its
 default settings (box window of radius 7, 10 warps per level) and with its Gaussian
 window, and `optical_flow_tvl1` at its default settings, all on the same gray images
-(float64 in [0, 1]). Times are the best of 3, interleaved. derivlib's default `rtol`
+(float64 in [0, 1]; scikit-image's two compute in float32, their default `dtype`, and
+derivlib in float64). Times are the best of 3, interleaved. derivlib's default `rtol`
 (1e-5, the eigenvalue below which a direction is left out, relative to the largest
 trace of the structure tensor) was chosen on this pair; the rows at 1e-4 and 1e-6 show
 how much the result depends on it.

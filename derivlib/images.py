@@ -1,6 +1,8 @@
 """Chapter 9: images as functions. Bilinear interpolation and its differentials, the
-sampler of a spatial transformer, warps and their Jacobians, and Lucas-Kanade
-alignment (forward-additive and inverse-compositional).
+sampler of a spatial transformer, warps and their Jacobians (and the sl(3)
+parametrisation), Lucas-Kanade alignment (forward-additive, inverse-compositional and
+forward-compositional, on the correlation criterion, optionally robust), Keys's
+bicubic interpolant, and dense motion by windowed Lucas-Kanade at every pixel.
 
 Layout, stated once: an image is a float64 array ``(H, W)`` or ``(C, H, W)``; a batch
 is ``(N, C, H, W)``. Pixel centres sit at integer coordinates, and a position is
@@ -511,7 +513,8 @@ def warp_jacobian(kind, p, X):
 # ----- The sl(3) parametrisation of a homography, (9.26) -----
 
 # a basis of sl(3), the traceless 3 x 3 matrices: translations in x and y, the two
-# shears, an anisotropic and an isotropic scaling, and the two projective terms
+# shears, two scalings (diag(1, -1, 0) and diag(0, 1, -1)), and the two projective
+# terms
 SL3_GENERATORS = np.zeros((8, 3, 3))
 for _i, (_r, _c) in enumerate([(0, 2), (1, 2), (0, 1), (1, 0)]):
     SL3_GENERATORS[_i, _r, _c] = 1.0
@@ -1114,8 +1117,10 @@ def align(
             f"robust must be None or one of {sorted(ROBUST)} (with method 'ic' or "
             f"'fc'), got {robust!r} with method {method!r}"
         )
-    if not (isinstance(levels, int) and levels >= 1):
+    if not (isinstance(levels, (int, np.integer)) and levels >= 1):
         raise ValueError(f"levels must be a positive integer, got {levels!r}")
+    if polish not in (None, True, False):
+        raise ValueError(f"polish must be None, True or False, got {polish!r}")
     if not (isinstance(max_iter, (int, np.integer)) and max_iter >= 1):
         raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
     if not (np.isfinite(tol) and tol > 0):
@@ -1224,7 +1229,7 @@ def make_pair(I, origin, size, max_shift, rng, noise=0.02, gain=(0.8, 1.2),
     return T, M_true, M_start
 
 
-# ----- Dense motion: windowed Lucas-Kanade at every pixel, (9.23)-(9.27) -----
+# ----- Dense motion: windowed Lucas-Kanade at every pixel, (9.29)-(9.33) -----
 
 
 @dataclass
@@ -1233,11 +1238,14 @@ class FlowResult:
 
     flow (2, H, W): flow[0] = u (along x, columns), flow[1] = v (along y, rows), so
     that I1(x + u, y + v) ~ I0(x, y). min_eigenvalue (H, W): the smaller eigenvalue
-    (9.26) of each pixel's structure tensor at the last step of the finest level.
+    (9.32) of each pixel's structure tensor at the last step of the finest level.
     reported (H, W), bool: the pixels where it was below `threshold` there (the
-    aperture problem (9.27)): their flow is only the part the tensor determines (the
+    aperture problem (9.33)): their flow is only the part the tensor determines (the
     normal flow on an edge, the coarser level's flow on a textureless patch).
-    levels: the pyramid's levels used."""
+    threshold: rtol times the largest trace of I0's structure tensor. levels: the
+    pyramid's levels used. min_eigenvalue and threshold are in the units of the
+    images squared; for images near the limits of float64 they can overflow to inf or
+    underflow to 0, but `reported` is decided on the images scaled near 1."""
 
     flow: np.ndarray
     min_eigenvalue: np.ndarray
@@ -1248,7 +1256,7 @@ class FlowResult:
 
 def _flow_kernel(window, radius):
     """The window's weights along one axis, j = -radius..radius, summing to 1: the
-    2-D window w of (9.23) is their outer product."""
+    2-D window w of (9.29) is their outer product."""
     t = np.arange(-radius, radius + 1, dtype=np.float64)
     k = np.ones_like(t) if window == "box" else np.exp(-0.5 * (t / (radius / 2)) ** 2)
     return k / k.sum()
@@ -1256,7 +1264,7 @@ def _flow_kernel(window, radius):
 
 def _flow_filter(A, k):
     """Separable correlation of the last two axes of A with the symmetric 1-D kernel
-    k, zeros outside the image: the window sums of (9.25) over the pixels inside the
+    k, zeros outside the image: the window sums of (9.31) over the pixels inside the
     image only. scipy.ndimage's correlate1d when scipy is installed; otherwise
     shifted slices, the taps at +-j added before the one multiply."""
     r = len(k) // 2
@@ -1306,9 +1314,9 @@ def _flow_sample(I, X, Y):
 
 
 def _flow_step(I0, I1, flow, k, threshold):
-    """One Gauss-Newton step at every pixel: the window sums (9.25) of the structure
-    tensor A and of the right side h, and the step (9.27): A^-1 h where both
-    eigenvalues (9.26) reach `threshold`, the component along v1 alone where only
+    """One Gauss-Newton step at every pixel: the window sums (9.31) of the structure
+    tensor A and of the right side h, and the step (9.33): A^-1 h where both
+    eigenvalues (9.32) reach `threshold`, the component along v1 alone where only
     the larger does, nothing where neither does. Returns (delta, lambda_min)."""
     H, W = I0.shape
     ys, xs = np.mgrid[0:H, 0:W]
@@ -1316,15 +1324,15 @@ def _flow_step(I0, I1, flow, k, threshold):
     gy, gx = np.gradient(Iw)  # g: the gradient of I1 at x + u0(x), central differences
     m = inside.astype(np.float64)  # a match outside the image leaves the window
     gx, gy = gx * m, gy * m
-    t = (gx * flow[0] + gy * flow[1] - (Iw - I0)) * m  # g^T u0 - e of (9.25)
+    t = (gx * flow[0] + gy * flow[1] - (Iw - I0)) * m  # g^T u0 - e of (9.31)
     a, b, c, cx, cy = _flow_filter(
         np.stack([gx * gx, gx * gy, gy * gy, gx * t, gy * t]), k
     )
     hx = cx - (a * flow[0] + b * flow[1])  # h = c - A u0(x)
     hy = cy - (b * flow[0] + c * flow[1])
     half, gap = (a + c) / 2, np.sqrt(((a - c) / 2) ** 2 + b * b)
-    lmax, lmin = half + gap, half - gap  # (9.26)
-    # both eigenvalues above the threshold (most pixels): (9.27) is A^-1 h
+    lmax, lmin = half + gap, half - gap  # (9.32)
+    # both eigenvalues above the threshold (most pixels): (9.33) is A^-1 h
     full = lmin >= threshold
     det = np.where(full, a * c - b * b, 1.0)
     dx = np.where(full, (c * hx - b * hy) / det, 0.0)
@@ -1354,15 +1362,15 @@ def lucas_kanade_flow(
     rtol=1e-5,
     flow0=None,
 ):
-    """Dense optical flow by windowed Lucas-Kanade at every pixel (9.23)-(9.27),
+    """Dense optical flow by windowed Lucas-Kanade at every pixel (9.29)-(9.33),
     coarse to fine with warping: the flow (u, v) with I1(x + u, y + v) ~ I0(x, y).
 
-    Each pixel's flow minimises the window-weighted brightness-constancy error (9.23)
+    Each pixel's flow minimises the window-weighted brightness-constancy error (9.29)
     over the pixels around it; a Gauss-Newton step linearises each pixel of the
-    window about where the current flow sends it (9.24) and solves the 2 x 2 normal
-    equations (9.25) with the structure tensor summed over the window. A direction
-    whose eigenvalue (9.26) is below `rtol` times the largest trace of the structure
-    tensor of I0 over the image is not updated (9.27), and its pixels are reported in
+    window about where the current flow sends it (9.30) and solves the 2 x 2 normal
+    equations (9.31) with the structure tensor summed over the window. A direction
+    whose eigenvalue (9.32) is below `rtol` times the largest trace of the structure
+    tensor of I0 over the image is not updated (9.33), and its pixels are reported in
     the result (`reported`), never filled with NaN.
 
     I0, I1: gray images (H, W), the same shape. radius: the window has 2 radius + 1
@@ -1394,6 +1402,11 @@ def lucas_kanade_flow(
         raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
     if not (np.isfinite(rtol) and 0 < rtol < 1):
         raise ValueError(f"rtol must be in (0, 1), got {rtol!r}")
+    # a common power of two brings the values near 1 (exact: it changes no digit of
+    # the flow) so that products of gradients neither overflow nor underflow
+    top = max(np.abs(I0).max(), np.abs(I1).max())
+    scale = 2.0 ** np.floor(np.log2(top)) if top > 0 else 1.0
+    I0, I1 = I0 / scale, I1 / scale
     if levels is None:
         levels = 1
         while min(I0.shape) >> levels >= max(16, size):
@@ -1430,4 +1443,7 @@ def lucas_kanade_flow(
         for _ in range(iterations):
             delta, lmin = _flow_step(J0, J1, flow, k, threshold)
             flow = flow + delta
-    return FlowResult(flow, lmin, lmin < threshold, threshold, levels)
+    reported = lmin < threshold
+    with np.errstate(over="ignore", under="ignore"):  # in the units of I0 squared
+        lmin, threshold = lmin * scale * scale, threshold * scale * scale
+    return FlowResult(flow, lmin, reported, threshold, levels)

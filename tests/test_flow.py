@@ -1,4 +1,4 @@
-"""Chapter 9, dense motion: windowed Lucas-Kanade at every pixel (9.23)-(9.27), its
+"""Chapter 9, dense motion: windowed Lucas-Kanade at every pixel (9.29)-(9.33), its
 Gauss-Newton step against jax.grad and jax.hessian of the windowed cost, a known
 translation recovered, the aperture problem reported, and the input rules."""
 
@@ -34,8 +34,8 @@ def window_matrix(shape, k):
 
 @jax.jit
 def gauss_newton_jax(I0, I1, U0, Wm):
-    """The cost (9.23) of every pixel, each pixel of its window linearised about
-    where U0 sends it (9.24), summed over pixels with each pixel's own flow U[x];
+    """The cost (9.29) of every pixel, each pixel of its window linearised about
+    where U0 sends it (9.30), summed over pixels with each pixel's own flow U[x];
     its Newton step from U0 (exact: the model is quadratic) by jax.grad and
     jax.hessian. Returns (the new flow (2, H, W), the 2 x 2 tensors A (HW, 2, 2))."""
     H, W = I0.shape
@@ -90,7 +90,7 @@ def test_gauss_newton_step_against_jax(rng, window):
         oracle="Newton step by jax.grad, jax.hessian",
     )
     check.check_close(
-        "smallest eigenvalue (9.26)",
+        "smallest eigenvalue (9.32)",
         ours.min_eigenvalue.ravel(),
         np.linalg.eigvalsh(np.asarray(A))[:, 0],
         oracle="numpy.linalg.eigvalsh",
@@ -103,7 +103,7 @@ def test_recovers_a_translation():
 
     ys, xs = np.mgrid[0:30, 0:40].astype(float)
     # I1(x + u) = I0(x) for I1(x) = I0(x - u). A whole-pixel shift is recovered to
-    # rounding; between pixels the bilinear I1 of (9.23) is not the moved image, and
+    # rounding; between pixels the bilinear I1 of (9.29) is not the moved image, and
     # the minimiser is off by a few hundredths of a pixel
     for true, median, worst in [((3.0, -2.0), 1e-9, 1e-6), ((3.4, -1.7), 0.05, 0.15)]:
         true = np.array(true)
@@ -112,6 +112,22 @@ def test_recovers_a_translation():
         assert not R.reported[6:-6, 6:-6].any()
         err = np.abs(R.flow[:, 6:-6, 6:-6] - true[:, None, None])
         assert np.median(err) < median and err.max() < worst, (true, err.max())
+
+
+def test_extreme_scales_give_the_same_flow():
+    """Images near the limits of float64: the products of gradients would overflow
+    or underflow (NaN, or texture taken for none); the flow is the same at any scale."""
+    ys, xs = np.mgrid[0:30, 0:40].astype(float)
+    I0 = np.sin(0.31 * xs + 0.13 * ys) + np.cos(0.17 * xs - 0.23 * ys)
+    I1 = np.sin(0.31 * (xs - 3.4) + 0.13 * (ys + 1.7)) + np.cos(
+        0.17 * (xs - 3.4) - 0.23 * (ys + 1.7)
+    )
+    ref = im.lucas_kanade_flow(I0, I1, radius=3, levels=2)
+    for s in (2.0**-1000, 2.0**-500, 2.0**500, 2.0**1000):
+        with np.errstate(all="raise"):
+            R = im.lucas_kanade_flow(s * I0, s * I1, radius=3, levels=2)
+        np.testing.assert_allclose(R.flow, ref.flow, rtol=0, atol=1e-12)
+        assert (R.reported == ref.reported).all()
 
 
 def test_aperture_and_textureless_are_reported(rng):

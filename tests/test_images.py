@@ -1,6 +1,8 @@
 """Chapter 9: bilinear interpolation, the spatial transformer's sampler, warps and
 Lucas-Kanade, against few-line JAX implementations and finite differences."""
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -334,6 +336,19 @@ def test_align_refuses_bad_options_and_a_constant_image_and_scales(rng):
         assert np.isclose(res.gain, ref.gain) and np.isclose(res.bias / s, ref.bias)
 
 
+def test_align_without_threadpoolctl_gives_the_same_warp(monkeypatch):
+    """threadpoolctl is optional: without it align keeps BLAS's threads and finds the
+    same warp."""
+    I = smooth_image(60, 60)
+    T, start = I[10:30, 12:32], np.array([0.01, 0, 11.4, 0, -0.01, 9.6, 0, 0])
+    ref = im.align(T, I, start, levels=2)
+    monkeypatch.setattr(im, "_BLAS", [])
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # import fails
+    res = im.align(T, I, start, levels=2)
+    assert im._BLAS == [None]
+    np.testing.assert_allclose(res.M, ref.M, rtol=0, atol=1e-10)
+
+
 @pytest.mark.parametrize("kind", ["huber", "tukey"])
 def test_robust_weights_are_rho_prime_over_r(kind):
     c = im.ROBUST[kind]
@@ -367,6 +382,8 @@ def test_robust_align_survives_an_occluder_and_refuses_bad_options(rng):
     for robust, method in (("cauchy", "ic"), ("huber", "fa")):
         with pytest.raises(ValueError, match="robust"):
             im.align(T, I, p0, robust=robust, method=method)
+    with pytest.raises(ValueError, match="polish must be None, True or False"):
+        im.align(T, I, p0, polish="no")
 
 
 def test_sl3_matrix_and_jacobian_against_jax_and_scipy(rng):
