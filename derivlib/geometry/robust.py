@@ -363,9 +363,9 @@ class BundlerChart:
         rejects the step and shrinks its region)."""
         from .bundle import _sparse_residual
 
-        state = self.state(x)  # a wrong x raises here, not as an inf residual
+        x = self._x(x)  # a wrong x raises here, not as an inf residual
         try:
-            return _sparse_residual(self.recon, state)
+            return _sparse_residual(self.recon, self.state(x))
         except ValueError:  # Bundler's model raises ValueError for P_z >= 0
             return np.full(2 * self.recon.cam.size, np.inf)
 
