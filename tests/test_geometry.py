@@ -721,3 +721,14 @@ def test_bundle_adjust_blocks_are_the_right_update_at_every_rotation(small_scene
     # the additive update's blocks (with J_r) are not these at a generic rotation
     A_add, _ = dl.ba_jacobian_blocks(pr, x)
     assert check.relative_error(A_add, A) > 1e-3
+
+
+def test_bundle_adjust_refuses_a_partly_held_rotation(small_scene):
+    """The right update moves a rotation as a whole: holding some of its three
+    parameters is refused by name, before solving."""
+    pr = small_scene.problem
+    held = dl.BundleProblem.create(
+        pr.K, pr.cam, pr.point, pr.u, pr.m, pr.n, fixed=[0, 1, 2, 3, 4, 5, 6]
+    )
+    with pytest.raises(ValueError, match="camera 1 has 2 of its 3 rotation"):
+        dl.bundle_adjust(held, small_scene.x0)
