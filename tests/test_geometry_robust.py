@@ -426,3 +426,17 @@ def test_bundler_chart_jacobian_matches_central_differences(balbianello_outliers
         e[j] = eps
         fd = (chart.residual(x + e) - chart.residual(x - e)) / (2 * eps)
         assert np.allclose(J[:, j], fd, rtol=1e-5, atol=1e-5 * np.abs(fd).max())
+
+
+def test_solver_rescaling_is_robust_rescaling(rng):
+    """The factors sparse_bundle_adjust applies (its hooks) are those of
+    robust_rescaling, which the chapter checks against (6.38)."""
+    r = np.concatenate([rng.normal(0, 1, 20), rng.normal(0, 30, 20), [0.0, 1e200]])
+    for loss in ["huber", "cauchy"]:
+        for weighting in ["irls", "triggs"]:
+            cost, rescale = geo.bundle._robust_hooks(loss, F_SCALE, weighting)
+            for a, b in zip(
+                rescale(r), geo.robust_rescaling(r, loss, F_SCALE, weighting)
+            ):
+                assert np.array_equal(a, b)
+            assert cost(r) == dl.robust_cost(r, loss, F_SCALE)
