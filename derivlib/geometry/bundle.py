@@ -991,8 +991,8 @@ def _back_substitute(recon, W, Vinv, gp, dc):
 # Marquardt damping lam <= 1 (lam diag(J^T J) at most the curvature itself): a more
 # heavily damped step is short because of the damping, and a crawl, for example of
 # Triggs' equations far from the minimum (robust costs, eq. 6.38), would otherwise
-# stop there and be called converged. Every converged run of the chapter ends with
-# lam below 1e-4.
+# stop there and be called converged. Every converged bundle adjustment of the
+# chapter ends with lam below 1e-3.
 _TRUSTED_DAMPING = 1.0
 
 
