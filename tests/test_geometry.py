@@ -682,3 +682,51 @@ def test_normal_equations_without_scipy_sparse(small_scene):
     plain.__dict__["_indicators"] = {"cam": None, "point": None}
     for a, b in zip(fast, dl.ba_normal_equations(plain, A, B, r)):
         assert np.allclose(a, b, rtol=1e-14, atol=1e-12)
+
+
+def test_bundle_adjust_blocks_are_the_right_update_at_every_rotation(small_scene):
+    """bundle_adjust's blocks (6.18 without J_r) are the Jacobian of the residual
+    for the update R_j Exp(delta_j), t_j + dt_j, X + dX at delta = 0 (jax.jacfwd
+    through expm), with cameras at 0, 1 rad, pi - 1e-7 and pi, where J_r of the
+    additive update is singular or near it."""
+    from derivlib.geometry.bundle import _ba_right_blocks
+
+    pr = small_scene.problem
+    x = small_scene.x0.copy()
+    rng = np.random.default_rng(7)
+    for j, angle in enumerate([np.pi - 1e-7, np.pi, 1.0][: pr.m]):
+        a = rng.standard_normal(3)
+        x[6 * j : 6 * j + 3] = angle * a / np.linalg.norm(a)
+    m, Kj = pr.m, jnp.asarray(pr.K)
+    R0 = jnp.stack([jnp.asarray(dl.rodrigues(x[6 * j : 6 * j + 3])) for j in range(m)])
+
+    def residual(d):
+        dR = jax.vmap(lambda w: jax.scipy.linalg.expm(hat_jax(w)))(
+            d[: 6 * m].reshape(m, 6)[:, :3]
+        )
+        t = (x[: 6 * m] + d[: 6 * m]).reshape(m, 6)[:, 3:]
+        X = (x[6 * m :] + d[6 * m :]).reshape(-1, 3).T
+        P = jnp.einsum("kab,kbc,ck->ak", R0[pr.cam], dR[pr.cam], X[:, pr.point])
+        return (project_jax(P + t[pr.cam].T, Kj) - pr.u).ravel(order="F")
+
+    J_jax = np.asarray(jax.jacfwd(residual)(jnp.zeros(x.size)))
+    A, B = _ba_right_blocks(pr, x)
+    J = np.zeros_like(J_jax)
+    for k, (j, i) in enumerate(zip(pr.cam, pr.point)):
+        J[2 * k : 2 * k + 2, 6 * j : 6 * j + 6] = A[k]
+        J[2 * k : 2 * k + 2, 6 * m + 3 * i : 6 * m + 3 * i + 3] = B[k]
+    assert check.relative_error(J, J_jax) < 1e-12
+    # the additive update's blocks (with J_r) are not these at a generic rotation
+    A_add, _ = dl.ba_jacobian_blocks(pr, x)
+    assert check.relative_error(A_add, A) > 1e-3
+
+
+def test_bundle_adjust_refuses_a_partly_held_rotation(small_scene):
+    """The right update moves a rotation as a whole: holding some of its three
+    parameters is refused by name, before solving."""
+    pr = small_scene.problem
+    held = dl.BundleProblem.create(
+        pr.K, pr.cam, pr.point, pr.u, pr.m, pr.n, fixed=[0, 1, 2, 3, 4, 5, 6]
+    )
+    with pytest.raises(ValueError, match="camera 1 has 2 of its 3 rotation"):
+        dl.bundle_adjust(held, small_scene.x0)

@@ -393,12 +393,15 @@ def _blocks_of(recon, state):
 
 def test_the_stopping_rule():
     """A decrease below tol E stops; so does a geometric tail below it after a
-    clean step; a rejected step or a growing decrease does not."""
+    clean step and three shrinking decreases; a rejected step, a growing decrease
+    or a sudden drop does not."""
     assert bundle._settled([10.0, 5.0, 5.0 - 1e-12], 1e-10, clean=False)
     tail = [10.0, 5.0, 4.99, 4.99 - 1e-7]  # the tail after it: about 1e-12
     assert bundle._settled(tail, 1e-10, clean=True)
     assert not bundle._settled(tail, 1e-10, clean=False)
     assert not bundle._settled([10.0, 9.0, 8.0, 7.0], 1e-10, clean=True)
+    # a sudden drop after a larger decrease is no steady factor (a crawl)
+    assert not bundle._settled([20.0, 19.0, 14.0, 14.0 - 1e-6], 1e-10, clean=True)
 
 
 def test_vectorised_exp_matches_rodrigues():

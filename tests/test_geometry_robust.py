@@ -323,13 +323,53 @@ def test_linear_loss_is_the_plain_solver(balbianello_outliers):
 
 
 def test_triggs_far_from_the_minimum_is_stuck_not_converged():
-    # from a start about ten pixels off, nearly every residual is beyond f_scale,
-    # where Triggs' curvature is clamped at eps: no damping finds a step
+    # from a start about ten pixels off, most residuals are beyond f_scale, where
+    # Triggs' curvature is clamped at eps: only a damping of order 1 / eps gives a
+    # step that lowers E_rho, and the damping passes its limit before it gets there
     recon = geo.read_bundler(geo.gtsam_data_dir() + "/Balbianello.out")
     corrupted, _ = geo.corrupt_observations(recon, 0.07, seed=18)
     start = geo.perturb_reconstruction(recon, seed=0)
     with pytest.raises(ConvergenceError, match="robust sparse bundle adjustment is"):
         geo.sparse_bundle_adjust(corrupted, start, loss="huber", f_scale=F_SCALE)
+    # started at such a damping, the steps lower E_rho but crawl: never "converged"
+    for loss in ["huber", "cauchy"]:
+        with pytest.raises(ConvergenceError, match="did not converge in 10"):
+            geo.sparse_bundle_adjust(
+                corrupted, start, loss=loss, f_scale=F_SCALE, lam0=1e15, max_iter=10
+            )
+
+
+def test_robust_cost_at_extreme_scales():
+    """f_scale far above every residual gives the plain cost, not inf * 0 = NaN."""
+    r = np.array([1.0, -3.0, 1e-200, 0.0])
+    for loss in ["linear", "huber", "cauchy"]:
+        for c in [1e160, 1e300]:
+            assert dl.robust_cost(r, loss, c) == 10.0
+            s_r, s_J = geo.robust_rescaling(r, loss, c)
+            assert np.all(s_r == 1.0) and np.all(s_J == 1.0)
+
+
+def test_robust_bundle_helpers_refuse_bad_input(balbianello_outliers):
+    recon, start = balbianello_outliers
+    chart = geo.BundlerChart(recon, start)
+    for call in (chart.residual, chart.jacobian, chart.state):
+        with pytest.raises(ValueError, match=r"x must have shape \(\d+,\)"):
+            call(np.zeros(3))
+    short = geo.SparseBundleState(start.R[:2], start.t, start.intrinsics, start.X)
+    with pytest.raises(ValueError, match=r"start must hold R \(5, 3, 3\)"):
+        geo.BundlerChart(recon, short)
+    with pytest.raises(ValueError, match=r"state must hold R \(5, 3, 3\)"):
+        geo.first_points(recon, short, 3)
+    with pytest.raises(ValueError, match="n must be an integer"):
+        geo.first_points(recon, start, True)
+    with pytest.raises(ValueError, match="fraction must be a number in"):
+        geo.corrupt_observations(recon, "0.1")
+    for kwargs, message in [
+        ({"lam0": -1.0}, "lam0 must be a finite number >= 0"),
+        ({"max_iter": 0}, "max_iter must be an integer >= 1"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            geo.sparse_bundle_adjust(recon, start, **kwargs)
 
 
 def test_rescaled_blocks_give_triggs_normal_equations(rng):
@@ -386,3 +426,17 @@ def test_bundler_chart_jacobian_matches_central_differences(balbianello_outliers
         e[j] = eps
         fd = (chart.residual(x + e) - chart.residual(x - e)) / (2 * eps)
         assert np.allclose(J[:, j], fd, rtol=1e-5, atol=1e-5 * np.abs(fd).max())
+
+
+def test_solver_rescaling_is_robust_rescaling(rng):
+    """The factors sparse_bundle_adjust applies (its hooks) are those of
+    robust_rescaling, which the chapter checks against (6.38)."""
+    r = np.concatenate([rng.normal(0, 1, 20), rng.normal(0, 30, 20), [0.0, 1e200]])
+    for loss in ["huber", "cauchy"]:
+        for weighting in ["irls", "triggs"]:
+            cost, rescale = geo.bundle._robust_hooks(loss, F_SCALE, weighting)
+            for a, b in zip(
+                rescale(r), geo.robust_rescaling(r, loss, F_SCALE, weighting)
+            ):
+                assert np.array_equal(a, b)
+            assert cost(r) == dl.robust_cost(r, loss, F_SCALE)

@@ -8,12 +8,15 @@ Conventions, fixed once for the chapter:
   maps a world point X to the camera frame by p = R(w) X + t.
 - Perturbations are on the right: R(w + dw) = R(w) exp([J_r(w) dw]x) to first order
   (eq. 6.9), so d(R p) = -R [p]x J_r(w) dw (eq. 6.11): the derivative an additive
-  update of w needs, J_r included (solve_least_squares by default, bundle_adjust).
+  update of w needs, J_r included (solve_least_squares by default; ba_jacobian and
+  ba_jacobian_blocks, eq. 6.18).
 - On the manifold the update is R Exp(delta), delta in the body frame, and the
   derivative of R Exp(delta) p at delta = 0 is -R [p]x, exactly, at every R (eq. 6.30);
   the adjoint Ad_R = R turns it into the left (world) increment, R Exp(delta) =
-  Exp(R delta) R (eq. 6.32). solve_pnp and solve_pnp_robust update this way
-  (pose_retract, eq. 6.36). An se(3) tangent is (phi, rho), rotation first.
+  Exp(R delta) R (eq. 6.32). solve_pnp, solve_pnp_robust and bundle_adjust update
+  this way (pose_retract, eq. 6.36; bundle_adjust's rotation blocks are those of eq.
+  6.18 without J_r), and so does sparse_bundle_adjust (eq. 6.46). An se(3) tangent
+  is (phi, rho), rotation first.
 - Residuals are in pixels; the cost is E = ||r||^2, the sum of squared reprojection
   errors (eq. 6.14). scipy.optimize.least_squares reports E / 2.
 """

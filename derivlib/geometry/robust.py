@@ -75,7 +75,18 @@ def _robust_terms(r, c, loss):
     big = a > BIG_RATIO
     z = np.where(big, 0.0, a) ** 2
     rho, d1, d2 = robust_loss(z, loss)
-    cost, h = c * c * rho, d1 + 2.0 * z * d2
+    h = d1 + 2.0 * z * d2
+    # c^2 rho(z) = r^2 rho(z) / z on z <= 1, where rho(z) / z is in [log 2, 1]: c^2
+    # overflows for f_scale above about 1e154, and z underflows to 0 where r << c
+    inner = (z <= 1.0) & ~big
+    with np.errstate(over="ignore", invalid="ignore"):  # inf * 0 on z <= 1, replaced
+        cost = np.where(inner, 0.0, c * c * rho)
+    zi = z[inner]
+    ratio = np.ones_like(zi)
+    if loss == "cauchy":
+        pos = zi > 0
+        ratio[pos] = rho[inner][pos] / zi[pos]
+    cost[inner] = np.asarray(r, dtype=np.float64)[inner] ** 2 * ratio
     if big.any():
         rb = np.abs(r[big])
         with np.errstate(over="ignore", under="ignore"):  # inf only if the cost is
@@ -285,6 +296,23 @@ def _robust_hooks(loss, f_scale, weighting):
     return cost, rescale
 
 
+def _check_state(recon, state, name, n=None):
+    """Refuse a SparseBundleState whose shapes do not fit recon's m cameras and n
+    points (with n given: at least n points, of which the first n are used)."""
+    m, exact = recon.m, n is None
+    n = recon.n if exact else n
+    shapes = [np.shape(getattr(state, a, None)) for a in ("R", "t", "intrinsics", "X")]
+    X = shapes[3]
+    if shapes[:3] != [(m, 3, 3), (m, 3), (m, 3)] or not (
+        len(X) == 2 and X[0] == 3 and (X[1] == n if exact else X[1] >= n)
+    ):
+        raise ValueError(
+            f"{name} must hold R ({m}, 3, 3), t ({m}, 3), intrinsics ({m}, 3) and X "
+            f"(3, {n}{'' if exact else ' or more'}) for {m} cameras and {n} points, "
+            f"got {shapes}"
+        )
+
+
 class BundlerChart:
     """The free parameters of a Bundler-model problem as one vector, for solvers
     that update additively (scipy.optimize.least_squares): x = [the free (delta, t,
@@ -295,6 +323,7 @@ class BundlerChart:
     def __init__(self, recon, start, free=None):
         from .bundle import default_gauge
 
+        _check_state(recon, start, "start")
         self.recon, self.start = recon, start
         self.free = default_gauge(start) if free is None else np.asarray(free, bool)
         if self.free.shape != (recon.m, 9):
@@ -304,10 +333,20 @@ class BundlerChart:
         self.n_cam = int(self.free.sum())
         self.x0 = np.zeros(self.n_cam + 3 * recon.n)
 
+    def _x(self, x):
+        x = np.asarray(x, dtype=np.float64)
+        if x.shape != self.x0.shape:
+            raise ValueError(
+                f"x must have shape {self.x0.shape} (the free camera parameters, then "
+                f"3 per point), got {x.shape}"
+            )
+        return x
+
     def state(self, x):
         """The SparseBundleState at x."""
         from .bundle import SparseBundleState, _so3_exp_many
 
+        x = self._x(x)
         d = np.zeros((self.recon.m, 9))
         d[self.free] = x[: self.n_cam]
         s = self.start
@@ -324,6 +363,7 @@ class BundlerChart:
         rejects the step and shrinks its region)."""
         from .bundle import _sparse_residual
 
+        x = self._x(x)  # a wrong x raises here, not as an inf residual
         try:
             return _sparse_residual(self.recon, self.state(x))
         except ValueError:  # Bundler's model raises ValueError for P_z >= 0
@@ -339,6 +379,7 @@ class BundlerChart:
         from .lie import right_jacobian
 
         recon, m = self.recon, self.recon.m
+        x = self._x(x)
         d = np.zeros((m, 9))
         d[self.free] = x[: self.n_cam]
         _, A, B = _sparse_blocks(recon, self.state(x))
@@ -368,9 +409,11 @@ def corrupt_observations(recon, fraction, seed=0, low=20.0, high=60.0):
     (Reconstruction, outlier (N,) bool)."""
     from .io import Reconstruction
 
-    if not (0 <= fraction <= 1):
-        raise ValueError(f"fraction must lie in [0, 1], got {fraction!r}")
-    if not (0 <= low <= high and np.isfinite(high)):
+    if not (isinstance(fraction, (int, float, np.number)) and 0 <= fraction <= 1):
+        raise ValueError(f"fraction must be a number in [0, 1], got {fraction!r}")
+    if not all(isinstance(v, (int, float, np.number)) for v in (low, high)) or not (
+        0 <= low <= high and np.isfinite(high)
+    ):
         raise ValueError(f"need 0 <= low <= high < inf pixels, got {low!r}, {high!r}")
     rng = np.random.default_rng(seed)
     N = recon.cam.size
@@ -396,8 +439,13 @@ def first_points(recon, state, n):
     from .bundle import SparseBundleState
     from .io import Reconstruction
 
-    if not (isinstance(n, (int, np.integer)) and 1 <= n <= recon.n):
+    if not (
+        isinstance(n, (int, np.integer))
+        and not isinstance(n, bool)
+        and 1 <= n <= recon.n
+    ):
         raise ValueError(f"n must be an integer in 1..{recon.n}, got {n!r}")
+    _check_state(recon, state, "state", n)
     kept = recon.point < n
     sub = Reconstruction(
         recon.R,
