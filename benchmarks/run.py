@@ -30,6 +30,7 @@ ONE_THREAD = {
 }
 # Scripts that run both settings themselves, each in its own subprocess.
 BOTH_ITSELF = {
+    "bench_geometry.py",
     "bench_robust.py",
     "bench_bundle.py",
     "bench_implicit.py",
