@@ -1150,28 +1150,19 @@ def sparse_bundle_adjust(
 # Cholesky factor takes milliseconds and every product in an iteration is small, so a
 # second thread only synchronises (and on a busy machine waits for its core)
 _THREADED_SIZE = 2000
-_controller = []
 
 
 def _one_blas_thread(size):
-    """A context that runs the BLAS on one thread while solving a system of `size`
-    free camera parameters between 64 (below which OpenBLAS factors on one thread
-    anyway) and _THREADED_SIZE, through threadpoolctl when it is installed; otherwise
-    (or outside that range) it changes nothing."""
+    """A context that runs the BLAS on one thread (`derivlib._threads`) while solving a
+    system of `size` free camera parameters between 64 (below which OpenBLAS factors on
+    one thread anyway) and _THREADED_SIZE; outside that range it changes nothing."""
     from contextlib import nullcontext
+
+    from .._threads import one_blas_thread
 
     if not 64 <= size <= _THREADED_SIZE:
         return nullcontext()
-    if not _controller:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:
-            _controller.append(None)
-        else:
-            _controller.append(ThreadpoolController())
-    if _controller[0] is None:
-        return nullcontext()
-    return _controller[0].limit(limits=1, user_api="blas")
+    return one_blas_thread()
 
 
 def _sparse_lm(recon, state, free_idx, names, tol, max_iter, lam0, cost, rescale):
