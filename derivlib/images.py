@@ -788,12 +788,30 @@ def _gather(I, px, py):
     return top + fy * (bottom - top)
 
 
-def _sample(I, M, X, min_overlap):
+def _gather_grad(I, px, py):
+    """`_gather` and the exact gradient of the bilinear interpolant (9.1) there,
+    from the same four corners: (value, d/dx, d/dy)."""
+    H, W = I.shape
+    x0 = np.minimum(px.astype(np.intp), W - 2)
+    y0 = np.minimum(py.astype(np.intp), H - 2)
+    fx, fy = px - x0, py - y0
+    i = y0 * W + x0
+    F = I.ravel()
+    a, c = F[i], F[i + W]
+    d, d2 = F[i + 1] - a, F[i + W + 1] - c
+    top = a + fx * d
+    dy = c + fx * d2 - top
+    return top + fy * dy, d + fy * (d2 - d), dy
+
+
+def _sample(I, M, X, min_overlap, grad=False):
     """I(W(x)) at the template's pixels X for the warp matrix M, with no validation
     of I or X (done once in `align`). Returns (Iw, ok): ok is None when every pixel
     lands inside the image, else the mask of those that do (Iw is then sampled at the
-    positions clamped to the image, for a finite-difference gradient). Raises
-    ValueError when a pixel goes through infinity or too few land inside."""
+    positions clamped to the image). With `grad`, returns (Iw, ok, gx, gy), gx, gy
+    the exact gradient of x -> I(W(x)) for the bilinear interpolant (9.1): its
+    gradient at W(x), from the same four corners, times the Jacobian of W at x.
+    Raises ValueError when a pixel goes through infinity or too few land inside."""
     H, W = I.shape
     x, y = X
     u3 = M[2, 0] * x + M[2, 1] * y + M[2, 2]
@@ -804,15 +822,26 @@ def _sample(I, M, X, min_overlap):
         )
     px = (M[0, 0] * x + M[0, 1] * y + M[0, 2]) / u3
     py = (M[1, 0] * x + M[1, 1] * y + M[1, 2]) / u3
-    if px.min() >= 0 and py.min() >= 0 and px.max() <= W - 1 and py.max() <= H - 1:
-        return _gather(I, px, py), None
-    ok = (px >= 0) & (px <= W - 1) & (py >= 0) & (py <= H - 1)
-    if ok.mean() < min_overlap:
-        raise ValueError(
-            f"the warp sends {100 * (1 - ok.mean()):.0f}% of the template outside "
-            f"the image (at most {100 * (1 - min_overlap):.0f}% allowed)"
-        )
-    return _gather(I, np.clip(px, 0, W - 1), np.clip(py, 0, H - 1)), ok
+    ok = None
+    if not (
+        px.min() >= 0 and py.min() >= 0 and px.max() <= W - 1 and py.max() <= H - 1
+    ):
+        ok = (px >= 0) & (px <= W - 1) & (py >= 0) & (py <= H - 1)
+        if ok.mean() < min_overlap:
+            raise ValueError(
+                f"the warp sends {100 * (1 - ok.mean()):.0f}% of the template "
+                f"outside the image (at most {100 * (1 - min_overlap):.0f}% allowed)"
+            )
+        px, py = np.clip(px, 0, W - 1), np.clip(py, 0, H - 1)
+    if not grad:
+        return _gather(I, px, py), ok
+    Iw, Ix, Iy = _gather_grad(I, px, py)
+    Ix /= u3
+    Iy /= u3
+    # grad I(W) dW/dx, dW/dx = (M[:2, :2] - W M[2, :2]) / u3
+    gx = Ix * M[0, 0] + Iy * M[1, 0] - (Ix * px + Iy * py) * M[2, 0]
+    gy = Ix * M[0, 1] + Iy * M[1, 1] - (Ix * px + Iy * py) * M[2, 1]
+    return Iw, ok, gx, gy
 
 
 def _centred(T):
@@ -908,7 +937,10 @@ def _level_ic(
         try:
             if not np.all(np.isfinite(M)):  # a step that went through infinity
                 raise ValueError("the warp matrix is not finite")
-            Iw, ok = _sample(I, M, X, min_overlap)
+            if finish == "exact":
+                Iw, ok, gxe, gye = _sample(I, M, X, min_overlap, grad=True)
+            else:
+                Iw, ok = _sample(I, M, X, min_overlap)
             Tk, Iwk = (Tv, Iw) if ok is None else (Tv[ok], Iw[ok])
             if photometric:
                 Tc, nT = (Tc0, nT0) if ok is None else _centred(Tk)
@@ -954,9 +986,13 @@ def _level_ic(
                     if photometric:
                         S = _project(S.T, Tk).T
                     A, g = S @ S.T, S @ e
-            else:  # (9.23): the warped image's own gradient, by finite differences
-                gy, gx = np.gradient(Iw.reshape(h, w))
-                gx, gy, Xk = gx.ravel(), gy.ravel(), X
+            else:  # (9.23): the warped image's own gradient, exact at the finest
+                if finish == "exact":  # level, by central differences above it
+                    gx, gy = gxe, gye
+                else:
+                    gy, gx = np.gradient(Iw.reshape(h, w))
+                    gx, gy = gx.ravel(), gy.ravel()
+                Xk = X
                 if ok is not None:
                     gx, gy, Xk = gx[ok], gy[ok], X[:, ok]
                 C = np.empty((k + 3, e.size))
@@ -1029,6 +1065,8 @@ def _pyramid_levels(
             M, converged, it, a, b, st = _level_fa(Ts[lev], Is[lev], M, kind, *options)
         else:
             finish = method == "fc" or (polish and lev < _POLISHED)
+            if finish and lev == 0:  # (9.23) with the interpolant's exact gradient
+                finish = "exact"
             M, converged, it, a, b, st, wts = _level_ic(
                 Ts[lev], Is[lev], M, kind, *options, finish, lev == levels - 1, robust
             )
@@ -1099,7 +1137,9 @@ def align(
     when `levels` is 1) forward-compositionally: the inverse-compositional step rests
     on the template's gradient, noisy when the template is, and its fixed point
     carries that noise; the forward-compositional step uses the gradient of the
-    warped image. BLAS runs on one thread inside (see `_one_blas_thread`).
+    warped image (at the finest level the exact gradient of the bilinear interpolant
+    through the warp, at coarser ones central differences of the warped image).
+    BLAS runs on one thread inside (see `_one_blas_thread`).
 
     `robust` ("huber" or "tukey", not with "fa") reweights every step by the
     residuals (9.24)-(9.25), so that occluded or changed pixels count less; the
