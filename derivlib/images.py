@@ -108,9 +108,10 @@ def _bilinear(I, P):
     y0 = np.minimum(np.floor(P[1]), H - 2).astype(np.intp)
     fx, fy = P[0] - x0, P[1] - y0
     i = y0 * W + x0
-    F = I.ravel()
-    top = F[i] + fx * (F[i + 1] - F[i])
-    bottom = F[i + W] + fx * (F[i + W + 1] - F[i + W])
+    F = I.ravel()  # the four corners F[i], F[i + 1], F[i + W], F[i + W + 1], as views
+    a, c = F[i], F[W:][i]
+    top = a + fx * (F[1:][i] - a)
+    bottom = c + fx * (F[W + 1 :][i] - c)
     return top + fy * (bottom - top)
 
 
@@ -782,9 +783,10 @@ def _gather(I, px, py):
     y0 = np.minimum(py.astype(np.intp), H - 2)
     fx, fy = px - x0, py - y0
     i = y0 * W + x0
-    F = I.ravel()
-    top = F[i] + fx * (F[i + 1] - F[i])
-    bottom = F[i + W] + fx * (F[i + W + 1] - F[i + W])
+    F = I.ravel()  # the four corners F[i], F[i + 1], F[i + W], F[i + W + 1], as views
+    a, c = F[i], F[W:][i]
+    top = a + fx * (F[1:][i] - a)
+    bottom = c + fx * (F[W + 1 :][i] - c)
     return top + fy * (bottom - top)
 
 
@@ -797,8 +799,8 @@ def _gather_grad(I, px, py):
     fx, fy = px - x0, py - y0
     i = y0 * W + x0
     F = I.ravel()
-    a, c = F[i], F[i + W]
-    d, d2 = F[i + 1] - a, F[i + W + 1] - c
+    a, c = F[i], F[W:][i]
+    d, d2 = F[1:][i] - a, F[W + 1 :][i] - c
     top = a + fx * d
     dy = c + fx * d2 - top
     return top + fy * dy, d + fy * (d2 - d), dy
@@ -839,22 +841,26 @@ def _sample(I, M, X, min_overlap, grad=False):
     Ix /= u3
     Iy /= u3
     # grad I(W) dW/dx, dW/dx = (M[:2, :2] - W M[2, :2]) / u3
-    gx = Ix * M[0, 0] + Iy * M[1, 0] - (Ix * px + Iy * py) * M[2, 0]
-    gy = Ix * M[0, 1] + Iy * M[1, 1] - (Ix * px + Iy * py) * M[2, 1]
+    r = Ix * px + Iy * py
+    gx = Ix * M[0, 0] + Iy * M[1, 0] - r * M[2, 0]
+    gy = Ix * M[0, 1] + Iy * M[1, 1] - r * M[2, 1]
     return Iw, ok, gx, gy
 
 
 def _centred(T):
-    """T minus its mean, and the norm of that."""
-    Tc = T - T.mean()
-    return Tc, np.sqrt(Tc @ Tc)
+    """T minus its mean, the norm of that, and the mean."""
+    m = T.mean()
+    Tc = T - m
+    return Tc, np.sqrt(Tc @ Tc), m
 
 
 def _normalise(Iw, Tc, nT):
     """The error of the correlation criterion (9.21): the warped image made zero-mean
     with the template's norm, minus the zero-mean template Tc (norm nT). Returns
-    (e, Ic, nI, rho); refuses a constant or anti-correlated warped image."""
-    Ic = Iw - Iw.mean()
+    (e, Ic, nI, rho, mean of Iw); refuses a constant or anti-correlated warped
+    image."""
+    m = Iw.mean()
+    Ic = Iw - m
     nI = np.sqrt(Ic @ Ic)
     if not nI > 1e-12 * np.sqrt(Iw @ Iw):
         raise ValueError(
@@ -867,7 +873,7 @@ def _normalise(Iw, Tc, nT):
             f"the warped image is not positively correlated with the template "
             f"(correlation {rho:.3g}): the alignment has failed"
         )
-    return Ic * (nT / nI) - Tc, Ic, nI, rho
+    return Ic * (nT / nI) - Tc, Ic, nI, rho, m
 
 
 ROBUST = {"huber": 1.345, "tukey": 4.685}  # 95% efficiency at Gaussian noise
@@ -931,7 +937,7 @@ def _level_ic(
             "the template is constant (textureless): its gain cannot be fitted and "
             "no warp can be estimated"
         )
-    Tc0, nT0 = _centred(Tv)
+    Tc0, nT0, mT0 = _centred(Tv)
     best, lam, steps, converged, it, sigma = None, 0.0, [], False, 0, None
     for it in range(1, max_iter + 1):
         try:
@@ -943,8 +949,8 @@ def _level_ic(
                 Iw, ok = _sample(I, M, X, min_overlap)
             Tk, Iwk = (Tv, Iw) if ok is None else (Tv[ok], Iw[ok])
             if photometric:
-                Tc, nT = (Tc0, nT0) if ok is None else _centred(Tk)
-                e, Ic, nI, rho = _normalise(Iwk, Tc, nT)
+                Tc, nT, mT = (Tc0, nT0, mT0) if ok is None else _centred(Tk)
+                e, Ic, nI, rho, mI = _normalise(Iwk, Tc, nT)
                 cost = 2 - 2 * rho  # = |e|^2 / |Tc|^2
             else:
                 e = Iwk - Tk
@@ -1026,7 +1032,7 @@ def _level_ic(
             ab = (1.0, 0.0)
             if photometric:
                 a = nI / (rho * nT)  # the fit of T on I(W): T ~ (I(W) - b) / a
-                ab = (a, float(Iwk.mean() - a * Tk.mean()))
+                ab = (a, float(mI - a * mT))
             best = (M, cost, A, g, ab, None if robust is None else (wts, ok))
         dp = np.linalg.solve(A + lam * np.diag(np.diag(A)), g)
         Mdp = np.eye(3)
