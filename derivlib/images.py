@@ -912,7 +912,9 @@ def _level_ic(
     T, I, M, kind, max_iter, tol, photometric, min_overlap, finish, first, robust
 ):
     """One pyramid level of inverse-compositional (9.17)-(9.19) Lucas-Kanade, or with
-    `finish` forward-compositional (9.22)-(9.23), on the criterion (9.21). At the
+    `finish` forward-compositional (9.22)-(9.23), on the criterion (9.21): the warped
+    image's gradient by central differences, or with `finish` "exact" the exact
+    gradient of the bilinear interpolant through the warp (`_sample`). At the
     `first` (coarsest) level the template's Hessian is checked before any step.
     With `robust` ("huber" or "tukey") each step is reweighted, (9.24)-(9.25).
 
