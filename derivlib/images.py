@@ -108,9 +108,10 @@ def _bilinear(I, P):
     y0 = np.minimum(np.floor(P[1]), H - 2).astype(np.intp)
     fx, fy = P[0] - x0, P[1] - y0
     i = y0 * W + x0
-    F = I.ravel()
-    top = F[i] + fx * (F[i + 1] - F[i])
-    bottom = F[i + W] + fx * (F[i + W + 1] - F[i + W])
+    F = I.ravel()  # the four corners F[i], F[i + 1], F[i + W], F[i + W + 1], as views
+    a, c = F[i], F[W:][i]
+    top = a + fx * (F[1:][i] - a)
+    bottom = c + fx * (F[W + 1 :][i] - c)
     return top + fy * (bottom - top)
 
 
@@ -782,18 +783,37 @@ def _gather(I, px, py):
     y0 = np.minimum(py.astype(np.intp), H - 2)
     fx, fy = px - x0, py - y0
     i = y0 * W + x0
-    F = I.ravel()
-    top = F[i] + fx * (F[i + 1] - F[i])
-    bottom = F[i + W] + fx * (F[i + W + 1] - F[i + W])
+    F = I.ravel()  # the four corners F[i], F[i + 1], F[i + W], F[i + W + 1], as views
+    a, c = F[i], F[W:][i]
+    top = a + fx * (F[1:][i] - a)
+    bottom = c + fx * (F[W + 1 :][i] - c)
     return top + fy * (bottom - top)
 
 
-def _sample(I, M, X, min_overlap):
+def _gather_grad(I, px, py):
+    """`_gather` and the exact gradient of the bilinear interpolant (9.1) there,
+    from the same four corners: (value, d/dx, d/dy)."""
+    H, W = I.shape
+    x0 = np.minimum(px.astype(np.intp), W - 2)
+    y0 = np.minimum(py.astype(np.intp), H - 2)
+    fx, fy = px - x0, py - y0
+    i = y0 * W + x0
+    F = I.ravel()
+    a, c = F[i], F[W:][i]
+    d, d2 = F[1:][i] - a, F[W + 1 :][i] - c
+    top = a + fx * d
+    dy = c + fx * d2 - top
+    return top + fy * dy, d + fy * (d2 - d), dy
+
+
+def _sample(I, M, X, min_overlap, grad=False):
     """I(W(x)) at the template's pixels X for the warp matrix M, with no validation
     of I or X (done once in `align`). Returns (Iw, ok): ok is None when every pixel
     lands inside the image, else the mask of those that do (Iw is then sampled at the
-    positions clamped to the image, for a finite-difference gradient). Raises
-    ValueError when a pixel goes through infinity or too few land inside."""
+    positions clamped to the image). With `grad`, returns (Iw, ok, gx, gy), gx, gy
+    the exact gradient of x -> I(W(x)) for the bilinear interpolant (9.1): its
+    gradient at W(x), from the same four corners, times the Jacobian of W at x.
+    Raises ValueError when a pixel goes through infinity or too few land inside."""
     H, W = I.shape
     x, y = X
     u3 = M[2, 0] * x + M[2, 1] * y + M[2, 2]
@@ -804,28 +824,43 @@ def _sample(I, M, X, min_overlap):
         )
     px = (M[0, 0] * x + M[0, 1] * y + M[0, 2]) / u3
     py = (M[1, 0] * x + M[1, 1] * y + M[1, 2]) / u3
-    if px.min() >= 0 and py.min() >= 0 and px.max() <= W - 1 and py.max() <= H - 1:
-        return _gather(I, px, py), None
-    ok = (px >= 0) & (px <= W - 1) & (py >= 0) & (py <= H - 1)
-    if ok.mean() < min_overlap:
-        raise ValueError(
-            f"the warp sends {100 * (1 - ok.mean()):.0f}% of the template outside "
-            f"the image (at most {100 * (1 - min_overlap):.0f}% allowed)"
-        )
-    return _gather(I, np.clip(px, 0, W - 1), np.clip(py, 0, H - 1)), ok
+    ok = None
+    if not (
+        px.min() >= 0 and py.min() >= 0 and px.max() <= W - 1 and py.max() <= H - 1
+    ):
+        ok = (px >= 0) & (px <= W - 1) & (py >= 0) & (py <= H - 1)
+        if ok.mean() < min_overlap:
+            raise ValueError(
+                f"the warp sends {100 * (1 - ok.mean()):.0f}% of the template "
+                f"outside the image (at most {100 * (1 - min_overlap):.0f}% allowed)"
+            )
+        px, py = np.clip(px, 0, W - 1), np.clip(py, 0, H - 1)
+    if not grad:
+        return _gather(I, px, py), ok
+    Iw, Ix, Iy = _gather_grad(I, px, py)
+    Ix /= u3
+    Iy /= u3
+    # grad I(W) dW/dx, dW/dx = (M[:2, :2] - W M[2, :2]) / u3
+    r = Ix * px + Iy * py
+    gx = Ix * M[0, 0] + Iy * M[1, 0] - r * M[2, 0]
+    gy = Ix * M[0, 1] + Iy * M[1, 1] - r * M[2, 1]
+    return Iw, ok, gx, gy
 
 
 def _centred(T):
-    """T minus its mean, and the norm of that."""
-    Tc = T - T.mean()
-    return Tc, np.sqrt(Tc @ Tc)
+    """T minus its mean, the norm of that, and the mean."""
+    m = T.mean()
+    Tc = T - m
+    return Tc, np.sqrt(Tc @ Tc), m
 
 
 def _normalise(Iw, Tc, nT):
     """The error of the correlation criterion (9.21): the warped image made zero-mean
     with the template's norm, minus the zero-mean template Tc (norm nT). Returns
-    (e, Ic, nI, rho); refuses a constant or anti-correlated warped image."""
-    Ic = Iw - Iw.mean()
+    (e, Ic, nI, rho, mean of Iw); refuses a constant or anti-correlated warped
+    image."""
+    m = Iw.mean()
+    Ic = Iw - m
     nI = np.sqrt(Ic @ Ic)
     if not nI > 1e-12 * np.sqrt(Iw @ Iw):
         raise ValueError(
@@ -838,7 +873,7 @@ def _normalise(Iw, Tc, nT):
             f"the warped image is not positively correlated with the template "
             f"(correlation {rho:.3g}): the alignment has failed"
         )
-    return Ic * (nT / nI) - Tc, Ic, nI, rho
+    return Ic * (nT / nI) - Tc, Ic, nI, rho, m
 
 
 ROBUST = {"huber": 1.345, "tukey": 4.685}  # 95% efficiency at Gaussian noise
@@ -877,7 +912,9 @@ def _level_ic(
     T, I, M, kind, max_iter, tol, photometric, min_overlap, finish, first, robust
 ):
     """One pyramid level of inverse-compositional (9.17)-(9.19) Lucas-Kanade, or with
-    `finish` forward-compositional (9.22)-(9.23), on the criterion (9.21). At the
+    `finish` forward-compositional (9.22)-(9.23), on the criterion (9.21): the warped
+    image's gradient by central differences, or with `finish` "exact" the exact
+    gradient of the bilinear interpolant through the warp (`_sample`). At the
     `first` (coarsest) level the template's Hessian is checked before any step.
     With `robust` ("huber" or "tukey") each step is reweighted, (9.24)-(9.25).
 
@@ -902,17 +939,20 @@ def _level_ic(
             "the template is constant (textureless): its gain cannot be fitted and "
             "no warp can be estimated"
         )
-    Tc0, nT0 = _centred(Tv)
+    Tc0, nT0, mT0 = _centred(Tv)
     best, lam, steps, converged, it, sigma = None, 0.0, [], False, 0, None
     for it in range(1, max_iter + 1):
         try:
             if not np.all(np.isfinite(M)):  # a step that went through infinity
                 raise ValueError("the warp matrix is not finite")
-            Iw, ok = _sample(I, M, X, min_overlap)
+            if finish == "exact":
+                Iw, ok, gxe, gye = _sample(I, M, X, min_overlap, grad=True)
+            else:
+                Iw, ok = _sample(I, M, X, min_overlap)
             Tk, Iwk = (Tv, Iw) if ok is None else (Tv[ok], Iw[ok])
             if photometric:
-                Tc, nT = (Tc0, nT0) if ok is None else _centred(Tk)
-                e, Ic, nI, rho = _normalise(Iwk, Tc, nT)
+                Tc, nT, mT = (Tc0, nT0, mT0) if ok is None else _centred(Tk)
+                e, Ic, nI, rho, mI = _normalise(Iwk, Tc, nT)
                 cost = 2 - 2 * rho  # = |e|^2 / |Tc|^2
             else:
                 e = Iwk - Tk
@@ -954,9 +994,13 @@ def _level_ic(
                     if photometric:
                         S = _project(S.T, Tk).T
                     A, g = S @ S.T, S @ e
-            else:  # (9.23): the warped image's own gradient, by finite differences
-                gy, gx = np.gradient(Iw.reshape(h, w))
-                gx, gy, Xk = gx.ravel(), gy.ravel(), X
+            else:  # (9.23): the warped image's own gradient, exact at the finest
+                if finish == "exact":  # level, by central differences above it
+                    gx, gy = gxe, gye
+                else:
+                    gy, gx = np.gradient(Iw.reshape(h, w))
+                    gx, gy = gx.ravel(), gy.ravel()
+                Xk = X
                 if ok is not None:
                     gx, gy, Xk = gx[ok], gy[ok], X[:, ok]
                 C = np.empty((k + 3, e.size))
@@ -990,7 +1034,7 @@ def _level_ic(
             ab = (1.0, 0.0)
             if photometric:
                 a = nI / (rho * nT)  # the fit of T on I(W): T ~ (I(W) - b) / a
-                ab = (a, float(Iwk.mean() - a * Tk.mean()))
+                ab = (a, float(mI - a * mT))
             best = (M, cost, A, g, ab, None if robust is None else (wts, ok))
         dp = np.linalg.solve(A + lam * np.diag(np.diag(A)), g)
         Mdp = np.eye(3)
@@ -1029,6 +1073,8 @@ def _pyramid_levels(
             M, converged, it, a, b, st = _level_fa(Ts[lev], Is[lev], M, kind, *options)
         else:
             finish = method == "fc" or (polish and lev < _POLISHED)
+            if finish and lev == 0:  # (9.23) with the interpolant's exact gradient
+                finish = "exact"
             M, converged, it, a, b, st, wts = _level_ic(
                 Ts[lev], Is[lev], M, kind, *options, finish, lev == levels - 1, robust
             )
@@ -1099,7 +1145,9 @@ def align(
     when `levels` is 1) forward-compositionally: the inverse-compositional step rests
     on the template's gradient, noisy when the template is, and its fixed point
     carries that noise; the forward-compositional step uses the gradient of the
-    warped image. BLAS runs on one thread inside (see `_one_blas_thread`).
+    warped image (at the finest level the exact gradient of the bilinear interpolant
+    through the warp, at coarser ones central differences of the warped image).
+    BLAS runs on one thread inside (see `_one_blas_thread`).
 
     `robust` ("huber" or "tukey", not with "fa") reweights every step by the
     residuals (9.24)-(9.25), so that occluded or changed pixels count less; the

@@ -416,3 +416,36 @@ def test_sl3_matrix_and_jacobian_against_jax_and_scipy(rng):
         assert np.isclose(np.linalg.det(M), 1.0, rtol=1e-12)
     with pytest.raises(ValueError, match="8 parameters"):
         im.sl3_matrix(np.zeros(6))
+
+
+def test_warped_image_gradient_of_the_finish_against_jax(rng):
+    """The finest level's (9.23) rows use the exact gradient of x -> I(W(x)) for the
+    bilinear interpolant, from the four corners that give the value: jax.grad of the
+    same composition at template pixels whose warped positions are off the grid."""
+    I = rng.standard_normal((40, 50))
+    M = im.warp_matrix(
+        "homography", np.array([0.05, 0.02, 6, -0.03, 0.04, 5, 1e-3, 5e-4])
+    )
+    X = np.stack([rng.uniform(0, 30, 200), rng.uniform(0, 25, 200)])
+    X = X[:, np.all(np.abs(im._apply(M, X)[0] % 1 - 0.5) < 0.499, axis=0)]
+    Iw, ok, gx, gy = im._sample(I, M, X, 1.0, grad=True)
+    assert ok is None
+
+    def at(x):
+        u = jnp.asarray(M) @ jnp.stack([x[0], x[1], jnp.ones_like(x[0])])
+        return bilinear_jax(jnp.asarray(I), u[:2] / u[2])
+
+    grads = jax.jit(jax.vmap(jax.grad(lambda x: at(x[:, None])[0]), 1, 1))(X)
+    check.check_close("I(W(x))", Iw, np.asarray(at(X)), "jax bilinear")
+    check.check_close("grad I(W(x))", np.stack([gx, gy]), np.asarray(grads), "jax.grad")
+    # planted: grad I at W(x) without the Jacobian of W (the chain rule forgotten)
+    P = jnp.asarray(im._apply(M, X)[0])
+    gI = jax.jit(
+        jax.vmap(jax.grad(lambda q: bilinear_jax(jnp.asarray(I), q[:, None])[0]), 1, 1)
+    )
+    check.check_fails(
+        "grad I(W(x)) without dW/dx",
+        lambda: np.asarray(gI(P)),
+        np.asarray(grads),
+        "jax.grad",
+    )
