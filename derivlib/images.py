@@ -22,10 +22,11 @@ Grid lines and border (equations (9.1)-(9.6)):
   coordinates.
 """
 
-import contextlib
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from ._threads import one_blas_thread
 
 try:  # the sparse scatter of the backward rules; NumPy's bincount without it
     import scipy.sparse as _sparse
@@ -65,7 +66,10 @@ def _positions(P, name="P"):
 
 
 def _same(A, shape, name):
-    A = np.asarray(A, dtype=np.float64)
+    A = np.asarray(A)
+    if A.dtype.kind not in "fiub":
+        raise ValueError(f"{name} must be a real array, got dtype {A.dtype}")
+    A = A.astype(np.float64)
     if A.shape != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {A.shape}")
     return A
@@ -1085,23 +1089,11 @@ def _pyramid_levels(
     return M, converged, total, a, b, steps, wts
 
 
-_BLAS = []
-
-
 def _one_blas_thread():
-    """A context in which BLAS runs on one thread (when threadpoolctl is installed):
-    the products of `align` are k x n by n x k with k <= 11, too small for a second
-    thread to pay for its start, and on a busy machine it waits for a core."""
-    if not _BLAS:
-        try:
-            from threadpoolctl import ThreadpoolController
-
-            _BLAS.append(ThreadpoolController())
-        except ImportError:  # optional: without it BLAS keeps its threads
-            _BLAS.append(None)
-    if _BLAS[0] is None:
-        return contextlib.nullcontext()
-    return _BLAS[0].limit(limits=1, user_api="blas")
+    """`derivlib._threads.one_blas_thread()`: the products of `align` are k x n by
+    n x k with k <= 11, too small for a second thread to pay for its start, and on a
+    busy machine it waits for a core."""
+    return one_blas_thread()
 
 
 def align(

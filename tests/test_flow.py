@@ -191,3 +191,10 @@ def test_window_sums_without_scipy_agree(rng, monkeypatch):
         "flow, shifted slices", without.flow, with_scipy.flow, oracle="scipy.ndimage"
     )
     assert (without.reported == with_scipy.reported).all()
+
+
+def test_a_complex_or_text_flow0_is_refused():
+    I0 = np.random.default_rng(0).random((12, 14))
+    for bad in (np.zeros((2, 12, 14), complex), np.full((2, 12, 14), "a")):
+        with pytest.raises(ValueError, match="flow0 must be a real array, got dtype"):
+            im.lucas_kanade_flow(I0, I0, radius=2, flow0=bad)

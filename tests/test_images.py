@@ -342,10 +342,12 @@ def test_align_without_threadpoolctl_gives_the_same_warp(monkeypatch):
     I = smooth_image(60, 60)
     T, start = I[10:30, 12:32], np.array([0.01, 0, 11.4, 0, -0.01, 9.6, 0, 0])
     ref = im.align(T, I, start, levels=2)
-    monkeypatch.setattr(im, "_BLAS", [])
+    from derivlib import _threads
+
+    monkeypatch.setattr(_threads, "_CONTROLLER", [])
     monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # import fails
     res = im.align(T, I, start, levels=2)
-    assert im._BLAS == [None]
+    assert _threads._CONTROLLER == [None]
     np.testing.assert_allclose(res.M, ref.M, rtol=0, atol=1e-10)
 
 
