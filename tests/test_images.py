@@ -451,3 +451,35 @@ def test_warped_image_gradient_of_the_finish_against_jax(rng):
         np.asarray(grads),
         "jax.grad",
     )
+    # planted: dW/dx = M[:2, :2] / u3, the quotient rule's term -W M[2, :2] / u3 lost
+    u3 = M[2] @ np.vstack([X, np.ones(X.shape[1])])
+    check.check_fails(
+        "grad I(W(x)) with dW/dx = M[:2, :2] / u3",
+        lambda: M[:2, :2].T @ np.asarray(gI(P)) / u3,
+        np.asarray(grads),
+        "jax.grad",
+    )
+
+
+def test_align_takes_the_exact_gradient_on_the_finest_level_only(monkeypatch):
+    """The default finish runs (9.23) on the two finest levels: the finest reads the
+    interpolant's exact gradient (`_gather_grad`), the coarser levels only values."""
+    I = smooth_image(60, 60)
+    T, start = I[10:30, 12:32], np.array([0.01, 0, 11.4, 0, -0.01, 9.6, 0, 0])
+    exact, plain = [], []
+    real_grad, real = im._gather_grad, im._gather
+
+    def recording_grad(J, px, py):
+        exact.append(J.shape)
+        return real_grad(J, px, py)
+
+    def recording(J, px, py):
+        plain.append(J.shape)
+        return real(J, px, py)
+
+    monkeypatch.setattr(im, "_gather_grad", recording_grad)
+    monkeypatch.setattr(im, "_gather", recording)
+    im.align(T, I, start, levels=3)
+    assert len(set(exact)) == 1 and len(set(plain)) == 2
+    (finest,) = set(exact)
+    assert all(s[0] < finest[0] and s[1] < finest[1] for s in plain)
