@@ -563,9 +563,10 @@ def mlp_loss_and_grad(params, X, Y, *, check_finite=True):
 
 
 # Up to this many multiply-adds in the first layer's product, the products of a step
-# run faster on one BLAS thread than on two (measured on a 2-core machine: 0.25 ms
-# against 0.34 ms at the digits' size, a tie near 7e7); above it, the BLAS keeps its
-# threads
+# run on one BLAS thread: measured on a 2-core machine, 0.25 ms against 0.34 ms on two
+# at the digits' size and a tie near 7e7; when the machine is busy the second thread
+# waits for a core, and one thread was still faster at 1e8 (9.5 ms against 22 ms).
+# Above it, the BLAS keeps its threads
 _ONE_THREAD_WORK = 1e8
 
 
