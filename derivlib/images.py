@@ -796,7 +796,9 @@ def _gather(I, px, py):
 
 def _gather_grad(I, px, py):
     """`_gather` and the exact gradient of the bilinear interpolant (9.1) there,
-    from the same four corners: (value, d/dx, d/dy)."""
+    from the same four corners: (value, d/dx, d/dy); on a grid line, where the
+    interpolant has a kink, the one-sided derivative of the cell that gives the
+    value."""
     H, W = I.shape
     x0 = np.minimum(px.astype(np.intp), W - 2)
     y0 = np.minimum(py.astype(np.intp), H - 2)
