@@ -483,3 +483,18 @@ def test_align_takes_the_exact_gradient_on_the_finest_level_only(monkeypatch):
     assert len(set(exact)) == 1 and len(set(plain)) == 2
     (finest,) = set(exact)
     assert all(s[0] < finest[0] and s[1] < finest[1] for s in plain)
+
+
+def test_a_complex_or_text_tangent_or_cotangent_is_refused(rng):
+    I, P = rng.random((6, 7)), rng.uniform(0, 5, (2, 4))
+    z, s = np.zeros((6, 7), complex), np.full((2, 4), "a")
+    with pytest.raises(ValueError, match="dI must be a real array, got dtype complex"):
+        im.bilinear_jvp(I, P, z, np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="dP must be a real array, got dtype <U1"):
+        im.bilinear_jvp(I, P, np.zeros((6, 7)), s)
+    with pytest.raises(ValueError, match="G must be a real array, got dtype complex"):
+        im.bilinear_vjp(I, P, np.zeros(4, complex))
+    # an integer or boolean cotangent is real, and taken as floats
+    np.testing.assert_array_equal(
+        im.bilinear_vjp(I, P, np.ones(4, int))[0], im.bilinear_vjp(I, P, np.ones(4))[0]
+    )
