@@ -5,8 +5,8 @@ usage: JAX_PLATFORMS=cpu python benchmarks/bench_matfun.py [--repeats N]
 
 The task is the gradient of <G, log S> for an SPD S (n x n) and a symmetric G, at
 n = 64 and n = 256. derivlib's `logm_spd_vjp` is the Daleckii-Krein rule (eq. 7.14) with
-divided differences free of cancellation (the literal quotient of the logarithms, and eq.
-7.15 at the pairs where those cancel, found by a mask); the peer is
+divided differences free of cancellation (eq. 7.15's artanh form where the eigenvalues are
+within a factor 3, the literal quotient of the logarithms elsewhere); the peer is
 `jax.jit(lambda S, G: jax.vjp(f, S)[1](G))` with f(S) = Q diag(log lam) Q^T from
 `jnp.linalg.eigh`, compiled before timing. Both compute one eigendecomposition.
 

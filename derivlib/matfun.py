@@ -32,6 +32,7 @@ import numbers
 import numpy as np
 
 from ._validate import (
+    SPD_RTOL,
     as_array_of_shape,
     as_finite_array,
     as_float_array,
@@ -246,17 +247,48 @@ _LOG_CANCELS = 1.0 / 16.0
 
 
 def _log_dd(a, b):
-    """(log a - log b) / (a - b), accurate for every a, b > 0 (eq. 7.15), for arrays
-    a and b that broadcast (a Loewner matrix: a column and a row of eigenvalues).
+    """(log a - log b) / (a - b), accurate for every a, b > 0 (eq. 7.15), for the
+    Loewner matrix of a spectrum lam (n,) or a stack (N, n): a = lam[..., :, None] and
+    b = lam[..., None, :], a column and a row of the same eigenvalues.
 
-    The plain quotient of the two logarithms is computed everywhere (a few
-    element-wise passes over the matrix: the difference, the mask, the division; and
-    no transcendental function but the 2n logarithms); the pairs
-    where those logarithms cancel, |log a - log b| <= (|log a| + |log b|) / 16 (ties
-    included), are found by a mask and recomputed by `_log_dd_careful`: every pair
-    inside a cluster of eigenvalues, and about a quarter of the pairs of a spectrum
-    spread evenly over [1, 10]. Elsewhere the plain quotient is within about 2e-15,
-    relative (`_LOG_CANCELS`)."""
+    With x = (a - b) / (a + b), log a - log b = 2 atanh(x): where |x| < 1/2 (a / b
+    between 1/3 and 3) that form is used, with no cancellation at close pairs and
+    ties; elsewhere, the plain quotient of the two logarithms, which cancels there only
+    when both logarithms are large, |log a - log b| = log 3 or more against (|log a| +
+    |log b|) / 16 (`_LOG_CANCELS`): only when an eigenvalue lies beyond e^(8 log 3) =
+    6561 or below its inverse. Both forms run over the whole matrix (a few element-wise
+    passes and one arctanh per entry, cheaper than gathering and scattering the pairs
+    of each form). A spectrum that reaches outside [1 / 6561, 6561] is left to
+    `_log_dd_masked`."""
+    if not (1.0 / _LOG_FAR_SAFE <= a.min() and a.max() <= _LOG_FAR_SAFE):
+        return _log_dd_masked(a, b)
+    la, lb = np.log(a), np.log(b)
+    d = a - b
+    x = d / (a + b)
+    near = np.abs(x) < 0.5
+    with np.errstate(divide="ignore", invalid="ignore"):
+        L = la - lb
+        L /= d  # the plain quotient; NaN at ties, replaced below
+        A = np.arctanh(x)
+        A /= 0.5 * d
+    np.copyto(L, A, where=near)
+    tie = d == 0
+    np.copyto(L, np.broadcast_to(1.0 / a, L.shape), where=tie)
+    return L
+
+
+# log 6561 = 8 log 3: inside [1 / 6561, 6561] two logarithms add up to at most 16 log 3,
+# so (|log a| + |log b|) / 16 <= log 3 <= |log a - log b| wherever a / b is 3 or more
+# (the plain quotient's pairs in `_log_dd`), and the plain quotient does not cancel
+_LOG_FAR_SAFE = 6561.0
+
+
+def _log_dd_masked(a, b):
+    """`_log_dd` at any spectrum: the plain quotient of the two logarithms is
+    computed everywhere; the pairs where those logarithms cancel, |log a - log b| <=
+    (|log a| + |log b|) / 16 (ties included), are found by a mask and recomputed by
+    `_log_dd_careful`. Elsewhere the plain quotient is within about 2e-15, relative
+    (`_LOG_CANCELS`)."""
     la, lb = np.log(a), np.log(b)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         L = la - lb
@@ -463,7 +495,12 @@ def _spd_eigh(S, f):
     _require_function(f)
     S = as_symmetric(S, "S")
     lam, Q = _eigh(S, overwrite=True)  # S is sym(S), our own copy
-    require_spd_eigenvalues(lam, "S")
+    # the SPD test lam_min > SPD_RTOL max |lam| on the ascending eigenvalues, whose
+    # largest magnitude is at one end, in Python floats (a NumPy reduction costs more
+    # than the eigenvalues of a small S); `require_spd_eigenvalues` writes the message
+    lo, hi = float(lam[0]), float(lam[-1])
+    if not lo > SPD_RTOL * max(abs(lo), abs(hi)):
+        require_spd_eigenvalues(lam, "S")
     return lam, Q
 
 
