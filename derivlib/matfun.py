@@ -252,14 +252,14 @@ def _log_dd(a, b):
     b = lam[..., None, :], a column and a row of the same eigenvalues.
 
     With x = (a - b) / (a + b), log a - log b = 2 atanh(x): where |x| < 1/2 (a / b
-    between 1/3 and 3) that form is used, with no cancellation at close pairs and
-    ties; elsewhere, the plain quotient of the two logarithms, which cancels there only
-    when both logarithms are large, |log a - log b| = log 3 or more against (|log a| +
-    |log b|) / 16 (`_LOG_CANCELS`): only when an eigenvalue lies beyond e^(8 log 3) =
-    6561 or below its inverse. Both forms run over the whole matrix (a few element-wise
-    passes and one arctanh per entry, cheaper than gathering and scattering the pairs
-    of each form). A spectrum that reaches outside [1 / 6561, 6561] is left to
-    `_log_dd_masked`."""
+    between 1/3 and 3) that form is used, with no cancellation at close pairs (at ties,
+    where it is 0 / 0, its limit 1 / a); elsewhere, the plain quotient of the two
+    logarithms, which cancels there only when both logarithms are large, |log a - log b|
+    = log 3 or more against (|log a| + |log b|) / 16 (`_LOG_CANCELS`): only when an
+    eigenvalue lies beyond e^(8 log 3) = 6561 or below its inverse. Both forms run over
+    the whole matrix (a few element-wise passes and one arctanh per entry, cheaper than
+    gathering and scattering the pairs of each form). A spectrum that reaches outside
+    [1 / 6561, 6561] is left to `_log_dd_masked`."""
     if not (1.0 / _LOG_FAR_SAFE <= a.min() and a.max() <= _LOG_FAR_SAFE):
         return _log_dd_masked(a, b)
     la, lb = np.log(a), np.log(b)
@@ -279,7 +279,9 @@ def _log_dd(a, b):
 
 # log 6561 = 8 log 3: inside [1 / 6561, 6561] two logarithms add up to at most 16 log 3,
 # so (|log a| + |log b|) / 16 <= log 3 <= |log a - log b| wherever a / b is 3 or more
-# (the plain quotient's pairs in `_log_dd`), and the plain quotient does not cancel
+# (the plain quotient's pairs in `_log_dd`, |x| >= 1/2, also take a / b an ulp short of
+# 3 when x rounds up to 1/2: a relative change of 1e-16 in the bound), and the plain
+# quotient does not cancel
 _LOG_FAR_SAFE = 6561.0
 
 
@@ -498,8 +500,9 @@ def _spd_eigh(S, f):
     # the SPD test lam_min > SPD_RTOL max |lam| on the ascending eigenvalues, whose
     # largest magnitude is at one end, in Python floats (a NumPy reduction costs more
     # than the eigenvalues of a small S); `require_spd_eigenvalues` writes the message
+    # (abs(hi) first: max(nan, x) is nan, so a NaN at the top fails as before)
     lo, hi = float(lam[0]), float(lam[-1])
-    if not lo > SPD_RTOL * max(abs(lo), abs(hi)):
+    if not lo > SPD_RTOL * max(abs(hi), abs(lo)):
         require_spd_eigenvalues(lam, "S")
     return lam, Q
 
