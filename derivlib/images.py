@@ -1091,13 +1091,6 @@ def _pyramid_levels(
     return M, converged, total, a, b, steps, wts
 
 
-def _one_blas_thread():
-    """`derivlib._threads.one_blas_thread()`: the products of `align` are k x n by
-    n x k with k <= 11, too small for a second thread to pay for its start, and on a
-    busy machine it waits for a core."""
-    return one_blas_thread()
-
-
 def align(
     T,
     I,
@@ -1141,7 +1134,8 @@ def align(
     carries that noise; the forward-compositional step uses the gradient of the
     warped image (at the finest level the exact gradient of the bilinear interpolant
     through the warp, at coarser ones central differences of the warped image).
-    BLAS runs on one thread inside (see `_one_blas_thread`).
+    BLAS runs on one thread inside (`derivlib._threads.one_blas_thread`): its
+    products are k x n by n x k with k <= 11, too small for a second thread to pay.
 
     `robust` ("huber" or "tukey", not with "fa") reweights every step by the
     residuals (9.24)-(9.25), so that occluded or changed pixels count less; the
@@ -1195,7 +1189,7 @@ def align(
     Ts, Is = pyramid(T, levels, smooth), pyramid(I, levels, smooth)
     S = np.diag([0.5 ** (levels - 1), 0.5 ** (levels - 1), 1.0])
     M = S @ M @ np.linalg.inv(S)
-    with _one_blas_thread():
+    with one_blas_thread():
         M, converged, total, a, b, steps, wts = _pyramid_levels(
             Ts, Is, M, kind, method, polish, robust, max_iter, tol, photometric,
             min_overlap,
