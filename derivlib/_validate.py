@@ -28,7 +28,7 @@ def as_float_array(x, name, ndims=None):
 
 def require_finite(arr, name):
     """Raise if `arr` holds NaN or infinity."""
-    if not np.all(np.isfinite(arr)):
+    if not np.isfinite(arr).all():
         bad = arr[~np.isfinite(arr)].ravel()[0]
         raise ValueError(f"{name} must be finite, got {bad}")
     return arr

@@ -12,6 +12,8 @@ refuses a point that is not a solution (the residual F is above tolerance) and a
 singular A (the solution is then not a smooth function of theta).
 """
 
+import math
+
 import numpy as np
 
 from ._validate import as_float_array, require_finite
@@ -37,8 +39,10 @@ def _check_converged(residual, tol, what, tested="max |F(x, theta)|"):
     the message: F itself, or a scaled form of it."""
     if residual is None:
         return
-    r = require_finite(as_float_array(residual, "residual"), "residual")
-    worst = float(np.max(np.abs(r)))
+    r = as_float_array(residual, "residual")
+    worst = float(np.abs(r).max())
+    if not np.isfinite(worst):
+        require_finite(r, "residual")
     if not worst <= tol:
         raise ValueError(
             f"{what}: the solver did not converge: {tested} = {worst:.3g} > "
@@ -57,18 +61,14 @@ def _square(A, name="A"):
 def factor(A, rcond=RCOND, what="implicit differentiation"):
     """LU-factorise A = dF/dx, refusing a singular A with the smallest pivot and the
     reciprocal condition number (LAPACK's estimate) in the message. Returns the
-    factorisation for ``scipy.linalg.lu_solve``."""
-    import warnings
-
-    from scipy.linalg import LinAlgWarning, lu_factor
-    from scipy.linalg.lapack import dgecon
+    factorisation (LU and pivots, as ``scipy.linalg.lu_factor`` returns them; both
+    call LAPACK's dgetrf, here directly, without the wrapper's checks)."""
+    from scipy.linalg.lapack import dgecon, dgetrf
 
     A = _square(A)
     anorm = float(np.max(np.sum(np.abs(A), axis=0)))
-    with np.errstate(all="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", LinAlgWarning)  # refused below, with numbers
-        lu, piv = lu_factor(A, check_finite=False)
-    pivots = np.abs(np.diag(lu))
+    lu, piv, _ = dgetrf(A)  # info > 0 (an exact zero pivot) is refused below
+    pivots = np.abs(lu.diagonal())
     smallest = float(pivots.min())
     estimate = dgecon(lu, anorm, norm="1")[0] if smallest > 0 and anorm > 0 else 0.0
     if not estimate >= rcond:
@@ -82,9 +82,14 @@ def factor(A, rcond=RCOND, what="implicit differentiation"):
 
 
 def _lu_solve(factors, b, trans=0):
-    from scipy.linalg import lu_solve
+    """Solve A x = b (trans=0) or A^T x = b (trans=1) with `factor`'s LU (LAPACK's
+    dgetrs, as ``scipy.linalg.lu_solve`` calls it)."""
+    from scipy.linalg.lapack import dgetrs
 
-    return lu_solve(factors, b, trans=trans, check_finite=False)
+    x, info = dgetrs(*factors, b, trans=trans)
+    if info != 0:
+        raise ValueError(f"dgetrs: illegal argument {-info}")
+    return x
 
 
 def _linearisation(A, B):
@@ -437,123 +442,195 @@ def pnp_pose(X, K, u, *, weights=None, xi0=None, tol=1e-12, max_iter=100):
     xi0 = dlt_pose(X, K, u) if xi0 is None else _pose(xi0, "xi0")
     # the minimiser does not change when every weight is scaled: divide by the largest,
     # so that extreme weights neither overflow nor underflow E
-    return _pnp_lm(X, K, u, np.sqrt(wts / np.max(wts)), xi0, tol, max_iter)
+    sw = wts if weights is None else np.sqrt(wts / wts.max())  # all ones when None
+    return _pnp_lm(X, K, u, sw, xi0, tol, max_iter)
 
 
 def _pnp_lm(X, K, u, sw, xi0, tol, max_iter, lam0=1e-3):
     """Chapter 6's Levenberg-Marquardt (`solve_least_squares(method="lm",
     retract=pose_retract)`: the same damping, updates and stopping rules) on the
-    residuals sqrt(w_i) r_i, for inputs validated once by the caller: the rotation is
-    kept as a matrix, R <- R Exp(delta_w), and the residual and its Jacobian in the
-    right perturbation, sqrt(w_i) J_pi(p_i) [-R [X_i]x | I], are computed for all
-    points at once, with no per-step checks. A step that puts a point behind the
+    residuals sqrt(w_i) r_i, for inputs validated once by the caller. The rotation is
+    kept as a matrix, R <- R Exp(delta_w), and each step costs a fixed, small number of
+    array operations on all points at once, with no per-step checks: the Jacobian in
+    the right perturbation is `_pnp_jacobian`'s. A step that puts a point behind the
     camera (or whose image overflows) counts as raising E. Returns xi (6,). The two
     round differently, so near the stopping rule they may stop an iteration apart:
     the poses agree to the solver's accuracy (tested below 1e-8 relative at tol =
     1e-12), not bit for bit."""
-    from .geometry.lie import _hat_many, rotation_coefficients
-
-    K12, k3 = K[:2, :2], K[:2, 2:3]
-    hatX = _hat_many(X)  # (n, 3, 3)
-    eye = np.eye(3)
-
-    def exp(w):  # Rodrigues' formula, with Chapter 6's coefficients near 0
-        a, b, _ = rotation_coefficients(np.sqrt(w @ w))
-        W = np.array([[0.0, -w[2], w[1]], [w[2], 0.0, -w[0]], [-w[1], w[0], 0.0]])
-        return eye + a * W + b * (W @ W)
-
-    def residual(R, t):  # (2n,) in the order of vec(r), and the points p (3, n)
-        p = R @ X + t[:, None]
-        if not np.all(p[2] > 0):
-            return None, p
-        r = ((K12 @ (p[:2] / p[2]) + k3 - u) * sw).ravel(order="F")
-        return (r if np.isfinite(r @ r) else None), p
-
-    def jacobian(R, p):  # (2n, 6)
-        z = p[2]
-        D = np.zeros((p.shape[1], 2, 3))
-        D[:, 0, 0] = D[:, 1, 1] = sw / z
-        D[:, :, 2] = -(p[:2] / z**2 * sw).T
-        Jpi = K12 @ D  # (n, 2, 3), scaled by sqrt(w_i)
-        Jw = -(Jpi @ R) @ hatX
-        return np.concatenate([Jw, Jpi], axis=2).reshape(-1, 6)
-
-    def norm_x(R, t):  # |(w, t)| with w = Log R, |w| <= pi
-        v = 0.5 * np.array([R[2, 1] - R[1, 2], R[0, 2] - R[2, 0], R[1, 0] - R[0, 1]])
-        angle = np.arctan2(np.sqrt(v @ v), 0.5 * (R[0, 0] + R[1, 1] + R[2, 2] - 1.0))
-        return np.sqrt(angle**2 + t @ t)
-
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        return _pnp_lm_loop(exp, residual, jacobian, norm_x, xi0, tol, max_iter, lam0)
-
-
-def _pnp_lm_loop(exp, residual, jacobian, norm_x, xi0, tol, max_iter, lam0):
-    """The iteration of `_pnp_lm` (overflow in a trial step is caught as a
-    non-finite cost, so NumPy's warnings are off here)."""
     from .geometry.camera import BehindCameraError, _in_front
-    from .geometry.lie import so3_log
-    from .geometry.solvers import (
-        MAX_DAMPING,
-        _finished,
-        _lm_update,
-        _stationary,
-        _stuck,
-    )
+    from .geometry.lie import _rodrigues_floats
+
+    n = X.shape[1]
+    K12 = K[:2, :2]
+    u_off = u - K[:2, 2:3]  # r = K12 (p_xy / p_z) - (u - K[:2, 2])
+    A = np.zeros((6, 2, n))  # _pnp_jacobian's work array
+
+    def residual(R, t):  # (r (2, n) scaled by sqrt(w), E, p_xy / p_z, 1 / p_z)
+        p = R @ X
+        p += t[:, None]
+        if not p[2].min() > 0:
+            return None, p
+        iz = 1.0 / p[2]
+        nxy = p[:2] * iz
+        r = K12 @ nxy
+        r -= u_off
+        r *= sw
+        E = float(np.vdot(r, r))
+        return ((r, E, nxy, iz) if math.isfinite(E) else None), p
+
+    R, t = _rodrigues_floats(*xi0[:3].tolist()), xi0[3:].copy()
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        state, p = residual(R, t)
+        if state is None:
+            _in_front(p, "R(w) X + t")
+            raise BehindCameraError(
+                "the image of R(w) X + t overflows at the start xi0"
+            )
+
+        def jacobian(R, t, nxy, iz):  # (6, 2n), scaled by sqrt(w)
+            J = K12 @ _pnp_jacobian(_to_right(R, t), nxy, iz, A)
+            J *= sw
+            return J.reshape(6, 2 * n)
+
+        return _pnp_lm_loop(residual, jacobian, R, t, state, tol, max_iter, lam0)
+
+
+def _pnp_lm_loop(residual, jacobian, R, t, state, tol, max_iter, lam0):
+    """The iteration of `_pnp_lm` (overflow in a trial step is caught as a
+    non-finite cost, so NumPy's warnings are off there). The damped system (6 x 6) is
+    solved by LAPACK's dgesv directly."""
+    from scipy.linalg.lapack import dgesv
+
+    from .geometry.lie import _rodrigues_floats
+    from .geometry.solvers import MAX_DAMPING, _lm_update, _stuck
     from .losses import ConvergenceError
 
-    R, t = exp(xi0[:3]), xi0[3:].copy()
-    r, p = residual(R, t)
-    if r is None:
-        _in_front(p, "R(w) X + t")
-        raise BehindCameraError("the image of R(w) X + t overflows at the start xi0")
-    E, lam, nu = float(r @ r), lam0, 2.0
+    r, E, nxy, iz = state
+    lam, nu = lam0, 2.0
     for _ in range(max_iter):
-        J = jacobian(R, p)
-        g, H = J.T @ r, J.T @ J
-        diag = np.diag(np.diag(H))
-        x_size = norm_x(R, t)
+        J = jacobian(R, t, nxy, iz)  # (6, 2n)
+        g, H = J @ r.reshape(-1), J @ J.T
+        d = H.diagonal().copy()
+        x_size = _pose_size(R, t)
         first = True
         while True:
-            delta = np.linalg.solve(H + lam * diag, -g)
-            predicted = -float(delta @ (2 * g + H @ delta))
-            R_new, t_new = R @ exp(delta[:3]), t + delta[3:]
-            r_new, p_new = residual(R_new, t_new)
-            E_new = np.inf if r_new is None else float(r_new @ r_new)
+            Hd = H.copy()
+            Hd.flat[::7] += lam * d
+            _, _, delta, info = dgesv(Hd, g)
+            if info != 0:
+                raise np.linalg.LinAlgError("Singular matrix")
+            step = (-delta).tolist()
+            # -step^T (2 g + H step), as Chapter 6 computes it: at the minimum its
+            # rounding decides whether the point counts as stationary
+            predicted = float(delta @ (2.0 * g - H @ delta))
+            R_new = R @ _rodrigues_floats(*step[:3])
+            t_new = t - delta[3:]
+            state_new, _ = residual(R_new, t_new)
+            E_new = math.inf if state_new is None else state_new[1]
             rho = (E - E_new) / predicted if predicted > 0 else -1.0
+            short = math.sqrt(sum(v * v for v in step)) <= tol * (x_size + tol)
             if rho > 0:
                 lam, nu = _lm_update(lam, nu, rho)
                 stationary = False
                 break
-            if (
-                first
-                and np.isfinite(E_new)
-                and _stationary(E, predicted, delta, np.array([x_size]), tol)
-            ):
-                stationary = True
+            if first and E_new < math.inf and (predicted <= tol * E or short):
+                stationary = True  # solvers._stationary
                 break
             first = False
             lam, nu = _lm_update(lam, nu, rho)
             if lam > MAX_DAMPING:
                 raise _stuck(E, lam, "Levenberg-Marquardt")
-        done = stationary or _finished(E, E_new, delta, np.array([x_size]), tol)
+        done = stationary or E - E_new <= tol * E or short  # solvers._finished
         if not stationary and E_new <= E:
-            R, t, r, p, E = R_new, t_new, r_new, p_new, E_new
+            R, t = R_new, t_new
+            r, E, nxy, iz = state_new
         if done:
-            return np.concatenate([so3_log(R), t])
+            return np.concatenate([_pose_rotation_vector(R), t])
     raise ConvergenceError(
         f"lm did not converge in {max_iter} iterations (cost {E:.6g})"
     )
 
 
+def _pose_rotation_vector(R):
+    """Log R for the rotation R that `_pnp_lm` built: `so3_log`'s formula below its
+    NEAR_PI in Python floats, w = (theta / sin theta) v; above it, `so3_log`'s own
+    branch (the axis from the symmetric part)."""
+    from .geometry.lie import NEAR_PI, _log_rotation, rotation_coefficients
+
+    (a, b, c), (d, e, f), (g, h, i) = R.tolist()
+    v0, v1, v2 = 0.5 * (h - f), 0.5 * (c - g), 0.5 * (d - b)
+    theta = math.atan2(math.sqrt(v0 * v0 + v1 * v1 + v2 * v2), 0.5 * (a + e + i - 1))
+    if theta >= NEAR_PI:
+        return _log_rotation(R)
+    s, _, _ = rotation_coefficients(theta)  # sin(theta) / theta
+    return np.array([v0 / s, v1 / s, v2 / s])
+
+
+def _pose_size(R, t):
+    """|(w, t)| with w = Log R, |w| <= pi: the size of x in the stopping rule."""
+    (a, b, c), (d, e, f), (g, h, i) = R.tolist()
+    v0, v1, v2 = 0.5 * (h - f), 0.5 * (c - g), 0.5 * (d - b)
+    angle = math.atan2(math.sqrt(v0 * v0 + v1 * v1 + v2 * v2), 0.5 * (a + e + i - 1))
+    t0, t1, t2 = t.tolist()
+    return math.sqrt(angle * angle + t0 * t0 + t1 * t1 + t2 * t2)
+
+
+def _to_right(R, t):
+    """M (6, 6) with (omega, rho) = M (delta_w, delta_t): the camera-frame motion of
+    the points, p + omega x p + rho, that the right perturbation (R Exp(delta_w), t +
+    delta_t) causes to first order: omega = R delta_w, rho = delta_t + [t]x R
+    delta_w."""
+    (a, b, c), (d, e, f), (g, h, i) = R.tolist()
+    t0, t1, t2 = t.tolist()
+    return np.array(
+        [
+            [a, b, c, 0.0, 0.0, 0.0],
+            [d, e, f, 0.0, 0.0, 0.0],
+            [g, h, i, 0.0, 0.0, 0.0],
+            [t1 * g - t2 * d, t1 * h - t2 * e, t1 * i - t2 * f, 1.0, 0.0, 0.0],
+            [t2 * a - t0 * g, t2 * b - t0 * h, t2 * c - t0 * i, 0.0, 1.0, 0.0],
+            [t0 * d - t1 * a, t0 * e - t1 * b, t0 * f - t1 * c, 0.0, 0.0, 1.0],
+        ]
+    )
+
+
+def _pnp_jacobian(M, nxy, iz, A):
+    """The Jacobian (6, 2, n) of the normalised images (x_i / z_i, y_i / z_i) in the
+    right perturbation of the pose, rows (delta_w, delta_t), at the points p_i = (x_i,
+    y_i, z_i), given M = `_to_right(R, t)`, nxy = p_xy / p_z (2, n) and iz = 1 / p_z
+    (n,); A (6, 2, n) is a work array that is zero where the Jacobian below is. The
+    pixel residuals' Jacobian is K12 @ this (K12 = K[:2, :2] acting on the middle
+    axis).
+
+    In the camera frame, p -> p + omega x p + rho moves (x', y') = (x / z, y / z) by
+    the closed forms d x' = [-x'y', 1 + x'^2, -y', 1/z, 0, -x'/z] (omega, rho) and
+    d y' = [-(1 + y'^2), x'y', x', 0, 1/z, -y'/z] (omega, rho); M^T takes them to the
+    right perturbation."""
+    xn, yn = nxy
+    np.multiply(xn, yn, out=A[1, 1])
+    np.negative(A[1, 1], out=A[0, 0])
+    sq = nxy * nxy
+    sq += 1.0
+    A[1, 0] = sq[0]
+    np.negative(sq[1], out=A[0, 1])
+    np.negative(yn, out=A[2, 0])
+    A[2, 1] = xn
+    A[3, 0] = iz
+    A[4, 1] = iz
+    np.multiply(nxy, -iz, out=A[5])
+    return (M.T @ A.reshape(6, -1)).reshape(A.shape)
+
+
 def _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping):
-    """At the pose xi: the per-point residuals r (n, 2), their Jacobians in the right
-    perturbation J (n, 2, 6), the gradient check, and the Hessian H (6, 6) of E in
-    the perturbation (eq. 8.17): sum_i w_i J_i^T J_i, plus, when hessian='exact', the
-    second-order term sum_i w_i r_i . Hess r_i (eq. 8.18), plus damping * I. The
-    weights are divided by s = max w_i first, so that extreme weights neither overflow
-    nor underflow: the H returned is the Hessian over s, and s is returned too."""
-    from .geometry.camera import _project_jacobian, project
-    from .geometry.lie import _hat_many, rodrigues
+    """At the pose xi: the residuals r (2, n) (row k: coordinate k of every point),
+    their Jacobian in the right perturbation J (6, 2, n) (`_pnp_jacobian`), the
+    gradient check, and the Hessian H (6, 6) of E in the perturbation (eq. 8.17):
+    sum_i w_i J_i^T J_i, plus, when hessian='exact', the second-order term sum_i w_i
+    r_i . Hess r_i (eq. 8.18), plus damping * I. The weights are divided by s = max
+    w_i first, so that extreme weights neither overflow nor underflow: the H returned
+    is the Hessian over s, and s is returned too."""
+    from .geometry.camera import _in_front, project
+    from .geometry.lie import _rodrigues_floats
     from .geometry.solvers import _pose
 
     if hessian not in ("exact", "gauss-newton"):
@@ -562,34 +639,32 @@ def _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping):
     if not (np.isfinite(damping) and damping >= 0):
         raise ValueError(f"damping must be finite and >= 0, got {damping}")
     xi = _pose(xi)
-    s_w = float(np.max(wts))
+    s_w = float(wts.max())
     wts = wts / s_w
-    R = rodrigues(xi[:3])
-    Xc = R @ X
-    p = Xc + xi[3:, None]
-    from .geometry.camera import _in_front
-
+    R, t = _rodrigues_floats(*xi[:3].tolist()), xi[3:]
+    p = R @ X
+    p += t[:, None]
     _in_front(p, "R(w) X + t")
+    iz = 1.0 / p[2]
+    nxy = p[:2] * iz
+    K12 = K[:2, :2]
     with np.errstate(over="ignore", invalid="ignore"):
-        r = (K[:2, :2] @ (p[:2] / p[2]) + K[:2, 2:3] - u).T  # (n, 2)
+        r = K12 @ nxy + (K[:2, 2:3] - u)  # (2, n)
     if not np.isfinite(r).all():
         project(p, K)  # raises, naming the point whose image overflows
-    Jpi = _project_jacobian(p, K)  # (n, 2, 3)
-    Jp = np.concatenate(
-        [-(R @ _hat_many(X)), np.broadcast_to(np.eye(3), Jpi.shape[:1] + (3, 3))],
-        axis=2,
-    )  # (n, 3, 6): dp_i / d(delta_w, delta_t)
-    J = Jpi @ Jp  # (n, 2, 6)
-    Jf = J.reshape(-1, 6)  # rows 2i, 2i + 1: point i
-    g = (wts[:, None] * r).ravel() @ Jf
+    n = X.shape[1]
+    M = _to_right(R, t)
+    Jn = _pnp_jacobian(M, nxy, iz, np.zeros((6, 2, n)))  # of p_xy / p_z
+    J = K12 @ Jn  # (6, 2, n)
+    Jf = J.reshape(6, 2 * n)  # columns: x-coordinates of every point, then y
+    a = wts * r  # (2, n): the weight of each residual's Hessian
+    g = Jf @ a.reshape(-1)
+    H = (J * wts).reshape(6, -1) @ Jf.T
     # relative stationarity: |grad E| against |W^1/2 J| (1 + |W^1/2 r|), with the
     # weights divided by their mean, so that scaling every weight (which leaves the
-    # pose unchanged) leaves the test unchanged too
-    wbar = float(np.mean(wts))
-    sw = np.sqrt(wts / wbar)
-    scale = np.linalg.norm(sw[:, None, None] * J) * (
-        1.0 + np.linalg.norm(sw[:, None] * r)
-    )
+    # pose unchanged) leaves the test unchanged too: |W^1/2 J|^2 = tr H_GN / wbar
+    wbar = float(wts.sum()) / n
+    scale = math.sqrt(H.trace() / wbar) * (1.0 + math.sqrt(np.vdot(a, r) / wbar))
     _check_converged(
         g / (wbar * scale),
         tol,
@@ -597,26 +672,35 @@ def _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping):
         "the relative gradient max |g| / (|W^1/2 J| (1 + |W^1/2 r|)) (W the weights "
         "over their mean)",
     )
-    H = (np.repeat(wts, 2)[:, None] * Jf).T @ Jf
     if hessian == "exact":
-        a = wts[:, None] * r  # (n, 2): the weight of each residual's Hessian
-        e = a @ K[:2, :2]  # phi_i = (e1 p1 + e2 p2) / p3
-        m = np.concatenate([e, np.zeros((len(e), 1))], axis=1)  # (n, 3)
-        z = p[2]
-        mp = np.sum(m * p.T, axis=1)
-        # Hessian of phi_i in p: -(m e3^T + e3 m^T) / z^2 + (2 m^T p / z^3) e3 e3^T,
-        # so P_i^T (.) P_i = -(v q^T + q v^T) / z^2 + (2 m^T p / z^3) q q^T with
-        # v = P_i^T m and q = P_i^T e3 (the third row of P_i)
-        v = (m[:, None, :] @ Jp)[:, 0] / (z**2)[:, None]  # (n, 6)
-        q = Jp[:, 2, :]  # (n, 6)
-        H += (q * (2 * mp / z**3)[:, None]).T @ q - v.T @ q - q.T @ v
-        b = (a[:, None, :] @ Jpi)[:, 0]  # grad of phi_i in p
-        c = b @ R  # R^T b_i, rows
-        Xt = X.T
-        CX = c.T @ Xt  # sum_i c_i X_i^T
-        # the curvature of R Exp(delta_w) X_i, summed over i
-        H[:3, :3] += 0.5 * (CX + CX.T) - np.trace(CX) * np.eye(3)
-    H += (damping / s_w) * np.eye(6)
+        # residual i's term (eq. 8.18): phi_i = a_i . r_i = (e1 x + e2 y) / z + const,
+        # (e1, e2) = K12^T a_i, so with m = (e1, e2, 0) its Hessian in p is
+        # -(m e3^T + e3 m^T) / z^2 + (2 m^T p / z^3) e3 e3^T. Sandwiched by P_i = dp_i /
+        # d(delta_w, delta_t): with q = P_i^T e3 = dz / d(delta) and v = P_i^T m / z^2,
+        # and P_i^T e_k = z d(p_k / z) / d(delta) + (p_k / z) q for k = 1, 2, it is
+        # -(v q^T + q v^T) + (2 m^T p / z^3) q q^T = -(s q^T + q s^T), with s = (e1
+        # d(x / z) + e2 d(y / z)) / z: the Jacobian Jn of the normalised images again
+        ez = K12.T @ a  # (2, n): (e1, e2) per point
+        ez *= iz  # (e1, e2) / z
+        S = (Jn * ez).sum(axis=1)  # (6, n): s for every point
+        # q = M^T (y, -x, 0, 0, 0, 1), dz / d(omega, rho) in the camera frame
+        SQ = np.zeros((6, 6))
+        SQ[:, 0], SQ[:, 1], SQ[:, 5] = S @ p[1], -(S @ p[0]), S.sum(axis=1)
+        SQ = SQ @ M
+        H -= SQ + SQ.T
+        # the curvature of R Exp(delta_w) X_i, summed over i: with b_i the gradient of
+        # phi_i in p, ((e1, e2) / z, -(e1 x + e2 y) / z^2), and c_i = R^T b_i, the term
+        # is (C X^T + X C^T) / 2 - tr(C X^T) I, C = [c_1 ... c_n]
+        B = np.empty((3, n))
+        B[:2] = ez
+        np.negative((ez * nxy).sum(axis=0), out=B[2])
+        CX = R.T @ (B @ X.T)
+        curvature = CX + CX.T
+        curvature *= 0.5
+        curvature.flat[::4] -= CX.trace()
+        H[:3, :3] += curvature
+    if damping:
+        H.flat[::7] += damping / s_w
     return r, J, H, s_w
 
 
@@ -666,9 +750,7 @@ def pnp_pose_jvp(
         xi = pnp_pose(X, K, u, weights=wts)
     r, J, H, s_w = _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping)
     # d(grad E) = H delta + sum_i J_i^T (dw_i r_i - w_i du_i) = 0, all over s_w
-    dgrad = np.einsum(
-        "nai,na->i", J, (dw / s_w)[:, None] * r - (wts / s_w)[:, None] * du.T
-    )
+    dgrad = J.reshape(6, -1) @ ((dw / s_w) * r - (wts / s_w) * du).reshape(-1)
     return _lu_solve(factor(H, RCOND, "pnp_pose_jvp"), -dgrad)
 
 
@@ -688,9 +770,9 @@ def pnp_pose_vjp(
         xi = pnp_pose(X, K, u, weights=wts)
     r, J, H, s_w = _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping)
     lam = _lu_solve(factor(H, RCOND, "pnp_pose_vjp"), G, trans=1)  # s_w times lam
-    Jl = J @ lam  # (n, 2): each point's residual moved by lam
+    Jl = (lam @ J.reshape(6, -1)).reshape(r.shape)  # (2, n): r moved by lam
     with np.errstate(over="ignore"):  # inf only where weights_bar passes the floats
-        return ((wts / s_w)[:, None] * Jl).T, -np.sum(r * Jl, axis=1) / s_w
+        return (wts / s_w) * Jl, -np.sum(r * Jl, axis=0) / s_w
 
 
 def pnp_pose_covariance(X, K, u, *, sigma=1.0, weights=None, xi=None, tol=1e-6):
@@ -705,7 +787,7 @@ def pnp_pose_covariance(X, K, u, *, sigma=1.0, weights=None, xi=None, tol=1e-6):
         xi = pnp_pose(X, K, u, weights=wts)
     _, J, H, s_w = _pnp_linearisation(X, K, u, wts, xi, tol, "exact", 0.0)
     factors = factor(H, RCOND, "pnp_pose_covariance")
-    S = _lu_solve(factors, np.einsum("n,nai->ian", wts / s_w, J).reshape(6, -1))
+    S = _lu_solve(factors, (J * (wts / s_w)).reshape(6, -1))
     return sigma**2 * S @ S.T
 
 

@@ -94,6 +94,21 @@ def test_so3_log_inverts_exp(theta, rng):
     assert np.linalg.norm(w_back - w) <= 4e-16 * scale + 1e-320
 
 
+@pytest.mark.parametrize("theta", ANGLES + NEAR_PI + [np.pi, 6.0])
+def test_the_solvers_float_exp_and_log_are_rodrigues_and_so3_log(theta, rng):
+    """The Python-float Exp and Log that the PnP solver calls once per step agree
+    with rodrigues and so3_log, on both sides of SMALL_ANGLE and of NEAR_PI."""
+    from derivlib.geometry.lie import _rodrigues_floats
+    from derivlib.implicit import _pose_rotation_vector
+
+    w = theta * unit(rng)
+    R = _rodrigues_floats(*w.tolist())
+    assert np.abs(R - dl.rodrigues(w)).max() <= 1e-15
+    if theta < np.pi:  # at pi, w and -w are both logarithms
+        scale = max(theta, 1e-300)
+        assert np.linalg.norm(_pose_rotation_vector(R) - w) <= 4e-16 * scale + 1e-320
+
+
 def test_so3_log_at_pi_is_a_logarithm(rng):
     for _ in range(5):
         w = np.pi * unit(rng)

@@ -49,6 +49,8 @@ def _intrinsics(K):
 def _in_front(P, name):
     """Raise unless every depth p_z is positive (a point behind the camera has no
     image)."""
+    if P[2].min() > 0:  # False for a NaN depth too
+        return
     bad = np.flatnonzero(~(P[2] > 0))
     if bad.size:
         i = bad[0]

@@ -2,6 +2,7 @@
 
 The conventions are stated once, in derivlib/geometry/__init__.py."""
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -309,13 +310,21 @@ def _pnp_problem(X, K, u):
             f"PnP needs at least 3 points (2n = {2 * n} residuals for 6 unknowns), "
             f"got X with {n} point(s)"
         )
-    spread = np.linalg.norm(u - u.mean(axis=1, keepdims=True), axis=0).max()
-    if spread <= DEGENERATE * (1.0 + np.abs(u).max()):
+    d = u - (u.sum(axis=1) / n)[:, None]  # about the mean image point
+    d *= d
+    spread = math.sqrt(float((d[0] + d[1]).max()))  # the largest distance from it
+    if spread <= DEGENERATE * (1.0 + float(np.abs(u).max())):
         raise ValueError(
             f"PnP is degenerate: all {n} image points u coincide (the points lie on "
             f"one ray through the camera centre), so the pose is not determined"
         )
-    s = np.linalg.svd(X - X.mean(axis=1, keepdims=True), compute_uv=False)
+    from scipy.linalg.lapack import dgesdd
+
+    Xc = X - (X.sum(axis=1) / n)[:, None]
+    # LAPACK's divide-and-conquer SVD, as np.linalg.svd calls it, without its wrapper
+    _, s, _, info = dgesdd(Xc.T, compute_uv=0)
+    if info != 0:
+        s = np.linalg.svd(Xc, compute_uv=False)  # raises LinAlgError
     if s[1] <= DEGENERATE * s[0]:
         raise ValueError(
             f"PnP is degenerate: the {n} points X lie on one line (singular values of "
