@@ -198,80 +198,93 @@ def run(args):
 
     # ----- 3. The PnP pose -----
     Kp = np.array([[500.0, 0.0, 320.0], [0.0, 480.0, 240.0], [0.0, 0.0, 1.0]])
-    Xp = rng.uniform(-1.0, 1.0, (3, 50))
     xi_true = np.array([0.1, -0.2, 0.15, 0.1, -0.1, 5.0])
-    pc = dl.rodrigues(xi_true[:3]) @ Xp + xi_true[3:, None]
-    up = (Kp @ pc)[:2] / pc[2] + rng.standard_normal((2, 50))
-    xi0 = dl.dlt_pose(Xp, Kp, up)
-    GR, Gt = rng.standard_normal((3, 3)), rng.standard_normal(3)
+    pnp_repeats = 50 * args.repeats  # each call takes about a millisecond or less
 
-    def ours_pnp():
-        xi = dl.pnp_pose(Xp, Kp, up, xi0=xi0)
-        A = dl.rodrigues(xi[:3]).T @ GR  # <G_R, R [d]x> = d . vee(A - A^T)
-        Gd = np.array([A[2, 1] - A[1, 2], A[0, 2] - A[2, 0], A[1, 0] - A[0, 1]])
-        return dl.pnp_pose_vjp(Xp, Kp, up, np.concatenate([Gd, Gt]), xi=xi)[0]
+    def pnp_problem(Xp, up, xi0, GR, Gt):
+        """derivlib and its two peers on one PnP problem: their rows, the JAX
+        solver's cost against derivlib's, and derivlib's forward and backward times."""
 
-    def rot(w):
-        th2 = w @ w
-        th = jnp.sqrt(th2)
-        W = jnp.array([[0.0, -w[2], w[1]], [w[2], 0.0, -w[0]], [-w[1], w[0], 0.0]])
-        return jnp.eye(3) + jnp.sin(th) / th * W + (1 - jnp.cos(th)) / th2 * W @ W
+        def ours_pnp():
+            xi = dl.pnp_pose(Xp, Kp, up, xi0=xi0)
+            A = dl.rodrigues(xi[:3]).T @ GR  # <G_R, R [d]x> = d . vee(A - A^T)
+            Gd = np.array([A[2, 1] - A[1, 2], A[0, 2] - A[2, 0], A[1, 0] - A[0, 1]])
+            return dl.pnp_pose_vjp(Xp, Kp, up, np.concatenate([Gd, Gt]), xi=xi)[0]
 
-    def pnp_res(x, u):
-        p = rot(x[:3]) @ Xp + x[3:, None]
-        return ((Kp @ p)[:2] / p[2] - u).ravel()
+        def rot(w):
+            th2 = w @ w
+            th = jnp.sqrt(th2)
+            W = jnp.array([[0.0, -w[2], w[1]], [w[2], 0.0, -w[0]], [-w[1], w[0], 0.0]])
+            return jnp.eye(3) + jnp.sin(th) / th * W + (1 - jnp.cos(th)) / th2 * W @ W
 
-    def pnp_cost_grad(x, u):
-        return jax.grad(lambda x: 0.5 * jnp.sum(pnp_res(x, u) ** 2))(x)
+        def pnp_res(x, u):
+            p = rot(x[:3]) @ Xp + x[3:, None]
+            return ((Kp @ p)[:2] / p[2] - u).ravel()
 
-    def gauss_newton(u, k=8):
-        def step(_, x):
-            r, J = pnp_res(x, u), jax.jacfwd(pnp_res)(x, u)
-            return x - jnp.linalg.solve(J.T @ J, J.T @ r)
+        def pnp_cost_grad(x, u):
+            return jax.grad(lambda x: 0.5 * jnp.sum(pnp_res(x, u) ** 2))(x)
 
-        return jax.lax.fori_loop(0, k, step, jnp.asarray(xi0))
+        def gauss_newton(u, k=8):
+            def step(_, x):
+                r, J = pnp_res(x, u), jax.jacfwd(pnp_res)(x, u)
+                return x - jnp.linalg.solve(J.T @ J, J.T @ r)
 
-    @custom_root(pnp_cost_grad, solve=linear_solve.solve_cholesky)
-    def pnp_jaxopt(x0, u):
-        return gauss_newton(u)
+            return jax.lax.fori_loop(0, k, step, jnp.asarray(xi0))
 
-    def pnp_loss(x):
-        return jnp.sum(GR * rot(x[:3])) + Gt @ x[3:]
+        @custom_root(pnp_cost_grad, solve=linear_solve.solve_cholesky)
+        def pnp_jaxopt(x0, u):
+            return gauss_newton(u)
 
-    x0p = jnp.asarray(xi0)
-    pnp_peers = [
-        (
-            "jaxopt custom_root, 8 GN",
-            jax.jit(jax.grad(lambda u: pnp_loss(pnp_jaxopt(x0p, u)))),
-        ),
-        (
-            "unrolled jax.grad, 8 GN",
-            jax.jit(jax.grad(lambda u: pnp_loss(gauss_newton(u)))),
-        ),
-    ]
-    xi_jax = np.asarray(jax.jit(gauss_newton)(up))
-    xi_ours = dl.pnp_pose(Xp, Kp, up, xi0=xi0)
-    cost_gap = abs(
-        np.sum(dl.reprojection_residual(xi_jax, Xp, Kp, up) ** 2)
-        / np.sum(dl.reprojection_residual(xi_ours, Xp, Kp, up) ** 2)
-        - 1
-    )
-    reference_pnp = ours_pnp()
-    for name, peer in pnp_peers:
-        peer(up).block_until_ready()
-        t_ours, t_peer, mine, theirs = best_times(
-            ours_pnp, lambda: peer(up).block_until_ready(), args.repeats
+        def pnp_loss(x):
+            return jnp.sum(GR * rot(x[:3])) + Gt @ x[3:]
+
+        x0p = jnp.asarray(xi0)
+        pnp_peers = [
+            (
+                "jaxopt custom_root, 8 GN",
+                jax.jit(jax.grad(lambda u: pnp_loss(pnp_jaxopt(x0p, u)))),
+            ),
+            (
+                "unrolled jax.grad, 8 GN",
+                jax.jit(jax.grad(lambda u: pnp_loss(gauss_newton(u)))),
+            ),
+        ]
+        xi_jax = np.asarray(jax.jit(gauss_newton)(up))
+        xi_ours = dl.pnp_pose(Xp, Kp, up, xi0=xi0)
+        cost_gap = abs(
+            np.sum(dl.reprojection_residual(xi_jax, Xp, Kp, up) ** 2)
+            / np.sum(dl.reprojection_residual(xi_ours, Xp, Kp, up) ** 2)
+            - 1
         )
-        rows.append(("PnP pose, 50 points", name, t_ours, t_peer, rel(theirs, mine)))
-    t_pnp_fwd = best_of(lambda: dl.pnp_pose(Xp, Kp, up, xi0=xi0), args.repeats)
-    t_pnp_bwd = best_of(
-        lambda: dl.pnp_pose_vjp(Xp, Kp, up, np.ones(6), xi=xi_ours), args.repeats
-    )
+        n = Xp.shape[1]
+        for name, peer in pnp_peers:
+            peer(up).block_until_ready()
+            t_ours, t_peer, mine, theirs = best_times(
+                ours_pnp, lambda: peer(up).block_until_ready(), pnp_repeats
+            )
+            rows.append(
+                (f"PnP pose, {n} points", name, t_ours, t_peer, rel(theirs, mine))
+            )
+        t_fwd = best_of(lambda: dl.pnp_pose(Xp, Kp, up, xi0=xi0), pnp_repeats)
+        t_bwd = best_of(
+            lambda: dl.pnp_pose_vjp(Xp, Kp, up, np.ones(6), xi=xi_ours), pnp_repeats
+        )
+        return n, cost_gap, t_fwd, t_bwd
+
+    def pnp_scene(n, draw):
+        Xp = draw.uniform(-1.0, 1.0, (3, n))
+        pc = dl.rodrigues(xi_true[:3]) @ Xp + xi_true[3:, None]
+        up = (Kp @ pc)[:2] / pc[2] + draw.standard_normal((2, n))
+        xi0 = dl.dlt_pose(Xp, Kp, up)
+        return Xp, up, xi0, draw.standard_normal((3, 3)), draw.standard_normal(3)
+
+    pnp_runs = [pnp_problem(*pnp_scene(50, rng))]
+    pnp_runs.append(pnp_problem(*pnp_scene(500, np.random.default_rng(500))))
 
     threads = "one thread" if args.threads == 1 else "default threads"
     print(
-        f"\n== {threads}: best of {args.repeats} interleaved repeats; ratio = peer "
-        "time / derivlib time (> 1: derivlib faster)\n"
+        f"\n== {threads}: best of {args.repeats} interleaved repeats ({pnp_repeats} "
+        "for PnP); ratio = peer time / derivlib time (> 1: derivlib faster)\n"
     )
     header = (
         f"{'task':<24} {'peer':<30} {'derivlib':>10} {'peer':>10} {'ratio':>6}  "
@@ -296,11 +309,12 @@ def run(args):
         f"backward / forward = {t_bwd / t_fwd:.2f}"
     )
 
-    print(
-        f"PnP: the JAX solver's final cost differs from derivlib's by a relative "
-        f"{cost_gap:.1e}; forward (pnp_pose) {t_pnp_fwd * 1e3:.2f} ms, backward "
-        f"(pnp_pose_vjp) {t_pnp_bwd * 1e3:.2f} ms"
-    )
+    for n, cost_gap, t_pnp_fwd, t_pnp_bwd in pnp_runs:
+        print(
+            f"PnP, {n} points: the JAX solver's final cost differs from derivlib's by "
+            f"a relative {cost_gap:.1e}; forward (pnp_pose) {t_pnp_fwd * 1e3:.2f} ms, "
+            f"backward (pnp_pose_vjp) {t_pnp_bwd * 1e3:.2f} ms"
+        )
 
     # ----- 4. Memory against k -----
     def temp_bytes(fn, *primals):
