@@ -6,6 +6,22 @@ import numpy as np
 def as_float_array(x, name, ndims=None):
     """`x` as a float64 array, with `ndims` (an int or a tuple of ints) checked. A
     complex array is refused, not cast (the cast would drop its imaginary part)."""
+    if type(x) is np.ndarray and x.dtype == np.float64:  # the common case, no copy
+        arr = x
+    else:
+        arr = _converted(x, name)
+    if ndims is not None:
+        if arr.ndim != ndims and (isinstance(ndims, int) or arr.ndim not in ndims):
+            allowed = (ndims,) if isinstance(ndims, int) else tuple(ndims)
+            wanted = " or ".join(f"{d}-D" for d in allowed)
+            raise ValueError(f"{name} must be {wanted}, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
+    return arr
+
+
+def _converted(x, name):
+    """x as a float64 array, refusing a complex or non-numeric x."""
     if np.iscomplexobj(x):
         raise ValueError(
             f"{name} must be a real array, got a complex {type(x).__name__}"
@@ -16,13 +32,6 @@ def as_float_array(x, name, ndims=None):
         raise ValueError(
             f"{name} must be a real array, got {type(x).__name__}"
         ) from exc
-    if ndims is not None:
-        allowed = (ndims,) if isinstance(ndims, int) else tuple(ndims)
-        if arr.ndim not in allowed:
-            wanted = " or ".join(f"{d}-D" for d in allowed)
-            raise ValueError(f"{name} must be {wanted}, got shape {arr.shape}")
-    if arr.size == 0:
-        raise ValueError(f"{name} must not be empty, got shape {arr.shape}")
     return arr
 
 
