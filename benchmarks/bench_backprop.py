@@ -22,11 +22,13 @@ above 1 means derivlib is faster. Everything is float64.
 
 Then the memory traffic of item 1 (Chapter 4, "Passes over memory"): the formula (4.9)
 in plain NumPy (nine passes) timed against the same jax.jit(jax.vjp); the time of one
-pass over an 8 MB array (a read, a copy, a copy into a new array, an exp in place);
+pass over an 8 MB array (a read, a copy, a copy into a new array, an exp in place, a
+subtraction of a row from every row);
 the kernels of XLA's compiled pullback with the (m, n) arrays each reads and writes
 (from the compiled HLO); and those times converted into the memory traffic of
 softmax_vjp's three passes, of XLA's kernels, of the NumPy formula's nine passes (17
-arrays), and of the three arrays that any implementation must move.
+arrays), and of the three arrays that any implementation must move; then softmax_vjp's
+time stage by stage (`softmax_vjp_stages`).
 
 The last lines print the log-log slopes of wall time against the size m of a vector
 softmax, for forming the Jacobian and multiplying and for the VJP (the chapter's figure
@@ -171,6 +173,8 @@ def memory_passes(repeats):
     t_copy = best_of(lambda: np.copyto(out, X), repeats * 3)
     t_fresh = best_of(lambda: X.copy(), repeats * 3)
     t_exp = best_of(lambda: np.exp(X, out=out), repeats * 3)
+    M = X.max(axis=0)
+    t_row = best_of(lambda: np.subtract(X, M, out=out), repeats * 3)
     pullback = jax.jit(
         lambda X, G: jax.vjp(lambda Y: jax.nn.softmax(Y, axis=0), X)[1](G)[0]
     )
@@ -182,8 +186,9 @@ def memory_passes(repeats):
         ("read and write (copy into an array)", t_copy, 2 * mb),
         ("read and write into a new array", t_fresh, 2 * mb),
         ("exp of every entry, in place", t_exp, 2 * mb),
+        ("X - 1 M^T (a row broadcast) into an array", t_row, 2 * mb),
     ]:
-        print(f"  {what:<37} {t * 1e3:6.2f} ms, {moved / t / 1e3:5.1f} GB/s")
+        print(f"  {what:<42} {t * 1e3:6.2f} ms, {moved / t / 1e3:5.1f} GB/s")
     transfers = sum(r + w for _, r, w in kernels)
     print(
         f"XLA's pullback: {len(kernels)} kernels, "
@@ -197,6 +202,76 @@ def memory_passes(repeats):
         f"{transfers * per_array * 1e3:.2f} ms, the NumPy formula's (17 arrays) "
         f"{17 * per_array * 1e3:.2f} ms; any implementation moves at least 3 "
         f"arrays: {3 * per_array * 1e3:.2f} ms"
+    )
+
+
+def softmax_vjp_stages(repeats):
+    """Where softmax_vjp's time goes: its passes (derivlib.backprop's
+    `_softmax_vjp_columns`, the same operations on the same blocks of rows) with a
+    clock around each kind of operation, the best of `repeats` runs of each. The
+    stages' sum exceeds the whole by the clocks' own cost (about a microsecond for
+    each of the 180 or so readings)."""
+    from time import perf_counter
+
+    from derivlib.backprop import _BLOCK
+
+    X, G = softmax_problem()
+    m, n = X.shape
+    rows = max(1, _BLOCK // n)
+    names = [
+        "pass 1: column maxima M (reads X)",
+        "pass 2: X - M into the result",
+        "pass 2: its column sums (the finiteness test)",
+        "pass 2: exp, in place",
+        "pass 2: column sums s of E",
+        "pass 2: E o G and its column sums d",
+        "pass 3: G - d / s, then two products in place",
+    ]
+    best = dict.fromkeys(names, np.inf)
+    for _ in range(repeats):
+        spent = dict.fromkeys(names, 0.0)
+        out, work = np.empty((m, n)), np.empty((min(rows, m), n))
+        s, d, x_sums, part = np.zeros(n), np.zeros(n), np.zeros(n), np.empty(n)
+        t0 = perf_counter()
+        M = X.max(axis=0)
+        spent[names[0]] += perf_counter() - t0
+        for start in range(0, m, rows):
+            E, Gb = out[start : start + rows], G[start : start + rows]
+            T = work[: E.shape[0]]
+            t0 = perf_counter()
+            np.subtract(X[start : start + rows], M, out=E)
+            t1 = perf_counter()
+            x_sums += np.add.reduce(E, axis=0, out=part)
+            t2 = perf_counter()
+            np.exp(E, out=E)
+            t3 = perf_counter()
+            s += np.add.reduce(E, axis=0, out=part)
+            t4 = perf_counter()
+            d += np.add.reduce(np.multiply(E, Gb, out=T), axis=0, out=part)
+            t5 = perf_counter()
+            for name, a, b in zip(
+                names[1:6], (t0, t1, t2, t3, t4), (t1, t2, t3, t4, t5)
+            ):
+                spent[name] += b - a
+        r = 1.0 / s
+        d *= r
+        t0 = perf_counter()
+        for start in range(0, m, rows):
+            E = out[start : start + rows]
+            T = work[: E.shape[0]]
+            np.subtract(G[start : start + rows], d, out=T)
+            E *= T
+            E *= r
+        spent[names[6]] += perf_counter() - t0
+        for name in names:
+            best[name] = min(best[name], spent[name])
+    whole = best_of(lambda: dl.softmax_vjp(X, G), repeats)
+    print(f"\nsoftmax_vjp by stage, m = n = {m} (best of {repeats} each):")
+    for name in names:
+        print(f"  {name:<48} {best[name] * 1e3:6.2f} ms")
+    print(
+        f"  {'sum of the stages':<48} {sum(best.values()) * 1e3:6.2f} ms; "
+        f"softmax_vjp itself {whole * 1e3:.2f} ms"
     )
 
 
@@ -370,6 +445,7 @@ def run(args):
     for task, peer, t_ours, t_peer, *_ in rows:
         print(f"ratio {task} vs {peer}: {t_peer / t_ours:.2f}x")
     memory_passes(args.repeats)
+    softmax_vjp_stages(5 * args.repeats)
     sizes_j, slope_j, sizes_v, slope_v = wall_time_slopes(args.repeats)
     print(
         f"\nwall-time log-log slopes for a vector softmax of size m: form J then J^T g {slope_j:.1f} "
