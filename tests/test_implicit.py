@@ -425,6 +425,11 @@ def test_pnp_rules_refuse_unconverged_singular_and_bad_input(rng):
         pnp_pose_jvp(X, KCAM, u, u[:, :3], wts, weights=wts, xi=xi)
     with pytest.raises(ValueError, match="hessian must be"):
         pnp_pose_vjp(X, KCAM, u, G, weights=wts, xi=xi, hessian="newton")
+    huge = np.concatenate([[1e200, 0.0, 0.0], xi[3:]])  # |w|^2 overflows
+    with pytest.raises(ValueError, match=r"xi\[:3\] must have components of size"):
+        pnp_pose_vjp(X, KCAM, u, G, weights=wts, xi=huge)
+    with pytest.raises(ValueError, match=r"xi0\[:3\] must have components of size"):
+        pnp_pose(X, KCAM, u, weights=wts, xi0=huge)
 
 
 # ----- Kabsch / Umeyama -----
