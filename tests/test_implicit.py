@@ -905,6 +905,44 @@ def test_pnp_pose_takes_chapter_6_solvers_steps(rng):
             assert str(ours.value) == str(theirs.value)
 
 
+def test_pnp_pose_stops_where_chapter_6_solver_stops(rng):
+    # at a tol well above rounding, the stopping rules (the gain of E against tol * E,
+    # the step against tol * |(w, t)|) decide at the same iteration in both solvers,
+    # so they return the same pose to rounding; large rotations and a close scene, so
+    # that the angle's share of |(w, t)| matters
+    from derivlib import (
+        pose_retract,
+        reprojection_jacobian_right,
+        reprojection_residual,
+        solve_least_squares,
+    )
+
+    Kc = np.array([[500.0, 0.0, 320.0], [0.0, 480.0, 240.0], [0.0, 0.0, 1.0]])
+    for _ in range(30):
+        X = rng.uniform(-1.0, 1.0, (3, 12))
+        xi_true = np.concatenate(
+            [rng.normal(0.0, 1.7, 3), rng.normal(0.0, 0.3, 2), [rng.uniform(2.5, 3.5)]]
+        )
+        p = _rot(xi_true[:3]) @ X + xi_true[3:, None]
+        u = (Kc @ p)[:2] / p[2] + rng.standard_normal((2, 12))
+        w = rng.uniform(0.01, 2.0, 12)
+        w /= w.max()
+        start = xi_true + rng.normal(0.0, 0.3, 6)
+        s = np.repeat(np.sqrt(w), 2)
+        for tol in (3e-2, 1e-2, 3e-3, 1e-3, 1e-4):
+            theirs = solve_least_squares(
+                lambda xi: s * reprojection_residual(xi, X, Kc, u),
+                lambda xi: s[:, None] * reprojection_jacobian_right(xi, X, Kc),
+                start,
+                "lm",
+                tol,
+                100,
+                retract=pose_retract,
+            )[0]
+            ours = pnp_pose(X, Kc, u, weights=w, xi0=start, tol=tol)
+            assert relative_error(ours, theirs) < 1e-12, tol
+
+
 def test_pnp_rules_are_unchanged_by_scaling_every_weight(rng):
     # the minimiser of (8.15) does not see a common scale of the weights; extreme
     # scales must neither overflow nor underflow (u_bar is unchanged, w_bar / s)
