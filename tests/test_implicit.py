@@ -943,6 +943,56 @@ def test_pnp_pose_stops_where_chapter_6_solver_stops(rng):
             assert relative_error(ours, theirs) < 1e-12, tol
 
 
+def test_pnp_pose_rejects_a_step_behind_the_camera_as_chapter_6_does(rng):
+    # a close scene and a start far off: some trial steps put a point behind the
+    # camera; both solvers count them as raising E, and so reach the same pose (at a
+    # tol above rounding, where both stop at the same iteration)
+    from derivlib import (
+        BehindCameraError,
+        pose_retract,
+        reprojection_jacobian_right,
+        reprojection_residual,
+        solve_least_squares,
+    )
+
+    Kc = np.array([[500.0, 0.0, 320.0], [0.0, 480.0, 240.0], [0.0, 0.0, 1.0]])
+    behind = [0]
+
+    def residual(xi, X, u):
+        try:
+            return reprojection_residual(xi, X, Kc, u)
+        except BehindCameraError:
+            behind[0] += 1
+            raise
+
+    cases = 0
+    while cases < 5:
+        X = rng.uniform(-1.0, 1.0, (3, 10))
+        xi_true = np.concatenate(
+            [rng.normal(0.0, 0.3, 3), rng.normal(0.0, 0.3, 2), [rng.uniform(1.3, 1.8)]]
+        )
+        p = _rot(xi_true[:3]) @ X + xi_true[3:, None]
+        start = xi_true + rng.normal(0.0, 0.4, 6)
+        if p[2].min() <= 0.05 or (_rot(start[:3]) @ X + start[3:, None])[2].min() <= 0:
+            continue
+        u = (Kc @ p)[:2] / p[2] + 3.0 * rng.standard_normal((2, 10))
+        before = behind[0]
+        theirs = solve_least_squares(
+            lambda xi: residual(xi, X, u),
+            lambda xi: reprojection_jacobian_right(xi, X, Kc),
+            start,
+            "lm",
+            1e-6,
+            100,
+            retract=pose_retract,
+        )[0]
+        if behind[0] == before:
+            continue  # no step went behind the camera
+        cases += 1
+        ours = pnp_pose(X, Kc, u, xi0=start, tol=1e-6)
+        assert relative_error(ours, theirs) < 1e-12
+
+
 def test_pnp_rules_are_unchanged_by_scaling_every_weight(rng):
     # the minimiser of (8.15) does not see a common scale of the weights; extreme
     # scales must neither overflow nor underflow (u_bar is unchanged, w_bar / s)
