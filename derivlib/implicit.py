@@ -628,12 +628,12 @@ def _pnp_jacobian(M, nxy, iz, A):
 
 def _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping):
     """At the pose xi: the residuals r (2, n) (row k: coordinate k of every point),
-    their Jacobian in the right perturbation J (6, 2, n) (`_pnp_jacobian`), the
-    gradient check, and the Hessian H (6, 6) of E in the perturbation (eq. 8.17):
-    sum_i w_i J_i^T J_i, plus, when hessian='exact', the second-order term sum_i w_i
-    r_i . Hess r_i (eq. 8.18), plus damping * I. The weights are divided by s = max
-    w_i first, so that extreme weights neither overflow nor underflow: the H returned
-    is the Hessian over s, and s is returned too."""
+    their Jacobian in the right perturbation J (6, 2, n) (K[:2, :2] @ `_pnp_jacobian`,
+    unweighted), the gradient check, and the Hessian H (6, 6) of E in the perturbation
+    (eq. 8.17): sum_i w_i J_i^T J_i, plus, when hessian='exact', the second-order term
+    sum_i w_i r_i . Hess r_i (eq. 8.18), plus damping * I. The weights are divided by s
+    = max w_i first, so that extreme weights neither overflow nor underflow: the H
+    returned is the Hessian over s, and s is returned too."""
     from .geometry.camera import _in_front, project
     from .geometry.lie import _rodrigues_floats, _rotation_vector
     from .geometry.solvers import _pose
