@@ -381,8 +381,8 @@ def test_pnp_covariance_is_the_jvp_of_pixel_noise(rng):
     )
     assert np.allclose(C, C.T) and np.all(np.linalg.eigvalsh(C) > 0)
     assert relative_error(D.T @ D / len(E), C) < 0.3  # 200 samples: a loose check
-    # exactly: C = sigma^2 Jac Jac^T, with Jac = d xi / d u column by column (the forward
-    # rule along each pixel coordinate)
+    # exactly: C = sigma^2 Jac Jac^T, with Jac = d xi / d u column by column (the
+    # forward rule along each pixel coordinate)
     Jac = np.array(
         [
             pnp_pose_jvp(X, KCAM, u, e.reshape(u.shape), zero, weights=wts, xi=xi)
