@@ -434,12 +434,17 @@ def pnp_pose(X, K, u, *, weights=None, xi0=None, tol=1e-12, max_iter=100):
     see `_pnp_lm`). X (3, n), K (3, 3), u (2, n), weights (n,) positive (all ones
     when None); start xi0 (6,) or the DLT pose. Returns xi (6,); raises
     ConvergenceError when the solver does not converge."""
+    from .geometry.lie import _rotation_vector
     from .geometry.linear import dlt_pose
     from .geometry.solvers import _pose, _solver_options
 
     X, K, u, wts = _pnp_inputs(X, K, u, weights)
     _solver_options(tol, max_iter, 1e-3)
-    xi0 = dlt_pose(X, K, u) if xi0 is None else _pose(xi0, "xi0")
+    if xi0 is None:
+        xi0 = dlt_pose(X, K, u)
+    else:  # a rotation vector that Rodrigues' formula can take (|w|^2 finite)
+        xi0 = _pose(xi0, "xi0")
+        _rotation_vector(xi0[:3], "xi0[:3]")
     # the minimiser does not change when every weight is scaled: divide by the largest,
     # so that extreme weights neither overflow nor underflow E
     sw = wts if weights is None else np.sqrt(wts / wts.max())  # all ones when None
@@ -623,14 +628,14 @@ def _pnp_jacobian(M, nxy, iz, A):
 
 def _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping):
     """At the pose xi: the residuals r (2, n) (row k: coordinate k of every point),
-    their Jacobian in the right perturbation J (6, 2, n) (`_pnp_jacobian`), the
-    gradient check, and the Hessian H (6, 6) of E in the perturbation (eq. 8.17):
-    sum_i w_i J_i^T J_i, plus, when hessian='exact', the second-order term sum_i w_i
-    r_i . Hess r_i (eq. 8.18), plus damping * I. The weights are divided by s = max
-    w_i first, so that extreme weights neither overflow nor underflow: the H returned
-    is the Hessian over s, and s is returned too."""
+    their Jacobian in the right perturbation J (6, 2, n) (K[:2, :2] @ `_pnp_jacobian`,
+    unweighted), the gradient check, and the Hessian H (6, 6) of E in the perturbation
+    (eq. 8.17): sum_i w_i J_i^T J_i, plus, when hessian='exact', the second-order term
+    sum_i w_i r_i . Hess r_i (eq. 8.18), plus damping * I. The weights are divided by s
+    = max w_i first, so that extreme weights neither overflow nor underflow: the H
+    returned is the Hessian over s, and s is returned too."""
     from .geometry.camera import _in_front, project
-    from .geometry.lie import _rodrigues_floats
+    from .geometry.lie import _rodrigues_floats, _rotation_vector
     from .geometry.solvers import _pose
 
     if hessian not in ("exact", "gauss-newton"):
@@ -639,6 +644,7 @@ def _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping):
     if not (np.isfinite(damping) and damping >= 0):
         raise ValueError(f"damping must be finite and >= 0, got {damping}")
     xi = _pose(xi)
+    _rotation_vector(xi[:3], "xi[:3]")  # |w|^2 finite, as Rodrigues' formula needs
     s_w = float(wts.max())
     wts = wts / s_w
     R, t = _rodrigues_floats(*xi[:3].tolist()), xi[3:]

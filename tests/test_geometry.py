@@ -105,6 +105,17 @@ def test_points_behind_the_camera_raise(z):
     assert np.all(np.isfinite(dl.project(P[:, dl.in_front(P)], K)))
 
 
+def test_the_in_front_check_refuses_a_nan_depth():
+    # the solvers' own points (R X + t, unchecked) are NaN where R X overflows to
+    # inf - inf; the fast path of the check must not let a NaN depth through
+    from derivlib.geometry.camera import _in_front
+
+    P = np.array([[0.1, 0.2, 0.3], [0.0, 0.1, 0.2], [1.0, np.nan, 2.0]])
+    with pytest.raises(dl.BehindCameraError, match=r"1 point\(s\).*column 1"):
+        _in_front(P, "P")
+    _in_front(P[:, [0, 2]], "P")  # positive depths pass
+
+
 @pytest.mark.parametrize("z", [1e-320, 1e-160])
 def test_points_whose_image_overflows_raise(z):
     """p_z > 0 so small that p_x / p_z (or the Jacobian's p_x / p_z^2) overflows: an explicit

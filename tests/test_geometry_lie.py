@@ -104,9 +104,15 @@ def test_the_solvers_float_exp_and_log_are_rodrigues_and_so3_log(theta, rng):
     w = theta * unit(rng)
     R = _rodrigues_floats(*w.tolist())
     assert np.abs(R - dl.rodrigues(w)).max() <= 1e-15
-    if theta < np.pi:  # at pi, w and -w are both logarithms
+    w_back = _pose_rotation_vector(R)
+    if theta < np.pi:
         scale = max(theta, 1e-300)
-        assert np.linalg.norm(_pose_rotation_vector(R) - w) <= 4e-16 * scale + 1e-320
+        assert np.linalg.norm(w_back - w) <= 4e-16 * scale + 1e-320
+    elif theta == np.pi:  # w and -w are both logarithms
+        assert min(np.linalg.norm(w_back - w), np.linalg.norm(w_back + w)) <= 1e-15
+    else:  # beyond pi, the logarithm turns the other way: angle 2 pi - theta
+        assert np.linalg.norm(w_back - (theta - 2 * np.pi) * w / theta) <= 1e-15
+    assert np.linalg.norm(w_back - dl.so3_log(R)) <= 1e-15
 
 
 def test_so3_log_at_pi_is_a_logarithm(rng):

@@ -145,6 +145,14 @@ def test_solve_pnp_refuses_degenerate_problems(rng):
         dl.solve_pnp(ray, K, ur, xi0=XI)
     with pytest.raises(ValueError, match="all 8 image points u coincide"):
         dl.solve_pnp_robust(ray, K, ur, xi0=XI)
+    # image points spread in one coordinate only do not coincide: the spread is a
+    # distance in the image, both coordinates
+    from derivlib.geometry.solvers import _pnp_problem
+
+    for k in (0, 1):
+        spread_k = np.full((2, 8), 300.0)
+        spread_k[k] += np.linspace(-50.0, 50.0, 8)
+        _pnp_problem(X, K, spread_k)
 
 
 def two_views(rng, n=10):

@@ -264,6 +264,11 @@ def _pnp_cost(delta, R0, t0, X, u, wts):
     return 0.5 * jnp.sum(wts * jnp.sum((q - u) ** 2, axis=0))
 
 
+def _pnp_residuals(delta, R0, t0, X, u):  # (2n,): the pixel residuals, unweighted
+    p = R0 @ _exp_series(delta[:3]) @ X + (t0 + delta[3:])[:, None]
+    return ((KCAM @ p)[:2] / p[2] - u).ravel(order="F")
+
+
 def _gauss_newton_pnp(R0, t0, X, u, wts):
     """Ten Gauss-Newton steps on the pose's right perturbation, from the converged
     pose: jax.vjp through them is the unrolled oracle (each step contracts the error
@@ -358,6 +363,12 @@ def test_pnp_gauss_newton_is_exact_at_zero_residual_and_damping_biases(rng):
     assert relative_error(gn, exact) < 1e-8
     damped = pnp_pose_jvp(X, KCAM, u, du, dw, weights=wts, xi=xi, damping=1e3)
     assert relative_error(damped, exact) > 1e-3
+    # damping adds 1e3 I to the Hessian of E itself (not to E over the largest weight):
+    # H dx_exact = -d(grad E), so the damped rule is (H + 1e3 I)^-1 H dx_exact
+    H = pnp_pose_hessian(X, KCAM, u, weights=wts, xi=xi)
+    assert (
+        relative_error(damped, np.linalg.solve(H + 1e3 * np.eye(6), H @ exact)) < 1e-10
+    )
 
 
 def test_pnp_covariance_is_the_jvp_of_pixel_noise(rng):
@@ -370,14 +381,43 @@ def test_pnp_covariance_is_the_jvp_of_pixel_noise(rng):
     )
     assert np.allclose(C, C.T) and np.all(np.linalg.eigvalsh(C) > 0)
     assert relative_error(D.T @ D / len(E), C) < 0.3  # 200 samples: a loose check
+    # exactly: C = sigma^2 Jac Jac^T, with Jac = d xi / d u column by column (the
+    # forward rule along each pixel coordinate)
+    Jac = np.array(
+        [
+            pnp_pose_jvp(X, KCAM, u, e.reshape(u.shape), zero, weights=wts, xi=xi)
+            for e in np.eye(u.size)
+        ]
+    ).T
+    assert relative_error(C, 0.25 * Jac @ Jac.T) < 1e-10
 
 
 def test_pnp_rules_refuse_unconverged_singular_and_bad_input(rng):
     X, u, wts, xi = _pnp_scene(rng)
     G = np.ones(6)
+    # the relative gradient that the message reports, against its definition with
+    # JAX's gradient of E and Jacobian of the residuals at the pose xi + 1e-3
+    from derivlib.geometry.lie import rodrigues
+
+    far = xi + 1e-3
+    R1, t1 = rodrigues(far[:3]), far[3:]
+    g = np.asarray(jax.grad(_pnp_cost)(jnp.zeros(6), R1, t1, X, u, wts))
+    Jw = np.asarray(
+        jax.jacfwd(lambda d: _pnp_residuals(d, R1, t1, X, u))(jnp.zeros(6))
+    )  # (2n, 6), unweighted
+    rw = np.asarray(_pnp_residuals(jnp.zeros(6), R1, t1, X, u))
+    wbar = wts.mean()
+    w2 = np.repeat(wts / wbar, 2)  # the weights over their mean, per residual
+    expected = np.abs(g / wbar).max() / (
+        np.sqrt(np.sum(w2[:, None] * Jw**2)) * (1.0 + np.sqrt(np.sum(w2 * rw**2)))
+    )
     for c in (1e-12, 1.0, 1e12):  # scaling every weight leaves the pose, and the test
-        with pytest.raises(ValueError, match="did not converge: the relative gradient"):
-            pnp_pose_vjp(X, KCAM, u, G, weights=c * wts, xi=xi + 1e-3)
+        with pytest.raises(
+            ValueError, match="did not converge: the relative gradient"
+        ) as e:
+            pnp_pose_vjp(X, KCAM, u, G, weights=c * wts, xi=far)
+        reported = float(str(e.value).split(") = ")[1].split(" >")[0])  # 3 digits
+        assert abs(reported / expected - 1) < 5e-3, (reported, expected)
     with pytest.raises(ValueError, match="singular"):
         # points a billion units away: a translation moves no image point
         # measurably, so H is singular to working precision
@@ -394,6 +434,11 @@ def test_pnp_rules_refuse_unconverged_singular_and_bad_input(rng):
         pnp_pose_jvp(X, KCAM, u, u[:, :3], wts, weights=wts, xi=xi)
     with pytest.raises(ValueError, match="hessian must be"):
         pnp_pose_vjp(X, KCAM, u, G, weights=wts, xi=xi, hessian="newton")
+    huge = np.concatenate([[1e200, 0.0, 0.0], xi[3:]])  # |w|^2 overflows
+    with pytest.raises(ValueError, match=r"xi\[:3\] must have components of size"):
+        pnp_pose_vjp(X, KCAM, u, G, weights=wts, xi=huge)
+    with pytest.raises(ValueError, match=r"xi0\[:3\] must have components of size"):
+        pnp_pose(X, KCAM, u, weights=wts, xi0=huge)
 
 
 # ----- Kabsch / Umeyama -----
@@ -826,6 +871,135 @@ def test_pnp_pose_gives_chapter_6_solvers_answer(rng):
         dw = so3_log(rodrigues(theirs[:3]).T @ rodrigues(ours[:3]))
         gap = np.linalg.norm(np.concatenate([dw, ours[3:] - theirs[3:]]))
         assert gap < 1e-8 * np.linalg.norm(theirs), (trial, gap)
+
+
+def test_pnp_pose_takes_chapter_6_solvers_steps(rng):
+    # not only the same answer: the same iterates. Stopped after k iterations, both
+    # solvers report the cost they reached (weights with largest 1, so that pnp_pose's
+    # cost, over the largest weight, is the same number), equal to the digits printed
+    from derivlib import (
+        pose_retract,
+        reprojection_jacobian_right,
+        reprojection_residual,
+        solve_least_squares,
+    )
+    from derivlib.losses import ConvergenceError
+
+    Kc = np.array([[500.0, 0.0, 320.0], [0.0, 480.0, 240.0], [0.0, 0.0, 1.0]])
+    for _ in range(5):
+        X = rng.uniform(-1.0, 1.0, (3, 12))
+        xi_true = np.concatenate(
+            [rng.normal(0.0, 1.0, 3), rng.normal(0.0, 0.3, 2), [rng.uniform(3, 8)]]
+        )
+        p = _rot(xi_true[:3]) @ X + xi_true[3:, None]
+        u = (Kc @ p)[:2] / p[2] + rng.standard_normal((2, 12))
+        u[:, :3] += rng.uniform(-60.0, 60.0, (2, 3))  # outliers
+        w = rng.uniform(0.01, 2.0, 12)
+        w /= w.max()
+        start = xi_true + rng.normal(0.0, 0.3, 6)
+        s = np.repeat(np.sqrt(w), 2)
+        for k in (1, 2, 3):
+            with pytest.raises(ConvergenceError) as theirs:
+                solve_least_squares(
+                    lambda xi: s * reprojection_residual(xi, X, Kc, u),
+                    lambda xi: s[:, None] * reprojection_jacobian_right(xi, X, Kc),
+                    start,
+                    "lm",
+                    1e-12,
+                    k,
+                    retract=pose_retract,
+                )
+            with pytest.raises(ConvergenceError) as ours:
+                pnp_pose(X, Kc, u, weights=w, xi0=start, max_iter=k)
+            assert str(ours.value) == str(theirs.value)
+
+
+def test_pnp_pose_stops_where_chapter_6_solver_stops(rng):
+    # at a tol well above rounding, the stopping rules (the gain of E against tol * E,
+    # the step against tol * |(w, t)|) decide at the same iteration in both solvers,
+    # so they return the same pose to rounding; large rotations and a close scene, so
+    # that the angle's share of |(w, t)| matters
+    from derivlib import (
+        pose_retract,
+        reprojection_jacobian_right,
+        reprojection_residual,
+        solve_least_squares,
+    )
+
+    Kc = np.array([[500.0, 0.0, 320.0], [0.0, 480.0, 240.0], [0.0, 0.0, 1.0]])
+    for _ in range(30):
+        X = rng.uniform(-1.0, 1.0, (3, 12))
+        xi_true = np.concatenate(
+            [rng.normal(0.0, 1.7, 3), rng.normal(0.0, 0.3, 2), [rng.uniform(2.5, 3.5)]]
+        )
+        p = _rot(xi_true[:3]) @ X + xi_true[3:, None]
+        u = (Kc @ p)[:2] / p[2] + rng.standard_normal((2, 12))
+        w = rng.uniform(0.01, 2.0, 12)
+        w /= w.max()
+        start = xi_true + rng.normal(0.0, 0.3, 6)
+        s = np.repeat(np.sqrt(w), 2)
+        for tol in (3e-2, 1e-2, 3e-3, 1e-3, 1e-4):
+            theirs = solve_least_squares(
+                lambda xi: s * reprojection_residual(xi, X, Kc, u),
+                lambda xi: s[:, None] * reprojection_jacobian_right(xi, X, Kc),
+                start,
+                "lm",
+                tol,
+                100,
+                retract=pose_retract,
+            )[0]
+            ours = pnp_pose(X, Kc, u, weights=w, xi0=start, tol=tol)
+            assert relative_error(ours, theirs) < 1e-12, tol
+
+
+def test_pnp_pose_rejects_a_step_behind_the_camera_as_chapter_6_does(rng):
+    # a close scene and a start far off: some trial steps put a point behind the
+    # camera; both solvers count them as raising E, and so reach the same pose (at a
+    # tol above rounding, where both stop at the same iteration)
+    from derivlib import (
+        BehindCameraError,
+        pose_retract,
+        reprojection_jacobian_right,
+        reprojection_residual,
+        solve_least_squares,
+    )
+
+    Kc = np.array([[500.0, 0.0, 320.0], [0.0, 480.0, 240.0], [0.0, 0.0, 1.0]])
+    behind = [0]
+
+    def residual(xi, X, u):
+        try:
+            return reprojection_residual(xi, X, Kc, u)
+        except BehindCameraError:
+            behind[0] += 1
+            raise
+
+    cases = 0
+    while cases < 5:
+        X = rng.uniform(-1.0, 1.0, (3, 10))
+        xi_true = np.concatenate(
+            [rng.normal(0.0, 0.3, 3), rng.normal(0.0, 0.3, 2), [rng.uniform(1.3, 1.8)]]
+        )
+        p = _rot(xi_true[:3]) @ X + xi_true[3:, None]
+        start = xi_true + rng.normal(0.0, 0.4, 6)
+        if p[2].min() <= 0.05 or (_rot(start[:3]) @ X + start[3:, None])[2].min() <= 0:
+            continue
+        u = (Kc @ p)[:2] / p[2] + 3.0 * rng.standard_normal((2, 10))
+        before = behind[0]
+        theirs = solve_least_squares(
+            lambda xi: residual(xi, X, u),
+            lambda xi: reprojection_jacobian_right(xi, X, Kc),
+            start,
+            "lm",
+            1e-6,
+            100,
+            retract=pose_retract,
+        )[0]
+        if behind[0] == before:
+            continue  # no step went behind the camera
+        cases += 1
+        ours = pnp_pose(X, Kc, u, xi0=start, tol=1e-6)
+        assert relative_error(ours, theirs) < 1e-12
 
 
 def test_pnp_rules_are_unchanged_by_scaling_every_weight(rng):
