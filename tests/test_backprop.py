@@ -854,3 +854,34 @@ def test_one_blas_thread_limits_the_blas_or_does_nothing(monkeypatch):
     with _threads.one_blas_thread() as context:
         assert context is None
     assert _threads._CONTROLLER == [None]
+
+
+def test_mlp_holds_small_products_to_one_blas_thread_and_gives_the_same_result(
+    monkeypatch,
+):
+    """mlp_loss_and_grad enters one_blas_thread for the digits' size and not above
+    _ONE_THREAD_WORK multiply-adds; the result is the same either way."""
+    from derivlib import backprop
+
+    rng = np.random.default_rng(3)
+    params = dl.mlp_init(64, 64, 10, rng)
+    X = rng.standard_normal((64, 256))
+    Y = np.eye(10)[rng.integers(0, 10, 256)].T
+    loss, grads = dl.mlp_loss_and_grad(params, X, Y)
+    entered = []
+    real = backprop.one_blas_thread
+
+    def counting():
+        entered.append(True)
+        return real()
+
+    monkeypatch.setattr(backprop, "one_blas_thread", counting)
+    loss1, grads1 = dl.mlp_loss_and_grad(params, X, Y)
+    assert entered == [True]
+    monkeypatch.setattr(backprop, "_ONE_THREAD_WORK", 64 * 65 * 256 - 1)
+    loss2, grads2 = dl.mlp_loss_and_grad(params, X, Y)
+    assert entered == [True]
+    for other_loss, other in ((loss1, grads1), (loss2, grads2)):
+        assert other_loss == loss
+        for k in grads:
+            np.testing.assert_allclose(other[k], grads[k], rtol=1e-13, atol=1e-15)
