@@ -564,12 +564,12 @@ def mlp_loss_and_grad(params, X, Y, *, check_finite=True):
 
 # Up to this many multiply-adds in the first layer's product, the products of a step
 # run on one BLAS thread. Measured on a 2-core machine at the digits' size (a batch of
-# 256): alone in its process the step took 0.20 ms on two threads against 0.19 ms
-# plus the context on one, but beside JAX, whose thread pool holds the other core
-# between its calls, two threads took 0.23 to 0.36 ms from one process to the next
-# against 0.25 ms on one; when the machine is busy the second thread waits for a core,
-# and one thread was still faster at 1e8 (9.5 ms against 22 ms). Above it, the BLAS
-# keeps its threads
+# 256): in a process with JAX, as in this book's chapters (XLA's thread pool holds the
+# other core between its calls), two threads took 0.23 to 0.36 ms a step from one
+# process to the next, one thread 0.25 ms; when the machine is busy the second thread
+# waits for a core, and one thread was still faster at 1e8 (9.5 ms against 22 ms). The
+# price: alone on an idle machine, two threads would take 0.19 to 0.24 ms against 0.24
+# to 0.32 ms. Above it, the BLAS keeps its threads
 _ONE_THREAD_WORK = 1e8
 
 
