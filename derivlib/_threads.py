@@ -9,8 +9,8 @@ thread for a block of code, through threadpoolctl when it is installed (it comes
 scikit-learn, and with derivlib's `fast` extra); without it, it changes nothing.
 
 The BLAS libraries are found once, at the first call; entering and leaving the context
-then reads and sets each one's thread count directly (about 3 us for NumPy's and
-SciPy's OpenBLAS together, against 12 us for threadpoolctl's own `limit`).
+then reads and sets each one's thread count directly (about 3 to 4 us for NumPy's and
+SciPy's OpenBLAS together, against 10 to 12 us for threadpoolctl's own `limit`).
 """
 
 import contextlib

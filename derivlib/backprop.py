@@ -569,7 +569,10 @@ def mlp_loss_and_grad(params, X, Y, *, check_finite=True):
 # process to the next, one thread 0.25 ms; when the machine is busy the second thread
 # waits for a core, and one thread was still faster at 1e8 (9.5 ms against 22 ms). The
 # price: alone on an idle machine, two threads would take 0.19 to 0.24 ms against 0.24
-# to 0.32 ms. Above it, the BLAS keeps its threads
+# to 0.32 ms. A later re-measurement on the same machine, while others used it, did
+# not show the slow two-thread steps beside JAX: in three processes the step's
+# arithmetic took 0.18 ms on two threads against 0.20 ms on one. Above it, the BLAS
+# keeps its threads
 _ONE_THREAD_WORK = 1e8
 
 
