@@ -28,7 +28,9 @@ ONE_THREAD = {
     "MKL_NUM_THREADS": "1",
     "XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1",
 }
-# Scripts that run both settings themselves, each in its own subprocess.
+# Scripts that run both settings themselves: each setting in its own subprocess, except
+# bench_robust.py, which runs the one-thread setting in the same process under
+# threadpoolctl's limit (it times NumPy and SciPy only, no XLA).
 BOTH_ITSELF = {
     "bench_geometry.py",
     "bench_robust.py",
