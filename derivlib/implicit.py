@@ -556,15 +556,22 @@ def _pnp_lm_loop(residual, jacobian, R, t, state, tol, max_iter, lam0):
     )
 
 
+def _rotation_angle(R):
+    """(theta, v) for a rotation matrix R: its skew part [v]x and its angle theta =
+    atan2(|v|, (tr R - 1) / 2), in Python floats, as `so3_log` computes them."""
+    (a, b, c), (d, e, f), (g, h, i) = R.tolist()
+    v = (0.5 * (h - f), 0.5 * (c - g), 0.5 * (d - b))
+    norm = math.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2])
+    return math.atan2(norm, 0.5 * (a + e + i - 1)), v
+
+
 def _pose_rotation_vector(R):
     """Log R for the rotation R that `_pnp_lm` built: `so3_log`'s formula below its
     NEAR_PI in Python floats, w = (theta / sin theta) v; above it, `so3_log`'s own
     branch (the axis from the symmetric part)."""
     from .geometry.lie import NEAR_PI, _log_rotation, rotation_coefficients
 
-    (a, b, c), (d, e, f), (g, h, i) = R.tolist()
-    v0, v1, v2 = 0.5 * (h - f), 0.5 * (c - g), 0.5 * (d - b)
-    theta = math.atan2(math.sqrt(v0 * v0 + v1 * v1 + v2 * v2), 0.5 * (a + e + i - 1))
+    theta, (v0, v1, v2) = _rotation_angle(R)
     if theta >= NEAR_PI:
         return _log_rotation(R)
     s, _, _ = rotation_coefficients(theta)  # sin(theta) / theta
@@ -573,9 +580,7 @@ def _pose_rotation_vector(R):
 
 def _pose_size(R, t):
     """|(w, t)| with w = Log R, |w| <= pi: the size of x in the stopping rule."""
-    (a, b, c), (d, e, f), (g, h, i) = R.tolist()
-    v0, v1, v2 = 0.5 * (h - f), 0.5 * (c - g), 0.5 * (d - b)
-    angle = math.atan2(math.sqrt(v0 * v0 + v1 * v1 + v2 * v2), 0.5 * (a + e + i - 1))
+    angle, _ = _rotation_angle(R)
     t0, t1, t2 = t.tolist()
     return math.sqrt(angle * angle + t0 * t0 + t1 * t1 + t2 * t2)
 
