@@ -613,6 +613,14 @@ def _so3_exp_many(D):
 
 def _sparse_residual(recon, state):
     """The residuals alone (eqs. 6.40-6.41), without the Jacobian blocks."""
+    return _sparse_images(recon, state)[-1].ravel(order="F")
+
+
+def _sparse_images(recon, state):
+    """Bundler's model at every observation (eqs. 6.40-6.41): the points X (3, N),
+    their camera-frame coordinates P (3, N), p = P_xy / -P_z, s = |p|^2, the
+    intrinsics f, k1, k2 (N,) each, rho = 1 + k1 s + k2 s^2, and the residuals u
+    (2, N). Raises ValueError if a point is not in front of a camera that sees it."""
     from .bundler import _behind
 
     cam = recon.cam
@@ -623,9 +631,10 @@ def _sparse_residual(recon, state):
     p = P[:2] / -P[2]
     s = p[0] * p[0] + p[1] * p[1]
     f, k1, k2 = state.intrinsics[cam].T
-    u = (f * (1 + s * (k1 + k2 * s))) * p
+    rho = 1 + s * (k1 + k2 * s)
+    u = (f * rho) * p
     u -= recon.u
-    return u.ravel(order="F")
+    return X, P, p, s, (f, k1, k2), rho, u
 
 
 def bundler_residual(recon, state):
@@ -644,19 +653,8 @@ def _sparse_blocks(recon, state):
     g s) p], g = 2 (k1 + 2 k2 s); B = du/dP R; the rotation block's row a is
     -(B_a x X)^T; C = p [rho, f s, f s^2]. The rotations are applied camera by
     camera over contiguous slices when the observations are sorted by camera."""
-    from .bundler import _behind
-
     cam, N = recon.cam, recon.cam.size
-    X = state.X[:, recon.point]  # (3, N)
-    P = np.einsum("kab,bk->ak", state.R[cam], X)
-    P += state.t[cam].T
-    _behind(P[2])
-    p = P[:2] / -P[2]
-    s = p[0] * p[0] + p[1] * p[1]
-    f, k1, k2 = state.intrinsics[cam].T
-    rho = 1 + s * (k1 + k2 * s)
-    u = (f * rho) * p
-    u -= recon.u
+    X, P, p, s, (f, k1, k2), rho, u = _sparse_images(recon, state)
     g = 2 * (k1 + 2 * k2 * s)
     c = f / -P[2]
     A = np.empty((N, 2, 9))
