@@ -84,27 +84,39 @@ def softmax_problem(m=1000, n=1000, seed=0):
     return rng.standard_normal((m, n)) * 3, rng.standard_normal((m, n))
 
 
-def bench_softmax_jax(repeats):
-    X, G = softmax_problem()
-    pullback = jax.jit(
+def softmax_pullback():
+    """jax.jit of the pullback of jax.nn.softmax down the columns, the peer of every
+    softmax row."""
+    return jax.jit(
         lambda X, G: jax.vjp(lambda Y: jax.nn.softmax(Y, axis=0), X)[1](G)[0]
     )
+
+
+def bench_softmax_against_jax(ours, task, repeats):
+    """`ours(X, G)` on the softmax problem against the compiled JAX pullback,
+    interleaved."""
+    X, G = softmax_problem()
+    pullback = softmax_pullback()
     Xj, Gj = jnp.asarray(X), jnp.asarray(G)
     pullback(Xj, Gj).block_until_ready()  # compile
-    t_ours, t_peer, ours, theirs = best_times(
-        lambda: dl.softmax_vjp(X, G),
+    t_ours, t_peer, mine, theirs = best_times(
+        lambda: ours(X, G),
         lambda: pullback(Xj, Gj).block_until_ready(),
         5 * repeats,  # 5 ms each: more samples for the best of
     )
-    err = relative_error(ours, theirs)
+    err = relative_error(mine, theirs)
     return (
-        "softmax_vjp m=n=1000",
+        task,
         "jax.jit(jax.vjp)",
         t_ours,
         t_peer,
         f"relative diff = {err:.1e}",
         err < 1e-12,
     )
+
+
+def bench_softmax_jax(repeats):
+    return bench_softmax_against_jax(dl.softmax_vjp, "softmax_vjp m=n=1000", repeats)
 
 
 def softmax_vjp_numpy(X, G):
@@ -118,25 +130,8 @@ def softmax_vjp_numpy(X, G):
 def bench_softmax_numpy_jax(repeats):
     """The same comparison as bench_softmax_jax, with the formula in plain NumPy on
     derivlib's side: what fusing the passes is worth."""
-    X, G = softmax_problem()
-    pullback = jax.jit(
-        lambda X, G: jax.vjp(lambda Y: jax.nn.softmax(Y, axis=0), X)[1](G)[0]
-    )
-    Xj, Gj = jnp.asarray(X), jnp.asarray(G)
-    pullback(Xj, Gj).block_until_ready()  # compile
-    t_ours, t_peer, ours, theirs = best_times(
-        lambda: softmax_vjp_numpy(X, G),
-        lambda: pullback(Xj, Gj).block_until_ready(),
-        5 * repeats,  # 5 ms each: more samples for the best of
-    )
-    err = relative_error(ours, theirs)
-    return (
-        "(4.9) in plain NumPy m=n=1000",
-        "jax.jit(jax.vjp)",
-        t_ours,
-        t_peer,
-        f"relative diff = {err:.1e}",
-        err < 1e-12,
+    return bench_softmax_against_jax(
+        softmax_vjp_numpy, "(4.9) in plain NumPy m=n=1000", repeats
     )
 
 
@@ -175,10 +170,7 @@ def memory_passes(repeats):
     t_exp = best_of(lambda: np.exp(X, out=out), repeats * 3)
     M = X.max(axis=0)
     t_row = best_of(lambda: np.subtract(X, M, out=out), repeats * 3)
-    pullback = jax.jit(
-        lambda X, G: jax.vjp(lambda Y: jax.nn.softmax(Y, axis=0), X)[1](G)[0]
-    )
-    kernels = xla_kernels(pullback, jnp.asarray(X), jnp.asarray(G))
+    kernels = xla_kernels(softmax_pullback(), jnp.asarray(X), jnp.asarray(G))
     mb = X.nbytes / 1e6
     print(f"\none pass over an {mb:.0f} MB array (X of the softmax problem):")
     for what, t, moved in [
