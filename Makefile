@@ -30,6 +30,8 @@ export PYTHONHASHSEED := 0
 export JAX_COMPILATION_CACHE_DIR := $(CURDIR)/.cache/jax
 export JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS := 0
 export JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES := 0
+# Numba keeps the compiled loops of the PnP rules (derivlib/_pnp_kernels.py) there too
+export NUMBA_CACHE_DIR := $(CURDIR)/.cache/numba
 # Test processes, one per core (pytest-xdist). `--dist loadfile` runs each file in one
 # process: all cells of a notebook share one kernel, in order. (pytest 9 derives node ids
 # in a way that xdist's `loadgroup` cannot extend, so finer groups are not available.)

@@ -17,7 +17,17 @@ import math
 import numpy as np
 
 from ._validate import as_float_array, require_finite
+from .geometry.camera import BehindCameraError, _in_front, project
+from .geometry.lie import (
+    MAX_ROTATION_VECTOR,
+    _log_rotation,
+    _rodrigues_floats,
+    _rotation_vector,
+)
+from .geometry.linear import dlt_pose
+from .geometry.solvers import MAX_DAMPING, _pnp_problem, _pose, _solver_options, _stuck
 from .losses import (
+    ConvergenceError,
     _check_binary_labels,
     _check_label_columns,
     fit_logistic,
@@ -72,13 +82,17 @@ def factor(A, rcond=RCOND, what="implicit differentiation"):
     smallest = float(pivots.min())
     estimate = dgecon(lu, anorm, norm="1")[0] if smallest > 0 and anorm > 0 else 0.0
     if not estimate >= rcond:
-        raise ValueError(
-            f"{what}: A = dF/dx ({A.shape[0]} x {A.shape[1]}) is singular to working "
-            f"precision: smallest LU pivot {smallest:.3g}, reciprocal condition number "
-            f"{estimate:.3g} < {rcond:.0e}; x* is not a locally unique, differentiable "
-            "function of theta (add regularisation, or fix a gauge)"
-        )
+        raise _singular(what, A.shape[0], smallest, estimate, rcond)
     return lu, piv
+
+
+def _singular(what, n, smallest, rcond_found, rcond):
+    return ValueError(
+        f"{what}: A = dF/dx ({n} x {n}) is singular to working precision: smallest "
+        f"LU pivot {smallest:.3g}, reciprocal condition number {rcond_found:.3g} < "
+        f"{rcond:.0e}; x* is not a locally unique, differentiable function of theta "
+        "(add regularisation, or fix a gauge)"
+    )
 
 
 def _lu_solve(factors, b, trans=0):
@@ -408,7 +422,6 @@ def undistort_vjp(u, k, G, *, x=None, tol=1e-10):
 
 
 def _pnp_inputs(X, K, u, weights):
-    from .geometry.solvers import _pnp_problem
 
     X, K, u = _pnp_problem(X, K, u)
     n = X.shape[1]
@@ -434,20 +447,24 @@ def pnp_pose(X, K, u, *, weights=None, xi0=None, tol=1e-12, max_iter=100):
     see `_pnp_lm`). X (3, n), K (3, 3), u (2, n), weights (n,) positive (all ones
     when None); start xi0 (6,) or the DLT pose. Returns xi (6,); raises
     ConvergenceError when the solver does not converge."""
-    from .geometry.lie import _rotation_vector
-    from .geometry.linear import dlt_pose
-    from .geometry.solvers import _pose, _solver_options
-
     X, K, u, wts = _pnp_inputs(X, K, u, weights)
+    return _pnp_solve(X, K, u, wts, weights is None, xi0, tol, max_iter)[0]
+
+
+def _pnp_solve(X, K, u, wts, unweighted, xi0, tol, max_iter):
+    """`pnp_pose` for validated X, K, u and weights (all ones when unweighted):
+    `_pnp_lm`'s (xi, R, t)."""
+
     _solver_options(tol, max_iter, 1e-3)
     if xi0 is None:
         xi0 = dlt_pose(X, K, u)
-    else:  # a rotation vector that Rodrigues' formula can take (|w|^2 finite)
+    else:  # finite, and a rotation vector that Rodrigues' formula can take
         xi0 = _pose(xi0, "xi0")
-        _rotation_vector(xi0[:3], "xi0[:3]")
+        if np.abs(xi0[:3]).max() > MAX_ROTATION_VECTOR:  # |w|^2 would overflow
+            _rotation_vector(xi0[:3], "xi0[:3]")  # raises
     # the minimiser does not change when every weight is scaled: divide by the largest,
     # so that extreme weights neither overflow nor underflow E
-    sw = wts if weights is None else np.sqrt(wts / wts.max())  # all ones when None
+    sw = wts if unweighted else np.sqrt(wts / wts.max())
     return _pnp_lm(X, K, u, sw, xi0, tol, max_iter)
 
 
@@ -455,227 +472,93 @@ def _pnp_lm(X, K, u, sw, xi0, tol, max_iter, lam0=1e-3):
     """Chapter 6's Levenberg-Marquardt (`solve_least_squares(method="lm",
     retract=pose_retract)`: the same damping, updates and stopping rules) on the
     residuals sqrt(w_i) r_i, for inputs validated once by the caller. The rotation is
-    kept as a matrix, R <- R Exp(delta_w), and each step costs a fixed, small number of
-    array operations on all points at once, with no per-step checks: the Jacobian in
-    the right perturbation is `_pnp_jacobian`'s. A step that puts a point behind the
-    camera (or whose image overflows) counts as raising E. Returns xi (6,). The two
-    round differently, so near the stopping rule they may stop an iteration apart:
-    the poses agree to the solver's accuracy (tested below 1e-8 relative at tol =
-    1e-12), not bit for bit."""
-    from .geometry.camera import BehindCameraError, _in_front
-    from .geometry.lie import _rodrigues_floats
-
-    n = X.shape[1]
-    K12 = K[:2, :2]
-    u_off = u - K[:2, 2:3]  # r = K12 (p_xy / p_z) - (u - K[:2, 2])
-    A = np.zeros((6, 2, n))  # _pnp_jacobian's work array
-
-    def residual(R, t):  # (r (2, n) scaled by sqrt(w), E, p_xy / p_z, 1 / p_z)
-        p = R @ X
-        p += t[:, None]
-        if not p[2].min() > 0:
-            return None, p
-        iz = 1.0 / p[2]
-        nxy = p[:2] * iz
-        r = K12 @ nxy
-        r -= u_off
-        r *= sw
-        E = float(np.vdot(r, r))
-        return ((r, E, nxy, iz) if math.isfinite(E) else None), p
+    kept as a matrix, R <- R Exp(delta_w), and the whole iteration is one compiled
+    loop (`_pnp_kernels.lm`), with no per-step checks, that forms the Jacobian in the
+    right perturbation from closed forms point by point. A step that puts a point
+    behind the camera (or whose image overflows) counts as raising E. Returns (xi,
+    R, t): the pose, and its rotation matrix and translation as the iteration left
+    them. The two round differently, so near the stopping rule they may stop an
+    iteration apart: the poses agree to the solver's accuracy (tested below 1e-8
+    relative at tol = 1e-12), not bit for bit."""
+    from . import _pnp_kernels as kernels
 
     R, t = _rodrigues_floats(*xi0[:3].tolist()), xi0[3:].copy()
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        state, p = residual(R, t)
-        if state is None:
-            _in_front(p, "R(w) X + t")
-            raise BehindCameraError(
-                "the image of R(w) X + t overflows at the start xi0"
-            )
-
-        def jacobian(R, t, nxy, iz):  # (6, 2n), scaled by sqrt(w)
-            J = K12 @ _pnp_jacobian(_to_right(R, t), nxy, iz, A)
-            J *= sw
-            return J.reshape(6, 2 * n)
-
-        return _pnp_lm_loop(residual, jacobian, R, t, state, tol, max_iter, lam0)
-
-
-def _pnp_lm_loop(residual, jacobian, R, t, state, tol, max_iter, lam0):
-    """The iteration of `_pnp_lm` (overflow in a trial step is caught as a
-    non-finite cost, so NumPy's warnings are off there). The damped system (6 x 6) is
-    solved by LAPACK's dgesv directly."""
-    from scipy.linalg.lapack import dgesv
-
-    from .geometry.lie import _rodrigues_floats
-    from .geometry.solvers import MAX_DAMPING, _lm_update, _stuck
-    from .losses import ConvergenceError
-
-    r, E, nxy, iz = state
-    lam, nu = lam0, 2.0
-    for _ in range(max_iter):
-        J = jacobian(R, t, nxy, iz)  # (6, 2n)
-        g, H = J @ r.reshape(-1), J @ J.T
-        d = H.diagonal().copy()
-        x_size = _pose_size(R, t)
-        first = True
-        while True:
-            Hd = H.copy()
-            Hd.flat[::7] += lam * d
-            _, _, delta, info = dgesv(Hd, g)
-            if info != 0:
-                raise np.linalg.LinAlgError("Singular matrix")
-            step = (-delta).tolist()
-            # -step^T (2 g + H step), as Chapter 6 computes it: at the minimum its
-            # rounding decides whether the point counts as stationary
-            predicted = float(delta @ (2.0 * g - H @ delta))
-            R_new = R @ _rodrigues_floats(*step[:3])
-            t_new = t - delta[3:]
-            state_new, _ = residual(R_new, t_new)
-            E_new = math.inf if state_new is None else state_new[1]
-            rho = (E - E_new) / predicted if predicted > 0 else -1.0
-            short = math.sqrt(sum(v * v for v in step)) <= tol * (x_size + tol)
-            if rho > 0:
-                lam, nu = _lm_update(lam, nu, rho)
-                stationary = False
-                break
-            if first and E_new < math.inf and (predicted <= tol * E or short):
-                stationary = True  # solvers._stationary
-                break
-            first = False
-            lam, nu = _lm_update(lam, nu, rho)
-            if lam > MAX_DAMPING:
-                raise _stuck(E, lam, "Levenberg-Marquardt")
-        done = stationary or E - E_new <= tol * E or short  # solvers._finished
-        if not stationary and E_new <= E:
-            R, t = R_new, t_new
-            r, E, nxy, iz = state_new
-        if done:
-            return np.concatenate([_pose_rotation_vector(R), t])
-    raise ConvergenceError(
-        f"lm did not converge in {max_iter} iterations (cost {E:.6g})"
+    u_off = u - K[:2, 2:3]  # r = K12 (p_xy / p_z) - (u - K[:2, 2])
+    xi = np.empty(6)
+    status, E, lam, logged = kernels.lm(
+        X, K, u_off, sw, R, t, float(tol), int(max_iter), float(lam0), MAX_DAMPING, xi
     )
-
-
-def _rotation_angle(R):
-    """(theta, v) for a rotation matrix R: its skew part [v]x and its angle theta =
-    atan2(|v|, (tr R - 1) / 2), in Python floats, as `so3_log` computes them."""
-    (a, b, c), (d, e, f), (g, h, i) = R.tolist()
-    v = (0.5 * (h - f), 0.5 * (c - g), 0.5 * (d - b))
-    norm = math.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2])
-    return math.atan2(norm, 0.5 * (a + e + i - 1)), v
-
-
-def _pose_rotation_vector(R):
-    """Log R for the rotation R that `_pnp_lm` built: `so3_log`'s formula below its
-    NEAR_PI in Python floats, w = (theta / sin theta) v; above it, `so3_log`'s own
-    branch (the axis from the symmetric part)."""
-    from .geometry.lie import NEAR_PI, _log_rotation, rotation_coefficients
-
-    theta, (v0, v1, v2) = _rotation_angle(R)
-    if theta >= NEAR_PI:
-        return _log_rotation(R)
-    s, _, _ = rotation_coefficients(theta)  # sin(theta) / theta
-    return np.array([v0 / s, v1 / s, v2 / s])
-
-
-def _pose_size(R, t):
-    """|(w, t)| with w = Log R, |w| <= pi: the size of x in the stopping rule."""
-    angle, _ = _rotation_angle(R)
-    t0, t1, t2 = t.tolist()
-    return math.sqrt(angle * angle + t0 * t0 + t1 * t1 + t2 * t2)
-
-
-def _to_right(R, t):
-    """M (6, 6) with (omega, rho) = M (delta_w, delta_t): the camera-frame motion of
-    the points, p + omega x p + rho, that the right perturbation (R Exp(delta_w), t +
-    delta_t) causes to first order: omega = R delta_w, rho = delta_t + [t]x R
-    delta_w."""
-    (a, b, c), (d, e, f), (g, h, i) = R.tolist()
-    t0, t1, t2 = t.tolist()
-    return np.array(
-        [
-            [a, b, c, 0.0, 0.0, 0.0],
-            [d, e, f, 0.0, 0.0, 0.0],
-            [g, h, i, 0.0, 0.0, 0.0],
-            [t1 * g - t2 * d, t1 * h - t2 * e, t1 * i - t2 * f, 1.0, 0.0, 0.0],
-            [t2 * a - t0 * g, t2 * b - t0 * h, t2 * c - t0 * i, 0.0, 1.0, 0.0],
-            [t0 * d - t1 * a, t0 * e - t1 * b, t0 * f - t1 * c, 0.0, 0.0, 1.0],
-        ]
-    )
-
-
-def _pnp_jacobian(M, nxy, iz, A):
-    """The Jacobian (6, 2, n) of the normalised images (x_i / z_i, y_i / z_i) in the
-    right perturbation of the pose, rows (delta_w, delta_t), at the points p_i = (x_i,
-    y_i, z_i), given M = `_to_right(R, t)`, nxy = p_xy / p_z (2, n) and iz = 1 / p_z
-    (n,); A (6, 2, n) is a work array that is zero where the Jacobian below is. The
-    pixel residuals' Jacobian is K12 @ this (K12 = K[:2, :2] acting on the middle
-    axis).
-
-    In the camera frame, p -> p + omega x p + rho moves (x', y') = (x / z, y / z) by
-    the closed forms d x' = [-x'y', 1 + x'^2, -y', 1/z, 0, -x'/z] (omega, rho) and
-    d y' = [-(1 + y'^2), x'y', x', 0, 1/z, -y'/z] (omega, rho); M^T takes them to the
-    right perturbation."""
-    xn, yn = nxy
-    np.multiply(xn, yn, out=A[1, 1])
-    np.negative(A[1, 1], out=A[0, 0])
-    sq = nxy * nxy
-    sq += 1.0
-    A[1, 0] = sq[0]
-    np.negative(sq[1], out=A[0, 1])
-    np.negative(yn, out=A[2, 0])
-    A[2, 1] = xn
-    A[3, 0] = iz
-    A[4, 1] = iz
-    np.multiply(nxy, -iz, out=A[5])
-    return (M.T @ A.reshape(6, -1)).reshape(A.shape)
+    if status == kernels.INVALID_START:
+        _in_front(R @ X + t[:, None], "R(w) X + t")
+        raise BehindCameraError("the image of R(w) X + t overflows at the start xi0")
+    if status == kernels.SINGULAR:
+        raise np.linalg.LinAlgError("Singular matrix")
+    if status == kernels.STUCK:
+        raise _stuck(E, lam, "Levenberg-Marquardt")
+    if status == kernels.NOT_CONVERGED:
+        raise ConvergenceError(
+            f"lm did not converge in {max_iter} iterations (cost {E:.6g})"
+        )
+    if not logged:  # an angle of NEAR_PI or more: so3_log's own branch
+        xi[:3] = _log_rotation(R)
+    return xi, R, t
 
 
 def _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping):
     """At the pose xi: the residuals r (2, n) (row k: coordinate k of every point),
-    their Jacobian in the right perturbation J (6, 2, n) (K[:2, :2] @ `_pnp_jacobian`,
-    unweighted), the gradient check, and the Hessian H (6, 6) of E in the perturbation
+    their Jacobian in the right perturbation J (6, 2, n) (unweighted), the gradient
+    check, and the Hessian H (6, 6) of E in the perturbation
     (eq. 8.17): sum_i w_i J_i^T J_i, plus, when hessian='exact', the second-order term
     sum_i w_i r_i . Hess r_i (eq. 8.18), plus damping * I. The weights are divided by s
     = max w_i first, so that extreme weights neither overflow nor underflow: the H
     returned is the Hessian over s, and s is returned too."""
-    from .geometry.camera import _in_front, project
-    from .geometry.lie import _rodrigues_floats, _rotation_vector
-    from .geometry.solvers import _pose
 
+    damping = _pnp_options(hessian, damping)
+    xi = _pose(xi)
+    _rotation_vector(xi[:3], "xi[:3]")  # |w|^2 finite, as Rodrigues' formula needs
+    R = _rodrigues_floats(*xi[:3].tolist())
+    return _pnp_linearise(X, K, u, wts, R, xi[3:], tol, hessian == "exact", damping)
+
+
+def _pnp_options(hessian, damping):
     if hessian not in ("exact", "gauss-newton"):
         raise ValueError(f"hessian must be 'exact' or 'gauss-newton', got {hessian!r}")
     damping = float(damping)
     if not (np.isfinite(damping) and damping >= 0):
         raise ValueError(f"damping must be finite and >= 0, got {damping}")
-    xi = _pose(xi)
-    _rotation_vector(xi[:3], "xi[:3]")  # |w|^2 finite, as Rodrigues' formula needs
-    s_w = float(wts.max())
-    wts = wts / s_w
-    R, t = _rodrigues_floats(*xi[:3].tolist()), xi[3:]
-    p = R @ X
-    p += t[:, None]
-    _in_front(p, "R(w) X + t")
-    iz = 1.0 / p[2]
-    nxy = p[:2] * iz
-    K12 = K[:2, :2]
-    with np.errstate(over="ignore", invalid="ignore"):
-        r = K12 @ nxy + (K[:2, 2:3] - u)  # (2, n)
-    if not np.isfinite(r).all():
-        project(p, K)  # raises, naming the point whose image overflows
+    return damping
+
+
+def _pnp_linearise(X, K, u, wts, R, t, tol, exact, damping):
+    """`_pnp_linearisation` at the pose (R, t), its options checked by the caller."""
+    from . import _pnp_kernels
+
     n = X.shape[1]
-    M = _to_right(R, t)
-    Jn = _pnp_jacobian(M, nxy, iz, np.zeros((6, 2, n)))  # of p_xy / p_z
-    J = K12 @ Jn  # (6, 2, n)
-    Jf = J.reshape(6, 2 * n)  # columns: x-coordinates of every point, then y
-    a = wts * r  # (2, n): the weight of each residual's Hessian
-    g = Jf @ a.reshape(-1)
-    H = (J * wts).reshape(6, -1) @ Jf.T
+    r, J, H = np.empty((2, n)), np.empty((6, 2, n)), np.empty((6, 6))
+    # the second-order term (eq. 8.18), as `_pnp_kernels.linearise` sums it: residual
+    # i's phi_i = a_i . r_i (a_i = w_i r_i) is (e1 x + e2 y) / z + const, (e1, e2) =
+    # K12^T a_i, so with m = (e1, e2, 0) its Hessian in p is -(m e3^T + e3 m^T) / z^2
+    # + (2 m^T p / z^3) e3 e3^T. Sandwiched by P_i = dp_i / d(delta_w, delta_t): with
+    # q = P_i^T e3 = dz / d(delta) and v = P_i^T m / z^2, and P_i^T e_k = z d(p_k / z)
+    # / d(delta) + (p_k / z) q for k = 1, 2, it is -(v q^T + q v^T) + (2 m^T p / z^3)
+    # q q^T = -(s q^T + q s^T), with s = (e1 d(x / z) + e2 d(y / z)) / z: the
+    # Jacobian of the normalised images again. The curvature of R Exp(delta_w) X_i,
+    # summed over i, adds (C X^T + X C^T) / 2 - tr(C X^T) I to the rotation block,
+    # with c_i = R^T b_i and b_i = ((e1, e2) / z, -(e1 x + e2 y) / z^2) the gradient
+    # of phi_i in p
+    status, g, trace, wrr, s_w, wbar = _pnp_kernels.linearise(
+        X, K, u, wts, R, t, exact, r, J, H
+    )
+    if status:  # raise the camera model's own error, naming the point
+        p = R @ X + t[:, None]
+        _in_front(p, "R(w) X + t")
+        with np.errstate(over="ignore", invalid="ignore"):
+            project(p, K)
+        raise BehindCameraError("the residuals at xi are not finite")
     # relative stationarity: |grad E| against |W^1/2 J| (1 + |W^1/2 r|), with the
-    # weights divided by their mean, so that scaling every weight (which leaves the
-    # pose unchanged) leaves the test unchanged too: |W^1/2 J|^2 = tr H_GN / wbar
-    wbar = float(wts.sum()) / n
-    scale = math.sqrt(H.trace() / wbar) * (1.0 + math.sqrt(np.vdot(a, r) / wbar))
+    # weights divided by their mean wbar, so that scaling every weight (which leaves
+    # the pose unchanged) leaves the test unchanged too: |W^1/2 J|^2 = tr H_GN / wbar
+    scale = math.sqrt(trace / wbar) * (1.0 + math.sqrt(wrr / wbar))
     _check_converged(
         g / (wbar * scale),
         tol,
@@ -683,33 +566,6 @@ def _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping):
         "the relative gradient max |g| / (|W^1/2 J| (1 + |W^1/2 r|)) (W the weights "
         "over their mean)",
     )
-    if hessian == "exact":
-        # residual i's term (eq. 8.18): phi_i = a_i . r_i = (e1 x + e2 y) / z + const,
-        # (e1, e2) = K12^T a_i, so with m = (e1, e2, 0) its Hessian in p is
-        # -(m e3^T + e3 m^T) / z^2 + (2 m^T p / z^3) e3 e3^T. Sandwiched by P_i = dp_i /
-        # d(delta_w, delta_t): with q = P_i^T e3 = dz / d(delta) and v = P_i^T m / z^2,
-        # and P_i^T e_k = z d(p_k / z) / d(delta) + (p_k / z) q for k = 1, 2, it is
-        # -(v q^T + q v^T) + (2 m^T p / z^3) q q^T = -(s q^T + q s^T), with s = (e1
-        # d(x / z) + e2 d(y / z)) / z: the Jacobian Jn of the normalised images again
-        ez = K12.T @ a  # (2, n): (e1, e2) per point
-        ez *= iz  # (e1, e2) / z
-        S = (Jn * ez).sum(axis=1)  # (6, n): s for every point
-        # q = M^T (y, -x, 0, 0, 0, 1), dz / d(omega, rho) in the camera frame
-        SQ = np.zeros((6, 6))
-        SQ[:, 0], SQ[:, 1], SQ[:, 5] = S @ p[1], -(S @ p[0]), S.sum(axis=1)
-        SQ = SQ @ M
-        H -= SQ + SQ.T
-        # the curvature of R Exp(delta_w) X_i, summed over i: with b_i the gradient of
-        # phi_i in p, ((e1, e2) / z, -(e1 x + e2 y) / z^2), and c_i = R^T b_i, the term
-        # is (C X^T + X C^T) / 2 - tr(C X^T) I, C = [c_1 ... c_n]
-        B = np.empty((3, n))
-        B[:2] = ez
-        np.negative((ez * nxy).sum(axis=0), out=B[2])
-        CX = R.T @ (B @ X.T)
-        curvature = CX + CX.T
-        curvature *= 0.5
-        curvature.flat[::4] -= CX.trace()
-        H[:3, :3] += curvature
     if damping:
         H.flat[::7] += damping / s_w
     return r, J, H, s_w
@@ -762,7 +618,7 @@ def pnp_pose_jvp(
     r, J, H, s_w = _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping)
     # d(grad E) = H delta + sum_i J_i^T (dw_i r_i - w_i du_i) = 0, all over s_w
     dgrad = J.reshape(6, -1) @ ((dw / s_w) * r - (wts / s_w) * du).reshape(-1)
-    return _lu_solve(factor(H, RCOND, "pnp_pose_jvp"), -dgrad)
+    return _lu_solve(_pnp_factor(H, "pnp_pose_jvp"), -dgrad)
 
 
 def pnp_pose_vjp(
@@ -772,18 +628,81 @@ def pnp_pose_vjp(
     w_i J_i lam and weights_bar_i = -r_i^T J_i lam. Returns (u_bar (2, n),
     weights_bar (n,)). Options and checks as `pnp_pose_jvp`."""
     X, K, u, wts = _pnp_inputs(X, K, u, weights)
+    G = _pnp_cotangent(G)
+    if xi is None:
+        xi = pnp_pose(X, K, u, weights=wts)
+    r, J, H, s_w = _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping)
+    return _pnp_backward(r, J, wts, s_w, _pnp_factor(H, "pnp_pose_vjp"), G)
+
+
+def _pnp_cotangent(G):
     G = require_finite(as_float_array(G, "G", ndims=1), "G")
     if G.shape != (6,):
         raise ValueError(
             f"G must have shape (6,) (shaped like the pose), got {G.shape}"
         )
-    if xi is None:
-        xi = pnp_pose(X, K, u, weights=wts)
-    r, J, H, s_w = _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping)
-    lam = _lu_solve(factor(H, RCOND, "pnp_pose_vjp"), G, trans=1)  # s_w times lam
+    return G
+
+
+def _pnp_factor(H, what):
+    """`factor` for the 6 x 6 Hessian of the PnP rules, compiled
+    (`_pnp_kernels.factor`): the same LU and the same refusal, with the reciprocal
+    condition number computed exactly (from the inverse) instead of estimated."""
+    from . import _pnp_kernels
+
+    lu, piv, smallest, rcond = _pnp_kernels.factor(H)
+    if not rcond >= RCOND:
+        raise _singular(what, 6, smallest, rcond, RCOND)
+    return lu, piv
+
+
+def _pnp_backward(r, J, wts, s_w, factors, G):
+    """Eq. (8.20) from the linearisation at the pose (`_pnp_linearisation`'s r, J and
+    s_w) and `_pnp_factor`'s LU of its H: H^T lam = G, u_bar_i = w_i J_i lam,
+    weights_bar_i = -r_i^T J_i lam (all over s_w, which the H and so lam carry
+    too)."""
+    from . import _pnp_kernels
+
+    lam = np.empty(6)  # s_w times lam
+    _pnp_kernels.solve(*factors, G, 1, lam)
     Jl = (lam @ J.reshape(6, -1)).reshape(r.shape)  # (2, n): r moved by lam
     with np.errstate(over="ignore"):  # inf only where weights_bar passes the floats
         return (wts / s_w) * Jl, -np.sum(r * Jl, axis=0) / s_w
+
+
+def pnp_pose_pullback(
+    X,
+    K,
+    u,
+    *,
+    weights=None,
+    xi0=None,
+    hessian="exact",
+    damping=0.0,
+    tol=1e-12,
+    max_iter=100,
+):
+    """`pnp_pose` and its backward rule as one layer, for a training loop: returns
+    (xi, vjp), where xi = pnp_pose(X, K, u, weights=weights, xi0=xi0, tol=tol,
+    max_iter=max_iter) and vjp(G) = pnp_pose_vjp(X, K, u, G, weights=weights, xi=xi,
+    hessian=hessian, damping=damping) (eq. 8.20; its check of the solution at its
+    default tolerance). The inputs are validated once, and the linearisation at xi
+    and the LU of its Hessian are computed here, once, for every G that vjp is
+    given: each call of vjp costs one 6 x 6 triangular solve and two products with
+    the Jacobian."""
+    X, K, u, wts = _pnp_inputs(X, K, u, weights)
+    damping = _pnp_options(hessian, damping)
+    xi, R, t = _pnp_solve(X, K, u, wts, weights is None, xi0, tol, max_iter)
+    # at the solver's own R and t, which Exp(Log R) gives back to rounding
+    exact = hessian == "exact"
+    r, J, H, s_w = _pnp_linearise(X, K, u, wts, R, t, 1e-6, exact, damping)
+    factors = _pnp_factor(H, "pnp_pose_vjp")
+
+    def vjp(G):
+        """(u_bar (2, n), weights_bar (n,)) for the cotangent G (6,) of the pose."""
+        return _pnp_backward(r, J, wts, s_w, factors, _pnp_cotangent(G))
+
+    return xi, vjp
 
 
 def pnp_pose_covariance(X, K, u, *, sigma=1.0, weights=None, xi=None, tol=1e-6):
@@ -797,7 +716,7 @@ def pnp_pose_covariance(X, K, u, *, sigma=1.0, weights=None, xi=None, tol=1e-6):
     if xi is None:
         xi = pnp_pose(X, K, u, weights=wts)
     _, J, H, s_w = _pnp_linearisation(X, K, u, wts, xi, tol, "exact", 0.0)
-    factors = factor(H, RCOND, "pnp_pose_covariance")
+    factors = _pnp_factor(H, "pnp_pose_covariance")
     S = _lu_solve(factors, (J * (wts / s_w)).reshape(6, -1))
     return sigma**2 * S @ S.T
 

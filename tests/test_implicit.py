@@ -30,6 +30,7 @@ from derivlib.implicit import (
     pnp_pose_covariance,
     pnp_pose_hessian,
     pnp_pose_jvp,
+    pnp_pose_pullback,
     pnp_pose_vjp,
     sinkhorn,
     sinkhorn_jvp,
@@ -390,6 +391,72 @@ def test_pnp_covariance_is_the_jvp_of_pixel_noise(rng):
         ]
     ).T
     assert relative_error(C, 0.25 * Jac @ Jac.T) < 1e-10
+
+
+def test_pnp_pose_pullback_is_the_pose_and_its_vjp(rng):
+    # the layer's pose is pnp_pose's, bit for bit; its vjp is pnp_pose_vjp at that
+    # pose, linearised at the solver's own rotation matrix instead of Exp(Log R), so
+    # equal to rounding; one linearisation serves every cotangent
+    X, u, wts, _ = _pnp_scene(rng, n=12)
+    start = pnp_pose(X, KCAM, u) + 0.05
+    for weights in (None, wts, 1e-100 * wts):
+        for hessian, damping in (("exact", 0.0), ("gauss-newton", 0.0), ("exact", 3.0)):
+            xi, vjp = pnp_pose_pullback(
+                X, KCAM, u, weights=weights, xi0=start, hessian=hessian, damping=damping
+            )
+            assert np.array_equal(xi, pnp_pose(X, KCAM, u, weights=weights, xi0=start))
+            for G in rng.standard_normal((3, 6)):
+                ours = vjp(G)
+                theirs = pnp_pose_vjp(
+                    X,
+                    KCAM,
+                    u,
+                    G,
+                    weights=weights,
+                    xi=xi,
+                    hessian=hessian,
+                    damping=damping,
+                )
+                for a, b in zip(ours, theirs):
+                    assert relative_error(a, b) < 1e-12
+    with pytest.raises(ValueError, match=r"G must have shape \(6,\)"):
+        vjp(np.ones(5))
+    with pytest.raises(ValueError, match="G must be finite"):
+        vjp(np.full(6, np.nan))
+    with pytest.raises(ValueError, match="hessian must be"):
+        pnp_pose_pullback(X, KCAM, u, hessian="newton")
+    with pytest.raises(ValueError, match="damping must be finite"):
+        pnp_pose_pullback(X, KCAM, u, damping=-1.0)
+    with pytest.raises(ValueError, match="weights must be positive"):
+        pnp_pose_pullback(X, KCAM, u, weights=-wts)
+
+
+def test_the_pnp_rules_lu_is_lapacks_with_the_exact_condition_number(rng):
+    # the compiled 6 x 6 LU that the PnP rules solve with: the factors and pivots of
+    # LAPACK's dgetrf (scipy's lu_factor), solves with A and A^T, and the reciprocal
+    # condition number 1 / (|A|_1 |A^-1|_1) from NumPy's inverse; a singular or NaN
+    # Hessian is refused with the message of `factor`
+    import scipy.linalg
+
+    from derivlib import _pnp_kernels
+    from derivlib.implicit import _pnp_factor
+
+    for _ in range(50):
+        A = rng.standard_normal((6, 6)) * np.exp(rng.uniform(-5, 5, 6))
+        lu, piv, smallest, rcond = _pnp_kernels.factor(A)
+        lu_ref, piv_ref = scipy.linalg.lu_factor(A)
+        assert np.array_equal(piv, piv_ref) and relative_error(lu, lu_ref) < 1e-13
+        assert abs(smallest / np.abs(np.diag(lu_ref)).min() - 1) < 1e-13
+        exact = 1 / (np.linalg.norm(A, 1) * np.linalg.norm(np.linalg.inv(A), 1))
+        assert abs(rcond / exact - 1) < 1e-8
+        b, x = rng.standard_normal(6), np.empty(6)
+        for trans, M in ((0, A), (1, A.T)):
+            _pnp_kernels.solve(lu, piv, b, trans, x)
+            assert relative_error(x, np.linalg.solve(M, b)) < 1e-10
+    A[:, 5] = A[:, 4]  # singular: refused, whatever rounding leaves in the pivot
+    for bad in (A, np.full((6, 6), np.nan)):
+        with pytest.raises(ValueError, match="singular to working precision"):
+            _pnp_factor(bad, "pnp_pose_vjp")
 
 
 def test_pnp_rules_refuse_unconverged_singular_and_bad_input(rng):

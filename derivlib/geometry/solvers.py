@@ -310,25 +310,20 @@ def _pnp_problem(X, K, u):
             f"PnP needs at least 3 points (2n = {2 * n} residuals for 6 unknowns), "
             f"got X with {n} point(s)"
         )
-    d = u - (u.sum(axis=1) / n)[:, None]  # about the mean image point
-    d *= d
-    spread = math.sqrt(float((d[0] + d[1]).max()))  # the largest distance from it
-    if spread <= DEGENERATE * (1.0 + float(np.abs(u).max())):
+    from .. import _pnp_kernels
+
+    # the largest distance of an image point from their mean, and the singular values
+    # of the centred points (LAPACK's divide-and-conquer SVD, as np.linalg.svd)
+    spread, umax, s0, s1 = _pnp_kernels.degeneracy(X, u)
+    if spread <= DEGENERATE * (1.0 + umax):
         raise ValueError(
             f"PnP is degenerate: all {n} image points u coincide (the points lie on "
             f"one ray through the camera centre), so the pose is not determined"
         )
-    from scipy.linalg.lapack import dgesdd
-
-    Xc = X - (X.sum(axis=1) / n)[:, None]
-    # LAPACK's divide-and-conquer SVD, as np.linalg.svd calls it, without its wrapper
-    _, s, _, info = dgesdd(Xc.T, compute_uv=0)
-    if info != 0:
-        s = np.linalg.svd(Xc, compute_uv=False)  # raises LinAlgError
-    if s[1] <= DEGENERATE * s[0]:
+    if s1 <= DEGENERATE * s0:
         raise ValueError(
             f"PnP is degenerate: the {n} points X lie on one line (singular values of "
-            f"the centred points {s[0]:.3g}, {s[1]:.3g}), so a rotation about it is "
+            f"the centred points {s0:.3g}, {s1:.3g}), so a rotation about it is "
             f"not determined"
         )
     return X, K, u
