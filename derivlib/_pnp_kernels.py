@@ -270,6 +270,10 @@ def lm(X, K, u_off, sw, R, t, tol, max_iter, lam0, max_damping, xi):
         _to_right(R, t, M)
         _normal_equations(K, sw, r, nxy, iz, M, H, g)
         x_size = _pose_size(R, t)
+        trace = H[0, 0] + H[1, 1] + H[2, 2] + H[3, 3] + H[4, 4] + H[5, 5]
+        bound, flat = tol * math.sqrt(trace) * (1.0 + math.sqrt(E)), True
+        for a in range(6):  # solvers._flat (False for a NaN gradient)
+            flat = flat and abs(g[a]) <= bound
         first = True
         while True:
             for a in range(6):
@@ -301,7 +305,7 @@ def lm(X, K, u_off, sw, R, t, tol, max_iter, lam0, max_damping, xi):
                 lam, nu = _lm_update(lam, nu, rho)
                 stationary = False
                 break
-            if first and E_new < np.inf and (predicted <= tol * E or short):
+            if first and E_new < np.inf and (flat or predicted <= tol * E or short):
                 stationary = True  # solvers._stationary
                 break
             first = False

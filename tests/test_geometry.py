@@ -266,6 +266,25 @@ def test_pnp_recovers_the_pose(method, rng):
     assert hist.cost[-1] < 1e-12
 
 
+@pytest.mark.parametrize("offset", [0.0, 1.0])
+def test_lm_stops_at_a_zero_residual_minimum_even_at_x_zero(offset, rng):
+    # noise-free images: at the minimum E is rounding noise, which every model step
+    # predicts it can remove, so neither the gain nor the predicted gain falls below
+    # tol * E; at the identity pose (x = 0) no step is shorter than tol * |x| either.
+    # The flat gradient (max |J^T r| <= tol |J| (1 + |r|)) stops both Levenberg-
+    # Marquardt iterations there: Chapter 6's and the compiled one of pnp_pose
+    X = rng.uniform(-1.0, 1.0, (3, 20)) + np.array([[0.0], [0.0], [5.0]])
+    xi = np.full(6, offset) * np.array([0.1, -0.2, 0.1, 0.3, -0.2, 1.0])
+    p = dl.rodrigues(xi[:3]) @ X + xi[3:, None]
+    u = (K @ p)[:2] / p[2]
+    start = xi + 0.05 * rng.standard_normal(6)
+    xi_hat, hist = dl.solve_pnp(X, K, u, xi0=start)
+    assert hist.converged and np.abs(xi_hat - xi).max() < 1e-12
+    assert np.abs(dl.pnp_pose(X, K, u, xi0=start) - xi).max() < 1e-12
+    xi_layer, vjp = dl.pnp_pose_pullback(X, K, u, xi0=start)
+    assert np.abs(xi_layer - xi).max() < 1e-12 and np.isfinite(vjp(np.ones(6))[0]).all()
+
+
 def test_pnp_with_noise_matches_scipy(rng):
     X, u, xi = pnp_problem(rng, n=30, noise=1.0)
     xi_hat, hist = dl.solve_pnp(X, K, u, xi0=xi + 0.05 * rng.standard_normal(6))

@@ -113,12 +113,26 @@ def _finished(E, E_new, delta, x, tol, abs_gain=False):
 MAX_DAMPING = 1e16
 
 
-def _stationary(E, predicted, delta, x, tol):
+def _stationary(E, predicted, delta, x, tol, flat=False):
     """At the first trial of an iteration, a rejected step that the model says cannot
-    gain more than tol * E, or that is shorter than tol * |x|: x is a minimum to the
-    tolerance (the cost only failed to fall through rounding)."""
-    return predicted <= tol * E or np.linalg.norm(delta) <= tol * (
-        np.linalg.norm(x) + tol
+    gain more than tol * E, or that is shorter than tol * |x|, or taken where the
+    gradient is flat to tol (`_flat`, when the caller computed it): x is a minimum to
+    the tolerance (the cost only failed to fall through rounding)."""
+    return (
+        flat
+        or predicted <= tol * E
+        or np.linalg.norm(delta) <= tol * (np.linalg.norm(x) + tol)
+    )
+
+
+def _flat(g, H, E, tol):
+    """The relative gradient max |g| / (|J| (1 + |r|)) at most tol, for g = J^T r, H =
+    J^T J and E = |r|^2 (|J|^2 = tr H), the test that Chapter 8's rules apply to a
+    solution. Unlike the tests relative to E and to |x|, it holds at a minimum of zero
+    residual, where E is rounding noise that the model predicts it can remove, and at
+    x = 0, where no step is shorter than tol * |x|."""
+    return float(np.abs(g).max()) <= tol * math.sqrt(float(H.trace())) * (
+        1.0 + math.sqrt(E)
     )
 
 
@@ -130,16 +144,19 @@ def _stuck(E, lam, what):
     )
 
 
-def _lm_steps(residual, trial, x, E, lam, nu, tol, hist, what, retract=None, cost=None):
+def _lm_steps(
+    residual, trial, x, E, lam, nu, tol, hist, what, retract=None, cost=None, flat=False
+):
     """One Levenberg-Marquardt iteration at x, of cost E: try the step of trial(lam),
     which returns (delta, E - ||r + J delta||^2 predicted by the linear model), and
     raise the damping until a step lowers E (gain ratio rho > 0). A step that puts a
     point behind the camera counts as raising E. Counts each residual evaluation in
     hist. Returns (delta, r_new, E_new, lam, nu, stationary): stationary when the
     first step tried is rejected but the model says x is already a minimum to tol
-    (_stationary), and then delta must not be taken. Raises ConvergenceError (stuck)
-    when lam passes MAX_DAMPING. The trial point is retract(x, delta), x + delta by
-    default; E of a residual is cost(r), r^T r by default (a robust cost's E_rho)."""
+    (_stationary, given `flat`, whether the gradient at x is flat to tol), and then
+    delta must not be taken. Raises ConvergenceError (stuck) when lam passes
+    MAX_DAMPING. The trial point is retract(x, delta), x + delta by default; E of a
+    residual is cost(r), r^T r by default (a robust cost's E_rho)."""
     first = True
     while True:
         delta, predicted = trial(lam)
@@ -153,7 +170,11 @@ def _lm_steps(residual, trial, x, E, lam, nu, tol, hist, what, retract=None, cos
         if rho > 0:
             lam, nu = _lm_update(lam, nu, rho)
             return delta, r_new, E_new, lam, nu, False
-        if first and np.isfinite(E_new) and _stationary(E, predicted, delta, x, tol):
+        if (
+            first
+            and np.isfinite(E_new)
+            and _stationary(E, predicted, delta, x, tol, flat)
+        ):
             return delta, r_new, E_new, lam, nu, True
         first = False
         lam, nu = _lm_update(lam, nu, rho)
@@ -193,8 +214,8 @@ def solve_least_squares(
     raising lam otherwise. Both stop when an accepted step lowers E by at most tol *
     E or is shorter than tol * |x|; LM also stops, at x, when the first step it tries
     in an iteration is rejected although the model predicts a gain of at most tol * E
-    (or the step is that short). Returns (x, LeastSquaresHistory) with converged =
-    True.
+    (or the step is that short, or the gradient at x is flat: max |J^T r| <= tol |J|
+    (1 + |r|)). Returns (x, LeastSquaresHistory) with converged = True.
 
     A step that puts a point behind the camera (BehindCameraError from the residual)
     is rejected like a step that raises E; any other exception of the residual
@@ -254,6 +275,7 @@ def solve_least_squares(
                 hist,
                 "Levenberg-Marquardt",
                 retract,
+                flat=_flat(g, H, E, tol),
             )
         done = stationary or _finished(E, E_new, delta, x, tol, abs_gain=method == "gn")
         if not stationary and (E_new <= E or method == "gn"):
