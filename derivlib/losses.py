@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ._threads import one_blas_thread
 from ._validate import as_binary_labels, as_finite_array, as_label_columns
 from .vector import _log_softmax, _softmax_complement, sigmoid, sigmoid_derivative
 
@@ -254,7 +255,7 @@ def logistic_hessian(theta, X, y, l2=0.0):
     theta, X, y = _check_logistic(theta, X, y)
     l2 = _check_l2(l2)
     H = _weighted_gram(X, sigmoid_derivative(X.T @ theta))
-    H[np.diag_indices_from(H)] += l2
+    H.flat[:: H.shape[0] + 1] += l2  # the diagonal
     return H
 
 
@@ -264,19 +265,20 @@ def logistic_hessian(theta, X, y, l2=0.0):
 def _cholesky_solve(H, g):
     """Solve H s = g for a symmetric positive definite H; None if H is not."""
     try:
-        from scipy.linalg import LinAlgError, cho_factor, cho_solve
+        from scipy.linalg.lapack import dpotrf, dpotrs
     except ImportError:  # NumPy only: the same factorisation, general triangular solves
         try:
             L = np.linalg.cholesky(H)
         except np.linalg.LinAlgError:
             return None
         return np.linalg.solve(L.T, np.linalg.solve(L, g))
-    try:
-        return cho_solve(
-            cho_factor(H, lower=True, check_finite=False), g, check_finite=False
-        )
-    except LinAlgError:
+    # LAPACK's Cholesky factorisation and solve, as scipy.linalg.cho_factor and
+    # cho_solve call them, without their wrappers (tens of us a call at d = 65)
+    c, info = dpotrf(H, lower=1, clean=0)
+    if info != 0:  # info > 0: H is not positive definite
         return None
+    s, info = dpotrs(c, g, lower=1)
+    return s if info == 0 else None
 
 
 def _newton(model, params, n, tol, max_iter, what):
@@ -287,7 +289,19 @@ def _newton(model, params, n, tol, max_iter, what):
     same parameters, expand(step) (the step as a parameter array) and separated(z) (a
     certificate that the loss has no minimum). Stops when max |g| <= tol * n, the rule
     scikit-learn applies to its objective L / n.
+
+    The BLAS runs on one thread throughout (`derivlib._threads`): each iteration
+    alternates NumPy's products with SciPy's Cholesky, two OpenBLAS libraries whose
+    thread pools, at two threads each, wait for each other's cores. On a 2-core
+    machine the logistic fit took 2.5 against 1.4 ms at d = 65, n = 600, 51 against 31
+    ms at d = 65, n = 20000, and 732 against 443 ms at d = 400, n = 20000 (whose
+    Hessian product alone is faster on two threads).
     """
+    with one_blas_thread():
+        return _newton_steps(model, params, n, tol, max_iter, what)
+
+
+def _newton_steps(model, params, n, tol, max_iter, what):
     history = FitHistory()
     z = model.logits(params)
     loss = model.loss(params, z)
@@ -393,7 +407,7 @@ class _Logistic:
 
     def hessian(self, z):
         H = _weighted_gram(self.X, sigmoid_derivative(z))
-        H[np.diag_indices_from(H)] += self.l2
+        H.flat[:: H.shape[0] + 1] += self.l2  # the diagonal
         return H
 
     def expand(self, step):
@@ -501,7 +515,7 @@ def _multinomial_hessian(X, Z, l2):
     for a in range(k):
         block = slice(a * d, (a + 1) * d)
         H[block, block] = _weighted_gram(X, weights[a])
-    H[np.diag_indices_from(H)] += l2
+    H.flat[:: H.shape[0] + 1] += l2  # the diagonal
     return H
 
 
