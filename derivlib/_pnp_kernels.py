@@ -9,7 +9,7 @@ arrays validated by their callers, never raise, and report what went wrong as a
 status code, which the callers in `implicit.py` turn into the errors of the rest of
 derivlib (whose messages they reuse). Numba keeps what it compiles on disk (in
 `__pycache__` beside this file, or NUMBA_CACHE_DIR), so only the first call in a
-fresh install waits for the compiler, about 7 s; without Numba the loops run as
+fresh install waits for the compiler, about 10 s; without Numba the loops run as
 plain Python, with the same results, a hundred times slower.
 
 Every per-point quantity is first formed in the camera frame: the motion p -> p +
