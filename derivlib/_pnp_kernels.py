@@ -270,9 +270,9 @@ def lm(X, K, u_off, sw, R, t, tol, max_iter, lam0, max_damping, xi):
         _to_right(R, t, M)
         _normal_equations(K, sw, r, nxy, iz, M, H, g)
         x_size = _pose_size(R, t)
-        trace = H[0, 0] + H[1, 1] + H[2, 2] + H[3, 3] + H[4, 4] + H[5, 5]
-        bound, flat = tol * math.sqrt(trace) * (1.0 + math.sqrt(E)), True
+        flat = True
         for a in range(6):  # solvers._flat (False for a NaN gradient)
+            bound = tol * math.sqrt(max(H[a, a], 0.0)) * (1.0 + math.sqrt(E))
             flat = flat and abs(g[a]) <= bound
         first = True
         while True:
