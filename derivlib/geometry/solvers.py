@@ -132,8 +132,10 @@ def _flat(g, H, E, tol):
     a parameter whose column is small (a badly scaled one) is not declared flat by the
     size of the others. Unlike the tests relative to E and to |x|, it holds at a
     minimum of zero residual, where E is rounding noise that the model predicts it can
-    remove, and at x = 0, where no step is shorter than tol * |x|; its 1 + |r| makes
-    it absolute where |r| < 1, so residuals that are all below tol count as flat."""
+    remove, and at x = 0, where no step is shorter than tol * |x|, as long as that
+    noise along each column stays below tol (rounding of pixel coordinates in the
+    thousands can pass tol = 1e-12, and then LM still ends stuck there). Its 1 + |r|
+    makes it absolute where |r| < 1: residuals that are all below tol count as flat."""
     bound = tol * np.sqrt(np.maximum(np.diag(H), 0.0)) * (1.0 + math.sqrt(E))
     return bool(np.all(np.abs(g) <= bound))
 
