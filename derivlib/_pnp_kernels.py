@@ -5,7 +5,8 @@ dozen points), where every NumPy call costs more than the arithmetic it does. Th
 loops below do the same arithmetic point by point, compiled by Numba: one call runs
 the whole Levenberg-Marquardt iteration (`lm`), one the linearisation at the
 solution (`linearise`), one the LU of its 6 x 6 Hessian (`factor`). They take
-arrays validated by their callers, never raise, and report what went wrong as a
+arrays validated by their callers, never raise (but for `degeneracy`'s SVD, which
+raises LinAlgError if LAPACK's does not converge), and report what went wrong as a
 status code, which the callers in `implicit.py` turn into the errors of the rest of
 derivlib (whose messages they reuse). Numba keeps what it compiles on disk (in
 `__pycache__` beside this file, or NUMBA_CACHE_DIR), so only the first call in a
@@ -241,7 +242,7 @@ def lm(X, K, u_off, sw, R, t, tol, max_iter, lam0, max_damping, xi):
     with the rotation updated on the right, R <- R Exp(delta_w): the damping, its
     updates and the stopping rules of `solvers.solve_least_squares` (see
     `implicit._pnp_lm`). R and t are updated in place, and at the end xi (6,) holds
-    (Log R, t). Returns (status, E, lam): OK (with the flag `logged`: False when the
+    (Log R, t). Returns (status, E, lam, logged): status OK (logged False when the
     angle of R is at least NEAR_PI, where the caller takes Log R), NOT_CONVERGED
     after max_iter iterations, STUCK when the damping passes max_damping, SINGULAR
     for an exactly singular damped system, INVALID_START when the start has no
@@ -270,9 +271,9 @@ def lm(X, K, u_off, sw, R, t, tol, max_iter, lam0, max_damping, xi):
         _to_right(R, t, M)
         _normal_equations(K, sw, r, nxy, iz, M, H, g)
         x_size = _pose_size(R, t)
-        trace = H[0, 0] + H[1, 1] + H[2, 2] + H[3, 3] + H[4, 4] + H[5, 5]
-        bound, flat = tol * math.sqrt(trace) * (1.0 + math.sqrt(E)), True
+        flat = True
         for a in range(6):  # solvers._flat (False for a NaN gradient)
+            bound = tol * math.sqrt(max(H[a, a], 0.0)) * (1.0 + math.sqrt(E))
             flat = flat and abs(g[a]) <= bound
         first = True
         while True:

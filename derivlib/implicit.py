@@ -646,8 +646,10 @@ def _pnp_cotangent(G):
 
 def _pnp_factor(H, what):
     """`factor` for the 6 x 6 Hessian of the PnP rules, compiled
-    (`_pnp_kernels.factor`): the same LU and the same refusal, with the reciprocal
-    condition number computed exactly (from the inverse) instead of estimated."""
+    (`_pnp_kernels.factor`): the same LU and the same message, with the reciprocal
+    condition number computed exactly (from the inverse) instead of estimated by
+    dgecon (whose |A^-1|_1 is a lower bound in exact arithmetic): the two refuse
+    alike except where the estimate's error straddles RCOND."""
     from . import _pnp_kernels
 
     lu, piv, smallest, rcond = _pnp_kernels.factor(H)
@@ -685,11 +687,12 @@ def pnp_pose_pullback(
     """`pnp_pose` and its backward rule as one layer, for a training loop: returns
     (xi, vjp), where xi = pnp_pose(X, K, u, weights=weights, xi0=xi0, tol=tol,
     max_iter=max_iter) and vjp(G) = pnp_pose_vjp(X, K, u, G, weights=weights, xi=xi,
-    hessian=hessian, damping=damping) (eq. 8.20; its check of the solution at its
-    default tolerance). The inputs are validated once, and the linearisation at xi
-    and the LU of its Hessian are computed here, once, for every G that vjp is
-    given: each call of vjp costs one 6 x 6 triangular solve and two products with
-    the Jacobian."""
+    hessian=hessian, damping=damping) to rounding (eq. 8.20, linearised at the
+    solver's own rotation matrix rather than Exp(xi[:3]); its check of the solution
+    at its default tolerance). The inputs are validated once, and the linearisation
+    at xi and the LU of its Hessian are computed here, once, for every G that vjp is
+    given: each call of vjp costs one solve with the 6 x 6 LU (two triangular
+    solves) and two products with the Jacobian."""
     X, K, u, wts = _pnp_inputs(X, K, u, weights)
     damping = _pnp_options(hessian, damping)
     xi, R, t = _pnp_solve(X, K, u, wts, weights is None, xi0, tol, max_iter)

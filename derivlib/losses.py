@@ -293,9 +293,11 @@ def _newton(model, params, n, tol, max_iter, what):
     The BLAS runs on one thread throughout (`derivlib._threads`): each iteration
     alternates NumPy's products with SciPy's Cholesky, two OpenBLAS libraries whose
     thread pools, at two threads each, wait for each other's cores. On a 2-core
-    machine the logistic fit took 2.5 against 1.4 ms at d = 65, n = 600, 51 against 31
-    ms at d = 65, n = 20000, and 732 against 443 ms at d = 400, n = 20000 (whose
-    Hessian product alone is faster on two threads).
+    machine the logistic fit took, in one run, 2.5 against 1.4 ms at d = 65, n = 600,
+    51 against 31 ms at d = 65, n = 20000, and 732 against 443 ms at d = 400, n =
+    20000 (whose Hessian product alone is faster on two threads); the margin depends
+    on the load of the other core (another run: 1.2 against 1.0, 23 against 20 and 630
+    against 435 ms).
     """
     with one_blas_thread():
         return _newton_steps(model, params, n, tol, max_iter, what)

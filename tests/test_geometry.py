@@ -271,8 +271,9 @@ def test_lm_stops_at_a_zero_residual_minimum_even_at_x_zero(offset, rng):
     # noise-free images: at the minimum E is rounding noise, which every model step
     # predicts it can remove, so neither the gain nor the predicted gain falls below
     # tol * E; at the identity pose (x = 0) no step is shorter than tol * |x| either.
-    # The flat gradient (max |J^T r| <= tol |J| (1 + |r|)) stops both Levenberg-
-    # Marquardt iterations there: Chapter 6's and the compiled one of pnp_pose
+    # The flat gradient (|(J^T r)_a| <= tol |J_a| (1 + |r|) for every column a) stops
+    # both Levenberg-Marquardt iterations there: Chapter 6's and the compiled one of
+    # pnp_pose
     X = rng.uniform(-1.0, 1.0, (3, 20)) + np.array([[0.0], [0.0], [5.0]])
     xi = np.full(6, offset) * np.array([0.1, -0.2, 0.1, 0.3, -0.2, 1.0])
     p = dl.rodrigues(xi[:3]) @ X + xi[3:, None]
@@ -283,6 +284,21 @@ def test_lm_stops_at_a_zero_residual_minimum_even_at_x_zero(offset, rng):
     assert np.abs(dl.pnp_pose(X, K, u, xi0=start) - xi).max() < 1e-12
     xi_layer, vjp = dl.pnp_pose_pullback(X, K, u, xi0=start)
     assert np.abs(xi_layer - xi).max() < 1e-12 and np.isfinite(vjp(np.ones(6))[0]).all()
+
+
+def test_a_flat_gradient_does_not_stop_lm_at_a_badly_scaled_parameter():
+    # at x = (0, -3) the first step in x_2 overshoots and is rejected, and x_2's
+    # gradient is tiny against the large column of x_1 (|g_2| = 2.5e-7 < 1e-12 |J|):
+    # a gradient test against the whole of J would stop there, at E = 2.5e-5, short
+    # of the zero-residual minimum x_2 = log 5; column by column it is not flat
+    def residual(x):
+        return np.array([1e6 * x[0], 1e-3 * (np.exp(x[1]) - 5.0)])
+
+    def jacobian(x):
+        return np.array([[1e6, 0.0], [0.0, 1e-3 * np.exp(x[1])]])
+
+    x, hist = dl.solve_least_squares(residual, jacobian, np.array([0.0, -3.0]))
+    assert hist.converged and abs(x[1] - np.log(5.0)) < 1e-12 and hist.n_iter > 1
 
 
 def test_pnp_with_noise_matches_scipy(rng):

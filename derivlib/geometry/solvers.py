@@ -126,14 +126,18 @@ def _stationary(E, predicted, delta, x, tol, flat=False):
 
 
 def _flat(g, H, E, tol):
-    """The relative gradient max |g| / (|J| (1 + |r|)) at most tol, for g = J^T r, H =
-    J^T J and E = |r|^2 (|J|^2 = tr H), the test that Chapter 8's rules apply to a
-    solution. Unlike the tests relative to E and to |x|, it holds at a minimum of zero
-    residual, where E is rounding noise that the model predicts it can remove, and at
-    x = 0, where no step is shorter than tol * |x|."""
-    return float(np.abs(g).max()) <= tol * math.sqrt(float(H.trace())) * (
-        1.0 + math.sqrt(E)
-    )
+    """Every gradient component small against its own column of J: |(J^T r)_a| <=
+    tol |J_a| (1 + |r|) for g = J^T r, H = J^T J (|J_a|^2 = H_aa) and E = |r|^2, the
+    component of r along each column at most tol (1 + |r|). Column by column, so that
+    a parameter whose column is small (a badly scaled one) is not declared flat by the
+    size of the others. Unlike the tests relative to E and to |x|, it holds at a
+    minimum of zero residual, where E is rounding noise that the model predicts it can
+    remove, and at x = 0, where no step is shorter than tol * |x|, as long as that
+    noise along each column stays below tol (rounding of pixel coordinates in the
+    thousands can pass tol = 1e-12, and then LM still ends stuck there). Its 1 + |r|
+    makes it absolute where |r| < 1: residuals that are all below tol count as flat."""
+    bound = tol * np.sqrt(np.maximum(np.diag(H), 0.0)) * (1.0 + math.sqrt(E))
+    return bool(np.all(np.abs(g) <= bound))
 
 
 def _stuck(E, lam, what):
@@ -214,8 +218,9 @@ def solve_least_squares(
     raising lam otherwise. Both stop when an accepted step lowers E by at most tol *
     E or is shorter than tol * |x|; LM also stops, at x, when the first step it tries
     in an iteration is rejected although the model predicts a gain of at most tol * E
-    (or the step is that short, or the gradient at x is flat: max |J^T r| <= tol |J|
-    (1 + |r|)). Returns (x, LeastSquaresHistory) with converged = True.
+    (or the step is that short, or the gradient at x is flat: |(J^T r)_a| <= tol |J_a|
+    (1 + |r|) for every column J_a of J). Returns (x, LeastSquaresHistory) with
+    converged = True.
 
     A step that puts a point behind the camera (BehindCameraError from the residual)
     is rejected like a step that raises E; any other exception of the residual
