@@ -11,7 +11,9 @@ status code, which the callers in `implicit.py` turn into the errors of the rest
 derivlib (whose messages they reuse). Numba keeps what it compiles on disk (in
 `__pycache__` beside this file, or NUMBA_CACHE_DIR), so only the first call in a
 fresh install waits for the compiler, about 10 s; without Numba the loops run as
-plain Python, with the same results, a hundred times slower.
+plain Python, with the same results, a hundred times slower. The cache is renewed when
+this file changes, not when `lie.py` does: SMALL_ANGLE and NEAR_PI are compiled in as
+constants, so after changing them, empty the cache (`make clean`).
 
 Every per-point quantity is first formed in the camera frame: the motion p -> p +
 omega x p + rho moves the normalised image (x', y') = (x / z, y / z) by the rows
