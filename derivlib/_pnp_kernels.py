@@ -48,7 +48,8 @@ BEHIND, NOT_FINITE = 1, 2  # the status of `linearise`
 
 @compiled
 def _rodrigues(w0, w1, w2, out):
-    """out = R(w) (eq. 6.5), as `lie._rodrigues_floats` computes it."""
+    """out = R(w) (eq. 6.5) for the three components as floats, unchecked: `rodrigues`'s
+    formula and series, with [w]x^2 = w w^T - t^2 I written out entry by entry."""
     t2 = w0 * w0 + w1 * w1 + w2 * w2
     t = math.sqrt(t2)
     if t < SMALL_ANGLE:
@@ -149,6 +150,13 @@ def _normal_equations(K, sw, r, nxy, iz, M, H, g):
             gc[a] += j0[a] * r[0, i] + j1[a] * r[1, i]
             for b in range(a, 6):
                 Hc[a, b] += j0[a] * j0[b] + j1[a] * j1[b]
+    _to_pose(M, Hc, gc, H, g)
+
+
+@compiled
+def _to_pose(M, Hc, gc, H, g):
+    """H = M^T Hc M and g = M^T gc: the camera-frame normal equations (Hc's upper
+    triangle, which this fills below the diagonal) in the right perturbation."""
     for a in range(6):
         for b in range(a):
             Hc[a, b] = Hc[b, a]
@@ -161,56 +169,18 @@ def _normal_equations(K, sw, r, nxy, iz, M, H, g):
 
 
 @compiled
-def _solve6(A, b, x):
-    """x = A^-1 b by Gaussian elimination with partial pivoting (LAPACK's dgesv
-    for a 6 x 6 system). A and b are overwritten. Returns False when a pivot is
-    exactly zero (dgesv's info > 0)."""
-    for k in range(6):
-        p, best = k, abs(A[k, k])
-        for i in range(k + 1, 6):
-            if abs(A[i, k]) > best:
-                p, best = i, abs(A[i, k])
-        if best == 0.0:
-            return False
-        if p != k:
-            for j in range(6):
-                A[k, j], A[p, j] = A[p, j], A[k, j]
-            b[k], b[p] = b[p], b[k]
-        for i in range(k + 1, 6):
-            f = A[i, k] / A[k, k]
-            for j in range(k + 1, 6):
-                A[i, j] -= f * A[k, j]
-            b[i] -= f * b[k]
-    for k in range(5, -1, -1):
-        s = b[k]
-        for j in range(k + 1, 6):
-            s -= A[k, j] * x[j]
-        x[k] = s / A[k, k]
-    return True
-
-
-@compiled
 def _pose_size(R, t):
     """|(w, t)| with w = Log R, |w| <= pi: the size of x in the stopping rule (the
     angle as `so3_log` computes it, atan2(|v|, (tr R - 1) / 2) with [v]x the skew
     part of R)."""
-    v0, v1, v2 = (
-        0.5 * (R[2, 1] - R[1, 2]),
-        0.5 * (R[0, 2] - R[2, 0]),
-        0.5 * (R[1, 0] - R[0, 1]),
-    )
-    angle = math.atan2(
-        math.sqrt(v0 * v0 + v1 * v1 + v2 * v2), 0.5 * (R[0, 0] + R[1, 1] + R[2, 2] - 1)
-    )
+    angle = _angle(R)[0]
     return math.sqrt(angle * angle + t[0] * t[0] + t[1] * t[1] + t[2] * t[2])
 
 
 @compiled
-def _log(R, w):
-    """w = Log R (`lie.so3_log`'s formula below its NEAR_PI, (theta / sin theta) v
-    with [v]x the skew part of R, and its series at small angles). Returns False,
-    leaving w, at angles from NEAR_PI on, where `so3_log` takes the axis from the
-    symmetric part instead."""
+def _angle(R):
+    """(theta, v0, v1, v2) for a rotation matrix R: [v]x its skew part and theta =
+    atan2(|v|, (tr R - 1) / 2) its angle, as `so3_log` computes them."""
     v0, v1, v2 = (
         0.5 * (R[2, 1] - R[1, 2]),
         0.5 * (R[0, 2] - R[2, 0]),
@@ -219,6 +189,16 @@ def _log(R, w):
     theta = math.atan2(
         math.sqrt(v0 * v0 + v1 * v1 + v2 * v2), 0.5 * (R[0, 0] + R[1, 1] + R[2, 2] - 1)
     )
+    return theta, v0, v1, v2
+
+
+@compiled
+def _log(R, w):
+    """w = Log R (`lie.so3_log`'s formula below its NEAR_PI, (theta / sin theta) v
+    with [v]x the skew part of R, and its series at small angles). Returns False,
+    leaving w, at angles from NEAR_PI on, where `so3_log` takes the axis from the
+    symmetric part instead."""
+    theta, v0, v1, v2 = _angle(R)
     if not theta < NEAR_PI:
         return False
     if theta < SMALL_ANGLE:  # sin(theta) / theta, as `lie.rotation_coefficients`
@@ -252,12 +232,12 @@ def lm(X, K, u_off, sw, R, t, tol, max_iter, lam0, max_damping, xi):
     n = X.shape[1]
     r, nxy, iz = np.empty((2, n)), np.empty((2, n)), np.empty(n)
     r_new, nxy_new, iz_new = np.empty((2, n)), np.empty((2, n)), np.empty(n)
-    M, H, Hd, g, rhs = (
+    M, H, Hd, g, piv = (
         np.empty((6, 6)),
         np.empty((6, 6)),
         np.empty((6, 6)),
         np.empty(6),
-        np.empty(6),
+        np.empty(6, np.int64),
     )
     delta, Exp, R_new, t_new = (
         np.empty(6),
@@ -283,9 +263,9 @@ def lm(X, K, u_off, sw, R, t, tol, max_iter, lam0, max_damping, xi):
                 for b in range(6):
                     Hd[a, b] = H[a, b]
                 Hd[a, a] += lam * H[a, a]
-                rhs[a] = g[a]
-            if not _solve6(Hd, rhs, delta):
+            if _lu(Hd, piv)[1]:  # an exact zero pivot, where dgesv stops
                 return SINGULAR, E, lam, False
+            solve(Hd, piv, g, 0, delta)
             # -step^T (2 g + H step) with step = -delta, as Chapter 6 computes it
             predicted, step2 = 0.0, 0.0
             for a in range(6):
@@ -404,16 +384,8 @@ def linearise(X, K, u, weights, R, t, exact, r, J, H):
                 BX[0, a] += e1 * X[a, i]
                 BX[1, a] += e2 * X[a, i]
                 BX[2, a] += b2 * X[a, i]
-    for a in range(6):
-        for b in range(a):
-            Hc[a, b] = Hc[b, a]
-    _sandwich(M, Hc, H)
+    _to_pose(M, Hc, gc, H, g)
     trace = H[0, 0] + H[1, 1] + H[2, 2] + H[3, 3] + H[4, 4] + H[5, 5]
-    for a in range(6):
-        s = 0.0
-        for c in range(6):
-            s += M[c, a] * gc[c]
-        g[a] = s
     if exact:
         for a in range(6):
             for b in range(a + 1):
@@ -466,17 +438,11 @@ def degeneracy(X, u):
 
 
 @compiled
-def factor(A):
-    """The LU factorisation with partial pivoting of a 6 x 6 A (LAPACK's dgetrf):
-    returns (LU, piv, smallest |pivot|, rcond), with P A = L U for the row swaps
-    piv (row k swapped with piv[k], in order) and rcond = 1 / (|A|_1 |A^-1|_1)
-    computed exactly, from the inverse (0 when a pivot is zero, or A not finite)."""
-    LU, piv = A.copy(), np.empty(6, np.int64)
-    for i in range(6):
-        for j in range(6):
-            if not math.isfinite(A[i, j]):
-                return LU, piv, np.nan, 0.0
-    smallest = np.inf
+def _lu(LU, piv):
+    """LU with partial pivoting of the 6 x 6 LU, in place (LAPACK's dgetrf): P A = L U
+    for the row swaps piv (row k swapped with piv[k], in order). Returns (smallest
+    |pivot|, whether a pivot is exactly zero, dgetrf's info > 0)."""
+    smallest, zero = np.inf, False
     for k in range(6):
         p, best = k, abs(LU[k, k])
         for i in range(k + 1, 6):
@@ -488,11 +454,27 @@ def factor(A):
             for j in range(6):
                 LU[k, j], LU[p, j] = LU[p, j], LU[k, j]
         if best == 0.0:
+            zero = True
             continue
         for i in range(k + 1, 6):
             LU[i, k] /= LU[k, k]
             for j in range(k + 1, 6):
                 LU[i, j] -= LU[i, k] * LU[k, j]
+    return smallest, zero
+
+
+@compiled
+def factor(A):
+    """The LU factorisation with partial pivoting of a 6 x 6 A (LAPACK's dgetrf):
+    returns (LU, piv, smallest |pivot|, rcond), with P A = L U for the row swaps
+    piv (row k swapped with piv[k], in order) and rcond = 1 / (|A|_1 |A^-1|_1)
+    computed exactly, from the inverse (0 when a pivot is zero, or A not finite)."""
+    LU, piv = A.copy(), np.empty(6, np.int64)
+    for i in range(6):
+        for j in range(6):
+            if not math.isfinite(A[i, j]):
+                return LU, piv, np.nan, 0.0
+    smallest, _ = _lu(LU, piv)
     if not smallest > 0:  # also NaN
         return LU, piv, smallest, 0.0
     norm, inv_norm = 0.0, 0.0

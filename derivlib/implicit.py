@@ -21,7 +21,6 @@ from .geometry.camera import BehindCameraError, _in_front, project
 from .geometry.lie import (
     MAX_ROTATION_VECTOR,
     _log_rotation,
-    _rodrigues_floats,
     _rotation_vector,
 )
 from .geometry.linear import dlt_pose
@@ -468,6 +467,17 @@ def _pnp_solve(X, K, u, wts, unweighted, xi0, tol, max_iter):
     return _pnp_lm(X, K, u, sw, xi0, tol, max_iter)
 
 
+def _rotation(w):
+    """R(w) (3, 3) for a checked rotation vector w (3,), by the Rodrigues formula of
+    the compiled loops (`_pnp_kernels._rodrigues`), so that the pose they start from
+    and linearise at is built as their steps are."""
+    from . import _pnp_kernels
+
+    R = np.empty((3, 3))
+    _pnp_kernels._rodrigues(*w.tolist(), R)
+    return R
+
+
 def _pnp_lm(X, K, u, sw, xi0, tol, max_iter, lam0=1e-3):
     """Chapter 6's Levenberg-Marquardt (`solve_least_squares(method="lm",
     retract=pose_retract)`: the same damping, updates and stopping rules) on the
@@ -482,7 +492,7 @@ def _pnp_lm(X, K, u, sw, xi0, tol, max_iter, lam0=1e-3):
     relative at tol = 1e-12), not bit for bit."""
     from . import _pnp_kernels as kernels
 
-    R, t = _rodrigues_floats(*xi0[:3].tolist()), xi0[3:].copy()
+    R, t = _rotation(xi0[:3]), xi0[3:].copy()
     u_off = u - K[:2, 2:3]  # r = K12 (p_xy / p_z) - (u - K[:2, 2])
     xi = np.empty(6)
     status, E, lam, logged = kernels.lm(
@@ -516,7 +526,7 @@ def _pnp_linearisation(X, K, u, wts, xi, tol, hessian, damping):
     damping = _pnp_options(hessian, damping)
     xi = _pose(xi)
     _rotation_vector(xi[:3], "xi[:3]")  # |w|^2 finite, as Rodrigues' formula needs
-    R = _rodrigues_floats(*xi[:3].tolist())
+    R = _rotation(xi[:3])
     return _pnp_linearise(X, K, u, wts, R, xi[3:], tol, hessian == "exact", damping)
 
 

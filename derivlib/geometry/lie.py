@@ -95,27 +95,6 @@ def rodrigues(w):
     return np.eye(3) + a * W + b * (W @ W)
 
 
-def _rodrigues_floats(w0, w1, w2):
-    """rodrigues(w) for the three components as Python floats, unchecked: the same
-    formula, with [w]x^2 = w w^T - t^2 I written out entry by entry, for solvers that
-    call it once per step on a vector they computed (no array operations but one)."""
-    t2 = w0 * w0 + w1 * w1 + w2 * w2
-    t = math.sqrt(t2)
-    if t < SMALL_ANGLE:
-        a = 1.0 - t2 / 6.0 * (1.0 - t2 / 20.0 * (1.0 - t2 / 42.0))
-        b = 0.5 - t2 / 24.0 * (1.0 - t2 / 30.0 * (1.0 - t2 / 56.0))
-    else:
-        a = math.sin(t) / t
-        b = 2.0 * (math.sin(0.5 * t) / t) ** 2
-    return np.array(
-        [
-            [1.0 + b * (w0 * w0 - t2), b * w0 * w1 - a * w2, b * w0 * w2 + a * w1],
-            [b * w0 * w1 + a * w2, 1.0 + b * (w1 * w1 - t2), b * w1 * w2 - a * w0],
-            [b * w0 * w2 - a * w1, b * w1 * w2 + a * w0, 1.0 + b * (w2 * w2 - t2)],
-        ]
-    )
-
-
 def right_jacobian(w):
     """J_r(w) = I - ((1 - cos t) / t^2) [w]x + ((t - sin t) / t^3) [w]x^2 (eq. 6.10),
     with R(w)^T dR = [J_r(w) dw]x (eq. 6.9). w (3,) -> (3, 3)."""
